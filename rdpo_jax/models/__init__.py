@@ -1,0 +1,10 @@
+"""Flax NNX vision-language models and their Hugging Face IO.
+
+  config.py           LlavaConfig read from a transformers config.json
+  layers.py           linear, norms, attention, RoPE, remat policies
+  vision.py           SigLIP / CLIP vision towers
+  text.py             Llama / Qwen2 / Qwen3 decoder
+  llava.py            the composition, image-feature splicing, `create`
+  hf.py               `load_hf` / `save_hf`
+  safetensors_io.py   memory-mapped reader, streaming sharded writer
+"""

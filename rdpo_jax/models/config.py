@@ -1,0 +1,191 @@
+"""Model configuration: the LLaVA family as read from a Hugging Face `config.json`.
+
+transformers parses and normalizes the JSON (defaults, the v4 `rope_theta`/`rope_scaling` and v5
+`rope_parameters` forms); we read the architecture from it into frozen dataclasses and reject what we do
+not implement with an error that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+TEXT_FAMILIES = ("llama", "qwen2", "qwen3")
+VISION_FAMILIES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class UnsupportedConfigError(ValueError):
+    """A `config.json` asks for an architecture or option rdpo_jax does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    family: str  # "siglip" | "clip"
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    layer_norm_eps: float
+    hidden_act: str
+    use_head: bool  # SigLIP's attention-pooling head (unused by LLaVA, kept for exact round trips)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + (self.family == "clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    family: str  # "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rope: tuple[tuple[str, Any], ...]  # sorted items of the normalized rope parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """Architecture plus the run-time options (dtypes, remat) of a LLaVA-style model."""
+    vision: VisionConfig
+    text: TextConfig
+    image_token_id: int
+    projector_hidden_act: str
+    projector_bias: bool
+    vision_feature_layer: int | tuple[int, ...]
+    vision_feature_select_strategy: str  # "default" drops the first token, "full" keeps all
+    tie_word_embeddings: bool
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype
+    remat: str = "none"
+    check_image_tokens: bool = True  # raise (also under jit) if placeholders and image features disagree
+    hf: Any = dataclasses.field(default=None, compare=False, repr=False)  # transformers.LlavaConfig
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Indices into the vision tower's hidden states (0 = embeddings), made non-negative."""
+        layers = self.vision_feature_layer
+        layers = (layers,) if isinstance(layers, int) else layers
+        n = self.vision.num_layers + 1
+        return tuple(i % n for i in layers)
+
+    @property
+    def image_seq_len(self) -> int:
+        """Number of placeholder tokens (= projected features) per image."""
+        return self.vision.num_positions - (self.vision_feature_select_strategy == "default")
+
+    @property
+    def projector_in(self) -> int:
+        return self.vision.hidden_size * len(self.feature_layers)
+
+
+def _require(cond: bool, field: str, msg: str):
+    if not cond:
+        raise UnsupportedConfigError(f"config.json: {field}: {msg}")
+
+
+def _vision_from_hf(vc) -> VisionConfig:
+    family = VISION_FAMILIES.get(vc.model_type)
+    _require(family is not None, "vision_config.model_type",
+             f"{vc.model_type!r} is not supported; supported: {sorted(VISION_FAMILIES)}")
+    _require(vc.hidden_size % vc.num_attention_heads == 0, "vision_config.hidden_size",
+             f"{vc.hidden_size} is not divisible by num_attention_heads={vc.num_attention_heads}")
+    return VisionConfig(
+        family=family, hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
+        num_layers=vc.num_hidden_layers, num_heads=vc.num_attention_heads, image_size=vc.image_size,
+        patch_size=vc.patch_size, num_channels=vc.num_channels, layer_norm_eps=vc.layer_norm_eps,
+        hidden_act=vc.hidden_act, use_head=family == "siglip" and bool(getattr(vc, "vision_use_head", True)))
+
+
+def _rope_from_hf(tc) -> tuple[tuple[str, Any], ...]:
+    params = dict(getattr(tc, "rope_parameters", None) or {})
+    if not params:  # transformers < 5: rope_theta + rope_scaling
+        params = dict(getattr(tc, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(tc, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    _require(kind in ROPE_TYPES, "text_config.rope_parameters.rope_type",
+             f"{kind!r} is not supported; supported: {ROPE_TYPES}")
+    _require(params.get("partial_rotary_factor", 1.0) == 1.0, "text_config.rope_parameters.partial_rotary_factor",
+             "only 1.0 (full rotary) is supported")
+    params["rope_type"] = kind
+    params.pop("type", None)
+    if kind == "yarn" and params.get("factor") is None:
+        params["factor"] = tc.max_position_embeddings / params["original_max_position_embeddings"]
+    return tuple(sorted(params.items()))
+
+
+def _text_from_hf(tc) -> TextConfig:
+    family = tc.model_type
+    _require(family in TEXT_FAMILIES, "text_config.model_type",
+             f"{family!r} is not supported; supported: {list(TEXT_FAMILIES)}")
+    if family in ("qwen2", "qwen3"):
+        _require(not getattr(tc, "use_sliding_window", False), "text_config.use_sliding_window",
+                 "sliding-window attention is not supported")
+    layer_types = getattr(tc, "layer_types", None) or []
+    _require(all(t == "full_attention" for t in layer_types), "text_config.layer_types",
+             f"only full_attention layers are supported, got {sorted(set(layer_types))}")
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    num_kv = tc.num_key_value_heads or tc.num_attention_heads
+    _require(tc.num_attention_heads % num_kv == 0, "text_config.num_key_value_heads",
+             f"{num_kv} does not divide num_attention_heads={tc.num_attention_heads}")
+    attention_bias = bool(getattr(tc, "attention_bias", False))
+    return TextConfig(
+        family=family, vocab_size=tc.vocab_size, hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size, num_layers=tc.num_hidden_layers,
+        num_heads=tc.num_attention_heads, num_kv_heads=num_kv, head_dim=head_dim,
+        rms_norm_eps=tc.rms_norm_eps, hidden_act=tc.hidden_act,
+        qkv_bias=True if family == "qwen2" else attention_bias,
+        o_bias=False if family == "qwen2" else attention_bias,
+        mlp_bias=bool(getattr(tc, "mlp_bias", False)), qk_norm=family == "qwen3",
+        rope=_rope_from_hf(tc))
+
+
+def from_hf(hf, *, param_dtype=jnp.float32, dtype=None, remat: str = "none",
+            check_image_tokens: bool = True) -> LlavaConfig:
+    """Reads a `transformers.LlavaConfig` (or a `config.json` dict) into a `LlavaConfig`."""
+    import transformers  # heavy import, only where configs are read
+
+    if isinstance(hf, dict):
+        model_type = hf.get("model_type")
+        _require(model_type == "llava", "model_type", f"{model_type!r} is not supported; supported: ['llava']")
+        hf = transformers.LlavaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    _require(hf.model_type == "llava", "model_type", f"{hf.model_type!r} is not supported; supported: ['llava']")
+    _require(remat in REMAT_POLICIES, "remat", f"{remat!r} is not one of {REMAT_POLICIES}")
+    vision, text = _vision_from_hf(hf.vision_config), _text_from_hf(hf.text_config)
+    layer = hf.vision_feature_layer
+    layer = int(layer) if isinstance(layer, (int, np.integer)) else tuple(int(i) for i in layer)
+    for i in (layer,) if isinstance(layer, int) else layer:
+        _require(-(vision.num_layers + 1) <= i <= vision.num_layers, "vision_feature_layer",
+                 f"{i} is out of range for a vision tower with {vision.num_layers} layers")
+    _require(hf.vision_feature_select_strategy in ("default", "full"), "vision_feature_select_strategy",
+             f"{hf.vision_feature_select_strategy!r} is not 'default' or 'full'")
+    return LlavaConfig(
+        vision=vision, text=text, image_token_id=int(hf.image_token_id),
+        projector_hidden_act=hf.projector_hidden_act,
+        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+        vision_feature_layer=layer, vision_feature_select_strategy=hf.vision_feature_select_strategy,
+        tie_word_embeddings=bool(hf.tie_word_embeddings), param_dtype=param_dtype,
+        dtype=param_dtype if dtype is None else dtype, remat=remat,
+        check_image_tokens=check_image_tokens, hf=hf)

@@ -1,0 +1,241 @@
+"""Hugging Face checkpoints in and out: `config.json` + safetensors, the LLaVA layouts transformers reads.
+
+Parameter names mirror transformers' module names (see `llava.py`); a name differs only in its leaf
+(`kernel`/`scale`/`embedding` for `weight`) and in the prefix each on-disk layout uses:
+
+  canonical (ours)          llava-hf Hub / transformers 4.x      transformers ≥ 4.52 in memory
+  language_model.X          language_model.model.X               model.language_model.X
+  lm_head.X                 language_model.lm_head.X             lm_head.X
+  vision_tower.X            vision_tower.vision_model.X          model.vision_tower.X (5.x: no vision_model)
+  multi_modal_projector.X   multi_modal_projector.X              model.multi_modal_projector.X
+
+We read all of them and write the llava-hf Hub layout, which transformers 4.x and 5.x and vLLM load.
+Linear kernels are stored [in, out] here and [out, in] by PyTorch; patch convolutions HWIO vs OIHW.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from rdpo_jax import sharding
+from rdpo_jax.models import config as config_lib
+from rdpo_jax.models import llava
+from rdpo_jax.models import safetensors_io
+
+_READ_PREFIXES = [  # applied in order, each at most once: on-disk name -> canonical name
+    (re.compile(r"^model\.language_model\."), "language_model."),
+    (re.compile(r"^language_model\.model\."), "language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+]
+_WRITE_PREFIXES = {"language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+                   "vision_tower.": "vision_tower.vision_model.", "multi_modal_projector.": "multi_modal_projector."}
+_LOAD_THREADS = 4  # tensors read concurrently by load_hf; host memory holds at most this many
+_LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+class CheckpointMismatchError(ValueError):
+    """The tensors in a checkpoint folder do not match the model its config.json describes."""
+
+
+def canonical_name(disk_name: str) -> str:
+    for pattern, repl in _READ_PREFIXES:
+        disk_name = pattern.sub(repl, disk_name, count=1)
+    return disk_name
+
+
+def hf_name(path: tuple) -> str:
+    """Our parameter path -> canonical transformers name (leaf renamed)."""
+    *parents, leaf = (str(p) for p in path)
+    return ".".join([*parents, _LEAF_TO_HF.get(leaf, leaf)])
+
+
+def disk_name(canonical: str) -> str:
+    for prefix, repl in _WRITE_PREFIXES.items():
+        if canonical.startswith(prefix):
+            return repl + canonical[len(prefix):]
+    raise ValueError(f"no on-disk prefix for {canonical!r}")
+
+
+def _to_ours(path: tuple, tensor: np.ndarray) -> np.ndarray:
+    """A lazy view of a PyTorch-layout tensor in our layout (transposes are views: nothing is read)."""
+    if path[-1] == "kernel":
+        return tensor.T if tensor.ndim == 2 else tensor.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    return tensor
+
+
+def _to_torch(path: tuple, array: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        return array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    return array
+
+
+def _torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] == "kernel":
+        return shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+    return tuple(shape)
+
+
+def _params(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
+    for path, variable in nnx.to_flat_state(state):
+        if isinstance(variable, nnx.Param):
+            yield path, variable
+
+
+def read_config(path: str, **options) -> config_lib.LlavaConfig:
+    """Reads `path/config.json` into a `LlavaConfig` (options: param_dtype, dtype, remat, ...)."""
+    import transformers
+
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face model folder?)")
+    with open(file) as f:
+        raw = json.load(f)
+    if raw.get("model_type") != "llava":
+        raise config_lib.UnsupportedConfigError(
+            f"{file}: model_type: {raw.get('model_type')!r} is not supported; supported: ['llava']")
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise config_lib.UnsupportedConfigError(f"{file}: transformers cannot parse it: {e}") from e
+    try:
+        return config_lib.from_hf(hf_config, **options)
+    except config_lib.UnsupportedConfigError as e:
+        raise config_lib.UnsupportedConfigError(f"{file}: {e}") from None
+
+
+def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float32, compute_dtype=None,
+            remat: str = "none") -> tuple[llava.Llava, config_lib.LlavaConfig]:
+    """Loads a Hugging Face LLaVA folder, tensor by tensor, straight into the target shardings.
+
+    Files are memory-mapped and read a few tensors at a time: host memory holds at most
+    `_LOAD_THREADS` tensors (on a multi-host mesh, only this host's slices of them), never the model.
+
+    Args:
+      path: folder with `config.json` and `model.safetensors` or sharded files + index.
+      mesh: place parameters by their logical axes on this mesh; None = the first local device.
+      dtype: parameter dtype. compute_dtype: activation/matmul dtype (default: `dtype`).
+      remat: "none" | "full" | "dots_saveable".
+
+    Returns:
+      (model, model_config).
+
+    Raises:
+      CheckpointMismatchError: missing, unexpected or misshapen tensors (all listed by name).
+      UnsupportedConfigError: a config field names an architecture or option not implemented.
+    """
+    cfg = read_config(path, param_dtype=dtype, dtype=compute_dtype, remat=remat)
+    graphdef, state = nnx.split(llava.abstract_model(cfg))
+    reader = safetensors_io.Reader(path)
+
+    by_canonical: dict[str, str] = {}
+    for key in reader.keys():
+        name = canonical_name(key)
+        if name in by_canonical:
+            raise CheckpointMismatchError(f"{path}: {key!r} and {by_canonical[name]!r} are the same tensor")
+        by_canonical[name] = key
+
+    params = list(_params(state))
+    wanted = {hf_name(p) for p, _ in params}
+    missing = sorted(disk_name(hf_name(p)) for p, _ in params if hf_name(p) not in by_canonical)
+    ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # a tied head may be stored too
+    unexpected = sorted(by_canonical[n] for n in by_canonical if n not in wanted and n not in ignored)
+    bad_shapes = []
+    for p, v in params:
+        name = hf_name(p)
+        if name in by_canonical:
+            want = _torch_shape(p, v.get_value().shape)
+            got = reader.shape(by_canonical[name])
+            if got != want:
+                bad_shapes.append(f"{by_canonical[name]}: expected shape {want}, found {got}")
+    if missing or unexpected or bad_shapes:
+        raise CheckpointMismatchError(_mismatch_message(path, missing, unexpected, bad_shapes))
+
+    device = jax.local_devices()[0]
+
+    def load(item):
+        p, variable = item
+        view = _to_ours(p, reader.get(by_canonical[hf_name(p)]))
+        abstract = variable.get_value()
+        target = None if mesh is None else sharding.variable_sharding(variable, mesh)
+        return _make_array(view, abstract.shape, abstract.dtype, target, device)
+
+    # A few tensors in flight overlap file reads, transposes and transfers (numpy and PjRt release the GIL).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_LOAD_THREADS) as pool:
+        for (_, variable), array in zip(params, pool.map(load, params)):
+            variable.set_value(array)
+    return nnx.merge(graphdef, state), cfg
+
+
+def _make_array(view: np.ndarray, shape, dtype, target, device) -> jax.Array:
+    """One parameter from a lazy file view. On one host the tensor is read once, sequentially, and
+    scattered to its devices; on a multi-host mesh each host reads only the slices its devices hold."""
+    if target is None or target.is_fully_addressable:
+        return jax.device_put(np.ascontiguousarray(view, dtype=dtype), device if target is None else target)
+    cache: dict = {}  # devices holding replicas ask for the same slice; read it once
+
+    def shard(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in cache:
+            cache[key] = np.ascontiguousarray(view[index], dtype=dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(shape, target, shard)
+
+
+def _mismatch_message(path, missing, unexpected, bad_shapes, limit=20) -> str:
+    parts = [f"{path}: the safetensors do not match config.json"]
+    for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                         ("wrong shapes", bad_shapes)):
+        if items:
+            more = f" … and {len(items) - limit} more" if len(items) > limit else ""
+            parts.append(f"{title} ({len(items)}): " + ", ".join(items[:limit]) + more)
+    return "\n  ".join(parts)
+
+
+def save_hf(model: llava.Llava, model_config: config_lib.LlavaConfig, path: str, *, dtype=None,
+            max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes `config.json` and safetensors (sharded + index above `max_shard_bytes`) that
+    `transformers.LlavaForConditionalGeneration.from_pretrained` loads with no missing/unexpected keys.
+
+    Tensors are gathered and written one at a time. On multi-host runs every process must call this
+    (gathers are collective); only process 0 writes. Returns the file names written.
+    """
+    dtype = np.dtype(model_config.param_dtype if dtype is None else dtype)
+    specs = []
+    for p, variable in _params(nnx.state(model)):
+        array = variable.get_value()
+
+        def value(p=p, array=array):
+            if array.is_fully_addressable:
+                host = np.asarray(jax.device_get(array))
+            else:
+                host = np.asarray(multihost_utils.process_allgather(array, tiled=True))
+            return _to_torch(p, host.astype(dtype))
+
+        shape = _torch_shape(p, array.shape)
+        specs.append(safetensors_io.TensorSpec(disk_name(hf_name(p)), dtype, shape, value))
+    specs.sort(key=lambda s: s.name)
+    if jax.process_index() != 0:
+        for s in specs:
+            s.value()
+        return []
+    os.makedirs(path, exist_ok=True)
+    hf = model_config.hf.__class__.from_dict(model_config.hf.to_dict())
+    hf.dtype = dtype.name
+    hf.text_config.dtype = dtype.name
+    hf.vision_config.dtype = dtype.name
+    hf.save_pretrained(path)
+    return ["config.json"] + safetensors_io.write(path, specs, max_shard_bytes=max_shard_bytes)

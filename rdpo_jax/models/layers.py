@@ -1,0 +1,247 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Einsum letters: B batch, T query length, S key length, N query heads, K key/value heads,
+G query heads per key/value head (N = K·G), H head dim, D model width.
+
+Parameters are stored in `param_dtype` and cast to the compute `dtype` where used; norms, softmax and
+RoPE angles are computed in float32. Leaf names follow what they hold (`kernel` [in, out], `scale`,
+`bias`, `embedding`) and `models/hf.py` maps them to transformers' names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class InitKeys:
+    """Parameter-init keys: the i-th call of `params()` returns fold_in(key, i).
+
+    Duck-types the `params()` stream of `nnx.Rngs` (modules accept either) without its RNG-state
+    variables, which make tracing a model's init (`nnx.eval_shape`, jitted `create`) ~5x slower.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key, self.count = key, 0
+
+    def params(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
+def param(rngs: nnx.Rngs | InitKeys, init, shape, dtype, axes: Sequence[str | None]) -> nnx.Param:
+    """A parameter with logical axis names (see `rdpo_jax.sharding.RULES`)."""
+    assert len(axes) == len(shape), (axes, shape)
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+
+
+def _normal(key, shape, dtype):
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def _ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel float[in, out]."""
+
+    def __init__(self, din: int, dout: int, axes: tuple[str | None, str | None], *, bias: bool,
+                 param_dtype, dtype, rngs: InitKeys):
+        self.kernel = param(rngs, _normal, (din, dout), param_dtype, axes)
+        self.bias = param(rngs, _zeros, (dout,), param_dtype, axes[1:]) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding float[V, D]; `attend` computes tied output logits."""
+
+    def __init__(self, num: int, dim: int, axes: tuple[str, str], *, param_dtype, dtype, rngs: InitKeys):
+        self.embedding = param(rngs, _normal, (num, dim), param_dtype, axes)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, rngs: InitKeys):
+        self.scale = param(rngs, _ones, (dim,), param_dtype, ("norm",))
+        self.bias = param(rngs, _zeros, (dim,), param_dtype, ("norm",))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama/Qwen RMSNorm: normalize in float32, cast, then scale (transformers' order of operations)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, rngs: InitKeys, axes=("norm",)):
+        self.scale = param(rngs, _ones, (dim,), param_dtype, axes)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+# ----- Attention -----
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+    """Grouped-query dot-product attention with a float32 softmax.
+
+    Args:
+      q: float[B, T, N, H]; k, v: float[B, S, K, H] with N a multiple of K.
+      mask: bool[B, T, S] (True = may attend) or None (full attention).
+      scale: multiplier of the logits, usually H ** -0.5.
+
+    Returns:
+      float[B, T, N, H] in q's dtype. A query row with nothing to attend to gets a uniform average (as
+      transformers' additive-minimum mask does); callers ignore such (padding) rows.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(B, T, N, H)
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """bool[B, T, T] from a padding mask int[B, T]: key k is visible to query q iff k ≤ q and k is a token."""
+    T = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    return causal[None] & (attention_mask[:, None, :] > 0)
+
+
+# ----- Rotary position embedding -----
+
+def rope_inv_freq(head_dim: int, rope: dict) -> tuple[np.ndarray, float]:
+    """Inverse frequencies float32[H/2] and the cos/sin scale for the rope kinds transformers names.
+
+    Follows transformers' `modeling_rope_utils` (computed in float32 like it is).
+    """
+    kind, base = rope["rope_type"], rope["rope_theta"]
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / np.float32(rope["factor"])).astype(np.float32), 1.0
+    if kind == "llama3":
+        factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":
+        return _yarn(head_dim, base, rope)
+    raise ValueError(f"rope_type {kind!r} is not supported")
+
+
+def _yarn(dim: int, base: float, rope: dict) -> tuple[np.ndarray, float]:
+    factor, orig = rope["factor"], rope["original_max_position_embeddings"]
+    attention_factor = rope.get("attention_factor")
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    pos_freqs = np.power(np.float32(base), np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    extra_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extra_factor) + extrapolation * extra_factor
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float[B, T, H] for integer positions int[B, T] (angles in float32)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return (jnp.cos(angles) * scale).astype(dtype), (jnp.sin(angles) * scale).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x float[B, T, N, H] by the half-split convention of transformers' `rotate_half`."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+# ----- Rematerialization -----
+
+REMAT = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs
+}
+
+
+def maybe_remat(fn, policy: str):
+    """Wraps `fn(module, *args)` in `nnx.remat` with a named policy ("none" returns fn unchanged)."""
+    if policy == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT[policy], prevent_cse=True)

@@ -1,0 +1,96 @@
+"""Text decoder of the Llama / Qwen2 / Qwen3 kind (transformers' `LlamaModel`, `Qwen2Model`, `Qwen3Model`).
+
+GQA with RoPE, RMSNorm, SwiGLU MLP; optional q/k/v bias (Qwen2), q/k RMSNorm per head (Qwen3).
+Attention takes an explicit boolean mask bool[B, T, S] and integer positions int[B, T], so that packed
+layouts (shared-prefix pairs) use the same code as plain causal sequences.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from rdpo_jax.models import layers
+from rdpo_jax.models.config import TextConfig
+from rdpo_jax.models.layers import Embed, Linear, RMSNorm
+from rdpo_jax.sharding import shard_activation
+
+ACT = ("batch", "seq", "act_embed")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+        d, h = cfg.hidden_size, cfg.head_dim
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(d, cfg.num_heads * h, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear(cfg.num_heads * h, d, ("heads", "embed"), bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), **kw)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
+        self.qk_norm = cfg.qk_norm
+
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x float[B, T, D], mask bool[B, T, T], cos/sin float[B, T, H] -> float[B, T, D]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        q = shard_activation(q, ("batch", "seq", "act_heads", None))
+        out = layers.attention(q, k, v, mask, self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), bias=cfg.mlp_bias, **kw)
+        self.act = layers.activation(cfg.hidden_act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(shard_activation(h, ("batch", "seq", "act_mlp")))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x, mask, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return shard_activation(x, ACT)
+
+
+class TextDecoder(nnx.Module):
+    """Embedding, decoder layers and the final norm; the LM head lives in the VLM (it may be tied)."""
+
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, remat: str, rngs: layers.InitKeys):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, dict(cfg.rope))
+        self.inv_freq = tuple(self.inv_freq.tolist())  # hashable static metadata, not a parameter
+        self.remat, self.dtype = remat, dtype
+
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+        """Input embeddings float[B, T, D] -> final hidden states float[B, T, D]."""
+        cos, sin = layers.rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)
+        run = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat)
+        x = shard_activation(x, ACT)
+        for layer in self.layers:
+            x = run(layer, x, mask, cos, sin)
+        return self.norm(x)

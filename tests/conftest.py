@@ -1,0 +1,31 @@
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """`tiny_llava(name) -> (folder, torch_model)`: a tiny random transformers LLaVA saved once per session."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = tiny.build(name, str(tmp_path_factory.mktemp(name)))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _check_devices():
+    assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (XLA_FLAGS set in conftest.py)"

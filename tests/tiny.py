@@ -1,0 +1,122 @@
+"""Tiny random transformers LLaVA models (no downloads) and matching random inputs for parity tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMAGE_TOKEN = 5
+VOCAB = 160
+
+_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+               num_attention_heads=4, image_size=32, patch_size=8)
+_CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+             num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu")
+_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+
+CONFIGS = {
+    # SigLIP + Qwen2 (qkv bias), last layer, all patches, untied, GQA 4/2.
+    "siglip_qwen2": dict(
+        vision_config=_SIGLIP, text_config=dict(_TEXT, model_type="qwen2", rope_theta=1e6),
+        vision_feature_layer=-1, vision_feature_select_strategy="full"),
+    # CLIP (class token, pre-layernorm, quick_gelu) + Llama with llama3 RoPE scaling, GQA 8/2,
+    # vision_feature_layer=-2 and the `default` strategy (class token dropped).
+    "clip_llama": dict(
+        vision_config=_CLIP,
+        text_config=dict(_TEXT, model_type="llama", num_attention_heads=8, num_key_value_heads=2,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=64)),
+        vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    # SigLIP + Qwen3 (q/k norm, head_dim ≠ hidden/heads), tied embeddings, two feature layers concatenated.
+    "siglip_qwen3": dict(
+        vision_config=_SIGLIP,
+        text_config=dict(_TEXT, model_type="qwen3", head_dim=32, tie_word_embeddings=True),
+        vision_feature_layer=[-3, -1], vision_feature_select_strategy="full", tie_word_embeddings=True),
+    # CLIP + Llama with linear RoPE scaling, attention and MLP biases, tied embeddings; features straight
+    # from the embeddings (-4 = index 0 of 3 layers: no encoder layer runs).
+    "clip_llama_tied": dict(
+        vision_config=_CLIP,
+        text_config=dict(_TEXT, model_type="llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="linear", factor=2.0)),
+        vision_feature_layer=-4, vision_feature_select_strategy="default", tie_word_embeddings=True),
+}
+
+
+def hf_config(name: str):
+    import transformers
+
+    return transformers.LlavaConfig(image_token_index=IMAGE_TOKEN, **CONFIGS[name])
+
+
+def build(name: str, folder: str):
+    """Builds, randomizes (large enough weights that mistakes show) and saves a tiny LLaVA; returns
+    (folder, torch model in eval mode, fp32, eager attention)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(sum(map(ord, name)))
+    cfg = hf_config(name)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in pname and pname.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    model.set_attn_implementation("eager")
+    return folder, model
+
+
+def inputs(name: str, *, batch: int = 3, length: int = 40, images_per_row: int = 1, seed: int = 0):
+    """Random token ids with image placeholders, a padding mask (row 1 right-padded, row 2 left-padded)
+    and NHWC images. Returns dict(input_ids, attention_mask, pixel_values)."""
+    from rdpo_jax.models import config as config_lib
+
+    cfg = config_lib.from_hf(hf_config(name))
+    rng = np.random.default_rng(seed)
+    F = cfg.image_seq_len
+    ids = rng.integers(IMAGE_TOKEN + 1, VOCAB, (batch, length))
+    mask = np.ones((batch, length), np.int32)
+    for b in range(batch):
+        start = 3 if b != 2 else 9
+        for i in range(images_per_row):
+            ids[b, start + i * (F + 2): start + i * (F + 2) + F] = IMAGE_TOKEN
+    if batch > 1:
+        mask[1, length - 6:] = 0
+    if batch > 2:
+        mask[2, :5] = 0
+    size = cfg.vision.image_size
+    pixels = rng.standard_normal((batch, images_per_row, size, size, 3)).astype(np.float32)
+    return dict(input_ids=ids.astype(np.int32), attention_mask=mask,
+                pixel_values=pixels if images_per_row > 1 else pixels[:, 0])
+
+
+def torch_logits(model, batch: dict) -> np.ndarray:
+    import torch
+
+    px = batch["pixel_values"]
+    px = px.reshape(-1, *px.shape[-3:]).transpose(0, 3, 1, 2)  # [B·N, C, H, W]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                    pixel_values=torch.tensor(np.ascontiguousarray(px)),
+                    attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+def jax_logits(model, batch: dict) -> np.ndarray:
+    """The model's forward under nnx.jit (what training and sampling run)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def forward(m, ids, px, mask):
+        return m(ids, px, mask)
+
+    return np.asarray(forward(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"]),
+                              jnp.asarray(batch["attention_mask"])))
+
+
+def max_diff_on_tokens(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Max |a - b| over real (unpadded) positions; padded query rows are garbage in both."""
+    return float(np.abs(a - b)[mask.astype(bool)].max())
