@@ -1,0 +1,69 @@
+"""Building blocks against transformers' own functions and closed forms."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from rdpo_jax.models import config as config_lib
+from rdpo_jax.models import layers
+
+ROPES = {
+    "default": dict(rope_type="default", rope_theta=10000.0),
+    "linear": dict(rope_type="linear", rope_theta=500000.0, factor=4.0),
+    "llama3": dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=8192),
+    "yarn": dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32768),
+    "yarn_mscale": dict(rope_type="yarn", rope_theta=1e4, factor=40.0, original_max_position_embeddings=4096,
+                        mscale=1.0, mscale_all_dim=0.707, beta_fast=32, beta_slow=1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_rope_frequencies_match_transformers(kind):
+    hf = transformers.Qwen2Config(hidden_size=1024, num_attention_heads=8, max_position_embeddings=131072,
+                                  rope_parameters=dict(ROPES[kind]))
+    rope = dict(config_lib._rope_from_hf(hf))
+    inv_freq, scale = layers.rope_inv_freq(128, rope)
+    if kind == "default":  # not in transformers' table: the plain formula
+        ref, ref_scale = 1.0 / (1e4 ** (np.arange(0, 128, 2) / 128)), 1.0
+    else:
+        ref, ref_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf)
+    np.testing.assert_allclose(inv_freq, np.asarray(ref), rtol=1e-6)
+    assert scale == pytest.approx(ref_scale, rel=1e-6)
+
+
+def test_rope_rotation_preserves_norm_and_relative_positions():
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.standard_normal((1, 6, 2, 16)), jnp.float32) for _ in range(2))
+    inv_freq, _ = layers.rope_inv_freq(16, dict(rope_type="default", rope_theta=10000.0))
+    pos = jnp.arange(6)[None]
+    cos, sin = layers.rope_cos_sin(pos, inv_freq, 1.0, jnp.float32)
+    qr, kr = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    np.testing.assert_allclose(jnp.linalg.norm(qr, axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5)
+    # <R(p)q, R(p')k> depends only on p - p': shifting both positions by 7 leaves the scores unchanged.
+    cos7, sin7 = layers.rope_cos_sin(pos + 7, inv_freq, 1.0, jnp.float32)
+    s0 = jnp.einsum("btnh,bsnh->bnts", qr, kr)
+    s7 = jnp.einsum("btnh,bsnh->bnts", layers.apply_rope(q, cos7, sin7), layers.apply_rope(k, cos7, sin7))
+    np.testing.assert_allclose(s0, s7, atol=1e-4)
+
+
+def test_attention_masks_and_groups():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((2, 4, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 4, 2, 8)), jnp.float32) for _ in range(2))
+    mask = layers.causal_mask(jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    out = layers.attention(q, k, v, mask, 8 ** -0.5)
+    # reference: repeat kv heads (GQA), explicit softmax
+    kk, vv = np.repeat(np.asarray(k), 2, axis=2), np.repeat(np.asarray(v), 2, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", np.asarray(q), kk) * 8 ** -0.5
+    s = np.where(np.asarray(mask)[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, np.einsum("bnts,bsnh->btnh", p, vv), atol=1e-5)
+
+
+def test_unknown_activation_is_named():
+    with pytest.raises(ValueError, match="activation 'swish2' is not supported"):
+        layers.activation("swish2")
