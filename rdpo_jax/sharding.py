@@ -137,6 +137,28 @@ def state_shardings(state: nnx.State, mesh: Mesh | None) -> nnx.State:
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def follow_params(tree, params, mesh: Mesh):
+    """Shardings for a tree holding copies of `params` (optimizer moments, say).
+
+    A leaf whose key path ends with a parameter's key path and that has the parameter's shape takes the
+    parameter's sharding; every other leaf (step counts, scalars) is replicated.
+    """
+    def names(key_path):
+        return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in key_path)
+
+    by_path = {names(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def pick(key_path, leaf):
+        path = names(key_path)
+        for i in range(len(path)):
+            param = by_path.get(path[i:])
+            if param is not None and tuple(param.shape) == tuple(leaf.shape):
+                return param.sharding
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical names when tracing under a mesh (`jax.set_mesh`)."""
     mesh = jax.sharding.get_abstract_mesh()

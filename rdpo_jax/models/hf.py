@@ -164,13 +164,15 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float
         raise CheckpointMismatchError(_mismatch_message(path, missing, unexpected, bad_shapes))
 
     device = jax.local_devices()[0]
+    x64 = jax.config.x64_enabled  # a thread-local setting: carry it into the worker threads
 
     def load(item):
         p, variable = item
         view = _to_ours(p, reader.get(by_canonical[hf_name(p)]))
         abstract = variable.get_value()
         target = None if mesh is None else sharding.variable_sharding(variable, mesh)
-        return _make_array(view, abstract.shape, abstract.dtype, target, device)
+        with jax.enable_x64(x64):
+            return _make_array(view, abstract.shape, abstract.dtype, target, device)
 
     # A few tensors in flight overlap file reads, transposes and transfers (numpy and PjRt release the GIL).
     with concurrent.futures.ThreadPoolExecutor(max_workers=_LOAD_THREADS) as pool:

@@ -49,6 +49,11 @@ class InitKeys:
         return jax.random.fold_in(self.key, self.count)
 
 
+def wide(dtype):
+    """The dtype for numerically sensitive parts (norms, softmax, logits): float32, or float64 in x64 runs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def param(rngs: nnx.Rngs | InitKeys, init, shape, dtype, axes: Sequence[str | None]) -> nnx.Param:
     """A parameter with logical axis names (see `rdpo_jax.sharding.RULES`)."""
     assert len(axes) == len(shape), (axes, shape)
@@ -104,11 +109,11 @@ class LayerNorm(nnx.Module):
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
+        x = x.astype(wide(x.dtype))
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = y * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
         return y.astype(self.dtype)
 
 
@@ -120,7 +125,7 @@ class RMSNorm(nnx.Module):
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(wide(x.dtype))
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
@@ -142,9 +147,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=wide(q.dtype)) * scale
     if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(B, T, N, H)

@@ -19,6 +19,9 @@ from rdpo_jax.models.text import TextDecoder
 from rdpo_jax.models.vision import VisionTower
 
 
+ACT = ("batch", "seq", "act_embed")
+
+
 class ImageTokenMismatchError(ValueError):
     """The image placeholders of a row do not match the image features given for it."""
 
@@ -75,14 +78,14 @@ class Llava(nnx.Module):
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
         """Token embeddings with image features written over the placeholders: float[B, T, D]."""
         cfg = self.config
-        x = self.language_model.embed_tokens(input_ids)
+        x = sharding.shard_activation(self.language_model.embed_tokens(input_ids), ACT)
         is_image = input_ids == cfg.image_token_id
         if pixel_values is None:
             _check_image_tokens(is_image, 0, cfg.check_image_tokens)
             return x
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None]
-        feats = self.image_features(pixel_values).astype(x.dtype)
+        feats = sharding.shard_activation(self.image_features(pixel_values).astype(x.dtype), ACT)
         _check_image_tokens(is_image, feats.shape[1], cfg.check_image_tokens)
         index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
         spliced = jnp.take_along_axis(feats, index[..., None], axis=1)
@@ -104,7 +107,7 @@ class Llava(nnx.Module):
             out = self.language_model.embed_tokens.attend(hidden)
         else:
             out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return out.astype(layers.wide(out.dtype))
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None) -> jax.Array:
         return self.logits(self.hidden_states(input_ids, pixel_values, attention_mask, positions))

@@ -1,0 +1,192 @@
+"""Token layouts for preference pairs and SFT examples, and the log-likelihood gathers over them.
+
+Shared-prefix layout (one row per pair) — the image and prompt are encoded once:
+
+    tokens     [ prompt P ][ chosen C ][ rejected R ][ pad ]
+    positions   0 … P−1     P … P+C−1  P … P+R−1     0
+    branch      0           1          2             −1
+
+    mask(q, k) = valid(q) ∧ valid(k) ∧ k ≤ q ∧ ¬(branch(q) = 2 ∧ branch(k) = 1)
+
+Concat layout (what TRL and Tunix do): two rows per pair, `[prompt][chosen]` in row 2i and
+`[prompt][rejected]` in row 2i+1, each a plain causal sequence (branch 1 resp. 2); the image is encoded
+twice. Keeping a pair's rows adjacent keeps them on one device when rows are sharded. SFT rows are
+`[prompt][answer]` with branch 1.
+
+Every layout names its trained tokens the same way: `targets` int32[R, A] (the answer tokens),
+`target_index` int32[R, A] (the row index whose hidden state predicts that token: the previous token of
+the same branch, the last prompt token for an answer's first token) and `target_branch` int32[R, A]
+(1 chosen/answer, 2 rejected, 0 padding). Only those A ≪ T positions go through the LM head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYOUTS = ("shared_prefix", "concat")
+ROW_KEYS = ("input_ids", "positions", "branch_ids", "targets", "target_index", "target_branch")
+PAD_BRANCH, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
+
+
+class PromptTooLongError(ValueError):
+    """A prompt (image tokens included) does not fit the row: prompts are never truncated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Token ids of one preference pair (the prompt includes the image placeholder tokens)."""
+    prompt: Sequence[int]
+    chosen: Sequence[int]
+    rejected: Sequence[int]
+
+
+def _fill_row(out: dict, r: int, prompt, answers: Sequence[tuple[int, Sequence[int]]]):
+    """Writes one row: the prompt, then each (branch, answer) restarting positions after the prompt."""
+    P = len(prompt)
+    out["input_ids"][r, :P] = prompt
+    out["positions"][r, :P] = np.arange(P)
+    out["branch_ids"][r, :P] = PROMPT
+    t, a = P, 0
+    for branch, answer in answers:
+        n = len(answer)
+        out["input_ids"][r, t:t + n] = answer
+        out["positions"][r, t:t + n] = np.arange(P, P + n)
+        out["branch_ids"][r, t:t + n] = branch
+        out["targets"][r, a:a + n] = answer
+        out["target_index"][r, a:a + n] = [P - 1] + list(range(t, t + n - 1))
+        out["target_branch"][r, a:a + n] = branch
+        t, a = t + n, a + n
+
+
+def _empty(rows: int, seq_len: int, answer_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": np.full((rows, seq_len), pad_id, np.int32),
+        "positions": np.zeros((rows, seq_len), np.int32),
+        "branch_ids": np.full((rows, seq_len), PAD_BRANCH, np.int32),
+        "targets": np.zeros((rows, answer_len), np.int32),
+        "target_index": np.zeros((rows, answer_len), np.int32),
+        "target_branch": np.zeros((rows, answer_len), np.int32),
+    }
+
+
+def _truncate(answer: Sequence[int], budget: int, stats: dict) -> list[int]:
+    answer = list(answer)
+    if len(answer) > budget:
+        stats["truncated_answers"] += 1
+        stats["truncated_tokens"] += len(answer) - budget
+        answer = answer[:budget]
+    return answer
+
+
+def pack_pairs(pairs: Sequence[Pair], *, layout: str, seq_len: int, max_answer_len: int, pad_id: int = 0
+               ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Packs B pairs into the chosen layout (host side, numpy).
+
+    Row length `seq_len` must hold prompt + chosen + rejected (shared_prefix) or prompt + the longer
+    answer (concat) once each answer is cut to `max_answer_len` tokens (at its end, counted in stats).
+
+    Returns:
+      (batch, stats). batch: input_ids, positions, branch_ids int32[R, seq_len]; targets, target_index,
+      target_branch int32[R, A] with R = B (shared_prefix) or 2B (concat), A = 2·max_answer_len resp.
+      max_answer_len. stats: truncated_answers, truncated_tokens.
+
+    Raises:
+      PromptTooLongError: a prompt leaves no room for its answers (naming the pair).
+    """
+    B = len(pairs)
+    shared = rows_per_pair(layout) == 1
+    stats = {"truncated_answers": 0, "truncated_tokens": 0}
+    answer_len = 2 * max_answer_len if shared else max_answer_len
+    out = _empty(B if shared else 2 * B, seq_len, answer_len, pad_id)
+    for i, pair in enumerate(pairs):
+        P = len(pair.prompt)
+        if P == 0:
+            raise PromptTooLongError(f"pair {i}: empty prompt (the first answer token needs a predecessor)")
+        room = seq_len - P
+        c, r = (min(len(a), max_answer_len, room) for a in (pair.chosen, pair.rejected))
+        if shared and c + r > room:  # share the row: the shorter answer keeps what it can, up to half
+            c = room - r if r <= room // 2 else c if c <= room // 2 else room // 2
+            r = min(r, room - c)
+        chosen, rejected = _truncate(pair.chosen, c, stats), _truncate(pair.rejected, r, stats)
+        if not chosen or not rejected:
+            raise PromptTooLongError(
+                f"pair {i}: prompt of {P} tokens leaves {room} of {seq_len} for the answers "
+                f"(chosen {len(pair.chosen)}, rejected {len(pair.rejected)} tokens)")
+        if shared:
+            _fill_row(out, i, pair.prompt, [(CHOSEN, chosen), (REJECTED, rejected)])
+        else:
+            _fill_row(out, 2 * i, pair.prompt, [(CHOSEN, chosen)])
+            _fill_row(out, 2 * i + 1, pair.prompt, [(REJECTED, rejected)])
+    return out, stats
+
+
+def pack_sft(examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, seq_len: int, max_answer_len: int,
+             pad_id: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Packs (prompt, answer) examples as `[prompt][answer]` rows (branch 1); see `pack_pairs`."""
+    stats = {"truncated_answers": 0, "truncated_tokens": 0}
+    out = _empty(len(examples), seq_len, max_answer_len, pad_id)
+    for i, (prompt, answer) in enumerate(examples):
+        if not 0 < len(prompt) < seq_len:
+            raise PromptTooLongError(f"example {i}: prompt of {len(prompt)} tokens does not fit {seq_len}")
+        answer = _truncate(answer, min(max_answer_len, seq_len - len(prompt)), stats)
+        _fill_row(out, i, prompt, [(CHOSEN, answer)])
+    return out, stats
+
+
+def rows_per_pair(layout: str) -> int:
+    if layout not in LAYOUTS:
+        raise ValueError(f"pair_layout {layout!r} is not one of {LAYOUTS}")
+    return 1 if layout == "shared_prefix" else 2
+
+
+# ----- inside jit -----
+
+def attention_mask(branch_ids: jax.Array) -> jax.Array:
+    """bool[R, T, T] from branch ids int32[R, T] (the mask in the module docstring)."""
+    T = branch_ids.shape[1]
+    valid = branch_ids >= 0
+    causal = jnp.tril(jnp.ones((T, T), bool))[None]
+    cross = (branch_ids[:, :, None] == REJECTED) & (branch_ids[:, None, :] == CHOSEN)
+    return causal & valid[:, :, None] & valid[:, None, :] & ~cross
+
+
+def token_logps(model, batch: dict, pixel_values: jax.Array | None) -> jax.Array:
+    """Log-probabilities float32[R, A] of the target tokens (0 at padding), from one forward per row.
+
+    `pixel_values` holds one entry per row (callers duplicate them for the concat layout).
+    """
+    mask = attention_mask(batch["branch_ids"])
+    hidden = model.hidden_states(batch["input_ids"], pixel_values, mask, batch["positions"])
+    hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)  # [R, A, D]
+    logits = model.logits(hidden)  # float32[R, A, V]
+    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    logps = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.where(batch["target_branch"] > 0, logps, 0.0)
+
+
+def pair_logps(model, batch: dict, pixel_values: jax.Array | None, *, layout: str) -> dict[str, jax.Array]:
+    """Summed log-likelihoods and token counts of both answers of B pairs, float32[B] each.
+
+    `pixel_values` [B, …] holds the pairs' images; the concat layout encodes them once per row (twice
+    per pair), as the anchors do.
+    """
+    copies = rows_per_pair(layout)
+    if pixel_values is not None and copies == 2:
+        pixel_values = jnp.repeat(pixel_values, 2, axis=0)
+    logps = token_logps(model, batch, pixel_values)
+    branch = batch["target_branch"]
+
+    def per_pair(x):  # rows -> pairs: concat rows 2i and 2i+1 belong to pair i
+        return x.reshape(-1, copies).sum(1)
+
+    return {
+        "chosen_logp": per_pair(jnp.where(branch == CHOSEN, logps, 0.0).sum(-1)),
+        "rejected_logp": per_pair(jnp.where(branch == REJECTED, logps, 0.0).sum(-1)),
+        "chosen_count": per_pair((branch == CHOSEN).sum(-1).astype(jnp.float32)),
+        "rejected_count": per_pair((branch == REJECTED).sum(-1).astype(jnp.float32)),
+    }

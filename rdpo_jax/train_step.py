@@ -1,0 +1,199 @@
+"""The jitted train steps: `dpo_step(state, batch)` and `sft_step(state, batch)`.
+
+State is a plain pytree (`TrainState`): trainable parameters and their optimizer state, frozen
+parameters (no gradient, no optimizer state) and, for an online reference, the reference copy of the
+trainable parameters (the frozen ones are shared with the policy). Losses are (sum, count) pairs;
+gradient accumulation scans over micro-batches and divides the summed gradients by the total count, so
+an accumulated step equals the full-batch step.
+
+Batch fields (numpy/jax arrays; B pairs or examples, R rows = B or 2B, see `packing.py`):
+  input_ids, positions, branch_ids int32[R, T]; targets, target_index, target_branch int32[R, A]
+  pixel_values float32[B, H, W, 3] or [B, N, H, W, 3] (absent for text-only data)
+  valid float32[B] (0 for padding pairs/examples)
+  DPO only: chosen_scores, rejected_scores, criterion_weights, criterion_mask, essential_mask float32[B, K]
+  (optional; `rubric` needs the scores), ref_chosen_logp, ref_rejected_logp float32[B] (summed, for
+  `reference="precomputed"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rdpo_jax import losses, optim, packing, sharding
+
+REFERENCES = ("model", "precomputed", "none")
+_RUBRIC_KEYS = ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32[]
+    params: dict  # trainable parameters (nested dict of arrays)
+    opt_state: optax.OptState
+    frozen: dict  # frozen parameters, never updated
+    ref_params: dict | None  # reference copy of `params` (online reference), else None
+
+
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, freeze=(),
+               reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
+    """Splits a (sharded) model into a TrainState; optimizer moments follow the parameters' shardings."""
+    graphdef, params, frozen = optim.split_params(model, freeze)
+    mesh = _mesh_of(params)
+    opt_shardings = sharding.follow_params(jax.eval_shape(optimizer.init, params), params, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    ref = jax.tree.map(jnp.copy, params) if reference else None
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    return graphdef, TrainState(step, params, opt_state, frozen, ref)
+
+
+def _mesh_of(params) -> Mesh:
+    shard = jax.tree.leaves(params)[0].sharding
+    if isinstance(shard, NamedSharding):
+        return shard.mesh
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=list(shard.device_set))
+
+
+# ----- micro-batching -----
+
+def split_micro(batch: dict, accum: int, rows_per_example: int = 1) -> dict:
+    """[B, …] → [accum, B/accum, …]; micro-batch i takes examples i, i+accum, … so that, with B sharded
+    in contiguous blocks over devices, every micro-batch stays spread over all devices (no transfer)."""
+    def split(key, x):
+        per = rows_per_example if key in packing.ROW_KEYS else 1
+        B = x.shape[0] // per
+        if B % accum:
+            raise ValueError(f"batch of {B} is not divisible by accum_steps={accum}")
+        x = x.reshape(B // accum, accum, per, *x.shape[1:])
+        return jnp.moveaxis(x, 1, 0).reshape(accum, (B // accum) * per, *x.shape[3:])
+
+    return {k: split(k, v) for k, v in batch.items()}
+
+
+def _accumulate(loss_fn: Callable, params, batch: dict, accum: int, rows_per_example: int):
+    """Σ over micro-batches of (grad of loss sum, loss sum, count, metric sums, metric counts)."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if accum == 1:
+        return grad_fn(params, batch)
+    micro = split_micro(batch, accum, rows_per_example)
+
+    def body(carry, mb):
+        grads, aux = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+    total, _ = jax.lax.scan(body, zeros, micro)
+    return total
+
+
+def _masked_sums(metrics: dict[str, jax.Array], valid: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """(Σ value, Σ weight) per metric over valid, finite entries (agreement metrics may be NaN)."""
+    out = {}
+    for name, value in metrics.items():
+        ok = valid * jnp.isfinite(value)
+        out[name] = (jnp.where(ok > 0, value, 0.0).sum(), ok.sum())
+    return out
+
+
+def _update(state: TrainState, optimizer, schedule, grads, loss_sum, count, metric_sums):
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {name: s / jnp.maximum(n, 1.0) for name, (s, n) in metric_sums.items()}
+    metrics.update(loss=loss_sum / jnp.maximum(count, 1.0), grad_norm=optax.global_norm(grads),
+                   lr=schedule(state.step), count=count)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# ----- DPO -----
+
+def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                  loss_type: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+                  length_norm: bool = False, sft_weight: float = 0.0, pair_layout: str = "shared_prefix",
+                  reference: str = "model", accum_steps: int = 1) -> Callable[[TrainState, dict], tuple]:
+    """Builds the pure `dpo_step(state, batch) -> (state, metrics)` (jit it with `jit_step`)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference {reference!r} is not one of {REFERENCES}")
+    if loss_type not in losses.LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {losses.LOSS_TYPES}")
+    copies = packing.rows_per_pair(pair_layout)
+
+    def normalize(logp, count):
+        return logp / jnp.maximum(count, 1.0) if length_norm else logp
+
+    def loss_fn(params, frozen, ref_params, batch):
+        pixels = batch.get("pixel_values")
+        out = packing.pair_logps(nnx.merge(graphdef, params, frozen), batch, pixels, layout=pair_layout)
+        if reference == "model":
+            ref = packing.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, pixels, layout=pair_layout)
+            ref_c, ref_r = jax.lax.stop_gradient((ref["chosen_logp"], ref["rejected_logp"]))
+        elif reference == "precomputed":
+            ref_c, ref_r = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+        else:
+            ref_c = ref_r = jnp.zeros_like(out["chosen_logp"])
+        cc, rc = out["chosen_count"], out["rejected_count"]
+        loss, metrics = losses.preference_loss(
+            normalize(out["chosen_logp"], cc), normalize(out["rejected_logp"], rc),
+            normalize(ref_c, cc), normalize(ref_r, rc), loss_type=loss_type, beta=beta,
+            label_smoothing=label_smoothing, gamma=gamma, **{k: batch.get(k) for k in _RUBRIC_KEYS})
+        if sft_weight:
+            nll = losses.token_nll(out["chosen_logp"], cc)
+            loss = loss + sft_weight * nll
+            metrics["sft_nll"] = nll
+        valid = batch["valid"]
+        return (loss * valid).sum(), (valid.sum(), _masked_sums(metrics, valid))
+
+    def dpo_step(state: TrainState, batch: dict):
+        def per_params(params, b):
+            loss_sum, aux = loss_fn(params, state.frozen, state.ref_params, b)
+            return loss_sum, (loss_sum, *aux)
+
+        grads, (loss_sum, count, metric_sums) = _accumulate(per_params, state.params, batch, accum_steps, copies)
+        return _update(state, optimizer, schedule, grads, loss_sum, count, metric_sums)
+
+    return dpo_step
+
+
+# ----- SFT -----
+
+def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                  accum_steps: int = 1) -> Callable[[TrainState, dict], tuple]:
+    """Builds `sft_step(state, batch) -> (state, metrics)`: token-mean NLL of the answers over the batch."""
+
+    def sft_step(state: TrainState, batch: dict):
+        def per_params(params, b):
+            model = nnx.merge(graphdef, params, state.frozen)
+            logps = packing.token_logps(model, b, b.get("pixel_values"))
+            tokens = (b["target_branch"] > 0) * b["valid"][:, None]
+            nll_sum = -(logps * tokens).sum()
+            return nll_sum, (nll_sum, tokens.sum(), {})
+
+        grads, (loss_sum, count, metric_sums) = _accumulate(per_params, state.params, batch, accum_steps, 1)
+        return _update(state, optimizer, schedule, grads, loss_sum, count, metric_sums)
+
+    return sft_step
+
+
+# ----- jit with explicit shardings -----
+
+def batch_shardings(batch: dict, mesh: Mesh) -> dict[str, NamedSharding]:
+    """Leading (example/row) dimension over the batch mesh axes ("data", "fsdp"); the rest replicated."""
+    def one(x):
+        axes = ("batch",) + (None,) * (x.ndim - 1)
+        return NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, dict(mesh.shape)))
+    return {k: one(v) for k, v in batch.items()}
+
+
+def jit_step(step_fn: Callable, state: TrainState, batch: dict, mesh: Mesh) -> Any:
+    """`jax.jit` with the state donated and explicit in/out shardings (state keeps its shardings)."""
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_shardings(batch, mesh)),
+                   out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)

@@ -1,0 +1,123 @@
+"""Shared-prefix pairs: the layout, and log-likelihoods equal to the concat layout and to plain forwards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rdpo_jax import packing
+from rdpo_jax.models import hf, vision
+from tests import tiny
+
+
+def test_layout_positions_branches_targets_and_mask():
+    pair = packing.Pair(prompt=[11, 12, 13], chosen=[21, 22], rejected=[31, 32, 33])
+    b, stats = packing.pack_pairs([pair], layout="shared_prefix", seq_len=10, max_answer_len=4)
+    assert stats == {"truncated_answers": 0, "truncated_tokens": 0}
+    np.testing.assert_array_equal(b["input_ids"][0], [11, 12, 13, 21, 22, 31, 32, 33, 0, 0])
+    np.testing.assert_array_equal(b["positions"][0], [0, 1, 2, 3, 4, 3, 4, 5, 0, 0])
+    np.testing.assert_array_equal(b["branch_ids"][0], [0, 0, 0, 1, 1, 2, 2, 2, -1, -1])
+    np.testing.assert_array_equal(b["targets"][0], [21, 22, 31, 32, 33, 0, 0, 0])
+    # chosen[0] and rejected[0] are both predicted from the last prompt token (index 2)
+    np.testing.assert_array_equal(b["target_index"][0], [2, 3, 2, 5, 6, 0, 0, 0])
+    np.testing.assert_array_equal(b["target_branch"][0], [1, 1, 2, 2, 2, 0, 0, 0])
+    mask = np.asarray(packing.attention_mask(jnp.asarray(b["branch_ids"])))[0].astype(int)
+    expected = np.zeros((10, 10), int)
+    for q in range(8):
+        for k in range(q + 1):
+            expected[q, k] = not (q >= 5 and k in (3, 4))  # rejected never sees chosen
+    np.testing.assert_array_equal(mask, expected)
+
+    c, _ = packing.pack_pairs([pair], layout="concat", seq_len=6, max_answer_len=4)
+    np.testing.assert_array_equal(c["input_ids"], [[11, 12, 13, 21, 22, 0], [11, 12, 13, 31, 32, 33]])
+    np.testing.assert_array_equal(c["positions"], [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(c["target_index"], [[2, 3, 0, 0], [2, 3, 4, 0]])
+    np.testing.assert_array_equal(c["target_branch"], [[1, 1, 0, 0], [2, 2, 2, 0]])
+
+
+def test_truncation_is_counted_and_prompts_never_truncated():
+    pair = packing.Pair(prompt=[1] * 4, chosen=[2] * 9, rejected=[3] * 2)
+    b, stats = packing.pack_pairs([pair], layout="shared_prefix", seq_len=12, max_answer_len=5)
+    assert stats == {"truncated_answers": 1, "truncated_tokens": 4}
+    assert (b["target_branch"][0] == 1).sum() == 5 and (b["target_branch"][0] == 2).sum() == 2
+    with pytest.raises(packing.PromptTooLongError, match="pair 0: prompt of 11 tokens leaves 1 of 12"):
+        packing.pack_pairs([packing.Pair([1] * 11, [2], [3])], layout="shared_prefix", seq_len=12,
+                           max_answer_len=5)
+    with pytest.raises(ValueError, match="pair_layout 'stacked' is not one of"):
+        packing.pack_pairs([pair], layout="stacked", seq_len=12, max_answer_len=5)
+    s, stats = packing.pack_sft([([1, 2], [5, 6, 7])], seq_len=4, max_answer_len=8)
+    assert stats["truncated_tokens"] == 1
+    np.testing.assert_array_equal(s["input_ids"], [[1, 2, 5, 6]])
+    np.testing.assert_array_equal(s["target_index"], [[1, 2, 0, 0, 0, 0, 0, 0]])
+
+
+def _pairs(cfg, seed, n=4):
+    """Pairs with prompts of different lengths (image placeholders inside) and unequal answers."""
+    rng = np.random.default_rng(seed)
+    F = cfg.image_seq_len
+    pairs = []
+    for i in range(n):
+        head = list(rng.integers(6, tiny.VOCAB, 1 + i))
+        tail = list(rng.integers(6, tiny.VOCAB, 2 + 2 * (i % 2)))
+        pairs.append(packing.Pair(head + [tiny.IMAGE_TOKEN] * F + tail,
+                                  list(rng.integers(6, tiny.VOCAB, 2 + i)),
+                                  list(rng.integers(6, tiny.VOCAB, 7 - i))))
+    pixels = rng.standard_normal((n, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
+    return pairs, pixels
+
+
+def _plain_forward_logps(model, pairs, pixels, answers):
+    """Σ log p(answer | prompt, image) from ordinary causal forwards, one right-padded row per answer."""
+    rows = [list(p.prompt) + list(a) for p, a in zip(pairs, answers)]
+    L = max(map(len, rows))
+    ids = jnp.asarray([r + [0] * (L - len(r)) for r in rows], jnp.int32)
+    mask = jnp.asarray([[1] * len(r) + [0] * (L - len(r)) for r in rows], jnp.int32)
+    logp = jax.nn.log_softmax(nnx.jit(lambda m, i, p, a: m(i, p, a))(model, ids, jnp.asarray(pixels), mask))
+    return [sum(float(logp[i, len(p.prompt) - 1 + j, t]) for j, t in enumerate(a))
+            for i, (p, a) in enumerate(zip(pairs, answers))]
+
+
+@pytest.mark.parametrize("name", ["clip_llama", "siglip_qwen3"])
+def test_shared_prefix_equals_concat_and_plain_forwards(tiny_llava, name):
+    folder, _ = tiny_llava(name)
+    model, cfg = hf.load_hf(folder)
+    pairs, pixels = _pairs(cfg, seed=1)
+    seq_len = max(len(p.prompt) for p in pairs) + 12  # padding in every row
+    out = {}
+    for layout in packing.LAYOUTS:
+        batch, _ = packing.pack_pairs(pairs, layout=layout, seq_len=seq_len, max_answer_len=8)
+        fn = nnx.jit(lambda m, b, p, layout=layout: packing.pair_logps(m, b, p, layout=layout))
+        out[layout] = {k: np.asarray(v) for k, v in fn(model, batch, jnp.asarray(pixels)).items()}
+    for key in ("chosen_logp", "rejected_logp", "chosen_count", "rejected_count"):
+        np.testing.assert_allclose(out["shared_prefix"][key], out["concat"][key], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(out["shared_prefix"]["chosen_count"], [len(p.chosen) for p in pairs])
+    np.testing.assert_array_equal(out["shared_prefix"]["rejected_count"], [len(p.rejected) for p in pairs])
+    plain = _plain_forward_logps(model, pairs + pairs, np.concatenate([pixels, pixels]),
+                                 [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    np.testing.assert_allclose(out["shared_prefix"]["chosen_logp"], plain[:len(pairs)], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["shared_prefix"]["rejected_logp"], plain[len(pairs):], atol=1e-5, rtol=0)
+
+
+def test_vision_tower_runs_once_per_pair_in_shared_layout(tiny_llava, monkeypatch):
+    folder, _ = tiny_llava("siglip_qwen2")
+    model, cfg = hf.load_hf(folder)
+    pairs, pixels = _pairs(cfg, seed=2, n=3)
+    seen = []
+    original = vision.VisionTower.__call__
+
+    def counting(self, images, feature_layers):
+        seen.append(images.shape[0])
+        return original(self, images, feature_layers)
+
+    monkeypatch.setattr(vision.VisionTower, "__call__", counting)
+    flops = {}
+    for layout in packing.LAYOUTS:
+        seen.clear()
+        batch, _ = packing.pack_pairs(pairs, layout=layout, seq_len=40, max_answer_len=6)
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda s, b, p, layout=layout: packing.pair_logps(nnx.merge(graphdef, s), b, p, layout=layout))
+        compiled = fn.lower(state, batch, jnp.asarray(pixels)).compile()
+        flops[layout] = compiled.cost_analysis()["flops"]
+        assert seen == [3 if layout == "shared_prefix" else 6]  # images encoded per pair vs twice per pair
+    assert flops["shared_prefix"] < 0.8 * flops["concat"]

@@ -1,0 +1,190 @@
+"""The jitted steps: accumulation = full batch, sharded = single device, layouts and references agree,
+freezing and per-group learning rates do what they say."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rdpo_jax import optim, packing, sharding, train_step
+from rdpo_jax.models import hf
+from tests import tiny
+
+NAME = "siglip_qwen2"
+B, K = 8, 4
+
+
+def _batch(cfg, layout="shared_prefix", seed=0):
+    rng = np.random.default_rng(seed)
+    F = cfg.image_seq_len
+    pairs = [packing.Pair([7 + i] + [tiny.IMAGE_TOKEN] * F + list(rng.integers(6, tiny.VOCAB, 1 + i % 3)),
+                          list(rng.integers(6, tiny.VOCAB, 2 + i % 4)), list(rng.integers(6, tiny.VOCAB, 5 - i % 3)))
+             for i in range(B)]
+    batch, _ = packing.pack_pairs(pairs, layout=layout, seq_len=F + 14, max_answer_len=6)
+    batch["pixel_values"] = rng.standard_normal((B, 32, 32, 3)).astype(np.float32)
+    batch["valid"] = np.ones(B, np.float32)
+    batch["valid"][-1] = 0  # a padding pair: must not count
+    batch["chosen_scores"] = rng.integers(0, 2, (B, K)).astype(np.float32)
+    batch["rejected_scores"] = rng.integers(0, 2, (B, K)).astype(np.float32)
+    batch["criterion_weights"] = rng.uniform(0.5, 2, (B, K)).astype(np.float32)
+    batch["criterion_mask"] = np.ones((B, K), np.float32)
+    batch["essential_mask"] = (np.arange(K) < 2).astype(np.float32)[None].repeat(B, 0)
+    return batch
+
+
+def _sft_batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    F = cfg.image_seq_len
+    examples = [([3] + [tiny.IMAGE_TOKEN] * F + [9] * (1 + i % 2), list(rng.integers(6, tiny.VOCAB, 2 + i % 5)))
+                for i in range(B)]
+    batch, _ = packing.pack_sft(examples, seq_len=F + 9, max_answer_len=7)
+    batch["pixel_values"] = rng.standard_normal((B, 32, 32, 3)).astype(np.float32)
+    batch["valid"] = np.ones(B, np.float32)
+    return batch
+
+
+def _run(folder, mesh, batch, *, optimizer=None, steps=1, freeze=(), objective="dpo", dtype=jnp.float32, **kw):
+    model, _ = hf.load_hf(folder, mesh=mesh, dtype=dtype)
+    schedule = optax.constant_schedule(1.0)
+    optimizer = optimizer or optax.sgd(1.0)
+    reference = kw.get("reference", "model") == "model" and objective == "dpo"
+    graphdef, state = train_step.init_state(model, optimizer, freeze=freeze, reference=reference)
+    params0 = jax.tree.map(np.asarray, state.params)
+    if objective == "dpo":
+        fn = train_step.make_dpo_step(graphdef, optimizer, schedule, **kw)
+    else:
+        fn = train_step.make_sft_step(graphdef, optimizer, schedule, **kw)
+    step = train_step.jit_step(fn, state, batch, mesh)
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    return params0, state, {k: float(v) for k, v in metrics.items()}
+
+
+def _close(a, b, rtol=1e-6, atol=1e-7):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+# An "optimizer" that stores the gradient it is given as its state (and leaves parameters alone).
+_RECORD_GRADS = optax.GradientTransformation(
+    lambda params: jax.tree.map(jnp.zeros_like, params),
+    lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+@pytest.fixture(scope="module")
+def mesh1():
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("objective,layout,loss_type", [
+    ("dpo", "shared_prefix", "rubric"), ("dpo", "concat", "sigmoid"), ("sft", None, None)])
+def test_accumulated_gradients_equal_full_batch(tiny_llava, mesh1, objective, layout, loss_type):
+    folder, _ = tiny_llava(NAME)
+    _, cfg = hf.load_hf(folder)
+    kw = dict(loss_type=loss_type, beta=0.5, gamma=0.2, pair_layout=layout) if objective == "dpo" else {}
+    batch = _batch(cfg, layout) if objective == "dpo" else _sft_batch(cfg)
+    if objective == "dpo":  # move off the reference so that the loss has a gradient worth comparing
+        batch = _off_reference(batch)
+        kw["reference"] = "precomputed"
+    # float64, so that the comparison sees the accumulation and not fp32 rounding of different shapes
+    with jax.enable_x64(True):
+        run = functools.partial(_run, folder, mesh1, batch, optimizer=_RECORD_GRADS, objective=objective,
+                                dtype=jnp.float64, **kw)
+        (_, full, m_full), (_, accum, m_accum) = run(accum_steps=1), run(accum_steps=4)
+    assert jax.tree.leaves(full.opt_state)[0].dtype == np.float64
+    grad_full = jax.tree.map(np.asarray, full.opt_state)
+    grad_accum = jax.tree.map(np.asarray, accum.opt_state)
+    norm = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in jax.tree.leaves(grad_full)))
+    diff = np.sqrt(sum(float(np.sum((a.astype(np.float64) - b) ** 2))
+                       for a, b in zip(jax.tree.leaves(grad_full), jax.tree.leaves(grad_accum))))
+    assert norm > 1e-2 and diff / norm <= 1e-12, (diff, norm)  # relative error of the whole gradient
+    assert m_full["count"] == m_accum["count"] == (B - 1 if objective == "dpo" else m_full["count"])
+    for key in m_full:
+        assert m_accum[key] == pytest.approx(m_full[key], rel=1e-5, abs=1e-6), key
+
+
+def test_sharded_step_equals_single_device(tiny_llava, mesh1):
+    folder, _ = tiny_llava(NAME)
+    _, cfg = hf.load_hf(folder)
+    batch = _batch(cfg)
+    kw = dict(loss_type="sigmoid", beta=0.1, sft_weight=0.1, accum_steps=2)
+    adamw = optim.make_optimizer(learning_rate=1e-2, weight_decay=0.1, grad_clip=1.0)
+    mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    # float64: Adam divides by √v, which turns fp32 rounding of near-zero gradients into visible steps
+    with jax.enable_x64(True):
+        _, single, m_single = _run(folder, mesh1, batch, optimizer=adamw, steps=2, dtype=jnp.float64, **kw)
+        _, sharded, m_sharded = _run(folder, mesh8, batch, optimizer=adamw, steps=2, dtype=jnp.float64, **kw)
+    q = sharded.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    moments = [x for kp, x in jax.tree_util.tree_flatten_with_path(sharded.opt_state)[0]
+               if optim.path_str(kp).endswith("language_model/layers/0/self_attn/q_proj/kernel")]
+    assert len(moments) == 2 and all(m.sharding == q.sharding for m in moments)  # Adam's mu and nu
+    _close(single.params, sharded.params, rtol=1e-10, atol=1e-12)
+    for key in m_single:
+        assert m_sharded[key] == pytest.approx(m_single[key], rel=1e-10, abs=1e-12), key
+    assert m_single["loss"] != 0 and int(sharded.step) == 2
+
+
+def _off_reference(batch):
+    """Precomputed reference log-likelihoods far from the policy's, so that z (and its sign) is robust."""
+    batch["ref_chosen_logp"] = np.full(B, -3.0, np.float32)
+    batch["ref_rejected_logp"] = np.full(B, -40.0, np.float32)
+    return batch
+
+
+def _delta(p0, state):
+    return jax.tree.map(lambda a, b: a - np.asarray(b), p0, state.params)
+
+
+def test_layouts_agree(tiny_llava, mesh1):
+    folder, _ = tiny_llava(NAME)
+    _, cfg = hf.load_hf(folder)
+    results = {}
+    for layout in packing.LAYOUTS:
+        p0, state, metrics = _run(folder, mesh1, _off_reference(_batch(cfg, layout)), loss_type="rubric", beta=0.1,
+                                  gamma=0.1, pair_layout=layout, reference="precomputed")
+        results[layout] = (_delta(p0, state), metrics)
+    _close(results["shared_prefix"][0], results["concat"][0], rtol=1e-4, atol=1e-6)
+    assert set(results["shared_prefix"][1]) == set(results["concat"][1])
+    for key, value in results["shared_prefix"][1].items():
+        assert results["concat"][1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_online_reference_equals_precomputed(tiny_llava, mesh1):
+    folder, _ = tiny_llava(NAME)
+    model, cfg = hf.load_hf(folder)
+    batch = _batch(cfg)
+    p0, online, m_online = _run(folder, mesh1, batch, loss_type="rubric", beta=0.1)
+    # at step 0 the policy is the reference: z = 0 and the rubric loss is log 2
+    assert m_online["loss"] == pytest.approx(np.log(2), rel=1e-5) and online.ref_params is not None
+    ref = packing.pair_logps(model, batch, jnp.asarray(batch["pixel_values"]), layout="shared_prefix")
+    batch["ref_chosen_logp"] = np.asarray(ref["chosen_logp"])
+    batch["ref_rejected_logp"] = np.asarray(ref["rejected_logp"])
+    _, pre, m_pre = _run(folder, mesh1, batch, loss_type="rubric", beta=0.1, reference="precomputed")
+    assert pre.ref_params is None
+    _close(_delta(p0, pre), _delta(p0, online), rtol=1e-4, atol=1e-6)
+    assert m_pre["loss"] == pytest.approx(m_online["loss"], rel=1e-5)
+
+
+def test_freeze_and_group_learning_rates(tiny_llava, mesh1):
+    folder, _ = tiny_llava(NAME)
+    _, cfg = hf.load_hf(folder)
+    adam = optim.make_optimizer(learning_rate=1e-3, lr_multipliers=(("multi_modal_projector/.*", 10.0),))
+    p0, state, _ = _run(folder, mesh1, _batch(cfg), optimizer=adam, freeze=("vision_tower/.*",),
+                        loss_type="sigmoid", beta=0.1, reference="none")
+    assert "vision_tower" not in state.params and "vision_tower" in state.frozen
+    assert not any("vision_tower" in jax.tree_util.keystr(kp) for kp, _ in
+                   jax.tree_util.tree_flatten_with_path(state.opt_state)[0])
+    model, _ = hf.load_hf(folder)
+    original = np.asarray(model.vision_tower.encoder["layers"][0].mlp["fc1"].kernel.get_value())
+    np.testing.assert_array_equal(state.frozen["vision_tower"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"], original)
+    # Adam's first step moves each weight by ≈ lr (sign of the gradient): 10× on the projector.
+    proj = np.abs(p0["multi_modal_projector"]["linear_1"]["kernel"] - state.params["multi_modal_projector"]["linear_1"]["kernel"])
+    mlp = np.abs(p0["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+                 - state.params["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"])
+    assert np.median(proj) == pytest.approx(1e-2, rel=0.05) and np.median(mlp) == pytest.approx(1e-3, rel=0.05)
+    with pytest.raises(ValueError, match="freeze pattern 'vision/.*' matches no parameter"):
+        optim.split_params(model, ("vision/.*",))
