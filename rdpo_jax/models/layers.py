@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rdpo_jax.sharding import shard_activation
+
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -96,7 +98,10 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # All-gather the table's width first (as FSDP does for every weight it uses): a lookup into a
+        # width-sharded table yields width-sharded activations, which would then need a full reshuffle.
+        table = shard_activation(self.embedding[...], ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
