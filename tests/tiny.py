@@ -6,6 +6,15 @@ import numpy as np
 
 IMAGE_TOKEN = 5
 VOCAB = 160
+SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "<image>"]  # ids 0…5
+WORDS = ("system user assistant describe the image a an one two three four five red green blue yellow "
+         "circle square triangle star small large left right top bottom of in is are there how many what "
+         "colour shape and with no yes object objects picture shows").split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 _SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                num_attention_heads=4, image_size=32, patch_size=8)
@@ -48,6 +57,41 @@ def hf_config(name: str):
     return transformers.LlavaConfig(image_token_index=IMAGE_TOKEN, **CONFIGS[name])
 
 
+def tokenizer():
+    """A word-level tokenizer over `WORDS` with ChatML-style special tokens and chat template."""
+    import tokenizers
+    import transformers
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
+        additional_special_tokens=["<|im_start|>", "<image>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def processor(name: str):
+    """The LlavaProcessor matching a tiny config (its image processor and image-token count)."""
+    import transformers
+
+    cfg = hf_config(name)
+    v = cfg.vision_config
+    if v.model_type == "siglip_vision_model":
+        image_processor = transformers.SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size})
+        extra = 0
+    else:
+        image_processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": v.image_size},
+                                                             crop_size={"height": v.image_size, "width": v.image_size})
+        extra = 1
+    return transformers.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer(), patch_size=v.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
+        image_token="<image>", num_additional_image_tokens=extra)
+
+
 def build(name: str, folder: str):
     """Builds, randomizes (large enough weights that mistakes show) and saves a tiny LLaVA; returns
     (folder, torch model in eval mode, fp32, eager attention)."""
@@ -64,6 +108,7 @@ def build(name: str, folder: str):
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     model.save_pretrained(folder)
+    processor(name).save_pretrained(folder)
     model.set_attn_implementation("eager")
     return folder, model
 

@@ -1,0 +1,1 @@
+"""Records, ArrayRecord IO, tokenization, image preprocessing and the Grain pipeline."""

@@ -1,0 +1,216 @@
+"""Record kinds, their schemas and validation, and msgpack (de)serialization.
+
+One msgpack map per record; never pickle (data files come from other people). Kinds:
+
+  rubric_pool  prompt_id, images, messages, rubric, reference_answer?
+  samples      prompt_id, sample_id, response, policy_step, sampler
+  pairs        pair_id, prompt_id, images, messages, chosen, rejected, rubric, chosen_scores,
+               rejected_scores, meta, ref_chosen_logp?, ref_rejected_logp?, ref_fingerprint?
+  sft          images, messages, answer, example_id?
+
+`images` is a list of encoded image files (bytes); `messages` a chat in the Hugging Face format,
+[{role, content}] with content a string or a list of parts {"type": "text", "text": …} / {"type": "image"}
+(one image part per entry of `images`, in order). A rubric is {criteria: [{id, text, kind, weight, scale}]}
+with kind "essential" | "additional", weight > 0, scale "binary" (scores 0/1) | "1-5" (scores 1…5).
+Every error names the record (source, index), the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = 1
+KINDS = ("rubric_pool", "samples", "pairs", "sft")
+ROLES = ("system", "user", "assistant")
+CRITERION_KINDS = ("essential", "additional")
+SCALES = {"binary": (0.0, 1.0), "1-5": (1.0, 5.0)}
+
+
+class RecordError(ValueError):
+    """A record failed validation. `reason` is a short category used for skip counts."""
+
+    def __init__(self, where: str, field: str, message: str, reason: str = "schema"):
+        super().__init__(f"{where}: field {field!r}: {message}")
+        self.where, self.field, self.reason = where, field, reason
+
+
+# ----- field checks: each returns None or raises RecordError -----
+
+def _type(where, field, value, types, name):
+    if isinstance(value, bool) or not isinstance(value, types):  # no field is boolean; True is not 1 here
+        raise RecordError(where, field, f"expected {name}, got {type(value).__name__}")
+
+
+def _str(where, field, value):
+    _type(where, field, value, str, "a string")
+
+
+def _nonempty_str(where, field, value):
+    _str(where, field, value)
+    if not value.strip():
+        raise RecordError(where, field, "expected a non-empty string", reason="empty_answer" if field in (
+            "chosen", "rejected", "answer", "response") else "schema")
+
+
+def _int(where, field, value):
+    _type(where, field, value, int, "an integer")
+
+
+def _number(where, field, value):
+    _type(where, field, value, (int, float), "a number")
+    if not math.isfinite(value):
+        raise RecordError(where, field, f"expected a finite number, got {value}")
+
+
+def _images(where, field, value):
+    _type(where, field, value, list, "a list of encoded images (bytes)")
+    for i, image in enumerate(value):
+        _type(where, f"{field}[{i}]", image, bytes, "encoded image bytes")
+        if not image:
+            raise RecordError(where, f"{field}[{i}]", "empty image bytes", reason="bad_image")
+
+
+def _map(where, field, value):
+    _type(where, field, value, dict, "a map")
+    for key in value:
+        _str(where, f"{field} key", key)
+
+
+def _messages(where, field, value):
+    _type(where, field, value, list, "a list of chat messages")
+    if not value:
+        raise RecordError(where, field, "expected at least one message")
+    for i, message in enumerate(value):
+        f = f"{field}[{i}]"
+        _type(where, f, message, dict, "a map with role and content")
+        if message.get("role") not in ROLES:
+            raise RecordError(where, f"{f}.role", f"expected one of {ROLES}, got {message.get('role')!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        _type(where, f"{f}.content", content, list, "a string or a list of parts")
+        for j, part in enumerate(content):
+            p = f"{f}.content[{j}]"
+            _type(where, p, part, dict, "a part map")
+            if part.get("type") == "text":
+                _str(where, f"{p}.text", part.get("text"))
+            elif part.get("type") != "image":
+                raise RecordError(where, f"{p}.type", f"expected 'text' or 'image', got {part.get('type')!r}")
+
+
+def count_image_parts(messages: list[dict]) -> int:
+    return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+
+
+def _rubric(where, field, value):
+    _type(where, field, value, dict, "a rubric map {criteria: [...]}")
+    criteria = value.get("criteria")
+    _type(where, f"{field}.criteria", criteria, list, "a list of criteria")
+    if not criteria:
+        raise RecordError(where, f"{field}.criteria", "expected at least one criterion")
+    seen = set()
+    for i, c in enumerate(criteria):
+        f = f"{field}.criteria[{i}]"
+        _type(where, f, c, dict, "a criterion map")
+        _str(where, f"{f}.id", c.get("id"))
+        if c["id"] in seen:
+            raise RecordError(where, f"{f}.id", f"duplicate criterion id {c['id']!r}")
+        seen.add(c["id"])
+        _nonempty_str(where, f"{f}.text", c.get("text"))
+        if c.get("kind") not in CRITERION_KINDS:
+            raise RecordError(where, f"{f}.kind", f"expected one of {CRITERION_KINDS}, got {c.get('kind')!r}")
+        _number(where, f"{f}.weight", c.get("weight"))
+        if c["weight"] <= 0:
+            raise RecordError(where, f"{f}.weight", f"expected a weight > 0, got {c['weight']}")
+        if c.get("scale") not in SCALES:
+            raise RecordError(where, f"{f}.scale", f"expected one of {tuple(SCALES)}, got {c.get('scale')!r}")
+
+
+def _scores(where, field, value):
+    _type(where, field, value, list, "a list of scores")
+    for i, s in enumerate(value):
+        _number(where, f"{field}[{i}]", s)
+
+
+# field -> (check, required)
+Schema = dict[str, tuple[Callable, bool]]
+SCHEMAS: dict[str, Schema] = {
+    "rubric_pool": {"prompt_id": (_str, True), "images": (_images, True), "messages": (_messages, True),
+                    "rubric": (_rubric, True), "reference_answer": (_str, False)},
+    "samples": {"prompt_id": (_str, True), "sample_id": (_str, True), "response": (_str, True),
+                "policy_step": (_int, True), "sampler": (_map, True)},
+    "pairs": {"pair_id": (_str, True), "prompt_id": (_str, True), "images": (_images, True),
+              "messages": (_messages, True), "chosen": (_nonempty_str, True), "rejected": (_nonempty_str, True),
+              "rubric": (_rubric, True), "chosen_scores": (_scores, True), "rejected_scores": (_scores, True),
+              "meta": (_map, True), "ref_chosen_logp": (_number, False), "ref_rejected_logp": (_number, False),
+              "ref_fingerprint": (_str, False)},
+    "sft": {"images": (_images, True), "messages": (_messages, True), "answer": (_nonempty_str, True),
+            "example_id": (_str, False)},
+}
+
+
+def validate(record: Any, kind: str, where: str) -> dict:
+    """Checks a decoded record of `kind` against its schema; returns it, or raises RecordError."""
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown record kind {kind!r}; kinds: {KINDS}")
+    if not isinstance(record, dict):
+        raise RecordError(where, "<record>", f"expected a map, got {type(record).__name__}")
+    schema = SCHEMAS[kind]
+    for field, (check, required) in schema.items():
+        if field not in record or record[field] is None:
+            if required:
+                raise RecordError(where, field, "missing (required)")
+            continue
+        check(where, field, record[field])
+    unknown = sorted(set(record) - set(schema))
+    if unknown:
+        raise RecordError(where, unknown[0], f"not a field of a {kind} record (fields: {sorted(schema)})")
+    if "images" in record and count_image_parts(record["messages"]) != len(record["images"]):
+        raise RecordError(where, "messages", f"{count_image_parts(record['messages'])} image parts for "
+                          f"{len(record['images'])} images", reason="image_count")
+    if kind == "pairs":
+        _validate_pair(record, where)
+    return record
+
+
+def _validate_pair(record: dict, where: str):
+    if record["chosen"] == record["rejected"]:
+        raise RecordError(where, "rejected", "identical to chosen", reason="identical_answers")
+    criteria = record["rubric"]["criteria"]
+    for field in ("chosen_scores", "rejected_scores"):
+        scores = record[field]
+        if len(scores) != len(criteria):
+            raise RecordError(where, field, f"{len(scores)} scores for {len(criteria)} criteria",
+                              reason="scores_mismatch")
+        for i, (s, c) in enumerate(zip(scores, criteria)):
+            lo, hi = SCALES[c["scale"]]
+            if not lo <= s <= hi or (c["scale"] == "binary" and s not in (0, 1)):
+                raise RecordError(where, f"{field}[{i}]", f"score {s} is outside the {c['scale']!r} scale of "
+                                  f"criterion {c['id']!r}", reason="scores_mismatch")
+
+
+def normalized_scores(rubric: dict, scores: list[float]) -> list[float]:
+    """Scores mapped to [0, 1]: binary stays 0/1, a 1–5 score s becomes (s − 1)/4."""
+    out = []
+    for s, c in zip(scores, rubric["criteria"]):
+        lo, hi = SCALES[c["scale"]]
+        out.append((float(s) - lo) / (hi - lo))
+    return out
+
+
+def encode(record: dict, kind: str, where: str = "<new record>") -> bytes:
+    """Validates and serializes one record (msgpack map, binary fields as bin)."""
+    return msgpack.packb(validate(record, kind, where), use_bin_type=True)
+
+
+def decode(data: bytes, kind: str, where: str) -> dict:
+    """Deserializes and validates one record; corrupt bytes raise RecordError (reason "corrupt")."""
+    try:
+        record = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated exception types for bad input
+        raise RecordError(where, "<bytes>", f"not a msgpack map ({type(e).__name__}: {e})", reason="corrupt") from e
+    return validate(record, kind, where)

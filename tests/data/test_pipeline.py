@@ -1,0 +1,223 @@
+"""The Grain pipeline: batches, determinism, per-process disjointness, resume, bad records, buckets."""
+
+import io
+
+import array_record.python.array_record_module as array_record_module
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+from rdpo_jax import packing
+from rdpo_jax.data import arrayrecord, images, pipeline, records
+from rdpo_jax.data.tokenize import ChatTokenizer
+from rdpo_jax.models import hf
+from tests import tiny
+
+NAME = "siglip_qwen2"
+WORDS = tiny.WORDS[5:]
+
+
+def _png(rng, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _text(rng, n):
+    return " ".join(rng.choice(WORDS, n))
+
+
+def pair_record(i: int) -> dict:
+    rng = np.random.default_rng(i)
+    k = 1 + i % 4
+    rubric = {"criteria": [{"id": f"c{j}", "text": f"criterion {j}", "kind": "essential" if j == 0 else "additional",
+                            "weight": 1.0 + j, "scale": "binary" if j % 2 == 0 else "1-5"} for j in range(k)]}
+    scores = lambda: [int(rng.integers(0, 2)) if j % 2 == 0 else int(rng.integers(1, 6)) for j in range(k)]  # noqa
+    return dict(pair_id=f"pair{i}", prompt_id=f"p{i}", images=[_png(rng)],
+                messages=[{"role": "user", "content": [{"type": "image"},
+                                                       {"type": "text", "text": _text(rng, 2 + i % 5)}]}],
+                chosen=_text(rng, 3 + i % 6), rejected=_text(rng, 2 + i % 3) + " no", rubric=rubric,
+                chosen_scores=scores(), rejected_scores=scores(), meta={"i": i},
+                ref_chosen_logp=-float(i), ref_rejected_logp=-2.0 * i)
+
+
+def write_pairs(folder, n=24, name="pairs", shards=3, raw: dict[int, bytes] | None = None) -> str:
+    """Writes n pair records; `raw` replaces record i's bytes (bad records that the Writer would refuse)."""
+    if not raw:
+        arrayrecord.write(str(folder), name, "pairs", (pair_record(i) for i in range(n)), num_shards=shards)
+        return str(folder / name)
+    path = folder / arrayrecord.shard_name(name, 0, 1)
+    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+    for i in range(n):
+        writer.write(raw[i] if i in raw else records.encode(pair_record(i), "pairs"))
+    writer.close()
+    manifest = {"kind": "pairs", "schema_version": 1, "count": n, "shards": [{"file": path.name, "count": n}]}
+    (folder / (name + arrayrecord.MANIFEST_SUFFIX)).write_text(__import__("json").dumps(manifest))
+    return str(folder / name)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tiny_llava):
+    return tiny_llava(NAME)[0]
+
+
+def _dataset(model_folder, data, *, batch=4, seed=0, process=(0, 1), epochs=1, **options):
+    cfg = hf.read_config(model_folder)
+    options = {"kind": "pairs", "seq_buckets": (32, 48), "max_answer_len": 8, "max_criteria": 4, **options}
+    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    return pipeline.make_dataset(arrayrecord.Source(data), pipeline.Options(**options), tok,
+                                 images.image_config(model_folder), local_batch_size=batch, seed=seed,
+                                 num_epochs=epochs, process_index=process[0], process_count=process[1])
+
+
+def test_batch_contents(model_folder, tmp_path):
+    data = write_pairs(tmp_path, n=8)
+    ds = _dataset(model_folder, data, require_reference=True)
+    element = ds[0]
+    batch, stats, index = element["batch"], element["stats"], element["index"]
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] in (32, 48)
+    assert batch["pixel_values"].shape == (4, 1, 32, 32, 3) and batch["pixel_values"].dtype == np.float32
+    assert batch["chosen_scores"].shape == (4, 4) and np.all(batch["valid"] == 1)
+    assert stats["examples"] == 4 and stats["skipped/corrupt"] == 0
+    cfg = hf.read_config(model_folder)
+    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    source = arrayrecord.Source(data)
+    for row, i in enumerate(index):
+        record = records.decode(source[int(i)][1], "pairs", "x")
+        prompt = tok.prompt(record["messages"], 1)
+        np.testing.assert_array_equal(batch["input_ids"][row, :len(prompt)], prompt)
+        chosen = tok.answer(record["messages"], record["chosen"])[:8]
+        np.testing.assert_array_equal(batch["targets"][row][batch["target_branch"][row] == 1], chosen)
+        expected = images.load_and_preprocess(record["images"][0], images.image_config(model_folder))
+        np.testing.assert_array_equal(batch["pixel_values"][row, 0], expected)
+        n = len(record["rubric"]["criteria"])
+        np.testing.assert_allclose(batch["chosen_scores"][row, :n],
+                                   records.normalized_scores(record["rubric"], record["chosen_scores"]))
+        assert batch["criterion_mask"][row].sum() == n
+        assert batch["ref_chosen_logp"][row] == record["ref_chosen_logp"]
+        assert np.all(batch["branch_ids"][row, :len(prompt)] == packing.PROMPT)
+
+
+def _all_indices(ds):
+    return [int(i) for e in ds for i in e["index"] if i >= 0]
+
+
+def test_deterministic_and_reshuffled_per_epoch(model_folder, tmp_path):
+    data = write_pairs(tmp_path, n=12)
+    a = _dataset(model_folder, data, seed=3, epochs=2)
+    b = _dataset(model_folder, data, seed=3, epochs=2)
+    order = _all_indices(a)
+    assert order == _all_indices(b)
+    assert sorted(order[:12]) == sorted(order[12:]) == list(range(12)) and order[:12] != order[12:]
+    assert order != _all_indices(_dataset(model_folder, data, seed=4, epochs=2))
+    np.testing.assert_array_equal(a[1]["batch"]["input_ids"], b[1]["batch"]["input_ids"])
+
+
+def test_processes_read_disjoint_records(model_folder, tmp_path):
+    data = write_pairs(tmp_path, n=12)
+    seen = [_all_indices(_dataset(model_folder, data, batch=2, process=(p, 2))) for p in (0, 1)]
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(12))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_saved_state(model_folder, tmp_path, workers):
+    data = write_pairs(tmp_path, n=16)
+    ds = _dataset(model_folder, data, batch=2, epochs=None)
+    it = pipeline.make_iterator(ds, workers=workers)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["index"] for _ in range(2)]
+    again = pipeline.make_iterator(_dataset(model_folder, data, batch=2, epochs=None), workers=workers)
+    again.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(again)["index"], want)
+    for iterator in (it, again):
+        if hasattr(iterator, "close"):
+            iterator.close()
+
+
+def _bad_bytes(model_folder):
+    rng = np.random.default_rng(0)
+    identical = pair_record(1)
+    identical["rejected"] = identical["chosen"]
+    bad_image = pair_record(2)
+    bad_image["images"] = [b"\x89PNG not really"]
+    long_prompt = pair_record(3)
+    long_prompt["messages"][0]["content"][1]["text"] = _text(rng, 40)
+    mismatch = pair_record(4)
+    mismatch["chosen_scores"] = mismatch["chosen_scores"][:-1] + [1, 1]
+    missing = pair_record(5)
+    missing.pop("chosen")
+    return {1: msgpack.packb(identical), 2: msgpack.packb(bad_image), 3: msgpack.packb(long_prompt),
+            4: msgpack.packb(mismatch), 5: msgpack.packb(missing), 6: b"\x00\x01corrupt"}
+
+
+def test_bad_records_are_counted_when_skipping(model_folder, tmp_path):
+    data = write_pairs(tmp_path, n=8, raw=_bad_bytes(model_folder))
+    ds = _dataset(model_folder, data, batch=8, on_bad_record="skip")
+    element = ds[0]
+    stats = element["stats"]
+    assert {k.removeprefix("skipped/"): int(v) for k, v in stats.items() if k.startswith("skipped/") and v} == {
+        "identical_answers": 1, "bad_image": 1, "prompt_too_long": 1, "scores_mismatch": 1, "schema": 1,
+        "corrupt": 1}
+    assert stats["examples"] == 2 and element["batch"]["valid"].sum() == 2
+    assert sorted(int(i) for i in element["index"] if i >= 0) == [0, 7]
+
+
+@pytest.mark.parametrize("bad,field", [(1, "rejected"), (2, "images[0]"), (3, "messages"), (4, "chosen_scores"),
+                                       (5, "chosen"), (6, "<bytes>")])
+def test_bad_record_errors_name_file_index_and_field(model_folder, tmp_path, bad, field):
+    data = write_pairs(tmp_path, n=8, raw={bad: _bad_bytes(model_folder)[bad]})
+    ds = _dataset(model_folder, data, batch=8, on_bad_record="error")
+    with pytest.raises(records.RecordError, match=rf"pairs-00000-of-00001\.array_record\[{bad}\]: field "
+                                                  rf"'{__import__('re').escape(field)}'"):
+        ds[0]
+
+
+def test_length_buckets_and_truncation(model_folder, tmp_path):
+    data = write_pairs(tmp_path, n=16)
+    lengths = {e["batch"]["input_ids"].shape[1] for e in _dataset(model_folder, data, batch=1, seq_buckets=(35, 48))}
+    assert lengths == {35, 48}  # short batches use the short bucket (rows here need 31…41 tokens)
+    e = _dataset(model_folder, data, batch=16, max_answer_len=2)[0]
+    assert e["stats"]["truncated_answers"] > 0
+    assert (e["batch"]["target_branch"] == 1).sum(1).max() == 2
+
+
+def test_sft_and_concat_layouts(model_folder, tmp_path):
+    rng = np.random.default_rng(0)
+    sft = [dict(images=[_png(rng)], messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                "text": _text(rng, 3)}]}], answer=_text(rng, 4 + i)) for i in range(5)]
+    arrayrecord.write(str(tmp_path), "sft", "sft", sft)
+    e = _dataset(model_folder, str(tmp_path / "sft"), kind="sft", batch=4)[1]  # the last, padded batch
+    assert e["batch"]["valid"].tolist() == [1, 0, 0, 0] and e["stats"]["examples"] == 1
+    assert "chosen_scores" not in e["batch"]
+    data = write_pairs(tmp_path, n=4)
+    c = _dataset(model_folder, data, pair_layout="concat", batch=4)[0]["batch"]
+    assert c["input_ids"].shape[0] == 8 and c["valid"].shape == (4,)
+
+
+def test_tfds_builder_to_data_source_to_pipeline(model_folder, tmp_path):
+    from rdpo_jax.data import tfds_source
+
+    data = write_pairs(tmp_path, n=6)
+    builder = tfds_source.PairsBuilder(config=tfds_source.PairsConfig(name="tiny", splits={"train": data}),
+                                       data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(file_format="array_record")
+    assert list((tmp_path / "tfds").rglob("*.array_record*"))
+    source = tfds_source.TfdsSource("rdpo_pairs/tiny", split="train", data_dir=str(tmp_path / "tfds"))
+    assert len(source) == 6 and source.where(2) == "tfds:rdpo_pairs/tiny/train[2]"
+    ids = sorted(records.decode(source[i][1], "pairs", source.where(i))["pair_id"] for i in range(6))
+    assert ids == sorted(f"pair{i}" for i in range(6))
+    cfg = hf.read_config(model_folder)
+    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    ds = pipeline.make_dataset(source, pipeline.Options(kind="pairs", seq_buckets=(48,), max_answer_len=8,
+                                                        max_criteria=4), tok, images.image_config(model_folder),
+                               local_batch_size=3, seed=0, num_epochs=1, process_index=0, process_count=1)
+    assert [e["stats"]["examples"] for e in ds] == [3, 3]
+
+    # any TFDS dataset: a converter maps its examples to records
+    renamed = tfds_source.TfdsSource("rdpo_pairs/tiny", split="train", data_dir=str(tmp_path / "tfds"),
+                                     convert=lambda ex: {**msgpack.unpackb(ex["record"]), "meta": {"via": "convert"}})
+    assert records.decode(renamed[0][1], "pairs", "x")["meta"] == {"via": "convert"}
