@@ -221,3 +221,25 @@ def test_tfds_builder_to_data_source_to_pipeline(model_folder, tmp_path):
     renamed = tfds_source.TfdsSource("rdpo_pairs/tiny", split="train", data_dir=str(tmp_path / "tfds"),
                                      convert=lambda ex: {**msgpack.unpackb(ex["record"]), "meta": {"via": "convert"}})
     assert records.decode(renamed[0][1], "pairs", "x")["meta"] == {"via": "convert"}
+
+
+def test_batches_feed_the_dpo_step_as_global_arrays(model_folder, tmp_path):
+    import jax
+    import optax
+
+    from rdpo_jax import sharding, train_step
+
+    data = write_pairs(tmp_path, n=8)
+    element = _dataset(model_folder, data, batch=8, require_reference=True)[0]
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    shardings = train_step.batch_shardings(element["batch"], mesh)
+    batch = pipeline.to_global(element["batch"], shardings)
+    assert batch["input_ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    assert batch["pixel_values"].addressable_shards[0].data.shape[0] == 1
+    model, _ = hf.load_hf(model_folder, mesh=mesh)
+    optimizer = optax.sgd(0.0)
+    graphdef, state = train_step.init_state(model, optimizer)
+    step = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(0.0), loss_type="rubric", beta=0.1,
+                                    reference="precomputed")
+    _, metrics = train_step.jit_step(step, state, element["batch"], mesh)(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["count"]) == 8
