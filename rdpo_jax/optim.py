@@ -24,6 +24,20 @@ def path_str(path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def tree_get(tree: dict, key_path, where: str):
+    """tree[k1][k2]…, matching dict keys by their string form (list indices are ints in one tree and
+    strings in a checkpoint's metadata)."""
+    node = tree
+    for k in key_path:
+        name = str(getattr(k, "key", getattr(k, "idx", k)))
+        match = [key for key in node if str(key) == name] if isinstance(node, dict) else []
+        if not match:
+            raise ValueError(f"{where}: parameter {jax.tree_util.keystr(tuple(key_path))} is in one model but "
+                             "not the other (a different architecture?)")
+        node = node[match[0]]
+    return node
+
+
 def _matches(patterns: Sequence[str], path: str) -> bool:
     return any(re.fullmatch(p, path) for p in patterns)
 

@@ -46,18 +46,13 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the `("data", "fsdp", "tensor")` mesh.
+def mesh_sizes(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> dict[str, int]:
+    """Axis sizes of the `("data", "fsdp", "tensor")` mesh for `num_devices` devices.
 
-    Args:
-      shape: sizes per axis, as a mapping (`{"data": -1, "fsdp": 4, "tensor": 2}`) or a 3-sequence.
-        One size may be -1: it takes all the devices left over.
-      devices: devices to use; all devices by default.
-
-    Raises:
-      ValueError: if the mesh does not use exactly the devices available.
+    `shape` maps axes to sizes (`{"data": -1, "fsdp": 4, "tensor": 2}`) or lists the three sizes; one
+    size may be -1: it takes all the devices left over. Raises ValueError if the mesh does not use
+    exactly `num_devices` devices.
     """
-    devices = list(jax.devices() if devices is None else devices)
     if isinstance(shape, Mapping):
         unknown = set(shape) - set(MESH_AXES)
         if unknown:
@@ -71,16 +66,23 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
         raise ValueError(f"mesh: sizes must be positive with at most one -1, got {dict(zip(MESH_AXES, sizes))}")
     if -1 in sizes:
         rest = math.prod(s for s in sizes if s != -1)
-        if len(devices) % rest:
-            raise ValueError(
-                f"mesh: {len(devices)} devices are not divisible by the fixed axes "
-                f"{dict(zip(MESH_AXES, sizes))} (product {rest})")
-        sizes[sizes.index(-1)] = len(devices) // rest
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {len(devices)} are "
-            "available")
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+        if num_devices % rest:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                             f"{dict(zip(MESH_AXES, sizes))} (product {rest})")
+        sizes[sizes.index(-1)] = num_devices // rest
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but "
+                         f"{num_devices} are available")
+    return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the `("data", "fsdp", "tensor")` mesh (Auto axes) over `devices` (default: all); see
+    `mesh_sizes` for `shape`."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(shape, len(devices))
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def logical_to_spec(

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdpo_jax import losses, optim, packing, sharding
+from rdpo_jax.models import layers, llava
 
 REFERENCES = ("model", "precomputed", "none")
 _RUBRIC_KEYS = ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask")
@@ -52,6 +53,41 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, fr
     ref = jax.tree.map(jnp.copy, params) if reference else None
     step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
     return graphdef, TrainState(step, params, opt_state, frozen, ref)
+
+
+def abstract_state(model_config, optimizer: optax.GradientTransformation, mesh: Mesh, *, freeze=(),
+                   reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
+    """The TrainState as ShapeDtypeStructs carrying their target shardings on `mesh` (no memory): the
+    target of checkpoint restores and of `fresh_state`."""
+    model = llava.abstract_model(model_config)
+    graphdef, params, frozen = optim.split_params(model, freeze)
+    full = nnx.to_pure_dict(sharding.state_shardings(nnx.state(model, nnx.Param), mesh))
+
+    def place(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=optim.tree_get(full, kp, "model")), tree)
+
+    params, frozen = place(params), place(frozen)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes,
+                             sharding.follow_params(opt_shapes, params, mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return graphdef, TrainState(step, params, opt_state, frozen, params if reference else None)
+
+
+def fresh_state(model_config, optimizer, mesh: Mesh, *, freeze=(), reference: bool = False, seed: int = 0
+                ) -> tuple[nnx.GraphDef, TrainState]:
+    """A newly initialized TrainState, born sharded (one jit with out_shardings)."""
+    graphdef, abstract = abstract_state(model_config, optimizer, mesh, freeze=freeze, reference=reference)
+
+    def init(key):
+        model = llava.Llava(model_config, rngs=layers.InitKeys(key))
+        _, params, frozen = optim.split_params(model, freeze)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen,
+                          params if reference else None)
+
+    out = jax.tree.map(lambda x: x.sharding, abstract)
+    return graphdef, jax.jit(init, out_shardings=out)(jax.random.key(seed))
 
 
 def _mesh_of(params) -> Mesh:
@@ -104,27 +140,33 @@ def _masked_sums(metrics: dict[str, jax.Array], valid: jax.Array) -> dict[str, t
 
 
 def _update(state: TrainState, optimizer, schedule, grads, loss_sum, count, metric_sums):
+    """Applies the optimizer, unless the loss or the gradients are not finite: then parameters and
+    optimizer state stay as they were and `nonfinite` = 1 (the trainer counts and stops on a streak)."""
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    loss = loss_sum / jnp.maximum(count, 1.0)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
     metrics = {name: s / jnp.maximum(n, 1.0) for name, (s, n) in metric_sums.items()}
-    metrics.update(loss=loss_sum / jnp.maximum(count, 1.0), grad_norm=optax.global_norm(grads),
-                   lr=schedule(state.step), count=count)
+    metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), count=count,
+                   nonfinite=(~finite).astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-# ----- DPO -----
+# ----- objectives: loss_fn(params, frozen, ref_params, batch) -> (loss sum, (count, metric sums)) -----
 
-def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                  loss_type: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
-                  length_norm: bool = False, sft_weight: float = 0.0, pair_layout: str = "shared_prefix",
-                  reference: str = "model", accum_steps: int = 1) -> Callable[[TrainState, dict], tuple]:
-    """Builds the pure `dpo_step(state, batch) -> (state, metrics)` (jit it with `jit_step`)."""
+def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoothing: float = 0.0,
+             gamma: float = 0.0, length_norm: bool = False, sft_weight: float = 0.0,
+             pair_layout: str = "shared_prefix", reference: str = "model") -> Callable:
+    """The DPO objective over a batch of pairs (any loss type of `losses.py`, either layout)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {REFERENCES}")
     if loss_type not in losses.LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r} is not one of {losses.LOSS_TYPES}")
-    copies = packing.rows_per_pair(pair_layout)
+    packing.rows_per_pair(pair_layout)
 
     def normalize(logp, count):
         return logp / jnp.maximum(count, 1.0) if length_norm else logp
@@ -151,35 +193,56 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
         valid = batch["valid"]
         return (loss * valid).sum(), (valid.sum(), _masked_sums(metrics, valid))
 
-    def dpo_step(state: TrainState, batch: dict):
+    return loss_fn
+
+
+def sft_loss(graphdef: nnx.GraphDef) -> Callable:
+    """Token-mean negative log-likelihood of the answers over the batch."""
+
+    def loss_fn(params, frozen, ref_params, batch):
+        del ref_params
+        logps = packing.token_logps(nnx.merge(graphdef, params, frozen), batch, batch.get("pixel_values"))
+        tokens = (batch["target_branch"] > 0) * batch["valid"][:, None]
+        return -(logps * tokens).sum(), (tokens.sum(), {})
+
+    return loss_fn
+
+
+def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+              accum_steps: int = 1, rows_per_example: int = 1) -> Callable[[TrainState, dict], tuple]:
+    """The pure `step(state, batch) -> (state, metrics)` for an objective (jit it with `jit_step`)."""
+
+    def step(state: TrainState, batch: dict):
         def per_params(params, b):
             loss_sum, aux = loss_fn(params, state.frozen, state.ref_params, b)
             return loss_sum, (loss_sum, *aux)
 
-        grads, (loss_sum, count, metric_sums) = _accumulate(per_params, state.params, batch, accum_steps, copies)
+        grads, (loss_sum, count, metric_sums) = _accumulate(per_params, state.params, batch, accum_steps,
+                                                            rows_per_example)
         return _update(state, optimizer, schedule, grads, loss_sum, count, metric_sums)
 
-    return dpo_step
+    return step
 
 
-# ----- SFT -----
+def make_eval_step(loss_fn: Callable) -> Callable[[TrainState, dict], dict]:
+    """`eval_step(state, batch) -> {name: (sum, count)}` for held-out batches (the host adds them up)."""
 
-def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                  accum_steps: int = 1) -> Callable[[TrainState, dict], tuple]:
-    """Builds `sft_step(state, batch) -> (state, metrics)`: token-mean NLL of the answers over the batch."""
+    def eval_step(state: TrainState, batch: dict):
+        loss_sum, (count, metric_sums) = loss_fn(state.params, state.frozen, state.ref_params, batch)
+        return {"loss": (loss_sum, count), **metric_sums}
 
-    def sft_step(state: TrainState, batch: dict):
-        def per_params(params, b):
-            model = nnx.merge(graphdef, params, state.frozen)
-            logps = packing.token_logps(model, b, b.get("pixel_values"))
-            tokens = (b["target_branch"] > 0) * b["valid"][:, None]
-            nll_sum = -(logps * tokens).sum()
-            return nll_sum, (nll_sum, tokens.sum(), {})
+    return eval_step
 
-        grads, (loss_sum, count, metric_sums) = _accumulate(per_params, state.params, batch, accum_steps, 1)
-        return _update(state, optimizer, schedule, grads, loss_sum, count, metric_sums)
 
-    return sft_step
+def make_dpo_step(graphdef, optimizer, schedule, *, accum_steps: int = 1, **loss_options):
+    """`make_step(dpo_loss(…))`; `loss_options` are those of `dpo_loss`."""
+    rows = packing.rows_per_pair(loss_options.get("pair_layout", "shared_prefix"))
+    return make_step(dpo_loss(graphdef, **loss_options), optimizer, schedule, accum_steps=accum_steps,
+                     rows_per_example=rows)
+
+
+def make_sft_step(graphdef, optimizer, schedule, *, accum_steps: int = 1):
+    return make_step(sft_loss(graphdef), optimizer, schedule, accum_steps=accum_steps)
 
 
 # ----- jit with explicit shardings -----

@@ -26,6 +26,18 @@ def tiny_llava(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def smoke_dir(tmp_path_factory):
+    """`python -m data_prep.smoke` output with 8 pairs (one fixed batch of the smoke config) and 16 SFT
+    examples, built once per session."""
+    from data_prep import smoke
+
+    out = str(tmp_path_factory.mktemp("smoke"))
+    smoke.write_model(f"{out}/model")
+    smoke.write_data(out, pairs=8, sft=16, seed=0)
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _check_devices():
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (XLA_FLAGS set in conftest.py)"

@@ -188,3 +188,19 @@ def test_freeze_and_group_learning_rates(tiny_llava, mesh1):
     assert np.median(proj) == pytest.approx(1e-2, rel=0.05) and np.median(mlp) == pytest.approx(1e-3, rel=0.05)
     with pytest.raises(ValueError, match="freeze pattern 'vision/.*' matches no parameter"):
         optim.split_params(model, ("vision/.*",))
+
+
+def test_nonfinite_update_is_skipped(tiny_llava, mesh1):
+    folder, _ = tiny_llava(NAME)
+    _, cfg = hf.load_hf(folder)
+    batch = _off_reference(_batch(cfg))
+    batch["ref_chosen_logp"][2] = np.nan  # one poisoned pair makes the loss and every gradient NaN
+    adam = optim.make_optimizer(learning_rate=1e-2)
+    p0, state, metrics = _run(folder, mesh1, batch, optimizer=adam, loss_type="sigmoid", beta=0.1,
+                              reference="precomputed")
+    assert metrics["nonfinite"] == 1.0 and np.isnan(metrics["loss"])
+    _close(p0, state.params, rtol=0, atol=0)  # no update …
+    moments = [x for kp, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+               if "mu" in jax.tree_util.keystr(kp) or "nu" in jax.tree_util.keystr(kp)]
+    assert moments and all(np.all(np.asarray(x) == 0) for x in moments)  # … nor moment updates
+    assert int(state.step) == 1

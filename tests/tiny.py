@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-IMAGE_TOKEN = 5
+# The smoke setup's tokenizer (word level, ChatML template) serves the tiny test models too.
+from data_prep.smoke import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL, WORDS, tokenizer  # noqa: F401
+
 VOCAB = 160
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "<image>"]  # ids 0…5
-WORDS = ("system user assistant describe the image a an one two three four five red green blue yellow "
-         "circle square triangle star small large left right top bottom of in is are there how many what "
-         "colour shape and with no yes object objects picture shows").split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 _SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                num_attention_heads=4, image_size=32, patch_size=8)
@@ -55,22 +48,6 @@ def hf_config(name: str):
     import transformers
 
     return transformers.LlavaConfig(image_token_index=IMAGE_TOKEN, **CONFIGS[name])
-
-
-def tokenizer():
-    """A word-level tokenizer over `WORDS` with ChatML-style special tokens and chat template."""
-    import tokenizers
-    import transformers
-
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.decoder = tokenizers.decoders.WordPiece()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
-        additional_special_tokens=["<|im_start|>", "<image>"])
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def processor(name: str):

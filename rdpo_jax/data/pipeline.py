@@ -27,7 +27,8 @@ from rdpo_jax.data import images, records
 from rdpo_jax.data.tokenize import ChatTokenizer, TemplateError
 
 SKIP_REASONS = ("corrupt", "schema", "bad_image", "image_count", "empty_answer", "identical_answers",
-                "scores_mismatch", "too_many_criteria", "template", "prompt_too_long", "missing_reference")
+                "scores_mismatch", "too_many_criteria", "template", "prompt_too_long", "missing_reference",
+                "reference_mismatch")
 ON_BAD_RECORD = ("error", "skip")
 
 
@@ -42,7 +43,8 @@ class Options:
     essential_weight: float = 1.0
     additional_weight: float = 1.0
     pair_layout: str = "shared_prefix"
-    require_reference: bool = False  # records must carry ref_chosen_logp / ref_rejected_logp
+    require_reference: bool = False  # records must carry ref_chosen_logp / ref_rejected_logp …
+    reference_fingerprint: str | None = None  # … computed by this reference (else a RecordError)
     on_bad_record: str = "error"
 
     def __post_init__(self):
@@ -132,6 +134,11 @@ class Prepare(grain.transforms.Map):
                 if field not in record:
                     raise records.RecordError(where, field, "missing, but the run uses precomputed reference "
                                               "log-likelihoods", reason="missing_reference")
+            fingerprint = record.get("ref_fingerprint")
+            if o.reference_fingerprint is not None and fingerprint != o.reference_fingerprint:
+                raise records.RecordError(where, "ref_fingerprint", f"{fingerprint!r}: these reference "
+                                          "log-likelihoods come from another model than this run's reference "
+                                          f"({o.reference_fingerprint!r})", reason="reference_mismatch")
             out["ref_chosen_logp"] = np.float32(record["ref_chosen_logp"])
             out["ref_rejected_logp"] = np.float32(record["ref_rejected_logp"])
         return out

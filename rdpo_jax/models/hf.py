@@ -94,6 +94,21 @@ def _params(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
             yield path, variable
 
 
+def fingerprint(path: str) -> str:
+    """A content hash of a model folder's config.json and safetensors files: names the reference model
+    whose log-likelihoods a dataset carries (`ref_fingerprint`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    names = ["config.json"] + sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    for name in names:
+        digest.update(name.encode())
+        with open(os.path.join(path, name), "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:32]
+
+
 def read_config(path: str, **options) -> config_lib.LlavaConfig:
     """Reads `path/config.json` into a `LlavaConfig` (options: param_dtype, dtype, remat, ...)."""
     import transformers

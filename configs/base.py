@@ -1,0 +1,101 @@
+"""Every training option with its default. Other configs start from `get_config()` and change fields.
+
+    python -m rdpo_jax.train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE …]
+
+The config is locked: a misspelt field on the command line is an error naming it.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str, config_file: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict:
+    """The `key=value,key=value` argument after `configs/NAME.py:`."""
+    args = dict(item.split("=", 1) for item in (arg or "").split(",") if "=" in item)
+    bad = [item for item in (arg or "").split(",") if item and "=" not in item]
+    unknown = set(args) - set(required) - set(optional)
+    missing = set(required) - set(args)
+    if bad or unknown or missing:
+        raise ValueError(f"{config_file}: expected key=value pairs with keys {list(required)} (required) and "
+                         f"{list(optional)} (optional), got {arg!r}")
+    return args
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.objective = "dpo"  # "sft" (warm start) | "dpo"
+    c.seed = 0  # fresh-init seed; the data order has its own seed (data.seed)
+    c.total_steps = 1000  # optimizer steps of the run (the schedule's horizon)
+    c.accum_steps = 1  # micro-batches per step (gradient accumulation by lax.scan)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # HF folder with config.json, tokenizer and processor (weights optional)
+    c.model.param_dtype = "float32"  # "float32" | "bfloat16"
+    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
+    c.model.remat = "none"  # "none" | "full" | "dots_saveable"
+    # Where the first parameters come from when the workdir has no checkpoint: "model" (the weights in
+    # model.path), "scratch" (fresh init from `seed`), or a path: an HF folder or another run's workdir.
+    c.init_from = "model"  # see the comment above
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices left over by the other axes
+    c.mesh.fsdp = 1  # parameters and optimizer state sharded along this axis
+    c.mesh.tensor = 1  # heads, MLP width and vocabulary split along this axis
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # dataset: "folder/NAME" (ArrayRecord + manifest) or "tfds:NAME/CONFIG:SPLIT@DATA_DIR"
+    c.data.eval = ""  # held-out dataset of the same kind ("" = no evaluation)
+    c.data.batch_size = 8  # global pairs (dpo) or examples (sft) per step, over all processes
+    c.data.seq_buckets = (1024, 2048)  # padded row lengths (one compile each)
+    c.data.max_answer_len = 512  # answers are cut to this many tokens (counted)
+    c.data.images_per_example = 1  # every record must hold this many images (0: text only)
+    c.data.max_criteria = 16  # rubric arrays are padded to this many criteria
+    c.data.essential_weight = 1.0  # multiplies the weight of essential criteria
+    c.data.additional_weight = 1.0  # multiplies the weight of additional criteria
+    c.data.on_bad_record = "error"  # "error" | "skip" (counted by reason in the logs)
+    c.data.seed = 0  # shuffle seed (reshuffled every epoch)
+    c.data.workers = 0  # Grain worker processes (0 = threads in the training process)
+    c.data.buffer = 2  # batches prefetched per worker
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.loss_type = "sigmoid"  # "sigmoid" | "cdpo" | "robust" | "ipo" | "hinge" | "rubric"
+    c.dpo.beta = 0.1  # inverse temperature β of the log-ratio margin
+    c.dpo.label_smoothing = 0.0  # ε of cdpo / robust
+    c.dpo.gamma = 0.0  # per-criterion margin γ of the rubric loss
+    c.dpo.length_norm = False  # token-mean log-likelihoods instead of sums (set for ipo)
+    c.dpo.sft_weight = 0.0  # α·(token-mean NLL of the chosen answer) added to every pair's loss
+    c.dpo.pair_layout = "shared_prefix"  # "shared_prefix" | "concat"
+    c.dpo.reference = "model"  # "model" (frozen copy, same jit) | "precomputed" (in the data) | "none"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-6  # peak learning rate
+    c.optim.schedule = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
+    c.optim.warmup_steps = 0  # linear warmup from 0
+    c.optim.end_lr_factor = 0.0  # final learning rate = end_lr_factor × learning_rate
+    c.optim.weight_decay = 0.0  # AdamW, matrices only (never norms or biases)
+    c.optim.b1 = 0.9  # Adam β1
+    c.optim.b2 = 0.999  # Adam β2
+    c.optim.eps = 1e-8  # Adam ε
+    c.optim.grad_clip = 1.0  # global-norm clipping (0 = off)
+    c.optim.freeze = ""  # comma-separated regexes of frozen parameter paths, e.g. "vision_tower/.*"
+    c.optim.lr_multipliers = ""  # "REGEX=MULT,…", e.g. "multi_modal_projector/.*=10"
+    c.optim.max_nonfinite = 5  # stop after this many consecutive steps with a non-finite loss/gradient
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500  # steps between checkpoints (also saved at the end and on SIGTERM)
+    c.checkpoint.keep = 3  # checkpoints kept
+    c.checkpoint.async_save = True  # write in the background while training continues
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 10  # steps between metric writes (JSONL, TensorBoard, console)
+    c.log.tensorboard = True  # also write TensorBoard events (workdir/tensorboard)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # steps between held-out evaluations (0 = only at the end, if data.eval is set)
+    c.eval.batches = 8  # batches per evaluation
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""  # "host:port" for multi-process runs without auto-detection
+    c.distributed.num_processes = 0  # with coordinator: how many processes
+    c.distributed.process_id = -1  # with coordinator: this process
+    c.distributed.auto = False  # call jax.distributed.initialize() with no arguments (TPU pods, SLURM)
+    return c

@@ -1,0 +1,39 @@
+"""Tiny CPU smoke run on the files of `python -m data_prep.smoke --out=DIR` (well under a minute here).
+
+    python -m data_prep.smoke --out=/tmp/smoke
+    python -m rdpo_jax.train --config=configs/smoke.py:dir=/tmp/smoke --workdir=/tmp/run
+    python -m rdpo_jax.train --config=configs/smoke.py:dir=/tmp/smoke,objective=sft --workdir=/tmp/run_sft
+
+The argument is `key=value` pairs: dir (required), objective (dpo | sft).
+"""
+
+from configs import base
+
+
+def get_config(arg: str = ""):
+    args = base.parse_arg(arg, "configs/smoke.py", required=("dir",), optional=("objective",))
+    c = base.get_config()
+    d = args["dir"]
+    c.objective = args.get("objective", "dpo")
+    c.model.path = f"{d}/model"
+    c.init_from = "model"
+    c.total_steps = 6
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 2, 2
+    c.data.train = f"{d}/pairs" if c.objective == "dpo" else f"{d}/sft"
+    c.data.eval = f"{d}/pairs_eval" if c.objective == "dpo" else ""
+    c.data.batch_size = 8
+    c.data.seq_buckets = (48,)
+    c.data.max_answer_len = 8
+    c.data.max_criteria = 4
+    c.dpo.loss_type = "rubric"
+    c.dpo.beta = 0.5
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 1
+    c.optim.freeze = "vision_tower/.*"
+    c.optim.lr_multipliers = "multi_modal_projector/.*=2"
+    c.checkpoint.every = 2
+    c.checkpoint.keep = 2
+    c.log.every = 1
+    c.eval.every = 0  # evaluate at the end
+    c.eval.batches = 1
+    return c

@@ -1,0 +1,90 @@
+"""Orbax checkpoints of the train state and the Grain iterator, and parameter-only restores.
+
+A checkpoint step holds two items: `state` (the TrainState pytree: step, parameters, optimizer state,
+frozen and reference parameters) and `data` (the input iterator's position, one file per process).
+Orbax writes each step into a temporary directory and renames it when complete, so a save killed half
+way is never mistaken for a checkpoint; restores read the latest complete step onto whatever mesh the
+target shardings describe (a run saved as 2×4 restores as 4×2).
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from rdpo_jax import optim
+
+STATE, DATA = "state", "data"
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, iterator, *, force: bool = False) -> bool:
+        """Saves if `step` is on the interval (or `force`) and not saved yet; returns whether it started."""
+        if step in self.manager.all_steps():
+            return False
+        args = {STATE: ocp.args.StandardSave(state)}
+        if iterator is not None:
+            args[DATA] = grain.checkpoint.CheckpointSave(iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, step: int, abstract_state, iterator):
+        """Restores the state onto `abstract_state`'s shardings and moves `iterator` to the saved position."""
+        args = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if iterator is not None:
+            args[DATA] = grain.checkpoint.CheckpointRestore(iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**args))[STATE]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def restore_params(run_dir: str, abstract_params: dict) -> tuple[dict, int]:
+    """The parameters (trainable and frozen, merged) of another run's latest checkpoint, placed on the
+    shardings of `abstract_params` (a nested dict of ShapeDtypeStruct with `.sharding`). Returns
+    (params, step). Neither optimizer state nor reference is read."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=(STATE, DATA))
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint to initialize from")
+    path = os.path.join(directory, str(step), STATE)
+    with ocp.PyTreeCheckpointer() as reader:
+        saved = reader.metadata(path).item_metadata
+        target, restore_args = {}, {}
+        for part in ("params", "frozen"):
+            tree = saved.get(part) or {}
+            target[part] = jax.tree_util.tree_map_with_path(
+                lambda kp, _: optim.tree_get(abstract_params, kp, run_dir), tree)
+            restore_args[part] = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target[part])
+        restored = reader.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                    partial_restore=True))
+    merged = _merge(restored.get("params") or {}, restored.get("frozen") or {})
+    return jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(merged, kp, run_dir), abstract_params), step
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if k in out and isinstance(v, dict) else v
+    return out

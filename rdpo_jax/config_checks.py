@@ -1,0 +1,94 @@
+"""Semantic checks of a training config, before anything heavy runs; every message names the field."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from rdpo_jax import losses, packing, sharding, train_step
+from rdpo_jax.models import config as model_config
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(cond: bool, field: str, message: str):
+    if not cond:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def patterns(text: str, field: str) -> tuple[str, ...]:
+    """"a/.*,b/.*" → ("a/.*", "b/.*"), each a valid regex."""
+    out = tuple(p.strip() for p in text.split(",") if p.strip())
+    for p in out:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"config.{field}: {p!r} is not a regex ({e})") from None
+    return out
+
+
+def multipliers(text: str, field: str) -> tuple[tuple[str, float], ...]:
+    """"REGEX=MULT,…" → ((regex, mult), …)."""
+    out = []
+    for item in patterns(text, field):
+        regex, sep, mult = item.rpartition("=")
+        try:
+            out.append((patterns(regex, field)[0], float(mult)))
+        except (ValueError, IndexError):
+            raise ConfigError(f"config.{field}: {item!r} is not REGEX=MULTIPLIER") from None
+        _check(bool(sep), field, f"{item!r} is not REGEX=MULTIPLIER")
+    return tuple(out)
+
+
+def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
+    """Raises ConfigError for the first problem; returns the mesh sizes."""
+    _check(c.objective in ("sft", "dpo"), "objective", f"{c.objective!r} is not 'sft' or 'dpo'")
+    _check(bool(c.model.path), "model.path", "is empty: give a Hugging Face model folder")
+    _check(os.path.exists(os.path.join(c.model.path, "config.json")), "model.path",
+           f"{c.model.path!r} has no config.json")
+    for field in ("param_dtype", "dtype"):
+        _check(c.model[field] in model_config.DTYPES, f"model.{field}",
+               f"{c.model[field]!r} is not one of {sorted(model_config.DTYPES)}")
+    _check(c.model.remat in model_config.REMAT_POLICIES, "model.remat",
+           f"{c.model.remat!r} is not one of {model_config.REMAT_POLICIES}")
+    _check(c.init_from in ("model", "scratch") or os.path.exists(c.init_from), "init_from",
+           f"{c.init_from!r} is not 'model', 'scratch' or an existing path")
+    _check(c.total_steps > 0, "total_steps", "must be positive")
+    _check(c.accum_steps > 0, "accum_steps", "must be positive")
+    _check(bool(c.data.train), "data.train", "is empty: give the training dataset")
+    _check(c.data.on_bad_record in ("error", "skip"), "data.on_bad_record", f"{c.data.on_bad_record!r}")
+    _check(len(c.data.seq_buckets) > 0 and list(c.data.seq_buckets) == sorted(set(c.data.seq_buckets)),
+           "data.seq_buckets", f"must be increasing, got {tuple(c.data.seq_buckets)}")
+    _check(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint", "every and keep must be positive")
+    _check(c.log.every > 0, "log.every", "must be positive")
+    if c.objective == "dpo":
+        _check(c.dpo.loss_type in losses.LOSS_TYPES, "dpo.loss_type",
+               f"{c.dpo.loss_type!r} is not one of {losses.LOSS_TYPES}")
+        _check(c.dpo.reference in train_step.REFERENCES, "dpo.reference",
+               f"{c.dpo.reference!r} is not one of {train_step.REFERENCES}")
+        _check(c.dpo.pair_layout in packing.LAYOUTS, "dpo.pair_layout",
+               f"{c.dpo.pair_layout!r} is not one of {packing.LAYOUTS}")
+        _check(c.dpo.beta > 0, "dpo.beta", "must be positive")
+        _check(c.dpo.loss_type != "ipo" or c.dpo.length_norm, "dpo.length_norm",
+               "loss_type 'ipo' expects length-normalized log-likelihoods: set dpo.length_norm=True")
+        _check(0 <= c.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+        _check(not (c.dpo.reference == "precomputed" and c.init_from == "scratch"), "dpo.reference",
+               "precomputed reference log-likelihoods cannot come from a model initialized from scratch")
+    patterns(c.optim.freeze, "optim.freeze")
+    multipliers(c.optim.lr_multipliers, "optim.lr_multipliers")
+
+    try:
+        mesh = sharding.mesh_sizes(dict(c.mesh), num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    replicas = mesh["data"] * mesh["fsdp"]  # the batch is split over these
+    B = c.data.batch_size
+    _check(B % num_processes == 0, "data.batch_size", f"{B} is not divisible by the {num_processes} processes")
+    _check(B % c.accum_steps == 0, "data.batch_size", f"{B} is not divisible by accum_steps={c.accum_steps}")
+    micro = B // c.accum_steps
+    _check(micro % replicas == 0, "data.batch_size",
+           f"micro-batches of {micro} (batch_size / accum_steps) are not divisible by data × fsdp = {replicas} "
+           f"(mesh {mesh})")
+    return mesh
