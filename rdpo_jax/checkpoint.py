@@ -9,6 +9,7 @@ target shardings describe (a run saved as 2×4 restores as 4×2).
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
@@ -88,3 +89,46 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if k in out and isinstance(v, dict) else v
     return out
+
+
+def run_model_path(run_dir: str) -> str:
+    """The Hugging Face folder (architecture, tokenizer, processor) a run was configured with."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return json.load(f)["model"]["path"]
+
+
+def load_model(source: str, *, mesh=None, dtype=None, compute_dtype=None):
+    """A model from a Hugging Face folder or from a run's latest checkpoint (its parameters on the
+    architecture of the run's model.path). Returns (model, model_config, model_folder, step or None)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rdpo_jax import train_step
+    from rdpo_jax.models import hf
+
+    dtype = jnp.float32 if dtype is None else dtype
+    if not is_run_dir(source):
+        model, cfg = hf.load_hf(source, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype)
+        return model, cfg, source, None
+    folder = run_model_path(source)
+    cfg = hf.read_config(folder, param_dtype=dtype, dtype=compute_dtype)
+    if mesh is None:
+        from rdpo_jax import sharding
+
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    graphdef, abstract = train_step.abstract_state(cfg, optim.make_optimizer(learning_rate=0.0), mesh)
+    params, step = restore_params(source, abstract.params)
+    return nnx.merge(graphdef, params, {}), cfg, folder, step
+
+
+def fingerprint(source: str) -> str:
+    """Names the model that computed reference log-likelihoods: a content hash of a Hugging Face
+    folder, or a run's path and checkpoint step (`ref_fingerprint` in pair records)."""
+    import hashlib
+
+    from rdpo_jax.models import hf
+
+    if is_run_dir(source):
+        step = Checkpointer(os.path.join(source, "checkpoints"), every=1, keep=1).latest_step()
+        return "run:" + hashlib.sha256(f"{os.path.abspath(source)}:{step}".encode()).hexdigest()[:32]
+    return hf.fingerprint(source)

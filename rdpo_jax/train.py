@@ -11,7 +11,6 @@ Restarting the same command resumes exactly; SIGTERM (TPU preemption) saves the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -221,11 +220,7 @@ def _source(spec: str, kind: str):
 
 
 def _reference_fingerprint(config) -> str:
-    init = config.model.path if config.init_from == "model" else config.init_from
-    if checkpoint.is_run_dir(init):
-        step = checkpoint.Checkpointer(os.path.join(init, "checkpoints"), every=1, keep=1).latest_step()
-        return "run:" + hashlib.sha256(f"{os.path.abspath(init)}:{step}".encode()).hexdigest()[:32]
-    return hf.fingerprint(init)
+    return checkpoint.fingerprint(config.model.path if config.init_from == "model" else config.init_from)
 
 
 def _check_reference_data(spec: str, kind: str, fingerprint: str) -> None:

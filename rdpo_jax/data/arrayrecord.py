@@ -57,15 +57,9 @@ class Writer:
             return self.manifest
         for w in self._writers:
             w.close()
-        manifest = {"kind": self.kind, "schema_version": records.SCHEMA_VERSION, "count": sum(self.counts),
-                    "shards": [{"file": f, "count": c} for f, c in zip(self.files, self.counts)],
-                    "creator": self.creator, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        tmp = manifest_path(self.folder, self.name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(tmp, manifest_path(self.folder, self.name))
-        self.manifest = manifest
-        return manifest
+        self.manifest = write_manifest(self.folder, self.name, self.kind, list(zip(self.files, self.counts)),
+                                       self.creator)
+        return self.manifest
 
     def __enter__(self):
         return self
@@ -77,6 +71,18 @@ class Writer:
             for w in self._writers:
                 w.close()
             self.manifest = {}
+
+
+def write_manifest(folder: str, name: str, kind: str, files: list[tuple[str, int]], creator: str) -> dict:
+    """Writes `NAME.manifest.json` (atomically) for ArrayRecord `files` [(file name, record count)]."""
+    manifest = {"kind": kind, "schema_version": records.SCHEMA_VERSION, "count": sum(c for _, c in files),
+                "shards": [{"file": f, "count": c} for f, c in files], "creator": creator,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = manifest_path(folder, name) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, manifest_path(folder, name))
+    return manifest
 
 
 def write(folder: str, name: str, kind: str, items: Iterable[dict], *, num_shards: int = 1,

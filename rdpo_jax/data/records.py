@@ -3,7 +3,8 @@
 One msgpack map per record; never pickle (data files come from other people). Kinds:
 
   rubric_pool  prompt_id, images, messages, rubric, reference_answer?
-  samples      prompt_id, sample_id, response, policy_step, sampler
+  samples      prompt_id, sample_id, response, policy_step, sampler, (judged:) scores?, reasons?, judge?,
+               unscorable?
   pairs        pair_id, prompt_id, images, messages, chosen, rejected, rubric, chosen_scores,
                rejected_scores, meta, ref_chosen_logp?, ref_rejected_logp?, ref_fingerprint?
   sft          images, messages, answer, example_id?
@@ -11,7 +12,8 @@ One msgpack map per record; never pickle (data files come from other people). Ki
 `images` is a list of encoded image files (bytes); `messages` a chat in the Hugging Face format,
 [{role, content}] with content a string or a list of parts {"type": "text", "text": …} / {"type": "image"}
 (one image part per entry of `images`, in order). A rubric is {criteria: [{id, text, kind, weight, scale}]}
-with kind "essential" | "additional", weight > 0, scale "binary" (scores 0/1) | "1-5" (scores 1…5).
+with kind "essential" | "additional", weight > 0, scale "binary" (scores 0/1) | "1-5" (scores 1…5), and an
+optional machine-checkable `check` (see CHECKS) for data with ground truth.
 Every error names the record (source, index), the field and what was expected.
 """
 
@@ -128,6 +130,41 @@ def _rubric(where, field, value):
             raise RecordError(where, f"{f}.weight", f"expected a weight > 0, got {c['weight']}")
         if c.get("scale") not in SCALES:
             raise RecordError(where, f"{f}.scale", f"expected one of {tuple(SCALES)}, got {c.get('scale')!r}")
+        if "check" in c:
+            _check_spec(where, f"{f}.check", c["check"], c["scale"])
+        unknown = sorted(set(c) - {"id", "text", "kind", "weight", "scale", "check"})
+        if unknown:
+            raise RecordError(where, f"{f}.{unknown[0]}", "not a criterion field (id, text, kind, weight, scale, check)")
+
+
+# Machine-checkable criteria (the rule-based generator writes them, the verifier judge reads them).
+CHECKS = {"contains": {"phrase": str}, "not_contains": {"phrase": str}, "count": {"noun": str, "value": int},
+          "answer": {"value": str, "options": list}, "max_words": {"value": int}}
+
+
+def _check_spec(where, field, spec, scale):
+    _type(where, field, spec, dict, "a check map {type, …}")
+    kind = spec.get("type")
+    if kind not in CHECKS:
+        raise RecordError(where, f"{field}.type", f"expected one of {sorted(CHECKS)}, got {kind!r}")
+    for name, typ in CHECKS[kind].items():
+        if name not in spec:
+            raise RecordError(where, f"{field}.{name}", f"missing (required by a {kind!r} check)")
+        _type(where, f"{field}.{name}", spec[name], typ, typ.__name__)
+    if scale != "binary":
+        raise RecordError(where, field, "checks give pass/fail verdicts: the criterion's scale must be 'binary'")
+
+
+def _str_list(where, field, value):
+    _type(where, field, value, list, "a list of strings")
+    for i, x in enumerate(value):
+        _str(where, f"{field}[{i}]", x)
+
+
+def check_rubric(rubric: Any, where: str) -> dict:
+    """Validates a rubric on its own (rubric generators use it before writing pool records)."""
+    _rubric(where, "rubric", rubric)
+    return rubric
 
 
 def _scores(where, field, value):
@@ -141,8 +178,11 @@ Schema = dict[str, tuple[Callable, bool]]
 SCHEMAS: dict[str, Schema] = {
     "rubric_pool": {"prompt_id": (_str, True), "images": (_images, True), "messages": (_messages, True),
                     "rubric": (_rubric, True), "reference_answer": (_str, False)},
+    # samples, once judged, carry the verdict: raw scores and reasons per criterion (rubric order) or
+    # the reason they could not be scored
     "samples": {"prompt_id": (_str, True), "sample_id": (_str, True), "response": (_str, True),
-                "policy_step": (_int, True), "sampler": (_map, True)},
+                "policy_step": (_int, True), "sampler": (_map, True), "scores": (_scores, False),
+                "reasons": (_str_list, False), "judge": (_str, False), "unscorable": (_str, False)},
     "pairs": {"pair_id": (_str, True), "prompt_id": (_str, True), "images": (_images, True),
               "messages": (_messages, True), "chosen": (_nonempty_str, True), "rejected": (_nonempty_str, True),
               "rubric": (_rubric, True), "chosen_scores": (_scores, True), "rejected_scores": (_scores, True),

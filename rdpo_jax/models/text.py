@@ -8,6 +8,7 @@ layouts (shared-prefix pairs) use the same code as plain causal sequences.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from rdpo_jax.models import layers
@@ -32,8 +33,13 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
         self.qk_norm = cfg.qk_norm
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x float[B, T, D], mask bool[B, T, T], cos/sin float[B, T, H] -> float[B, T, D]."""
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, cache=None):
+        """x float[B, T, D], mask bool[B, T, S], cos/sin float[B, T, H] -> float[B, T, D].
+
+        With `cache` = (k, v, index), k/v float[B, S, K, H]: this call's keys and values are written at
+        positions index…index+T of the cache and attention runs over all S cached positions (the mask
+        says which are filled); returns (out, (k, v)) then. Without a cache, S = T.
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -42,8 +48,13 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         q = shard_activation(q, ("batch", "seq", "act_heads", None))
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
         out = layers.attention(q, k, v, mask, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+        out = self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+        return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
@@ -68,10 +79,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
-    def __call__(self, x, mask, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return shard_activation(x, ACT)
+    def __call__(self, x, mask, cos, sin, cache=None):
+        attn = self.self_attn(self.input_layernorm(x), mask, cos, sin, cache)
+        attn, kv = attn if cache is not None else (attn, None)
+        x = x + attn
+        x = shard_activation(x + self.mlp(self.post_attention_layernorm(x)), ACT)
+        return x if cache is None else (x, kv)
 
 
 class TextDecoder(nnx.Module):
@@ -86,11 +99,28 @@ class TextDecoder(nnx.Module):
         self.inv_freq = tuple(self.inv_freq.tolist())  # hashable static metadata, not a parameter
         self.remat, self.dtype = remat, dtype
 
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
-        """Input embeddings float[B, T, D] -> final hidden states float[B, T, D]."""
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
+        """Input embeddings float[B, T, D] -> final hidden states float[B, T, D].
+
+        `cache` (sampling): (per-layer list of (k, v) float[B, S, K, H], write index); returns
+        (hidden, new per-layer list) then. See `Attention`.
+        """
         cos, sin = layers.rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)
-        run = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat)
         x = shard_activation(x, ACT)
+        if cache is not None:
+            kvs, index = cache
+            new = []
+            for layer, (k, v) in zip(self.layers, kvs):
+                x, kv = layer(x, mask, cos, sin, (k, v, index))
+                new.append(kv)
+            return self.norm(x), new
+        run = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat)
         for layer in self.layers:
             x = run(layer, x, mask, cos, sin)
         return self.norm(x)
+
+    def init_cache(self, batch: int, length: int, dtype) -> list[tuple[jax.Array, jax.Array]]:
+        """Empty per-layer key/value caches float[batch, length, K, H]."""
+        attn = self.layers[0].self_attn
+        shape = (batch, length, attn.num_kv_heads, attn.head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]

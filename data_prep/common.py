@@ -1,0 +1,122 @@
+"""What every data_prep command shares: shard selection, resumable chunked output, progress, summaries.
+
+Output of a command = one dataset `NAME` (ArrayRecord + manifest) written by `--num_shards` independent
+runs (hosts, or JAX processes with --num_shards=0). Each shard writes chunks
+`NAME-s00001-of-00004-c00012.array_record`, each committed by its `.keys.json` (the item keys in it), so
+a restarted run skips every item already written. When the last shard finishes, `NAME.manifest.json`
+lists all chunks.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+from absl import flags
+
+from rdpo_jax.data import arrayrecord, records
+
+SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This run's shard of the input.")
+NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards of the input (0: one per JAX process).")
+CHUNK = flags.DEFINE_integer("chunk_size", 64, "Records per output chunk (the unit of resumption).")
+
+
+def shard() -> tuple[int, int]:
+    """(shard index, shard count): from the flags, or this JAX process's when --num_shards=0."""
+    if NUM_SHARDS.value == 0:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    if not 0 <= SHARD_INDEX.value < NUM_SHARDS.value:
+        raise ValueError(f"--shard_index={SHARD_INDEX.value} is not in [0, --num_shards={NUM_SHARDS.value})")
+    return SHARD_INDEX.value, NUM_SHARDS.value
+
+
+class Output:
+    def __init__(self, folder: str, name: str, kind: str, shard_index: int, num_shards: int, chunk_size: int = 64):
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.name, self.kind = folder, name, kind
+        self.prefix = f"{name}-s{shard_index:05d}-of-{num_shards:05d}"
+        self.num_shards, self.chunk_size = num_shards, chunk_size
+        self.creator = " ".join(sys.argv)
+        self.chunks = sorted(p[:-len(".keys.json")] for p in glob.glob(os.path.join(folder, self.prefix + "-c*.keys.json")))
+        self.done: set[str] = set()
+        for chunk in self.chunks:
+            with open(chunk + ".keys.json") as f:
+                self.done |= set(json.load(f))
+        self._buffer: list[tuple[str, bytes]] = []
+        self.written = 0
+
+    def add(self, key: str, record: dict) -> None:
+        """Buffers one record (validated now); `key` marks its input item as done once its chunk commits."""
+        self._buffer.append((key, records.encode(record, self.kind, f"{self.name} output for {key}")))
+        if len(self._buffer) >= self.chunk_size:
+            self.flush()
+
+    def mark_done(self, key: str) -> None:
+        """An input item that produced no record (e.g. a prompt without a pair) is done too."""
+        self._buffer.append((key, b""))
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        path = os.path.join(self.folder, f"{self.prefix}-c{len(self.chunks):05d}")
+        writer = ArrayRecordWriter(path + ".array_record.tmp", "group_size:1")
+        for _, data in self._buffer:
+            if data:
+                writer.write(data)
+        writer.close()
+        os.replace(path + ".array_record.tmp", path + ".array_record")
+        with open(path + ".keys.json.tmp", "w") as f:
+            json.dump(sorted({k for k, _ in self._buffer}), f)
+        os.replace(path + ".keys.json.tmp", path + ".keys.json")  # the commit point of the chunk
+        self.chunks.append(path)
+        self.done |= {k for k, _ in self._buffer}
+        self.written += sum(1 for _, d in self._buffer if d)
+        self._buffer = []
+
+    def close(self) -> dict | None:
+        """Flushes, writes this shard's manifest; the last shard to finish writes the dataset manifest."""
+        self.flush()
+        files = [(os.path.basename(c) + ".array_record", _count(c)) for c in self.chunks]
+        arrayrecord.write_manifest(self.folder, self.prefix, self.kind, files, self.creator)
+        shard_manifests = [os.path.join(self.folder, f"{self.name}-s{i:05d}-of-{self.num_shards:05d}"
+                                        + arrayrecord.MANIFEST_SUFFIX) for i in range(self.num_shards)]
+        if not all(os.path.exists(p) for p in shard_manifests):
+            return None
+        everything = []
+        for p in shard_manifests:
+            everything += [(s["file"], s["count"]) for s in arrayrecord.read_manifest(p)["shards"]]
+        return arrayrecord.write_manifest(self.folder, self.name, self.kind, everything, self.creator)
+
+
+def pool_index(path: str) -> tuple[arrayrecord.Source, dict[str, int]]:
+    """The rubric pool and prompt_id → index in it (one pass; records are fetched again when needed)."""
+    source = arrayrecord.Source(path, "rubric_pool")
+    index = {}
+    for i in range(len(source)):
+        index[records.decode(source[i][1], "rubric_pool", source.where(i))["prompt_id"]] = i
+    return source, index
+
+
+def _count(chunk: str) -> int:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(chunk + ".array_record")
+    n = reader.num_records()
+    reader.close()
+    return n
+
+
+def summary(title: str, counts: dict, path: str | None = None) -> None:
+    """Prints a command's summary and saves it as JSON next to its output."""
+    print(f"\n{title}")
+    for k, v in counts.items():
+        print(f"  {k}: {v}")
+    if path:
+        with open(path, "w") as f:
+            json.dump(counts, f, indent=2)

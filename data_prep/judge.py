@@ -1,0 +1,101 @@
+"""Judges sampled answers criterion by criterion against their prompt's rubric.
+
+    python -m data_prep.judge --pool=DIR/pool --samples=DIR/samples --judge=verifier --out=DIR [--name=judged]
+    python -m data_prep.judge … --judge=openai --endpoint=http://vllm:8000/v1 --judge_model=NAME [--concurrency=16]
+    python -m data_prep.judge … --judge=flax --judge_model=HF_FOLDER
+
+Judges: `verifier` (criteria with machine checks, data with ground truth), `openai` (an OpenAI-compatible
+endpoint; verdicts cached in SQLite, --cache, so a restart never pays twice; API key from
+--api_key_env), `flax` (a local model). Output: the samples with `scores`, `reasons` and `judge` — or
+`unscorable` with the reason, counted in the summary. Resumable, sharded over samples.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import tqdm
+from absl import app, flags
+
+from data_prep import common
+from rdpo_jax.data import arrayrecord, records
+from rdpo_jax.rubrics import http as http_judge
+from rdpo_jax.rubrics.judge import Item, VerifierJudge
+
+_POOL = flags.DEFINE_string("pool", None, "Rubric pool dataset.", required=True)
+_SAMPLES = flags.DEFINE_string("samples", None, "Samples dataset.", required=True)
+_JUDGE = flags.DEFINE_enum("judge", "verifier", ["verifier", "openai", "flax"], "Which judge.")
+_ENDPOINT = flags.DEFINE_string("endpoint", "", "OpenAI-compatible base URL (…/v1).")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", "", "Model name at the endpoint, or the HF folder for flax.")
+_API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding the API key.")
+_CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Requests in flight (openai).")
+_TIMEOUT = flags.DEFINE_float("timeout", 120.0, "Seconds per request (openai).")
+_CACHE = flags.DEFINE_string("cache", "", "SQLite verdict cache (openai); default OUT/NAME.cache.sqlite.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Items per judge call.")
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_NAME = flags.DEFINE_string("name", "judged", "Output dataset name.")
+
+
+def make_judge():
+    if _JUDGE.value == "verifier":
+        return VerifierJudge()
+    if not _JUDGE_MODEL.value:
+        raise app.UsageError(f"--judge={_JUDGE.value} needs --judge_model")
+    if _JUDGE.value == "openai":
+        if not _ENDPOINT.value:
+            raise app.UsageError("--judge=openai needs --endpoint")
+        client = http_judge.ChatClient(_ENDPOINT.value, _JUDGE_MODEL.value, api_key_env=_API_KEY_ENV.value,
+                                       timeout=_TIMEOUT.value)
+        cache = _CACHE.value or os.path.join(_OUT.value, f"{_NAME.value}.cache.sqlite")
+        return http_judge.OpenAIJudge(client, http_judge.VerdictCache(cache), concurrency=_CONCURRENCY.value)
+    from rdpo_jax import checkpoint
+    from rdpo_jax.rubrics.local import FlaxJudge
+
+    model, cfg, folder, _ = checkpoint.load_model(_JUDGE_MODEL.value)
+    return FlaxJudge(model, cfg, folder, name=_JUDGE_MODEL.value)
+
+
+def main(argv):
+    del argv
+    shard_index, num_shards = common.shard()
+    pool, index = common.pool_index(_POOL.value)
+    samples = arrayrecord.Source(_SAMPLES.value, "samples")
+    out = common.Output(_OUT.value, _NAME.value, "samples", shard_index, num_shards, common.CHUNK.value)
+    judge = make_judge()
+    counts = collections.Counter()
+    pending: list[tuple[dict, Item]] = []
+
+    def flush():
+        for sample, verdict in zip((s for s, _ in pending), judge.judge([item for _, item in pending])):
+            sample = {**sample, "judge": judge.name}
+            if verdict.unscorable is not None:
+                sample["unscorable"] = verdict.unscorable
+                counts["unscorable"] += 1
+                counts["unscorable: " + verdict.unscorable.split(":")[0]] += 1
+            else:
+                sample.update(scores=verdict.scores, reasons=verdict.reasons)
+                counts["scored"] += 1
+            out.add(sample["sample_id"], sample)
+        pending.clear()
+
+    for i in tqdm.tqdm(range(shard_index, len(samples), num_shards), desc="judge", unit="answer"):
+        sample = records.decode(samples[i][1], "samples", samples.where(i))
+        if sample["sample_id"] in out.done:
+            counts["already_done"] += 1
+            continue
+        if sample["prompt_id"] not in index:
+            raise records.RecordError(samples.where(i), "prompt_id", f"{sample['prompt_id']!r} is not in {_POOL.value}")
+        prompt = records.decode(pool[index[sample["prompt_id"]]][1], "rubric_pool", "pool")
+        pending.append((sample, Item(sample["sample_id"], prompt["messages"], prompt["images"], prompt["rubric"],
+                                     sample["response"], prompt.get("reference_answer"))))
+        if len(pending) >= _BATCH.value:
+            flush()
+    flush()
+    out.close()
+    stats = dict(counts) | getattr(judge, "stats", {}) | getattr(getattr(judge, "client", None), "stats", {})
+    common.summary(f"judge ({judge.name}), shard {shard_index}/{num_shards}", stats)
+
+
+if __name__ == "__main__":
+    app.run(main)

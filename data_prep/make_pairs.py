@@ -1,0 +1,95 @@
+"""Mines preference pairs from judged samples, prompt by prompt.
+
+    python -m data_prep.make_pairs --pool=DIR/pool --judged=DIR/judged --miner=rubric --out=DIR [--name=pairs]
+        [--gate=veto] [--margin=0.1] [--criterion_gap=0] [--max_pairs=2] [--dedup=0.9]
+    python -m data_prep.make_pairs … --miner=outcome --outcome=answer|holistic   (the baseline)
+
+Output: `pairs` records with the rubric, both answers' raw scores and the miner's metadata; a summary
+(pairs per prompt, margin histogram, prompts without a pair by reason) printed and saved as
+`NAME.summary.json` (one per shard). Resumable, sharded over prompts.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+import tqdm
+from absl import app, flags
+
+from data_prep import common
+from rdpo_jax.data import arrayrecord, records
+from rdpo_jax.rubrics import aggregate, mining
+
+_POOL = flags.DEFINE_string("pool", None, "Rubric pool dataset.", required=True)
+_JUDGED = flags.DEFINE_string("judged", None, "Judged samples dataset.", required=True)
+_MINER = flags.DEFINE_enum("miner", "rubric", ["rubric", "outcome"], "Pair miner.")
+_GATE = flags.DEFINE_enum("gate", "veto", list(aggregate.GATES), "Essential gate of the reward.")
+_MARGIN = flags.DEFINE_float("margin", 0.1, "Minimum reward gap (outcome: outcome gap).")
+_CRITERION_GAP = flags.DEFINE_float("criterion_gap", 0.0, "Minimum gap on at least one criterion (0 = off).")
+_MAX_PAIRS = flags.DEFINE_integer("max_pairs", 2, "Pairs per prompt at most.")
+_DEDUP = flags.DEFINE_float("dedup", 0.9, "Answers at least this similar (token Jaccard) count as one.")
+_OUTCOME = flags.DEFINE_string("outcome", "holistic", "Outcome miner: a criterion id, or 'holistic'.")
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_NAME = flags.DEFINE_string("name", "pairs", "Output dataset name.")
+
+
+def main(argv):
+    del argv
+    shard_index, num_shards = common.shard()
+    pool, index = common.pool_index(_POOL.value)
+    judged = arrayrecord.Source(_JUDGED.value, "samples")
+    by_prompt: dict[str, list[mining.Sample]] = collections.defaultdict(list)
+    for i in range(len(judged)):
+        s = records.decode(judged[i][1], "samples", judged.where(i))
+        by_prompt[s["prompt_id"]].append(mining.Sample(s["sample_id"], s["response"], s.get("scores"),
+                                                       s["policy_step"]))
+    out = common.Output(_OUT.value, _NAME.value, "pairs", shard_index, num_shards, common.CHUNK.value)
+    counts = collections.Counter()
+    per_prompt, margins = collections.Counter(), []
+    prompts = sorted(by_prompt)[shard_index::num_shards]
+    for prompt_id in tqdm.tqdm(prompts, desc="make_pairs", unit="prompt"):
+        if prompt_id in out.done:
+            counts["already_done"] += 1
+            continue
+        if prompt_id not in index:
+            raise records.RecordError(_JUDGED.value, "prompt_id", f"{prompt_id!r} is not in {_POOL.value}")
+        prompt = records.decode(pool[index[prompt_id]][1], "rubric_pool", pool.where(index[prompt_id]))
+        rubric, samples = prompt["rubric"], by_prompt[prompt_id]
+        for s in samples:
+            if s.scores is not None and len(s.scores) != len(rubric["criteria"]):
+                raise records.RecordError(s.sample_id, "scores", f"{len(s.scores)} scores for "
+                                          f"{len(rubric['criteria'])} criteria of prompt {prompt_id}")
+        if _MINER.value == "rubric":
+            pairs, reason = mining.mine_rubric(rubric, samples, gate=_GATE.value, margin=_MARGIN.value,
+                                               criterion_gap=_CRITERION_GAP.value, max_pairs=_MAX_PAIRS.value,
+                                               dedup=_DEDUP.value)
+        else:
+            outcome = (mining.holistic_outcome(rubric) if _OUTCOME.value == "holistic"
+                       else mining.criterion_outcome(_OUTCOME.value, rubric))
+            pairs, reason = mining.mine_outcome(samples, outcome, margin=_MARGIN.value, max_pairs=_MAX_PAIRS.value,
+                                                dedup=_DEDUP.value)
+        per_prompt[len(pairs)] += 1
+        if reason:
+            counts[f"no pair: {reason}"] += 1
+            out.mark_done(prompt_id)
+        for j, p in enumerate(pairs):
+            margins.append(p.meta["margin"])
+            out.add(prompt_id, dict(
+                pair_id=f"{prompt_id}/{p.chosen.policy_step}/{j}", prompt_id=prompt_id, images=prompt["images"],
+                messages=prompt["messages"], chosen=p.chosen.response, rejected=p.rejected.response,
+                rubric=rubric, chosen_scores=p.chosen.scores, rejected_scores=p.rejected.scores,
+                meta={**p.meta, "chosen_sample": p.chosen.sample_id, "rejected_sample": p.rejected.sample_id,
+                      "policy_step": p.chosen.policy_step}))
+            counts["pairs"] += 1
+    out.close()
+    hist, edges = np.histogram(margins, bins=5, range=(0.0, 1.0)) if margins else ([], [])
+    report = {"prompts": len(prompts), **counts, "pairs per prompt": dict(sorted(per_prompt.items())),
+              "margin histogram": {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(h) for i, h in enumerate(hist)}}
+    common.summary(f"make_pairs ({_MINER.value}), shard {shard_index}/{num_shards}", report,
+                   os.path.join(_OUT.value, f"{_NAME.value}-s{shard_index:05d}-of-{num_shards:05d}.summary.json"))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,38 @@
+"""The local Flax judge: the rubric prompt through the model's chat template, greedy replies, strict parsing."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from rdpo_jax.models import hf
+from rdpo_jax.rubrics.judge import Item, judge_messages
+from rdpo_jax.rubrics.local import FlaxJudge
+
+RUBRIC = {"criteria": [{"id": "colour", "text": "names the red circle", "kind": "essential", "weight": 1.0,
+                        "scale": "binary"}]}
+
+
+def _png():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_flax_judge_prompts_decodes_and_parses_strictly(smoke_dir):
+    folder = f"{smoke_dir}/model"
+    model, cfg = hf.load_hf(folder)
+    judge = FlaxJudge(model, cfg, folder, name="smoke", max_new_tokens=6, batch_size=2)
+    items = [Item(f"s{i}", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
+                  [_png()], RUBRIC, answer) for i, answer in enumerate(["a red circle", "a blue square", "no"])]
+    prompt = judge.tok.prompt(judge_messages(items[0]), 1)
+    assert prompt.count(cfg.image_token_id) == cfg.image_seq_len  # the image goes to the judge model too
+    words = judge.tok.tokenizer.decode(prompt, skip_special_tokens=True)
+    assert "red circle" in words and "describe" in words  # the answer and the conversation are in the prompt
+    replies = judge.replies(items[:2])
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    assert replies == judge.replies(items[:2])  # greedy: deterministic
+    verdicts = judge.judge(items)
+    # a random tiny model cannot write JSON: every item is unscorable, with the parser's reason
+    assert [v.unscorable for v in verdicts] == ["invalid verdict: no JSON object in the reply"] * 3
+    assert judge.stats == {"judged": 0, "unscorable": 3} and judge.name == "flax:smoke"

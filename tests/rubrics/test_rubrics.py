@@ -1,0 +1,135 @@
+"""Verifier judge, verdict parsing, aggregation gates, rubric generation and both miners on hand-made
+cases whose answers are known."""
+
+import pytest
+
+from rdpo_jax.data import records
+from rdpo_jax.rubrics import aggregate, generate, mining
+from rdpo_jax.rubrics.judge import Item, JudgeOutputError, VerifierJudge, check, parse_verdict
+
+GT = {"answer": "two", "options": ["one", "two", "three"], "counts": {"circle": 2}, "mentions": ["red circle"],
+      "details": ["left"], "absent": ["square"], "max_words": 12}
+
+
+def test_rule_rubric_from_ground_truth():
+    rubric = generate.rule_rubric(GT)
+    kinds = {c["id"]: c["kind"] for c in rubric["criteria"]}
+    assert kinds == {"answer": "essential", "count:circle": "essential", "mentions:red circle": "essential",
+                     "detail:left": "additional", "absent:square": "additional", "concise": "additional"}
+    assert all(c["scale"] == "binary" and "check" in c for c in rubric["criteria"])
+    records.check_rubric(rubric, "test")  # valid by the record schema
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ("There are two red circles on the left.", [1, 1, 1, 1, 1, 1]),
+    ("Two red circles and a square, on the left side of the picture, next to nothing else", [1, 1, 1, 1, 0, 0]),
+    ("I see three blue circles.", [0, 0, 0, 0, 1, 1]),
+    ("One red circle.", [0, 0, 1, 0, 1, 1]),
+])
+def test_verifier_judge(answer, expected):
+    rubric = generate.rule_rubric(GT)
+    verdict = VerifierJudge().judge([Item("k", [], [], rubric, answer)])[0]
+    assert verdict.unscorable is None and verdict.scores == expected
+    assert len(verdict.reasons) == 6 and all(verdict.reasons)
+
+
+def test_verifier_refuses_criteria_without_checks():
+    rubric = {"criteria": [{"id": "x", "text": "Is kind", "kind": "essential", "weight": 1.0, "scale": "binary"}]}
+    verdict = VerifierJudge().judge([Item("k", [], [], rubric, "hello")])[0]
+    assert verdict.unscorable == "criteria without a check: ['x']"
+
+
+def test_count_check_reads_number_words_digits_and_adjectives():
+    spec = {"type": "count", "noun": "star", "value": 3}
+    assert check(spec, "3 stars")[0] == 1 and check(spec, "three small yellow stars")[0] == 1
+    assert check(spec, "two stars")[0] == 0 and check(spec, "stars everywhere")[0] == 0
+    assert check({"type": "count", "noun": "box", "value": 2}, "two boxes")[0] == 1
+
+
+RUBRIC = {"criteria": [
+    {"id": "e1", "text": "a", "kind": "essential", "weight": 2.0, "scale": "binary"},
+    {"id": "e2", "text": "b", "kind": "essential", "weight": 1.0, "scale": "binary"},
+    {"id": "a1", "text": "c", "kind": "additional", "weight": 1.0, "scale": "1-5"}]}
+
+
+def test_aggregation_gates():
+    good, fails_e2 = [1, 1, 5], [1, 0, 5]
+    assert aggregate.reward(RUBRIC, good, "none") == (1.0, 0.0)
+    assert aggregate.reward(RUBRIC, fails_e2, "none") == (3 / 4, 0.0)  # (2·1 + 1·0 + 1·1) / 4
+    assert aggregate.reward(RUBRIC, fails_e2, "veto") == (0.0, 0.0)
+    assert aggregate.reward(RUBRIC, fails_e2, "lexicographic") == (2 / 3, 1.0)
+    assert aggregate.reward(RUBRIC, [1, 1, 1], "lexicographic") == (1.0, 0.0)
+    # lexicographic: essentials decide first; additional criteria only break ties
+    assert aggregate.gap((1.0, 0.0), (2 / 3, 1.0)) == pytest.approx(1 / 3)
+    assert aggregate.gap((1.0, 0.75), (1.0, 0.25)) == 0.5
+    with pytest.raises(ValueError, match="essential_gate 'soft'"):
+        aggregate.reward(RUBRIC, good, "soft")
+
+
+def _s(i, text, scores):
+    return mining.Sample(f"s{i}", text, scores)
+
+
+def test_rubric_miner_qualification_margin_and_diversity():
+    samples = [_s(0, "alpha beta gamma", [1, 1, 5]),  # best, qualified
+               _s(1, "alpha beta gamma", [1, 1, 4]),  # a near duplicate of s0: never counted twice
+               _s(2, "delta epsilon", [1, 1, 3]),  # qualified, reward 0.875
+               _s(3, "zeta eta", [0, 1, 5]),  # fails an essential: reward 0 under veto
+               _s(4, "theta iota", [1, 0, 1]),  # fails an essential: reward 0 too (ties keep sample order)
+               _s(5, "kappa", None)]  # unscorable
+    pairs, reason = mining.mine_rubric(RUBRIC, samples, gate="veto", margin=0.5, max_pairs=3)
+    assert reason is None
+    assert [(p.chosen.sample_id, p.rejected.sample_id) for p in pairs] == [("s0", "s3"), ("s2", "s4")]
+    assert pairs[0].meta["margin"] == 1.0 and pairs[0].meta["miner"] == "rubric"
+    one, _ = mining.mine_rubric(RUBRIC, samples, gate="veto", margin=0.5, max_pairs=1)
+    assert len(one) == 1
+    none, reason = mining.mine_rubric(RUBRIC, samples[2:3] + samples[1:2], gate="none", margin=0.5)
+    assert none == [] and reason == "no_margin"
+
+
+def test_rubric_miner_criterion_gap_and_reasons():
+    a, b = _s(0, "one two", [1, 1, 5]), _s(1, "three four", [1, 1, 4])  # reward gap 0.0625, a1 gap 0.25
+    assert mining.mine_rubric(RUBRIC, [a, b], gate="none", margin=0.05, criterion_gap=0.5) == ([], "no_margin")
+    assert len(mining.mine_rubric(RUBRIC, [a, b], gate="none", margin=0.05, criterion_gap=0.2)[0]) == 1
+    assert mining.mine_rubric(RUBRIC, [_s(0, "x", None)]) == ([], "unscorable")
+    assert mining.mine_rubric(RUBRIC, [a]) == ([], "too_few_samples")
+    assert mining.mine_rubric(RUBRIC, [_s(0, "x y", [0, 0, 5]), _s(1, "z w", [0, 1, 1])]) == ([], "no_qualified")
+
+
+def test_outcome_miner_only_sees_the_outcome():
+    samples = [_s(0, "right but rambling", [1, 0, 1]), _s(1, "wrong answer", [0, 1, 5]),
+               _s(2, "right and complete", [1, 1, 5])]
+    outcome = mining.criterion_outcome("e1", RUBRIC)
+    pairs, reason = mining.mine_outcome(samples, outcome, margin=0.5, max_pairs=2)
+    assert reason is None and len(pairs) == 1  # only one wrong answer to pair with
+    assert pairs[0].rejected.sample_id == "s1" and pairs[0].meta == {"miner": "outcome", "margin": 1.0}
+    holistic = mining.holistic_outcome(RUBRIC)
+    assert [holistic(s) for s in samples] == [0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="outcome criterion 'zz'"):
+        mining.criterion_outcome("zz", RUBRIC)
+
+
+@pytest.mark.parametrize("reply,error", [
+    ("no json here", "no JSON object"),
+    ('{"verdicts": [{"id": "e1", "score": 1,', "no JSON object|malformed JSON"),
+    ('{"scores": []}', 'expected {"verdicts"'),
+    ('{"verdicts": [{"id": "e1", "score": 1, "reason": ""}, {"id": "e2", "score": 0, "reason": ""}]}',
+     r"missing criterion ids \['a1'\]"),
+    ('{"verdicts": [{"id": "e1", "score": 1}, {"id": "e2", "score": 1}, {"id": "a1", "score": 3}, '
+     '{"id": "zz", "score": 1}]}', "unknown criterion id 'zz'"),
+    ('{"verdicts": [{"id": "e1", "score": 2}, {"id": "e2", "score": 1}, {"id": "a1", "score": 3}]}',
+     r"score 2 is not an integer in \[0, 1\]"),
+    ('{"verdicts": [{"id": "e1", "score": 1}, {"id": "e2", "score": 1}, {"id": "a1", "score": 3.5}]}',
+     r"score 3.5 is not an integer in \[1, 5\]"),
+    ('{"verdicts": [{"id": "e1", "score": 1}, {"id": "e1", "score": 1}]}', "graded twice"),
+])
+def test_parse_verdict_is_strict(reply, error):
+    with pytest.raises(JudgeOutputError, match=error):
+        parse_verdict(reply, RUBRIC)
+
+
+def test_parse_verdict_accepts_fenced_json_in_rubric_order():
+    reply = ('Here you go:\n```json\n{"verdicts": [{"id": "a1", "score": 4, "reason": "ok"}, '
+             '{"id": "e2", "score": 0, "reason": "no"}, {"id": "e1", "score": 1, "reason": "yes"}]}\n```')
+    verdict = parse_verdict(reply, RUBRIC)
+    assert verdict.scores == [1.0, 0.0, 4.0] and verdict.reasons == ["yes", "no", "ok"]
