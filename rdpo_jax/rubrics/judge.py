@@ -168,8 +168,9 @@ def check(spec: dict, answer: str) -> tuple[float, str]:
         ok = stated == spec["value"]
         return float(ok), f"states {stated if stated is not None else 'no'} {spec['noun']} (truth {spec['value']})"
     if kind == "answer":
-        said = [o for o in spec["options"] if _contains(words, o)]
-        ok = said == [spec["value"]] or (spec["value"] in said and len(said) == 1)
+        said = [o for o in spec["options"] if _contains(words, o)] or ([spec["value"]] if _contains(
+            words, spec["value"]) else [])
+        ok = said == [spec["value"]]  # the right answer, and no other option besides
         return float(ok), f"answers {said or 'nothing recognisable'} (truth '{spec['value']}')"
     if kind == "max_words":
         ok = len(words) <= spec["value"]

@@ -53,40 +53,56 @@ def _dedup(samples: Sequence[Sample], threshold: float) -> list[Sample]:
     return kept
 
 
-def mine_rubric(rubric: dict, samples: Sequence[Sample], *, gate: str = "veto", margin: float = 0.1,
-                criterion_gap: float = 0.0, max_pairs: int = 2, dedup: float = 0.9) -> tuple[list[Pair], str | None]:
+def _prepare(samples: Sequence[Sample], dedup: float) -> tuple[list[Sample], str | None]:
     scored = [s for s in samples if s.scores is not None]
     if not scored:
         return [], "unscorable"
     scored = _dedup(scored, dedup)
-    if len(scored) < 2:
-        return [], "too_few_samples"
+    return scored, None if len(scored) >= 2 else "too_few_samples"
+
+
+def _pair(candidates: Sequence[Sample], pool: Sequence[Sample], meta: Callable[[Sample, Sample], dict | None],
+          max_pairs: int, dedup: float) -> list[Pair]:
+    """Each candidate (best first) takes the first unused answer of `pool` (worst first) for which
+    `meta(chosen, rejected)` accepts the pair (returns its metadata); each answer serves once."""
+    used: set[str] = set()
+    pairs: list[Pair] = []
+    for chosen in candidates:
+        if len(pairs) >= max_pairs or chosen.sample_id in used:
+            continue
+        for rejected in pool:
+            if rejected.sample_id in used or rejected.sample_id == chosen.sample_id:
+                continue
+            info = meta(chosen, rejected)
+            if info is None or similarity(chosen.response, rejected.response) >= dedup:
+                continue
+            used |= {chosen.sample_id, rejected.sample_id}
+            pairs.append(Pair(chosen, rejected, info))
+            break
+    return pairs
+
+
+def mine_rubric(rubric: dict, samples: Sequence[Sample], *, gate: str = "veto", margin: float = 0.1,
+                criterion_gap: float = 0.0, max_pairs: int = 2, dedup: float = 0.9) -> tuple[list[Pair], str | None]:
+    scored, reason = _prepare(samples, dedup)
+    if reason:
+        return [], reason
     reward = {s.sample_id: aggregate.reward(rubric, s.scores, gate) for s in scored}
     normalized = {s.sample_id: records.normalized_scores(rubric, s.scores) for s in scored}
     qualified = sorted((s for s in scored if aggregate.essential_pass(rubric, normalized[s.sample_id])),
                        key=lambda s: reward[s.sample_id], reverse=True)
     if not qualified:
         return [], "no_qualified"
-    pool = sorted(scored, key=lambda s: reward[s.sample_id])  # worst first
-    used: set[str] = set()
-    pairs: list[Pair] = []
-    for chosen in qualified:
-        if len(pairs) >= max_pairs or chosen.sample_id in used:
-            continue
-        for rejected in pool:
-            if rejected.sample_id in used or rejected.sample_id == chosen.sample_id:
-                continue
-            g = aggregate.gap(reward[chosen.sample_id], reward[rejected.sample_id])
-            deltas = [a - b for a, b in zip(normalized[chosen.sample_id], normalized[rejected.sample_id])]
-            if g < margin or (criterion_gap > 0 and max(deltas) < criterion_gap):
-                continue
-            if similarity(chosen.response, rejected.response) >= dedup:
-                continue
-            used |= {chosen.sample_id, rejected.sample_id}
-            pairs.append(Pair(chosen, rejected, {"miner": "rubric", "gate": gate, "margin": g,
-                                                 "chosen_reward": list(reward[chosen.sample_id]),
-                                                 "rejected_reward": list(reward[rejected.sample_id])}))
-            break
+
+    def meta(chosen, rejected):
+        g = aggregate.gap(reward[chosen.sample_id], reward[rejected.sample_id])
+        deltas = [a - b for a, b in zip(normalized[chosen.sample_id], normalized[rejected.sample_id])]
+        if g < margin or (criterion_gap > 0 and max(deltas) < criterion_gap):
+            return None
+        return {"miner": "rubric", "gate": gate, "margin": g, "chosen_reward": list(reward[chosen.sample_id]),
+                "rejected_reward": list(reward[rejected.sample_id])}
+
+    pairs = _pair(qualified, sorted(scored, key=lambda s: reward[s.sample_id]), meta, max_pairs, dedup)
     return pairs, None if pairs else "no_margin"
 
 
@@ -94,30 +110,19 @@ def mine_outcome(samples: Sequence[Sample], outcome: Callable[[Sample], float], 
                  max_pairs: int = 2, dedup: float = 0.9) -> tuple[list[Pair], str | None]:
     """The baseline: `outcome(sample)` ∈ [0, 1] (final-answer correctness, or one holistic score); pairs
     a high-outcome answer with a low one (gap ≥ margin), nothing else considered."""
-    scored = [s for s in samples if s.scores is not None]
-    if not scored:
-        return [], "unscorable"
-    scored = _dedup(scored, dedup)
-    if len(scored) < 2:
-        return [], "too_few_samples"
+    scored, reason = _prepare(samples, dedup)
+    if reason:
+        return [], reason
     value = {s.sample_id: outcome(s) for s in scored}
     best = sorted(scored, key=lambda s: value[s.sample_id], reverse=True)
-    worst = sorted(scored, key=lambda s: value[s.sample_id])
     if value[best[0].sample_id] <= 0:
         return [], "no_qualified"
-    pairs, used = [], set()
-    for chosen in best:
-        if len(pairs) >= max_pairs or chosen.sample_id in used:
-            continue
-        for rejected in worst:
-            if rejected.sample_id in used or rejected.sample_id == chosen.sample_id:
-                continue
-            g = value[chosen.sample_id] - value[rejected.sample_id]
-            if g < margin or similarity(chosen.response, rejected.response) >= dedup:
-                continue
-            used |= {chosen.sample_id, rejected.sample_id}
-            pairs.append(Pair(chosen, rejected, {"miner": "outcome", "margin": g}))
-            break
+
+    def meta(chosen, rejected):
+        g = value[chosen.sample_id] - value[rejected.sample_id]
+        return {"miner": "outcome", "margin": g} if g >= margin else None
+
+    pairs = _pair(best, sorted(scored, key=lambda s: value[s.sample_id]), meta, max_pairs, dedup)
     return pairs, None if pairs else "no_margin"
 
 
