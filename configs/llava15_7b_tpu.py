@@ -1,8 +1,10 @@
 """rDPO of a LLaVA-1.5-7B-class model (CLIP ViT-L/336 + Llama-2-7B, 576 image tokens) on a TPU v5p-64
 slice: 32 chips on 8 hosts (run on every host: see launch/tpu_vm.sh).
 
-    python -m rdpo_jax.train --config=configs/llava15_7b_tpu.py:model=/ckpt/llava-1.5-7b-hf,data=gs://b/pairs \\
-        --workdir=gs://b/runs/rdpo-7b
+    python -m rdpo_jax.train --config=configs/llava15_7b_tpu.py:model=/gcs/b/llava-1.5-7b-hf,data=/gcs/b/pairs \\
+        --workdir=/gcs/b/runs/rdpo-7b
+
+(/gcs/b: a Cloud Storage bucket mounted with gcsfuse at the same path on every host.)
 
 Memory per chip (95 GB HBM): fp32 policy + Adam ≈ 7.1B × 12 B / 32 = 2.7 GB, fp32 frozen reference
 7.1B × 4 B / 32 = 0.9 GB, activations of 2 pairs × 2048 tokens with full remat a few GB. Pure FSDP over

@@ -58,17 +58,31 @@ def is_run_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def restore_params(run_dir: str, abstract_params: dict) -> tuple[dict, int]:
-    """The parameters (trainable and frozen, merged) of another run's latest checkpoint, placed on the
-    shardings of `abstract_params` (a nested dict of ShapeDtypeStruct with `.sharding`). Returns
-    (params, step). Neither optimizer state nor reference is read."""
+def saved_steps(run_dir: str) -> list[int]:
+    """The complete checkpoint steps of a run, oldest first."""
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if not os.path.isdir(directory):
+        return []
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                     item_names=(STATE, DATA))
-    step = manager.latest_step()
+    steps = sorted(manager.all_steps())
     manager.close()
+    return steps
+
+
+def restore_params(run_dir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
+    """The parameters (trainable and frozen, merged) of a run's checkpoint at `step` (default: the
+    latest), placed on the shardings of `abstract_params` (a nested dict of ShapeDtypeStruct with
+    `.sharding`) and cast to its dtypes. Returns (params, step). Neither optimizer state nor reference
+    is read."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    steps = saved_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint (looked in {directory})")
     if step is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint to initialize from")
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint for step {step}; saved steps: {steps}")
     path = os.path.join(directory, str(step), STATE)
     with ocp.PyTreeCheckpointer() as reader:
         saved = reader.metadata(path).item_metadata
@@ -77,7 +91,8 @@ def restore_params(run_dir: str, abstract_params: dict) -> tuple[dict, int]:
             tree = saved.get(part) or {}
             target[part] = jax.tree_util.tree_map_with_path(
                 lambda kp, _: optim.tree_get(abstract_params, kp, run_dir), tree)
-            restore_args[part] = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target[part])
+            restore_args[part] = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
+                                              target[part])
         restored = reader.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                                     partial_restore=True))
     merged = _merge(restored.get("params") or {}, restored.get("frozen") or {})
@@ -97,9 +112,11 @@ def run_model_path(run_dir: str) -> str:
         return json.load(f)["model"]["path"]
 
 
-def load_model(source: str, *, mesh=None, dtype=None, compute_dtype=None):
-    """A model from a Hugging Face folder or from a run's latest checkpoint (its parameters on the
-    architecture of the run's model.path). Returns (model, model_config, model_folder, step or None)."""
+def load_model(source: str, *, mesh=None, dtype=None, compute_dtype=None, step: int | None = None,
+               model_path: str | None = None):
+    """A model from a Hugging Face folder or from a run's checkpoint at `step` (default: the latest;
+    its parameters on the architecture of the run's model.path, or of `model_path` when given).
+    Returns (model, model_config, model_folder, step or None)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -110,14 +127,17 @@ def load_model(source: str, *, mesh=None, dtype=None, compute_dtype=None):
     if not is_run_dir(source):
         model, cfg = hf.load_hf(source, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype)
         return model, cfg, source, None
-    folder = run_model_path(source)
+    folder = model_path or run_model_path(source)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{source}: the run's model folder {folder!r} (model.path in its config.json) "
+                                "has no config.json; pass the folder explicitly (export: --model_path)")
     cfg = hf.read_config(folder, param_dtype=dtype, dtype=compute_dtype)
     if mesh is None:
         from rdpo_jax import sharding
 
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     graphdef, abstract = train_step.abstract_state(cfg, optim.make_optimizer(learning_rate=0.0), mesh)
-    params, step = restore_params(source, abstract.params)
+    params, step = restore_params(source, abstract.params, step)
     return nnx.merge(graphdef, params, {}), cfg, folder, step
 
 

@@ -39,6 +39,10 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
+    if "://" in workdir:
+        raise app.UsageError(f"--workdir={workdir}: expected a filesystem path (metrics, logs and checkpoints are "
+                             "written with file APIs); mount the bucket with gcsfuse (launch/tpu_vm.sh mount) and "
+                             "pass the mounted path")
     if not flags.FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
         logging.set_verbosity(logging.WARNING)
 

@@ -38,6 +38,23 @@ def smoke_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """A persistent JAX compilation cache shared by the commands tests run in subprocesses."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="session")
+def sft_run(smoke_dir, compile_cache, tmp_path_factory):
+    """A finished `python -m rdpo_jax.train` SFT run of the smoke config: 6 steps, checkpoints kept at
+    steps 4 and 6. Returns (workdir, completed process)."""
+    from tests import runs
+
+    workdir = str(tmp_path_factory.mktemp("sft_run") / "run")
+    proc = runs.run(runs.train_command(smoke_dir, workdir, objective="sft"), runs.env(compile_cache))
+    return workdir, proc
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _check_devices():
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (XLA_FLAGS set in conftest.py)"

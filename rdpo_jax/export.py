@@ -1,0 +1,279 @@
+"""Export a run's checkpoint as a Hugging Face folder: `python -m rdpo_jax.export --workdir=DIR --out=HF_DIR`.
+
+    python -m rdpo_jax.export --workdir=runs/dpo --out=exports/dpo            # latest step, run's dtype
+    python -m rdpo_jax.export --workdir=runs/dpo --step=2000 --dtype=bfloat16 --out=exports/dpo-2000
+
+Reads the parameters only (no optimizer state, no reference) onto an FSDP mesh of the devices present,
+then writes what `transformers` loads: `config.json`, safetensors (sharded with
+`model.safetensors.index.json` above --max_shard_size), `generation_config.json`, the tokenizer,
+processor and chat-template files of the run's base model folder, and a `README.md` model card.
+
+The folder is written next to --out under a temporary name and renamed when complete, so an
+interrupted export never leaves a half-written model. On a multi-host slice run it on every worker with
+--distributed_auto (each process gathers its shards; process 0 writes), or on one host whose devices
+hold the model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+from rdpo_jax import checkpoint, sharding
+from rdpo_jax.models import config as model_config
+from rdpo_jax.models import hf
+
+# Files of the base model folder that are not copied: the weights and config we write ourselves.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+_NOT_COPIED = {"config.json", "README.md", "generation_config.json"}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, '1234' -> 1234 (bytes)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--max_shard_size={text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
+
+
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None, overwrite: bool = False,
+           max_shard_bytes: int = 5 * 10**9, model_path: str | None = None) -> dict:
+    """Writes the checkpoint of `workdir` at `step` as a Hugging Face folder `out`. Every process of a
+    multi-process job calls this; process 0 writes. Returns a summary (step, dtype, files, base folder)."""
+    for flag, path in (("--workdir", workdir), ("--out", out)):
+        if "://" in path:
+            raise ValueError(f"{flag}={path}: expected a filesystem path; mount the bucket with gcsfuse")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir={workdir}: no such directory")
+    if not checkpoint.is_run_dir(workdir):
+        raise FileNotFoundError(f"--workdir={workdir}: not a training run (no checkpoints/ directory)")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise FileExistsError(f"--out={out} exists and is not empty; pass --overwrite to replace it")
+    run_config = _run_config(workdir)
+    dtype = dtype or run_config.get("model", {}).get("param_dtype", "float32")
+    steps = checkpoint.saved_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint to export")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"--step={step}: {workdir} has no checkpoint for it; saved steps: {steps}")
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    model, cfg, folder, step = checkpoint.load_model(workdir, mesh=mesh, dtype=model_config.DTYPES[dtype],
+                                                     step=step, model_path=model_path)
+    primary = jax.process_index() == 0
+    staging = None
+    if primary:
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
+    try:
+        files = hf.save_hf(model, cfg, staging or "", dtype=jnp.dtype(dtype), max_shard_bytes=max_shard_bytes)
+        if not primary:
+            return {"step": step, "dtype": dtype, "files": [], "model_path": folder}
+        files += _copy_tokenizer_files(folder, staging)
+        files.append(_write_generation_config(folder, cfg, staging))
+        with open(os.path.join(staging, "README.md"), "w") as f:
+            f.write(model_card(run_config, workdir=workdir, step=step, dtype=dtype, base=folder,
+                               metrics=_last_metrics(workdir, step)))
+        files.append("README.md")
+        if os.path.exists(out):
+            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+        os.rename(staging, out)
+    except BaseException:
+        if staging and os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"step": step, "dtype": dtype, "files": sorted(files), "model_path": folder}
+
+
+def _run_config(workdir: str) -> dict:
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (the trainer writes it at start; is this a run directory?)")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _copy_tokenizer_files(base: str, out: str) -> list[str]:
+    """Tokenizer, processor and chat-template files (everything but weights, config and card)."""
+    copied = []
+    for name in sorted(os.listdir(base)):
+        src = os.path.join(base, name)
+        if (not os.path.isfile(src) or name.startswith(".") or name in _NOT_COPIED
+                or name.endswith(_WEIGHT_SUFFIXES)):
+            continue
+        shutil.copy2(src, os.path.join(out, name))
+        copied.append(name)
+    return copied
+
+
+def _write_generation_config(base: str, cfg, out: str) -> str:
+    """The base folder's generation config, or one with the tokenizer's special tokens and the
+    end-of-turn token (what the sampler stops at) as end of sequence."""
+    import transformers
+
+    if os.path.isfile(os.path.join(base, "generation_config.json")):
+        generation = transformers.GenerationConfig.from_pretrained(base)
+    else:
+        text = cfg.hf.text_config
+        generation = transformers.GenerationConfig(bos_token_id=getattr(text, "bos_token_id", None),
+                                                   eos_token_id=getattr(text, "eos_token_id", None),
+                                                   pad_token_id=getattr(text, "pad_token_id", None))
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+        except (OSError, ValueError):
+            tokenizer = None
+        if tokenizer is not None:
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(tokenizer, key, None) is not None:
+                    setattr(generation, key, getattr(tokenizer, key))
+    generation.save_pretrained(out)
+    return "generation_config.json"
+
+
+def _last_metrics(workdir: str, step: int) -> dict:
+    """The last logged training and eval metrics at or before `step`."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    train, evaluation = {}, {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill; the card is informational
+                if record.get("step", 0) > step:
+                    continue
+                if "loss" in record:
+                    train = record
+                if "eval/loss" in record:
+                    evaluation = record
+    keep = ("step", "loss", "rewards/accuracies", "rewards/margins", "rubric/essential_agreement",
+            "rubric/additional_agreement", "grad_norm", "lr")
+    out = {k: train[k] for k in keep if k in train}
+    out.update({k: v for k, v in evaluation.items() if k.startswith("eval/")})
+    return out
+
+
+def model_card(run: dict, *, workdir: str, step: int, dtype: str, base: str, metrics: dict) -> str:
+    """A README.md with the Hub's front matter, the training summary, metrics and a usage snippet."""
+    get = lambda *keys: _get(run, keys)  # noqa: E731
+    objective = get("objective")
+    rows = [("objective", objective)]
+    if objective == "dpo":
+        rows += [(f"dpo.{k}", get("dpo", k)) for k in ("loss_type", "beta", "label_smoothing", "gamma",
+                                                     "reference", "pair_layout", "sft_weight")]
+    rows += [("step exported / total_steps", f"{step} / {get('total_steps')}"),
+             ("data.train", get("data", "train")), ("data.batch_size", get("data", "batch_size")),
+             ("data.seq_buckets", get("data", "seq_buckets")),
+             ("optim.learning_rate", get("optim", "learning_rate")), ("optim.schedule", get("optim", "schedule")),
+             ("optim.warmup_steps", get("optim", "warmup_steps")),
+             ("optim.weight_decay", get("optim", "weight_decay")), ("optim.freeze", get("optim", "freeze")),
+             ("optim.lr_multipliers", get("optim", "lr_multipliers")),
+             ("mesh (data, fsdp, tensor)", (get("mesh", "data"), get("mesh", "fsdp"), get("mesh", "tensor"))),
+             ("model.param_dtype / dtype", f"{get('model', 'param_dtype')} / {get('model', 'dtype')}"),
+             ("exported weight dtype", dtype), ("seed", get("seed"))]
+    table = "\n".join(f"| {k} | `{v}` |" for k, v in rows if v not in (None, "", "None"))
+    metric_rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                            for k, v in metrics.items())
+    name = os.path.basename(os.path.abspath(workdir))
+    today = datetime.date.today().isoformat()
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- rdpo_jax
+- {objective}
+- vision-language
+---
+
+# {name} (step {step})
+
+A LLaVA-architecture vision-language model post-trained with rdpo_jax —
+objective `{objective}`{f", loss `{get('dpo', 'loss_type')}`" if objective == "dpo" else ""} — starting from
+the model folder `{base}`. Exported from the run `{workdir}` at step {step} on {today}.
+
+## Training
+
+| setting | value |
+|---|---|
+{table}
+
+## Last logged metrics (step ≤ {step})
+
+| metric | value |
+|---|---|
+{metric_rows or "| (none logged) | |"}
+
+## Use
+
+```python
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+model = LlavaForConditionalGeneration.from_pretrained("PATH/TO/THIS/FOLDER")
+processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER")
+```
+
+<details><summary>Full training config</summary>
+
+```json
+{json.dumps(run, indent=2, sort_keys=True)}
+```
+</details>
+"""
+
+
+def _get(tree: dict, keys: tuple):
+    for k in keys:
+        if not isinstance(tree, dict) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def _define_flags() -> None:
+    """The command's flags (defined only when run as a command, so importing `export` defines none)."""
+    flags.DEFINE_string("workdir", None, "The training run's directory.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+    flags.DEFINE_string("out", None, "Hugging Face folder to write.")
+    flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
+                      "Weight dtype on disk (default: the run's model.param_dtype).")
+    flags.DEFINE_bool("overwrite", False, "Replace --out when it exists and is not empty.")
+    flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file, e.g. 5GB or 500MB.")
+    flags.DEFINE_string("model_path", None, "The base model folder when the run's recorded model.path has moved.")
+    flags.DEFINE_bool("distributed_auto", False, "Call jax.distributed.initialize() (multi-host slices).")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    if not f.workdir or not f.out:
+        raise app.UsageError("--workdir and --out are required")
+    if not f["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if f.distributed_auto:
+        jax.distributed.initialize()
+    summary = export(f.workdir, f.out, step=f.step, dtype=f.dtype, overwrite=f.overwrite,
+                     max_shard_bytes=parse_size(f.max_shard_size), model_path=f.model_path)
+    if jax.process_index() == 0:
+        print(f"exported {f.workdir} step {summary['step']} as {summary['dtype']} to {f.out}: "
+              f"{', '.join(summary['files'])}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

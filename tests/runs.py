@@ -1,0 +1,34 @@
+"""Running the real commands (`python -m rdpo_jax.train`, launch scripts) in subprocesses from tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env(compile_cache: str, devices: int = 8) -> dict:
+    """The test environment for a child process: CPU, `devices` simulated devices, a shared compile cache."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                PYTHONPATH=ROOT)
+
+
+def train_args(smoke_dir: str, workdir: str, *overrides: str, objective: str = "dpo") -> list[str]:
+    return [f"--config=configs/smoke.py:dir={smoke_dir},objective={objective}", f"--workdir={workdir}", *overrides]
+
+
+def train_command(smoke_dir: str, workdir: str, *overrides: str, objective: str = "dpo") -> list[str]:
+    return [sys.executable, "-m", "rdpo_jax.train", *train_args(smoke_dir, workdir, *overrides, objective=objective)]
+
+
+def run(cmd: list[str], environment: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
