@@ -19,16 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Until the rDPO demo lands (issue #8): the smoke setup through the real commands — SFT, then DPO
-# initialized from the SFT run — and the Hugging Face round trip checked against transformers.
+# The whole rDPO loop on this machine's CPU (see README): world → rubrics → SFT → on-policy round →
+# three DPO arms → held-out evaluation → results.md and report.html in demo_workdir. Finished stages are
+# reused on a re-run; DEMO_ARGS=--fresh starts over.
 DEMO := demo_workdir
 demo: $(STAMP)
-	$(PY) -m data_prep.smoke --out=$(DEMO)/smoke
-	$(PY) -m rdpo_jax.train --config=configs/smoke.py:dir=$(DEMO)/smoke,objective=sft --workdir=$(DEMO)/sft \
-		--config.total_steps=20 --config.optim.learning_rate=3e-3
-	$(PY) -m rdpo_jax.train --config=configs/smoke.py:dir=$(DEMO)/smoke --workdir=$(DEMO)/dpo \
-		--config.init_from=$(DEMO)/sft --config.total_steps=20
-	$(PY) -m rdpo_jax.demo --workdir=$(DEMO)/hf_round_trip
+	$(PY) -m rdpo_jax.demo --workdir=$(DEMO) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_workdir .pytest_cache

@@ -20,8 +20,8 @@ from absl import app, flags
 
 from data_prep import common
 from rdpo_jax.data import arrayrecord, records
-from rdpo_jax.rubrics import http as http_judge
-from rdpo_jax.rubrics.judge import Item, VerifierJudge
+from rdpo_jax.rubrics import judge as judge_lib
+from rdpo_jax.rubrics.judge import Item
 
 _POOL = flags.DEFINE_string("pool", None, "Rubric pool dataset.", required=True)
 _SAMPLES = flags.DEFINE_string("samples", None, "Samples dataset.", required=True)
@@ -38,22 +38,13 @@ _NAME = flags.DEFINE_string("name", "judged", "Output dataset name.")
 
 
 def make_judge():
-    if _JUDGE.value == "verifier":
-        return VerifierJudge()
-    if not _JUDGE_MODEL.value:
-        raise app.UsageError(f"--judge={_JUDGE.value} needs --judge_model")
-    if _JUDGE.value == "openai":
-        if not _ENDPOINT.value:
-            raise app.UsageError("--judge=openai needs --endpoint")
-        client = http_judge.ChatClient(_ENDPOINT.value, _JUDGE_MODEL.value, api_key_env=_API_KEY_ENV.value,
-                                       timeout=_TIMEOUT.value)
-        cache = _CACHE.value or os.path.join(_OUT.value, f"{_NAME.value}.cache.sqlite")
-        return http_judge.OpenAIJudge(client, http_judge.VerdictCache(cache), concurrency=_CONCURRENCY.value)
-    from rdpo_jax import checkpoint
-    from rdpo_jax.rubrics.local import FlaxJudge
-
-    model, cfg, folder, _ = checkpoint.load_model(_JUDGE_MODEL.value)
-    return FlaxJudge(model, cfg, folder, name=_JUDGE_MODEL.value)
+    cache = _CACHE.value or os.path.join(_OUT.value, f"{_NAME.value}.cache.sqlite")
+    try:
+        return judge_lib.make_judge(_JUDGE.value, model=_JUDGE_MODEL.value, endpoint=_ENDPOINT.value,
+                                    api_key_env=_API_KEY_ENV.value, timeout=_TIMEOUT.value,
+                                    concurrency=_CONCURRENCY.value, cache=cache)
+    except ValueError as e:
+        raise app.UsageError(f"--judge={_JUDGE.value}: {e}") from None
 
 
 def main(argv):

@@ -2,7 +2,7 @@
 
     python -m data_prep.make_pairs --pool=DIR/pool --judged=DIR/judged --miner=rubric --out=DIR [--name=pairs]
         [--gate=veto] [--margin=0.1] [--criterion_gap=0] [--max_pairs=2] [--dedup=0.9]
-    python -m data_prep.make_pairs … --miner=outcome --outcome=answer|holistic   (the baseline)
+    python -m data_prep.make_pairs … --miner=outcome --outcome=correct|holistic|ID   (the baseline)
 
 Output: `pairs` records with the rubric, both answers' raw scores and the miner's metadata; a summary
 (pairs per prompt, margin histogram, prompts without a pair by reason) printed and saved as
@@ -30,7 +30,8 @@ _MARGIN = flags.DEFINE_float("margin", 0.1, "Minimum reward gap (outcome: outcom
 _CRITERION_GAP = flags.DEFINE_float("criterion_gap", 0.0, "Minimum gap on at least one criterion (0 = off).")
 _MAX_PAIRS = flags.DEFINE_integer("max_pairs", 2, "Pairs per prompt at most.")
 _DEDUP = flags.DEFINE_float("dedup", 0.9, "Answers at least this similar (token Jaccard) count as one.")
-_OUTCOME = flags.DEFINE_string("outcome", "holistic", "Outcome miner: a criterion id, or 'holistic'.")
+_OUTCOME = flags.DEFINE_string("outcome", "holistic", "Outcome miner: 'holistic' (every criterion passes), 'correct' "
+                               "(the 'answer' criterion, else every essential one), or a criterion id.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "pairs", "Output dataset name.")
 
@@ -66,8 +67,8 @@ def main(argv):
                                                criterion_gap=_CRITERION_GAP.value, max_pairs=_MAX_PAIRS.value,
                                                dedup=_DEDUP.value)
         else:
-            outcome = (mining.holistic_outcome(rubric) if _OUTCOME.value == "holistic"
-                       else mining.criterion_outcome(_OUTCOME.value, rubric))
+            outcome = {"holistic": mining.holistic_outcome, "correct": mining.answer_outcome}.get(
+                _OUTCOME.value, lambda r: mining.criterion_outcome(_OUTCOME.value, r))(rubric)
             pairs, reason = mining.mine_outcome(samples, outcome, margin=_MARGIN.value, max_pairs=_MAX_PAIRS.value,
                                                 dedup=_DEDUP.value)
         per_prompt[len(pairs)] += 1

@@ -55,7 +55,8 @@ def main(argv):
     del argv
     shard_index, num_shards = common.shard()
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
-    model, cfg, folder, _ = checkpoint.load_model(_MODEL.value, mesh=mesh)
+    model, cfg, folder, _ = checkpoint.load_model(_MODEL.value, mesh=mesh,
+                                                   check_image_tokens=False)  # checked by ChatTokenizer
     fingerprint = checkpoint.fingerprint(_MODEL.value)
     options = pipeline.Options(kind="pairs", seq_buckets=tuple(int(b) for b in _BUCKETS.value),
                                max_answer_len=_MAX_ANSWER.value, images_per_example=_IMAGES.value,

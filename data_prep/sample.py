@@ -15,7 +15,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 from absl import app, flags
 
@@ -45,7 +44,8 @@ def main(argv):
     shard_index, num_shards = common.shard()
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
     dtype = jnp.dtype(_DTYPE.value)
-    model, cfg, folder, step = checkpoint.load_model(_MODEL.value, mesh=mesh, dtype=dtype)
+    model, cfg, folder, step = checkpoint.load_model(_MODEL.value, mesh=mesh, dtype=dtype,
+                                                      check_image_tokens=False)  # checked by ChatTokenizer
     policy_step = _POLICY_STEP.value if _POLICY_STEP.value >= 0 else (step or 0)
     tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
     image_cfg = images.image_config(folder)
@@ -60,26 +60,12 @@ def main(argv):
     batch: list[dict] = []
 
     def run(batch):
-        prompts = [tok.prompt(r["messages"], len(r["images"])) for r in batch]
-        length = -(-max(map(len, prompts)) // _PAD_TO.value) * _PAD_TO.value
-        ids, mask = sampling.left_pad(prompts, tok.pad_id, length)
-        rows = -(-len(batch) // mesh.devices.size) * mesh.devices.size  # whole batches over the devices
-        ids = np.concatenate([ids, np.repeat(ids[-1:], rows - len(batch), 0)])
-        mask = np.concatenate([mask, np.repeat(mask[-1:], rows - len(batch), 0)])
-        pixels = np.stack([np.stack([images.load_and_preprocess(b, image_cfg) for b in r["images"]]) for r in batch])
-        pixels = np.concatenate([pixels, np.repeat(pixels[-1:], rows - len(batch), 0)])
         key = jax.random.fold_in(jax.random.key(_SEED.value), int(batch[0]["_index"]))
-        rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        ids, mask, pixels = jax.device_put((ids, mask, pixels), rows_sharding)  # prompts split over devices
-        tokens, lengths = sampling.generate(model, ids, mask, pixels, key, sc)
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        for b, record in enumerate(batch):
-            for j in range(_N.value):
-                row = b * _N.value + j
-                n = int(lengths[row])
-                text = tok.tokenizer.decode(tokens[row, :n], skip_special_tokens=True).strip()
+        answers = sampling.answer(model, tok, image_cfg, mesh, batch, sc, key, pad_to=_PAD_TO.value)
+        for record, row in zip(batch, answers):
+            for j, (text, n, stopped) in enumerate(row):
                 counts["tokens"] += n
-                counts["stopped"] += int(n < sc.max_new_tokens or tokens[row, n - 1] in stop)
+                counts["stopped"] += int(stopped)
                 out.add(record["prompt_id"], dict(
                     prompt_id=record["prompt_id"], sample_id=f"{record['prompt_id']}/{policy_step}/{j}",
                     response=text, policy_step=policy_step,

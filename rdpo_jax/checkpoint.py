@@ -113,10 +113,11 @@ def run_model_path(run_dir: str) -> str:
 
 
 def load_model(source: str, *, mesh=None, dtype=None, compute_dtype=None, step: int | None = None,
-               model_path: str | None = None):
+               model_path: str | None = None, check_image_tokens: bool = True):
     """A model from a Hugging Face folder or from a run's checkpoint at `step` (default: the latest;
     its parameters on the architecture of the run's model.path, or of `model_path` when given).
-    Returns (model, model_config, model_folder, step or None)."""
+    Returns (model, model_config, model_folder, step or None). `check_image_tokens=False` for inputs
+    built by `ChatTokenizer` (see LlavaConfig.check_image_tokens)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -125,13 +126,14 @@ def load_model(source: str, *, mesh=None, dtype=None, compute_dtype=None, step: 
 
     dtype = jnp.float32 if dtype is None else dtype
     if not is_run_dir(source):
-        model, cfg = hf.load_hf(source, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype)
+        model, cfg = hf.load_hf(source, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype,
+                                check_image_tokens=check_image_tokens)
         return model, cfg, source, None
     folder = model_path or run_model_path(source)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{source}: the run's model folder {folder!r} (model.path in its config.json) "
                                 "has no config.json; pass the folder explicitly (export: --model_path)")
-    cfg = hf.read_config(folder, param_dtype=dtype, dtype=compute_dtype)
+    cfg = hf.read_config(folder, param_dtype=dtype, dtype=compute_dtype, check_image_tokens=check_image_tokens)
     if mesh is None:
         from rdpo_jax import sharding
 

@@ -119,3 +119,34 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None):
         ids[i, T - len(p):] = p
         mask[i, T - len(p):] = 1
     return ids, mask
+
+
+def answer(model, tokenizer, image_cfg, mesh, prompts: list[dict], cfg: SamplingConfig, key: jax.Array, *,
+           pad_to: int = 64) -> list[list[tuple[str, int, bool]]]:
+    """Generates `cfg.num_samples` answers for each prompt record ({messages, images}) on `mesh`: prompts
+    left-padded to a multiple of `pad_to` (few shapes compile), rows padded to whole batches over the
+    devices and split over them. Returns per prompt [(decoded text, tokens, stopped)]."""
+    import numpy as np
+
+    from rdpo_jax.data import images
+
+    ids = [tokenizer.prompt(r["messages"], len(r["images"])) for r in prompts]
+    length = -(-max(map(len, ids)) // pad_to) * pad_to
+    ids, mask = left_pad(ids, tokenizer.pad_id, length)
+    pixels = np.stack([np.stack([images.load_and_preprocess(b, image_cfg) for b in r["images"]]) for r in prompts])
+    extra = -len(prompts) % mesh.devices.size
+    ids, mask, pixels = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask, pixels))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    ids, mask, pixels = jax.device_put((ids, mask, pixels), rows)
+    tokens, lengths = generate(model, ids, mask, pixels, key, cfg)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    out = []
+    for b in range(len(prompts)):
+        row_answers = []
+        for j in range(cfg.num_samples):
+            row = b * cfg.num_samples + j
+            n = int(lengths[row])
+            text = tokenizer.tokenizer.decode(tokens[row, :n], skip_special_tokens=True).strip()
+            row_answers.append((text, n, n < cfg.max_new_tokens or int(tokens[row, n - 1]) in cfg.stop_ids))
+        out.append(row_answers)
+    return out

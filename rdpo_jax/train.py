@@ -59,7 +59,8 @@ def main(argv):
     # ----- Model and optimizer -----
     dtypes = model_config.DTYPES
     model_cfg = hf.read_config(config.model.path, param_dtype=dtypes[config.model.param_dtype],
-                               dtype=dtypes[config.model.dtype], remat=config.model.remat)
+                               dtype=dtypes[config.model.dtype], remat=config.model.remat,
+                               check_image_tokens=False)  # ChatTokenizer checks them; keeps the step cacheable
     freeze = config_checks.patterns(config.optim.freeze, "optim.freeze")
     o = config.optim
     schedule = optim.learning_rate_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
@@ -254,7 +255,7 @@ def _initial_state(config, model_cfg, graphdef, abstract, optimizer, mesh, freez
     else:
         path = config.model.path if init == "model" else init
         model, loaded_cfg = hf.load_hf(path, mesh=mesh, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype,
-                                       remat=model_cfg.remat)
+                                       remat=model_cfg.remat, check_image_tokens=model_cfg.check_image_tokens)
         if loaded_cfg != model_cfg:
             raise config_checks.ConfigError(f"config.init_from: {path} holds a different architecture than "
                                             f"model.path {config.model.path}")

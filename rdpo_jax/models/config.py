@@ -80,7 +80,10 @@ class LlavaConfig:
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32  # compute dtype
     remat: str = "none"
-    check_image_tokens: bool = True  # raise (also under jit) if placeholders and image features disagree
+    # Raise (also under jit) if placeholders and image features disagree. Under jit this is a host callback,
+    # which keeps the program out of JAX's persistent compilation cache; the trainer and the data_prep
+    # commands turn it off because ChatTokenizer checks every example's placeholders on the host.
+    check_image_tokens: bool = True
     hf: Any = dataclasses.field(default=None, compare=False, repr=False)  # transformers.LlavaConfig
 
     @property

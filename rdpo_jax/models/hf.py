@@ -132,7 +132,7 @@ def read_config(path: str, **options) -> config_lib.LlavaConfig:
 
 
 def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float32, compute_dtype=None,
-            remat: str = "none") -> tuple[llava.Llava, config_lib.LlavaConfig]:
+            remat: str = "none", check_image_tokens: bool = True) -> tuple[llava.Llava, config_lib.LlavaConfig]:
     """Loads a Hugging Face LLaVA folder, tensor by tensor, straight into the target shardings.
 
     Files are memory-mapped and read a few tensors at a time: host memory holds at most
@@ -143,6 +143,7 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float
       mesh: place parameters by their logical axes on this mesh; None = the first local device.
       dtype: parameter dtype. compute_dtype: activation/matmul dtype (default: `dtype`).
       remat: "none" | "full" | "dots_saveable".
+      check_image_tokens: check placeholders against image features inside the forward (see LlavaConfig).
 
     Returns:
       (model, model_config).
@@ -151,7 +152,8 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float
       CheckpointMismatchError: missing, unexpected or misshapen tensors (all listed by name).
       UnsupportedConfigError: a config field names an architecture or option not implemented.
     """
-    cfg = read_config(path, param_dtype=dtype, dtype=compute_dtype, remat=remat)
+    cfg = read_config(path, param_dtype=dtype, dtype=compute_dtype, remat=remat,
+                      check_image_tokens=check_image_tokens)
     graphdef, state = nnx.split(llava.abstract_model(cfg))
     reader = safetensors_io.Reader(path)
 

@@ -62,13 +62,13 @@ class OpenAIRubricGenerator:
         self.client, self.attempts, self.max_criteria = client, attempts, max_criteria
 
     def messages(self, instruction_messages: list[dict], num_images: int, reference: str | None) -> list[dict]:
-        from rdpo_jax.rubrics.judge import _instruction_text
+        from rdpo_jax.rubrics.judge import instruction_text
 
         ref = f"\nA reference answer:\n{reference}\n" if reference else ""
         text = (
             "Write a grading rubric for answers to this request about the image(s): a checklist of "
             f"criteria specific to this image and request, at most {self.max_criteria}.\n\nRequest:\n"
-            f"{_instruction_text(instruction_messages)}\n{ref}\nEssential criteria are what a correct answer "
+            f"{instruction_text(instruction_messages)}\n{ref}\nEssential criteria are what a correct answer "
             "cannot miss; additional criteria make an answer better. Reply with JSON only:\n"
             '{"criteria": [{"id": "<short unique id>", "text": "<one checkable statement>", '
             '"kind": "essential" | "additional", "weight": <number > 0>, "scale": "binary" | "1-5"}]}')

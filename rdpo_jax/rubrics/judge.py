@@ -51,7 +51,7 @@ class JudgeOutputError(ValueError):
 
 # ----- the rubric prompt -----
 
-def _instruction_text(messages: list[dict]) -> str:
+def instruction_text(messages: list[dict]) -> str:
     parts = []
     for m in messages:
         content = m["content"]
@@ -70,7 +70,7 @@ def judge_messages(item: Item) -> list[dict]:
     reference = f"\nA reference answer (for you only):\n{item.reference_answer}\n" if item.reference_answer else ""
     text = (
         "You grade an assistant's answer to a question about the image(s) with a rubric, criterion by "
-        f"criterion.\n\nConversation:\n{_instruction_text(item.messages)}\n{reference}\nAnswer to grade:\n"
+        f"criterion.\n\nConversation:\n{instruction_text(item.messages)}\n{reference}\nAnswer to grade:\n"
         f"{item.answer}\n\nCriteria:\n{criteria}\n\nReply with JSON only, exactly one entry per criterion id:\n"
         '{"verdicts": [{"id": "<criterion id>", "score": <number on its scale>, "reason": "<one short sentence>"}]}')
     return [{"role": "user", "content": [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]}]
@@ -194,3 +194,27 @@ class VerifierJudge:
             results = [check(c["check"], item.answer) for c in item.rubric["criteria"]]
             out.append(Verdict([s for s, _ in results], [r for _, r in results]))
         return out
+
+
+def make_judge(kind: str, *, model: str = "", endpoint: str = "", api_key_env: str = "OPENAI_API_KEY",
+               timeout: float = 120.0, concurrency: int = 8, cache: str = "") -> Judge:
+    """The judge named `kind`: "verifier"; "openai" (`model` at `endpoint`, verdicts cached in the SQLite
+    file `cache`); "flax" (`model`: an HF folder or run directory)."""
+    if kind == "verifier":
+        return VerifierJudge()
+    if not model:
+        raise ValueError(f"judge {kind!r} needs a judge model")
+    if kind == "openai":
+        from rdpo_jax.rubrics import http
+
+        if not endpoint or not cache:
+            raise ValueError("judge 'openai' needs an endpoint and a cache file")
+        client = http.ChatClient(endpoint, model, api_key_env=api_key_env, timeout=timeout)
+        return http.OpenAIJudge(client, http.VerdictCache(cache), concurrency=concurrency)
+    if kind == "flax":
+        from rdpo_jax import checkpoint
+        from rdpo_jax.rubrics.local import FlaxJudge
+
+        judge_model, cfg, folder, _ = checkpoint.load_model(model)
+        return FlaxJudge(judge_model, cfg, folder, name=model)
+    raise ValueError(f"unknown judge {kind!r}: verifier | openai | flax")

@@ -134,6 +134,20 @@ def criterion_outcome(criterion_id: str, rubric: dict) -> Callable[[Sample], flo
     return lambda s: records.normalized_scores(rubric, s.scores)[index]
 
 
+def correctness(rubric: dict, normalized: Sequence[float]) -> float:
+    """Final-answer correctness: the `answer` criterion where the rubric has one, else 1 when every
+    essential criterion passes (open questions: the content is right), 0 otherwise."""
+    ids = [c["id"] for c in rubric["criteria"]]
+    if "answer" in ids:
+        return float(normalized[ids.index("answer")] >= aggregate.PASS)
+    return float(aggregate.essential_pass(rubric, normalized))
+
+
+def answer_outcome(rubric: dict) -> Callable[[Sample], float]:
+    """The outcome of RLVR-style data: final-answer correctness (`correctness`), blind to everything else."""
+    return lambda s: correctness(rubric, records.normalized_scores(rubric, s.scores))
+
+
 def holistic_outcome(rubric: dict) -> Callable[[Sample], float]:
     """One pass/fail for the whole answer: 1 if every criterion passes, else 0."""
     return lambda s: float(all(v >= aggregate.PASS for v in records.normalized_scores(rubric, s.scores)))

@@ -1,0 +1,50 @@
+"""The demo's runs (`python -m rdpo_jax.demo` writes the world and calls these): an SFT warm start and
+DPO arms on the pairs of one on-policy round.
+
+    python -m rdpo_jax.train --config=configs/demo.py:dir=WD,objective=sft --workdir=WD/sft
+    python -m rdpo_jax.train --config=configs/demo.py:dir=WD,objective=dpo,pairs=WD/round1/pairs_rubric,loss=rubric \\
+        --workdir=WD/arm_rubric
+
+Arguments: dir (the demo workdir, required), objective (sft | dpo), pairs (dpo: the pairs dataset),
+loss (dpo: a loss type), steps (override the step budget), seed.
+"""
+
+from configs import base
+
+
+def get_config(arg: str = ""):
+    args = base.parse_arg(arg, "configs/demo.py", required=("dir",),
+                          optional=("objective", "pairs", "loss", "steps", "seed"))
+    c = base.get_config()
+    d = args["dir"]
+    c.objective = args.get("objective", "sft")
+    c.seed = c.data.seed = int(args.get("seed", 0))
+    c.model.path = f"{d}/world/model"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+    c.data.max_answer_len = 52  # the longest answer (4 objects + a hallucinated one) is 51 tokens
+    c.data.max_criteria = 16
+    c.optim.grad_clip = 1.0
+    c.optim.weight_decay = 0.0
+    c.log.every = 10
+    c.checkpoint.keep = 1
+    if c.objective == "sft":
+        c.init_from = "model"  # the world's randomly initialized HF folder
+        c.total_steps = int(args.get("steps", 1500))
+        c.data.train = f"{d}/world/sft"
+        c.data.batch_size = 16
+        c.data.seq_buckets = (72,)  # prompt (4 image tokens, ≤ 16 in all) + answer; batches mix kinds: one bucket
+        c.optim.learning_rate = 1e-3  # 2e-3 and higher multipliers on the vision tower never learn to see
+        c.optim.warmup_steps = 20
+    else:
+        c.init_from = f"{d}/sft"  # the warm-started policy; also the frozen reference
+        c.total_steps = int(args.get("steps", 80))
+        c.data.train = args["pairs"]
+        c.data.batch_size = 16
+        c.data.seq_buckets = (120,)  # prompt + chosen + rejected in one row (shared prefix)
+        c.dpo.loss_type = args.get("loss", "sigmoid")
+        c.dpo.beta = 0.1
+        c.dpo.reference = "model"
+        c.optim.learning_rate = 1e-4  # 5e-4 degenerates (repetitions); an SFT term on sampled answers hurts
+        c.optim.warmup_steps = 5
+    c.checkpoint.every = c.total_steps
+    return c

@@ -1,0 +1,168 @@
+"""`make demo`: the whole rDPO loop on a CPU, on a world where the truth is known.
+
+    python -m rdpo_jax.demo [--workdir=demo_workdir] [--budget=full|tiny] [--seeds=1] [--fresh]
+
+Stages (each a real command in a subprocess, as a TPU user runs them; a finished stage is recorded in
+WORKDIR/stages/ and skipped on the next run unless --fresh):
+  world       scenes, the trained tokenizer, a tiny LLaVA HF folder, imperfect SFT data, prompt files
+  rubrics     data_prep.build_rubrics --generator=rule (train and held-out pools)
+  sft         rdpo_jax.train configs/demo.py objective=sft (the warm start = the "base" row)
+  per seed:   data_prep.sample → data_prep.judge (verifier) → data_prep.make_pairs (rubric miner, and
+              the outcome miner on final-answer correctness) → rdpo_jax.train for each arm
+  evaluate    rdpo_jax.evaluate on the held-out pool: base and every arm
+  report      the table (printed, WORKDIR/results.md) and WORKDIR/report.html
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+from rdpo_jax.demo import report, world
+
+ARMS = {  # name: (pairs miner, loss type)
+    "outcome+sigmoid": ("outcome", "sigmoid"),
+    "rubric+sigmoid": ("rubric", "sigmoid"),
+    "rubric+rubric": ("rubric", "rubric"),
+}
+BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fast variant
+    "full": dict(sft_examples=3000, sft_steps=1500, train_prompts=512, heldout_prompts=192, samples=8,
+                 dpo_steps=80, max_new_tokens=56),
+    "tiny": dict(sft_examples=96, sft_steps=4, train_prompts=16, heldout_prompts=12, samples=4, dpo_steps=2,
+                 max_new_tokens=12),
+}
+
+_WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "Everything the demo writes goes here.")
+_BUDGET = flags.DEFINE_enum("budget", "full", list(BUDGETS), "full: the demo; tiny: a fast check of every stage.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds of the on-policy round and DPO runs (the table shows the spread).")
+_FRESH = flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
+_DEVICES = flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
+
+
+class Demo:
+    def __init__(self, workdir: str, budget: dict, devices: int):
+        self.wd, self.budget = os.path.abspath(workdir), budget
+        self.stages = os.path.join(self.wd, "stages")
+        os.makedirs(self.stages, exist_ok=True)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                        JAX_COMPILATION_CACHE_DIR=os.path.join(self.wd, "jax_cache"),
+                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.cwd = root
+
+    def stage(self, name: str, fn) -> dict:
+        """Runs `fn` unless stage `name` finished before; records its time."""
+        path = os.path.join(self.stages, name.replace("/", "_") + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                done = json.load(f)
+            print(f"[demo] {name}: done before ({done['seconds']:.0f} s), reused")
+            return done
+        print(f"[demo] {name} …", flush=True)
+        t0 = time.perf_counter()
+        fn()
+        done = {"stage": name, "seconds": round(time.perf_counter() - t0, 1)}
+        with open(path, "w") as f:
+            json.dump(done, f)
+        print(f"[demo] {name}: {done['seconds']:.0f} s", flush=True)
+        return done
+
+    def command(self, *args: str) -> None:
+        """`python -m ARGS` in a subprocess; its output goes to WORKDIR/logs, shown when it fails."""
+        log_dir = os.path.join(self.wd, "logs")
+        os.makedirs(log_dir, exist_ok=True)
+        log = os.path.join(log_dir, f"{len(os.listdir(log_dir)):02d}-{args[0]}.log")
+        with open(log, "w") as f:
+            f.write("$ python -m " + " ".join(args) + "\n")
+            f.flush()
+            proc = subprocess.run([sys.executable, "-m", *args], cwd=self.cwd, env=self.env, stdout=f,
+                                  stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            with open(log) as f:
+                tail = f.read()[-4000:]
+            raise SystemExit(f"[demo] failed: python -m {' '.join(args)} (exit {proc.returncode}; log {log}):\n{tail}")
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.wd, *parts)
+
+    # ----- the stages -----
+
+    def make_world(self) -> None:
+        b, w = self.budget, self.path("world")
+        world.write_model(os.path.join(w, "model"))
+        stats = world.write_sft(w, "sft", n=b["sft_examples"], seed=1, imperfect_share=0.3)
+        world.write_prompts(w, "train_prompts", n=b["train_prompts"], seed=2, describe_share=0.5)
+        world.write_prompts(w, "heldout_prompts", n=b["heldout_prompts"], seed=3)
+        with open(os.path.join(w, "world.json"), "w") as f:
+            json.dump({"sft": stats, **b}, f, indent=2)
+
+    def rubrics(self) -> None:
+        for name in ("train", "heldout"):
+            self.command("data_prep.build_rubrics", f"--input={self.path('world', name + '_prompts.jsonl')}",
+                         f"--out={self.path('rubrics')}", f"--name={name}_pool")
+
+    def sft(self) -> None:
+        self.command("rdpo_jax.train", f"--config=configs/demo.py:dir={self.wd},objective=sft,"
+                     f"steps={self.budget['sft_steps']}", f"--workdir={self.path('sft')}")
+
+    def round(self, seed: int) -> None:
+        b, out = self.budget, self.path(f"seed{seed}", "round1")
+        pool = self.path("rubrics", "train_pool")
+        self.command("data_prep.sample", f"--pool={pool}", f"--model={self.path('sft')}", f"--n={b['samples']}",
+                     "--temperature=1.0", f"--max_new_tokens={b['max_new_tokens']}", "--batch_size=32",
+                     f"--seed={seed}", f"--out={out}")
+        self.command("data_prep.judge", f"--pool={pool}", f"--samples={out}/samples", "--judge=verifier",
+                     f"--out={out}")
+        self.command("data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=rubric",
+                     "--gate=veto", "--margin=0.1", "--max_pairs=2", f"--out={out}", "--name=pairs_rubric")
+        self.command("data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=outcome",
+                     "--outcome=correct", "--margin=0.5", "--max_pairs=2", f"--out={out}", "--name=pairs_outcome")
+
+    def train_arm(self, seed: int, arm: str) -> None:
+        miner, loss = ARMS[arm]
+        pairs = self.path(f"seed{seed}", "round1", f"pairs_{miner}")
+        self.command("rdpo_jax.train", f"--config=configs/demo.py:dir={self.wd},objective=dpo,pairs={pairs},"
+                     f"loss={loss},steps={self.budget['dpo_steps']},seed={seed}",
+                     f"--workdir={self.path(f'seed{seed}', arm)}")
+
+    def evaluate(self, model: str, out: str) -> None:
+        self.command("rdpo_jax.evaluate", f"--model={model}", f"--pool={self.path('rubrics', 'heldout_pool')}",
+                     f"--out={out}", f"--max_new_tokens={self.budget['max_new_tokens']}", "--group=prefix",
+                     "--batch_size=64")
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    t0 = time.perf_counter()
+    if _FRESH.value and os.path.exists(_WORKDIR.value):
+        shutil.rmtree(_WORKDIR.value)
+    d = Demo(_WORKDIR.value, BUDGETS[_BUDGET.value], _DEVICES.value)
+    d.stage("world", d.make_world)
+    d.stage("rubrics", d.rubrics)
+    d.stage("sft", d.sft)
+    d.stage("evaluate/base", lambda: d.evaluate(d.path("sft"), d.path("eval", "base")))
+    seeds = list(range(_SEEDS.value))
+    for seed in seeds:
+        d.stage(f"round/seed{seed}", lambda: d.round(seed))
+        for arm in ARMS:
+            d.stage(f"train/seed{seed}/{arm}", lambda: d.train_arm(seed, arm))
+            d.stage(f"evaluate/seed{seed}/{arm}",
+                    lambda: d.evaluate(d.path(f"seed{seed}", arm), d.path("eval", f"seed{seed}", arm)))
+    minutes = (time.perf_counter() - t0) / 60
+    table = report.write(d.wd, arms=list(ARMS), seeds=seeds, minutes=minutes, budget=d.budget)
+    print("\n" + table)
+    print(f"\n[demo] {minutes:.1f} minutes; table: {d.path('results.md')}; report: {d.path('report.html')}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,172 @@
+"""The demo's results: a Markdown table (printed and saved as results.md) and report.html with training
+curves, the table and example scenes with base vs trained answers and per-criterion verdicts."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+import numpy as np
+
+COLUMNS = [  # (metrics key, header, higher is better)
+    ("essential_pass", "essential pass", True), ("rubric_score", "rubric score", True),
+    ("hallucination", "hallucination", False), ("accuracy", "accuracy", True), ("words", "words", None)]
+
+
+def _load(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def results(wd: str, arms: list[str], seeds: list[int]) -> list[dict]:
+    """Per row (base, then each arm): its metrics per seed and the pairs it trained on."""
+    rows = [{"name": "base (SFT)", "metrics": [_load(os.path.join(wd, "eval", "base", "metrics.json"))],
+             "pairs": None, "runs": [os.path.join(wd, "sft")]}]
+    for arm in arms:
+        miner = arm.split("+")[0]
+        pairs = [_load(os.path.join(wd, f"seed{s}", "round1", f"pairs_{miner}.manifest.json")) for s in seeds]
+        rows.append({"name": arm, "metrics": [_load(os.path.join(wd, "eval", f"seed{s}", arm, "metrics.json"))
+                                             for s in seeds],
+                     "pairs": [p["count"] for p in pairs if p], "runs": [os.path.join(wd, f"seed{s}", arm)
+                                                                        for s in seeds]})
+    for r in rows:
+        r["metrics"] = [m for m in r["metrics"] if m]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    groups = sorted({g for r in rows for m in r["metrics"] for g in m.get("groups", {})})
+    head = ["model", "pairs"] + [h for _, h, _ in COLUMNS] + [f"acc: {g}" for g in groups]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], "–" if r["pairs"] is None else "/".join(map(str, r["pairs"]))]
+        cells += [_cell([m[k] for m in r["metrics"] if k in m]) for k, _, _ in COLUMNS]
+        cells += [_cell([m["groups"][g]["accuracy"] for m in r["metrics"] if g in m.get("groups", {})])
+                  for g in groups]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _curves(rows: list[dict]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    for key, title in (("loss", "training loss"), ("rewards/accuracies", "reward accuracy (DPO)"),
+                       ("rewards/margins", "reward margin (DPO)")):
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for r in rows:
+            for run in r["runs"]:
+                path = os.path.join(run, "metrics.jsonl")
+                if not os.path.exists(path):
+                    continue
+                points = [(m["step"], m[key]) for m in _jsonl(path) if key in m]
+                if points:
+                    ax.plot(*zip(*points), label=f"{r['name']} ({os.path.basename(os.path.dirname(run))})"
+                            if r["pairs"] is not None else r["name"])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+            plots.append((title, _png(fig)))
+        plt.close(fig)
+    return plots
+
+
+def _examples(wd: str, rows: list[dict], seeds: list[int], n: int = 8) -> str:
+    pool = {}
+    prompts_file = os.path.join(wd, "world", "heldout_prompts.jsonl")
+    for p in _jsonl(prompts_file):
+        pool[p["prompt_id"]] = p
+    answers = {"base (SFT)": {a["prompt_id"]: a for a in _jsonl(os.path.join(wd, "eval", "base", "answers.jsonl"))}}
+    for r in rows[1:]:
+        path = os.path.join(wd, "eval", f"seed{seeds[0]}", r["name"], "answers.jsonl")
+        if os.path.exists(path):
+            answers[r["name"]] = {a["prompt_id"]: a for a in _jsonl(path)}
+    # one example of each question kind first, then more
+    ids = list(answers["base (SFT)"])
+    by_kind: dict[str, list[str]] = {}
+    for i in ids:
+        by_kind.setdefault(i.split("-")[0], []).append(i)
+    chosen = [v[0] for v in by_kind.values()] + [v[1] for v in by_kind.values() if len(v) > 1]
+    parts = []
+    for pid in chosen[:n]:
+        prompt = pool[pid]
+        with open(os.path.join(wd, "world", prompt["image"]), "rb") as f:
+            image = base64.b64encode(f.read()).decode()
+        cells = []
+        for name, table_ in answers.items():
+            a = table_.get(pid)
+            if a is None:
+                continue
+            verdicts = "".join(
+                f"<li class={'ok' if s >= 0.5 else 'bad'}>{html.escape(c)}: {html.escape(reason)}</li>"
+                for c, s, reason in zip(a.get("criteria", []), a.get("scores", []), a.get("reasons", [])))
+            cells.append(f"<td><b>{html.escape(name)}</b><p>{html.escape(a['answer'])}</p><ul>{verdicts}</ul></td>")
+        parts.append(f"<tr><td><img src='data:image/png;base64,{image}' width=144 style='image-rendering:pixelated'>"
+                     f"<p>{html.escape(pid)}: <i>{html.escape(prompt['instruction'])}</i></p>"
+                     f"<p>truth: {html.escape(prompt['reference_answer'])}</p></td>{''.join(cells)}</tr>")
+    return "<table class=ex>" + "".join(parts) + "</table>"
+
+
+def write(wd: str, *, arms: list[str], seeds: list[int], minutes: float, budget: dict) -> str:
+    """Writes results.md and report.html; returns the Markdown table."""
+    rows = results(wd, arms, seeds)
+    md = table(rows)
+    world = {**budget, **(_load(os.path.join(wd, "world", "world.json")) or {})}
+    stages = {}
+    for name in sorted(os.listdir(os.path.join(wd, "stages"))):
+        stage = _load(os.path.join(wd, "stages", name))
+        stages[stage["stage"]] = stage["seconds"]
+    note = (f"Held-out prompts: {world['heldout_prompts']}; seeds: {len(seeds)} (mean ± std over seeds); "
+            f"SFT: {budget['sft_steps']} steps on {world['sft_examples']} examples "
+            f"({world['sft']['imperfect']} imperfect); DPO: {budget['dpo_steps']} steps per arm on one on-policy "
+            f"round ({budget['samples']} samples per prompt, {world['train_prompts']} prompts). "
+            f"This run: {minutes:.1f} min (stages finished before are not counted).")
+    with open(os.path.join(wd, "results.md"), "w") as f:
+        f.write(md + "\n\n" + note + "\n")
+    plots = "".join(f"<figure><img src='data:image/png;base64,{png}'><figcaption>{html.escape(t)}</figcaption>"
+                    f"</figure>" for t, png in _curves(rows))
+    timing = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f} s</td></tr>" for k, v in stages.items())
+    md_html = "<table class=res>" + "".join(
+        "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
+                         for c in line.strip("|").split("|")) + "</tr>"
+        for i, line in enumerate(md.splitlines()) if not line.startswith("|-")) + "</table>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rdpo_jax demo</title><style>
+body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}} figure{{display:inline-block}}
+li.ok{{color:#176117}} li.bad{{color:#a11}} ul{{padding-left:1.2em;margin:0}}</style></head><body>
+<h1>rdpo_jax demo: rubric-reward DPO on a world with known truth</h1>
+<p>{html.escape(note)}</p>{md_html}
+<h2>Training curves</h2>{plots}
+<h2>Held-out examples (seed {seeds[0]})</h2>{_examples(wd, rows, seeds)}
+<h2>Stage times</h2><table>{timing}</table></body></html>"""
+    with open(os.path.join(wd, "report.html"), "w") as f:
+        f.write(page)
+    return md + "\n\n" + note

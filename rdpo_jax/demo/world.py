@@ -1,0 +1,269 @@
+"""A visual world with ground truth: coloured shapes on a 2×2 grid, questions about them, rubrics from
+the scene graph, and the imperfect captions the demo's policy is warm-started on.
+
+A scene is 1–3 objects, each {shape, colour, size, position} with a distinct grid cell. Everything is
+drawn from a seeded numpy generator, so a seed gives the same scenes, images and texts everywhere.
+Question kinds (the prompt id starts with the kind): describe, count, colour, shape, presence, where.
+Ground truth is written in the keys `rubrics.generate.rule_rubric` understands, so the rubric pool comes
+from the ordinary `data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 50, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40)}
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+KINDS = ("describe", "count", "colour", "shape", "presence", "where")
+IMAGE_SIZE = 48
+MAX_OBJECTS = 3  # of the 4 grid cells
+PATCH = 24  # one vision patch per grid cell: 4 image tokens, each seeing one whole object
+# Kinds of mistakes in the imperfect share of the SFT answers (describe: each with this weight).
+MISTAKES = ("hallucinate", "omit", "recolour", "miscount")
+
+
+def scene(rng: np.random.Generator) -> list[dict]:
+    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    cells = rng.permutation(4)[:n]
+    return [dict(shape=SHAPES[rng.integers(3)], colour=list(COLOURS)[rng.integers(4)],
+                 size=SIZES[rng.integers(2)], position=POSITIONS[c]) for c in sorted(cells)]
+
+
+def draw(objects: list[dict], rng: np.random.Generator) -> bytes:
+    """A PNG of the scene: each object centred (with a pixel of jitter) in its cell, on a dark background."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (30, 30, 30))
+    pen = ImageDraw.Draw(image)
+    cell = IMAGE_SIZE // 2
+    for o in objects:
+        row, col = (o["position"].startswith("bottom"), o["position"].endswith("right"))
+        half = (9 if o["size"] == "large" else 5) + int(rng.integers(0, 2))
+        cx = col * cell + cell // 2 + int(rng.integers(-1, 2))
+        cy = row * cell + cell // 2 + int(rng.integers(-1, 2))
+        colour = tuple(int(np.clip(c + rng.integers(-10, 11), 0, 255)) for c in COLOURS[o["colour"]])
+        box = (cx - half, cy - half, cx + half, cy + half)
+        if o["shape"] == "circle":
+            pen.ellipse(box, fill=colour)
+        elif o["shape"] == "square":
+            pen.rectangle(box, fill=colour)
+        else:
+            pen.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _phrase(o: dict) -> str:
+    return f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}"
+
+
+def _there(n: int, noun: str) -> str:
+    plural = noun if n == 1 else noun + "s"
+    return f"there {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {plural}"
+
+
+def describe(objects: list[dict]) -> str:
+    return f"{_there(len(objects), 'object')} : " + " and ".join(_phrase(o) for o in objects) + " ."
+
+
+def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
+    """(instruction, correct answer, ground truth for rule_rubric) of one question of `kind`."""
+    if kind == "describe":
+        present = {(o["colour"], o["shape"]) for o in objects}
+        others = [f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in present]
+        absent = [others[i] for i in rng.permutation(len(others))[:2]]
+        mentions = sorted({f"{o['colour']} {o['shape']}" for o in objects})
+        details = sorted({f"{o['size']} {o['colour']} {o['shape']}" for o in objects}
+                         | {f"{o['colour']} {o['shape']} at the {o['position']}" for o in objects})
+        truth = dict(counts={"object": len(objects)}, mentions=mentions, details=details, absent=absent,
+                     max_words=6 + 9 * len(objects))
+        return "describe the image .", describe(objects), truth
+    if kind == "count":
+        shape = SHAPES[rng.integers(3)]
+        n = sum(o["shape"] == shape for o in objects)
+        return (f"how many {shape}s are there ?", _there(n, shape) + " .",
+                dict(answer=NUMBER_WORDS[n], options=list(NUMBER_WORDS), max_words=6))
+    unique = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
+    if kind == "colour" and unique:
+        o = unique[rng.integers(len(unique))]
+        return (f"what colour is the {o['shape']} ?", f"the {o['shape']} is {o['colour']} .",
+                dict(answer=o["colour"], options=list(COLOURS), max_words=6))
+    unique_colour = [o for o in objects if sum(p["colour"] == o["colour"] for p in objects) == 1]
+    if kind == "shape" and unique_colour:
+        o = unique_colour[rng.integers(len(unique_colour))]
+        return (f"what shape is the {o['colour']} object ?", f"the {o['colour']} object is a {o['shape']} .",
+                dict(answer=o["shape"], options=list(SHAPES), max_words=7))
+    if kind == "where":
+        o = objects[rng.integers(len(objects))]
+        others = [p for p in objects if (p["colour"], p["shape"]) == (o["colour"], o["shape"])]
+        if len(others) == 1:
+            name = f"{o['colour']} {o['shape']}"
+            return (f"where is the {name} ?", f"the {name} is at the {o['position']} .",
+                    dict(answer=o["position"], options=list(POSITIONS), max_words=8))
+    # presence (also the fallback when the scene has no object the other kinds can ask about)
+    if rng.random() < 0.5:
+        o = objects[rng.integers(len(objects))]
+        colour, shape = o["colour"], o["shape"]
+    else:
+        colour, shape = list(COLOURS)[rng.integers(4)], SHAPES[rng.integers(3)]
+    yes = any((p["colour"], p["shape"]) == (colour, shape) for p in objects)
+    answer = f"yes , there is a {colour} {shape} ." if yes else f"no , there is no {colour} {shape} ."
+    return f"is there a {colour} {shape} ?", answer, dict(answer="yes" if yes else "no", options=["yes", "no"],
+                                                        max_words=7)
+
+
+def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.random.Generator) -> str:
+    """A plausible wrong answer of the kinds VLMs give: hallucinated, omitted or recoloured objects,
+    wrong counts; for short answers, a wrong option."""
+    if kind == "describe":
+        mistake = MISTAKES[rng.integers(len(MISTAKES))]
+        objs = [dict(o) for o in objects]
+        if mistake == "hallucinate" or (mistake == "omit" and len(objs) == 1):
+            free = [p for p in POSITIONS if p not in {o["position"] for o in objs}] or list(POSITIONS)
+            colour, shape = truth["absent"][0].split()  # an object the rubric's pitfall criterion names
+            extra = dict(shape=shape, colour=colour, size=SIZES[rng.integers(2)],
+                         position=free[rng.integers(len(free))])
+            # the count stays right: the caption lists an object that is not there
+            return f"{_there(len(objs), 'object')} : " + " and ".join(_phrase(o) for o in objs + [extra]) + " ."
+        if mistake == "omit":
+            drop = rng.integers(len(objs))
+            return describe([o for i, o in enumerate(objs) if i != drop])
+        if mistake == "recolour":
+            i = rng.integers(len(objs))
+            objs[i]["colour"] = [c for c in COLOURS if c != objs[i]["colour"]][rng.integers(3)]
+            return describe(objs)
+        n = len(objs) + 1 if len(objs) == 1 or (len(objs) < 4 and rng.random() < 0.5) else len(objs) - 1
+        return f"{_there(n, 'object')} : " + " and ".join(_phrase(o) for o in objs) + " ."
+    wrong = [o for o in truth["options"] if o != truth["answer"]]
+    w = wrong[rng.integers(len(wrong))]
+    if kind == "count":
+        return answer.replace(f" {truth['answer']} ", f" {w} ", 1).replace("there is zero", "there are zero")
+    if kind == "presence":
+        return answer.replace("yes , there is a", "no , there is no") if truth["answer"] == "yes" else \
+            answer.replace("no , there is no", "yes , there is a")
+    return answer.replace(truth["answer"], w)
+
+
+def example(rng: np.random.Generator, kind: str | None = None) -> dict:
+    objects = scene(rng)
+    kind = kind or KINDS[rng.integers(len(KINDS))]
+    instruction, answer, truth = question(objects, kind, rng)
+    if instruction.startswith("is there") and kind != "presence":
+        kind = "presence"
+    return dict(objects=objects, kind=kind, instruction=instruction, answer=answer, truth=truth,
+                image=draw(objects, rng))
+
+
+def messages(instruction: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+
+
+# ----- Files: tokenizer and model folder, SFT data, prompt files for build_rubrics -----
+
+SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def corpus(seed: int = 0, n: int = 3000) -> list[str]:
+    """Texts covering the world's vocabulary: every question and answer form, correct and imperfect."""
+    rng = np.random.default_rng(seed)
+    texts = ["user assistant system"]
+    for i in range(n):
+        objects = scene(rng)
+        kind = KINDS[i % len(KINDS)]
+        instruction, answer, truth = question(objects, kind, rng)
+        texts += [instruction, answer, imperfect(objects, kind, answer, truth, rng)]
+    return texts
+
+
+def train_tokenizer(texts: list[str]):
+    """A word-level tokenizer trained with `tokenizers` on the world's texts, as an HF tokenizer with a
+    ChatML-style chat template (the end-of-turn token is the end of sequence)."""
+    import tokenizers
+    import transformers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=SPECIAL, min_frequency=1))
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
+        additional_special_tokens=["<|im_start|>", "<image>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def write_model(folder: str, *, seed: int = 0) -> None:
+    """The demo's base model as a Hugging Face folder: a tiny SigLIP + Qwen2 LLaVA (random weights),
+    the trained tokenizer and the LLaVA processor."""
+    import transformers
+
+    from rdpo_jax.models import config as config_lib
+    from rdpo_jax.models import hf, llava
+
+    tokenizer = train_tokenizer(corpus())
+    hf_config = transformers.LlavaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full")
+    cfg = config_lib.from_hf(hf_config)
+    hf.save_hf(llava.create(cfg, seed=seed), cfg, folder)
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        image_token="<image>", num_additional_image_tokens=0)
+    processor.save_pretrained(folder)
+
+
+def write_sft(out: str, name: str, *, n: int, seed: int, imperfect_share: float) -> dict:
+    """`n` SFT examples over every question kind; `imperfect_share` of them answered with a mistake."""
+    from rdpo_jax.data import arrayrecord
+
+    rng = np.random.default_rng(seed)
+    rows, wrong = [], 0
+    for i in range(n):
+        e = example(rng, KINDS[i % len(KINDS)])
+        answer = e["answer"]
+        if rng.random() < imperfect_share:
+            answer = imperfect(e["objects"], e["kind"], answer, e["truth"], rng)
+            wrong += answer != e["answer"]
+        rows.append(dict(example_id=f"{e['kind']}-{i:05d}", images=[e["image"]], messages=messages(e["instruction"]),
+                         answer=answer))
+    arrayrecord.write(out, name, "sft", rows)
+    return {"examples": n, "imperfect": wrong}
+
+
+def write_prompts(folder: str, name: str, *, n: int, seed: int, describe_share: float = 1 / len(KINDS)) -> str:
+    """`n` prompts (image files + NAME.jsonl with ground truth) for `data_prep.build_rubrics`:
+    `describe_share` of them open descriptions, the rest the short question kinds in turn."""
+    rng = np.random.default_rng(seed)
+    short = [k for k in KINDS if k != "describe"]
+    image_dir = os.path.join(folder, f"{name}_images")
+    os.makedirs(image_dir, exist_ok=True)
+    path = os.path.join(folder, f"{name}.jsonl")
+    with open(path, "w") as f:
+        for i in range(n):
+            open_ended = int((i + 1) * describe_share) > int(i * describe_share)
+            e = example(rng, "describe" if open_ended else short[i % len(short)])
+            image = f"{name}_images/{i:05d}.png"
+            with open(os.path.join(folder, image), "wb") as img:
+                img.write(e["image"])
+            f.write(json.dumps(dict(prompt_id=f"{e['kind']}-{i:05d}", image=image, instruction=e["instruction"],
+                                    reference_answer=e["answer"], ground_truth=e["truth"], scene=e["objects"])) + "\n")
+    return path

@@ -1,0 +1,73 @@
+"""rdpo_jax.evaluate: the per-answer numbers against hand-computed values, the summary, and a real
+evaluation of an HF folder on a rule-built pool (answers greedy = the sampler's, verdicts = the verifier's)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rdpo_jax import evaluate
+from rdpo_jax.data import arrayrecord
+from rdpo_jax.demo import world
+from rdpo_jax.rubrics import generate, judge
+
+
+def _rubric():
+    return generate.rule_rubric(dict(counts={"object": 2}, mentions=["red circle", "blue square"],
+                                     details=["small red circle"], absent=["green triangle"], max_words=20))
+
+
+def test_score_by_hand():
+    rubric = _rubric()  # criteria: count, mentions ×2 (essential, weight 1); detail, absent, concise (0.5)
+    ids = [c["id"] for c in rubric["criteria"]]
+    answer = "there are two objects : a small red circle and a green triangle"
+    verdict = judge.VerifierJudge().judge([judge.Item("x", [], [], rubric, answer)])[0]
+    scores = dict(zip(ids, verdict.scores))
+    assert scores == {"count:object": 1, "mentions:red circle": 1, "mentions:blue square": 0,
+                      "detail:small red circle": 1, "absent:green triangle": 0, "concise": 1}
+    m = evaluate.score(rubric, verdict.scores, answer)
+    weights = {c["id"]: c["weight"] for c in rubric["criteria"]}
+    expected = sum(weights[k] * v for k, v in scores.items()) / sum(weights.values())
+    assert m == {"essential_pass": 0.0, "rubric_score": pytest.approx(expected), "accuracy": 0.0,
+                 "words": 12.0, "hallucination": 1.0}
+
+
+def test_summary_means_and_groups():
+    rows = [{"prompt_id": "count-1", "metrics": {"accuracy": 1.0, "words": 4.0}},
+            {"prompt_id": "count-2", "metrics": {"accuracy": 0.0, "words": 6.0}},
+            {"prompt_id": "describe-3", "metrics": {"accuracy": 1.0, "words": 20.0, "hallucination": 1.0}},
+            {"prompt_id": "describe-4", "unscorable": "timeout"}]
+    s = evaluate.summarize(rows, "prefix")
+    assert s["prompts"] == 4 and s["unscorable"] == 1
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["words"] == pytest.approx(10.0)
+    assert s["hallucination"] == 1.0  # only over answers whose rubric has a pitfall criterion
+    assert s["groups"] == {"count": {"prompts": 2, "accuracy": 0.5, "words": 5.0},
+                           "describe": {"prompts": 1, "accuracy": 1.0, "words": 20.0, "hallucination": 1.0}}
+
+
+def test_evaluate_an_hf_folder(tmp_path):
+    folder, out = str(tmp_path / "model"), str(tmp_path / "eval")
+    world.write_model(folder)
+    prompts = world.write_prompts(str(tmp_path), "held", n=6, seed=0)
+    pool = []
+    for line in open(prompts):
+        row = json.loads(line)
+        image = open(tmp_path / row["image"], "rb").read()
+        pool.append(dict(prompt_id=row["prompt_id"], images=[image], messages=world.messages(row["instruction"]),
+                         rubric=generate.rule_rubric(row["ground_truth"])))
+    arrayrecord.write(str(tmp_path), "pool", "rubric_pool", pool)
+    metrics = evaluate.evaluate(folder, str(tmp_path / "pool"), out, judge=judge.VerifierJudge(), max_new_tokens=6,
+                                batch_size=4, group="prefix")
+    rows = [json.loads(line) for line in open(os.path.join(out, "answers.jsonl"))]
+    assert [r["prompt_id"] for r in rows] == [p["prompt_id"] for p in pool]
+    assert metrics == json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["prompts"] == 6 and metrics["unscorable"] == 0 and metrics["judge"] == "verifier"
+    assert set(metrics["groups"]) == set(world.KINDS)
+    # every answer is re-judged the same way by the verifier: the file holds the verdicts it produced
+    verifier = judge.VerifierJudge()
+    for r, p in zip(rows, pool):
+        v = verifier.judge([judge.Item(r["prompt_id"], p["messages"], p["images"], p["rubric"], r["answer"])])[0]
+        assert r["scores"] == v.scores
+        assert len(r["answer"].split()) <= 6
+    assert metrics["words"] == pytest.approx(np.mean([len(r["answer"].split()) for r in rows]))
