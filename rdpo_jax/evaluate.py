@@ -1,6 +1,7 @@
 """Held-out rubric report of a model: `python -m rdpo_jax.evaluate --model=RUN_OR_HF --pool=POOL --out=DIR`.
 
     python -m rdpo_jax.evaluate --model=runs/dpo --pool=data/heldout_pool --out=runs/dpo/eval
+    python -m rdpo_jax.evaluate --model=runs/sft,runs/dpo --out=eval/sft,eval/dpo --pool=…  # one process
     python -m rdpo_jax.evaluate --model=exports/dpo --pool=… --judge=openai --endpoint=… --judge_model=…
 
 Answers every prompt of a rubric pool greedily (the sampler of `data_prep.sample`), judges the answers
@@ -12,7 +13,7 @@ criterion by criterion (verifier, OpenAI-compatible endpoint or local Flax judge
                      mention a …, which is not there"), among prompts whose rubric has one
   accuracy           final-answer correctness (the `answer` criterion, else every essential one);
                      also per prompt group (`--group=prefix`: the prompt id up to its first "-")
-  words              mean answer length in words
+  words              mean answer length in words (as the length criteria count them)
 Writes DIR/answers.jsonl (answer, scores, reasons per prompt) and DIR/metrics.json.
 """
 
@@ -47,7 +48,7 @@ def score(rubric: dict, scores: list[float], answer: str) -> dict:
     pitfalls = [v for v, c in zip(s, rubric["criteria"]) if _is_pitfall(c)]
     out = dict(essential_pass=float(aggregate.essential_pass(rubric, s)),
                rubric_score=float(np.dot(s, weights) / sum(weights)), accuracy=mining.correctness(rubric, s),
-               words=float(len(answer.split())))
+               words=float(len(judge_lib.split_words(answer))))
     if pitfalls:
         out["hallucination"] = float(any(v < aggregate.PASS for v in pitfalls))
     return out
@@ -129,9 +130,9 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("model", None, "HF folder or training run directory (latest checkpoint).")
+    flags.DEFINE_list("model", None, "HF folders or training run directories (latest checkpoint), comma-separated.")
     flags.DEFINE_string("pool", None, "Held-out rubric pool dataset (folder/NAME).")
-    flags.DEFINE_string("out", None, "Output folder: answers.jsonl, metrics.json.")
+    flags.DEFINE_list("out", None, "Output folder per model (answers.jsonl, metrics.json), comma-separated.")
     flags.DEFINE_enum("judge", "verifier", ["verifier", "openai", "flax"], "Which judge.")
     flags.DEFINE_string("judge_model", "", "Model name at the endpoint, or the judge's HF folder (flax).")
     flags.DEFINE_string("endpoint", "", "OpenAI-compatible base URL (…/v1).")
@@ -147,16 +148,19 @@ def main(argv):
     f = flags.FLAGS
     if not f.model or not f.pool or not f.out:
         raise app.UsageError("--model, --pool and --out are required")
+    if len(f.model) != len(f.out):
+        raise app.UsageError(f"--out names {len(f.out)} folders for {len(f.model)} models; give one per model")
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
         judge = judge_lib.make_judge(f.judge, model=f.judge_model, endpoint=f.endpoint, api_key_env=f.api_key_env,
-                                     cache=os.path.join(f.out, "verdicts.cache.sqlite"))
+                                     cache=os.path.join(f.out[0], "verdicts.cache.sqlite"))
     except ValueError as e:
         raise app.UsageError(f"--judge={f.judge}: {e}") from None
-    metrics = evaluate(f.model, f.pool, f.out, judge=judge, max_new_tokens=f.max_new_tokens,
-                       batch_size=f.batch_size, group=f.group, limit=f.limit)
-    print(format_metrics(metrics))
+    for model, out in zip(f.model, f.out):  # one process: the sampler compiles once for all of them
+        metrics = evaluate(model, f.pool, out, judge=judge, max_new_tokens=f.max_new_tokens,
+                           batch_size=f.batch_size, group=f.group, limit=f.limit)
+        print(format_metrics(metrics))
 
 
 if __name__ == "__main__":

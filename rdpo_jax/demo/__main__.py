@@ -9,7 +9,8 @@ WORKDIR/stages/ and skipped on the next run unless --fresh):
   sft         rdpo_jax.train configs/demo.py objective=sft (the warm start = the "base" row)
   per seed:   data_prep.sample → data_prep.judge (verifier) → data_prep.make_pairs (rubric miner, and
               the outcome miner on final-answer correctness) → rdpo_jax.train for each arm
-  evaluate    rdpo_jax.evaluate on the held-out pool: base and every arm
+  evaluate    rdpo_jax.evaluate on the held-out pool: base and every arm (one process; models that
+              already have their metrics are skipped)
   report      the table (printed, WORKDIR/results.md) and WORKDIR/report.html
 """
 
@@ -38,11 +39,14 @@ BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fa
                  max_new_tokens=12),
 }
 
-_WORKDIR = flags.DEFINE_string("workdir", "demo_workdir", "Everything the demo writes goes here.")
-_BUDGET = flags.DEFINE_enum("budget", "full", list(BUDGETS), "full: the demo; tiny: a fast check of every stage.")
-_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds of the on-policy round and DPO runs (the table shows the spread).")
-_FRESH = flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
-_DEVICES = flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
+
+def _define_flags() -> None:
+    """The command's flags (only when run as a command: importing this module defines none)."""
+    flags.DEFINE_string("workdir", "demo_workdir", "Everything the demo writes goes here.")
+    flags.DEFINE_enum("budget", "full", list(BUDGETS), "full: the demo; tiny: a fast check of every stage.")
+    flags.DEFINE_integer("seeds", 1, "Seeds of the on-policy round and DPO runs (the table shows the spread).")
+    flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
+    flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
 
 
 class Demo:
@@ -58,10 +62,10 @@ class Demo:
                         PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.cwd = root
 
-    def stage(self, name: str, fn) -> dict:
-        """Runs `fn` unless stage `name` finished before; records its time."""
+    def stage(self, name: str, fn, *, reuse: bool = True) -> dict:
+        """Runs `fn` unless stage `name` finished before (and `reuse`); records its time."""
         path = os.path.join(self.stages, name.replace("/", "_") + ".json")
-        if os.path.exists(path):
+        if reuse and os.path.exists(path):
             with open(path) as f:
                 done = json.load(f)
             print(f"[demo] {name}: done before ({done['seconds']:.0f} s), reused")
@@ -133,10 +137,10 @@ class Demo:
                      f"loss={loss},steps={self.budget['dpo_steps']},seed={seed}",
                      f"--workdir={self.path(f'seed{seed}', arm)}")
 
-    def evaluate(self, model: str, out: str) -> None:
-        self.command("rdpo_jax.evaluate", f"--model={model}", f"--pool={self.path('rubrics', 'heldout_pool')}",
-                     f"--out={out}", f"--max_new_tokens={self.budget['max_new_tokens']}", "--group=prefix",
-                     "--batch_size=64")
+    def evaluate(self, models: list[str], outs: list[str]) -> None:
+        self.command("rdpo_jax.evaluate", f"--model={','.join(models)}", f"--out={','.join(outs)}",
+                     f"--pool={self.path('rubrics', 'heldout_pool')}", "--group=prefix", "--batch_size=64",
+                     f"--max_new_tokens={self.budget['max_new_tokens']}")
 
 
 def main(argv):
@@ -144,20 +148,25 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()
-    if _FRESH.value and os.path.exists(_WORKDIR.value):
-        shutil.rmtree(_WORKDIR.value)
-    d = Demo(_WORKDIR.value, BUDGETS[_BUDGET.value], _DEVICES.value)
+    f = flags.FLAGS
+    if f.fresh and os.path.exists(f.workdir):
+        shutil.rmtree(f.workdir)
+    d = Demo(f.workdir, BUDGETS[f.budget], f.devices)
     d.stage("world", d.make_world)
     d.stage("rubrics", d.rubrics)
     d.stage("sft", d.sft)
-    d.stage("evaluate/base", lambda: d.evaluate(d.path("sft"), d.path("eval", "base")))
-    seeds = list(range(_SEEDS.value))
+    seeds = list(range(f.seeds))
+    runs = {"base": d.path("sft")}
     for seed in seeds:
         d.stage(f"round/seed{seed}", lambda: d.round(seed))
         for arm in ARMS:
             d.stage(f"train/seed{seed}/{arm}", lambda: d.train_arm(seed, arm))
-            d.stage(f"evaluate/seed{seed}/{arm}",
-                    lambda: d.evaluate(d.path(f"seed{seed}", arm), d.path("eval", f"seed{seed}", arm)))
+            runs[f"seed{seed}/{arm}"] = d.path(f"seed{seed}", arm)
+    todo = {k: v for k, v in runs.items() if not os.path.exists(d.path("eval", k, "metrics.json"))}
+    if todo:  # one process for every model not evaluated yet: the sampler compiles once
+        d.stage("evaluate", lambda: d.evaluate(list(todo.values()), [d.path("eval", k) for k in todo]), reuse=False)
+    else:
+        print("[demo] evaluate: done before (every model has its metrics), reused")
     minutes = (time.perf_counter() - t0) / 60
     table = report.write(d.wd, arms=list(ARMS), seeds=seeds, minutes=minutes, budget=d.budget)
     print("\n" + table)
@@ -165,4 +174,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -78,10 +78,11 @@ def _curves(rows: list[dict]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     plots = []
-    for key, title in (("loss", "training loss"), ("rewards/accuracies", "reward accuracy (DPO)"),
-                       ("rewards/margins", "reward margin (DPO)")):
+    for key, title, subset in (("loss", "SFT loss (base)", rows[:1]), ("loss", "DPO loss", rows[1:]),
+                               ("rewards/accuracies", "DPO reward accuracy", rows[1:]),
+                               ("rewards/margins", "DPO reward margin", rows[1:])):
         fig, ax = plt.subplots(figsize=(5, 3))
-        for r in rows:
+        for r in subset:
             for run in r["runs"]:
                 path = os.path.join(run, "metrics.jsonl")
                 if not os.path.exists(path):

@@ -119,7 +119,8 @@ NUMBERS = {w: i for i, w in enumerate("zero one two three four five six seven ei
 NUMBERS.update(no=0, a=1, an=1, single=1)
 
 
-def _words(text: str) -> list[str]:
+def split_words(text: str) -> list[str]:
+    """Lower-case words and numbers (punctuation dropped): what every check and the length budget count."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
@@ -132,7 +133,7 @@ def _singular(word: str) -> str:
 
 
 def _contains(words: list[str], phrase: str) -> bool:
-    target = [_singular(w) for w in _words(phrase)]
+    target = [_singular(w) for w in split_words(phrase)]
     norm = [_singular(w) for w in words]
     n = len(target)
     return any(norm[i:i + n] == target for i in range(len(norm) - n + 1)) if n else True
@@ -141,7 +142,7 @@ def _contains(words: list[str], phrase: str) -> bool:
 def _stated_count(words: list[str], noun: str) -> int | None:
     """The number written before `noun` — a digit or number word, up to 3 words back so that adjectives
     may come between ("two red circles") — at its first mention with one; None if never stated."""
-    target = _singular(_words(noun)[-1])
+    target = _singular(split_words(noun)[-1])
     for i, w in enumerate(words):
         if _singular(w) != target:
             continue
@@ -155,7 +156,7 @@ def _stated_count(words: list[str], noun: str) -> int | None:
 
 def check(spec: dict, answer: str) -> tuple[float, str]:
     """Evaluates one machine-checkable criterion (records.CHECKS) on an answer: (0 or 1, reason)."""
-    words = _words(answer)
+    words = split_words(answer)
     kind = spec["type"]
     if kind == "contains":
         ok = _contains(words, spec["phrase"])
