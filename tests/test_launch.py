@@ -3,6 +3,7 @@ script also really runs 2 processes of the smoke config: tests/test_train.py::te
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_local_multiprocess_commands():
 
 def test_local_multiprocess_stops_all_when_one_fails(tmp_path):
     """A process that fails (here: a config that does not exist) fails the script, with its log shown."""
-    proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "--python=" + os.sys.executable,
+    proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "--python=" + sys.executable,
                            f"--log_dir={tmp_path}", "--", "--config=configs/absent.py", f"--workdir={tmp_path}/w"],
                           cwd=runs.ROOT, env=runs.env(str(tmp_path / "cache")), capture_output=True, text=True,
                           timeout=120)
