@@ -6,7 +6,8 @@ DPO arms on the pairs of one on-policy round.
         --workdir=WD/arm_rubric
 
 Arguments: dir (the demo workdir, required), objective (sft | dpo), pairs (dpo: the pairs dataset),
-loss (dpo: a loss type), steps (override the step budget), seed.
+loss (dpo: a loss type), steps (override the step budget), seed, init (dpo: the policy to start from and
+use as reference; default the SFT run).
 """
 
 from configs import base
@@ -14,7 +15,7 @@ from configs import base
 
 def get_config(arg: str = ""):
     args = base.parse_arg(arg, "configs/demo.py", required=("dir",),
-                          optional=("objective", "pairs", "loss", "steps", "seed"))
+                          optional=("objective", "pairs", "loss", "steps", "seed", "init"))
     c = base.get_config()
     d = args["dir"]
     c.objective = args.get("objective", "sft")
@@ -36,7 +37,7 @@ def get_config(arg: str = ""):
         c.optim.learning_rate = 1e-3  # 2e-3 and higher multipliers on the vision tower never learn to see
         c.optim.warmup_steps = 20
     else:
-        c.init_from = f"{d}/sft"  # the warm-started policy; also the frozen reference
+        c.init_from = args.get("init", f"{d}/sft")  # the policy trained on; also the frozen reference
         c.total_steps = int(args.get("steps", 80))
         c.data.train = args["pairs"]
         c.data.batch_size = 16

@@ -58,6 +58,10 @@ def main(argv):
             raise records.RecordError(_JUDGED.value, "prompt_id", f"{prompt_id!r} is not in {_POOL.value}")
         prompt = records.decode(pool[index[prompt_id]][1], "rubric_pool", pool.where(index[prompt_id]))
         rubric, samples = prompt["rubric"], by_prompt[prompt_id]
+        empty = [s for s in samples if not s.response.strip()]  # a pair record cannot hold an empty answer
+        if empty:
+            counts["empty answers left out"] += len(empty)
+            samples = [s for s in samples if s.response.strip()]
         for s in samples:
             if s.scores is not None and len(s.scores) != len(rubric["criteria"]):
                 raise records.RecordError(s.sample_id, "scores", f"{len(s.scores)} scores for "

@@ -1,6 +1,6 @@
 """`make demo`: the whole rDPO loop on a CPU, on a world where the truth is known.
 
-    python -m rdpo_jax.demo [--workdir=demo_workdir] [--budget=full|tiny] [--seeds=1] [--fresh]
+    python -m rdpo_jax.demo [--workdir=demo_workdir] [--budget=full|tiny] [--seeds=1] [--rounds=1] [--fresh]
 
 Stages (each a real command in a subprocess, as a TPU user runs them; a finished stage is recorded in
 WORKDIR/stages/ and skipped on the next run unless --fresh):
@@ -8,7 +8,8 @@ WORKDIR/stages/ and skipped on the next run unless --fresh):
   rubrics     data_prep.build_rubrics --generator=rule (train and held-out pools)
   sft         rdpo_jax.train configs/demo.py objective=sft (the warm start = the "base" row)
   per seed:   data_prep.sample → data_prep.judge (verifier) → data_prep.make_pairs (rubric miner, and
-              the outcome miner on final-answer correctness) → rdpo_jax.train for each arm
+              the outcome miner on final-answer correctness) → rdpo_jax.train for each arm; with
+              --rounds=N each arm then repeats sample → judge → its miner → train from its own policy
   evaluate    rdpo_jax.evaluate on the held-out pool: base and every arm (one process; models that
               already have their metrics are skipped)
   report      the table (printed, WORKDIR/results.md) and WORKDIR/report.html
@@ -45,6 +46,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", "demo_workdir", "Everything the demo writes goes here.")
     flags.DEFINE_enum("budget", "full", list(BUDGETS), "full: the demo; tiny: a fast check of every stage.")
     flags.DEFINE_integer("seeds", 1, "Seeds of the on-policy round and DPO runs (the table shows the spread).")
+    flags.DEFINE_integer("rounds", 1, "On-policy rounds per arm: round 1 samples the SFT policy (shared by the "
+                         "arms); each later round samples the arm's own policy and trains on from it.")
     flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
     flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
 
@@ -117,25 +120,36 @@ class Demo:
         self.command("rdpo_jax.train", f"--config=configs/demo.py:dir={self.wd},objective=sft,"
                      f"steps={self.budget['sft_steps']}", f"--workdir={self.path('sft')}")
 
-    def round(self, seed: int) -> None:
-        b, out = self.budget, self.path(f"seed{seed}", "round1")
-        pool = self.path("rubrics", "train_pool")
-        self.command("data_prep.sample", f"--pool={pool}", f"--model={self.path('sft')}", f"--n={b['samples']}",
+    def round_dir(self, seed: int, arm: str, r: int) -> str:
+        """Round 1 samples the SFT policy once for every arm; later rounds sample each arm's own policy."""
+        return self.path(f"seed{seed}", "round1") if r == 1 else self.path(f"seed{seed}", f"{arm}-round{r}")
+
+    def run_dir(self, seed: int, arm: str, r: int) -> str:
+        return self.path(f"seed{seed}", arm if r == 1 else f"{arm}-round{r}", *(["run"] if r > 1 else []))
+
+    def round(self, seed: int, policy: str, out: str, r: int, miners: tuple[str, ...]) -> None:
+        b, pool = self.budget, self.path("rubrics", "train_pool")
+        self.command("data_prep.sample", f"--pool={pool}", f"--model={policy}", f"--n={b['samples']}",
                      "--temperature=1.0", f"--max_new_tokens={b['max_new_tokens']}", "--batch_size=32",
-                     f"--seed={seed}", f"--out={out}")
+                     f"--seed={100 * seed + r}", f"--out={out}")
         self.command("data_prep.judge", f"--pool={pool}", f"--samples={out}/samples", "--judge=verifier",
                      f"--out={out}")
-        self.command("data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=rubric",
-                     "--gate=veto", "--margin=0.1", "--max_pairs=2", f"--out={out}", "--name=pairs_rubric")
-        self.command("data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=outcome",
-                     "--outcome=correct", "--margin=0.5", "--max_pairs=2", f"--out={out}", "--name=pairs_outcome")
+        if "rubric" in miners:
+            self.command("data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=rubric",
+                         "--gate=veto", "--margin=0.1", "--max_pairs=2", f"--out={out}", "--name=pairs_rubric")
+        if "outcome" in miners:
+            self.command("data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=outcome",
+                         "--outcome=correct", "--margin=0.5", "--max_pairs=2", f"--out={out}",
+                         "--name=pairs_outcome")
 
-    def train_arm(self, seed: int, arm: str) -> None:
+    def train_arm(self, seed: int, arm: str, r: int) -> None:
+        """DPO on the round's pairs from the arm's previous policy (also the reference: iterative DPO)."""
         miner, loss = ARMS[arm]
-        pairs = self.path(f"seed{seed}", "round1", f"pairs_{miner}")
+        pairs = os.path.join(self.round_dir(seed, arm, r), f"pairs_{miner}")
+        init = self.path("sft") if r == 1 else self.run_dir(seed, arm, r - 1)
         self.command("rdpo_jax.train", f"--config=configs/demo.py:dir={self.wd},objective=dpo,pairs={pairs},"
-                     f"loss={loss},steps={self.budget['dpo_steps']},seed={seed}",
-                     f"--workdir={self.path(f'seed{seed}', arm)}")
+                     f"loss={loss},steps={self.budget['dpo_steps']},seed={seed},init={init}",
+                     f"--workdir={self.run_dir(seed, arm, r)}")
 
     def evaluate(self, models: list[str], outs: list[str]) -> None:
         self.command("rdpo_jax.evaluate", f"--model={','.join(models)}", f"--out={','.join(outs)}",
@@ -158,17 +172,22 @@ def main(argv):
     seeds = list(range(f.seeds))
     runs = {"base": d.path("sft")}
     for seed in seeds:
-        d.stage(f"round/seed{seed}", lambda: d.round(seed))
+        d.stage(f"round/seed{seed}", lambda: d.round(seed, d.path("sft"), d.round_dir(seed, "", 1), 1,
+                                                     ("rubric", "outcome")))
         for arm in ARMS:
-            d.stage(f"train/seed{seed}/{arm}", lambda: d.train_arm(seed, arm))
-            runs[f"seed{seed}/{arm}"] = d.path(f"seed{seed}", arm)
+            for r in range(1, f.rounds + 1):
+                if r > 1:
+                    d.stage(f"round{r}/seed{seed}/{arm}", lambda: d.round(
+                        seed, d.run_dir(seed, arm, r - 1), d.round_dir(seed, arm, r), r, (ARMS[arm][0],)))
+                d.stage(f"train{'' if r == 1 else r}/seed{seed}/{arm}", lambda: d.train_arm(seed, arm, r))
+            runs[f"seed{seed}/{arm}"] = d.run_dir(seed, arm, f.rounds)
     todo = {k: v for k, v in runs.items() if not os.path.exists(d.path("eval", k, "metrics.json"))}
     if todo:  # one process for every model not evaluated yet: the sampler compiles once
         d.stage("evaluate", lambda: d.evaluate(list(todo.values()), [d.path("eval", k) for k in todo]), reuse=False)
     else:
         print("[demo] evaluate: done before (every model has its metrics), reused")
     minutes = (time.perf_counter() - t0) / 60
-    table = report.write(d.wd, arms=list(ARMS), seeds=seeds, minutes=minutes, budget=d.budget)
+    table = report.write(d.wd, arms=list(ARMS), seeds=seeds, minutes=minutes, budget={**d.budget, "rounds": f.rounds})
     print("\n" + table)
     print(f"\n[demo] {minutes:.1f} minutes; table: {d.path('results.md')}; report: {d.path('report.html')}")
 

@@ -147,8 +147,9 @@ def write(wd: str, *, arms: list[str], seeds: list[int], minutes: float, budget:
         stages[stage["stage"]] = stage["seconds"]
     note = (f"Held-out prompts: {world['heldout_prompts']}; seeds: {len(seeds)} (mean ± std over seeds); "
             f"SFT: {budget['sft_steps']} steps on {world['sft_examples']} examples "
-            f"({world['sft']['imperfect']} imperfect); DPO: {budget['dpo_steps']} steps per arm on one on-policy "
-            f"round ({budget['samples']} samples per prompt, {world['train_prompts']} prompts). "
+            f"({world['sft']['imperfect']} imperfect); DPO: {budget['dpo_steps']} steps per arm and round, "
+            f"{budget.get('rounds', 1)} on-policy round(s) ({budget['samples']} samples per prompt, "
+            f"{world['train_prompts']} prompts; pairs: those of round 1). "
             f"This run: {minutes:.1f} min (stages finished before are not counted).")
     with open(os.path.join(wd, "results.md"), "w") as f:
         f.write(md + "\n\n" + note + "\n")

@@ -54,6 +54,8 @@ def _dedup(samples: Sequence[Sample], threshold: float) -> list[Sample]:
 
 
 def _prepare(samples: Sequence[Sample], dedup: float) -> tuple[list[Sample], str | None]:
+    if not samples:
+        return [], "no_answers"
     scored = [s for s in samples if s.scores is not None]
     if not scored:
         return [], "unscorable"

@@ -93,6 +93,8 @@ def test_rubric_miner_criterion_gap_and_reasons():
     assert len(mining.mine_rubric(RUBRIC, [a, b], gate="none", margin=0.05, criterion_gap=0.2)[0]) == 1
     assert mining.mine_rubric(RUBRIC, [_s(0, "x", None)]) == ([], "unscorable")
     assert mining.mine_rubric(RUBRIC, [a]) == ([], "too_few_samples")
+    assert mining.mine_rubric(RUBRIC, []) == ([], "no_answers")
+    assert mining.mine_outcome([], lambda s: 1.0) == ([], "no_answers")
     assert mining.mine_rubric(RUBRIC, [_s(0, "x y", [0, 0, 5]), _s(1, "z w", [0, 1, 1])]) == ([], "no_qualified")
 
 
