@@ -3,7 +3,6 @@ ref_logps → train — as a user runs them (subprocesses), including resumption
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,17 +10,10 @@ from PIL import Image
 
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.models import hf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from tests import runs
 
 def _run(*args, cache):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
+    return runs.run([sys.executable, "-m", *args], runs.env(cache)).stdout
 
 
 def _prompts(folder):
