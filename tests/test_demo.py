@@ -3,7 +3,6 @@ every stage's output exists and is well-formed, the table has every arm, a re-ru
 
 import json
 import os
-import subprocess
 import sys
 
 from rdpo_jax.data import arrayrecord, records
@@ -58,6 +57,15 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
     assert page.count("data:image/png;base64") >= 7  # curves and example scenes
     assert "outcome+sigmoid" in page and "<li class=" in page  # per-criterion verdicts
 
-    again = subprocess.run(cmd, cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done before") == 5 + len(ARMS)  # world, rubrics, sft, round, arms, evaluate
+    # a second run with --rounds=2 reuses every round-1 stage; each arm samples its own policy, mines with its
+    # own miner and trains on from its round-1 run; only the new models are evaluated
+    again = runs.run(cmd + ["--rounds=2"], env, timeout=600)
+    assert again.stdout.count("done before") == 4 + len(ARMS)  # world, rubrics, sft, round 1, round-1 arms
+    for arm, (miner, _) in ARMS.items():
+        samples = _dataset(f"{wd}/seed0/{arm}-round2/judged", "samples")
+        assert {s["sampler"]["model"] for s in samples} == {f"{wd}/seed0/{arm}"}  # the arm's own policy
+        assert os.path.exists(f"{wd}/seed0/{arm}-round2/pairs_{miner}.manifest.json")
+        assert not os.path.exists(f"{wd}/seed0/{arm}-round2/pairs_{'outcome' if miner == 'rubric' else 'rubric'}")
+        assert json.load(open(f"{wd}/seed0/{arm}-round2/run/config.json"))["init_from"] == f"{wd}/seed0/{arm}"
+        assert json.load(open(f"{wd}/eval/seed0/{arm}-round2/metrics.json"))["prompts"] == 12
+        assert f"| {arm} round 2 |" in again.stdout

@@ -127,6 +127,22 @@ class Demo:
     def run_dir(self, seed: int, arm: str, r: int) -> str:
         return self.path(f"seed{seed}", arm if r == 1 else f"{arm}-round{r}", *(["run"] if r > 1 else []))
 
+    def eval_dir(self, seed: int, arm: str, r: int) -> str:
+        return self.path("eval", f"seed{seed}", arm if r == 1 else f"{arm}-round{r}")
+
+    def rows(self, seeds: list[int], rounds: int) -> list[dict]:
+        """The table's rows: the base, then every arm after each round (eval dirs, runs, pairs per seed)."""
+        rows = [{"name": "base (SFT)", "evals": [self.path("eval", "base")], "runs": [self.path("sft")],
+                 "pairs": None}]
+        for arm, (miner, _) in ARMS.items():
+            for r in range(1, rounds + 1):
+                rows.append({"name": arm if r == 1 else f"{arm} round {r}",
+                             "evals": [self.eval_dir(s, arm, r) for s in seeds],
+                             "runs": [self.run_dir(s, arm, r) for s in seeds],
+                             "pairs": [os.path.join(self.round_dir(s, arm, r), f"pairs_{miner}.manifest.json")
+                                       for s in seeds]})
+        return rows
+
     def round(self, seed: int, policy: str, out: str, r: int, miners: tuple[str, ...]) -> None:
         b, pool = self.budget, self.path("rubrics", "train_pool")
         self.command("data_prep.sample", f"--pool={pool}", f"--model={policy}", f"--n={b['samples']}",
@@ -170,7 +186,6 @@ def main(argv):
     d.stage("rubrics", d.rubrics)
     d.stage("sft", d.sft)
     seeds = list(range(f.seeds))
-    runs = {"base": d.path("sft")}
     for seed in seeds:
         d.stage(f"round/seed{seed}", lambda: d.round(seed, d.path("sft"), d.round_dir(seed, "", 1), 1,
                                                      ("rubric", "outcome")))
@@ -180,14 +195,15 @@ def main(argv):
                     d.stage(f"round{r}/seed{seed}/{arm}", lambda: d.round(
                         seed, d.run_dir(seed, arm, r - 1), d.round_dir(seed, arm, r), r, (ARMS[arm][0],)))
                 d.stage(f"train{'' if r == 1 else r}/seed{seed}/{arm}", lambda: d.train_arm(seed, arm, r))
-            runs[f"seed{seed}/{arm}"] = d.run_dir(seed, arm, f.rounds)
-    todo = {k: v for k, v in runs.items() if not os.path.exists(d.path("eval", k, "metrics.json"))}
+    rows = d.rows(seeds, f.rounds)
+    todo = [(run, ev) for row in rows for run, ev in zip(row["runs"], row["evals"])
+            if not os.path.exists(os.path.join(ev, "metrics.json"))]
     if todo:  # one process for every model not evaluated yet: the sampler compiles once
-        d.stage("evaluate", lambda: d.evaluate(list(todo.values()), [d.path("eval", k) for k in todo]), reuse=False)
+        d.stage("evaluate", lambda: d.evaluate(*map(list, zip(*todo))), reuse=False)
     else:
         print("[demo] evaluate: done before (every model has its metrics), reused")
     minutes = (time.perf_counter() - t0) / 60
-    table = report.write(d.wd, arms=list(ARMS), seeds=seeds, minutes=minutes, budget={**d.budget, "rounds": f.rounds})
+    table = report.write(d.wd, rows, seeds=seeds, minutes=minutes, budget={**d.budget, "rounds": f.rounds})
     print("\n" + table)
     print(f"\n[demo] {minutes:.1f} minutes; table: {d.path('results.md')}; report: {d.path('report.html')}")
 

@@ -36,19 +36,14 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
-def results(wd: str, arms: list[str], seeds: list[int]) -> list[dict]:
-    """Per row (base, then each arm): its metrics per seed and the pairs it trained on."""
-    rows = [{"name": "base (SFT)", "metrics": [_load(os.path.join(wd, "eval", "base", "metrics.json"))],
-             "pairs": None, "runs": [os.path.join(wd, "sft")]}]
-    for arm in arms:
-        miner = arm.split("+")[0]
-        pairs = [_load(os.path.join(wd, f"seed{s}", "round1", f"pairs_{miner}.manifest.json")) for s in seeds]
-        rows.append({"name": arm, "metrics": [_load(os.path.join(wd, "eval", f"seed{s}", arm, "metrics.json"))
-                                             for s in seeds],
-                     "pairs": [p["count"] for p in pairs if p], "runs": [os.path.join(wd, f"seed{s}", arm)
-                                                                        for s in seeds]})
-    for r in rows:
-        r["metrics"] = [m for m in r["metrics"] if m]
+def results(specs: list[dict]) -> list[dict]:
+    """Per row spec (name; eval dirs, run dirs and pairs manifests, one per seed; pairs None for the base):
+    the row with its metrics per seed and the number of pairs each run trained on."""
+    rows = []
+    for spec in specs:
+        metrics = [_load(os.path.join(d, "metrics.json")) for d in spec["evals"]]
+        pairs = None if spec["pairs"] is None else [p["count"] for p in map(_load, spec["pairs"]) if p]
+        rows.append({**spec, "metrics": [m for m in metrics if m], "pairs": pairs})
     return rows
 
 
@@ -83,14 +78,13 @@ def _curves(rows: list[dict]) -> list[tuple[str, str]]:
                                ("rewards/margins", "DPO reward margin", rows[1:])):
         fig, ax = plt.subplots(figsize=(5, 3))
         for r in subset:
-            for run in r["runs"]:
+            for seed, run in enumerate(r["runs"]):
                 path = os.path.join(run, "metrics.jsonl")
                 if not os.path.exists(path):
                     continue
                 points = [(m["step"], m[key]) for m in _jsonl(path) if key in m]
                 if points:
-                    ax.plot(*zip(*points), label=f"{r['name']} ({os.path.basename(os.path.dirname(run))})"
-                            if r["pairs"] is not None else r["name"])
+                    ax.plot(*zip(*points), label=r["name"] if r["pairs"] is None else f"{r['name']} (seed {seed})")
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.lines:
@@ -100,18 +94,18 @@ def _curves(rows: list[dict]) -> list[tuple[str, str]]:
     return plots
 
 
-def _examples(wd: str, rows: list[dict], seeds: list[int], n: int = 8) -> str:
+def _examples(wd: str, rows: list[dict], n: int = 8) -> str:
     pool = {}
     prompts_file = os.path.join(wd, "world", "heldout_prompts.jsonl")
     for p in _jsonl(prompts_file):
         pool[p["prompt_id"]] = p
-    answers = {"base (SFT)": {a["prompt_id"]: a for a in _jsonl(os.path.join(wd, "eval", "base", "answers.jsonl"))}}
-    for r in rows[1:]:
-        path = os.path.join(wd, "eval", f"seed{seeds[0]}", r["name"], "answers.jsonl")
+    answers = {}
+    for r in rows:  # the first seed's answers of every row
+        path = os.path.join(r["evals"][0], "answers.jsonl")
         if os.path.exists(path):
             answers[r["name"]] = {a["prompt_id"]: a for a in _jsonl(path)}
     # one example of each question kind first, then more
-    ids = list(answers["base (SFT)"])
+    ids = list(answers.get(rows[0]["name"], {}))
     by_kind: dict[str, list[str]] = {}
     for i in ids:
         by_kind.setdefault(i.split("-")[0], []).append(i)
@@ -136,9 +130,9 @@ def _examples(wd: str, rows: list[dict], seeds: list[int], n: int = 8) -> str:
     return "<table class=ex>" + "".join(parts) + "</table>"
 
 
-def write(wd: str, *, arms: list[str], seeds: list[int], minutes: float, budget: dict) -> str:
-    """Writes results.md and report.html; returns the Markdown table."""
-    rows = results(wd, arms, seeds)
+def write(wd: str, specs: list[dict], *, seeds: list[int], minutes: float, budget: dict) -> str:
+    """Writes results.md and report.html for the rows `specs` (see `results`); returns the Markdown table."""
+    rows = results(specs)
     md = table(rows)
     world = {**budget, **(_load(os.path.join(wd, "world", "world.json")) or {})}
     stages = {}
@@ -149,7 +143,7 @@ def write(wd: str, *, arms: list[str], seeds: list[int], minutes: float, budget:
             f"SFT: {budget['sft_steps']} steps on {world['sft_examples']} examples "
             f"({world['sft']['imperfect']} imperfect); DPO: {budget['dpo_steps']} steps per arm and round, "
             f"{budget.get('rounds', 1)} on-policy round(s) ({budget['samples']} samples per prompt, "
-            f"{world['train_prompts']} prompts; pairs: those of round 1). "
+            f"{world['train_prompts']} prompts; pairs: per seed, of the row's round). "
             f"This run: {minutes:.1f} min (stages finished before are not counted).")
     with open(os.path.join(wd, "results.md"), "w") as f:
         f.write(md + "\n\n" + note + "\n")
@@ -167,7 +161,7 @@ li.ok{{color:#176117}} li.bad{{color:#a11}} ul{{padding-left:1.2em;margin:0}}</s
 <h1>rdpo_jax demo: rubric-reward DPO on a world with known truth</h1>
 <p>{html.escape(note)}</p>{md_html}
 <h2>Training curves</h2>{plots}
-<h2>Held-out examples (seed {seeds[0]})</h2>{_examples(wd, rows, seeds)}
+<h2>Held-out examples (seed {seeds[0]})</h2>{_examples(wd, rows)}
 <h2>Stage times</h2><table>{timing}</table></body></html>"""
     with open(os.path.join(wd, "report.html"), "w") as f:
         f.write(page)
