@@ -34,7 +34,7 @@ ARMS = {  # name: (pairs miner, loss type)
     "rubric+rubric": ("rubric", "rubric"),
 }
 BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fast variant
-    "full": dict(sft_examples=3000, sft_steps=1500, train_prompts=512, heldout_prompts=192, samples=8,
+    "full": dict(sft_examples=3000, sft_steps=1500, train_prompts=512, heldout_prompts=384, samples=8,
                  dpo_steps=80, max_new_tokens=56),
     "tiny": dict(sft_examples=96, sft_steps=4, train_prompts=16, heldout_prompts=12, samples=4, dpo_steps=2,
                  max_new_tokens=12),
@@ -107,7 +107,8 @@ class Demo:
         world.write_model(os.path.join(w, "model"))
         stats = world.write_sft(w, "sft", n=b["sft_examples"], seed=1, imperfect_share=0.3)
         world.write_prompts(w, "train_prompts", n=b["train_prompts"], seed=2, describe_share=0.5)
-        world.write_prompts(w, "heldout_prompts", n=b["heldout_prompts"], seed=3)
+        # a third of the held-out prompts are descriptions: where hallucinations (absent objects) are scored
+        world.write_prompts(w, "heldout_prompts", n=b["heldout_prompts"], seed=3, describe_share=1 / 3)
         with open(os.path.join(w, "world.json"), "w") as f:
             json.dump({"sft": stats, **b}, f, indent=2)
 
