@@ -1,5 +1,6 @@
-"""`python -m rdpo_jax.demo --budget=tiny`: the whole loop through the real commands on a tiny budget —
-every stage's output exists and is well-formed, the table has every arm, a re-run reuses every stage."""
+"""`python -m rdpo_jax.demo --budget=tiny --rounds=2`: the whole loop through the real commands on a tiny
+budget — every stage's output exists and is well-formed, the table has every arm and round, a re-run
+reuses every stage."""
 
 import json
 import os
@@ -22,7 +23,7 @@ def _dataset(path, kind):
 def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
     wd = str(tmp_path / "demo")
     env = runs.env(compile_cache)
-    cmd = [sys.executable, "-m", "rdpo_jax.demo", f"--workdir={wd}", "--budget=tiny"]
+    cmd = [sys.executable, "-m", "rdpo_jax.demo", f"--workdir={wd}", "--budget=tiny", "--rounds=2"]
     first = runs.run(cmd, env, timeout=600)
 
     # world: an HF model folder with the trained tokenizer, SFT data with imperfect answers, prompt files
@@ -57,10 +58,7 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
     assert page.count("data:image/png;base64") >= 7  # curves and example scenes
     assert "outcome+sigmoid" in page and "<li class=" in page  # per-criterion verdicts
 
-    # a second run with --rounds=2 reuses every round-1 stage; each arm samples its own policy, mines with its
-    # own miner and trains on from its round-1 run; only the new models are evaluated
-    again = runs.run(cmd + ["--rounds=2"], env, timeout=600)
-    assert again.stdout.count("done before") == 4 + len(ARMS)  # world, rubrics, sft, round 1, round-1 arms
+    # round 2: each arm samples its own policy, mines with its own miner and trains on from its round-1 run
     for arm, (miner, _) in ARMS.items():
         samples = _dataset(f"{wd}/seed0/{arm}-round2/judged", "samples")
         assert {s["sampler"]["model"] for s in samples} == {f"{wd}/seed0/{arm}"}  # the arm's own policy
@@ -68,4 +66,14 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
         assert not os.path.exists(f"{wd}/seed0/{arm}-round2/pairs_{'outcome' if miner == 'rubric' else 'rubric'}")
         assert json.load(open(f"{wd}/seed0/{arm}-round2/run/config.json"))["init_from"] == f"{wd}/seed0/{arm}"
         assert json.load(open(f"{wd}/eval/seed0/{arm}-round2/metrics.json"))["prompts"] == 12
-        assert f"| {arm} round 2 |" in again.stdout
+        assert f"| {arm} round 2 |" in table
+
+    # a re-run reuses every stage (world, rubrics, sft, round 1, then per arm: train, round 2, train 2) and
+    # every evaluation, and prints the same table
+    again = runs.run(cmd, env, timeout=300)
+    assert again.stdout.count("done before") == 4 + 3 * len(ARMS) + 1
+    assert "[demo] evaluate: done before" in again.stdout
+
+    def rows(text):
+        return [line for line in text.splitlines() if line.startswith("|")]
+    assert len(rows(table)) == 2 + 1 + 2 * len(ARMS) and rows(again.stdout) == rows(table)
