@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 
-import tqdm
 from absl import app, flags
 
 from data_prep import common
+from rdpo_jax import logs
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.rubrics import generate
 from rdpo_jax.rubrics.http import ChatClient, EndpointError
@@ -80,7 +80,7 @@ def main(argv):
         generator = generate.OpenAIRubricGenerator(ChatClient(_ENDPOINT.value, _MODEL.value,
                                                               api_key_env=_API_KEY_ENV.value))
     counts = {"written": 0, "already_done": 0, "failed": 0}
-    for n, (key, prompt, truth) in enumerate(tqdm.tqdm(items, desc="rubrics", unit="prompt")):
+    for n, (key, prompt, truth) in enumerate(logs.bar(items, desc="rubrics", unit="prompt")):
         if n % num_shards != shard_index:
             continue
         if key in out.done:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import collections
 import os
 
-import tqdm
 from absl import app, flags
 
 from data_prep import common
+from rdpo_jax import logs
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.rubrics import judge as judge_lib
 from rdpo_jax.rubrics.judge import Item
@@ -70,7 +70,7 @@ def main(argv):
             out.add(sample["sample_id"], sample)
         pending.clear()
 
-    for i in tqdm.tqdm(range(shard_index, len(samples), num_shards), desc="judge", unit="answer"):
+    for i in logs.bar(range(shard_index, len(samples), num_shards), desc="judge", unit="answer"):
         sample = records.decode(samples[i][1], "samples", samples.where(i))
         if sample["sample_id"] in out.done:
             counts["already_done"] += 1

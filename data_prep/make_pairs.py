@@ -15,10 +15,10 @@ import collections
 import os
 
 import numpy as np
-import tqdm
 from absl import app, flags
 
 from data_prep import common
+from rdpo_jax import logs
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.rubrics import aggregate, mining
 
@@ -50,7 +50,7 @@ def main(argv):
     counts = collections.Counter()
     per_prompt, margins = collections.Counter(), []
     prompts = sorted(by_prompt)[shard_index::num_shards]
-    for prompt_id in tqdm.tqdm(prompts, desc="make_pairs", unit="prompt"):
+    for prompt_id in logs.bar(prompts, desc="make_pairs", unit="prompt"):
         if prompt_id in out.done:
             counts["already_done"] += 1
             continue

@@ -15,12 +15,11 @@ from __future__ import annotations
 import collections
 
 import jax
-import tqdm
 from absl import app, flags
 from flax import nnx
 
 from data_prep import common
-from rdpo_jax import checkpoint, packing, sharding, train_step
+from rdpo_jax import checkpoint, logs, packing, sharding, train_step
 from rdpo_jax.data import arrayrecord, images, pipeline, records
 from rdpo_jax.data.tokenize import ChatTokenizer
 
@@ -77,7 +76,7 @@ def main(argv):
     counts = collections.Counter()
     counts["already_done"] = len(range(shard_index, len(source), num_shards)) - len(todo)
     with jax.set_mesh(mesh):
-        for element in tqdm.tqdm(dataset, desc="ref_logps", unit="batch", total=len(dataset)):
+        for element in logs.bar(dataset, desc="ref_logps", unit="batch", total=len(dataset)):
             batch = element["batch"]
             global_batch = pipeline.to_global(batch, train_step.batch_shardings(batch, mesh))
             logps = jax.device_get(forward(model, global_batch, global_batch.get("pixel_values")))

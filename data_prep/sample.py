@@ -15,11 +15,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import tqdm
 from absl import app, flags
 
 from data_prep import common
-from rdpo_jax import checkpoint, sampling, sharding
+from rdpo_jax import checkpoint, logs, sampling, sharding
 from rdpo_jax.data import arrayrecord, images, records
 from rdpo_jax.data.tokenize import ChatTokenizer
 
@@ -75,7 +74,7 @@ def main(argv):
             counts["samples"] += _N.value
 
     with jax.set_mesh(mesh):
-        for i in tqdm.tqdm(mine, desc="sample", unit="prompt"):
+        for i in logs.bar(mine, desc="sample", unit="prompt"):
             record = records.decode(source[i][1], "rubric_pool", source.where(i))
             if record["prompt_id"] in out.done:
                 counts["already_done"] += 1
