@@ -5,18 +5,24 @@
 Model: a LLaVA with a SigLIP tower at 336 px / patch 14 (576 image tokens; width 128, 2 layers) and a
 Qwen2 decoder (width --width, --layers layers, 4 heads / 2 KV heads, MLP 2.75×, vocab 8192), fp32.
 Data: a 576-token image + 64-token instruction prompt, 128-token chosen and rejected answers.
-All four variants run in one process on the same parameters and batch: compiled ahead of time (the
-memory analysis is printed), 2 warm-up steps, then the median of --steps timed steps (batch already on
-device). The reference log-likelihoods for "precomputed" come from the same model, so every variant
-computes the same loss; the script checks that.
+All variants run in one process on the same parameters and batch: compiled ahead of time (the memory
+analysis is printed), 2 warm-up steps each, then --steps rounds that time one step of every variant in
+turn (batch already on device); each variant's median is reported. The reference log-likelihoods for
+"precomputed" come from the same model, so every variant computes the same loss; the script checks that.
+
+Both layouts send only answer positions through the LM head. A fifth variant times the concat layout
+the way TRL's `concatenated_forward` computes it with its default `use_logits_to_keep=False`: logits at
+every position, then the answer tokens picked — the anchor's own cost, reported apart.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import transformers
@@ -55,6 +61,16 @@ def make_pairs(cfg, n, rng):
     return pairs
 
 
+def full_sequence_token_logps(model, batch, pixel_values):
+    """`packing.token_logps` as TRL computes it by default: the LM head and log-softmax at all T positions."""
+    hidden = model.hidden_states(batch["input_ids"], pixel_values, packing.attention_mask(batch["branch_ids"]),
+                                 batch["positions"])
+    logps = jax.nn.log_softmax(model.logits(hidden), axis=-1)  # float32[R, T, V]
+    logps = jnp.take_along_axis(logps, batch["target_index"][..., None], axis=1)
+    picked = jnp.take_along_axis(logps, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.where(batch["target_branch"] > 0, picked, 0.0)
+
+
 def main(argv):
     del argv
     cfg = model_config()
@@ -77,43 +93,49 @@ def main(argv):
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
     schedule = optax.constant_schedule(1e-5)
     freeze = ("vision_tower/.*",) if _FREEZE_VISION.value else ()
-    results = {}
-    for layout in ("concat", "shared_prefix"):
+    variants = [("concat", "model", False), ("concat", "precomputed", False), ("shared_prefix", "model", False),
+                ("shared_prefix", "precomputed", False), ("concat", "model", True)]
+    runs = {}
+    for layout, reference, full_logits in variants:
         seq_len = IMAGE + PROMPT + (2 * ANSWER if layout == "shared_prefix" else ANSWER)
         batch, _ = packing.pack_pairs(pairs, layout=layout, seq_len=seq_len, max_answer_len=ANSWER)
         batch.update(pixel_values=pixels, valid=np.ones(B, np.float32))
-        for reference in ("model", "precomputed"):
-            if reference == "precomputed":
-                batch.update(ref_chosen_logp=ref["chosen_logp"], ref_rejected_logp=ref["rejected_logp"])
+        if reference == "precomputed":
+            batch.update(ref_chosen_logp=ref["chosen_logp"], ref_rejected_logp=ref["rejected_logp"])
+        with mock.patch.object(packing, "token_logps", full_sequence_token_logps if full_logits else packing.token_logps):
             graphdef, state = train_step.init_state(llava.create(cfg, mesh=mesh, seed=0), optimizer, freeze=freeze,
                                                     reference=reference == "model")
             fn = train_step.make_dpo_step(graphdef, optimizer, schedule, loss_type="sigmoid", beta=0.1,
                                           pair_layout=layout, reference=reference)
-            jitted = train_step.jit_step(fn, state, batch, mesh)
             device_batch = jax.device_put(batch, train_step.batch_shardings(batch, mesh))
             t0 = time.perf_counter()
-            compiled = jitted.lower(state, device_batch).compile()
+            compiled = train_step.jit_step(fn, state, batch, mesh).lower(state, device_batch).compile()
             compile_s = time.perf_counter() - t0
-            mem = compiled.memory_analysis()
-            state, metrics = compiled(state, device_batch)
-            first_loss = float(metrics["loss"])
-            state, metrics = compiled(state, device_batch)
+        mem = compiled.memory_analysis()
+        state, metrics = compiled(state, device_batch)
+        name = f"{layout:13s} ref={reference:11s}" + (" all-position logits (TRL)" if full_logits else "")
+        key = (layout, reference) + (("full_logits",) if full_logits else ())
+        runs[key] = dict(name=name, compiled=compiled, state=state, batch=device_batch, loss=float(metrics["loss"]),
+                         times=[], info=f"compile {compile_s:.1f}s; memory: args {mem.argument_size_in_bytes / 2**20:.0f} "
+                                        f"MiB, out {mem.output_size_in_bytes / 2**20:.0f} MiB, temp "
+                                        f"{mem.temp_size_in_bytes / 2**20:.0f} MiB")
+
+    # Timed steps interleaved: round r runs one step of every variant, so the machine's drift over the
+    # minutes of a run weighs on all of them alike.
+    for r in range(1 + _STEPS.value):
+        for run in runs.values():
+            t0 = time.perf_counter()
+            run["state"], metrics = run["compiled"](run["state"], run["batch"])
             jax.block_until_ready(metrics)
-            times = []
-            for _ in range(_STEPS.value):
-                t0 = time.perf_counter()
-                state, metrics = compiled(state, device_batch)
-                jax.block_until_ready(metrics)
-                times.append(time.perf_counter() - t0)
-            med = statistics.median(times)
-            name = f"{layout:13s} ref={reference:11s}"
-            results[(layout, reference)] = (med, first_loss)
-            print(f"{name} {B / med:7.3f} pairs/s  median {med * 1e3:8.1f} ms over {len(times)} steps "
-                  f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); compile {compile_s:.1f}s; "
-                  f"memory: args {mem.argument_size_in_bytes / 2**20:.0f} MiB, out "
-                  f"{mem.output_size_in_bytes / 2**20:.0f} MiB, temp {mem.temp_size_in_bytes / 2**20:.0f} MiB; "
-                  f"step-0 loss {first_loss:.6f}")
-            del state, compiled
+            if r:  # round 0 is a second warm-up step
+                run["times"].append(time.perf_counter() - t0)
+    results = {}
+    for key, run in runs.items():
+        times = run["times"]
+        med = statistics.median(times)
+        results[key] = (med, run["loss"])
+        print(f"{run['name']} {B / med:7.3f} pairs/s  median {med * 1e3:8.1f} ms over {len(times)} steps "
+              f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); {run['info']}; step-0 loss {run['loss']:.6f}")
 
     losses = [loss for _, loss in results.values()]
     print(f"step-0 losses agree: max |Δ| = {max(losses) - min(losses):.2e}")
@@ -122,6 +144,9 @@ def main(argv):
     print(f"shared_prefix / concat, precomputed reference: "
           f"{results[('concat', 'precomputed')][0] / results[('shared_prefix', 'precomputed')][0]:.2f}×")
     print(f"shared_prefix + precomputed vs concat + online: {base / results[('shared_prefix', 'precomputed')][0]:.2f}×")
+    anchor = results[("concat", "model", "full_logits")][0]
+    print(f"shared_prefix + precomputed vs concat + online with all-position logits (TRL's step): "
+          f"{anchor / results[('shared_prefix', 'precomputed')][0]:.2f}×")
 
 
 if __name__ == "__main__":
