@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Test files run in PYTEST_WORKERS processes (pytest-xdist; 0 = in this process). Two workers on two cores
-# cut the suite by a fifth: much of it waits on subprocesses, imports and single-threaded compiles.
+# cut the suite by a fifth: much of it waits on subprocesses, imports and single-threaded compiles. Files
+# are handed out in collection order (tests/conftest.py puts the longest first), not by test count.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The whole rDPO loop on this machine's CPU (see README): world → rubrics → SFT → on-policy round →
 # three DPO arms → held-out evaluation → results.md and report.html in demo_workdir. Finished stages are

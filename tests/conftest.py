@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
-# The longest files, run first: `make test` hands whole files to two xdist workers in collection order,
-# and a three-minute file collected last would run alone at the end.
+# The longest files, run first: `make test` hands whole files to two xdist workers in collection order
+# (--no-loadscope-reorder), and a three-minute file handed out last would run alone at the end.
 SLOW_FIRST = ("test_demo.py", "test_train.py", "test_chain.py")
 
 
