@@ -17,6 +17,7 @@ every position, then the answer tokens picked — the anchor's own cost, reporte
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from unittest import mock
@@ -102,7 +103,8 @@ def main(argv):
         batch.update(pixel_values=pixels, valid=np.ones(B, np.float32))
         if reference == "precomputed":
             batch.update(ref_chosen_logp=ref["chosen_logp"], ref_rejected_logp=ref["rejected_logp"])
-        with mock.patch.object(packing, "token_logps", full_sequence_token_logps if full_logits else packing.token_logps):
+        anchor_forward = mock.patch.object(packing, "token_logps", full_sequence_token_logps)
+        with anchor_forward if full_logits else contextlib.nullcontext():
             graphdef, state = train_step.init_state(llava.create(cfg, mesh=mesh, seed=0), optimizer, freeze=freeze,
                                                     reference=reference == "model")
             fn = train_step.make_dpo_step(graphdef, optimizer, schedule, loss_type="sigmoid", beta=0.1,

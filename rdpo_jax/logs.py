@@ -72,8 +72,10 @@ class MetricLogger:
         """Moves the bar to `step` with a few headline numbers (ETA comes from the bar's rate)."""
         if not self.primary:
             return
+        # The postfix first, then the move: the bar's own pacing decides whether this draws (always on a
+        # terminal, every LOG_FILE_INTERVAL_S seconds elsewhere).
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         self._bar.update(step - self._bar.n)
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=sys.stderr.isatty())
 
     def message(self, text: str) -> None:
         if self.primary:
