@@ -14,6 +14,7 @@ vision tower's 1152-wide MLP on a 16-way tensor axis, say); a mesh axis is used 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -161,8 +162,20 @@ def follow_params(tree, params, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def traced_on(mesh: Mesh, fn):
+    """`fn` traced with `mesh` as the abstract mesh, so that its `shard_activation` constraints apply
+    wherever it is jitted (without one they are no-ops and XLA guesses activation shardings)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Constrains an activation's sharding by logical names when tracing under a mesh (`jax.set_mesh`)."""
+    """Constrains an activation's sharding by logical names when tracing under a mesh (`jax.set_mesh`,
+    or `traced_on`); without one it returns `x` unchanged."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x

@@ -137,7 +137,7 @@ def main(argv):
                f"memory per device: arguments {_mib(m.argument_size_in_bytes)}, outputs "
                f"{_mib(m.output_size_in_bytes)}, temporaries {_mib(m.temp_size_in_bytes)}, aliased "
                f"{_mib(m.alias_size_in_bytes)}")
-    eval_step = jax.jit(train_step.make_eval_step(loss_fn))
+    eval_step = jax.jit(sharding.traced_on(mesh, train_step.make_eval_step(loss_fn)))
 
     # ----- Train -----
     logger = logs.MetricLogger(workdir, total_steps=config.total_steps, start_step=start,

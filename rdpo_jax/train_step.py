@@ -256,7 +256,8 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict[str, NamedSharding]:
 
 
 def jit_step(step_fn: Callable, state: TrainState, batch: dict, mesh: Mesh) -> Any:
-    """`jax.jit` with the state donated and explicit in/out shardings (state keeps its shardings)."""
+    """`jax.jit` with the state donated and explicit in/out shardings (state keeps its shardings), traced
+    on `mesh` so that the model's activation constraints apply."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_shardings(batch, mesh)),
+    return jax.jit(sharding.traced_on(mesh, step_fn), in_shardings=(state_sh, batch_shardings(batch, mesh)),
                    out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
