@@ -91,17 +91,21 @@ def logical_to_spec(
     shape: Sequence[int],
     mesh_shape: Mapping[str, int],
     rules: Mapping[str, str | tuple[str, ...] | None] = RULES,
+    units: Sequence[int] | None = None,
 ) -> PartitionSpec:
     """Maps logical axis names of an array of `shape` to a PartitionSpec for a mesh of `mesh_shape`.
 
     Mesh axes that are missing from the mesh, already used by an earlier dimension, or that do not divide
-    the dimension are dropped (that dimension is then replicated over them).
+    the dimension are dropped (that dimension is then replicated over them). `units` gives, per dimension,
+    the size of its indivisible pieces (head_dim for heads × head_dim): a mesh axis must divide the
+    number of pieces, so that no device holds part of a head.
     """
-    if len(logical_axes) != len(shape):
-        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    if len(logical_axes) != len(shape) or (units is not None and len(units) != len(shape)):
+        raise ValueError(f"logical axes {tuple(logical_axes)} (units {units}) do not match shape {tuple(shape)}")
+    units = units or (1,) * len(shape)
     used: set[str] = set()
     spec = []
-    for name, size in zip(logical_axes, shape):
+    for name, size, unit in zip(logical_axes, shape, units):
         if name is None:
             spec.append(None)
             continue
@@ -114,7 +118,7 @@ def logical_to_spec(
             n = mesh_shape.get(axis, 1)
             if axis in used or n == 1:
                 continue
-            if size % (math.prod(mesh_shape[a] for a in kept) * n) == 0:
+            if size % unit == 0 and (size // unit) % (math.prod(mesh_shape[a] for a in kept) * n) == 0:
                 kept.append(axis)
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
@@ -127,7 +131,7 @@ def variable_spec(variable: nnx.Variable, mesh_shape: Mapping[str, int]) -> Part
     axes = variable.get_metadata().get("logical_axes")
     if axes is None:
         return PartitionSpec()
-    return logical_to_spec(axes, value.shape, mesh_shape)
+    return logical_to_spec(axes, value.shape, mesh_shape, units=variable.get_metadata().get("shard_units"))
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:

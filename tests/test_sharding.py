@@ -36,5 +36,11 @@ def test_logical_to_spec_rules_and_fallbacks():
     assert sharding.logical_to_spec(("batch", None), (8, 3), {"data": 2, "fsdp": 4, "tensor": 1}) == P(("data", "fsdp"), None)
     # a mesh axis is used once per array
     assert sharding.logical_to_spec(("heads", "mlp"), (8, 8), mesh) == P("tensor", None)
+    # units: a heads × head_dim dimension shards by whole heads (2 KV heads of 16 on 4 devices: replicated)
+    assert sharding.logical_to_spec(("embed", "kv_heads"), (64, 32), mesh, units=(1, 16)) == P("fsdp", None)
+    assert sharding.logical_to_spec(("embed", "kv_heads"), (64, 32), mesh) == P("fsdp", "tensor")
+    assert sharding.logical_to_spec(("heads", "embed"), (64, 64), mesh, units=(16, 1)) == P("tensor", "fsdp")
+    with pytest.raises(ValueError, match="units"):
+        sharding.logical_to_spec(("embed",), (64,), mesh, units=(1, 16))
     with pytest.raises(KeyError, match="'embedding' has no entry"):
         sharding.logical_to_spec(("embedding",), (4,), mesh)

@@ -56,10 +56,13 @@ def wide(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def param(rngs: nnx.Rngs | InitKeys, init, shape, dtype, axes: Sequence[str | None]) -> nnx.Param:
-    """A parameter with logical axis names (see `rdpo_jax.sharding.RULES`)."""
-    assert len(axes) == len(shape), (axes, shape)
-    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+def param(rngs: nnx.Rngs | InitKeys, init, shape, dtype, axes: Sequence[str | None],
+          units: Sequence[int] | None = None) -> nnx.Param:
+    """A parameter with logical axis names (see `rdpo_jax.sharding.RULES`); `units` = per dimension the
+    size of the pieces it may be sharded into (head_dim for a flattened heads × head_dim dimension)."""
+    assert len(axes) == len(shape) and (units is None or len(units) == len(shape)), (axes, units, shape)
+    extra = {} if units is None else {"shard_units": tuple(units)}
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes), **extra)
 
 
 def _normal(key, shape, dtype):
@@ -75,12 +78,12 @@ def _ones(key, shape, dtype):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel float[in, out]."""
+    """y = x @ kernel (+ bias); kernel float[in, out]. `units` as in `param` (for the kernel)."""
 
     def __init__(self, din: int, dout: int, axes: tuple[str | None, str | None], *, bias: bool,
-                 param_dtype, dtype, rngs: InitKeys):
-        self.kernel = param(rngs, _normal, (din, dout), param_dtype, axes)
-        self.bias = param(rngs, _zeros, (dout,), param_dtype, axes[1:]) if bias else None
+                 param_dtype, dtype, rngs: InitKeys, units: tuple[int, int] | None = None):
+        self.kernel = param(rngs, _normal, (din, dout), param_dtype, axes, units)
+        self.bias = param(rngs, _zeros, (dout,), param_dtype, axes[1:], units and units[1:]) if bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

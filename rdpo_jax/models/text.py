@@ -23,10 +23,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
         d, h = cfg.hidden_size, cfg.head_dim
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.q_proj = Linear(d, cfg.num_heads * h, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
-        self.k_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
-        self.v_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
-        self.o_proj = Linear(cfg.num_heads * h, d, ("heads", "embed"), bias=cfg.o_bias, **kw)
+        # Head dimensions shard by whole heads: with fewer (KV) heads than tensor devices they are replicated.
+        self.q_proj = Linear(d, cfg.num_heads * h, ("embed", "heads"), bias=cfg.qkv_bias, units=(1, h), **kw)
+        self.k_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, units=(1, h), **kw)
+        self.v_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, units=(1, h), **kw)
+        self.o_proj = Linear(cfg.num_heads * h, d, ("heads", "embed"), bias=cfg.o_bias, units=(h, 1), **kw)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), **kw)
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), **kw)
@@ -48,6 +49,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         q = shard_activation(q, ("batch", "seq", "act_heads", None))
+        k = shard_activation(k, ("batch", "seq", "act_heads", None))
+        v = shard_activation(v, ("batch", "seq", "act_heads", None))
         if cache is not None:
             k_cache, v_cache, index = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)

@@ -55,12 +55,13 @@ class EncoderLayer(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        h = d // cfg.num_heads  # head dimensions shard by whole heads
         self.layer_norm1 = LayerNorm(d, cfg.layer_norm_eps, **kw)
         self.self_attn = nnx.Dict(
-            q_proj=Linear(d, d, ("embed", "heads"), bias=True, **kw),
-            k_proj=Linear(d, d, ("embed", "heads"), bias=True, **kw),
-            v_proj=Linear(d, d, ("embed", "heads"), bias=True, **kw),
-            out_proj=Linear(d, d, ("heads", "embed"), bias=True, **kw))
+            q_proj=Linear(d, d, ("embed", "heads"), bias=True, units=(1, h), **kw),
+            k_proj=Linear(d, d, ("embed", "heads"), bias=True, units=(1, h), **kw),
+            v_proj=Linear(d, d, ("embed", "heads"), bias=True, units=(1, h), **kw),
+            out_proj=Linear(d, d, ("heads", "embed"), bias=True, units=(h, 1), **kw))
         self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps, **kw)
         self.mlp = nnx.Dict(fc1=Linear(d, f, ("embed", "mlp"), bias=True, **kw),
                             fc2=Linear(f, d, ("mlp", "embed"), bias=True, **kw))
@@ -89,7 +90,7 @@ class PoolingHead(nnx.Module):
         self.attention = nnx.Dict(
             in_proj_weight=param(rngs, layers._normal, (3 * d, d), param_dtype, (None, "embed")),
             in_proj_bias=param(rngs, layers._zeros, (3 * d,), param_dtype, (None,)),
-            out_proj=Linear(d, d, ("heads", "embed"), bias=True, **kw))
+            out_proj=Linear(d, d, ("heads", "embed"), bias=True, units=(d // cfg.num_heads, 1), **kw))
         self.layernorm = LayerNorm(d, cfg.layer_norm_eps, **kw)
         self.mlp = nnx.Dict(fc1=Linear(d, f, ("embed", "mlp"), bias=True, **kw),
                             fc2=Linear(f, d, ("mlp", "embed"), bias=True, **kw))

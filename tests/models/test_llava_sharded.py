@@ -22,6 +22,9 @@ def test_fsdp_tensor_mesh_gives_same_logits_and_really_shards(tiny_llava):
     q = attn.q_proj.kernel.get_value()  # [64, 8 heads · 8]
     assert q.sharding.spec == P("fsdp", "tensor")
     assert {s.data.shape for s in q.addressable_shards} == {(32, 16)}
+    # 2 KV heads cannot be split over 4 tensor devices without cutting heads in half: replicated there.
+    for kv in (attn.k_proj, attn.v_proj):
+        assert kv.kernel.get_value().sharding.spec == P("fsdp", None)
     assert model.language_model.embed_tokens.embedding.get_value().sharding.spec == P("tensor", "fsdp")
     assert model.lm_head.kernel.get_value().sharding.spec == P("fsdp", "tensor")
     assert model.language_model.layers[1].mlp.down_proj.kernel.get_value().sharding.spec == P("tensor", "fsdp")
