@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 500  # steps between checkpoints (also saved at the end and on SIGTERM)
     c.checkpoint.keep = 3  # checkpoints kept
     c.checkpoint.async_save = True  # write in the background while training continues
+    # JAX's persistent compilation cache: a resumed run (after preemption, on a new VM) loads its compiled
+    # step instead of compiling again. JAX_COMPILATION_CACHE_DIR in the environment takes precedence.
+    c.checkpoint.compile_cache = "workdir"  # "workdir" (WORKDIR/compile_cache), a folder, or "" (off)
 
     c.log = ml_collections.ConfigDict()
     c.log.every = 10  # steps between metric writes (JSONL, TensorBoard, console)

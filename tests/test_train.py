@@ -14,6 +14,7 @@ import pytest
 
 from rdpo_jax import checkpoint, optim, sharding, train_step
 from rdpo_jax.models import hf
+from rdpo_jax.train import compile_cache_dir
 from tests import runs
 
 def _final_params(workdir, smoke_dir):
@@ -90,6 +91,7 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(smoke_dir, tmp_pa
     assert proc.returncode == 0, err[-3000:]
     saved = checkpoint.Checkpointer(ckpts, every=3, keep=2).latest_step()
     assert "SIGTERM: saved step" in err + out and saved == _steps_done(resumed) and saved >= 8
+    assert "(from the compilation cache)" in err + out  # a resumed run does not compile its step again
 
     runs.run(runs.train_command(smoke_dir, resumed, *args), env)
     a, step_a = _final_params(straight, smoke_dir)
@@ -138,3 +140,11 @@ def test_nonfinite_streak_stops_the_run(smoke_dir, tmp_path, compile_cache):
     assert proc.returncode != 0
     assert "2 consecutive steps with a non-finite loss or gradients" in proc.stderr
     assert "pairs-0000" in proc.stderr  # the batch's records are named
+
+
+def test_compile_cache_folder(tmp_path):
+    workdir = str(tmp_path / "run")
+    assert compile_cache_dir("workdir", workdir, {}) == os.path.join(workdir, "compile_cache")
+    assert compile_cache_dir("/cache", workdir, {}) == "/cache"
+    assert compile_cache_dir("", workdir, {}) is None
+    assert compile_cache_dir("workdir", workdir, {"JAX_COMPILATION_CACHE_DIR": "/env"}) == "/env"
