@@ -138,9 +138,9 @@ def main(argv):
         t0, hits = time.perf_counter(), cache_hits["n"]
         compiled[seq_len] = train_step.jit_step(step_fn, abstract, spec, mesh).lower(abstract, spec).compile()
         m = compiled[seq_len].memory_analysis()
-        source = " (from the compilation cache)" if cache_hits["n"] > hits else ""
+        cached = " (from the compilation cache)" if cache_hits["n"] > hits else ""
         _print(f"compiled the {config.objective} step for rows of {seq_len} tokens in {time.perf_counter() - t0:.1f}s"
-               f"{source}; "
+               f"{cached}; "
                f"memory per device: arguments {_mib(m.argument_size_in_bytes)}, outputs "
                f"{_mib(m.output_size_in_bytes)}, temporaries {_mib(m.temp_size_in_bytes)}, aliased "
                f"{_mib(m.alias_size_in_bytes)}")
