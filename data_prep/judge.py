@@ -5,9 +5,11 @@
     python -m data_prep.judge … --judge=flax --judge_model=HF_FOLDER
 
 Judges: `verifier` (criteria with machine checks, data with ground truth), `openai` (an OpenAI-compatible
-endpoint; verdicts cached in SQLite, --cache, so a restart never pays twice; API key from
---api_key_env), `flax` (a local model). Output: the samples with `scores`, `reasons` and `judge` — or
-`unscorable` with the reason, counted in the summary. Resumable, sharded over samples.
+endpoint; a server's Retry-After obeyed up to --max_retry_after seconds; API key from --api_key_env;
+verdicts cached in SQLite, so a restart with the same sharding never pays twice: by default one file per
+shard, OUT/NAME-s00000-of-00004.cache.sqlite, because SQLite is not safe to share between writers on a
+network filesystem such as gcsfuse), `flax` (a local model). Output: the samples with `scores`, `reasons`
+and `judge` — or `unscorable` with the reason, counted in the summary. Resumable, sharded over samples.
 """
 
 from __future__ import annotations
@@ -31,18 +33,28 @@ _JUDGE_MODEL = flags.DEFINE_string("judge_model", "", "Model name at the endpoin
 _API_KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding the API key.")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Requests in flight (openai).")
 _TIMEOUT = flags.DEFINE_float("timeout", 120.0, "Seconds per request (openai).")
-_CACHE = flags.DEFINE_string("cache", "", "SQLite verdict cache (openai); default OUT/NAME.cache.sqlite.")
+_CACHE = flags.DEFINE_string(
+    "cache", "", "SQLite verdict cache (openai); default OUT/NAME-s{shard:05d}-of-{num_shards:05d}.cache.sqlite, "
+    "one per shard (never give shards running at once the same file).")
+_MAX_RETRY_AFTER = flags.DEFINE_float("max_retry_after", 60.0,
+                                      "Longest wait in seconds a server's Retry-After gets (openai).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Items per judge call.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "judged", "Output dataset name.")
 
 
-def make_judge():
-    cache = _CACHE.value or os.path.join(_OUT.value, f"{_NAME.value}.cache.sqlite")
+def cache_path(shard_index: int, num_shards: int) -> str:
+    """--cache, else this shard's own file in --out."""
+    return _CACHE.value or os.path.join(
+        _OUT.value, f"{_NAME.value}-s{shard_index:05d}-of-{num_shards:05d}.cache.sqlite")
+
+
+def make_judge(shard_index: int, num_shards: int):
     try:
         return judge_lib.make_judge(_JUDGE.value, model=_JUDGE_MODEL.value, endpoint=_ENDPOINT.value,
                                     api_key_env=_API_KEY_ENV.value, timeout=_TIMEOUT.value,
-                                    concurrency=_CONCURRENCY.value, cache=cache)
+                                    concurrency=_CONCURRENCY.value, cache=cache_path(shard_index, num_shards),
+                                    max_retry_after=_MAX_RETRY_AFTER.value)
     except ValueError as e:
         raise app.UsageError(f"--judge={_JUDGE.value}: {e}") from None
 
@@ -53,7 +65,7 @@ def main(argv):
     pool, index = common.pool_index(_POOL.value)
     samples = arrayrecord.Source(_SAMPLES.value, "samples")
     out = common.Output(_OUT.value, _NAME.value, "samples", shard_index, num_shards, common.CHUNK.value)
-    judge = make_judge()
+    judge = make_judge(shard_index, num_shards)
     counts = collections.Counter()
     pending: list[tuple[dict, Item]] = []
 

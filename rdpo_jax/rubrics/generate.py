@@ -12,11 +12,9 @@ Ground truth understood by `rule_rubric` (every key optional):
 
 from __future__ import annotations
 
-import json
-import re
-
 from rdpo_jax.data import records
 from rdpo_jax.rubrics.http import ChatClient
+from rdpo_jax.rubrics.judge import JudgeOutputError, json_object
 
 RUBRIC_PROMPT_VERSION = "rdpo-rubric-writer-v1"
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
@@ -82,14 +80,12 @@ class OpenAIRubricGenerator:
         for _ in range(self.attempts):
             reply = self.client.complete(messages)
             try:
-                match = re.search(r"\{.*\}", reply, re.DOTALL)
-                rubric = json.loads(match.group(0)) if match else None
-                rubric = records.check_rubric(rubric, "generated rubric")
+                rubric = records.check_rubric(json_object(reply, "criteria"), "generated rubric")
                 if len(rubric["criteria"]) > self.max_criteria:
                     raise records.RecordError("generated rubric", "criteria", f"more than {self.max_criteria}")
                 return rubric
-            except (json.JSONDecodeError, records.RecordError) as e:
+            except (JudgeOutputError, records.RecordError) as e:
                 error = e
-                messages = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": (
+                messages = messages + [{"role": "assistant", "content": reply or ""}, {"role": "user", "content": (
                     f"That is not a valid rubric: {e}. Reply again with the JSON only.")}]
         raise RubricGenerationError(f"no valid rubric after {self.attempts} attempts: {error}")

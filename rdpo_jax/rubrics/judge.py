@@ -76,24 +76,60 @@ def judge_messages(item: Item) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"} for _ in item.images] + [{"type": "text", "text": text}]}]
 
 
-def parse_verdict(text: str, rubric: dict) -> Verdict:
-    """Strictly parses a judge reply: JSON (optionally in a ``` fence), one entry per criterion id, no
-    unknown ids, integer scores on each criterion's scale, a string reason. Raises JudgeOutputError."""
-    match = re.search(r"\{.*\}", text, re.DOTALL)
-    if not match:
+def json_object(text: str | None, key: str = "verdicts") -> dict:
+    """The JSON object in a model's reply: the first `{` that decodes to an object holding `key`, else
+    the first object that decodes. A decoder, not a regex, so braces in the prose around the JSON (a
+    trailing "}", a format shown before it) do not matter; the search resumes after each decoded object,
+    so an object nested in another is never taken for the answer. Raises JudgeOutputError."""
+    if not isinstance(text, str):
+        raise JudgeOutputError(f"the reply has no text content ({'null' if text is None else type(text).__name__})")
+    decoder = json.JSONDecoder()
+    first: dict | None = None
+    error: json.JSONDecodeError | None = None
+    start = text.find("{")
+    if start < 0:
         raise JudgeOutputError("no JSON object in the reply")
-    try:
-        data = json.loads(match.group(0))
-    except json.JSONDecodeError as e:
-        raise JudgeOutputError(f"malformed JSON ({e.msg})") from None
-    entries = data.get("verdicts") if isinstance(data, dict) else None
+    while start >= 0:
+        try:
+            data, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as e:
+            error, end = error or e, start + 1
+        except RecursionError:  # thousands of nested brackets: no verdict, and no reason to crash
+            raise JudgeOutputError("JSON nested too deep") from None
+        else:
+            if isinstance(data, dict) and key in data:
+                return data
+            first = data if first is None else first
+        start = text.find("{", end)
+    if first is None:
+        raise JudgeOutputError(f"malformed JSON ({error.msg} at char {error.pos})")
+    return first
+
+
+def parse_verdict(text: str | None, rubric: dict) -> Verdict:
+    """Strictly parses a judge reply.
+
+    Args:
+      text: the reply: JSON, optionally in a ``` fence or among prose. None (an OpenAI-compatible server
+        sends `content: null` for a refusal or a tool call) is an invalid reply like any other.
+      rubric: the item's rubric; the reply needs one entry per criterion id, no unknown ids, an integer
+        score on each criterion's scale and a string reason.
+
+    Returns:
+      The verdict, scores and reasons in rubric order.
+
+    Raises:
+      JudgeOutputError: the reply is not a valid verdict (the message says why).
+    """
+    data = json_object(text, "verdicts")
+    entries = data.get("verdicts")
     if not isinstance(entries, list):
         raise JudgeOutputError('expected {"verdicts": [...]}')
     criteria = {c["id"]: c for c in rubric["criteria"]}
     got: dict[str, tuple[float, str]] = {}
     for e in entries:
-        if not isinstance(e, dict) or "id" not in e:
-            raise JudgeOutputError("a verdict without an id")
+        if not isinstance(e, dict) or not isinstance(e.get("id"), str):
+            raise JudgeOutputError("a verdict without a string id")
         cid = e["id"]
         if cid not in criteria:
             raise JudgeOutputError(f"unknown criterion id {cid!r}")
@@ -101,7 +137,9 @@ def parse_verdict(text: str, rubric: dict) -> Verdict:
             raise JudgeOutputError(f"criterion {cid!r} graded twice")
         score = e.get("score")
         lo, hi = records.SCALES[criteria[cid]["scale"]]
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score) or not lo <= score <= hi:
+        # json reads NaN and Infinity as floats: the range test rejects them before int() could raise
+        if (isinstance(score, bool) or not isinstance(score, (int, float)) or not lo <= score <= hi
+                or score != int(score)):
             raise JudgeOutputError(f"criterion {cid!r}: score {score!r} is not an integer in [{lo:g}, {hi:g}]")
         reason = e.get("reason", "")
         if not isinstance(reason, str):
@@ -198,9 +236,10 @@ class VerifierJudge:
 
 
 def make_judge(kind: str, *, model: str = "", endpoint: str = "", api_key_env: str = "OPENAI_API_KEY",
-               timeout: float = 120.0, concurrency: int = 8, cache: str = "") -> Judge:
+               timeout: float = 120.0, concurrency: int = 8, cache: str = "", max_retry_after: float = 60.0) -> Judge:
     """The judge named `kind`: "verifier"; "openai" (`model` at `endpoint`, verdicts cached in the SQLite
-    file `cache`); "flax" (`model`: an HF folder or run directory)."""
+    file `cache`, a server's Retry-After obeyed up to `max_retry_after` seconds); "flax" (`model`: an HF
+    folder or run directory)."""
     if kind == "verifier":
         return VerifierJudge()
     if not model:
@@ -210,7 +249,8 @@ def make_judge(kind: str, *, model: str = "", endpoint: str = "", api_key_env: s
 
         if not endpoint or not cache:
             raise ValueError("judge 'openai' needs an endpoint and a cache file")
-        client = http.ChatClient(endpoint, model, api_key_env=api_key_env, timeout=timeout)
+        client = http.ChatClient(endpoint, model, api_key_env=api_key_env, timeout=timeout,
+                                 max_retry_after=max_retry_after)
         return http.OpenAIJudge(client, http.VerdictCache(cache), concurrency=concurrency)
     if kind == "flax":
         from rdpo_jax import checkpoint

@@ -5,6 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import hf
 from rdpo_jax.rubrics.judge import Item, judge_messages
 from rdpo_jax.rubrics.local import FlaxJudge
@@ -36,3 +37,25 @@ def test_flax_judge_prompts_decodes_and_parses_strictly(smoke_dir):
     # a random tiny model cannot write JSON: every item is unscorable, with the parser's reason
     assert [v.unscorable for v in verdicts] == ["invalid verdict: no JSON object in the reply"] * 3
     assert judge.stats == {"judged": 0, "unscorable": 3} and judge.name == "flax:smoke"
+
+
+def test_flax_judge_takes_text_only_items_in_a_batch_with_images(smoke_dir):
+    folder = f"{smoke_dir}/model"
+    model, cfg = hf.load_hf(folder)
+    judge = FlaxJudge(model, cfg, folder, name="smoke", max_new_tokens=6, batch_size=2)
+    image = Item("i", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
+                 [_png()], RUBRIC, "a red circle")
+    text = Item("t", [{"role": "user", "content": "name a red shape"}], [], RUBRIC, "a red circle")
+    assert cfg.image_token_id not in judge.tok.prompt(judge_messages(text), 0)
+    # grouped by image count (pixels None for the text-only group), replies in item order: each the
+    # same as that item's reply alone
+    alone = {item.key: judge.replies([item])[0] for item in (text, image)}
+    assert alone["t"] != alone["i"]  # so that a mix-up of rows would show
+    assert judge.replies([text, image, text]) == [alone["t"], alone["i"], alone["t"]]
+
+
+def test_flax_judge_stops_on_every_stop_id_of_the_tokenizer(smoke_dir, monkeypatch):
+    # the smoke template ends its turn with eos; a real one may not (Qwen's <|im_end|>, Llama's <|eot_id|>)
+    monkeypatch.setattr(ChatTokenizer, "stop_ids", lambda self: (2, 7))
+    model, cfg = hf.load_hf(f"{smoke_dir}/model")
+    assert FlaxJudge(model, cfg, f"{smoke_dir}/model", name="smoke").cfg.stop_ids == (2, 7)

@@ -124,6 +124,15 @@ def test_outcome_miner_only_sees_the_outcome():
     ('{"verdicts": [{"id": "e1", "score": 1}, {"id": "e2", "score": 1}, {"id": "a1", "score": 3.5}]}',
      r"score 3.5 is not an integer in \[1, 5\]"),
     ('{"verdicts": [{"id": "e1", "score": 1}, {"id": "e1", "score": 1}]}', "graded twice"),
+    # json reads NaN and Infinity: they are rejected as scores, never crash int()
+    ('{"verdicts": [{"id": "e1", "score": NaN}, {"id": "e2", "score": 1}, {"id": "a1", "score": 3}]}',
+     r"score nan is not an integer in \[0, 1\]"),
+    ('{"verdicts": [{"id": "e1", "score": 1}, {"id": "e2", "score": 1}, {"id": "a1", "score": Infinity}]}',
+     r"score inf is not an integer in \[1, 5\]"),
+    ('{"verdicts": [{"id": ["e1"], "score": 1}]}', "a verdict without a string id"),
+    ('Sure {not json} and {"verdicts": [', "malformed JSON"),
+    ('{"verdicts": ' + "[" * 5000 + "}", "JSON nested too deep"),
+    (None, r"the reply has no text content \(null\)"),  # `content: null` from an OpenAI-compatible server
 ])
 def test_parse_verdict_is_strict(reply, error):
     with pytest.raises(JudgeOutputError, match=error):
@@ -135,3 +144,18 @@ def test_parse_verdict_accepts_fenced_json_in_rubric_order():
              '{"id": "e2", "score": 0, "reason": "no"}, {"id": "e1", "score": 1, "reason": "yes"}]}\n```')
     verdict = parse_verdict(reply, RUBRIC)
     assert verdict.scores == [1.0, 0.0, 4.0] and verdict.reasons == ["yes", "no", "ok"]
+
+
+GOOD = '{"verdicts": [{"id": "e1", "score": 1, "reason": "a"}, {"id": "e2", "score": 0, "reason": "b"}, ' \
+       '{"id": "a1", "score": 5, "reason": "c"}]}'
+
+
+@pytest.mark.parametrize("reply", [
+    GOOD + " Hope this helps {:}",  # braces after the JSON
+    GOOD + "\n(that is all})",
+    'Use the form {id: score}, e.g. {"id": "x"}.\n' + GOOD,  # not JSON, then an object that is not the verdict
+    "```json\n" + GOOD + "\n```\nAnything else? {}",
+])
+def test_parse_verdict_decodes_the_json_among_braces_in_prose(reply):
+    verdict = parse_verdict(reply, RUBRIC)
+    assert verdict.scores == [1.0, 0.0, 5.0] and verdict.reasons == ["a", "b", "c"]
