@@ -6,10 +6,17 @@ The model folder's tokenizer renders the conversation with its chat template (th
 adds after that prompt, up to and including the end-of-turn token (trailing whitespace dropped). Each
 image placeholder token in the prompt expands to exactly `image_seq_len` copies, as the HF processor
 does, so the model's image features fill them one to one. Only answer tokens are trained.
+
+Answer ids are cut out of the whole conversation's tokens, never tokenized alone: a text tokenized alone
+is tokenized as the start of a text, and tokenizers treat starts specially (Llama-2's normalizer prepends
+"▁", so the answer " Hello" alone would give "▁" "▁Hello" where the model generates "▁Hello" after the
+prompt). The ids trained are thus the ids the model produces after the prompt.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 
@@ -18,6 +25,12 @@ PLACEHOLDER = "image"  # the part type that renders as the image token
 
 class TemplateError(ValueError):
     """The chat template cannot split a conversation into prompt and answer."""
+
+
+# The files a tokenizer's ids depend on (whichever the folder has), chat templates included.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
 
 
 class ChatTokenizer:
@@ -65,16 +78,78 @@ class ChatTokenizer:
         return out
 
     def answer(self, messages: list[dict], answer: str) -> list[int]:
-        """Token ids of the assistant's answer to `messages`, ending with the end-of-turn token."""
+        """Token ids of the assistant's answer to `messages`, ending with the end-of-turn token.
+
+        They are the whole conversation's tokens that start at or after the end of the rendered prompt,
+        so where the conversation's tokens start with the prompt's (as they do for the usual templates)
+        they are exactly what follows the prompt. A token that straddles the prompt's end (a merge of the
+        prompt's last characters with the answer's first) stays with the prompt, which the model is given
+        whole: when the answer characters it takes are whitespace they are dropped, else a TemplateError
+        is raised, since no ids continue the prompt's ids and spell the answer.
+        """
+        ids = self._answer_ids(messages, answer)
+        if self.image_token_id in ids:
+            raise TemplateError("the answer contains the image token")
+        return ids
+
+    def _answer_ids(self, messages: list[dict], answer: str) -> list[int]:
         prompt = self._render(messages, True)
         full = self._render(messages + [{"role": "assistant", "content": answer}], False)
         if not full.startswith(prompt):
             raise TemplateError("the chat template renders the conversation differently once the answer is "
                                 "appended, so prompt and answer cannot be split")
-        ids = self._ids(full[len(prompt):].rstrip())
-        if self.image_token_id in ids:
-            raise TemplateError("the answer contains the image token")
+        start, end = len(prompt), len(full.rstrip())  # tokens wholly in the trailing whitespace are dropped
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = []
+        for token, (first, last) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if first < start < last and full[start:last].strip():
+                raise TemplateError(f"the answer's start {full[start:last]!r} merges into the prompt's last "
+                                    f"token {full[first:last]!r}, so the answer cannot follow the prompt's ids")
+            if start <= first < end:
+                ids.append(token)
         return ids
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids generation stops on, sorted: the tokenizer's eos, the eos id(s) of the folder's
+        generation_config.json, and the chat template's end-of-turn token."""
+        ids = {self.tokenizer.eos_token_id, self._end_of_turn()}
+        path = os.path.join(self.folder, "generation_config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos])
+        return tuple(sorted(i for i in ids if i is not None))
+
+    def _end_of_turn(self) -> int | None:
+        """The token that ends an assistant turn in the chat template, or None if that is no added token
+        (a template that ends the turn with a newline or a word marks no end of turn to stop on)."""
+        error = None
+        # The user turn as records write it (parts), else as a string for templates that want one.
+        for content in ([{"type": "text", "text": "Hi"}], "Hi"):
+            try:
+                ids = self._answer_ids([{"role": "user", "content": content}], "Hello")
+            except Exception as e:  # jinja raises many exception types for content a template cannot render
+                error = e
+                continue
+            tok = self.tokenizer
+            last = ids[-1] if ids else None
+            return last if last in tok.added_tokens_decoder and last != tok.unk_token_id else None
+        raise TemplateError(f"the chat template cannot render a one-turn conversation: {error}") from error
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short content hash of the folder's tokenizer files: names the tokenizer that token ids
+        come from, the same for a copy of the files anywhere (read once: the pipeline asks per record)."""
+        digest = hashlib.sha256()
+        found = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(self.folder, name))]
+        if not found:
+            raise FileNotFoundError(f"{self.folder}: no tokenizer files (any of {', '.join(TOKENIZER_FILES)})")
+        for name in found:
+            with open(os.path.join(self.folder, name), "rb") as f:
+                data = f.read()
+            digest.update(f"{name}\0{len(data)}\0".encode())
+            digest.update(data)
+        return "sha256:" + digest.hexdigest()[:16]
 
 
 def _processor_template(folder: str) -> str:
