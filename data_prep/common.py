@@ -3,8 +3,12 @@
 Output of a command = one dataset `NAME` (ArrayRecord + manifest) written by `--num_shards` independent
 runs (hosts, or JAX processes with --num_shards=0). Each shard writes chunks
 `NAME-s00001-of-00004-c00012.array_record`, each committed by its `.keys.json` (the item keys in it), so
-a restarted run skips every item already written. When the last shard finishes, `NAME.manifest.json`
-lists all chunks.
+a restarted run skips every item already written. A chunk holds whole items (all records of a key), so
+a kill never leaves an item marked done with records missing. When the last shard finishes,
+`NAME.manifest.json` lists all chunks.
+
+Testing only: RDPO_TEST_KILL_AT_RECORD=k makes the process SIGKILL itself when the k-th record of the run
+is added (before it is buffered), a deterministic crash for the restart tests.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import sys
 
 from absl import flags
@@ -20,7 +25,9 @@ from rdpo_jax.data import arrayrecord, records
 
 SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This run's shard of the input.")
 NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards of the input (0: one per JAX process).")
-CHUNK = flags.DEFINE_integer("chunk_size", 64, "Records per output chunk (the unit of resumption).")
+CHUNK = flags.DEFINE_integer("chunk_size", 64, "Records per output chunk (the unit of resumption), at least; "
+                             "a chunk ends at an item boundary, so it may hold an item's records more.")
+KILL_AT_ENV = "RDPO_TEST_KILL_AT_RECORD"  # testing only: see the module docstring
 
 
 def shard() -> tuple[int, int]:
@@ -35,6 +42,17 @@ def shard() -> tuple[int, int]:
 
 
 class Output:
+    """One shard's resumable output: records buffered by item key and committed in chunks of whole items.
+
+    Args:
+      folder, name, kind: the dataset (folder/NAME) and its record kind.
+      shard_index, num_shards: this run's shard.
+      chunk_size: a chunk is committed once it holds at least this many records and the next record
+        belongs to another item (or at `close`).
+
+    Records of one item must be added consecutively. `done` holds the keys of the committed items.
+    """
+
     def __init__(self, folder: str, name: str, kind: str, shard_index: int, num_shards: int, chunk_size: int = 64):
         os.makedirs(folder, exist_ok=True)
         self.folder, self.name, self.kind = folder, name, kind
@@ -48,18 +66,28 @@ class Output:
                 self.done |= set(json.load(f))
         self._buffer: list[tuple[str, bytes]] = []
         self.written = 0
+        self._added, self._kill_at = 0, int(os.environ.get(KILL_AT_ENV) or 0)
 
     def add(self, key: str, record: dict) -> None:
         """Buffers one record (validated now); `key` marks its input item as done once its chunk commits."""
-        self._buffer.append((key, records.encode(record, self.kind, f"{self.name} output for {key}")))
-        if len(self._buffer) >= self.chunk_size:
-            self.flush()
+        self._added += 1
+        if self._added == self._kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._append(key, records.encode(record, self.kind, f"{self.name} output for {key}"))
 
     def mark_done(self, key: str) -> None:
         """An input item that produced no record (e.g. a prompt without a pair) is done too."""
-        self._buffer.append((key, b""))
+        self._append(key, b"")
+
+    def _append(self, key: str, data: bytes) -> None:
+        # Commit only between items: a chunk committed in the middle of an item would mark its key done
+        # while the item's later records are still in the buffer, lost if the process dies before the next.
+        if len(self._buffer) >= self.chunk_size and key != self._buffer[-1][0]:
+            self.flush()
+        self._buffer.append((key, data))
 
     def flush(self) -> None:
+        """Commits the buffer as one chunk (callers flush between items only)."""
         if not self._buffer:
             return
         from array_record.python.array_record_module import ArrayRecordWriter

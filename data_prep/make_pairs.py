@@ -4,7 +4,8 @@
         [--gate=veto] [--margin=0.1] [--criterion_gap=0] [--max_pairs=2] [--dedup=0.9]
     python -m data_prep.make_pairs … --miner=outcome --outcome=correct|holistic|ID   (the baseline)
 
-Output: `pairs` records with the rubric, both answers' raw scores and the miner's metadata; a summary
+Output: `pairs` records with the rubric, both answers' raw scores, the miner's metadata and, where the
+samples carry them, both answers' token ids (`chosen_ids`, `rejected_ids`, `tokenizer`); a summary
 (pairs per prompt, margin histogram, prompts without a pair by reason) printed and saved as
 `NAME.summary.json` (one per shard). Resumable, sharded over prompts.
 """
@@ -36,6 +37,17 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "pairs", "Output dataset name.")
 
 
+def token_ids(pair: mining.Pair) -> dict:
+    """The pair's `chosen_ids`, `rejected_ids` and `tokenizer` where both answers carry ids of one
+    tokenizer (the sampler's), else nothing (training then tokenizes the text)."""
+    chosen, rejected = pair.chosen, pair.rejected
+    if chosen.response_ids is None or rejected.response_ids is None or chosen.tokenizer is None \
+            or chosen.tokenizer != rejected.tokenizer:
+        return {}
+    return dict(chosen_ids=list(chosen.response_ids), rejected_ids=list(rejected.response_ids),
+                tokenizer=chosen.tokenizer)
+
+
 def main(argv):
     del argv
     shard_index, num_shards = common.shard()
@@ -44,8 +56,10 @@ def main(argv):
     by_prompt: dict[str, list[mining.Sample]] = collections.defaultdict(list)
     for i in range(len(judged)):
         s = records.decode(judged[i][1], "samples", judged.where(i))
+        ids = s.get("response_ids")
         by_prompt[s["prompt_id"]].append(mining.Sample(s["sample_id"], s["response"], s.get("scores"),
-                                                       s["policy_step"]))
+                                                       s["policy_step"], None if ids is None else tuple(ids),
+                                                       s["sampler"].get("tokenizer")))
     out = common.Output(_OUT.value, _NAME.value, "pairs", shard_index, num_shards, common.CHUNK.value)
     counts = collections.Counter()
     per_prompt, margins = collections.Counter(), []
@@ -81,12 +95,14 @@ def main(argv):
             out.mark_done(prompt_id)
         for j, p in enumerate(pairs):
             margins.append(p.meta["margin"])
+            ids = token_ids(p)
+            counts["pairs with token ids"] += bool(ids)
             out.add(prompt_id, dict(
                 pair_id=f"{prompt_id}/{p.chosen.policy_step}/{j}", prompt_id=prompt_id, images=prompt["images"],
                 messages=prompt["messages"], chosen=p.chosen.response, rejected=p.rejected.response,
                 rubric=rubric, chosen_scores=p.chosen.scores, rejected_scores=p.rejected.scores,
                 meta={**p.meta, "chosen_sample": p.chosen.sample_id, "rejected_sample": p.rejected.sample_id,
-                      "policy_step": p.chosen.policy_step}))
+                      "policy_step": p.chosen.policy_step}, **ids))
             counts["pairs"] += 1
     out.close()
     hist, edges = np.histogram(margins, bins=5, range=(0.0, 1.0)) if margins else ([], [])

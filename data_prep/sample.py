@@ -4,9 +4,17 @@
 
 The policy is a Hugging Face folder or a training run (its latest checkpoint). Generation runs jitted
 with a KV cache on a mesh of all local devices (batch over data × fsdp); prompts are left-padded to a
-multiple of --pad_to so that few shapes compile. Output: `samples` records
-(sample_id = PROMPT_ID/STEP/J). Resumable, sharded (--shard_index/--num_shards, or --num_shards=0 for
+multiple of --pad_to so that few shapes compile. Generation stops at the tokenizer's stop ids (eos, the
+generation config's eos ids, the chat template's end of turn) and never emits the image placeholder
+token. Output: `samples` records
+(sample_id = PROMPT_ID/STEP/J) with the generated token ids (`response_ids`) and the tokenizer's
+fingerprint (`sampler.tokenizer`). Resumable, sharded (--shard_index/--num_shards, or --num_shards=0 for
 one shard per JAX process).
+
+A rerun after a kill writes what an uninterrupted run writes, record for record: batches are fixed
+groups of the shard's prompts (per image count, since a batch's images stack into one array), a
+partially done batch is generated again whole and only its undone prompts are written, and sample j of
+the prompt at pool index i draws from fold_in(fold_in(key(--seed), i), j) alone.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p (1 = off).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens per answer at most.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts per generate call.")
 _PAD_TO = flags.DEFINE_integer("pad_to", 64, "Prompt lengths are padded to a multiple of this.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (folded with the prompt batch).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (folded with each prompt's pool index and sample number).")
 _POLICY_STEP = flags.DEFINE_integer("policy_step", -1, "Recorded policy step (-1: the checkpoint's, else 0).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -48,47 +56,48 @@ def main(argv):
     policy_step = _POLICY_STEP.value if _POLICY_STEP.value >= 0 else (step or 0)
     tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
     image_cfg = images.image_config(folder)
-    stop = tuple(t for t in {tok.tokenizer.eos_token_id} if t is not None)
     sc = sampling.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                 top_p=_TOP_P.value, stop_ids=stop, pad_id=tok.pad_id, num_samples=_N.value)
+                                 top_p=_TOP_P.value, stop_ids=tok.stop_ids(), pad_id=tok.pad_id, num_samples=_N.value,
+                                 suppress_ids=(cfg.image_token_id,))  # training would splice an image into it
+    sampler = {"model": _MODEL.value, "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p,
+               "max_new_tokens": sc.max_new_tokens, "seed": _SEED.value, "tokenizer": tok.fingerprint}
     source = arrayrecord.Source(_POOL.value, "rubric_pool")
     out = common.Output(_OUT.value, _NAME.value, "samples", shard_index, num_shards, common.CHUNK.value)
     mine = [i for i in range(len(source)) if i % num_shards == shard_index]
+    # One pass for the image counts (records are decoded again per batch, so images are not all held).
+    image_counts = [len(records.decode(source[i][1], "rubric_pool", source.where(i))["images"]) for i in mine]
+    batches = [[mine[p] for p in b] for b in sampling.batches_by_image_count(image_counts, _BATCH.value)]
     counts = {"prompts": 0, "samples": 0, "already_done": 0, "tokens": 0, "stopped": 0}
     t0 = time.perf_counter()
-    batch: list[dict] = []
-
-    def run(batch):
-        key = jax.random.fold_in(jax.random.key(_SEED.value), int(batch[0]["_index"]))
-        answers = sampling.answer(model, tok, image_cfg, mesh, batch, sc, key, pad_to=_PAD_TO.value)
-        for record, row in zip(batch, answers):
-            for j, (text, n, stopped) in enumerate(row):
-                counts["tokens"] += n
-                counts["stopped"] += int(stopped)
-                out.add(record["prompt_id"], dict(
-                    prompt_id=record["prompt_id"], sample_id=f"{record['prompt_id']}/{policy_step}/{j}",
-                    response=text, policy_step=policy_step,
-                    sampler={"model": _MODEL.value, "temperature": sc.temperature, "top_k": sc.top_k,
-                             "top_p": sc.top_p, "max_new_tokens": sc.max_new_tokens, "seed": _SEED.value}))
-            counts["prompts"] += 1
-            counts["samples"] += _N.value
-
+    bar = logs.bar(total=len(mine), desc="sample", unit="prompt")
     with jax.set_mesh(mesh):
-        for i in logs.bar(mine, desc="sample", unit="prompt"):
-            record = records.decode(source[i][1], "rubric_pool", source.where(i))
-            if record["prompt_id"] in out.done:
-                counts["already_done"] += 1
-                continue
-            batch.append({**record, "_index": i})
-            if len(batch) == _BATCH.value:
-                run(batch)
-                batch = []
-        if batch:
-            run(batch)
+        for batch in batches:
+            prompts = [records.decode(source[i][1], "rubric_pool", source.where(i)) for i in batch]
+            todo = [p["prompt_id"] not in out.done for p in prompts]
+            counts["already_done"] += todo.count(False)
+            if any(todo):  # the whole batch again: its rows, and thus their samples, as in the first run
+                keys = sampling.row_keys(jax.random.key(_SEED.value), batch, sc.num_samples)
+                answers = sampling.answer(model, tok, image_cfg, mesh, prompts, sc, keys, pad_to=_PAD_TO.value)
+                for prompt, row, new in zip(prompts, answers, todo):
+                    if new:
+                        write(out, prompt["prompt_id"], row, policy_step, sampler, counts)
+            bar.update(len(batch))
+    bar.close()
     out.close()
     elapsed = time.perf_counter() - t0
     counts["tokens_per_s"] = round(counts["tokens"] / elapsed, 1)
     common.summary(f"sample: {_MODEL.value} (policy step {policy_step}), shard {shard_index}/{num_shards}", counts)
+
+
+def write(out: common.Output, prompt_id: str, answers: list, policy_step: int, sampler: dict, counts: dict) -> None:
+    """Adds one prompt's samples (consecutively: they form one item of the output)."""
+    for j, (text, ids, stopped) in enumerate(answers):
+        counts["tokens"] += len(ids)
+        counts["stopped"] += int(stopped)
+        out.add(prompt_id, dict(prompt_id=prompt_id, sample_id=f"{prompt_id}/{policy_step}/{j}", response=text,
+                                response_ids=ids, policy_step=policy_step, sampler=sampler))
+    counts["prompts"] += 1
+    counts["samples"] += len(answers)
 
 
 if __name__ == "__main__":

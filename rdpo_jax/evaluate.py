@@ -4,8 +4,9 @@
     python -m rdpo_jax.evaluate --model=runs/sft,runs/dpo --out=eval/sft,eval/dpo --pool=…  # one process
     python -m rdpo_jax.evaluate --model=exports/dpo --pool=… --judge=openai --endpoint=… --judge_model=…
 
-Answers every prompt of a rubric pool greedily (the sampler of `data_prep.sample`), judges the answers
-criterion by criterion (verifier, OpenAI-compatible endpoint or local Flax judge) and reports:
+Answers every prompt of a rubric pool greedily (the sampler of `data_prep.sample`: stopping at the
+tokenizer's stop ids, never emitting the image token; prompts with and without images alike), judges the
+answers criterion by criterion (verifier, OpenAI-compatible endpoint or local Flax judge) and reports:
 
   essential_pass     share of answers passing every essential criterion
   rubric_score       weighted mean of normalized criterion scores (the rubric weights)
@@ -84,19 +85,19 @@ def evaluate(model_source: str, pool: str, out: str, *, judge, max_new_tokens: i
                                                      check_image_tokens=False)  # checked by ChatTokenizer
     tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
     image_cfg = images.image_config(folder)
-    stop = tuple(t for t in {tok.tokenizer.eos_token_id} if t is not None)
-    sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop, pad_id=tok.pad_id,
-                                 num_samples=1)
+    sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids(),
+                                 pad_id=tok.pad_id, num_samples=1, suppress_ids=(cfg.image_token_id,))
     source = arrayrecord.Source(pool, "rubric_pool")
     n = min(len(source), limit) if limit else len(source)
     prompts = [records.decode(source[i][1], "rubric_pool", source.where(i)) for i in range(n)]
     t0 = time.perf_counter()
-    answers = []
-    with jax.set_mesh(mesh):
-        for b in range(0, n, batch_size):
-            batch = prompts[b:b + batch_size]
-            answers += [row[0][0] for row in sampling.answer(model, tok, image_cfg, mesh, batch, sc,
-                                                             jax.random.key(0), pad_to=pad_to)]
+    answers = [""] * n
+    with jax.set_mesh(mesh):  # batches of one image count each (their images stack); answers in pool order
+        for batch in sampling.batches_by_image_count([len(p["images"]) for p in prompts], batch_size):
+            rows = sampling.answer(model, tok, image_cfg, mesh, [prompts[i] for i in batch], sc, jax.random.key(0),
+                                   pad_to=pad_to)
+            for i, row in zip(batch, rows):
+                answers[i] = row[0][0]
     seconds = time.perf_counter() - t0
     verdicts = judge.judge([judge_lib.Item(p["prompt_id"], p["messages"], p["images"], p["rubric"], a,
                                            p.get("reference_answer")) for p, a in zip(prompts, answers)])

@@ -4,7 +4,14 @@ Prompts are left-padded (int32[B, T] with a 1/0 mask), positions count real toke
 transformers' `generate` does), so every row's last prompt token sits at index T−1 and all rows decode
 in lockstep into one cache of T + max_new_tokens slots. Each prompt is prefilled once and its cache
 copied for its `n` samples. Sampling: temperature, then top-k, then top-p (transformers' order);
-temperature 0 is greedy. A row stops after any of `stop_ids`; later slots hold `pad_id`.
+temperature 0 is greedy. A row stops after any of `stop_ids`; later slots hold `pad_id`; `suppress_ids`
+are never generated.
+
+Randomness is per row: row r draws its step-i token with fold_in(keys[r], i), so a row's samples depend
+on its own key only, not on the other rows of the batch. `row_keys` derives the keys from a prompt's
+index and the sample's number, which makes a prompt's samples independent of how prompts are batched
+(a resumed `data_prep.sample` reproduces an uninterrupted run). Prompts of one batch must have the same
+number of images (`batches_by_image_count` forms such batches); text-only batches pass no pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
     num_samples: int = 1  # samples per prompt
+    suppress_ids: tuple[int, ...] = ()  # never generated (e.g. the image placeholder; transformers has none)
 
 
 def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -43,10 +51,40 @@ def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return logits
 
 
-def _pick(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+def _pick(logits: jax.Array, keys: jax.Array, step: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    if cfg.suppress_ids:
+        logits = logits.at[:, jnp.asarray(cfg.suppress_ids)].set(-jnp.inf)
     if cfg.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, cfg), axis=-1).astype(jnp.int32)
+    draw = lambda key, row: jax.random.categorical(jax.random.fold_in(key, step), row)  # noqa: E731
+    return jax.vmap(draw)(keys, filter_logits(logits, cfg)).astype(jnp.int32)
+
+
+def row_keys(key: jax.Array, prompt_indices, num_samples: int) -> jax.Array:
+    """Per-row keys for `generate`: row b·n + j gets fold_in(fold_in(key, prompt_indices[b]), j).
+
+    Args:
+      key: the base PRNG key (e.g. `jax.random.key(seed)`).
+      prompt_indices: one stable integer per prompt of the batch (its index in the pool).
+      num_samples: samples per prompt (n).
+
+    Returns:
+      A PRNG key array [len(prompt_indices)·n].
+    """
+    per_prompt = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(list(prompt_indices), jnp.int32))
+    per_row = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(num_samples)))(per_prompt)
+    return per_row.reshape(-1)
+
+
+def batches_by_image_count(image_counts: list[int], batch_size: int) -> list[list[int]]:
+    """Positions 0…len−1 in batches of at most `batch_size`, each of one image count (their pixels
+    stack into one array): per count, in increasing order, consecutive runs of the positions with it.
+    A function of `image_counts` only, so a rerun forms the same batches."""
+    by_count: dict[int, list[int]] = {}
+    for position, count in enumerate(image_counts):
+        by_count.setdefault(count, []).append(position)
+    return [group[i:i + batch_size] for _, group in sorted(by_count.items())
+            for i in range(0, len(group), batch_size)]
 
 
 @nnx.jit(static_argnames="cfg")
@@ -57,8 +95,9 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, pixel_values:
     Args:
       model: a `Llava`.
       prompt_ids, prompt_mask: int32[B, T], left-padded.
-      pixel_values: float32[B, N, H, W, 3] (or [B, H, W, 3]) or None.
-      key: PRNG key (row r, step i use fold_in(fold_in(key, i), …) through `categorical`).
+      pixel_values: float32[B, N, H, W, 3] (or [B, H, W, 3]), or None for text-only prompts.
+      key: per-row PRNG keys [B·n] (see `row_keys`; row r draws step i with fold_in(key[r], i)), or one
+        key, split into B·n row keys.
       cfg: decoding settings (static).
 
     Returns:
@@ -82,11 +121,12 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, pixel_values:
     cache = jax.tree.map(repeat, cache)
     logits, valid, position = repeat(logits), repeat(valid), repeat(positions[:, -1])
     rows = B * n
+    keys = key if key.ndim == 1 else jax.random.split(key, rows)
     stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
 
     def body(carry):
         i, tokens, done, cache, logits, valid, position = carry
-        token = _pick(logits, jax.random.fold_in(key, i), cfg)
+        token = _pick(logits, keys, i, cfg)
         token = jnp.where(done, cfg.pad_id, token)
         tokens = tokens.at[:, i].set(token)
         done = done | jnp.isin(token, stop)
@@ -121,32 +161,50 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None):
     return ids, mask
 
 
-def answer(model, tokenizer, image_cfg, mesh, prompts: list[dict], cfg: SamplingConfig, key: jax.Array, *,
-           pad_to: int = 64) -> list[list[tuple[str, int, bool]]]:
-    """Generates `cfg.num_samples` answers for each prompt record ({messages, images}) on `mesh`: prompts
-    left-padded to a multiple of `pad_to` (few shapes compile), rows padded to whole batches over the
-    devices and split over them. Returns per prompt [(decoded text, tokens, stopped)]."""
+def answer(model, tokenizer, image_cfg, mesh, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,
+           pad_to: int = 64) -> list[list[tuple[str, list[int], bool]]]:
+    """Generates `cfg.num_samples` answers for each prompt record ({messages, images}) on `mesh`.
+
+    Prompts are left-padded to a multiple of `pad_to` (few shapes compile), rows padded to whole batches
+    over the devices and split over them. All prompts must have the same number of images (none: no
+    pixels are passed).
+
+    Args:
+      keys: per-row PRNG keys [len(prompts)·n] (`row_keys`), or one key (see `generate`).
+
+    Returns:
+      Per prompt, per sample: (decoded text, generated ids up to and including the stop token when it
+      stopped, whether it stopped).
+    """
     import numpy as np
 
     from rdpo_jax.data import images
 
+    counts = {len(r["images"]) for r in prompts}
+    if len(counts) > 1:
+        raise ValueError(f"prompts of one batch need the same number of images, got {sorted(counts)}")
     ids = [tokenizer.prompt(r["messages"], len(r["images"])) for r in prompts]
     length = -(-max(map(len, ids)) // pad_to) * pad_to
     ids, mask = left_pad(ids, tokenizer.pad_id, length)
-    pixels = np.stack([np.stack([images.load_and_preprocess(b, image_cfg) for b in r["images"]]) for r in prompts])
-    extra = -len(prompts) % mesh.devices.size
-    ids, mask, pixels = (np.concatenate([x, np.repeat(x[-1:], extra, 0)]) for x in (ids, mask, pixels))
+    pixels = None
+    if counts != {0}:
+        pixels = np.stack([np.stack([images.load_and_preprocess(b, image_cfg) for b in r["images"]])
+                           for r in prompts])
+    extra = -len(prompts) % mesh.devices.size  # padding rows repeat the last prompt (and its keys)
+    ids, mask, pixels = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), (ids, mask, pixels))
+    if keys.ndim == 1:
+        keys = jnp.concatenate([keys, jnp.tile(keys[-cfg.num_samples:], extra)])
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     ids, mask, pixels = jax.device_put((ids, mask, pixels), rows)
-    tokens, lengths = generate(model, ids, mask, pixels, key, cfg)
+    tokens, lengths = generate(model, ids, mask, pixels, keys, cfg)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     out = []
     for b in range(len(prompts)):
         row_answers = []
         for j in range(cfg.num_samples):
             row = b * cfg.num_samples + j
-            n = int(lengths[row])
-            text = tokenizer.tokenizer.decode(tokens[row, :n], skip_special_tokens=True).strip()
-            row_answers.append((text, n, n < cfg.max_new_tokens or int(tokens[row, n - 1]) in cfg.stop_ids))
+            generated = tokens[row, :int(lengths[row])].tolist()
+            text = tokenizer.tokenizer.decode(generated, skip_special_tokens=True).strip()
+            row_answers.append((text, generated, bool(generated) and generated[-1] in cfg.stop_ids))
         out.append(row_answers)
     return out

@@ -1,5 +1,6 @@
 """rdpo_jax.evaluate: the per-answer numbers against hand-computed values, the summary, and a real
-evaluation of an HF folder on a rule-built pool (answers greedy = the sampler's, verdicts = the verifier's)."""
+evaluation of an HF folder on a rule-built pool with a text-only prompt among image prompts (answers
+greedy = the sampler's, verdicts = the verifier's)."""
 
 import json
 import os
@@ -56,13 +57,16 @@ def test_evaluate_an_hf_folder(tmp_path):
         image = open(tmp_path / row["image"], "rb").read()
         pool.append(dict(prompt_id=row["prompt_id"], images=[image], messages=world.messages(row["instruction"]),
                          rubric=generate.rule_rubric(row["ground_truth"])))
+    # a text-only prompt in the middle: answered in a batch of its own, reported in pool order
+    pool.insert(2, dict(pool[2], prompt_id=pool[2]["prompt_id"] + "-text", images=[],
+                        messages=[{"role": "user", "content": pool[2]["messages"][0]["content"][1]["text"]}]))
     arrayrecord.write(str(tmp_path), "pool", "rubric_pool", pool)
     metrics = evaluate.evaluate(folder, str(tmp_path / "pool"), out, judge=judge.VerifierJudge(), max_new_tokens=6,
                                 batch_size=4, group="prefix")
     rows = [json.loads(line) for line in open(os.path.join(out, "answers.jsonl"))]
     assert [r["prompt_id"] for r in rows] == [p["prompt_id"] for p in pool]
     assert metrics == json.load(open(os.path.join(out, "metrics.json")))
-    assert metrics["prompts"] == 6 and metrics["unscorable"] == 0 and metrics["judge"] == "verifier"
+    assert metrics["prompts"] == 7 and metrics["unscorable"] == 0 and metrics["judge"] == "verifier"
     assert set(metrics["groups"]) == set(world.KINDS)
     # every answer is re-judged the same way by the verifier: the file holds the verdicts it produced
     verifier = judge.VerifierJudge()

@@ -1,5 +1,6 @@
-"""Generation: greedy equals transformers' generate token for token; sampling is reproducible; filters,
-stop tokens and several samples per prompt behave."""
+"""Generation: greedy equals transformers' generate token for token (with and without images); sampling
+is reproducible and per row (a row's samples depend on its own key only); filters, stop tokens and
+several samples per prompt behave."""
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +46,10 @@ def test_sampling_is_reproducible_and_sharded_equals_single(tiny_llava):
     ids, mask, pixels = _prompts(cfg, 1)
     sc = sampling.SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, num_samples=4)
     args = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
-    a, _ = sampling.generate(model, *args, jax.random.key(3), sc)
-    b, _ = sampling.generate(model, *args, jax.random.key(3), sc)
-    c, _ = sampling.generate(model, *args, jax.random.key(4), sc)
+    keys = lambda seed: sampling.row_keys(jax.random.key(seed), [0, 1], 4)  # noqa: E731
+    a, _ = sampling.generate(model, *args, keys(3), sc)
+    b, _ = sampling.generate(model, *args, keys(3), sc)
+    c, _ = sampling.generate(model, *args, keys(4), sc)
     assert a.shape == (8, 10)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -56,7 +58,7 @@ def test_sampling_is_reproducible_and_sharded_equals_single(tiny_llava):
     sharded_model, _ = hf.load_hf(folder, mesh=mesh)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     with jax.set_mesh(mesh):
-        d, _ = sampling.generate(sharded_model, *jax.device_put(args, rows), jax.random.key(3), sc)
+        d, _ = sampling.generate(sharded_model, *jax.device_put(args, rows), keys(3), sc)
     np.testing.assert_array_equal(a, d)
 
 
@@ -91,3 +93,139 @@ def test_filters_against_numpy():
         order = np.argsort(-p)
         n = int(np.searchsorted(np.cumsum(p[order]), 0.6) + 1)  # smallest set with mass ≥ 0.6
         assert set(np.flatnonzero(np.isfinite(row))) == set(order[:n])
+
+
+def test_each_row_draws_from_its_own_key(tiny_llava):
+    """A prompt's samples follow its keys (`row_keys`: its pool index, the sample number), wherever it sits
+    in the batch and whatever else is in it: what makes a resumed `data_prep.sample` equal a fresh one."""
+    folder, _ = tiny_llava("siglip_qwen2")
+    model, cfg = hf.load_hf(folder)
+    ids, mask, pixels = _prompts(cfg, 1)
+    sc = sampling.SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, num_samples=4)
+    base = jax.random.key(3)
+    keys = sampling.row_keys(base, [10, 11], 4)
+    np.testing.assert_array_equal(jax.random.key_data(sampling.row_keys(base, [11], 4)),
+                                  jax.random.key_data(keys[4:]))
+    a = np.asarray(sampling.generate(model, ids, mask, pixels, keys, sc)[0])
+    swapped = np.asarray(sampling.generate(model, ids[::-1], mask[::-1], pixels[::-1],
+                                           sampling.row_keys(base, [11, 10], 4), sc)[0])
+    np.testing.assert_array_equal(swapped, np.concatenate([a[4:], a[:4]]))
+    other = jnp.concatenate([sampling.row_keys(jax.random.key(4), [10], 1), keys[1:]])
+    b = np.asarray(sampling.generate(model, ids, mask, pixels, other, sc)[0])
+    np.testing.assert_array_equal(b[1:], a[1:])
+    assert not np.array_equal(b[0], a[0])
+    assert len({tuple(r) for r in a[:4]}) > 1  # one prompt's samples differ
+
+
+def test_text_only_greedy_matches_transformers_generate(tiny_llava):
+    folder, torch_model = tiny_llava("siglip_qwen2")
+    model, _ = hf.load_hf(folder)
+    ids, mask = sampling.left_pad([[7, 8, 9, 30, 31], [12, 40, 41, 42, 43, 44, 45, 46]], pad_id=0)
+    sc = sampling.SamplingConfig(max_new_tokens=8, temperature=0.0)
+    tokens, _ = sampling.generate(model, jnp.asarray(ids), jnp.asarray(mask), None, jax.random.key(0), sc)
+    with torch.no_grad():
+        ref = torch_model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                                   attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=8,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(tokens), ref[:, ids.shape[1]:].numpy())
+
+
+def test_suppressed_ids_are_never_generated(tiny_llava):
+    folder, _ = tiny_llava("siglip_qwen2")
+    model, cfg = hf.load_hf(folder)
+    ids, mask, pixels = _prompts(cfg)
+    args = (model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels), jax.random.key(0))
+    free = np.asarray(sampling.generate(*args, sampling.SamplingConfig(max_new_tokens=8, temperature=0.0))[0])
+    banned = tuple(sorted(set(free[0].tolist())))  # every token greedy row 0 emits
+    tokens = np.asarray(sampling.generate(*args, sampling.SamplingConfig(max_new_tokens=8, temperature=0.0,
+                                                                         suppress_ids=banned))[0])
+    assert not set(tokens[0].tolist()) & set(banned)
+
+
+def _with_tokenizer(tiny_llava, kind, tmp_path):
+    """The tiny siglip_qwen2 model folder with a real-kind tokenizer (tests/tokenizers.py) in place of its own."""
+    import glob
+    import os
+    import shutil
+
+    from tests import tokenizers
+
+    folder = str(tmp_path / kind)
+    shutil.copytree(tiny_llava("siglip_qwen2")[0], folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "chat_template.json", *map(os.path.basename, glob.glob(f"{folder}/*.txt"))):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    return tokenizers.build(kind, folder)
+
+
+def _sampler(folder):
+    from rdpo_jax.data import images
+    from rdpo_jax.data.tokenize import ChatTokenizer
+
+    model, cfg = hf.load_hf(folder)
+    tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    return model, cfg, tok, images.image_config(folder), mesh
+
+
+PROMPT = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}],
+          "images": []}
+
+
+def _prompt(rng):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return {**PROMPT, "images": [buf.getvalue()]}
+
+
+def test_generation_stops_on_the_templates_end_of_turn_that_is_not_eos(tiny_llava, tmp_path):
+    """Llama-3's template ends a turn with <|eot_id|>, not eos: generation stops there. (Everything but
+    <|eot_id|> is suppressed so the random model must say it: without the stop, it would say it 6 times.)"""
+    model, cfg, tok, image_cfg, mesh = _sampler(_with_tokenizer(tiny_llava, "llama3", tmp_path))
+    eot = tok.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot != tok.tokenizer.eos_token_id and eot in tok.stop_ids()
+    sc = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, stop_ids=tok.stop_ids(), pad_id=tok.pad_id,
+                                 suppress_ids=tuple(i for i in range(tiny.VOCAB) if i != eot))
+    with jax.set_mesh(mesh):
+        [[(text, ids, stopped)]] = sampling.answer(model, tok, image_cfg, mesh, [_prompt(np.random.default_rng(0))],
+                                                   sc, jax.random.key(0))
+    assert ids == [eot] and stopped and text == ""
+
+
+@pytest.mark.parametrize("kind", ["llama2", "metaspace", "qwen2"])
+def test_sampled_ids_train_unchanged(tiny_llava, tmp_path, kind):
+    """The ids the policy sampled, carried by a pair record with their tokenizer's fingerprint, are the ids
+    the training batch holds — whatever re-tokenizing their text would give (a random model's output is
+    seldom the tokenizer's own tokenization of the decoded text)."""
+    from rdpo_jax.data import arrayrecord, pipeline
+
+    folder = _with_tokenizer(tiny_llava, kind, tmp_path)
+    model, cfg, tok, image_cfg, mesh = _sampler(folder)
+    rng = np.random.default_rng(1)
+    prompt = _prompt(rng)
+    sc = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_ids=tok.stop_ids(), pad_id=tok.pad_id,
+                                 num_samples=2, suppress_ids=(cfg.image_token_id,))
+    with jax.set_mesh(mesh):
+        [answers] = sampling.answer(model, tok, image_cfg, mesh, [prompt], sc,
+                                    sampling.row_keys(jax.random.key(3), [0], 2))
+    (_, chosen, _), (_, rejected, _) = answers
+    assert chosen != rejected
+    record = dict(pair_id="p/0", prompt_id="p", images=prompt["images"], messages=prompt["messages"],
+                  chosen="first answer", rejected="second answer", chosen_ids=chosen, rejected_ids=rejected,
+                  tokenizer=tok.fingerprint,
+                  rubric={"criteria": [{"id": "a", "text": "ok", "kind": "essential", "weight": 1.0, "scale": "binary"}]},
+                  chosen_scores=[1], rejected_scores=[0], meta={})
+    arrayrecord.write(str(tmp_path), "pairs", "pairs", [record])
+    options = pipeline.Options(kind="pairs", seq_buckets=(cfg.image_seq_len + 48,), max_answer_len=8, max_criteria=1)
+    batch = pipeline.make_dataset(arrayrecord.Source(str(tmp_path / "pairs")), options, tok, image_cfg,
+                                  global_batch_size=1, seed=None, num_epochs=1, process_index=0,
+                                  process_count=1)[0]["batch"]
+    targets, branch = batch["targets"][0], batch["target_branch"][0]
+    assert targets[branch == 1].tolist() == chosen and targets[branch == 2].tolist() == rejected
+    np.testing.assert_array_equal(batch["input_ids"][0, :len(tok.prompt(prompt["messages"], 1))],
+                                  tok.prompt(prompt["messages"], 1))  # after the very prompt they were sampled from

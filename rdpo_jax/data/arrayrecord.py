@@ -102,9 +102,10 @@ def read_manifest(path: str) -> dict:
         raise FileNotFoundError(f"{path}: no manifest (was the dataset written completely?)")
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get("schema_version") != records.SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')} is not "
-                         f"{records.SCHEMA_VERSION}, the version this code reads")
+    version = manifest.get("schema_version")
+    if version not in records.READABLE_SCHEMA_VERSIONS:  # older versions' records are valid records of this one
+        raise ValueError(f"{path}: schema_version {version} is not one this code reads "
+                         f"({records.READABLE_SCHEMA_VERSIONS.start}…{records.SCHEMA_VERSION})")
     manifest["folder"] = os.path.dirname(os.path.abspath(path))
     return manifest
 

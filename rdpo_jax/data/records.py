@@ -3,11 +3,19 @@
 One msgpack map per record; never pickle (data files come from other people). Kinds:
 
   rubric_pool  prompt_id, images, messages, rubric, reference_answer?
-  samples      prompt_id, sample_id, response, policy_step, sampler, (judged:) scores?, reasons?, judge?,
-               unscorable?
+  samples      prompt_id, sample_id, response, response_ids?, policy_step, sampler, (judged:) scores?,
+               reasons?, judge?, unscorable?
   pairs        pair_id, prompt_id, images, messages, chosen, rejected, rubric, chosen_scores,
-               rejected_scores, meta, ref_chosen_logp?, ref_rejected_logp?, ref_fingerprint?
+               rejected_scores, meta, chosen_ids?, rejected_ids?, tokenizer?, ref_chosen_logp?,
+               ref_rejected_logp?, ref_fingerprint?, ref_settings?
   sft          images, messages, answer, example_id?
+
+Token ids (`response_ids`, `chosen_ids`, `rejected_ids`) are the ids the sampler generated (up to and
+including the stop token when it stopped), so training can use them instead of re-tokenizing the text;
+a pair has both or neither, together with `tokenizer`, the fingerprint of the tokenizer they belong to
+(the sampler records it as `sampler["tokenizer"]`). `ref_fingerprint` names the model that computed the
+reference log-likelihoods and `ref_settings` the training-config fields they depend on
+(`pipeline.REFERENCE_SETTINGS`).
 
 `images` is a list of encoded image files (bytes); `messages` a chat in the Hugging Face format,
 [{role, content}] with content a string or a list of parts {"type": "text", "text": …} / {"type": "image"}
@@ -25,7 +33,8 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: optional token ids (samples, pairs); a version-1 record is a version-2 record
+READABLE_SCHEMA_VERSIONS = range(1, SCHEMA_VERSION + 1)
 KINDS = ("rubric_pool", "samples", "pairs", "sft")
 ROLES = ("system", "user", "assistant")
 CRITERION_KINDS = ("essential", "additional")
@@ -74,6 +83,16 @@ def _images(where, field, value):
         _type(where, f"{field}[{i}]", image, bytes, "encoded image bytes")
         if not image:
             raise RecordError(where, f"{field}[{i}]", "empty image bytes", reason="bad_image")
+
+
+def _token_ids(where, field, value):
+    _type(where, field, value, list, "a list of token ids")
+    if not value:
+        raise RecordError(where, field, "expected at least one token id")
+    for i, t in enumerate(value):
+        _int(where, f"{field}[{i}]", t)
+        if t < 0:
+            raise RecordError(where, f"{field}[{i}]", f"expected a token id ≥ 0, got {t}")
 
 
 def _map(where, field, value):
@@ -181,13 +200,15 @@ SCHEMAS: dict[str, Schema] = {
     # samples, once judged, carry the verdict: raw scores and reasons per criterion (rubric order) or
     # the reason they could not be scored
     "samples": {"prompt_id": (_str, True), "sample_id": (_str, True), "response": (_str, True),
-                "policy_step": (_int, True), "sampler": (_map, True), "scores": (_scores, False),
-                "reasons": (_str_list, False), "judge": (_str, False), "unscorable": (_str, False)},
+                "response_ids": (_token_ids, False), "policy_step": (_int, True), "sampler": (_map, True),
+                "scores": (_scores, False), "reasons": (_str_list, False), "judge": (_str, False),
+                "unscorable": (_str, False)},
     "pairs": {"pair_id": (_str, True), "prompt_id": (_str, True), "images": (_images, True),
               "messages": (_messages, True), "chosen": (_nonempty_str, True), "rejected": (_nonempty_str, True),
               "rubric": (_rubric, True), "chosen_scores": (_scores, True), "rejected_scores": (_scores, True),
-              "meta": (_map, True), "ref_chosen_logp": (_number, False), "ref_rejected_logp": (_number, False),
-              "ref_fingerprint": (_str, False)},
+              "meta": (_map, True), "chosen_ids": (_token_ids, False), "rejected_ids": (_token_ids, False),
+              "tokenizer": (_str, False), "ref_chosen_logp": (_number, False), "ref_rejected_logp": (_number, False),
+              "ref_fingerprint": (_str, False), "ref_settings": (_map, False)},
     "sft": {"images": (_images, True), "messages": (_messages, True), "answer": (_nonempty_str, True),
             "example_id": (_str, False)},
 }
@@ -220,6 +241,10 @@ def validate(record: Any, kind: str, where: str) -> dict:
 def _validate_pair(record: dict, where: str):
     if record["chosen"] == record["rejected"]:
         raise RecordError(where, "rejected", "identical to chosen", reason="identical_answers")
+    has = {f: record.get(f) is not None for f in ("chosen_ids", "rejected_ids", "tokenizer")}
+    if len(set(has.values())) > 1:  # ids of one answer only, or ids without the tokenizer they belong to
+        missing = next(f for f, present in has.items() if not present)
+        raise RecordError(where, missing, "missing: chosen_ids, rejected_ids and tokenizer come together")
     criteria = record["rubric"]["criteria"]
     for field in ("chosen_scores", "rejected_scores"):
         scores = record[field]

@@ -27,6 +27,8 @@ class Sample:
     response: str
     scores: list[float] | None  # raw, rubric order; None if unscorable
     policy_step: int = 0
+    response_ids: tuple[int, ...] | None = None  # the sampler's token ids, when it recorded them
+    tokenizer: str | None = None  # the fingerprint of the tokenizer of `response_ids`
 
 
 @dataclasses.dataclass(frozen=True)

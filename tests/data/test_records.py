@@ -31,11 +31,13 @@ def examples(i=0) -> dict[str, dict]:
     return {
         "rubric_pool": dict(prompt_id=f"p{i}", images=[png(i)], messages=MESSAGES, rubric=RUBRIC,
                             reference_answer="two red circles"),
-        "samples": dict(prompt_id=f"p{i}", sample_id=f"p{i}/s0", response="two circles", policy_step=3,
-                        sampler={"temperature": 0.7, "top_p": 0.95, "model": "base"}),
+        "samples": dict(prompt_id=f"p{i}", sample_id=f"p{i}/s0", response="two circles", response_ids=[17, 4, 2],
+                        policy_step=3, sampler={"temperature": 0.7, "top_p": 0.95, "model": "base",
+                                                "tokenizer": "sha256:0123"}),
         "pairs": dict(pair_id=f"pair{i}", prompt_id=f"p{i}", images=[png(i)], messages=MESSAGES,
                       chosen="two red circles", rejected="three blue squares", rubric=RUBRIC,
                       chosen_scores=[1, 1, 4], rejected_scores=[0, 0, 5], meta={"miner": "rubric", "margin": 0.8},
+                      chosen_ids=[17, 9, 4, 2], rejected_ids=[18, 7, 5], tokenizer="sha256:0123",
                       ref_chosen_logp=-12.5, ref_rejected_logp=-20.25, ref_fingerprint="abc123"),
         "sft": dict(images=[png(i)], messages=MESSAGES, answer="two red circles", example_id=f"e{i}"),
     }
@@ -99,6 +101,11 @@ BAD = [  # (case, kind, edit, field in the message, reason)
     ("non-positive weight", "rubric_pool", lambda r: r["rubric"]["criteria"][2].update(weight=0),
      "rubric.criteria[2].weight", "schema"),
     ("empty image bytes", "sft", lambda r: r.update(images=[b""]), "images[0]", "bad_image"),
+    ("negative token id", "samples", lambda r: r.update(response_ids=[3, -1]), "response_ids[1]", "schema"),
+    ("no token ids", "samples", lambda r: r.update(response_ids=[]), "response_ids", "schema"),
+    ("token id not an int", "pairs", lambda r: r["chosen_ids"].append(2.0), "chosen_ids[4]", "schema"),
+    ("ids of one answer only", "pairs", lambda r: r.pop("rejected_ids"), "rejected_ids", "schema"),
+    ("ids without their tokenizer", "pairs", lambda r: r.pop("tokenizer"), "tokenizer", "schema"),
 ]
 
 
@@ -123,3 +130,21 @@ def test_writer_rejects_invalid_records(tmp_path):
     with pytest.raises(records.RecordError, match=r"data record 1: field 'rejected': identical to chosen"):
         arrayrecord.write(str(tmp_path), "data", "pairs",
                           [examples()["pairs"], _bad(lambda r: r.update(rejected=r["chosen"]))])
+
+
+def test_token_ids_are_optional():
+    for kind, fields in (("samples", ["response_ids"]), ("pairs", ["chosen_ids", "rejected_ids", "tokenizer"])):
+        record = {k: v for k, v in examples()[kind].items() if k not in fields}
+        assert records.decode(records.encode(record, kind), kind, "x") == record
+
+
+@pytest.mark.parametrize("version", [1, records.SCHEMA_VERSION])
+def test_older_schema_versions_are_read(tmp_path, version):
+    """Version 1 manifests (no token ids) are read: their records are valid version-2 records."""
+    arrayrecord.write(str(tmp_path), "data", "sft", [examples()["sft"]])
+    manifest = json.loads((tmp_path / "data.manifest.json").read_text())
+    (tmp_path / "data.manifest.json").write_text(json.dumps(dict(manifest, schema_version=version)))
+    assert len(list(arrayrecord.read(str(tmp_path / "data")))) == 1
+    (tmp_path / "data.manifest.json").write_text(json.dumps(dict(manifest, schema_version=records.SCHEMA_VERSION + 1)))
+    with pytest.raises(ValueError, match=f"schema_version {records.SCHEMA_VERSION + 1} is not one this code reads"):
+        arrayrecord.Source(str(tmp_path / "data"))
