@@ -69,7 +69,7 @@ def main(argv):
     options = pipeline.Options(kind="pairs", seq_buckets=(1024,), max_answer_len=160, max_criteria=8)
     tok = ChatTokenizer(folder, image_token_id=tiny.IMAGE_TOKEN, image_seq_len=576)
     ds = pipeline.make_dataset(arrayrecord.Source(data), options, tok, images.image_config(folder),
-                               local_batch_size=_BATCH.value, seed=0, num_epochs=None, process_index=0,
+                               global_batch_size=_BATCH.value, seed=0, num_epochs=None, process_index=0,
                                process_count=1)
     n_batches = _RECORDS.value // _BATCH.value
     rates = []

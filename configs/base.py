@@ -29,8 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF folder with config.json, tokenizer and processor (weights optional)
-    c.model.param_dtype = "float32"  # "float32" | "bfloat16"
-    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
+    c.model.param_dtype = "float32"  # training needs float32 (master weights); bfloat16 is refused with a reason
+    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters are cast inside the step)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable"
     # Where the first parameters come from when the workdir has no checkpoint: "model" (the weights in
     # model.path), "scratch" (fresh init from `seed`), or a path: an HF folder or another run's workdir.

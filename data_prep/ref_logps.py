@@ -1,13 +1,16 @@
 """Adds reference log-likelihoods to pair records, so the trainer needs no reference model.
 
-    python -m data_prep.ref_logps --pairs=DIR/pairs --model=HF_FOLDER_OR_RUN_DIR --out=DIR [--name=pairs_ref] \\
-        [--seq_buckets=1024,2048] [--max_answer_len=512] [--batch_size=8]
+    python -m data_prep.ref_logps --config=configs/NAME.py[:ARG] [--config.FIELD=VALUE …] \\
+        --pairs=DIR/pairs --out=DIR [--name=pairs_ref] [--batch_size=N]
 
-Uses the trainer's own pipeline and shared-prefix forward: the same tokenization, image preprocessing,
-truncation and packing, so `--seq_buckets`/`--max_answer_len` must be those of the training config (they
-are recorded in each pair's meta). Writes `ref_chosen_logp`, `ref_rejected_logp` (sums over answer
-tokens) and `ref_fingerprint` (the model's identity; the trainer refuses data from another reference).
-Runs on a mesh of all local devices; resumable, sharded over pairs (--num_shards=0: per JAX process).
+Takes the training config — the same file and overrides as `python -m rdpo_jax.train` — so the
+reference model (the run's initial model: `model.path`, or `init_from`), its parameter and compute
+dtypes, the pair layout, the length buckets, the answer length and the tokenization are the trainer's
+own. Writes `ref_chosen_logp`, `ref_rejected_logp` (sums over answer tokens), `ref_fingerprint` (the
+model's identity) and `ref_settings` (those config fields, `pipeline.REFERENCE_SETTINGS`); the trainer
+refuses data from another model or with other settings, naming the field. Runs on the config's mesh
+over this process's devices (an FSDP mesh of them if the config's does not fit); resumable, sharded over
+pairs (--num_shards=0: one shard per JAX process).
 """
 
 from __future__ import annotations
@@ -17,19 +20,19 @@ import collections
 import jax
 from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
 from data_prep import common
 from rdpo_jax import checkpoint, logs, packing, sharding, train_step
 from rdpo_jax.data import arrayrecord, images, pipeline, records
 from rdpo_jax.data.tokenize import ChatTokenizer
+from rdpo_jax.models import config as model_config
 
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (configs/NAME.py[:ARG]).",
+                                          lock_config=True)
 _PAIRS = flags.DEFINE_string("pairs", None, "Pairs dataset.", required=True)
-_MODEL = flags.DEFINE_string("model", None, "Reference model: HF folder or run workdir.", required=True)
-_BUCKETS = flags.DEFINE_list("seq_buckets", ["1024", "2048"], "Row lengths, as in the training config.")
-_MAX_ANSWER = flags.DEFINE_integer("max_answer_len", 512, "Answer truncation, as in the training config.")
-_MAX_CRITERIA = flags.DEFINE_integer("max_criteria", 16, "As in the training config.")
-_IMAGES = flags.DEFINE_integer("images_per_example", 1, "As in the training config.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Pairs per forward (a multiple of the local devices).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Pairs per forward (0: the config's data.batch_size; a multiple "
+                              "of the mesh's data × fsdp).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "pairs_ref", "Output dataset name.")
 
@@ -50,17 +53,34 @@ class _ShardSource:
         return self.source.where(self.indices[int(i)])
 
 
+def _local_mesh(config):
+    """The config's mesh over this process's devices, or an FSDP mesh of them if it does not fit."""
+    devices = jax.local_devices()
+    try:
+        return sharding.make_mesh(dict(config.mesh), devices=devices)
+    except ValueError as e:
+        print(f"ref_logps: config.mesh does not fit this process's {len(devices)} devices ({e}); "
+              "using an FSDP mesh over them")
+        return sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=devices)
+
+
 def main(argv):
     del argv
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required: the training config these pairs are for")
+    if config.objective != "dpo":
+        raise app.UsageError(f"--config: objective {config.objective!r}; reference log-likelihoods are for 'dpo'")
     shard_index, num_shards = common.shard()
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
-    model, cfg, folder, _ = checkpoint.load_model(_MODEL.value, mesh=mesh,
-                                                   check_image_tokens=False)  # checked by ChatTokenizer
-    fingerprint = checkpoint.fingerprint(_MODEL.value)
-    options = pipeline.Options(kind="pairs", seq_buckets=tuple(int(b) for b in _BUCKETS.value),
-                               max_answer_len=_MAX_ANSWER.value, images_per_example=_IMAGES.value,
-                               max_criteria=_MAX_CRITERIA.value)
-    tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    mesh = _local_mesh(config)
+    dtypes = model_config.DTYPES
+    reference = checkpoint.reference_model(config)
+    model, cfg, folder, _ = checkpoint.load_model(
+        reference, mesh=mesh, dtype=dtypes[config.model.param_dtype], compute_dtype=dtypes[config.model.dtype],
+        model_path=config.model.path, check_image_tokens=False)  # checked by ChatTokenizer
+    fingerprint, settings = checkpoint.fingerprint(reference), pipeline.reference_settings(config)
+    options = pipeline.Options.from_config(config)
+    tok = ChatTokenizer(config.model.path, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
     source = arrayrecord.Source(_PAIRS.value, "pairs")
     out = common.Output(_OUT.value, _NAME.value, "pairs", shard_index, num_shards, common.CHUNK.value)
     todo = []
@@ -68,11 +88,13 @@ def main(argv):
         record = records.decode(source[i][1], "pairs", source.where(i))
         if record["pair_id"] not in out.done:
             todo.append(i)
-    dataset = pipeline.make_dataset(_ShardSource(source, todo), options, tok,
-                                    images.image_config(folder) if _IMAGES.value else None,
-                                    local_batch_size=_BATCH.value, seed=0, num_epochs=1, process_index=0,
-                                    process_count=1)
-    forward = nnx.jit(lambda m, b, p: packing.pair_logps(m, b, p, layout="shared_prefix"))
+    dataset = pipeline.make_dataset(
+        _ShardSource(source, todo), options, tok,
+        images.image_config(config.model.path) if config.data.images_per_example else None,
+        global_batch_size=_BATCH.value or config.data.batch_size, seed=None, num_epochs=1, process_index=0,
+        process_count=1)
+    layout = config.dpo.pair_layout
+    forward = nnx.jit(lambda m, b, p: packing.pair_logps(m, b, p, layout=layout))
     counts = collections.Counter()
     counts["already_done"] = len(range(shard_index, len(source), num_shards)) - len(todo)
     with jax.set_mesh(mesh):
@@ -86,8 +108,8 @@ def main(argv):
                 original = todo[int(i)]
                 record = records.decode(source[original][1], "pairs", source.where(original))
                 record.update(ref_chosen_logp=float(logps["chosen_logp"][row]),
-                              ref_rejected_logp=float(logps["rejected_logp"][row]), ref_fingerprint=fingerprint)
-                record["meta"] = {**record["meta"], "ref_max_answer_len": _MAX_ANSWER.value}
+                              ref_rejected_logp=float(logps["rejected_logp"][row]), ref_fingerprint=fingerprint,
+                              ref_settings=settings)
                 out.add(record["pair_id"], record)
                 counts["pairs"] += 1
             counts["truncated_answers"] += int(element["stats"]["truncated_answers"])

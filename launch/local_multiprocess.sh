@@ -66,10 +66,11 @@ PIDS=($! "${PIDS[@]}")
 
 # Wait for all; the first failure stops the rest.
 status=0
-remaining=${#PIDS[@]}
-while (( remaining > 0 )); do
-  set +e; wait -n -p done_pid "${PIDS[@]}"; rc=$?; set -e
-  remaining=$((remaining - 1))
+LIVE=("${PIDS[@]}")
+while (( ${#LIVE[@]} > 0 )); do
+  set +e; wait -n -p done_pid "${LIVE[@]}"; rc=$?; set -e
+  for ((i = 0; i < ${#LIVE[@]}; i++)); do [[ "${LIVE[$i]}" == "$done_pid" ]] && unset 'LIVE[i]'; done
+  LIVE=("${LIVE[@]}")
   if (( rc != 0 )); then
     status=$rc
     for ((i = 0; i < N; i++)); do

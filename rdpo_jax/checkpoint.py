@@ -1,10 +1,12 @@
-"""Orbax checkpoints of the train state and the Grain iterator, and parameter-only restores.
+"""Orbax checkpoints of the train state, and parameter-only restores.
 
-A checkpoint step holds two items: `state` (the TrainState pytree: step, parameters, optimizer state,
-frozen and reference parameters) and `data` (the input iterator's position, one file per process).
-Orbax writes each step into a temporary directory and renames it when complete, so a save killed half
-way is never mistaken for a checkpoint; restores read the latest complete step onto whatever mesh the
-target shardings describe (a run saved as 2×4 restores as 4×2).
+A checkpoint step holds one item, `state` (the TrainState pytree: step, parameters, optimizer state,
+frozen and reference parameters). The data position needs no item of its own: global batch s is a
+pure function of (seed, s) (`pipeline.make_dataset`), so a restored run continues at batch `step` —
+with any number of processes, devices or workers. Orbax writes each step into a temporary directory and
+renames it when complete, so a save killed half way is never mistaken for a checkpoint; restores read
+the latest complete step onto whatever mesh the target shardings describe (a run saved as 2×4 restores
+as 4×2).
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
 from rdpo_jax import optim
 
-STATE, DATA = "state", "data"
+STATE = "state"
 
 
 class Checkpointer:
@@ -26,26 +27,21 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                enable_async_checkpointing=async_save, create=True)
         self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE,))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, iterator, *, force: bool = False) -> bool:
-        """Saves if `step` is on the interval (or `force`) and not saved yet; returns whether it started."""
+    def save(self, step: int, state, *, force: bool = False) -> bool:
+        """Saves if `step` is on the interval (or `force`, or at the preemption sync point of a
+        multi-process run: Orbax asks JAX) and not saved yet; returns whether a save started."""
         if step in self.manager.all_steps():
             return False
-        args = {STATE: ocp.args.StandardSave(state)}
-        if iterator is not None:
-            args[DATA] = grain.checkpoint.CheckpointSave(iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        return self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state)}), force=force)
 
-    def restore(self, step: int, abstract_state, iterator):
-        """Restores the state onto `abstract_state`'s shardings and moves `iterator` to the saved position."""
-        args = {STATE: ocp.args.StandardRestore(abstract_state)}
-        if iterator is not None:
-            args[DATA] = grain.checkpoint.CheckpointRestore(iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**args))[STATE]
+    def restore(self, step: int, abstract_state):
+        """Restores the state onto `abstract_state`'s shardings."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -64,7 +60,7 @@ def saved_steps(run_dir: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=(STATE, DATA))
+                                    item_names=(STATE,))
     steps = sorted(manager.all_steps())
     manager.close()
     return steps
@@ -141,6 +137,12 @@ def load_model(source: str, *, mesh=None, dtype=None, compute_dtype=None, step: 
     graphdef, abstract = train_step.abstract_state(cfg, optim.make_optimizer(learning_rate=0.0), mesh)
     params, step = restore_params(source, abstract.params, step)
     return nnx.merge(graphdef, params, {}), cfg, folder, step
+
+
+def reference_model(config) -> str:
+    """A training config's reference, i.e. its initial model: model.path for init_from="model", else
+    init_from (an HF folder or a run's workdir)."""
+    return config.model.path if config.init_from == "model" else config.init_from
 
 
 def fingerprint(source: str) -> str:

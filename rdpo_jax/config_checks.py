@@ -48,9 +48,15 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
     _check(bool(c.model.path), "model.path", "is empty: give a Hugging Face model folder")
     _check(os.path.exists(os.path.join(c.model.path, "config.json")), "model.path",
            f"{c.model.path!r} has no config.json")
-    for field in ("param_dtype", "dtype"):
+    for field in ("param_dtype", "dtype"):  # names first, so a typo gets the list of dtypes
         _check(c.model[field] in model_config.DTYPES, f"model.{field}",
                f"{c.model[field]!r} is not one of {sorted(model_config.DTYPES)}")
+    # bfloat16 has 8 bits of mantissa: an Adam step of lr 1e-6 on a weight near 1 is 2^-20 of it and rounds
+    # to nothing. Train float32 master weights; `model.dtype` casts them for the matmuls inside the step.
+    _check(c.model.param_dtype == "float32", "model.param_dtype",
+           f"{c.model.param_dtype!r}: training keeps float32 parameters (the master copy Adam updates; bfloat16 "
+           "weights and moments round small updates away); for bfloat16 matmuls set model.dtype='bfloat16', "
+           "and export bfloat16 weights with `python -m rdpo_jax.export --dtype=bfloat16`")
     _check(c.model.remat in model_config.REMAT_POLICIES, "model.remat",
            f"{c.model.remat!r} is not one of {model_config.REMAT_POLICIES}")
     _check(c.init_from in ("model", "scratch") or os.path.exists(c.init_from), "init_from",

@@ -75,6 +75,14 @@ def learning_rate_schedule(*, learning_rate: float, schedule: str, warmup_steps:
     return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
 
 
+def updates_applied(opt_state) -> jax.Array | None:
+    """How many updates the optimizer has applied (its first `count`: Adam's and the learning-rate
+    schedule's move together), or None if it keeps no count (plain SGD). A step skipped for non-finite
+    gradients keeps the old optimizer state, so it does not count."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return counts[0][1] if counts else None
+
+
 def make_optimizer(*, learning_rate: optax.Schedule | float, weight_decay: float = 0.0, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8, grad_clip: float = 0.0,
                    lr_multipliers: Sequence[tuple[str, float]] = ()) -> optax.GradientTransformation:

@@ -74,6 +74,19 @@ def _empty(rows: int, seq_len: int, answer_len: int, pad_id: int) -> dict[str, n
     }
 
 
+def pad_rows(batch: dict[str, np.ndarray], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """A packed batch with its rows padded at the end to `seq_len` (as `_empty` pads: pad_id, position 0,
+    branch −1); the trained-token arrays do not depend on the row length. Returns `batch` if it fits."""
+    T = batch["input_ids"].shape[1]
+    if seq_len < T:
+        raise ValueError(f"cannot pad rows of {T} tokens to {seq_len}")
+    if seq_len == T:
+        return batch
+    fill = {"input_ids": pad_id, "positions": 0, "branch_ids": PAD_BRANCH}
+    return {k: np.pad(v, ((0, 0), (0, seq_len - T)), constant_values=fill[k]) if k in fill else v
+            for k, v in batch.items()}
+
+
 def _truncate(answer: Sequence[int], budget: int, stats: dict) -> list[int]:
     answer = list(answer)
     if len(answer) > budget:

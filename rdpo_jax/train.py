@@ -2,11 +2,16 @@
 
 SFT or DPO on a ("data", "fsdp", "tensor") mesh, single- or multi-process. Where the parameters come
 from, in order:
-  1. this workdir's latest complete checkpoint (state, optimizer, reference and data position);
+  1. this workdir's latest complete checkpoint (state, optimizer, reference; the data position is the
+     step: global batch s is a function of (data.seed, s), whatever the number of processes);
   2. `init_from`: "model" (the weights in model.path), an HF folder, or another run's workdir
      (its parameters only);
   3. `init_from="scratch"`: a fresh init from `seed`.
-Restarting the same command resumes exactly; SIGTERM (TPU preemption) saves the current step and exits.
+Restarting the same command resumes exactly; SIGTERM (TPU preemption) saves the current step and exits
+— on multi-process runs through JAX's preemption service, so that every process saves the same step.
+Every process runs the same program on every step: the length bucket of each batch is agreed by all
+processes (`pipeline.agree_seq_len`), eval passes are padded to whole global batches, and logged counts
+are summed over processes.
 """
 
 from __future__ import annotations
@@ -79,26 +84,20 @@ def main(argv):
     graphdef, abstract = train_step.abstract_state(model_cfg, optimizer, mesh, freeze=freeze,
                                                    reference=online_reference)
 
-    # ----- Data -----
+    # ----- Data: global batch s is a pure function of (data.seed, s) -----
     kind = "pairs" if dpo else "sft"
     fingerprint = None
     if dpo and config.dpo.reference == "precomputed":
         fingerprint = _reference_fingerprint(config)
-        _check_reference_data(config.data.train, kind, fingerprint)
-    options = pipeline.Options(
-        kind=kind, seq_buckets=tuple(config.data.seq_buckets), max_answer_len=config.data.max_answer_len,
-        images_per_example=config.data.images_per_example, max_criteria=config.data.max_criteria,
-        essential_weight=config.data.essential_weight, additional_weight=config.data.additional_weight,
-        pair_layout=config.dpo.pair_layout, require_reference=fingerprint is not None,
-        reference_fingerprint=fingerprint, on_bad_record=config.data.on_bad_record)
+    options = pipeline.Options.from_config(config, reference_fingerprint=fingerprint)
+    if fingerprint is not None:
+        _check_reference_data(config.data.train, kind, options)
     tokenizer = ChatTokenizer(config.model.path, image_token_id=model_cfg.image_token_id,
                               image_seq_len=model_cfg.image_seq_len)
     image_cfg = images.image_config(config.model.path) if config.data.images_per_example else None
-    local_batch = config.data.batch_size // jax.process_count()
     source = _source(config.data.train, kind)
-    dataset = pipeline.make_dataset(source, options, tokenizer, image_cfg, local_batch_size=local_batch,
+    dataset = pipeline.make_dataset(source, options, tokenizer, image_cfg, global_batch_size=config.data.batch_size,
                                     seed=config.data.seed)
-    iterator = pipeline.make_iterator(dataset, workers=config.data.workers, buffer_size=config.data.buffer)
 
     # ----- State: restore order -----
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
@@ -106,7 +105,7 @@ def main(argv):
     latest = checkpointer.latest_step()
     t0 = time.perf_counter()
     if latest is not None:
-        state = checkpointer.restore(latest, abstract, iterator)
+        state = checkpointer.restore(latest, abstract)
         origin = f"checkpoint {latest} of {workdir}"
     else:
         state, origin = _initial_state(config, model_cfg, graphdef, abstract, optimizer, mesh, freeze,
@@ -114,6 +113,7 @@ def main(argv):
     jax.block_until_ready(state)
     restore_s = time.perf_counter() - t0
     start = int(state.step)
+    iterator = pipeline.make_iterator(dataset[start:], workers=config.data.workers, buffer_size=config.data.buffer)
     n_params = sum(x.size for x in jax.tree.leaves((state.params, state.frozen)))
     trainable = sum(x.size for x in jax.tree.leaves(state.params))
     _print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
@@ -144,22 +144,31 @@ def main(argv):
                f"memory per device: arguments {_mib(m.argument_size_in_bytes)}, outputs "
                f"{_mib(m.output_size_in_bytes)}, temporaries {_mib(m.temp_size_in_bytes)}, aliased "
                f"{_mib(m.alias_size_in_bytes)}")
-    eval_step = jax.jit(sharding.traced_on(mesh, train_step.make_eval_step(loss_fn)))
+    evaluator = None
+    if config.data.eval:
+        eval_data = pipeline.make_dataset(_source(config.data.eval, kind), options, tokenizer, image_cfg,
+                                          global_batch_size=config.data.batch_size, seed=0, num_epochs=1)
+        evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, train_step.make_eval_step(loss_fn))), eval_data,
+                               mesh, tokenizer.pad_id, config.eval.batches)
 
     # ----- Train -----
     logger = logs.MetricLogger(workdir, total_steps=config.total_steps, start_step=start,
                                tensorboard=config.log.tensorboard)
     preempted = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+    if jax.process_count() == 1:
+        # Multi-process runs leave SIGTERM to JAX's preemption service (installed by jax.distributed.initialize),
+        # which agrees on one step for every process to save at; a Python handler would replace it.
+        signal.signal(signal.SIGTERM, lambda *_: preempted.set())
     window = _Window()
     step, element, pending, streak = start, first, None, 0
     while step < config.total_steps:
         element = element or next(iterator)
-        local = element["batch"]
+        local = pipeline.agree_seq_len(element["batch"], tokenizer.pad_id)
         seq_len = local["input_ids"].shape[1]
-        state, metrics = compiled[seq_len](state, pipeline.to_global(local, batch_shardings[seq_len]))
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = compiled[seq_len](state, pipeline.to_global(local, batch_shardings[seq_len]))
         step += 1
-        window.add_data(element, jax.process_count())
+        window.add_data(element)
         if pending is not None:  # read the previous step's metrics while this one runs
             streak = _check_finite(pending, streak, config.optim.max_nonfinite, source)
             window.add_metrics(pending[1])
@@ -171,20 +180,18 @@ def main(argv):
             values = window.flush()
             logger.write(step, values)
             logger.progress(step, {k: values[k] for k in ("loss", "pairs_per_s", "tokens_per_s") if k in values})
-        if config.data.eval and config.eval.every and step % config.eval.every == 0 and step < config.total_steps:
-            logger.write(step, _evaluate(config, eval_step, state, options, tokenizer, image_cfg, mesh, kind),
-                         prefix="eval/")
-        checkpointer.save(step, state, iterator)
+        if evaluator and config.eval.every and step % config.eval.every == 0 and step < config.total_steps:
+            logger.write(step, evaluator(state), prefix="eval/")
+        checkpointer.save(step, state)
         if _stop_requested(preempted, step):
-            checkpointer.save(step, state, iterator, force=True)
-            logger.message(f"SIGTERM: saved step {step}; restart the same command to resume")
+            checkpointer.save(step, state, force=True)
+            print(f"SIGTERM: saved step {step}; restart the same command to resume", flush=True)  # every process
             break
     else:
-        if config.data.eval:
-            logger.write(step, _evaluate(config, eval_step, state, options, tokenizer, image_cfg, mesh, kind),
-                         prefix="eval/")
+        if evaluator:
+            logger.write(step, evaluator(state), prefix="eval/")
         t0 = time.perf_counter()
-        checkpointer.save(step, state, iterator, force=True)
+        checkpointer.save(step, state, force=True)
         checkpointer.wait()
         _print(f"finished step {step}; final checkpoint written in {time.perf_counter() - t0:.1f}s")
     checkpointer.wait()
@@ -254,20 +261,26 @@ def _source(spec: str, kind: str):
 
 
 def _reference_fingerprint(config) -> str:
-    return checkpoint.fingerprint(config.model.path if config.init_from == "model" else config.init_from)
+    return checkpoint.fingerprint(checkpoint.reference_model(config))
 
 
-def _check_reference_data(spec: str, kind: str, fingerprint: str) -> None:
+def _check_reference_data(spec: str, kind: str, options: pipeline.Options) -> None:
+    """Fails before compiling when the first record's reference log-likelihoods are absent or were
+    computed by another model or with other settings (the pipeline checks every record again)."""
     source = _source(spec, kind)
     record = records.decode(source[0][1], kind, source.where(0))
     if "ref_chosen_logp" not in record:
         raise config_checks.ConfigError(
             f"config.dpo.reference: 'precomputed', but {source.where(0)} of {spec} has no ref_chosen_logp: "
             "compute them first (data_prep.ref_logps) or use reference='model'")
-    if record.get("ref_fingerprint") != fingerprint:
+    problem = pipeline.reference_mismatch(record, options)
+    if problem and problem[0] == "ref_fingerprint":
         raise config_checks.ConfigError(
             f"config.dpo.reference: the reference log-likelihoods in {spec} come from "
-            f"{record.get('ref_fingerprint')!r}, but this run's reference (its initial model) is {fingerprint!r}")
+            f"{record.get('ref_fingerprint')!r}, but this run's reference (its initial model) is "
+            f"{options.reference_fingerprint!r}")
+    if problem:
+        raise config_checks.ConfigError(f"{problem[1]} ({source.where(0)} of {spec})")
 
 
 def _initial_state(config, model_cfg, graphdef, abstract, optimizer, mesh, freeze, reference):
@@ -304,19 +317,21 @@ def _global_spec(local: dict, seq_len: int) -> dict:
 
 
 class _Window:
-    """Host-side sums between two log writes: step metrics, throughput, data counts (cumulative)."""
+    """Host-side sums between two log writes: step metrics, throughput, data counts (cumulative). The
+    data counts are this process's; `flush` sums them over processes (one small all-gather per log line)."""
 
     def __init__(self):
-        self.metrics, self.steps, self.examples, self.tokens = {}, 0, 0, 0
+        self.metrics, self.steps = {}, 0
+        self.data: dict[str, int] = {"examples": 0, "tokens": 0}
         self.counts: dict[str, int] = {}
         self.t0 = time.perf_counter()
 
-    def add_data(self, element: dict, processes: int) -> None:
-        self.examples += int(element["stats"]["examples"]) * processes
-        self.tokens += int((element["batch"]["branch_ids"] >= 0).sum()) * processes
+    def add_data(self, element: dict) -> None:
+        self.data["examples"] += int(element["stats"]["examples"])
+        self.data["tokens"] += int((element["batch"]["branch_ids"] >= 0).sum())
         for k, v in element["stats"].items():
             if k.startswith("skipped/") or k.startswith("truncated"):
-                self.counts[k] = self.counts.get(k, 0) + int(v) * processes
+                self.counts[k] = self.counts.get(k, 0) + int(v)
 
     def add_metrics(self, metrics: dict) -> None:
         for k, v in jax.device_get(metrics).items():
@@ -324,13 +339,46 @@ class _Window:
         self.steps += 1
 
     def flush(self) -> dict[str, float]:
+        names = sorted(self.data) + sorted(self.counts)  # the same keys on every process: batches share them
+        totals = dict(zip(names, _sum_over_processes([{**self.data, **self.counts}[k] for k in names])))
         elapsed = time.perf_counter() - self.t0
         out = {k: v / max(self.steps, 1) for k, v in self.metrics.items()}
-        out.update(pairs_per_s=self.examples / elapsed, tokens_per_s=self.tokens / elapsed, step_s=elapsed / max(
-            self.steps, 1), **{k: float(v) for k, v in self.counts.items()})
-        self.metrics, self.steps, self.examples, self.tokens = {}, 0, 0, 0
+        out.update(pairs_per_s=totals["examples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
+                   step_s=elapsed / max(self.steps, 1), **{k: float(totals[k]) for k in self.counts})
+        self.metrics, self.steps, self.data = {}, 0, {"examples": 0, "tokens": 0}
         self.t0 = time.perf_counter()
         return out
+
+
+def _sum_over_processes(values: list[int]) -> list[int]:
+    if jax.process_count() == 1:
+        return values
+    gathered = multihost_utils.process_allgather(np.asarray(values, np.int32))  # [processes, len(values)]
+    return [int(v) for v in np.asarray(gathered).reshape(jax.process_count(), -1).sum(0)]
+
+
+class _Evaluator:
+    """Held-out metrics over the first `max_batches` batches of one fixed pass (seed 0) of the eval
+    data, built once. Every process runs the same number of steps (the pass is padded to whole global
+    batches) with the same row length per step."""
+
+    def __init__(self, eval_step, dataset, mesh, pad_id: int, max_batches: int):
+        self.eval_step, self.dataset, self.mesh, self.pad_id = eval_step, dataset, mesh, pad_id
+        self.batches = min(max_batches, len(dataset))
+
+    def __call__(self, state) -> dict[str, float]:
+        sums: dict[str, list[float]] = {}
+        for i in range(self.batches):
+            local = pipeline.agree_seq_len(self.dataset[i]["batch"], self.pad_id)
+            spec = _global_spec(local, local["input_ids"].shape[1])
+            batch = pipeline.to_global(local, train_step.batch_shardings(spec, self.mesh))
+            with jax.profiler.StepTraceAnnotation("eval", step_num=i):
+                out = jax.device_get(self.eval_step(state, batch))
+            for name, (s, n) in out.items():
+                total = sums.setdefault(name, [0.0, 0.0])
+                total[0] += float(s)
+                total[1] += float(n)
+        return {"examples": sums["loss"][1], **{name: s / max(n, 1.0) for name, (s, n) in sums.items()}}
 
 
 def _check_finite(pending, streak: int, limit: int, source) -> int:
@@ -344,25 +392,6 @@ def _check_finite(pending, streak: int, limit: int, source) -> int:
         raise SystemExit(f"stopping at step {step}: {streak} consecutive steps with a non-finite loss or gradients "
                          f"(optim.max_nonfinite={limit}); the last batch held records {names}")
     return streak
-
-
-def _evaluate(config, eval_step, state, options, tokenizer, image_cfg, mesh, kind) -> dict[str, float]:
-    """Held-out metrics over `eval.batches` batches (a fixed order: seed 0, one pass)."""
-    dataset = pipeline.make_dataset(_source(config.data.eval, kind), options, tokenizer, image_cfg,
-                                    local_batch_size=config.data.batch_size // jax.process_count(), seed=0,
-                                    num_epochs=1)
-    sums: dict[str, list[float]] = {}
-    for i, element in enumerate(dataset):
-        if i >= config.eval.batches:
-            break
-        local = element["batch"]
-        spec = _global_spec(local, local["input_ids"].shape[1])
-        out = jax.device_get(eval_step(state, pipeline.to_global(local, train_step.batch_shardings(spec, mesh))))
-        for name, (s, n) in out.items():
-            total = sums.setdefault(name, [0.0, 0.0])
-            total[0] += float(s)
-            total[1] += float(n)
-    return {name: s / max(n, 1.0) for name, (s, n) in sums.items()}
 
 
 if __name__ == "__main__":

@@ -151,7 +151,10 @@ def _update(state: TrainState, optimizer, schedule, grads, loss_sum, count, metr
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                      (params, opt_state), (state.params, state.opt_state))
     metrics = {name: s / jnp.maximum(n, 1.0) for name, (s, n) in metric_sums.items()}
-    metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), count=count,
+    # the rate this update applies: the schedule at the optimizer's own count, which skipped steps do not
+    # advance (state.step, the data position, counts every step)
+    applied = optim.updates_applied(state.opt_state)
+    metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step if applied is None else applied), count=count,
                    nonfinite=(~finite).astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -32,3 +32,18 @@ def run(cmd: list[str], environment: dict, timeout: int = 300) -> subprocess.Com
 def metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def final_params(workdir: str, smoke_dir: str) -> tuple[dict, int]:
+    """A smoke run's latest parameters as numpy arrays, and their step."""
+    import jax
+    import numpy as np
+
+    from rdpo_jax import checkpoint, optim, sharding, train_step
+    from rdpo_jax.models import hf
+
+    cfg = hf.read_config(f"{smoke_dir}/model")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    abstract = train_step.abstract_state(cfg, optim.make_optimizer(learning_rate=0.0), mesh)[1].params
+    params, step = checkpoint.restore_params(workdir, abstract)
+    return jax.tree.map(np.asarray, params), step

@@ -19,7 +19,7 @@ def saved(smoke_dir, tmp_path_factory):
     _, state = train_step.fresh_state(cfg, optimizer, mesh, freeze=("vision_tower/.*",), reference=True, seed=3)
     run = str(tmp_path_factory.mktemp("run"))
     ck = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=3)
-    ck.save(5, state, None)
+    ck.save(5, state)
     ck.wait()
     ck.close()
     return cfg, optimizer, state, run
@@ -35,7 +35,7 @@ def test_restore_onto_another_mesh_shape(saved):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})  # saved as 2×4, restored as 4×2
     _, abstract = train_step.abstract_state(cfg, optimizer, mesh, freeze=("vision_tower/.*",), reference=True)
     ck = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=3)
-    restored = ck.restore(ck.latest_step(), abstract, None)
+    restored = ck.restore(ck.latest_step(), abstract)
     kernel = restored.params["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
     assert kernel.addressable_shards[0].data.shape == (64 // 4, 128 // 2)

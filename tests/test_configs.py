@@ -74,6 +74,7 @@ CASES = [  # (edit, message)
     (lambda c: c.dpo.update(reference="teacher"), "config.dpo.reference: 'teacher'"),
     (lambda c: c.update(init_from="/no/such/run"), "config.init_from: '/no/such/run'"),
     (lambda c: c.model.update(dtype="fp8"), "config.model.dtype: 'fp8'"),
+    (lambda c: c.model.update(param_dtype="bfloat16"), "config.model.param_dtype: 'bfloat16': training keeps float32"),
     (lambda c: c.optim.update(freeze="vision_tower/(("), "config.optim.freeze: 'vision_tower/\\(\\(' is not a regex"),
     (lambda c: c.optim.update(lr_multipliers="proj/.*"), "config.optim.lr_multipliers: 'proj/.\\*' is not REGEX"),
     (lambda c: c.data.update(seq_buckets=(64, 32)), "config.data.seq_buckets: must be increasing"),
@@ -96,9 +97,11 @@ def test_batch_must_split_over_processes(smoke_dir):
 
 def test_precomputed_reference_absent_from_data(smoke_dir):
     from rdpo_jax import train
+    from rdpo_jax.data import pipeline
 
+    options = pipeline.Options.from_config(_valid(smoke_dir), reference_fingerprint=hf.fingerprint(f"{smoke_dir}/model"))
     with pytest.raises(config_checks.ConfigError, match="'precomputed', but pairs-00000-of-00002.array_record\\[0\\]"):
-        train._check_reference_data(f"{smoke_dir}/pairs", "pairs", hf.fingerprint(f"{smoke_dir}/model"))
+        train._check_reference_data(f"{smoke_dir}/pairs", "pairs", options)
 
 
 def test_locked_config_rejects_a_typo(smoke_dir, tmp_path):

@@ -52,6 +52,22 @@ def test_truncation_is_counted_and_prompts_never_truncated():
     np.testing.assert_array_equal(s["target_index"], [[1, 2, 0, 0, 0, 0, 0, 0]])
 
 
+@pytest.mark.parametrize("layout", packing.LAYOUTS)
+def test_padding_rows_to_a_longer_bucket_equals_packing_them_there(layout):
+    """What `pipeline.agree_seq_len` relies on: a process whose rows fit a short bucket, padded to the
+    bucket another process needs, holds exactly the rows a single process would pack there."""
+    pairs = [packing.Pair([11, 12, 13], [21, 22], [31, 32, 33]), packing.Pair([14, 15], [23], [34, 35])]
+    short, stats = packing.pack_pairs(pairs, layout=layout, seq_len=10, max_answer_len=4, pad_id=7)
+    long, _ = packing.pack_pairs(pairs, layout=layout, seq_len=16, max_answer_len=4, pad_id=7)
+    padded = packing.pad_rows(short, 16, pad_id=7)
+    assert padded.keys() == long.keys() and stats["truncated_answers"] == 0
+    for k in long:
+        np.testing.assert_array_equal(padded[k], long[k], err_msg=k)
+    assert packing.pad_rows(short, 10, pad_id=7) is short
+    with pytest.raises(ValueError, match="cannot pad rows of 10 tokens to 8"):
+        packing.pad_rows(short, 8)
+
+
 def _pairs(cfg, seed, n=4):
     """Pairs with prompts of different lengths (image placeholders inside) and unequal answers."""
     rng = np.random.default_rng(seed)

@@ -46,9 +46,10 @@ def _sft_batch(cfg, seed=0):
     return batch
 
 
-def _run(folder, mesh, batch, *, optimizer=None, steps=1, freeze=(), objective="dpo", dtype=jnp.float32, **kw):
+def _run(folder, mesh, batch, *, optimizer=None, steps=1, freeze=(), objective="dpo", dtype=jnp.float32,
+         schedule=None, **kw):
     model, _ = hf.load_hf(folder, mesh=mesh, dtype=dtype)
-    schedule = optax.constant_schedule(1.0)
+    schedule = schedule or optax.constant_schedule(1.0)
     optimizer = optimizer or optax.sgd(1.0)
     reference = kw.get("reference", "model") == "model" and objective == "dpo"
     graphdef, state = train_step.init_state(model, optimizer, freeze=freeze, reference=reference)
@@ -207,3 +208,25 @@ def test_nonfinite_update_is_skipped(tiny_llava, mesh1):
                if "mu" in jax.tree_util.keystr(kp) or "nu" in jax.tree_util.keystr(kp)]
     assert moments and all(np.all(np.asarray(x) == 0) for x in moments)  # … nor moment updates
     assert int(state.step) == 1
+
+
+def test_logged_lr_is_the_rate_applied_after_a_skipped_step(tiny_llava, mesh1):
+    folder, _ = tiny_llava(NAME)
+    _, cfg = hf.load_hf(folder)
+    clean = _off_reference(_batch(cfg))
+    poisoned = {k: v.copy() for k, v in clean.items()}
+    poisoned["ref_chosen_logp"][2] = np.nan
+    schedule = optim.learning_rate_schedule(learning_rate=1e-2, schedule="linear", warmup_steps=4, total_steps=8)
+    model, _ = hf.load_hf(folder, mesh=mesh1)
+    adam = optim.make_optimizer(learning_rate=schedule)
+    graphdef, state = train_step.init_state(model, adam)
+    fn = train_step.make_dpo_step(graphdef, adam, schedule, loss_type="sigmoid", beta=0.1, reference="precomputed")
+    step = train_step.jit_step(fn, state, clean, mesh1)
+    lrs = []
+    for batch in (clean, poisoned, clean):
+        state, metrics = step(state, batch)
+        lrs.append(float(metrics["lr"]))
+    # updates 0 and 1 are applied at schedule(0) and schedule(1); the skipped step applied nothing and did not
+    # advance the optimizer's count, though the data position (state.step) moved on
+    assert lrs == pytest.approx([float(schedule(0)), float(schedule(1)), float(schedule(1))])
+    assert int(state.step) == 3 and int(optim.updates_applied(state.opt_state)) == 2

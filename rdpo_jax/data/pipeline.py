@@ -1,12 +1,15 @@
 """The Grain input pipeline: records → tokenized, preprocessed, packed batches → global jax.Arrays.
 
-    source[process::processes] → shuffle(seed, reshuffled per epoch) → repeat → Prepare (decode,
-    validate, images, tokenize) → batch + Collate (pack into a length bucket, pad) → worker processes
-    → `to_global` (jax.make_array_from_process_local_data on the batch sharding)
+    source → shuffle(seed, reshuffled per epoch) → repeat → global batches of B records, of which
+    this process takes rows [p·B/n, (p+1)·B/n) → Prepare (decode, validate, images, tokenize) →
+    batch + Collate (pack into a length bucket, pad) → worker processes → `agree_seq_len` (every
+    process pads to the longest bucket any process needs) → `to_global`
 
-Everything before the worker processes is a `grain.MapDataset`, i.e. indexed: the order is a pure
-function of (seed, step), independent of the number of workers, and the iterator state (saved in the
-trainer's checkpoint) restores the exact position.
+Everything before the worker processes is a `grain.MapDataset`, i.e. indexed: global batch `s` is a
+pure function of (seed, s), independent of the number of processes, devices and workers, so the data
+position of a run is its step (`dataset[step:]` resumes it, also on a slice of another size). A finite
+pass (`num_epochs=1`, evaluation) gives every process the same number of batches: the last global batch
+is padded with invalid rows.
 
 Bad records (`on_bad_record="skip"`) keep their slot as a padding example (`valid` = 0) and are counted
 by reason in the batch's `stats`, so counts survive worker processes and never shift later batches;
@@ -16,7 +19,9 @@ by reason in the batch's `stats`, so counts survive worker processes and never s
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import grain
 import jax
@@ -30,11 +35,13 @@ SKIP_REASONS = ("corrupt", "schema", "bad_image", "image_count", "empty_answer",
                 "scores_mismatch", "too_many_criteria", "template", "prompt_too_long", "missing_reference",
                 "reference_mismatch")
 ON_BAD_RECORD = ("error", "skip")
+PAD_ROW = (-1, b"")  # a row past the end of a finite pass (the last global batch is padded with it)
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What turns records into batches (the trainer fills it from `config.data`)."""
+    """What turns records into batches: built from the run's config by `from_config` (the trainer,
+    ref_logps and every command that reads training data use that one definition)."""
     kind: str  # "pairs" | "sft"
     seq_buckets: tuple[int, ...]  # padded row lengths; a batch uses the smallest that fits
     max_answer_len: int  # each answer is cut to this many tokens (counted)
@@ -44,7 +51,8 @@ class Options:
     additional_weight: float = 1.0
     pair_layout: str = "shared_prefix"
     require_reference: bool = False  # records must carry ref_chosen_logp / ref_rejected_logp …
-    reference_fingerprint: str | None = None  # … computed by this reference (else a RecordError)
+    reference_fingerprint: str | None = None  # … computed by this reference model …
+    reference_settings: tuple[tuple[str, Any], ...] | None = None  # … with these settings (else a RecordError)
     on_bad_record: str = "error"
 
     def __post_init__(self):
@@ -56,6 +64,20 @@ class Options:
             raise ValueError(f"seq_buckets must be increasing, got {self.seq_buckets}")
         packing.rows_per_pair(self.pair_layout)
 
+    @classmethod
+    def from_config(cls, config, *, reference_fingerprint: str | None = None) -> Options:
+        """The options of a training config (`configs/*.py`). With `reference_fingerprint` (a run with
+        `dpo.reference="precomputed"`), records must carry reference log-likelihoods of that model,
+        stamped with this config's `reference_settings`."""
+        d, dpo = config.data, config.objective == "dpo"
+        return cls(kind="pairs" if dpo else "sft", seq_buckets=tuple(d.seq_buckets), max_answer_len=d.max_answer_len,
+                   images_per_example=d.images_per_example, max_criteria=d.max_criteria,
+                   essential_weight=d.essential_weight, additional_weight=d.additional_weight,
+                   pair_layout=config.dpo.pair_layout, require_reference=reference_fingerprint is not None,
+                   reference_fingerprint=reference_fingerprint,
+                   reference_settings=tuple(reference_settings(config).items()) if reference_fingerprint else None,
+                   on_bad_record=d.on_bad_record)
+
     @property
     def answers_per_row(self) -> int:
         return 2 if self.kind == "pairs" and self.pair_layout == "shared_prefix" else 1
@@ -66,6 +88,23 @@ class Options:
         return self.seq_buckets[-1] - self.answers_per_row
 
 
+# The config fields besides the model that decide a reference log-likelihood's value: dtypes round it,
+# the layout and buckets change the program, answer length and image count what is summed.
+REFERENCE_SETTINGS = ("model.param_dtype", "model.dtype", "dpo.pair_layout", "data.seq_buckets",
+                      "data.max_answer_len", "data.images_per_example")
+
+
+def reference_settings(config) -> dict[str, Any]:
+    """{config field: value} for REFERENCE_SETTINGS: stamped into pairs by ref_logps (`ref_settings`),
+    compared field by field by the trainer."""
+    out = {}
+    for field in REFERENCE_SETTINGS:
+        group, name = field.split(".")
+        value = config[group][name]
+        out[field] = list(value) if isinstance(value, (tuple, list)) else value
+    return out
+
+
 class Prepare(grain.transforms.Map):
     """(source index, record bytes) → an example dict, or {"skip": reason} (module level: picklable)."""
 
@@ -73,6 +112,8 @@ class Prepare(grain.transforms.Map):
         self.source, self.options, self.tokenizer, self.image_config = source, options, tokenizer, image_config
 
     def map(self, item):
+        if item == PAD_ROW:  # past the end of a finite pass (compared by value: workers unpickle it)
+            return {"pad": True}
         index, data = item
         where = self.source.where(index)
         try:
@@ -96,12 +137,18 @@ class Prepare(grain.transforms.Map):
             except images.ImageError as e:
                 raise records.RecordError(where, f"images[{i}]", str(e), reason="bad_image") from None
         messages = record["messages"]
+        keys = ("chosen", "rejected") if o.kind == "pairs" else ("answer",)
         try:
             prompt = self.tokenizer.prompt(messages, len(pixels))
-            answers = {k: self.tokenizer.answer(messages, record[k])
-                       for k in (("chosen", "rejected") if o.kind == "pairs" else ("answer",))}
+            if record.get("tokenizer") is not None and record["tokenizer"] == self.tokenizer.fingerprint:
+                answers = {k: record[f"{k}_ids"] for k in keys}  # the ids the policy sampled, exactly
+            else:  # text only, or ids of another tokenizer: cut from the whole conversation's tokens
+                answers = {k: self.tokenizer.answer(messages, record[k]) for k in keys}
         except TemplateError as e:
             raise records.RecordError(where, "messages", str(e), reason="template") from None
+        for k, ids in answers.items():
+            if self.tokenizer.image_token_id in ids:
+                raise records.RecordError(where, f"{k}_ids", "holds the image token", reason="template")
         if len(prompt) > o.max_prompt_len:
             raise records.RecordError(where, "messages", f"prompt of {len(prompt)} tokens (image tokens included) "
                                       f"exceeds {o.max_prompt_len}; prompts are never truncated",
@@ -134,14 +181,33 @@ class Prepare(grain.transforms.Map):
                 if field not in record:
                     raise records.RecordError(where, field, "missing, but the run uses precomputed reference "
                                               "log-likelihoods", reason="missing_reference")
-            fingerprint = record.get("ref_fingerprint")
-            if o.reference_fingerprint is not None and fingerprint != o.reference_fingerprint:
-                raise records.RecordError(where, "ref_fingerprint", f"{fingerprint!r}: these reference "
-                                          "log-likelihoods come from another model than this run's reference "
-                                          f"({o.reference_fingerprint!r})", reason="reference_mismatch")
+            problem = reference_mismatch(record, o)
+            if problem:
+                raise records.RecordError(where, problem[0], problem[1], reason="reference_mismatch")
             out["ref_chosen_logp"] = np.float32(record["ref_chosen_logp"])
             out["ref_rejected_logp"] = np.float32(record["ref_rejected_logp"])
         return out
+
+
+def reference_mismatch(record: dict, options: Options) -> tuple[str, str] | None:
+    """(record field, message) if a record's reference log-likelihoods were not computed by this run's
+    reference model with this run's settings (a config field each), else None."""
+    fingerprint = record.get("ref_fingerprint")
+    if options.reference_fingerprint is not None and fingerprint != options.reference_fingerprint:
+        return "ref_fingerprint", (f"{fingerprint!r}: these reference log-likelihoods come from another model than "
+                                   f"this run's reference ({options.reference_fingerprint!r})")
+    if options.reference_settings is None:
+        return None
+    stamped = record.get("ref_settings")
+    if stamped is None:
+        return "ref_settings", ("missing: these reference log-likelihoods carry no settings stamp (written by an "
+                                "older data_prep.ref_logps); compute them again with the training config")
+    for field, value in options.reference_settings:
+        if stamped.get(field) != value:
+            return "ref_settings", (f"config.{field}: the reference log-likelihoods were computed with "
+                                    f"{stamped.get(field)!r}, this run uses {value!r}; run data_prep.ref_logps "
+                                    "with this run's config")
+    return None
 
 
 class Collate:
@@ -161,11 +227,13 @@ class Collate:
         filler = self._filler()
         rows = []
         for i in range(self.batch_size):
-            ex = examples[i] if i < len(examples) else filler  # the last batch of a finite epoch is padded
+            ex = examples[i] if i < len(examples) else {"pad": True}
             if "skip" in ex:
                 stats[f"skipped/{ex['skip']}"] += 1
                 ex = filler
-            elif i < len(examples):
+            elif "pad" in ex:
+                ex = filler
+            else:
                 valid[i], index[i] = 1.0, ex["index"]
             rows.append(ex)
         need = max(self._row_len(r) for r in rows)
@@ -221,22 +289,55 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
     absl.flags.FLAGS.mark_as_parsed()  # absl flags are not parsed in spawned worker processes
 
 
+class _LocalRows(grain.MapDataset):
+    """This process's rows of each global batch: position k ↦ global position (k // L)·B + p·L + k % L
+    with L = B / n rows per process; positions past the end of a finite parent are `PAD_ROW`, so that
+    every process sees whole global batches (not None: Grain drops None as a filtered element)."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        if global_batch % process_count:
+            raise ValueError(f"a global batch of {global_batch} does not split over {process_count} processes")
+        self._B, self._L, self._p = global_batch, global_batch // process_count, process_index
+        n = len(parent)  # sys.maxsize when repeated forever: floor, so that the length stays an index
+        self._batches = n // global_batch if n == sys.maxsize else -(-n // global_batch)
+
+    def __len__(self) -> int:
+        return self._batches * self._L
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self.slice(k)
+        step, row = divmod(int(k), self._L)
+        g = step * self._B + self._p * self._L + row
+        return self._parent[g] if g < len(self._parent) else PAD_ROW
+
+    def __str__(self) -> str:
+        return f"_LocalRows(global_batch={self._B}, process={self._p})"
+
+
 def make_dataset(source, options: Options, tokenizer: ChatTokenizer, image_config: images.ImageConfig | None, *,
-                 local_batch_size: int, seed: int, num_epochs: int | None = None,
+                 global_batch_size: int, seed: int | None, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
-    """The indexed part of the pipeline: this process's disjoint share of the records, batched."""
+    """The indexed part of the pipeline: element s is this process's share of global batch s.
+
+    The records of global batch s depend on (seed, s) only; process p of n gets its rows
+    [p·B/n, (p+1)·B/n). `num_epochs=None` repeats forever (reshuffled each epoch); `seed=None` keeps
+    the source order."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     image_shape = None
     if options.images_per_example:
         h, w = image_config.output_size
         image_shape = (h, w, 3)
-    collate = Collate(options, local_batch_size, tokenizer.pad_id, tokenizer.image_token_id,
+    local_batch = global_batch_size // process_count
+    collate = Collate(options, local_batch, tokenizer.pad_id, tokenizer.image_token_id,
                       tokenizer.image_seq_len, image_shape)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    ds = ds.shuffle(seed).repeat(num_epochs)
+    ds = grain.MapDataset.source(source)
+    ds = (ds if seed is None else ds.shuffle(seed)).repeat(num_epochs)
+    ds = _LocalRows(ds, global_batch_size, process_index, process_count)
     ds = ds.map(Prepare(source, options, tokenizer, image_config))
-    return ds.batch(local_batch_size, batch_fn=collate)
+    return ds.batch(local_batch, batch_fn=collate)
 
 
 def make_iterator(dataset: grain.MapDataset, *, workers: int = 0, buffer_size: int = 2):
@@ -250,6 +351,22 @@ def make_iterator(dataset: grain.MapDataset, *, workers: int = 0, buffer_size: i
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer_size),
                             worker_init_fn=_worker_init)
     return iter(ds)
+
+
+def agree_seq_len(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Pads this process's rows to the longest row length (bucket) of any process in this step.
+
+    Each process packs its rows into the smallest bucket they fit; one compiled program runs over the
+    global array, so all processes must use the same length. Because a bucket is the smallest that fits
+    the longest row, the largest bucket over processes is the one a single process holding the whole
+    global batch picks, and padding a row further changes nothing in it: every process count gives the
+    same batch. One small all-gather per step (multi-process runs only)."""
+    seq_len = batch["input_ids"].shape[1]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        seq_len = int(np.max(multihost_utils.process_allgather(np.int32(seq_len))))
+    return packing.pad_rows(batch, seq_len, pad_id)
 
 
 def to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

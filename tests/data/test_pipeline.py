@@ -63,11 +63,12 @@ def model_folder(tiny_llava):
 
 
 def _dataset(model_folder, data, *, batch=4, seed=0, process=(0, 1), epochs=1, **options):
+    """`batch` is the global batch (over all processes)."""
     cfg = hf.read_config(model_folder)
     options = {"kind": "pairs", "seq_buckets": (32, 48), "max_answer_len": 8, "max_criteria": 4, **options}
     tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
     return pipeline.make_dataset(arrayrecord.Source(data), pipeline.Options(**options), tok,
-                                 images.image_config(model_folder), local_batch_size=batch, seed=seed,
+                                 images.image_config(model_folder), global_batch_size=batch, seed=seed,
                                  num_epochs=epochs, process_index=process[0], process_count=process[1])
 
 
@@ -116,8 +117,36 @@ def test_deterministic_and_reshuffled_per_epoch(model_folder, tmp_path):
 
 def test_processes_read_disjoint_records(model_folder, tmp_path):
     data = write_pairs(tmp_path, n=12)
-    seen = [_all_indices(_dataset(model_folder, data, batch=2, process=(p, 2))) for p in (0, 1)]
+    seen = [_all_indices(_dataset(model_folder, data, batch=4, process=(p, 2))) for p in (0, 1)]
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(12))
+
+
+def test_global_batches_do_not_depend_on_the_process_count(model_folder, tmp_path):
+    """Global batch s is a function of (seed, s) only: the processes' rows of it, in process order, are the
+    rows one process reads — across epoch ends (10 records, batches of 4), for 1, 2 and 4 processes."""
+    data = write_pairs(tmp_path, n=10)
+
+    def rows(n, step):
+        return np.concatenate([_dataset(model_folder, data, seed=5, epochs=None, process=(p, n))[step]["index"]
+                               for p in range(n)])
+
+    for step in range(6):
+        one = rows(1, step)
+        for n in (2, 4):
+            np.testing.assert_array_equal(rows(n, step), one)
+    # dataset[s:] starts at global batch s: a restored run continues the same order on any slice size
+    ds = _dataset(model_folder, data, seed=5, epochs=None, process=(1, 2))
+    np.testing.assert_array_equal(ds[3:][0]["index"], ds[3]["index"])
+
+
+def test_a_finite_pass_gives_every_process_the_same_number_of_batches(model_folder, tmp_path):
+    data = write_pairs(tmp_path, n=10)  # batches of 4 over 2 processes: the third global batch holds 2 records
+    parts = [list(_dataset(model_folder, data, batch=4, process=(p, 2))) for p in (0, 1)]
+    assert [len(p) for p in parts] == [3, 3]  # else the process with fewer would wait for the other forever
+    assert [e["batch"]["valid"].tolist() for e in parts[1]] == [[1, 1], [1, 1], [0, 0]]
+    assert [e["stats"]["examples"] for e in parts[0]] == [2, 2, 2]
+    seen = [int(i) for p in parts for e in p for i in e["index"] if i >= 0]
+    assert sorted(seen) == list(range(10))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -214,7 +243,7 @@ def test_tfds_builder_to_data_source_to_pipeline(model_folder, tmp_path):
     tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
     ds = pipeline.make_dataset(source, pipeline.Options(kind="pairs", seq_buckets=(48,), max_answer_len=8,
                                                         max_criteria=4), tok, images.image_config(model_folder),
-                               local_batch_size=3, seed=0, num_epochs=1, process_index=0, process_count=1)
+                               global_batch_size=3, seed=0, num_epochs=1, process_index=0, process_count=1)
     assert [e["stats"]["examples"] for e in ds] == [3, 3]
 
     # any TFDS dataset: a converter maps its examples to records
@@ -243,3 +272,21 @@ def test_batches_feed_the_dpo_step_as_global_arrays(model_folder, tmp_path):
                                     reference="precomputed")
     _, metrics = train_step.jit_step(step, state, element["batch"], mesh)(state, batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["count"]) == 8
+
+
+def test_sampled_token_ids_are_trained_as_they_are(model_folder, tmp_path):
+    """Pairs carrying the policy's own ids (chosen_ids/rejected_ids) train on those ids when they come from
+    this tokenizer; from another tokenizer, the text is tokenized instead."""
+    cfg = hf.read_config(model_folder)
+    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    own, other = pair_record(0), pair_record(1)
+    sampled = [tok.answer(own["messages"], "red circle")[:-1] + [tiny.VOCAB - 1], [tiny.VOCAB - 2]]  # not the text's
+    for record, fingerprint in ((own, tok.fingerprint), (other, "sha256:another")):
+        record.update(chosen_ids=sampled[0], rejected_ids=sampled[1], tokenizer=fingerprint)
+    arrayrecord.write(str(tmp_path), "pairs", "pairs", [own, other])
+    element = _dataset(model_folder, str(tmp_path / "pairs"), batch=2, seed=None)[0]
+    batch = element["batch"]
+    rows = {int(i): r for r, i in enumerate(element["index"])}
+    trained = lambda row, branch: batch["targets"][row][batch["target_branch"][row] == branch].tolist()  # noqa
+    assert trained(rows[0], 1) == sampled[0] and trained(rows[0], 2) == sampled[1]
+    assert trained(rows[1], 1) == tok.answer(other["messages"], other["chosen"])[:8]

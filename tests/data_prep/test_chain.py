@@ -1,16 +1,21 @@
 """The round's commands in order on a tiny model — build_rubrics → sample → judge → make_pairs →
-ref_logps → train — as a user runs them (subprocesses), including resumption."""
+ref_logps → train — as a user runs them (subprocesses)."""
 
 import json
 import os
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from rdpo_jax.data import arrayrecord
+from configs import smoke
+from rdpo_jax import config_checks, train
+from rdpo_jax.data import arrayrecord, pipeline, records
 from rdpo_jax.models import hf
 from tests import runs
+
+BF16 = "--config.model.dtype=bfloat16"
 
 def _run(*args, cache):
     return runs.run([sys.executable, "-m", *args], runs.env(cache)).stdout
@@ -30,17 +35,18 @@ def _prompts(folder):
     return str(folder / "prompts.jsonl")
 
 
-def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_path):
-    cache, out, model = str(tmp_path / "cache"), str(tmp_path / "round"), f"{smoke_dir}/model"
+def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_path, compile_cache):
+    """…and, with bfloat16 compute, precomputed reference log-likelihoods equal the online reference's to the
+    bit; data stamped with other settings is refused, naming the config field. (Restarts of sample, judge
+    and make_pairs: test_restart.py.)"""
+    cache, out, model = compile_cache, str(tmp_path / "round"), f"{smoke_dir}/model"
+    config = f"--config=configs/smoke.py:dir={smoke_dir}"
     _run("data_prep.build_rubrics", f"--input={_prompts(tmp_path)}", f"--out={out}", cache=cache)
     assert len(list(arrayrecord.read(f"{out}/pool"))) == 6
 
-    sample = ("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
-              "--batch_size=4", f"--out={out}")
-    log = _run(*sample, cache=cache)
+    log = _run("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
+               "--batch_size=4", f"--out={out}", cache=cache)
     assert "samples: 48" in log
-    again = _run(*sample, cache=cache)  # resumed: every prompt is already done, nothing is added
-    assert "already_done: 6" in again and "samples: 0" in again
     assert len(list(arrayrecord.read(f"{out}/samples"))) == 48
 
     log = _run("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
@@ -55,19 +61,34 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
     for p in pairs:
         assert p["chosen_scores"][0] == 1  # the essential criterion: chosen answers pass it
         assert p["chosen"] != p["rejected"] and p["meta"]["miner"] == "rubric"
+        assert p["chosen_ids"] and p["rejected_ids"] and p["tokenizer"]  # the sampled ids travel along
 
-    _run("data_prep.ref_logps", f"--pairs={out}/pairs", f"--model={model}", "--seq_buckets=48",
-         "--max_answer_len=8", "--max_criteria=4", "--batch_size=8", f"--out={out}", cache=cache)
+    _run("data_prep.ref_logps", config, BF16, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
     with_ref = list(arrayrecord.read(f"{out}/pairs_ref"))
     assert len(with_ref) == len(pairs)
     assert {p["ref_fingerprint"] for p in with_ref} == {hf.fingerprint(model)}
     assert all(np.isfinite(p["ref_chosen_logp"]) and p["ref_chosen_logp"] < 0 for p in with_ref)
+    assert {p["ref_settings"]["model.dtype"] for p in with_ref} == {"bfloat16"}
+    assert set(with_ref[0]["ref_settings"]) == set(pipeline.REFERENCE_SETTINGS)
 
-    workdir = str(tmp_path / "run")
-    _run("rdpo_jax.train", f"--config=configs/smoke.py:dir={smoke_dir}", f"--workdir={workdir}",
-         f"--config.data.train={out}/pairs_ref", "--config.data.eval=", "--config.dpo.reference=precomputed",
-         "--config.total_steps=3", cache=cache)
-    metrics = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
-    # the precomputed reference is this very model: at step 0 the margin is 0 and the loss log 2
-    assert abs(metrics[0]["loss"] - np.log(2)) < 1e-4 and abs(metrics[0]["rewards/margins"]) < 1e-4
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    pre, online = str(tmp_path / "precomputed"), str(tmp_path / "online")
+    _run("rdpo_jax.train", config, f"--workdir={pre}", BF16, f"--config.data.train={out}/pairs_ref",
+         "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=3", cache=cache)
+    _run("rdpo_jax.train", config, f"--workdir={online}", BF16, f"--config.data.train={out}/pairs",
+         "--config.data.eval=", "--config.total_steps=1", cache=cache)
+    a, b = ([json.loads(line) for line in open(f"{w}/metrics.jsonl")] for w in (pre, online))
+    # the precomputed reference is this very model: at step 0 the margin is 0 and the loss log 2, in
+    # bfloat16 too, and every first-step metric is the online reference's to the bit
+    assert a[0]["loss"] == b[0]["loss"] == np.float32(np.log(2)) and a[0]["rewards/margins"] == 0
+    for key in ("grad_norm", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"):
+        assert a[0][key] == b[0][key], key
+    assert a[-1]["loss"] < a[0]["loss"]
+
+    # the same data for a float32 run: refused before anything compiles, naming the field, and per record
+    f32 = smoke.get_config(f"dir={smoke_dir}")
+    options = pipeline.Options.from_config(f32, reference_fingerprint=hf.fingerprint(model))
+    with pytest.raises(config_checks.ConfigError, match="config.model.dtype: the reference log-likelihoods were "
+                       "computed with 'bfloat16', this run uses 'float32'"):
+        train._check_reference_data(f"{out}/pairs_ref", "pairs", options)
+    with pytest.raises(records.RecordError, match="field 'ref_settings': config.model.dtype"):
+        pipeline.Prepare(arrayrecord.Source(f"{out}/pairs_ref"), options, None, None)._rubric(with_ref[0], "rec 0")
