@@ -39,7 +39,8 @@ def tokenizer():
     vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.decoder = tokenizers.decoders.WordPiece()
+    # no cleanup: "blue ." must decode to "blue .", which re-tokenizes to its ids ("blue." is one unknown word)
+    tok.decoder = tokenizers.decoders.WordPiece(cleanup=False)
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
         additional_special_tokens=["<|im_start|>", "<image>"])

@@ -196,7 +196,8 @@ def train_tokenizer(texts: list[str]):
 
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.decoder = tokenizers.decoders.WordPiece()
+    # no cleanup: "blue ." must decode to "blue .", which re-tokenizes to its ids ("blue." is one unknown word)
+    tok.decoder = tokenizers.decoders.WordPiece(cleanup=False)
     tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=SPECIAL, min_frequency=1))
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
