@@ -52,6 +52,7 @@ IMAGE, PROMPT, ANSWER = 576, 64, 128
 
 
 def model_config():
+    """(architecture, run settings) of the benchmark model."""
     if _PRESET.value == "llava-1.5-7b":  # llava-hf/llava-1.5-7b-hf's config.json, architecture fields
         hf = transformers.LlavaConfig(
             vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
@@ -62,7 +63,7 @@ def model_config():
                              max_position_embeddings=4096, rms_norm_eps=1e-5),
             image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
             projector_hidden_act="gelu")
-        return config_lib.from_hf(hf, param_dtype=jnp.bfloat16, check_image_tokens=False)
+        return config_lib.from_hf(hf), config_lib.RunSettings(param_dtype=jnp.bfloat16, check_image_tokens=False)
     hf = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=512,
                            num_hidden_layers=2, num_attention_heads=4, image_size=336, patch_size=14),
@@ -70,7 +71,7 @@ def model_config():
                          intermediate_size=int(2.75 * _WIDTH.value), num_hidden_layers=_LAYERS.value,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
         image_token_index=8191, vision_feature_layer=-1, vision_feature_select_strategy="full")
-    return config_lib.from_hf(hf)
+    return config_lib.from_hf(hf), config_lib.RunSettings()
 
 
 def make_pairs(cfg, n, rng):
@@ -100,7 +101,7 @@ def variant_name(layout, reference, full_logits):
     return f"{layout:13s} ref={reference:11s}" + (" all-position logits (TRL)" if full_logits else "")
 
 
-def lower_variant(cfg, mesh, pairs, pixels, ref, layout, reference, full_logits, *, abstract):
+def lower_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_logits, *, abstract):
     """(lowered step, state, device batch) of one variant; abstract = shapes only (no memory, no run)."""
     B = len(pairs)
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
@@ -114,15 +115,15 @@ def lower_variant(cfg, mesh, pairs, pixels, ref, layout, reference, full_logits,
     anchor_forward = mock.patch.object(packing, "token_logps", full_sequence_token_logps)
     with anchor_forward if full_logits else contextlib.nullcontext():
         if abstract:
-            graphdef, state = train_step.abstract_state(cfg, optimizer, mesh, freeze=freeze,
+            graphdef, state = train_step.abstract_state(cfg, run, optimizer, mesh, freeze=freeze,
                                                         reference=reference == "model")
             batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
         else:
-            graphdef, state = train_step.init_state(llava.create(cfg, mesh=mesh, seed=0), optimizer, freeze=freeze,
+            graphdef, state = train_step.init_state(llava.create(cfg, run, mesh=mesh, seed=0), optimizer, freeze=freeze,
                                                     reference=reference == "model")
             batch = jax.device_put(batch, shardings)
         fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid",
-                                      beta=0.1, pair_layout=layout, reference=reference)
+                                      beta=0.1, pair_layout=layout, reference=reference).train
         return train_step.jit_step(fn, state, batch, mesh).lower(state, batch), state, batch
 
 
@@ -142,13 +143,13 @@ def variant_key(layout, reference, full_logits):
 
 def main(argv):
     del argv
-    cfg = model_config()
+    cfg, run = model_config()
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rng = np.random.default_rng(0)
     B = _PAIRS.value
     pairs = make_pairs(cfg, B, rng)
     pixels = rng.standard_normal((B, 336, 336, 3)).astype(np.float32)
-    n_params = sum(x.size for x in jax.tree.leaves(optim.split_params(llava.abstract_model(cfg))[1]))
+    n_params = sum(x.size for x in jax.tree.leaves(optim.split_params(llava.abstract_model(cfg, run))[1]))
     text = cfg.text
     print(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind}; model {n_params / 1e6:.1f}M params "
           f"(decoder {text.num_layers}×{text.hidden_size}, vision {cfg.vision.num_layers}×{cfg.vision.hidden_size}); "
@@ -159,13 +160,13 @@ def main(argv):
         ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}
         flops = {}
         for variant in VARIANTS:
-            lowered, _, _ = lower_variant(cfg, mesh, pairs, pixels, ref, *variant, abstract=True)
+            lowered, _, _ = lower_variant(cfg, run, mesh, pairs, pixels, ref, *variant, abstract=True)
             flops[variant_key(*variant)] = lowered.cost_analysis()["flops"] / B
             print(f"{variant_name(*variant)} {flops[variant_key(*variant)] / 1e12:8.2f} TFLOP/pair (lowered)")
         print_ratios("FLOPs", flops.__getitem__)
         return
 
-    base_model = llava.create(cfg, mesh=mesh, seed=0)
+    base_model = llava.create(cfg, run, mesh=mesh, seed=0)
     shared_batch, _ = packing.pack_pairs(pairs, layout="shared_prefix", seq_len=IMAGE + PROMPT + 2 * ANSWER,
                                          max_answer_len=ANSWER)
     ref = jax.jit(lambda b, p: packing.pair_logps(base_model, b, p, layout="shared_prefix"))(shared_batch, pixels)
@@ -173,7 +174,7 @@ def main(argv):
     runs = {}
     for variant in VARIANTS:
         t0 = time.perf_counter()
-        lowered, state, batch = lower_variant(cfg, mesh, pairs, pixels, ref, *variant, abstract=False)
+        lowered, state, batch = lower_variant(cfg, run, mesh, pairs, pixels, ref, *variant, abstract=False)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()

@@ -68,6 +68,7 @@ def child(kind, folder):
         import jax.numpy as jnp
         from flax import nnx
         from rdpo_jax import sharding
+        from rdpo_jax.models import config as config_lib
         from rdpo_jax.models import hf
         mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
         hf.read_config(folder)  # warm the one-time transformers import (seconds) outside the timer
@@ -81,7 +82,7 @@ def child(kind, folder):
     sampler.start()
     t0 = time.perf_counter()
     if kind == "jax":
-        model, _ = hf.load_hf(folder, mesh=mesh, dtype=jnp.bfloat16)
+        model, _ = hf.load_hf(folder, config_lib.RunSettings(param_dtype=jnp.bfloat16), mesh=mesh)
         leaves = jax.tree.leaves(nnx.state(model))
         jax.block_until_ready(leaves)
         device_bytes = sum(s.data.nbytes for x in leaves for s in x.addressable_shards)
@@ -105,9 +106,10 @@ def main(argv):
         from rdpo_jax.models import config as config_lib
         from rdpo_jax.models import hf, llava
         import jax.numpy as jnp
-        cfg = config_lib.from_hf(config(), param_dtype=jnp.bfloat16)
-        model = llava.create(cfg, mesh=sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
-        files = hf.save_hf(model, cfg, folder, max_shard_bytes=100 * 2**20)
+        hf_config = config()
+        model = llava.create(config_lib.from_hf(hf_config), config_lib.RunSettings(param_dtype=jnp.bfloat16),
+                             mesh=sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+        files = hf.save_hf(model, folder, hf_config, max_shard_bytes=100 * 2**20)
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
         print(f"wrote {folder}: {len(files) - 2} safetensors shards + index, {size / 2**20:.0f} MiB")
         del model

@@ -43,7 +43,7 @@ def main(argv):
         image_token_index=3, vision_feature_layer=-1, vision_feature_select_strategy="full")
     cfg = config_lib.from_hf(hf_cfg)
     folder = os.path.join(tempfile.mkdtemp(), "model")
-    hf.save_hf(llava.create(cfg, seed=0), cfg, folder)
+    hf.save_hf(llava.create(cfg, seed=0), folder, hf_cfg)
     model, cfg = hf.load_hf(folder)
     torch_model = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
 

@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.every = 10  # steps between metric writes (JSONL, TensorBoard, console)
     c.log.tensorboard = True  # also write TensorBoard events (workdir/tensorboard)
+    c.log.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in workdir/profile; () = off
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # steps between held-out evaluations (0 = only at the end, if data.eval is set)

@@ -22,7 +22,7 @@ from absl import app, flags
 from data_prep import common
 from rdpo_jax import logs
 from rdpo_jax.data import arrayrecord, records
-from rdpo_jax.rubrics import judge as judge_lib
+from rdpo_jax.rubrics import factory
 from rdpo_jax.rubrics.judge import Item
 
 _POOL = flags.DEFINE_string("pool", None, "Rubric pool dataset.", required=True)
@@ -38,6 +38,8 @@ _CACHE = flags.DEFINE_string(
     "one per shard (never give shards running at once the same file).")
 _MAX_RETRY_AFTER = flags.DEFINE_float("max_retry_after", 60.0,
                                       "Longest wait in seconds a server's Retry-After gets (openai).")
+_MESH = flags.DEFINE_string("mesh", "fsdp=-1", "The flax judge's mesh over this process's devices (see "
+                            "rdpo_jax.inference: AXIS=SIZE,… over data, fsdp, tensor).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Items per judge call.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "judged", "Output dataset name.")
@@ -51,10 +53,10 @@ def cache_path(shard_index: int, num_shards: int) -> str:
 
 def make_judge(shard_index: int, num_shards: int):
     try:
-        return judge_lib.make_judge(_JUDGE.value, model=_JUDGE_MODEL.value, endpoint=_ENDPOINT.value,
-                                    api_key_env=_API_KEY_ENV.value, timeout=_TIMEOUT.value,
-                                    concurrency=_CONCURRENCY.value, cache=cache_path(shard_index, num_shards),
-                                    max_retry_after=_MAX_RETRY_AFTER.value)
+        return factory.make_judge(_JUDGE.value, model=_JUDGE_MODEL.value, endpoint=_ENDPOINT.value,
+                                  api_key_env=_API_KEY_ENV.value, timeout=_TIMEOUT.value,
+                                  concurrency=_CONCURRENCY.value, cache=cache_path(shard_index, num_shards),
+                                  max_retry_after=_MAX_RETRY_AFTER.value, mesh=_MESH.value)
     except ValueError as e:
         raise app.UsageError(f"--judge={_JUDGE.value}: {e}") from None
 

@@ -23,10 +23,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from data_prep import common
-from rdpo_jax import checkpoint, logs, packing, sharding, train_step
-from rdpo_jax.data import arrayrecord, images, pipeline, records
-from rdpo_jax.data.tokenize import ChatTokenizer
-from rdpo_jax.models import config as model_config
+from rdpo_jax import checkpoint, inference, logs, packing, train_step
+from rdpo_jax.data import arrayrecord, pipeline, records
+from rdpo_jax.models import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -53,17 +52,6 @@ class _ShardSource:
         return self.source.where(self.indices[int(i)])
 
 
-def _local_mesh(config):
-    """The config's mesh over this process's devices, or an FSDP mesh of them if it does not fit."""
-    devices = jax.local_devices()
-    try:
-        return sharding.make_mesh(dict(config.mesh), devices=devices)
-    except ValueError as e:
-        print(f"ref_logps: config.mesh does not fit this process's {len(devices)} devices ({e}); "
-              "using an FSDP mesh over them")
-        return sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=devices)
-
-
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -72,15 +60,11 @@ def main(argv):
     if config.objective != "dpo":
         raise app.UsageError(f"--config: objective {config.objective!r}; reference log-likelihoods are for 'dpo'")
     shard_index, num_shards = common.shard()
-    mesh = _local_mesh(config)
-    dtypes = model_config.DTYPES
     reference = checkpoint.reference_model(config)
-    model, cfg, folder, _ = checkpoint.load_model(
-        reference, mesh=mesh, dtype=dtypes[config.model.param_dtype], compute_dtype=dtypes[config.model.dtype],
-        model_path=config.model.path, check_image_tokens=False)  # checked by ChatTokenizer
+    policy = inference.load(reference, mesh=dict(config.mesh), run=config_lib.RunSettings.from_config(config),
+                            model_path=config.model.path)
     fingerprint, settings = checkpoint.fingerprint(reference), pipeline.reference_settings(config)
     options = pipeline.Options.from_config(config)
-    tok = ChatTokenizer(config.model.path, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
     source = arrayrecord.Source(_PAIRS.value, "pairs")
     out = common.Output(_OUT.value, _NAME.value, "pairs", shard_index, num_shards, common.CHUNK.value)
     todo = []
@@ -89,19 +73,20 @@ def main(argv):
         if record["pair_id"] not in out.done:
             todo.append(i)
     dataset = pipeline.make_dataset(
-        _ShardSource(source, todo), options, tok,
-        images.image_config(config.model.path) if config.data.images_per_example else None,
+        _ShardSource(source, todo), options, policy.tokenizer,
+        policy.image_config if config.data.images_per_example else None,
         global_batch_size=_BATCH.value or config.data.batch_size, seed=None, num_epochs=1, process_index=0,
         process_count=1)
     layout = config.dpo.pair_layout
     forward = nnx.jit(lambda m, b, p: packing.pair_logps(m, b, p, layout=layout))
     counts = collections.Counter()
     counts["already_done"] = len(range(shard_index, len(source), num_shards)) - len(todo)
+    mesh = policy.mesh
     with jax.set_mesh(mesh):
         for element in logs.bar(dataset, desc="ref_logps", unit="batch", total=len(dataset)):
             batch = element["batch"]
             global_batch = pipeline.to_global(batch, train_step.batch_shardings(batch, mesh))
-            logps = jax.device_get(forward(model, global_batch, global_batch.get("pixel_values")))
+            logps = jax.device_get(forward(policy.model, global_batch, global_batch.get("pixel_values")))
             for row, i in enumerate(element["index"]):
                 if i < 0:
                     continue

@@ -3,7 +3,8 @@
     python -m data_prep.sample --pool=DIR/pool --model=HF_FOLDER_OR_RUN_DIR --n=8 --out=DIR [--name=samples]
 
 The policy is a Hugging Face folder or a training run (its latest checkpoint). Generation runs jitted
-with a KV cache on a mesh of all local devices (batch over data × fsdp); prompts are left-padded to a
+with a KV cache on a mesh of this process's devices (--mesh; parameters split over all of them by
+default, rows over data × fsdp); prompts are left-padded to a
 multiple of --pad_to so that few shapes compile. Generation stops at the tokenizer's stop ids (eos, the
 generation config's eos ids, the chat template's end of turn) and never emits the image placeholder
 token. Output: `samples` records
@@ -26,9 +27,9 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from data_prep import common
-from rdpo_jax import checkpoint, logs, sampling, sharding
-from rdpo_jax.data import arrayrecord, images, records
-from rdpo_jax.data.tokenize import ChatTokenizer
+from rdpo_jax import inference, logs, sampling
+from rdpo_jax.data import arrayrecord, records
+from rdpo_jax.models import config as config_lib
 
 _POOL = flags.DEFINE_string("pool", None, "Rubric pool dataset (folder/NAME).", required=True)
 _MODEL = flags.DEFINE_string("model", None, "Policy: HF folder or run workdir.", required=True)
@@ -42,6 +43,7 @@ _PAD_TO = flags.DEFINE_integer("pad_to", 64, "Prompt lengths are padded to a mul
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (folded with each prompt's pool index and sample number).")
 _POLICY_STEP = flags.DEFINE_integer("policy_step", -1, "Recorded policy step (-1: the checkpoint's, else 0).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+_MESH = flags.DEFINE_string("mesh", inference.DEFAULT_MESH, inference.MESH_HELP)
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "samples", "Output dataset name.")
 
@@ -49,18 +51,12 @@ _NAME = flags.DEFINE_string("name", "samples", "Output dataset name.")
 def main(argv):
     del argv
     shard_index, num_shards = common.shard()
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
-    dtype = jnp.dtype(_DTYPE.value)
-    model, cfg, folder, step = checkpoint.load_model(_MODEL.value, mesh=mesh, dtype=dtype,
-                                                      check_image_tokens=False)  # checked by ChatTokenizer
-    policy_step = _POLICY_STEP.value if _POLICY_STEP.value >= 0 else (step or 0)
-    tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
-    image_cfg = images.image_config(folder)
-    sc = sampling.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                 top_p=_TOP_P.value, stop_ids=tok.stop_ids(), pad_id=tok.pad_id, num_samples=_N.value,
-                                 suppress_ids=(cfg.image_token_id,))  # training would splice an image into it
+    policy = inference.load(_MODEL.value, mesh=_MESH.value, run=config_lib.RunSettings(param_dtype=jnp.dtype(_DTYPE.value)))
+    policy_step = _POLICY_STEP.value if _POLICY_STEP.value >= 0 else (policy.step or 0)
+    sc = policy.sampling_config(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                top_p=_TOP_P.value, num_samples=_N.value)
     sampler = {"model": _MODEL.value, "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p,
-               "max_new_tokens": sc.max_new_tokens, "seed": _SEED.value, "tokenizer": tok.fingerprint}
+               "max_new_tokens": sc.max_new_tokens, "seed": _SEED.value, "tokenizer": policy.tokenizer.fingerprint}
     source = arrayrecord.Source(_POOL.value, "rubric_pool")
     out = common.Output(_OUT.value, _NAME.value, "samples", shard_index, num_shards, common.CHUNK.value)
     mine = [i for i in range(len(source)) if i % num_shards == shard_index]
@@ -70,14 +66,14 @@ def main(argv):
     counts = {"prompts": 0, "samples": 0, "already_done": 0, "tokens": 0, "stopped": 0}
     t0 = time.perf_counter()
     bar = logs.bar(total=len(mine), desc="sample", unit="prompt")
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(policy.mesh):
         for batch in batches:
             prompts = [records.decode(source[i][1], "rubric_pool", source.where(i)) for i in batch]
             todo = [p["prompt_id"] not in out.done for p in prompts]
             counts["already_done"] += todo.count(False)
             if any(todo):  # the whole batch again: its rows, and thus their samples, as in the first run
                 keys = sampling.row_keys(jax.random.key(_SEED.value), batch, sc.num_samples)
-                answers = sampling.answer(model, tok, image_cfg, mesh, prompts, sc, keys, pad_to=_PAD_TO.value)
+                answers = sampling.answer(policy, prompts, sc, keys, pad_to=_PAD_TO.value)
                 for prompt, row, new in zip(prompts, answers, todo):
                     if new:
                         write(out, prompt["prompt_id"], row, policy_step, sampler, counts)

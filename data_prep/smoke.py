@@ -68,7 +68,7 @@ def write_model(folder: str, seed: int = 0) -> None:
 
     hf_config = model_config()
     cfg = config_lib.from_hf(hf_config)
-    hf.save_hf(llava.create(cfg, seed=seed), cfg, folder)
+    hf.save_hf(llava.create(cfg, seed=seed), folder, hf_config)
     processor = transformers.LlavaProcessor(
         image_processor=transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}),
         tokenizer=tokenizer(), patch_size=8, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,

@@ -108,35 +108,30 @@ def run_model_path(run_dir: str) -> str:
         return json.load(f)["model"]["path"]
 
 
-def load_model(source: str, *, mesh=None, dtype=None, compute_dtype=None, step: int | None = None,
-               model_path: str | None = None, check_image_tokens: bool = True):
+def load_model(source: str, run=None, *, mesh=None, step: int | None = None, model_path: str | None = None):
     """A model from a Hugging Face folder or from a run's checkpoint at `step` (default: the latest;
-    its parameters on the architecture of the run's model.path, or of `model_path` when given).
-    Returns (model, model_config, model_folder, step or None). `check_image_tokens=False` for inputs
-    built by `ChatTokenizer` (see LlavaConfig.check_image_tokens)."""
-    import jax.numpy as jnp
+    its parameters on the architecture of the run's model.path, or of `model_path` when given), with
+    `run` (`RunSettings`: dtypes, remat, placeholder check; default float32) on `mesh` (default: the
+    first local device). Returns (model, model_config, model_folder, step or None)."""
     from flax import nnx
 
-    from rdpo_jax import train_step
-    from rdpo_jax.models import hf
+    from rdpo_jax import sharding, train_step
+    from rdpo_jax.models import config as config_lib
+    from rdpo_jax.models import hf, llava
 
-    dtype = jnp.float32 if dtype is None else dtype
+    run = run or config_lib.RunSettings()
     if not is_run_dir(source):
-        model, cfg = hf.load_hf(source, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype,
-                                check_image_tokens=check_image_tokens)
+        model, cfg = hf.load_hf(source, run, mesh=mesh)
         return model, cfg, source, None
     folder = model_path or run_model_path(source)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{source}: the run's model folder {folder!r} (model.path in its config.json) "
                                 "has no config.json; pass the folder explicitly (export: --model_path)")
-    cfg = hf.read_config(folder, param_dtype=dtype, dtype=compute_dtype, check_image_tokens=check_image_tokens)
+    cfg = hf.read_config(folder)
     if mesh is None:
-        from rdpo_jax import sharding
-
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
-    graphdef, abstract = train_step.abstract_state(cfg, optim.make_optimizer(learning_rate=0.0), mesh)
-    params, step = restore_params(source, abstract.params, step)
-    return nnx.merge(graphdef, params, {}), cfg, folder, step
+    params, step = restore_params(source, train_step.abstract_params(cfg, run, mesh), step)
+    return nnx.merge(nnx.graphdef(llava.abstract_model(cfg, run)), params), cfg, folder, step
 
 
 def reference_model(config) -> str:

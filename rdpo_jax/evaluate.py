@@ -29,11 +29,13 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rdpo_jax import checkpoint, sampling, sharding
-from rdpo_jax.data import arrayrecord, images, records
-from rdpo_jax.data.tokenize import ChatTokenizer
+from rdpo_jax import inference, sampling
+from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.rubrics import aggregate, mining
-from rdpo_jax.rubrics import judge as judge_lib
+from rdpo_jax.rubrics.factory import make_judge
+from rdpo_jax.rubrics.judge import Item
+from rdpo_jax.rubrics.prompt import instruction_text
+from rdpo_jax.rubrics.verifier import split_words
 
 METRICS = ("essential_pass", "rubric_score", "hallucination", "accuracy", "words")
 
@@ -49,7 +51,7 @@ def score(rubric: dict, scores: list[float], answer: str) -> dict:
     pitfalls = [v for v, c in zip(s, rubric["criteria"]) if _is_pitfall(c)]
     out = dict(essential_pass=float(aggregate.essential_pass(rubric, s)),
                rubric_score=float(np.dot(s, weights) / sum(weights)), accuracy=mining.correctness(rubric, s),
-               words=float(len(judge_lib.split_words(answer))))
+               words=float(len(split_words(answer))))
     if pitfalls:
         out["hallucination"] = float(any(v < aggregate.PASS for v in pitfalls))
     return out
@@ -78,32 +80,26 @@ def summarize(rows: list[dict], group: str = "none") -> dict:
 
 
 def evaluate(model_source: str, pool: str, out: str, *, judge, max_new_tokens: int = 128, batch_size: int = 32,
-             pad_to: int = 64, group: str = "none", limit: int = 0) -> dict:
+             pad_to: int = 64, group: str = "none", limit: int = 0, mesh: str = inference.DEFAULT_MESH) -> dict:
     """Answers, judges and summarizes (see the module doc); returns the metrics written to out/metrics.json."""
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
-    model, cfg, folder, step = checkpoint.load_model(model_source, mesh=mesh,
-                                                     check_image_tokens=False)  # checked by ChatTokenizer
-    tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
-    image_cfg = images.image_config(folder)
-    sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids(),
-                                 pad_id=tok.pad_id, num_samples=1, suppress_ids=(cfg.image_token_id,))
+    policy = inference.load(model_source, mesh=mesh)
+    sc = policy.sampling_config(max_new_tokens=max_new_tokens, temperature=0.0, num_samples=1)
     source = arrayrecord.Source(pool, "rubric_pool")
     n = min(len(source), limit) if limit else len(source)
     prompts = [records.decode(source[i][1], "rubric_pool", source.where(i)) for i in range(n)]
     t0 = time.perf_counter()
     answers = [""] * n
-    with jax.set_mesh(mesh):  # batches of one image count each (their images stack); answers in pool order
+    with jax.set_mesh(policy.mesh):  # batches of one image count each (their images stack); answers in pool order
         for batch in sampling.batches_by_image_count([len(p["images"]) for p in prompts], batch_size):
-            rows = sampling.answer(model, tok, image_cfg, mesh, [prompts[i] for i in batch], sc, jax.random.key(0),
-                                   pad_to=pad_to)
+            rows = sampling.answer(policy, [prompts[i] for i in batch], sc, jax.random.key(0), pad_to=pad_to)
             for i, row in zip(batch, rows):
                 answers[i] = row[0][0]
     seconds = time.perf_counter() - t0
-    verdicts = judge.judge([judge_lib.Item(p["prompt_id"], p["messages"], p["images"], p["rubric"], a,
-                                           p.get("reference_answer")) for p, a in zip(prompts, answers)])
+    verdicts = judge.judge([Item(p["prompt_id"], p["messages"], p["images"], p["rubric"], a,
+                                 p.get("reference_answer")) for p, a in zip(prompts, answers)])
     rows = []
     for p, a, v in zip(prompts, answers, verdicts):
-        row = dict(prompt_id=p["prompt_id"], instruction=judge_lib.instruction_text(p["messages"]), answer=a)
+        row = dict(prompt_id=p["prompt_id"], instruction=instruction_text(p["messages"]), answer=a)
         if v.unscorable is not None:
             row["unscorable"] = v.unscorable
         else:
@@ -111,7 +107,7 @@ def evaluate(model_source: str, pool: str, out: str, *, judge, max_new_tokens: i
                        metrics=score(p["rubric"], v.scores, a))
         rows.append(row)
     metrics = summarize(rows, group)
-    metrics.update(model=model_source, step=step, pool=pool, judge=judge.name, generate_seconds=round(seconds, 2))
+    metrics.update(model=model_source, step=policy.step, pool=pool, judge=judge.name, generate_seconds=round(seconds, 2))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "answers.jsonl"), "w") as f:
         for row in rows:
@@ -142,6 +138,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 32, "Prompts per generate call.")
     flags.DEFINE_enum("group", "none", ["none", "prefix"], "Per-group accuracy by prompt-id prefix.")
     flags.DEFINE_integer("limit", 0, "Evaluate the first N prompts only (0: all).")
+    flags.DEFINE_string("mesh", inference.DEFAULT_MESH, inference.MESH_HELP)
 
 
 def main(argv):
@@ -154,13 +151,13 @@ def main(argv):
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        judge = judge_lib.make_judge(f.judge, model=f.judge_model, endpoint=f.endpoint, api_key_env=f.api_key_env,
-                                     cache=os.path.join(f.out[0], "verdicts.cache.sqlite"))
+        judge = make_judge(f.judge, model=f.judge_model, endpoint=f.endpoint, api_key_env=f.api_key_env,
+                           cache=os.path.join(f.out[0], "verdicts.cache.sqlite"), mesh=f.mesh)
     except ValueError as e:
         raise app.UsageError(f"--judge={f.judge}: {e}") from None
     for model, out in zip(f.model, f.out):  # one process: the sampler compiles once for all of them
         metrics = evaluate(model, f.pool, out, judge=judge, max_new_tokens=f.max_new_tokens,
-                           batch_size=f.batch_size, group=f.group, limit=f.limit)
+                           batch_size=f.batch_size, group=f.group, limit=f.limit, mesh=f.mesh)
         print(format_metrics(metrics))
 
 

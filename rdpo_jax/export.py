@@ -69,8 +69,10 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
         raise FileNotFoundError(f"--step={step}: {workdir} has no checkpoint for it; saved steps: {steps}")
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    model, cfg, folder, step = checkpoint.load_model(workdir, mesh=mesh, dtype=model_config.DTYPES[dtype],
-                                                     step=step, model_path=model_path)
+    model, _, folder, step = checkpoint.load_model(
+        workdir, model_config.RunSettings(param_dtype=model_config.DTYPES[dtype]), mesh=mesh, step=step,
+        model_path=model_path)
+    hf_config = hf.read_hf_config(folder)
     primary = jax.process_index() == 0
     staging = None
     if primary:
@@ -78,11 +80,11 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
     try:
-        files = hf.save_hf(model, cfg, staging or "", dtype=jnp.dtype(dtype), max_shard_bytes=max_shard_bytes)
+        files = hf.save_hf(model, staging or "", hf_config, dtype=jnp.dtype(dtype), max_shard_bytes=max_shard_bytes)
         if not primary:
             return {"step": step, "dtype": dtype, "files": [], "model_path": folder}
         files += _copy_tokenizer_files(folder, staging)
-        files.append(_write_generation_config(folder, cfg, staging))
+        files.append(_write_generation_config(folder, hf_config, staging))
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(run_config, workdir=workdir, step=step, dtype=dtype, base=folder,
                                metrics=_last_metrics(workdir, step)))
@@ -121,7 +123,7 @@ def _copy_tokenizer_files(base: str, out: str) -> list[str]:
     return copied
 
 
-def _write_generation_config(base: str, cfg, out: str) -> str:
+def _write_generation_config(base: str, hf_config, out: str) -> str:
     """The base folder's generation config, or one with the tokenizer's special tokens and the
     end-of-turn token (what the sampler stops at) as end of sequence."""
     import transformers
@@ -129,7 +131,7 @@ def _write_generation_config(base: str, cfg, out: str) -> str:
     if os.path.isfile(os.path.join(base, "generation_config.json")):
         generation = transformers.GenerationConfig.from_pretrained(base)
     else:
-        text = cfg.hf.text_config
+        text = hf_config.text_config
         generation = transformers.GenerationConfig(bos_token_id=getattr(text, "bos_token_id", None),
                                                    eos_token_id=getattr(text, "eos_token_id", None),
                                                    pad_token_id=getattr(text, "pad_token_id", None))

@@ -14,25 +14,25 @@ import jax
 import optax
 from flax import nnx
 
+from rdpo_jax import sharding
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 def path_str(path) -> str:
-    """A parameter path (tuple of names, or a jax key path) as "a/b/0/c"."""
-    if path and isinstance(path[0], jax.tree_util.DictKey | jax.tree_util.SequenceKey | jax.tree_util.GetAttrKey):
-        return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-    return "/".join(str(p) for p in path)
+    """A parameter path (an NNX path or a jax key path, see `sharding.key_names`) as "a/b/0/c"."""
+    return "/".join(sharding.key_names(path))
 
 
 def tree_get(tree: dict, key_path, where: str):
-    """tree[k1][k2]…, matching dict keys by their string form (list indices are ints in one tree and
-    strings in a checkpoint's metadata)."""
+    """tree[k1][k2]… for the names of `key_path`, matching dict keys by their string form (list indices
+    are ints in one tree and strings in a checkpoint's metadata). Raises ValueError (naming `where`)
+    if `tree` lacks the path."""
     node = tree
-    for k in key_path:
-        name = str(getattr(k, "key", getattr(k, "idx", k)))
+    for name in sharding.key_names(key_path):
         match = [key for key in node if str(key) == name] if isinstance(node, dict) else []
         if not match:
-            raise ValueError(f"{where}: parameter {jax.tree_util.keystr(tuple(key_path))} is in one model but "
+            raise ValueError(f"{where}: parameter {path_str(key_path)} is in one model but "
                              "not the other (a different architecture?)")
         node = node[match[0]]
     return node

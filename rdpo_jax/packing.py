@@ -30,6 +30,8 @@ import numpy as np
 
 LAYOUTS = ("shared_prefix", "concat")
 ROW_KEYS = ("input_ids", "positions", "branch_ids", "targets", "target_index", "target_branch")
+# a DPO batch's per-pair rubric arrays float32[B, K] (K = data.max_criteria), which the rubric loss reads
+RUBRIC_KEYS = ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask")
 PAD_BRANCH, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
 

@@ -161,9 +161,10 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None):
     return ids, mask
 
 
-def answer(model, tokenizer, image_cfg, mesh, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,
+def answer(policy, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,
            pad_to: int = 64) -> list[list[tuple[str, list[int], bool]]]:
-    """Generates `cfg.num_samples` answers for each prompt record ({messages, images}) on `mesh`.
+    """Generates `cfg.num_samples` answers for each prompt record ({messages, images}) with a loaded
+    model (`inference.Policy`: its model, tokenizer and image preprocessing, on its mesh).
 
     Prompts are left-padded to a multiple of `pad_to` (few shapes compile), rows padded to whole batches
     over the devices and split over them. All prompts must have the same number of images (none: no
@@ -180,6 +181,7 @@ def answer(model, tokenizer, image_cfg, mesh, prompts: list[dict], cfg: Sampling
 
     from rdpo_jax.data import images
 
+    tokenizer, mesh = policy.tokenizer, policy.mesh
     counts = {len(r["images"]) for r in prompts}
     if len(counts) > 1:
         raise ValueError(f"prompts of one batch need the same number of images, got {sorted(counts)}")
@@ -188,7 +190,7 @@ def answer(model, tokenizer, image_cfg, mesh, prompts: list[dict], cfg: Sampling
     ids, mask = left_pad(ids, tokenizer.pad_id, length)
     pixels = None
     if counts != {0}:
-        pixels = np.stack([np.stack([images.load_and_preprocess(b, image_cfg) for b in r["images"]])
+        pixels = np.stack([np.stack([images.load_and_preprocess(b, policy.image_config) for b in r["images"]])
                            for r in prompts])
     extra = -len(prompts) % mesh.devices.size  # padding rows repeat the last prompt (and its keys)
     ids, mask, pixels = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), (ids, mask, pixels))
@@ -196,7 +198,7 @@ def answer(model, tokenizer, image_cfg, mesh, prompts: list[dict], cfg: Sampling
         keys = jnp.concatenate([keys, jnp.tile(keys[-cfg.num_samples:], extra)])
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     ids, mask, pixels = jax.device_put((ids, mask, pixels), rows)
-    tokens, lengths = generate(model, ids, mask, pixels, keys, cfg)
+    tokens, lengths = generate(policy.model, ids, mask, pixels, keys, cfg)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     out = []
     for b in range(len(prompts)):

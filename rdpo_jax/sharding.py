@@ -10,6 +10,7 @@ with logical names too. `RULES` turns a logical name into mesh axes of the mesh
 
 A dimension whose size is not divisible by its mesh axes falls back to replication on those axes (a
 vision tower's 1152-wide MLP on a 16-way tensor axis, say); a mesh axis is used at most once per array.
+`overview` tabulates the result for a model and names every dimension left whole.
 """
 
 from __future__ import annotations
@@ -100,12 +101,19 @@ def logical_to_spec(
     the size of its indivisible pieces (head_dim for heads × head_dim): a mesh axis must divide the
     number of pieces, so that no device holds part of a head.
     """
+    return _plan(logical_axes, shape, mesh_shape, rules, units)[0]
+
+
+def _plan(logical_axes, shape, mesh_shape, rules, units) -> tuple[PartitionSpec, dict[int, str]]:
+    """The decision behind `logical_to_spec` and `overview`: (spec, left_out). `left_out` maps each
+    dimension whose rule names a mesh axis of size > 1 that the spec does not split it over to why:
+    "kv_heads → tensor=4, size 16 = 2 units of 8: not split over tensor (2 units not divisible by 4)"."""
     if len(logical_axes) != len(shape) or (units is not None and len(units) != len(shape)):
         raise ValueError(f"logical axes {tuple(logical_axes)} (units {units}) do not match shape {tuple(shape)}")
     units = units or (1,) * len(shape)
-    used: set[str] = set()
-    spec = []
-    for name, size, unit in zip(logical_axes, shape, units):
+    used: dict[str, int] = {}  # mesh axis -> the dimension it shards
+    spec, left_out = [], {}
+    for dim, (name, size, unit) in enumerate(zip(logical_axes, shape, units)):
         if name is None:
             spec.append(None)
             continue
@@ -113,25 +121,44 @@ def logical_to_spec(
             raise KeyError(f"logical axis {name!r} has no entry in the sharding rules {sorted(rules)}")
         target = rules[name]
         axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        kept = []
+        axes = tuple(a for a in axes if mesh_shape.get(a, 1) > 1)
+        kept, why = [], []
+        pieces, what = size // unit, f"{size // unit} units" if unit > 1 else str(size)
         for axis in axes:
-            n = mesh_shape.get(axis, 1)
-            if axis in used or n == 1:
-                continue
-            if size % unit == 0 and (size // unit) % (math.prod(mesh_shape[a] for a in kept) * n) == 0:
+            n = mesh_shape[axis]
+            divisor = math.prod(mesh_shape[a] for a in kept) * n
+            if axis in used:
+                why.append(f"not split over {axis} ({axis} already shards dim {used[axis]})")
+            elif size % unit:
+                why.append(f"not split over {axis} ({size} is not a multiple of its unit {unit})")
+            elif pieces % divisor:
+                by = "·".join(kept + [axis]) + f"={divisor}" if kept else str(n)
+                why.append(f"not split over {axis} ({what} not divisible by {by})")
+            else:
                 kept.append(axis)
-        used.update(kept)
+        for axis in kept:
+            used[axis] = dim
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return PartitionSpec(*spec)
+        if why:
+            targets = " ".join(f"{a}={mesh_shape[a]}" for a in axes)
+            sized = f"{size} = {pieces} units of {unit}" if unit > 1 and size % unit == 0 else str(size)
+            left_out[dim] = f"{name} → {targets}, size {sized}: " + "; ".join(why)
+    return PartitionSpec(*spec), left_out
+
+
+def _variable_plan(variable: nnx.Variable, mesh_shape: Mapping[str, int]) -> tuple[PartitionSpec, dict[int, str]]:
+    """`_plan` of one (possibly abstract) NNX variable from its `logical_axes` and `shard_units`
+    metadata; a variable without `logical_axes` is replicated."""
+    metadata = variable.get_metadata()
+    if metadata.get("logical_axes") is None:
+        return PartitionSpec(), {}
+    return _plan(metadata["logical_axes"], variable.get_value().shape, mesh_shape, RULES,
+                 metadata.get("shard_units"))
 
 
 def variable_spec(variable: nnx.Variable, mesh_shape: Mapping[str, int]) -> PartitionSpec:
     """PartitionSpec of one (possibly abstract) NNX variable from its `logical_axes` metadata."""
-    value = variable.get_value()
-    axes = variable.get_metadata().get("logical_axes")
-    if axes is None:
-        return PartitionSpec()
-    return logical_to_spec(axes, value.shape, mesh_shape, units=variable.get_metadata().get("shard_units"))
+    return _variable_plan(variable, mesh_shape)[0]
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
@@ -150,13 +177,10 @@ def follow_params(tree, params, mesh: Mesh):
     A leaf whose key path ends with a parameter's key path and that has the parameter's shape takes the
     parameter's sharding; every other leaf (step counts, scalars) is replicated.
     """
-    def names(key_path):
-        return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in key_path)
-
-    by_path = {names(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    by_path = {key_names(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
     def pick(key_path, leaf):
-        path = names(key_path)
+        path = key_names(key_path)
         for i in range(len(path)):
             param = by_path.get(path[i:])
             if param is not None and tuple(param.shape) == tuple(leaf.shape):
@@ -164,6 +188,98 @@ def follow_params(tree, params, mesh: Mesh):
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def overview(state: nnx.State, mesh: Mesh) -> tuple[list[str], list[str]]:
+    """What the sharding rules make of an (abstract or concrete) state of NNX variables on `mesh`.
+
+    Returns (table, warnings). `table`: a header, one line per variable (dotted name, shape, dtype and
+    the PartitionSpec it gets on `mesh`) in aligned columns, and a total line (arrays, parameters,
+    bytes, bytes per device), for the run's log. `warnings`, sorted: one line per dimension that its
+    rule maps to mesh axes of size > 1 but that is left whole (or split over only some of them), with
+    the reason; variables that differ only in layer numbers and share the reason share a line (one
+    line, wrapped here):
+
+      language_model.layers.{0..31}.self_attn.k_proj.kernel dim 1: kv_heads → tensor=16, size 1024 =
+      8 units of 128: not split over tensor (8 units not divisible by 16)
+
+    Mesh axes of size 1 never warn.
+    """
+    mesh_shape = dict(mesh.shape)
+    rows, count, total, per_device = [("parameter", "shape", "dtype", "spec")], 0, 0, 0
+    left_out: dict[str, list[tuple[str, ...]]] = {}  # "dim 1: why" -> names of the variables
+    for path, variable in nnx.to_flat_state(state):
+        name, value = key_names(path), variable.get_value()
+        spec, why = _variable_plan(variable, mesh_shape)
+        rows.append((".".join(name), str(tuple(value.shape)), str(np.dtype(value.dtype)), str(spec)))
+        count += math.prod(value.shape)
+        nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+        shards = math.prod(mesh_shape[a] for entry in spec if entry is not None
+                           for a in ((entry,) if isinstance(entry, str) else entry))
+        total, per_device = total + nbytes, per_device + nbytes // shards
+        for dim, reason in why.items():
+            left_out.setdefault(f"dim {dim}: {reason}", []).append(name)
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3] for row in rows]
+    on = " × ".join(f"{a}={n}" for a, n in mesh_shape.items())
+    table.append(f"{len(rows) - 1} arrays, {count:,} parameters, {_size(total)} ({_size(per_device)} per device "
+                 f"on {on})")
+    return table, sorted(f"{folded} {reason}" for reason, names in left_out.items() for folded in _fold(names))
+
+
+def _size(nbytes: int) -> str:
+    """`nbytes` in B, KiB, MiB, GiB or TiB, three significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            break
+        nbytes /= 1024
+    else:
+        unit = "TiB"
+    return f"{nbytes:.3g} {unit}"
+
+
+def _fold(names: list[tuple[str, ...]]) -> list[str]:
+    """Dotted forms of `names` with numbered components folded into braces wherever the names differ only
+    there: `layers.{0..3}.mlp` for layers 0-3, `layers.{0,2}.mlp`, `experts.{0..7}.layers.{0..3}.w` for
+    a full grid (exact: each returned line stands for exactly the names it covers)."""
+    entries = {tuple(frozenset([int(c)]) if c.isdigit() else c for c in name) for name in names}
+    for i in reversed(range(max(map(len, entries), default=0))):
+        merged: dict[tuple, set[int]] = {}
+        rest = set()
+        for entry in entries:
+            if i < len(entry) and isinstance(entry[i], frozenset):
+                merged.setdefault(entry[:i] + (None,) + entry[i + 1:], set()).update(entry[i])
+            else:
+                rest.add(entry)
+        entries = rest | {key[:i] + (frozenset(ids),) + key[i + 1:] for key, ids in merged.items()}
+
+    def braces(ids: frozenset[int]) -> str:
+        if len(ids) == 1:
+            return str(next(iter(ids)))
+        runs = []
+        for j in sorted(ids):
+            if runs and j == runs[-1][1] + 1:
+                runs[-1][1] = j
+            else:
+                runs.append([j, j])
+        return "{" + ",".join(str(a) if a == b else f"{a}..{b}" for a, b in runs) + "}"
+
+    return [".".join(braces(c) if isinstance(c, frozenset) else c for c in entry) for entry in entries]
+
+
+def key_names(path) -> tuple[str, ...]:
+    """The names along a pytree key path (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey entries)
+    or an NNX path (strings and ints), as strings: `("language_model", "layers", "0", "mlp")`."""
+    def name(k) -> str:
+        if isinstance(k, jax.tree_util.DictKey | jax.tree_util.FlattenedIndexKey):
+            return str(k.key)
+        if isinstance(k, jax.tree_util.SequenceKey):
+            return str(k.idx)
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            return k.name
+        return str(k)
+
+    return tuple(name(k) for k in path)
 
 
 def traced_on(mesh: Mesh, fn):
@@ -185,13 +301,3 @@ def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Ar
         return x
     spec = logical_to_spec(logical_axes, x.shape, dict(zip(mesh.axis_names, mesh.axis_sizes)))
     return jax.lax.with_sharding_constraint(x, spec)
-
-
-def describe(state: nnx.State) -> list[tuple[str, tuple[int, ...], str]]:
-    """(path, shape, sharding spec) per array of a concrete state: what `--print_shardings` shows."""
-    rows = []
-    for path, v in nnx.to_flat_state(state):
-        value = v.get_value()
-        spec = getattr(getattr(value, "sharding", None), "spec", None)
-        rows.append((".".join(map(str, path)), tuple(np.shape(value)), str(spec)))
-    return rows

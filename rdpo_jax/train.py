@@ -28,11 +28,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from rdpo_jax import checkpoint, config_checks, logs, optim, packing, sharding, train_step
+from rdpo_jax import checkpoint, config_checks, logs, optim, sharding, train_step
 from rdpo_jax.data import arrayrecord, images, pipeline, records
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import config as model_config
-from rdpo_jax.models import hf
+from rdpo_jax.models import hf, llava
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -66,50 +66,34 @@ def main(argv):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    # ----- Model and optimizer -----
-    dtypes = model_config.DTYPES
-    model_cfg = hf.read_config(config.model.path, param_dtype=dtypes[config.model.param_dtype],
-                               dtype=dtypes[config.model.dtype], remat=config.model.remat,
-                               check_image_tokens=False)  # ChatTokenizer checks them; keeps the step cacheable
-    freeze = config_checks.patterns(config.optim.freeze, "optim.freeze")
-    o = config.optim
-    schedule = optim.learning_rate_schedule(learning_rate=o.learning_rate, schedule=o.schedule,
-                                            warmup_steps=o.warmup_steps, total_steps=config.total_steps,
-                                            end_lr_factor=o.end_lr_factor)
-    optimizer = optim.make_optimizer(
-        learning_rate=schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
-        lr_multipliers=config_checks.multipliers(o.lr_multipliers, "optim.lr_multipliers"))
-    dpo = config.objective == "dpo"
-    online_reference = dpo and config.dpo.reference == "model"
-    graphdef, abstract = train_step.abstract_state(model_cfg, optimizer, mesh, freeze=freeze,
-                                                   reference=online_reference)
+    # ----- Model, optimizer, the abstract train state -----
+    setup = _Setup(config, mesh)
 
     # ----- Data: global batch s is a pure function of (data.seed, s) -----
+    dpo = config.objective == "dpo"
     kind = "pairs" if dpo else "sft"
     fingerprint = None
     if dpo and config.dpo.reference == "precomputed":
-        fingerprint = _reference_fingerprint(config)
+        fingerprint = checkpoint.fingerprint(checkpoint.reference_model(config))
     options = pipeline.Options.from_config(config, reference_fingerprint=fingerprint)
     if fingerprint is not None:
         _check_reference_data(config.data.train, kind, options)
-    tokenizer = ChatTokenizer(config.model.path, image_token_id=model_cfg.image_token_id,
-                              image_seq_len=model_cfg.image_seq_len)
+    tokenizer = ChatTokenizer(config.model.path, image_token_id=setup.model_config.image_token_id,
+                              image_seq_len=setup.model_config.image_seq_len)
     image_cfg = images.image_config(config.model.path) if config.data.images_per_example else None
     source = _source(config.data.train, kind)
     dataset = pipeline.make_dataset(source, options, tokenizer, image_cfg, global_batch_size=config.data.batch_size,
                                     seed=config.data.seed)
 
-    # ----- State: restore order -----
+    # ----- State: this workdir's checkpoint, else init_from -----
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                            keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     latest = checkpointer.latest_step()
     t0 = time.perf_counter()
     if latest is not None:
-        state = checkpointer.restore(latest, abstract)
-        origin = f"checkpoint {latest} of {workdir}"
+        state, origin = checkpointer.restore(latest, setup.abstract), f"checkpoint {latest} of {workdir}"
     else:
-        state, origin = _initial_state(config, model_cfg, graphdef, abstract, optimizer, mesh, freeze,
-                                       online_reference)
+        state, origin = setup.initial_state()
     jax.block_until_ready(state)
     restore_s = time.perf_counter() - t0
     start = int(state.step)
@@ -119,37 +103,30 @@ def main(argv):
     _print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
            f"{jax.process_count()} process(es); {n_params:,} parameters ({trainable:,} trainable); "
            f"state from {origin} in {restore_s:.1f}s; step {start}/{config.total_steps}")
+    setup.report_sharding(workdir)
 
     # ----- Compile (one program per length bucket), memory analysis -----
-    if dpo:
-        d = config.dpo
-        loss_fn = train_step.dpo_loss(graphdef, loss_type=d.loss_type, beta=d.beta, label_smoothing=d.label_smoothing,
-                                      gamma=d.gamma, length_norm=d.length_norm, sft_weight=d.sft_weight,
-                                      pair_layout=d.pair_layout, reference=d.reference)
-    else:
-        loss_fn = train_step.sft_loss(graphdef)
-    rows = packing.rows_per_pair(config.dpo.pair_layout) if dpo else 1
-    step_fn = train_step.make_step(loss_fn, optimizer, schedule, accum_steps=config.accum_steps, rows_per_example=rows)
+    steps = setup.steps()
     first = next(iterator)
     compiled, batch_shardings = {}, {}
     for seq_len in config.data.seq_buckets:
         spec = _global_spec(first["batch"], seq_len)
         batch_shardings[seq_len] = train_step.batch_shardings(spec, mesh)
         t0, hits = time.perf_counter(), cache_hits["n"]
-        compiled[seq_len] = train_step.jit_step(step_fn, abstract, spec, mesh).lower(abstract, spec).compile()
+        compiled[seq_len] = train_step.jit_step(steps.train, setup.abstract, spec, mesh).lower(
+            setup.abstract, spec).compile()
         m = compiled[seq_len].memory_analysis()
         cached = " (from the compilation cache)" if cache_hits["n"] > hits else ""
         _print(f"compiled the {config.objective} step for rows of {seq_len} tokens in {time.perf_counter() - t0:.1f}s"
-               f"{cached}; "
-               f"memory per device: arguments {_mib(m.argument_size_in_bytes)}, outputs "
+               f"{cached}; memory per device: arguments {_mib(m.argument_size_in_bytes)}, outputs "
                f"{_mib(m.output_size_in_bytes)}, temporaries {_mib(m.temp_size_in_bytes)}, aliased "
                f"{_mib(m.alias_size_in_bytes)}")
     evaluator = None
     if config.data.eval:
         eval_data = pipeline.make_dataset(_source(config.data.eval, kind), options, tokenizer, image_cfg,
                                           global_batch_size=config.data.batch_size, seed=0, num_epochs=1)
-        evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, train_step.make_eval_step(loss_fn))), eval_data,
-                               mesh, tokenizer.pad_id, config.eval.batches)
+        evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, steps.eval)), eval_data, mesh, tokenizer.pad_id,
+                               config.eval.batches)
 
     # ----- Train -----
     logger = logs.MetricLogger(workdir, total_steps=config.total_steps, start_step=start,
@@ -159,41 +136,36 @@ def main(argv):
         # Multi-process runs leave SIGTERM to JAX's preemption service (installed by jax.distributed.initialize),
         # which agrees on one step for every process to save at; a Python handler would replace it.
         signal.signal(signal.SIGTERM, lambda *_: preempted.set())
-    window = _Window()
-    step, element, pending, streak = start, first, None, 0
+    window = _Window(config.optim.max_nonfinite, source)
+    profiler = _Profiler(config.log.profile_steps, os.path.join(workdir, "profile"))
+    step, element = start, first
     while step < config.total_steps:
         element = element or next(iterator)
         local = pipeline.agree_seq_len(element["batch"], tokenizer.pad_id)
         seq_len = local["input_ids"].shape[1]
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        profiler.before(step + 1)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
             state, metrics = compiled[seq_len](state, pipeline.to_global(local, batch_shardings[seq_len]))
         step += 1
-        window.add_data(element)
-        if pending is not None:  # read the previous step's metrics while this one runs
-            streak = _check_finite(pending, streak, config.optim.max_nonfinite, source)
-            window.add_metrics(pending[1])
-        pending, element = (step, metrics, element["index"]), None
-        if step % config.log.every == 0 or step == config.total_steps:
-            streak = _check_finite(pending, streak, config.optim.max_nonfinite, source)
-            window.add_metrics(pending[1])
-            pending = None
-            values = window.flush()
+        window.add(step, metrics, element)  # device arrays: fetched when the window is written
+        profiler.after(step, metrics)
+        element = None
+        if _itstime(step, config.log.every, config.total_steps):
+            values = window.flush()  # stops the run on a streak of non-finite steps
             logger.write(step, values)
             logger.progress(step, {k: values[k] for k in ("loss", "pairs_per_s", "tokens_per_s") if k in values})
-        if evaluator and config.eval.every and step % config.eval.every == 0 and step < config.total_steps:
+        if evaluator and _itstime(step, config.eval.every, config.total_steps):
             logger.write(step, evaluator(state), prefix="eval/")
-        checkpointer.save(step, state)
+        checkpointer.save(step, state, force=step == config.total_steps)
         if _stop_requested(preempted, step):
             checkpointer.save(step, state, force=True)
             print(f"SIGTERM: saved step {step}; restart the same command to resume", flush=True)  # every process
             break
     else:
-        if evaluator:
-            logger.write(step, evaluator(state), prefix="eval/")
         t0 = time.perf_counter()
-        checkpointer.save(step, state, force=True)
         checkpointer.wait()
         _print(f"finished step {step}; final checkpoint written in {time.perf_counter() - t0:.1f}s")
+    profiler.close()
     checkpointer.wait()
     checkpointer.close()
     logger.close()
@@ -260,10 +232,6 @@ def _source(spec: str, kind: str):
     return arrayrecord.Source(spec, kind)
 
 
-def _reference_fingerprint(config) -> str:
-    return checkpoint.fingerprint(checkpoint.reference_model(config))
-
-
 def _check_reference_data(spec: str, kind: str, options: pipeline.Options) -> None:
     """Fails before compiling when the first record's reference log-likelihoods are absent or were
     computed by another model or with other settings (the pipeline checks every record again)."""
@@ -283,29 +251,6 @@ def _check_reference_data(spec: str, kind: str, options: pipeline.Options) -> No
         raise config_checks.ConfigError(f"{problem[1]} ({source.where(0)} of {spec})")
 
 
-def _initial_state(config, model_cfg, graphdef, abstract, optimizer, mesh, freeze, reference):
-    """Restore-order steps 2 and 3: parameters from init_from, fresh optimizer state."""
-    init = config.init_from
-    if init == "scratch":
-        return train_step.fresh_state(model_cfg, optimizer, mesh, freeze=freeze, reference=reference,
-                                      seed=config.seed)[1], f"a fresh init (seed {config.seed})"
-    if checkpoint.is_run_dir(init):
-        full = train_step.abstract_state(model_cfg, optimizer, mesh, reference=False)[1].params
-        params, step = checkpoint.restore_params(init, full)
-        model = nnx.merge(train_step.abstract_state(model_cfg, optimizer, mesh)[0], params, {})
-        origin = f"the parameters of {init} (step {step})"
-    else:
-        path = config.model.path if init == "model" else init
-        model, loaded_cfg = hf.load_hf(path, mesh=mesh, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype,
-                                       remat=model_cfg.remat, check_image_tokens=model_cfg.check_image_tokens)
-        if loaded_cfg != model_cfg:
-            raise config_checks.ConfigError(f"config.init_from: {path} holds a different architecture than "
-                                            f"model.path {config.model.path}")
-        origin = f"the Hugging Face weights in {path}"
-    _, state = train_step.init_state(model, optimizer, freeze=freeze, reference=reference)
-    return jax.device_put(state, jax.tree.map(lambda x: x.sharding, abstract)), origin
-
-
 def _global_spec(local: dict, seq_len: int) -> dict:
     """The global batch's shapes for one length bucket, from one local batch."""
     def spec(k, v):
@@ -316,38 +261,151 @@ def _global_spec(local: dict, seq_len: int) -> dict:
     return {k: spec(k, v) for k, v in local.items()}
 
 
-class _Window:
-    """Host-side sums between two log writes: step metrics, throughput, data counts (cumulative). The
-    data counts are this process's; `flush` sums them over processes (one small all-gather per log line)."""
+class _Setup:
+    """The model side of a run, built once from the config: architecture and run settings, optimizer and
+    schedule, frozen patterns, and the abstract train state (shapes and target shardings on `mesh`) that
+    restores, loads and fresh inits all fill."""
 
-    def __init__(self):
-        self.metrics, self.steps = {}, 0
+    def __init__(self, config, mesh):
+        self.config, self.mesh = config, mesh
+        self.model_config = hf.read_config(config.model.path)
+        self.run = model_config.RunSettings.from_config(config)
+        self.freeze = config_checks.patterns(config.optim.freeze, "optim.freeze")
+        o = config.optim
+        self.schedule = optim.learning_rate_schedule(
+            learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
+            total_steps=config.total_steps, end_lr_factor=o.end_lr_factor)
+        self.optimizer = optim.make_optimizer(
+            learning_rate=self.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+            grad_clip=o.grad_clip, lr_multipliers=config_checks.multipliers(o.lr_multipliers, "optim.lr_multipliers"))
+        online_reference = config.objective == "dpo" and config.dpo.reference == "model"
+        self.graphdef, self.abstract = train_step.abstract_state(
+            self.model_config, self.run, self.optimizer, mesh, freeze=self.freeze, reference=online_reference)
+
+    def initial_state(self):
+        """The state of a run without a checkpoint: the parameters of `init_from` ("model": model.path's
+        weights, an HF folder, another run's latest checkpoint, or "scratch": a fresh init from `seed`)
+        and a fresh optimizer. Returns (state, where the parameters came from)."""
+        config, init = self.config, self.config.init_from
+        if init == "scratch":
+            model = llava.create(self.model_config, self.run, mesh=self.mesh, seed=config.seed)
+            params, origin = nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"a fresh init (seed {config.seed})"
+        elif checkpoint.is_run_dir(init):
+            params, step = checkpoint.restore_params(init, train_step.abstract_params(self.model_config, self.run,
+                                                                                       self.mesh))
+            origin = f"the parameters of {init} (step {step})"
+        else:
+            path = config.model.path if init == "model" else init
+            model, loaded = hf.load_hf(path, self.run, mesh=self.mesh)
+            if loaded != self.model_config:
+                raise config_checks.ConfigError(f"config.init_from: {path} holds a different architecture than "
+                                                f"model.path {config.model.path}")
+            params, origin = nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"the Hugging Face weights in {path}"
+        return train_step.new_state(params, self.optimizer, self.abstract), origin
+
+    def steps(self) -> train_step.Steps:
+        c = self.config
+        if c.objective == "sft":
+            return train_step.make_sft_step(self.graphdef, self.optimizer, self.schedule, accum_steps=c.accum_steps)
+        d = c.dpo
+        return train_step.make_dpo_step(
+            self.graphdef, self.optimizer, self.schedule, accum_steps=c.accum_steps, loss_type=d.loss_type,
+            beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma, length_norm=d.length_norm,
+            sft_weight=d.sft_weight, pair_layout=d.pair_layout, reference=d.reference)
+
+    def report_sharding(self, workdir: str) -> None:
+        """Every parameter's shape, dtype and sharding to WORKDIR/parameters.txt; a console line for each
+        dimension the mesh could have split but did not (it stays whole on every device)."""
+        table, unsplit = sharding.overview(nnx.state(llava.abstract_model(self.model_config, self.run), nnx.Param),
+                                           self.mesh)
+        if jax.process_index() != 0:
+            return
+        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+            f.write("\n".join(table) + "\n")
+        for line in unsplit:
+            print(f"not sharded: {line}", flush=True)
+
+
+def _itstime(step: int, every: int, total_steps: int) -> bool:
+    """A periodic action's turn: every `every` steps (0: none) and at the last step."""
+    return step == total_steps or (every > 0 and step % every == 0)
+
+
+class _Window:
+    """What happened between two log writes. Step metrics stay on the devices until `flush`, which
+    fetches them all at once, averages them, sums throughput and data counts over processes (one
+    small all-gather) and stops the run when the step's own streak count (`nonfinite_streak`)
+    reached `max_nonfinite`, naming that batch's records."""
+
+    def __init__(self, max_nonfinite: int, source):
+        self.max_nonfinite, self.source = max_nonfinite, source
+        self.steps: list[tuple[int, dict, np.ndarray]] = []  # (step, device metrics, record indices)
         self.data: dict[str, int] = {"examples": 0, "tokens": 0}
         self.counts: dict[str, int] = {}
         self.t0 = time.perf_counter()
 
-    def add_data(self, element: dict) -> None:
+    def add(self, step: int, metrics: dict, element: dict) -> None:
+        self.steps.append((step, metrics, element["index"]))
         self.data["examples"] += int(element["stats"]["examples"])
         self.data["tokens"] += int((element["batch"]["branch_ids"] >= 0).sum())
         for k, v in element["stats"].items():
             if k.startswith("skipped/") or k.startswith("truncated"):
                 self.counts[k] = self.counts.get(k, 0) + int(v)
 
-    def add_metrics(self, metrics: dict) -> None:
-        for k, v in jax.device_get(metrics).items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + float(v)
-        self.steps += 1
-
     def flush(self) -> dict[str, float]:
+        fetched = jax.device_get([m for _, m, _ in self.steps])
+        self._check_finite(fetched)
         names = sorted(self.data) + sorted(self.counts)  # the same keys on every process: batches share them
         totals = dict(zip(names, _sum_over_processes([{**self.data, **self.counts}[k] for k in names])))
         elapsed = time.perf_counter() - self.t0
-        out = {k: v / max(self.steps, 1) for k, v in self.metrics.items()}
+        n = max(len(fetched), 1)
+        out = {k: sum(float(m[k]) for m in fetched) / n for k in fetched[0] if k != "nonfinite_streak"}
         out.update(pairs_per_s=totals["examples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
-                   step_s=elapsed / max(self.steps, 1), **{k: float(totals[k]) for k in self.counts})
-        self.metrics, self.steps, self.data = {}, 0, {"examples": 0, "tokens": 0}
+                   step_s=elapsed / n, **{k: float(totals[k]) for k in self.counts})
+        self.steps, self.data = [], {"examples": 0, "tokens": 0}
         self.t0 = time.perf_counter()
         return out
+
+    def _check_finite(self, fetched: list[dict]) -> None:
+        skipped = [(step, int(m["nonfinite_streak"])) for (step, _, _), m in zip(self.steps, fetched)
+                   if float(m["nonfinite"])]
+        if skipped:
+            _print(f"steps {', '.join(str(s) for s, _ in skipped)}: non-finite loss or gradients; update skipped "
+                   f"({skipped[-1][1]} in a row at step {skipped[-1][0]})")
+        for (step, _, index), m in zip(self.steps, fetched):
+            if int(m["nonfinite_streak"]) >= self.max_nonfinite:
+                names = ", ".join(self.source.where(int(i)) for i in np.asarray(index) if i >= 0)
+                raise SystemExit(f"stopping at step {step}: {self.max_nonfinite} consecutive steps with a non-finite "
+                                 f"loss or gradients (optim.max_nonfinite={self.max_nonfinite}); the last batch held "
+                                 f"records {names}")
+
+
+class _Profiler:
+    """A `jax.profiler` trace of steps first..last (`log.profile_steps = (first, last)`; () = off) into
+    WORKDIR/profile, for TensorBoard's profile plugin or Perfetto (every process writes its host's part)."""
+
+    def __init__(self, steps, directory: str):
+        self.window = tuple(int(s) for s in steps) if steps else None
+        if self.window is not None and (len(self.window) != 2 or not 1 <= self.window[0] <= self.window[1]):
+            raise config_checks.ConfigError(f"config.log.profile_steps: {steps!r}; expected (first, last) with "
+                                            "1 <= first <= last, or () for none")
+        self.directory, self.active = directory, False
+
+    def before(self, step: int) -> None:
+        if self.window is not None and step == self.window[0] and not self.active:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, metrics) -> None:
+        if self.active and step >= self.window[1]:
+            jax.block_until_ready(metrics)  # the trace holds the last step whole
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            _print(f"profile of steps {self.window[0]}..{self.window[1]} written to {self.directory}")
 
 
 def _sum_over_processes(values: list[int]) -> list[int]:
@@ -379,19 +437,6 @@ class _Evaluator:
                 total[0] += float(s)
                 total[1] += float(n)
         return {"examples": sums["loss"][1], **{name: s / max(n, 1.0) for name, (s, n) in sums.items()}}
-
-
-def _check_finite(pending, streak: int, limit: int, source) -> int:
-    step, metrics, index = pending
-    if float(jax.device_get(metrics["nonfinite"])) == 0:
-        return 0
-    streak += 1
-    _print(f"step {step}: non-finite loss or gradients; update skipped ({streak} in a row)")
-    if streak >= limit:
-        names = ", ".join(source.where(int(i)) for i in np.asarray(index) if i >= 0)
-        raise SystemExit(f"stopping at step {step}: {streak} consecutive steps with a non-finite loss or gradients "
-                         f"(optim.max_nonfinite={limit}); the last batch held records {names}")
-    return streak
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Batch fields (numpy/jax arrays; B pairs or examples, R rows = B or 2B, see `pack
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -28,10 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdpo_jax import losses, optim, packing, sharding
-from rdpo_jax.models import layers, llava
+from rdpo_jax.models import llava
 
 REFERENCES = ("model", "precomputed", "none")
-_RUBRIC_KEYS = ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask")
 
 
 @flax.struct.dataclass
@@ -41,53 +40,60 @@ class TrainState:
     opt_state: optax.OptState
     frozen: dict  # frozen parameters, never updated
     ref_params: dict | None  # reference copy of `params` (online reference), else None
+    nonfinite: jax.Array  # int32[]: consecutive steps so far whose loss or gradients were not finite
 
 
-def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, freeze=(),
-               reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
-    """Splits a (sharded) model into a TrainState; optimizer moments follow the parameters' shardings."""
-    graphdef, params, frozen = optim.split_params(model, freeze)
-    mesh = _mesh_of(params)
-    opt_shardings = sharding.follow_params(jax.eval_shape(optimizer.init, params), params, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    ref = jax.tree.map(jnp.copy, params) if reference else None
-    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
-    return graphdef, TrainState(step, params, opt_state, frozen, ref)
+def abstract_params(model_config, run, mesh: Mesh) -> dict:
+    """Every parameter of the model (trainable and frozen) as a ShapeDtypeStruct carrying its target
+    sharding on `mesh`, in a nested dict: the target of parameter restores and loads."""
+    state = nnx.state(llava.abstract_model(model_config, run), nnx.Param)
+    shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state),
+                        shardings)
 
 
-def abstract_state(model_config, optimizer: optax.GradientTransformation, mesh: Mesh, *, freeze=(),
+def abstract_state(model_config, run, optimizer: optax.GradientTransformation, mesh: Mesh, *, freeze=(),
                    reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     """The TrainState as ShapeDtypeStructs carrying their target shardings on `mesh` (no memory): the
-    target of checkpoint restores and of `fresh_state`."""
-    model = llava.abstract_model(model_config)
-    graphdef, params, frozen = optim.split_params(model, freeze)
-    full = nnx.to_pure_dict(sharding.state_shardings(nnx.state(model, nnx.Param), mesh))
+    target of checkpoint restores and of `new_state`. `run`: the model's `RunSettings`."""
+    graphdef, params, frozen = optim.split_params(llava.abstract_model(model_config, run), freeze)
+    full = abstract_params(model_config, run, mesh)
 
     def place(tree):
-        return jax.tree_util.tree_map_with_path(
-            lambda kp, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=optim.tree_get(full, kp, "model")), tree)
+        return jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(full, kp, "model"), tree)
 
     params, frozen = place(params), place(frozen)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes,
                              sharding.follow_params(opt_shapes, params, mesh))
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    return graphdef, TrainState(step, params, opt_state, frozen, params if reference else None)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return graphdef, TrainState(step=scalar, params=params, opt_state=opt_state, frozen=frozen,
+                                ref_params=params if reference else None, nonfinite=scalar)
 
 
-def fresh_state(model_config, optimizer, mesh: Mesh, *, freeze=(), reference: bool = False, seed: int = 0
-                ) -> tuple[nnx.GraphDef, TrainState]:
-    """A newly initialized TrainState, born sharded (one jit with out_shardings)."""
-    graphdef, abstract = abstract_state(model_config, optimizer, mesh, freeze=freeze, reference=reference)
+def new_state(params: dict, optimizer: optax.GradientTransformation, abstract: TrainState) -> TrainState:
+    """The TrainState at step 0 from a model's parameters (a nested dict of every parameter, trainable
+    and frozen: loaded, restored or freshly initialized), split as `abstract` splits them, with a fresh
+    optimizer state and, if `abstract` has one, the reference copy; one jit onto `abstract`'s shardings."""
+    def build(params):
+        def pick(tree):
+            return jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(params, kp, "model"), tree)
 
-    def init(key):
-        model = llava.Llava(model_config, rngs=layers.InitKeys(key))
-        _, params, frozen = optim.split_params(model, freeze)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen,
-                          params if reference else None)
+        trainable = pick(abstract.params)
+        ref = None if abstract.ref_params is None else jax.tree.map(jnp.copy, trainable)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=trainable, opt_state=optimizer.init(trainable),
+                          frozen=pick(abstract.frozen), ref_params=ref, nonfinite=zero)
 
-    out = jax.tree.map(lambda x: x.sharding, abstract)
-    return graphdef, jax.jit(init, out_shardings=out)(jax.random.key(seed))
+    return jax.jit(build, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(params)
+
+
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, freeze=(),
+               reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
+    """`new_state` of a (sharded) model on the mesh its parameters live on."""
+    mesh = _mesh_of(nnx.state(model, nnx.Param))
+    graphdef, abstract = abstract_state(model.config, model.run, optimizer, mesh, freeze=freeze, reference=reference)
+    return graphdef, new_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer, abstract)
 
 
 def _mesh_of(params) -> Mesh:
@@ -141,7 +147,8 @@ def _masked_sums(metrics: dict[str, jax.Array], valid: jax.Array) -> dict[str, t
 
 def _update(state: TrainState, optimizer, schedule, grads, loss_sum, count, metric_sums):
     """Applies the optimizer, unless the loss or the gradients are not finite: then parameters and
-    optimizer state stay as they were and `nonfinite` = 1 (the trainer counts and stops on a streak)."""
+    optimizer state stay as they were, `nonfinite` = 1 and the state's streak of such steps grows (the
+    trainer stops on a streak, reading `nonfinite_streak` when it logs)."""
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
     loss = loss_sum / jnp.maximum(count, 1.0)
     grad_norm = optax.global_norm(grads)
@@ -156,7 +163,9 @@ def _update(state: TrainState, optimizer, schedule, grads, loss_sum, count, metr
     applied = optim.updates_applied(state.opt_state)
     metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step if applied is None else applied), count=count,
                    nonfinite=(~finite).astype(jnp.float32))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    streak = jnp.where(finite, 0, state.nonfinite + 1)
+    metrics["nonfinite_streak"] = streak
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=streak), metrics
 
 
 # ----- objectives: loss_fn(params, frozen, ref_params, batch) -> (loss sum, (count, metric sums)) -----
@@ -188,7 +197,7 @@ def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoot
         loss, metrics = losses.preference_loss(
             normalize(out["chosen_logp"], cc), normalize(out["rejected_logp"], rc),
             normalize(ref_c, cc), normalize(ref_r, rc), loss_type=loss_type, beta=beta,
-            label_smoothing=label_smoothing, gamma=gamma, **{k: batch.get(k) for k in _RUBRIC_KEYS})
+            label_smoothing=label_smoothing, gamma=gamma, **{k: batch.get(k) for k in packing.RUBRIC_KEYS})
         if sft_weight:
             nll = losses.token_nll(out["chosen_logp"], cc)
             loss = loss + sft_weight * nll
@@ -237,15 +246,23 @@ def make_eval_step(loss_fn: Callable) -> Callable[[TrainState, dict], dict]:
     return eval_step
 
 
-def make_dpo_step(graphdef, optimizer, schedule, *, accum_steps: int = 1, **loss_options):
-    """`make_step(dpo_loss(…))`; `loss_options` are those of `dpo_loss`."""
+class Steps(NamedTuple):
+    train: Callable[[TrainState, dict], tuple]  # step(state, batch) -> (state, metrics)
+    eval: Callable[[TrainState, dict], dict]  # eval_step(state, batch) -> {name: (sum, count)}
+
+
+def make_dpo_step(graphdef, optimizer, schedule, *, accum_steps: int = 1, **loss_options) -> Steps:
+    """The DPO train and held-out steps; `loss_options` are those of `dpo_loss`."""
+    loss_fn = dpo_loss(graphdef, **loss_options)
     rows = packing.rows_per_pair(loss_options.get("pair_layout", "shared_prefix"))
-    return make_step(dpo_loss(graphdef, **loss_options), optimizer, schedule, accum_steps=accum_steps,
-                     rows_per_example=rows)
+    return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps, rows_per_example=rows),
+                 make_eval_step(loss_fn))
 
 
-def make_sft_step(graphdef, optimizer, schedule, *, accum_steps: int = 1):
-    return make_step(sft_loss(graphdef), optimizer, schedule, accum_steps=accum_steps)
+def make_sft_step(graphdef, optimizer, schedule, *, accum_steps: int = 1) -> Steps:
+    """The SFT train and held-out steps."""
+    loss_fn = sft_loss(graphdef)
+    return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps), make_eval_step(loss_fn))
 
 
 # ----- jit with explicit shardings -----

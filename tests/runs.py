@@ -39,11 +39,12 @@ def final_params(workdir: str, smoke_dir: str) -> tuple[dict, int]:
     import jax
     import numpy as np
 
-    from rdpo_jax import checkpoint, optim, sharding, train_step
+    from rdpo_jax import checkpoint, sharding, train_step
     from rdpo_jax.models import hf
+    from rdpo_jax.models.config import RunSettings
 
     cfg = hf.read_config(f"{smoke_dir}/model")
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    abstract = train_step.abstract_state(cfg, optim.make_optimizer(learning_rate=0.0), mesh)[1].params
+    abstract = train_step.abstract_params(cfg, RunSettings(), mesh)
     params, step = checkpoint.restore_params(workdir, abstract)
     return jax.tree.map(np.asarray, params), step

@@ -6,9 +6,11 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from rdpo_jax import checkpoint, optim, sharding, train_step
-from rdpo_jax.models import hf
+from rdpo_jax.models import hf, llava
+from rdpo_jax.models.config import RunSettings
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +18,10 @@ def saved(smoke_dir, tmp_path_factory):
     cfg = hf.read_config(f"{smoke_dir}/model")
     optimizer = optim.make_optimizer(learning_rate=1e-3, weight_decay=0.1)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
-    _, state = train_step.fresh_state(cfg, optimizer, mesh, freeze=("vision_tower/.*",), reference=True, seed=3)
+    _, abstract = train_step.abstract_state(cfg, RunSettings(), optimizer, mesh, freeze=("vision_tower/.*",),
+                                            reference=True)
+    params = nnx.to_pure_dict(nnx.state(llava.create(cfg, mesh=mesh, seed=3), nnx.Param))
+    state = train_step.new_state(params, optimizer, abstract)
     run = str(tmp_path_factory.mktemp("run"))
     ck = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=3)
     ck.save(5, state)
@@ -33,7 +38,8 @@ def _equal(a, b):
 def test_restore_onto_another_mesh_shape(saved):
     cfg, optimizer, state, run = saved
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})  # saved as 2×4, restored as 4×2
-    _, abstract = train_step.abstract_state(cfg, optimizer, mesh, freeze=("vision_tower/.*",), reference=True)
+    _, abstract = train_step.abstract_state(cfg, RunSettings(), optimizer, mesh, freeze=("vision_tower/.*",),
+                                            reference=True)
     ck = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=3)
     restored = ck.restore(ck.latest_step(), abstract)
     kernel = restored.params["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
@@ -57,8 +63,7 @@ def test_incomplete_save_is_ignored(saved, tmp_path):
 def test_restore_params_only_from_another_run(saved):
     cfg, _, state, run = saved
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    other = optim.make_optimizer(learning_rate=0.0)  # another optimizer and no freezing: params only
-    abstract = train_step.abstract_state(cfg, other, mesh)[1].params
+    abstract = train_step.abstract_params(cfg, RunSettings(), mesh)  # no optimizer, no freezing: params only
     params, step = checkpoint.restore_params(run, abstract)
     assert step == 5
     _equal(params["language_model"], state.params["language_model"])

@@ -11,7 +11,9 @@ import pytest
 from rdpo_jax import evaluate
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.demo import world
-from rdpo_jax.rubrics import generate, judge
+from rdpo_jax.rubrics import generate
+from rdpo_jax.rubrics.judge import Item
+from rdpo_jax.rubrics.verifier import VerifierJudge, split_words
 
 
 def _rubric():
@@ -23,7 +25,7 @@ def test_score_by_hand():
     rubric = _rubric()  # criteria: count, mentions ×2 (essential, weight 1); detail, absent, concise (0.5)
     ids = [c["id"] for c in rubric["criteria"]]
     answer = "there are two objects : a small red circle and a green triangle"
-    verdict = judge.VerifierJudge().judge([judge.Item("x", [], [], rubric, answer)])[0]
+    verdict = VerifierJudge().judge([Item("x", [], [], rubric, answer)])[0]
     scores = dict(zip(ids, verdict.scores))
     assert scores == {"count:object": 1, "mentions:red circle": 1, "mentions:blue square": 0,
                       "detail:small red circle": 1, "absent:green triangle": 0, "concise": 1}
@@ -61,7 +63,7 @@ def test_evaluate_an_hf_folder(tmp_path):
     pool.insert(2, dict(pool[2], prompt_id=pool[2]["prompt_id"] + "-text", images=[],
                         messages=[{"role": "user", "content": pool[2]["messages"][0]["content"][1]["text"]}]))
     arrayrecord.write(str(tmp_path), "pool", "rubric_pool", pool)
-    metrics = evaluate.evaluate(folder, str(tmp_path / "pool"), out, judge=judge.VerifierJudge(), max_new_tokens=6,
+    metrics = evaluate.evaluate(folder, str(tmp_path / "pool"), out, judge=VerifierJudge(), max_new_tokens=6,
                                 batch_size=4, group="prefix")
     rows = [json.loads(line) for line in open(os.path.join(out, "answers.jsonl"))]
     assert [r["prompt_id"] for r in rows] == [p["prompt_id"] for p in pool]
@@ -69,9 +71,9 @@ def test_evaluate_an_hf_folder(tmp_path):
     assert metrics["prompts"] == 7 and metrics["unscorable"] == 0 and metrics["judge"] == "verifier"
     assert set(metrics["groups"]) == set(world.KINDS)
     # every answer is re-judged the same way by the verifier: the file holds the verdicts it produced
-    verifier = judge.VerifierJudge()
+    verifier = VerifierJudge()
     for r, p in zip(rows, pool):
-        v = verifier.judge([judge.Item(r["prompt_id"], p["messages"], p["images"], p["rubric"], r["answer"])])[0]
+        v = verifier.judge([Item(r["prompt_id"], p["messages"], p["images"], p["rubric"], r["answer"])])[0]
         assert r["scores"] == v.scores
-    assert all(len(judge.split_words(r["answer"])) <= 6 for r in rows)  # 6 new tokens at most
-    assert metrics["words"] == pytest.approx(np.mean([len(judge.split_words(r["answer"])) for r in rows]))
+    assert all(len(split_words(r["answer"])) <= 6 for r in rows)  # 6 new tokens at most
+    assert metrics["words"] == pytest.approx(np.mean([len(split_words(r["answer"])) for r in rows]))

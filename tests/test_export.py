@@ -14,6 +14,7 @@ from flax import nnx
 
 from rdpo_jax import checkpoint, export
 from rdpo_jax.models import hf, safetensors_io
+from rdpo_jax.models.config import RunSettings
 from tests import runs
 
 
@@ -27,7 +28,7 @@ def _inputs(cfg, batch=2, length=40, seed=0):
     ids = rng.integers(4, cfg.text.vocab_size, (batch, length)).astype(np.int32)
     ids[ids == cfg.image_token_id] = 4  # placeholders only where the image goes
     ids[:, 2:2 + cfg.image_seq_len] = cfg.image_token_id
-    size = cfg.hf.vision_config.image_size
+    size = cfg.vision.image_size
     return ids, rng.standard_normal((batch, size, size, 3)).astype(np.float32)
 
 
@@ -105,7 +106,7 @@ def test_command_exports_an_earlier_step_in_bf16_shards(sft_run, compile_cache, 
     assert len(shards) > 1 and all(os.path.getsize(os.path.join(out, s)) < 400_000 for s in shards)
     assert json.load(open(os.path.join(out, "config.json")))["text_config"]["dtype"] == "bfloat16"
     restored, *_ = checkpoint.load_model(workdir, step=4)
-    loaded, _ = hf.load_hf(out, dtype=jnp.bfloat16)
+    loaded, _ = hf.load_hf(out, RunSettings(param_dtype=jnp.bfloat16))
     a, b = _params(restored), _params(loaded)
     for k in a:
         assert b[k].dtype == ml_dtypes.bfloat16

@@ -160,13 +160,10 @@ def _with_tokenizer(tiny_llava, kind, tmp_path):
 
 
 def _sampler(folder):
-    from rdpo_jax.data import images
-    from rdpo_jax.data.tokenize import ChatTokenizer
+    from rdpo_jax import inference
 
-    model, cfg = hf.load_hf(folder)
-    tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    return model, cfg, tok, images.image_config(folder), mesh
+    return inference.load(folder, mesh=sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                                         devices=jax.devices()[:1]))
 
 
 PROMPT = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}],
@@ -186,14 +183,14 @@ def _prompt(rng):
 def test_generation_stops_on_the_templates_end_of_turn_that_is_not_eos(tiny_llava, tmp_path):
     """Llama-3's template ends a turn with <|eot_id|>, not eos: generation stops there. (Everything but
     <|eot_id|> is suppressed so the random model must say it: without the stop, it would say it 6 times.)"""
-    model, cfg, tok, image_cfg, mesh = _sampler(_with_tokenizer(tiny_llava, "llama3", tmp_path))
+    policy = _sampler(_with_tokenizer(tiny_llava, "llama3", tmp_path))
+    tok = policy.tokenizer
     eot = tok.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert eot != tok.tokenizer.eos_token_id and eot in tok.stop_ids()
     sc = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, stop_ids=tok.stop_ids(), pad_id=tok.pad_id,
                                  suppress_ids=tuple(i for i in range(tiny.VOCAB) if i != eot))
-    with jax.set_mesh(mesh):
-        [[(text, ids, stopped)]] = sampling.answer(model, tok, image_cfg, mesh, [_prompt(np.random.default_rng(0))],
-                                                   sc, jax.random.key(0))
+    with jax.set_mesh(policy.mesh):
+        [[(text, ids, stopped)]] = sampling.answer(policy, [_prompt(np.random.default_rng(0))], sc, jax.random.key(0))
     assert ids == [eot] and stopped and text == ""
 
 
@@ -205,14 +202,14 @@ def test_sampled_ids_train_unchanged(tiny_llava, tmp_path, kind):
     from rdpo_jax.data import arrayrecord, pipeline
 
     folder = _with_tokenizer(tiny_llava, kind, tmp_path)
-    model, cfg, tok, image_cfg, mesh = _sampler(folder)
+    policy = _sampler(folder)
+    cfg, tok, image_cfg = policy.config, policy.tokenizer, policy.image_config
     rng = np.random.default_rng(1)
     prompt = _prompt(rng)
     sc = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_ids=tok.stop_ids(), pad_id=tok.pad_id,
                                  num_samples=2, suppress_ids=(cfg.image_token_id,))
-    with jax.set_mesh(mesh):
-        [answers] = sampling.answer(model, tok, image_cfg, mesh, [prompt], sc,
-                                    sampling.row_keys(jax.random.key(3), [0], 2))
+    with jax.set_mesh(policy.mesh):
+        [answers] = sampling.answer(policy, [prompt], sc, sampling.row_keys(jax.random.key(3), [0], 2))
     (_, chosen, _), (_, rejected, _) = answers
     assert chosen != rejected
     record = dict(pair_id="p/0", prompt_id="p", images=prompt["images"], messages=prompt["messages"],

@@ -18,8 +18,14 @@ from tests import runs
 def test_dpo_smoke_loss_goes_down(smoke_dir, tmp_path, compile_cache):
     workdir = str(tmp_path / "run")
     proc = runs.run(runs.train_command(smoke_dir, workdir, "--config.total_steps=40", "--config.checkpoint.every=20",
-                         "--config.log.every=1"), runs.env(compile_cache))
+                         "--config.log.every=1", "--config.log.profile_steps=(3, 4)"), runs.env(compile_cache))
     assert "compiled the dpo step" in proc.stdout and "temporaries" in proc.stdout
+    # what was sharded: every parameter in parameters.txt; the smoke vocabulary (51) does not split over tensor=2
+    table = open(os.path.join(workdir, "parameters.txt")).read()
+    assert "language_model.embed_tokens.embedding" in table and "P('fsdp'" in table
+    assert "not sharded: language_model.embed_tokens.embedding dim 0: vocab → tensor=2, size 51" in proc.stdout
+    traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
     records = [r for r in runs.metrics(workdir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 41))
     losses = [r["loss"] for r in records]

@@ -11,6 +11,7 @@ import pytest
 
 from rdpo_jax import optim, packing, sharding, train_step
 from rdpo_jax.models import hf
+from rdpo_jax.models.config import RunSettings
 from tests import tiny
 
 NAME = "siglip_qwen2"
@@ -48,16 +49,16 @@ def _sft_batch(cfg, seed=0):
 
 def _run(folder, mesh, batch, *, optimizer=None, steps=1, freeze=(), objective="dpo", dtype=jnp.float32,
          schedule=None, **kw):
-    model, _ = hf.load_hf(folder, mesh=mesh, dtype=dtype)
+    model, _ = hf.load_hf(folder, RunSettings(param_dtype=dtype), mesh=mesh)
     schedule = schedule or optax.constant_schedule(1.0)
     optimizer = optimizer or optax.sgd(1.0)
     reference = kw.get("reference", "model") == "model" and objective == "dpo"
     graphdef, state = train_step.init_state(model, optimizer, freeze=freeze, reference=reference)
     params0 = jax.tree.map(np.asarray, state.params)
     if objective == "dpo":
-        fn = train_step.make_dpo_step(graphdef, optimizer, schedule, **kw)
+        fn = train_step.make_dpo_step(graphdef, optimizer, schedule, **kw).train
     else:
-        fn = train_step.make_sft_step(graphdef, optimizer, schedule, **kw)
+        fn = train_step.make_sft_step(graphdef, optimizer, schedule, **kw).train
     step = train_step.jit_step(fn, state, batch, mesh)
     for _ in range(steps):
         state, metrics = step(state, batch)
@@ -220,7 +221,7 @@ def test_logged_lr_is_the_rate_applied_after_a_skipped_step(tiny_llava, mesh1):
     model, _ = hf.load_hf(folder, mesh=mesh1)
     adam = optim.make_optimizer(learning_rate=schedule)
     graphdef, state = train_step.init_state(model, adam)
-    fn = train_step.make_dpo_step(graphdef, adam, schedule, loss_type="sigmoid", beta=0.1, reference="precomputed")
+    fn = train_step.make_dpo_step(graphdef, adam, schedule, loss_type="sigmoid", beta=0.1, reference="precomputed").train
     step = train_step.jit_step(fn, state, clean, mesh1)
     lrs = []
     for batch in (clean, poisoned, clean):

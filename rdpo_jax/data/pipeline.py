@@ -166,8 +166,7 @@ class Prepare(grain.transforms.Map):
             raise records.RecordError(where, "rubric.criteria", f"{len(criteria)} criteria, more than "
                                       f"max_criteria={o.max_criteria}", reason="too_many_criteria")
         K = o.max_criteria
-        out = {name: np.zeros(K, np.float32) for name in
-               ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask")}
+        out = {name: np.zeros(K, np.float32) for name in packing.RUBRIC_KEYS}
         n = len(criteria)
         out["chosen_scores"][:n] = records.normalized_scores(record["rubric"], record["chosen_scores"])
         out["rejected_scores"][:n] = records.normalized_scores(record["rubric"], record["rejected_scores"])
@@ -242,7 +241,7 @@ class Collate:
             pairs = [packing.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
             batch, trunc = packing.pack_pairs(pairs, layout=o.pair_layout, seq_len=seq_len,
                                               max_answer_len=o.max_answer_len, pad_id=self.pad_id)
-            for name in ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask"):
+            for name in packing.RUBRIC_KEYS:
                 batch[name] = np.stack([r[name] for r in rows])
             if o.require_reference:
                 for name in ("ref_chosen_logp", "ref_rejected_logp"):
@@ -276,7 +275,7 @@ class Collate:
         for k in self._answer_keys(o):
             ex[k] = np.array([self.pad_id], np.int32)
         if o.kind == "pairs":
-            for name in ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask"):
+            for name in packing.RUBRIC_KEYS:
                 ex[name] = np.zeros(o.max_criteria, np.float32)
             ex["ref_chosen_logp"] = ex["ref_rejected_logp"] = np.float32(0)
         return ex

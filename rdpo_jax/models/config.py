@@ -1,8 +1,10 @@
-"""Model configuration: the LLaVA family as read from a Hugging Face `config.json`.
+"""Model configuration: the architecture as read from a Hugging Face `config.json`, and how to run it.
 
 transformers parses and normalizes the JSON (defaults, the v4 `rope_theta`/`rope_scaling` and v5
 `rope_parameters` forms); we read the architecture from it into frozen dataclasses and reject what we do
-not implement with an error that names the field.
+not implement with an error that names the field. An architecture config holds the architecture only
+(two runs of one model compare equal); how a run executes it — dtypes, rematerialization, run-time
+checks — is `RunSettings`, passed beside it.
 """
 
 from __future__ import annotations
@@ -67,8 +69,33 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How a model runs, apart from what it is: the same for every family."""
+    param_dtype: Any = jnp.float32
+    dtype: Any = None  # compute dtype (activations, matmuls); None = param_dtype
+    remat: str = "none"  # one of REMAT_POLICIES
+    # Raise (also under jit) if placeholders and image features disagree. Under jit this is a host callback,
+    # which keeps the program out of JAX's persistent compilation cache; the trainer and the data_prep
+    # commands turn it off because ChatTokenizer checks every example's placeholders on the host.
+    check_image_tokens: bool = True
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise UnsupportedConfigError(f"remat: {self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", self.param_dtype)
+
+    @classmethod
+    def from_config(cls, config) -> RunSettings:
+        """A run config's `model.param_dtype`, `model.dtype` and `model.remat`; placeholders are checked
+        on the host (ChatTokenizer), so that the compiled programs stay cacheable."""
+        m = config.model
+        return cls(param_dtype=DTYPES[m.param_dtype], dtype=DTYPES[m.dtype], remat=m.remat, check_image_tokens=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class LlavaConfig:
-    """Architecture plus the run-time options (dtypes, remat) of a LLaVA-style model."""
+    """The architecture of a LLaVA-style model."""
     vision: VisionConfig
     text: TextConfig
     image_token_id: int
@@ -77,14 +104,6 @@ class LlavaConfig:
     vision_feature_layer: int | tuple[int, ...]
     vision_feature_select_strategy: str  # "default" drops the first token, "full" keeps all
     tie_word_embeddings: bool
-    param_dtype: Any = jnp.float32
-    dtype: Any = jnp.float32  # compute dtype
-    remat: str = "none"
-    # Raise (also under jit) if placeholders and image features disagree. Under jit this is a host callback,
-    # which keeps the program out of JAX's persistent compilation cache; the trainer and the data_prep
-    # commands turn it off because ChatTokenizer checks every example's placeholders on the host.
-    check_image_tokens: bool = True
-    hf: Any = dataclasses.field(default=None, compare=False, repr=False)  # transformers.LlavaConfig
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -165,8 +184,7 @@ def _text_from_hf(tc) -> TextConfig:
         rope=_rope_from_hf(tc))
 
 
-def from_hf(hf, *, param_dtype=jnp.float32, dtype=None, remat: str = "none",
-            check_image_tokens: bool = True) -> LlavaConfig:
+def from_hf(hf) -> LlavaConfig:
     """Reads a `transformers.LlavaConfig` (or a `config.json` dict) into a `LlavaConfig`."""
     import transformers  # heavy import, only where configs are read
 
@@ -175,7 +193,6 @@ def from_hf(hf, *, param_dtype=jnp.float32, dtype=None, remat: str = "none",
         _require(model_type == "llava", "model_type", f"{model_type!r} is not supported; supported: ['llava']")
         hf = transformers.LlavaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
     _require(hf.model_type == "llava", "model_type", f"{hf.model_type!r} is not supported; supported: ['llava']")
-    _require(remat in REMAT_POLICIES, "remat", f"{remat!r} is not one of {REMAT_POLICIES}")
     vision, text = _vision_from_hf(hf.vision_config), _text_from_hf(hf.text_config)
     layer = hf.vision_feature_layer
     layer = int(layer) if isinstance(layer, (int, np.integer)) else tuple(int(i) for i in layer)
@@ -189,6 +206,4 @@ def from_hf(hf, *, param_dtype=jnp.float32, dtype=None, remat: str = "none",
         projector_hidden_act=hf.projector_hidden_act,
         projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
         vision_feature_layer=layer, vision_feature_select_strategy=hf.vision_feature_select_strategy,
-        tie_word_embeddings=bool(hf.tie_word_embeddings), param_dtype=param_dtype,
-        dtype=param_dtype if dtype is None else dtype, remat=remat,
-        check_image_tokens=check_image_tokens, hf=hf)
+        tie_word_embeddings=bool(hf.tie_word_embeddings))

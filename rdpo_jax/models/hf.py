@@ -22,7 +22,6 @@ import re
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -109,8 +108,9 @@ def fingerprint(path: str) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def read_config(path: str, **options) -> config_lib.LlavaConfig:
-    """Reads `path/config.json` into a `LlavaConfig` (options: param_dtype, dtype, remat, ...)."""
+def read_hf_config(path: str):
+    """`path/config.json` as transformers parses it (a `transformers.LlavaConfig`): what `save_hf`
+    writes back, with the fields our architecture config does not hold (token ids, lengths)."""
     import transformers
 
     file = os.path.join(path, "config.json")
@@ -122,17 +122,22 @@ def read_config(path: str, **options) -> config_lib.LlavaConfig:
         raise config_lib.UnsupportedConfigError(
             f"{file}: model_type: {raw.get('model_type')!r} is not supported; supported: ['llava']")
     try:
-        hf_config = transformers.AutoConfig.from_pretrained(path)
+        return transformers.AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, TypeError) as e:
         raise config_lib.UnsupportedConfigError(f"{file}: transformers cannot parse it: {e}") from e
+
+
+def read_config(path: str) -> config_lib.LlavaConfig:
+    """Reads `path/config.json` into a `LlavaConfig` (the architecture)."""
+    hf_config = read_hf_config(path)
     try:
-        return config_lib.from_hf(hf_config, **options)
+        return config_lib.from_hf(hf_config)
     except config_lib.UnsupportedConfigError as e:
-        raise config_lib.UnsupportedConfigError(f"{file}: {e}") from None
+        raise config_lib.UnsupportedConfigError(f"{os.path.join(path, 'config.json')}: {e}") from None
 
 
-def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float32, compute_dtype=None,
-            remat: str = "none", check_image_tokens: bool = True) -> tuple[llava.Llava, config_lib.LlavaConfig]:
+def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *,
+            mesh: jax.sharding.Mesh | None = None) -> tuple[llava.Llava, config_lib.LlavaConfig]:
     """Loads a Hugging Face LLaVA folder, tensor by tensor, straight into the target shardings.
 
     Files are memory-mapped and read a few tensors at a time: host memory holds at most
@@ -140,10 +145,8 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float
 
     Args:
       path: folder with `config.json` and `model.safetensors` or sharded files + index.
+      run: parameter and compute dtypes, remat, the placeholder check (`RunSettings`).
       mesh: place parameters by their logical axes on this mesh; None = the first local device.
-      dtype: parameter dtype. compute_dtype: activation/matmul dtype (default: `dtype`).
-      remat: "none" | "full" | "dots_saveable".
-      check_image_tokens: check placeholders against image features inside the forward (see LlavaConfig).
 
     Returns:
       (model, model_config).
@@ -152,9 +155,8 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=jnp.float
       CheckpointMismatchError: missing, unexpected or misshapen tensors (all listed by name).
       UnsupportedConfigError: a config field names an architecture or option not implemented.
     """
-    cfg = read_config(path, param_dtype=dtype, dtype=compute_dtype, remat=remat,
-                      check_image_tokens=check_image_tokens)
-    graphdef, state = nnx.split(llava.abstract_model(cfg))
+    cfg = read_config(path)
+    graphdef, state = nnx.split(llava.abstract_model(cfg, run))
     reader = safetensors_io.Reader(path)
 
     by_canonical: dict[str, str] = {}
@@ -224,15 +226,21 @@ def _mismatch_message(path, missing, unexpected, bad_shapes, limit=20) -> str:
     return "\n  ".join(parts)
 
 
-def save_hf(model: llava.Llava, model_config: config_lib.LlavaConfig, path: str, *, dtype=None,
-            max_shard_bytes: int = 5 * 2**30) -> list[str]:
+def save_hf(model: llava.Llava, path: str, hf_config, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes `config.json` and safetensors (sharded + index above `max_shard_bytes`) that
     `transformers.LlavaForConditionalGeneration.from_pretrained` loads with no missing/unexpected keys.
+
+    `hf_config` is the transformers config the model was read from (`read_hf_config`), or the folder
+    holding it; it must describe `model`'s architecture. `dtype`: on disk (default: the parameters').
 
     Tensors are gathered and written one at a time. On multi-host runs every process must call this
     (gathers are collective); only process 0 writes. Returns the file names written.
     """
-    dtype = np.dtype(model_config.param_dtype if dtype is None else dtype)
+    if isinstance(hf_config, str):
+        hf_config = read_hf_config(hf_config)
+    if config_lib.from_hf(hf_config) != model.config:
+        raise ValueError("save_hf: hf_config describes another architecture than the model")
+    dtype = np.dtype(model.run.param_dtype if dtype is None else dtype)
     specs = []
     for p, variable in _params(nnx.state(model)):
         array = variable.get_value()
@@ -252,7 +260,7 @@ def save_hf(model: llava.Llava, model_config: config_lib.LlavaConfig, path: str,
             s.value()
         return []
     os.makedirs(path, exist_ok=True)
-    hf = model_config.hf.__class__.from_dict(model_config.hf.to_dict())
+    hf = hf_config.__class__.from_dict(hf_config.to_dict())
     hf.dtype = dtype.name
     hf.text_config.dtype = dtype.name
     hf.vision_config.dtype = dtype.name

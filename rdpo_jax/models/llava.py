@@ -12,7 +12,7 @@ from flax import nnx
 
 from rdpo_jax import sharding
 from rdpo_jax.models import layers
-from rdpo_jax.models.config import LlavaConfig
+from rdpo_jax.models.config import LlavaConfig, RunSettings
 from rdpo_jax.models.layers import Linear
 from rdpo_jax.models.text import TextDecoder
 from rdpo_jax.models.vision import VisionTower
@@ -28,9 +28,9 @@ class ImageTokenMismatchError(ValueError):
 class Projector(nnx.Module):
     """LLaVA's 2-layer MLP from (concatenated) vision features to the text width."""
 
-    def __init__(self, cfg: LlavaConfig, *, rngs: layers.InitKeys):
+    def __init__(self, cfg: LlavaConfig, run: RunSettings, *, rngs: layers.InitKeys):
         d = cfg.text.hidden_size
-        kw = dict(bias=cfg.projector_bias, param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+        kw = dict(bias=cfg.projector_bias, param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)
         self.linear_1 = Linear(cfg.projector_in, d, ("embed", "mlp"), **kw)
         self.linear_2 = Linear(d, d, ("mlp", "embed"), **kw)
         self.act = layers.activation(cfg.projector_hidden_act)
@@ -51,16 +51,16 @@ class Llava(nnx.Module):
       positions: int32[B, T] RoPE positions; default 0..T-1 for every row (as transformers' forward).
     """
 
-    def __init__(self, cfg: LlavaConfig, *, rngs: layers.InitKeys):
-        self.vision_tower = VisionTower(cfg.vision, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
-                                        remat=cfg.remat, rngs=rngs)
-        self.multi_modal_projector = Projector(cfg, rngs=rngs)
-        self.language_model = TextDecoder(cfg.text, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
-                                          remat=cfg.remat, rngs=rngs)
+    def __init__(self, cfg: LlavaConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
+        self.vision_tower = VisionTower(cfg.vision, param_dtype=run.param_dtype, dtype=run.dtype,
+                                        remat=run.remat, rngs=rngs)
+        self.multi_modal_projector = Projector(cfg, run, rngs=rngs)
+        self.language_model = TextDecoder(cfg.text, param_dtype=run.param_dtype, dtype=run.dtype,
+                                          remat=run.remat, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False,
-                                  param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
-        self.config = cfg
+                                  param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)
+        self.config, self.run = cfg, run
 
     # ----- pieces, for callers that need hidden states (log-prob gathers, sampling) -----
 
@@ -80,12 +80,12 @@ class Llava(nnx.Module):
         x = sharding.shard_activation(self.language_model.embed_tokens(input_ids), ACT)
         is_image = input_ids == cfg.image_token_id
         if pixel_values is None:
-            _check_image_tokens(is_image, 0, cfg.check_image_tokens)
+            _check_image_tokens(is_image, 0, self.run.check_image_tokens)
             return x
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None]
         feats = sharding.shard_activation(self.image_features(pixel_values).astype(x.dtype), ACT)
-        _check_image_tokens(is_image, feats.shape[1], cfg.check_image_tokens)
+        _check_image_tokens(is_image, feats.shape[1], self.run.check_image_tokens)
         index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
         spliced = jnp.take_along_axis(feats, index[..., None], axis=1)
         return jnp.where(is_image[..., None], spliced, x)
@@ -137,15 +137,16 @@ def _check_image_tokens(is_image: jax.Array, expected: int, enabled: bool):
 
 # ----- construction -----
 
-def abstract_model(cfg: LlavaConfig) -> Llava:
+def abstract_model(cfg: LlavaConfig, run: RunSettings = RunSettings()) -> Llava:
     """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
-    return nnx.eval_shape(lambda: Llava(cfg, rngs=layers.InitKeys(jax.random.key(0))))
+    return nnx.eval_shape(lambda: Llava(cfg, run, rngs=layers.InitKeys(jax.random.key(0))))
 
 
-def create(cfg: LlavaConfig, *, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Llava:
+def create(cfg: LlavaConfig, run: RunSettings = RunSettings(), *, mesh: jax.sharding.Mesh | None = None,
+           seed: int = 0) -> Llava:
     """A freshly initialized model whose parameters are born sharded on `mesh` (never whole on one host)."""
-    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, run))
     shardings = sharding.state_shardings(abstract_state, mesh)
 
-    init = jax.jit(lambda key: nnx.state(Llava(cfg, rngs=layers.InitKeys(key))), out_shardings=shardings)
+    init = jax.jit(lambda key: nnx.state(Llava(cfg, run, rngs=layers.InitKeys(key))), out_shardings=shardings)
     return nnx.merge(graphdef, init(jax.random.key(seed)))

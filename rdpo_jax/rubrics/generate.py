@@ -13,8 +13,10 @@ Ground truth understood by `rule_rubric` (every key optional):
 from __future__ import annotations
 
 from rdpo_jax.data import records
-from rdpo_jax.rubrics.http import ChatClient
-from rdpo_jax.rubrics.judge import JudgeOutputError, json_object
+from rdpo_jax.rubrics.http import ChatClient, with_data_urls
+from rdpo_jax.rubrics.judge import JudgeOutputError
+from rdpo_jax.rubrics.parse import json_object
+from rdpo_jax.rubrics.prompt import instruction_text
 
 RUBRIC_PROMPT_VERSION = "rdpo-rubric-writer-v1"
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
@@ -60,8 +62,6 @@ class OpenAIRubricGenerator:
         self.client, self.attempts, self.max_criteria = client, attempts, max_criteria
 
     def messages(self, instruction_messages: list[dict], num_images: int, reference: str | None) -> list[dict]:
-        from rdpo_jax.rubrics.judge import instruction_text
-
         ref = f"\nA reference answer:\n{reference}\n" if reference else ""
         text = (
             "Write a grading rubric for answers to this request about the image(s): a checklist of "
@@ -73,8 +73,6 @@ class OpenAIRubricGenerator:
         return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]
 
     def generate(self, instruction_messages: list[dict], images: list[bytes], reference: str | None = None) -> dict:
-        from rdpo_jax.rubrics.http import with_data_urls
-
         messages = with_data_urls(self.messages(instruction_messages, len(images), reference), images)
         error = None
         for _ in range(self.attempts):

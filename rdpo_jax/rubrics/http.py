@@ -5,9 +5,10 @@
   the API key comes from an environment variable and never appears in messages or logs.
 - `VerdictCache`: SQLite, keyed by (prompt, images, answer, rubric, judge model, prompt version), so a
   restarted run never pays for a verdict twice. Only verdicts are cached, never failures.
-- `OpenAIJudge`: images as data URLs (text-only items have none), the rubric prompt of `judge.py`,
-  strict parsing with re-asks on invalid replies (a `content: null` reply is one), bounded concurrency;
-  an item that still fails — or raises anything unexpected — is unscorable with its reason, counted.
+- `OpenAIJudge`: images as data URLs (text-only items have none), the rubric prompt of `prompt.py`,
+  strict parsing (`parse.py`) with re-asks on invalid replies (a `content: null` reply is one), bounded
+  concurrency; an item that still fails — or raises anything unexpected — is unscorable with its reason,
+  counted.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-from rdpo_jax.rubrics import judge as judge_lib
-from rdpo_jax.rubrics.judge import Item, JudgeOutputError, Verdict, judge_messages, parse_verdict
+from rdpo_jax.rubrics import prompt
+from rdpo_jax.rubrics.judge import Item, JudgeOutputError, Verdict
+from rdpo_jax.rubrics.parse import parse_verdict
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
@@ -155,7 +157,7 @@ def cache_key(item: Item, model: str) -> str:
     so that a changed judge never gets a stale verdict."""
     payload = {"messages": item.messages, "images": [hashlib.sha256(b).hexdigest() for b in item.images],
                "answer": item.answer, "rubric": item.rubric, "reference": item.reference_answer, "model": model,
-               "prompt_version": judge_lib.PROMPT_VERSION}
+               "prompt_version": prompt.PROMPT_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -203,7 +205,7 @@ class OpenAIJudge:
             self.stats[name] += 1
 
     def _one(self, item: Item, key: str) -> Verdict:
-        messages = with_data_urls(judge_messages(item), item.images)
+        messages = with_data_urls(prompt.judge_messages(item), item.images)
         error: Exception | None = None
         for attempt in range(self.attempts):
             try:

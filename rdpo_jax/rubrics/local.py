@@ -1,5 +1,5 @@
-"""A local Flax model as judge: any model `load_hf` reads, prompted with the rubric prompt of
-`judge.py`, decoded greedily on the local devices (items with and without images alike), its reply
+"""A local Flax model as judge: any model `inference.load` reads, prompted with the rubric prompt of
+`prompt.py`, decoded greedily on the local devices (items with and without images alike), its reply
 parsed strictly like the HTTP judge's."""
 
 from __future__ import annotations
@@ -7,27 +7,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from rdpo_jax import sampling
-from rdpo_jax.data import images as image_lib
-from rdpo_jax.data.tokenize import ChatTokenizer, TemplateError
-from rdpo_jax.rubrics.judge import Item, JudgeOutputError, Verdict, judge_messages, parse_verdict
+from rdpo_jax.data.tokenize import TemplateError
+from rdpo_jax.rubrics.judge import Item, JudgeOutputError, Verdict
+from rdpo_jax.rubrics.parse import parse_verdict
+from rdpo_jax.rubrics.prompt import judge_messages
 
 
 class FlaxJudge:
-    def __init__(self, model, model_config, folder: str, *, name: str, max_new_tokens: int = 512,
-                 batch_size: int = 8, pad_to: int = 64):
-        self.model, self.name, self.batch_size, self.pad_to = model, f"flax:{name}", batch_size, pad_to
-        self.tok = ChatTokenizer(folder, image_token_id=model_config.image_token_id,
-                                 image_seq_len=model_config.image_seq_len)
-        self.image_cfg = image_lib.image_config(folder)
+    """`policy` (an `inference.Policy`: the judge model on its mesh, its tokenizer and image
+    preprocessing) answering the rubric prompt greedily."""
+
+    def __init__(self, policy, *, name: str, max_new_tokens: int = 512, batch_size: int = 8, pad_to: int = 64):
+        self.policy, self.name, self.batch_size, self.pad_to = policy, f"flax:{name}", batch_size, pad_to
+        self.tok = policy.tokenizer
         # eos, generation_config's eos ids and the template's end-of-turn: a chat model may end its
         # reply with any of them, and decoding past it wastes steps and appends text to the JSON
-        self.cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                                           stop_ids=self.tok.stop_ids(), pad_id=self.tok.pad_id,
-                                           suppress_ids=(model_config.image_token_id,))
+        self.cfg = policy.sampling_config(max_new_tokens=max_new_tokens, temperature=0.0)
         self.stats = {"judged": 0, "unscorable": 0}
 
     def replies(self, items: Sequence[Item]) -> list[str]:
@@ -50,17 +47,10 @@ class FlaxJudge:
         """Greedy replies for items that all have the same number of images."""
         n = len(items)
         items = items + items[-1:] * (-n % self.batch_size)
-        prompts = [self.tok.prompt(judge_messages(item), len(item.images)) for item in items]
-        length = -(-max(map(len, prompts)) // self.pad_to) * self.pad_to
-        ids, mask = sampling.left_pad(prompts, self.tok.pad_id, length)
-        pixels = None
-        if items[0].images:
-            pixels = jnp.asarray(np.stack([np.stack([image_lib.load_and_preprocess(b, self.image_cfg)
-                                                     for b in item.images]) for item in items]))
-        tokens, lengths = sampling.generate(self.model, jnp.asarray(ids), jnp.asarray(mask), pixels,
-                                            jax.random.key(0), self.cfg)
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        return [self.tok.tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True) for i in range(n)]
+        prompts = [{"messages": judge_messages(item), "images": item.images} for item in items]
+        with jax.set_mesh(self.policy.mesh):
+            rows = sampling.answer(self.policy, prompts, self.cfg, jax.random.key(0), pad_to=self.pad_to)
+        return [rows[i][0][0] for i in range(n)]
 
     def judge(self, items: Sequence[Item]) -> list[Verdict]:
         out = []

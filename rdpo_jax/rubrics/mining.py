@@ -6,7 +6,8 @@ on at least one criterion by that much (margin); at most `max_pairs` pairs per p
 most one pair, and near-duplicate answers (token Jaccard ≥ `dedup`) are never paired or counted twice
 (diversity). Outcome miner (the baseline): correct vs incorrect by a single outcome score.
 
-A prompt without a pair gets a reason: unscorable, too_few_samples, no_qualified, no_margin.
+A prompt without a pair gets a reason (REASONS): no_answers, unscorable, too_few_samples, no_qualified,
+no_margin.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from rdpo_jax.data import records
 from rdpo_jax.rubrics import aggregate
 
-REASONS = ("unscorable", "too_few_samples", "no_qualified", "no_margin")
+REASONS = ("no_answers", "unscorable", "too_few_samples", "no_qualified", "no_margin")
 
 
 @dataclasses.dataclass(frozen=True)

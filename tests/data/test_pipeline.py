@@ -269,7 +269,7 @@ def test_batches_feed_the_dpo_step_as_global_arrays(model_folder, tmp_path):
     optimizer = optax.sgd(0.0)
     graphdef, state = train_step.init_state(model, optimizer)
     step = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(0.0), loss_type="rubric", beta=0.1,
-                                    reference="precomputed")
+                                    reference="precomputed").train
     _, metrics = train_step.jit_step(step, state, element["batch"], mesh)(state, batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["count"]) == 8
 

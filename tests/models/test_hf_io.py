@@ -36,7 +36,7 @@ def _assert_same_params(a, b):
 def test_save_hf_loads_in_transformers_with_same_logits(tiny_llava, tmp_path, name):
     folder, _ = tiny_llava(name)
     model, cfg = hf.load_hf(folder)
-    files = hf.save_hf(model, cfg, str(tmp_path))
+    files = hf.save_hf(model, str(tmp_path), folder)
     assert files == ["config.json", "model.safetensors"]
     loaded, info = transformers.LlavaForConditionalGeneration.from_pretrained(
         str(tmp_path), output_loading_info=True, attn_implementation="eager")
@@ -55,7 +55,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(tiny_llava, tmp_path, na
 def test_round_trip_is_exact_and_sharded_index(tiny_llava, tmp_path):
     folder, torch_model = tiny_llava("clip_llama")
     model, cfg = hf.load_hf(folder)
-    files = hf.save_hf(model, cfg, str(tmp_path), max_shard_bytes=64 * 1024)
+    files = hf.save_hf(model, str(tmp_path), folder, max_shard_bytes=64 * 1024)
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 2 and "model.safetensors.index.json" in files
     with open(tmp_path / "model.safetensors.index.json") as f:
@@ -82,16 +82,16 @@ def test_reads_every_layout(tiny_llava, tmp_path):
     safetensors.torch.save_file(state, str(in_memory / "model.safetensors"), metadata={"format": "pt"})
     _assert_same_params(reference, hf.load_hf(str(in_memory))[0])
     hub = tmp_path / "hub"
-    hf.save_hf(reference, cfg, str(hub))
+    hf.save_hf(reference, str(hub), folder)
     _assert_same_params(reference, hf.load_hf(str(hub))[0])
 
 
 def test_bfloat16_checkpoint_loads_and_exports(tiny_llava, tmp_path):
     folder, _ = tiny_llava("siglip_qwen2")
     model, cfg = hf.load_hf(folder)
-    hf.save_hf(model, cfg, str(tmp_path), dtype=jnp.bfloat16)
+    hf.save_hf(model, str(tmp_path), folder, dtype=jnp.bfloat16)
     assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
-    bf16_model, bf16_cfg = hf.load_hf(str(tmp_path), dtype=jnp.bfloat16)
+    bf16_model, bf16_cfg = hf.load_hf(str(tmp_path), config_lib.RunSettings(param_dtype=jnp.bfloat16))
     for k, v in _flat(bf16_model).items():
         assert v.dtype == jnp.bfloat16
         np.testing.assert_array_equal(v, _flat(model)[k].astype(jnp.bfloat16), err_msg=k)
@@ -180,12 +180,13 @@ def test_image_placeholder_mismatch_raises_eager_and_jit(tiny_llava):
 
 
 def test_create_is_born_sharded_and_round_trips(tmp_path):
-    cfg = config_lib.from_hf(tiny.hf_config("siglip_qwen3"))
+    hf_config = tiny.hf_config("siglip_qwen3")
+    cfg = config_lib.from_hf(hf_config)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = llava.create(cfg, mesh=mesh, seed=1)
     kernel = model.language_model.layers[0].mlp.gate_proj.kernel.get_value()
     assert kernel.sharding.spec == P("fsdp", "tensor") and kernel.addressable_shards[0].data.shape == (32, 48)
-    hf.save_hf(model, cfg, str(tmp_path))
+    hf.save_hf(model, str(tmp_path), hf_config)
     again, _ = hf.load_hf(str(tmp_path), mesh=mesh)
     _assert_same_params(model, again)
     assert not np.array_equal(_flat(model)["language_model.embed_tokens.embedding"],

@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from rdpo_jax import sharding
 from rdpo_jax.models import hf
+from rdpo_jax.models.config import RunSettings
 from tests import tiny
 
 
@@ -41,8 +42,8 @@ def test_bf16_compute_within_tolerance_of_fp32(tiny_llava):
     """bf16 params + bf16 compute (fp32 norms/softmax/logits): |Δlogit| ≤ 0.05·max|logit| on these weights."""
     folder, _ = tiny_llava("siglip_qwen3")
     fp32, _ = hf.load_hf(folder)
-    bf16, cfg = hf.load_hf(folder, dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
-    assert cfg.dtype == jnp.bfloat16
+    bf16, _ = hf.load_hf(folder, RunSettings(param_dtype=jnp.bfloat16))
+    assert bf16.run.dtype == jnp.bfloat16
     assert bf16.language_model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
     batch = tiny.inputs("siglip_qwen3")
     ref, out = tiny.jax_logits(fp32, batch), tiny.jax_logits(bf16, batch)
@@ -59,7 +60,7 @@ def test_remat_gives_same_gradients(tiny_llava, policy):
     args = [jnp.asarray(batch[k]) for k in ("input_ids", "pixel_values", "attention_mask")]
 
     def grads(remat):
-        graphdef, params = nnx.split(hf.load_hf(folder, remat=remat)[0])
+        graphdef, params = nnx.split(hf.load_hf(folder, RunSettings(remat=remat))[0])
 
         def loss(params, ids, px, mask):
             logits = nnx.merge(graphdef, params)(ids, px, mask)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.rubrics import http as http_judge
-from rdpo_jax.rubrics import judge as judge_lib
+from rdpo_jax.rubrics import prompt as judge_prompt
 from rdpo_jax.rubrics.judge import Item
 from tests import runs
 
@@ -268,7 +268,7 @@ def test_a_changed_judge_model_or_prompt_version_misses_the_cache(server, tmp_pa
 
     assert requests() == 1 and requests() == 1  # the same judge again: from the cache
     assert requests(model="judge-vlm-v2") == 2 and server.models == {"judge-vlm", "judge-vlm-v2"}
-    monkeypatch.setattr(judge_lib, "PROMPT_VERSION", judge_lib.PROMPT_VERSION + "-next")
+    monkeypatch.setattr(judge_prompt, "PROMPT_VERSION", judge_prompt.PROMPT_VERSION + "-next")
     assert requests() == 3  # a new prompt version: asked again
     assert requests() == 3
 

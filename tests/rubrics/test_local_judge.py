@@ -6,9 +6,10 @@ import numpy as np
 from PIL import Image
 
 from rdpo_jax.data.tokenize import ChatTokenizer
-from rdpo_jax.models import hf
-from rdpo_jax.rubrics.judge import Item, judge_messages
+from rdpo_jax import inference
+from rdpo_jax.rubrics.judge import Item
 from rdpo_jax.rubrics.local import FlaxJudge
+from rdpo_jax.rubrics.prompt import judge_messages
 
 RUBRIC = {"criteria": [{"id": "colour", "text": "names the red circle", "kind": "essential", "weight": 1.0,
                         "scale": "binary"}]}
@@ -22,8 +23,8 @@ def _png():
 
 def test_flax_judge_prompts_decodes_and_parses_strictly(smoke_dir):
     folder = f"{smoke_dir}/model"
-    model, cfg = hf.load_hf(folder)
-    judge = FlaxJudge(model, cfg, folder, name="smoke", max_new_tokens=6, batch_size=2)
+    judge = FlaxJudge(inference.load(folder), name="smoke", max_new_tokens=6, batch_size=2)
+    cfg = judge.policy.config
     items = [Item(f"s{i}", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
                   [_png()], RUBRIC, answer) for i, answer in enumerate(["a red circle", "a blue square", "no"])]
     prompt = judge.tok.prompt(judge_messages(items[0]), 1)
@@ -41,8 +42,8 @@ def test_flax_judge_prompts_decodes_and_parses_strictly(smoke_dir):
 
 def test_flax_judge_takes_text_only_items_in_a_batch_with_images(smoke_dir):
     folder = f"{smoke_dir}/model"
-    model, cfg = hf.load_hf(folder)
-    judge = FlaxJudge(model, cfg, folder, name="smoke", max_new_tokens=6, batch_size=2)
+    judge = FlaxJudge(inference.load(folder), name="smoke", max_new_tokens=6, batch_size=2)
+    cfg = judge.policy.config
     image = Item("i", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
                  [_png()], RUBRIC, "a red circle")
     text = Item("t", [{"role": "user", "content": "name a red shape"}], [], RUBRIC, "a red circle")
@@ -57,5 +58,4 @@ def test_flax_judge_takes_text_only_items_in_a_batch_with_images(smoke_dir):
 def test_flax_judge_stops_on_every_stop_id_of_the_tokenizer(smoke_dir, monkeypatch):
     # the smoke template ends its turn with eos; a real one may not (Qwen's <|im_end|>, Llama's <|eot_id|>)
     monkeypatch.setattr(ChatTokenizer, "stop_ids", lambda self: (2, 7))
-    model, cfg = hf.load_hf(f"{smoke_dir}/model")
-    assert FlaxJudge(model, cfg, f"{smoke_dir}/model", name="smoke").cfg.stop_ids == (2, 7)
+    assert FlaxJudge(inference.load(f"{smoke_dir}/model"), name="smoke").cfg.stop_ids == (2, 7)

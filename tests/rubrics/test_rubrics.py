@@ -5,7 +5,9 @@ import pytest
 
 from rdpo_jax.data import records
 from rdpo_jax.rubrics import aggregate, generate, mining
-from rdpo_jax.rubrics.judge import Item, JudgeOutputError, VerifierJudge, check, parse_verdict
+from rdpo_jax.rubrics.judge import Item, JudgeOutputError
+from rdpo_jax.rubrics.parse import parse_verdict
+from rdpo_jax.rubrics.verifier import VerifierJudge, check
 
 GT = {"answer": "two", "options": ["one", "two", "three"], "counts": {"circle": 2}, "mentions": ["red circle"],
       "details": ["left"], "absent": ["square"], "max_words": 12}
@@ -96,6 +98,16 @@ def test_rubric_miner_criterion_gap_and_reasons():
     assert mining.mine_rubric(RUBRIC, []) == ([], "no_answers")
     assert mining.mine_outcome([], lambda s: 1.0) == ([], "no_answers")
     assert mining.mine_rubric(RUBRIC, [_s(0, "x y", [0, 0, 5]), _s(1, "z w", [0, 1, 1])]) == ([], "no_qualified")
+
+
+def test_every_reason_a_miner_gives_is_in_reasons():
+    a, b = _s(0, "one two", [1, 1, 5]), _s(1, "three four", [1, 1, 4])
+    unqualified = [_s(0, "x y", [0, 0, 5]), _s(1, "z w", [0, 1, 1])]
+    cases = [[], [_s(0, "x", None)], [a], [a, b], unqualified]
+    reasons = {mining.mine_rubric(RUBRIC, samples, gate="none", margin=0.5)[1] for samples in cases}
+    reasons |= {mining.mine_outcome(samples, lambda s: 0.0)[1] for samples in cases[:3] + [[a, b]]}
+    reasons |= {mining.mine_outcome([a, b], lambda s: 1.0)[1]}  # both right: no margin
+    assert reasons == set(mining.REASONS)  # every path reached, and no reason missing from the list
 
 
 def test_outcome_miner_only_sees_the_outcome():
