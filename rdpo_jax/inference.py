@@ -1,4 +1,4 @@
-"""A model ready to answer prompts: what `data_prep.sample`, `rdpo_jax.evaluate`, `data_prep.ref_logps`
+"""A model ready to answer prompts: what `rdpo_jax.data_prep.sample`, `rdpo_jax.evaluate`, `rdpo_jax.data_prep.ref_logps`
 and the local Flax judge start from.
 
 `load(source, mesh=…)` reads a Hugging Face folder or a training run (its latest checkpoint) straight

@@ -10,7 +10,7 @@ are never generated.
 Randomness is per row: row r draws its step-i token with fold_in(keys[r], i), so a row's samples depend
 on its own key only, not on the other rows of the batch. `row_keys` derives the keys from a prompt's
 index and the sample's number, which makes a prompt's samples independent of how prompts are batched
-(a resumed `data_prep.sample` reproduces an uninterrupted run). Prompts of one batch must have the same
+(a resumed `rdpo_jax.data_prep.sample` reproduces an uninterrupted run). Prompts of one batch must have the same
 number of images (`batches_by_image_count` forms such batches); text-only batches pass no pixels.
 """
 

@@ -1,4 +1,4 @@
-"""Training entry point: `python -m rdpo_jax.train --config=configs/NAME.py[:ARG] --workdir=DIR`.
+"""Training entry point: `python -m rdpo_jax.train --config=rdpo_jax/configs/NAME.py[:ARG] --workdir=DIR`.
 
 SFT or DPO on a ("data", "fsdp", "tensor") mesh, single- or multi-process. Where the parameters come
 from, in order:
@@ -34,7 +34,7 @@ from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import config as model_config
 from rdpo_jax.models import hf, llava
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (configs/NAME.py[:ARG]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (rdpo_jax/configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, resolved config.")
 
@@ -240,7 +240,7 @@ def _check_reference_data(spec: str, kind: str, options: pipeline.Options) -> No
     if "ref_chosen_logp" not in record:
         raise config_checks.ConfigError(
             f"config.dpo.reference: 'precomputed', but {source.where(0)} of {spec} has no ref_chosen_logp: "
-            "compute them first (data_prep.ref_logps) or use reference='model'")
+            "compute them first (rdpo_jax.data_prep.ref_logps) or use reference='model'")
     problem = pipeline.reference_mismatch(record, options)
     if problem and problem[0] == "ref_fingerprint":
         raise config_checks.ConfigError(

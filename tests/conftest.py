@@ -38,9 +38,9 @@ def tiny_llava(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_dir(tmp_path_factory):
-    """`python -m data_prep.smoke` output with 8 pairs (one fixed batch of the smoke config) and 16 SFT
+    """`python -m rdpo_jax.data_prep.smoke` output with 8 pairs (one fixed batch of the smoke config) and 16 SFT
     examples, built once per session."""
-    from data_prep import smoke
+    from rdpo_jax.data_prep import smoke
 
     out = str(tmp_path_factory.mktemp("smoke"))
     smoke.write_model(f"{out}/model")

@@ -16,7 +16,7 @@ def env(compile_cache: str, devices: int = 8) -> dict:
 
 
 def train_args(smoke_dir: str, workdir: str, *overrides: str, objective: str = "dpo") -> list[str]:
-    return [f"--config=configs/smoke.py:dir={smoke_dir},objective={objective}", f"--workdir={workdir}", *overrides]
+    return [f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir},objective={objective}", f"--workdir={workdir}", *overrides]
 
 
 def train_command(smoke_dir: str, workdir: str, *overrides: str, objective: str = "dpo") -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 import transformers
 from flax import nnx
 
-from configs import base, llava15_7b_gpu, llava15_7b_tpu, smoke
+from rdpo_jax.configs import base, llava15_7b_gpu, llava15_7b_tpu, smoke
 from rdpo_jax import config_checks, sharding
 from rdpo_jax.models import hf, llava
 
@@ -110,7 +110,7 @@ def test_locked_config_rejects_a_typo(smoke_dir, tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "rdpo_jax.train", f"--config=configs/smoke.py:dir={smoke_dir}",
+    proc = subprocess.run([sys.executable, "-m", "rdpo_jax.train", f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir}",
                            "--config.optim.learnin_rate=0.1", f"--workdir={tmp_path}"],
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Did you mean \"learning_rate\" instead of \"learnin_rate\"" in proc.stderr

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from data_prep import smoke
+from rdpo_jax.data_prep import smoke
 from rdpo_jax import checkpoint, packing
 from rdpo_jax.data import arrayrecord, images, pipeline
 from rdpo_jax.data.tokenize import ChatTokenizer
@@ -83,7 +83,7 @@ def _losses(workdir):
 def test_the_processes_rows_need_different_buckets_in_the_same_step(smoke_dir, data):
     """The data above makes the processes disagree on the bucket in some steps (what the runs below
     must survive), and a 2-process share of each global batch is the 1-process batch's rows."""
-    from configs import smoke as smoke_config
+    from rdpo_jax.configs import smoke as smoke_config
 
     config = smoke_config.get_config(f"dir={smoke_dir}")
     config.data.update(seq_buckets=BUCKETS, max_answer_len=16, on_bad_record="skip")

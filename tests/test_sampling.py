@@ -97,7 +97,7 @@ def test_filters_against_numpy():
 
 def test_each_row_draws_from_its_own_key(tiny_llava):
     """A prompt's samples follow its keys (`row_keys`: its pool index, the sample number), wherever it sits
-    in the batch and whatever else is in it: what makes a resumed `data_prep.sample` equal a fresh one."""
+    in the batch and whatever else is in it: what makes a resumed `rdpo_jax.data_prep.sample` equal a fresh one."""
     folder, _ = tiny_llava("siglip_qwen2")
     model, cfg = hf.load_hf(folder)
     ids, mask, pixels = _prompts(cfg, 1)

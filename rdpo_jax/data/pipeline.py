@@ -66,7 +66,7 @@ class Options:
 
     @classmethod
     def from_config(cls, config, *, reference_fingerprint: str | None = None) -> Options:
-        """The options of a training config (`configs/*.py`). With `reference_fingerprint` (a run with
+        """The options of a training config (`rdpo_jax/configs/*.py`). With `reference_fingerprint` (a run with
         `dpo.reference="precomputed"`), records must carry reference log-likelihoods of that model,
         stamped with this config's `reference_settings`."""
         d, dpo = config.data, config.objective == "dpo"
@@ -200,11 +200,11 @@ def reference_mismatch(record: dict, options: Options) -> tuple[str, str] | None
     stamped = record.get("ref_settings")
     if stamped is None:
         return "ref_settings", ("missing: these reference log-likelihoods carry no settings stamp (written by an "
-                                "older data_prep.ref_logps); compute them again with the training config")
+                                "older rdpo_jax.data_prep.ref_logps); compute them again with the training config")
     for field, value in options.reference_settings:
         if stamped.get(field) != value:
             return "ref_settings", (f"config.{field}: the reference log-likelihoods were computed with "
-                                    f"{stamped.get(field)!r}, this run uses {value!r}; run data_prep.ref_logps "
+                                    f"{stamped.get(field)!r}, this run uses {value!r}; run rdpo_jax.data_prep.ref_logps "
                                     "with this run's config")
     return None
 

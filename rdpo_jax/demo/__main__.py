@@ -5,9 +5,9 @@
 Stages (each a real command in a subprocess, as a TPU user runs them; a finished stage is recorded in
 WORKDIR/stages/ and skipped on the next run unless --fresh):
   world       scenes, the trained tokenizer, a tiny LLaVA HF folder, imperfect SFT data, prompt files
-  rubrics     data_prep.build_rubrics --generator=rule (train and held-out pools)
-  sft         rdpo_jax.train configs/demo.py objective=sft (the warm start = the "base" row)
-  per seed:   data_prep.sample → data_prep.judge (verifier) → data_prep.make_pairs (rubric miner, and
+  rubrics     rdpo_jax.data_prep.build_rubrics --generator=rule (train and held-out pools)
+  sft         rdpo_jax.train rdpo_jax/configs/demo.py objective=sft (the warm start = the "base" row)
+  per seed:   rdpo_jax.data_prep.sample → rdpo_jax.data_prep.judge (verifier) → rdpo_jax.data_prep.make_pairs (rubric miner, and
               the outcome miner on final-answer correctness) → rdpo_jax.train for each arm; with
               --rounds=N each arm then repeats sample → judge → its miner → train from its own policy
   evaluate    rdpo_jax.evaluate on the held-out pool: base and every arm (one process; models that
@@ -39,6 +39,11 @@ BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fa
     "tiny": dict(sft_examples=96, sft_steps=4, train_prompts=16, heldout_prompts=12, samples=4, dpo_steps=2,
                  max_new_tokens=12),
 }
+
+
+# The demo's model is tiny: a copy per device decodes faster than parameters split over them (the
+# commands' default, for models that do not fit one device).
+TINY_MODEL_MESH = "--mesh=data=-1"
 
 
 def _define_flags() -> None:
@@ -114,11 +119,11 @@ class Demo:
 
     def rubrics(self) -> None:
         for name in ("train", "heldout"):
-            self.command("data_prep.build_rubrics", f"--input={self.path('world', name + '_prompts.jsonl')}",
+            self.command("rdpo_jax.data_prep.build_rubrics", f"--input={self.path('world', name + '_prompts.jsonl')}",
                          f"--out={self.path('rubrics')}", f"--name={name}_pool")
 
     def sft(self) -> None:
-        self.command("rdpo_jax.train", f"--config=configs/demo.py:dir={self.wd},objective=sft,"
+        self.command("rdpo_jax.train", f"--config=rdpo_jax/configs/demo.py:dir={self.wd},objective=sft,"
                      f"steps={self.budget['sft_steps']}", f"--workdir={self.path('sft')}")
 
     def round_dir(self, seed: int, arm: str, r: int) -> str:
@@ -146,16 +151,16 @@ class Demo:
 
     def round(self, seed: int, policy: str, out: str, r: int, miners: tuple[str, ...]) -> None:
         b, pool = self.budget, self.path("rubrics", "train_pool")
-        self.command("data_prep.sample", f"--pool={pool}", f"--model={policy}", f"--n={b['samples']}",
+        self.command("rdpo_jax.data_prep.sample", f"--pool={pool}", f"--model={policy}", f"--n={b['samples']}",
                      "--temperature=1.0", f"--max_new_tokens={b['max_new_tokens']}", "--batch_size=32",
-                     f"--seed={100 * seed + r}", f"--out={out}")
-        self.command("data_prep.judge", f"--pool={pool}", f"--samples={out}/samples", "--judge=verifier",
+                     f"--seed={100 * seed + r}", f"--out={out}", TINY_MODEL_MESH)
+        self.command("rdpo_jax.data_prep.judge", f"--pool={pool}", f"--samples={out}/samples", "--judge=verifier",
                      f"--out={out}")
         if "rubric" in miners:
-            self.command("data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=rubric",
+            self.command("rdpo_jax.data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=rubric",
                          "--gate=veto", "--margin=0.1", "--max_pairs=2", f"--out={out}", "--name=pairs_rubric")
         if "outcome" in miners:
-            self.command("data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=outcome",
+            self.command("rdpo_jax.data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=outcome",
                          "--outcome=correct", "--margin=0.5", "--max_pairs=2", f"--out={out}",
                          "--name=pairs_outcome")
 
@@ -164,14 +169,14 @@ class Demo:
         miner, loss = ARMS[arm]
         pairs = os.path.join(self.round_dir(seed, arm, r), f"pairs_{miner}")
         init = self.path("sft") if r == 1 else self.run_dir(seed, arm, r - 1)
-        self.command("rdpo_jax.train", f"--config=configs/demo.py:dir={self.wd},objective=dpo,pairs={pairs},"
+        self.command("rdpo_jax.train", f"--config=rdpo_jax/configs/demo.py:dir={self.wd},objective=dpo,pairs={pairs},"
                      f"loss={loss},steps={self.budget['dpo_steps']},seed={seed},init={init}",
                      f"--workdir={self.run_dir(seed, arm, r)}")
 
     def evaluate(self, models: list[str], outs: list[str]) -> None:
         self.command("rdpo_jax.evaluate", f"--model={','.join(models)}", f"--out={','.join(outs)}",
                      f"--pool={self.path('rubrics', 'heldout_pool')}", "--group=prefix", "--batch_size=64",
-                     f"--max_new_tokens={self.budget['max_new_tokens']}")
+                     f"--max_new_tokens={self.budget['max_new_tokens']}", TINY_MODEL_MESH)
 
 
 def main(argv):

@@ -5,7 +5,7 @@ A scene is 1–3 objects, each {shape, colour, size, position} with a distinct g
 drawn from a seeded numpy generator, so a seed gives the same scenes, images and texts everywhere.
 Question kinds (the prompt id starts with the kind): describe, count, colour, shape, presence, where.
 Ground truth is written in the keys `rubrics.generate.rule_rubric` understands, so the rubric pool comes
-from the ordinary `data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
+from the ordinary `rdpo_jax.data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def write_sft(out: str, name: str, *, n: int, seed: int, imperfect_share: float)
 
 
 def write_prompts(folder: str, name: str, *, n: int, seed: int, describe_share: float = 1 / len(KINDS)) -> str:
-    """`n` prompts (image files + NAME.jsonl with ground truth) for `data_prep.build_rubrics`:
+    """`n` prompts (image files + NAME.jsonl with ground truth) for `rdpo_jax.data_prep.build_rubrics`:
     `describe_share` of them open descriptions, the rest the short question kinds in turn."""
     rng = np.random.default_rng(seed)
     short = [k for k in KINDS if k != "describe"]

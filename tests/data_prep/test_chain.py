@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import smoke
+from rdpo_jax.configs import smoke
 from rdpo_jax import config_checks, train
 from rdpo_jax.data import arrayrecord, pipeline, records
 from rdpo_jax.models import hf
@@ -40,21 +40,21 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
     bit; data stamped with other settings is refused, naming the config field. (Restarts of sample, judge
     and make_pairs: test_restart.py.)"""
     cache, out, model = compile_cache, str(tmp_path / "round"), f"{smoke_dir}/model"
-    config = f"--config=configs/smoke.py:dir={smoke_dir}"
-    _run("data_prep.build_rubrics", f"--input={_prompts(tmp_path)}", f"--out={out}", cache=cache)
+    config = f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir}"
+    _run("rdpo_jax.data_prep.build_rubrics", f"--input={_prompts(tmp_path)}", f"--out={out}", cache=cache)
     assert len(list(arrayrecord.read(f"{out}/pool"))) == 6
 
-    log = _run("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
+    log = _run("rdpo_jax.data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
                "--batch_size=4", f"--out={out}", cache=cache)
     assert "samples: 48" in log
     assert len(list(arrayrecord.read(f"{out}/samples"))) == 48
 
-    log = _run("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
+    log = _run("rdpo_jax.data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
     assert "scored: 48" in log
     judged = list(arrayrecord.read(f"{out}/judged"))
     assert all(len(s["scores"]) == 4 and s["judge"] == "verifier" for s in judged)
 
-    log = _run("data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
+    log = _run("rdpo_jax.data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
                "--margin=0.05", cache=cache)
     pairs = list(arrayrecord.read(f"{out}/pairs"))
     assert pairs and f"pairs: {len(pairs)}" in log and "margin histogram" in log
@@ -63,7 +63,7 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
         assert p["chosen"] != p["rejected"] and p["meta"]["miner"] == "rubric"
         assert p["chosen_ids"] and p["rejected_ids"] and p["tokenizer"]  # the sampled ids travel along
 
-    _run("data_prep.ref_logps", config, BF16, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
+    _run("rdpo_jax.data_prep.ref_logps", config, BF16, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
     with_ref = list(arrayrecord.read(f"{out}/pairs_ref"))
     assert len(with_ref) == len(pairs)
     assert {p["ref_fingerprint"] for p in with_ref} == {hf.fingerprint(model)}

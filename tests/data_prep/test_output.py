@@ -6,7 +6,7 @@ import json
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data_prep import common
+from rdpo_jax.data_prep import common
 from rdpo_jax.data import arrayrecord, records
 
 N = 6  # records per item (a prompt's samples)

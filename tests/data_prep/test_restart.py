@@ -11,7 +11,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from data_prep import common, smoke
+from rdpo_jax.data_prep import common, smoke
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.rubrics import generate
@@ -62,7 +62,7 @@ def test_killed_and_rerun_commands_write_what_uninterrupted_ones_write(smoke_dir
     # prompt. Batches of ≤ 3 per image count: [p2, p5], [p0, p1, p3], [p4, p6]. The first kill (record 18:
     # p3's second) leaves [p0, p1, p3] partly done, the second (record 10 of the rerun: p6's second)
     # [p4, p6]; the reruns generate those batches again whole and must write the same samples.
-    sample = ["data_prep.sample", f"--pool={pool}", f"--model={model}", "--n=4", "--max_new_tokens=8",
+    sample = ["rdpo_jax.data_prep.sample", f"--pool={pool}", f"--model={model}", "--n=4", "--max_new_tokens=8",
               "--batch_size=3", "--chunk_size=5", "--name=samples"]
     samples = _complete(sample, ref, [], compile_cache)
     assert len(samples) == 28 and {s["prompt_id"] for s in samples} >= set(TEXT_ONLY)
@@ -75,14 +75,14 @@ def test_killed_and_rerun_commands_write_what_uninterrupted_ones_write(smoke_dir
         assert len(s["response_ids"]) == 8 or s["response_ids"][-1] in tok.stop_ids()
         assert smoke.IMAGE_TOKEN not in s["response_ids"]  # never sampled: training would splice an image in
 
-    judge = ["data_prep.judge", f"--pool={pool}", "--judge=verifier", "--chunk_size=5", "--name=judged"]
+    judge = ["rdpo_jax.data_prep.judge", f"--pool={pool}", "--judge=verifier", "--chunk_size=5", "--name=judged"]
     judged = _complete(judge + [f"--samples={ref}/samples"], ref, [], compile_cache)
     assert _complete(judge + [f"--samples={killed}/samples"], killed, [13, 7], compile_cache) == judged
     assert [s["response_ids"] for s in judged] == [s["response_ids"] for s in samples]  # the judge keeps them
 
     # chunks of ≥ 1 pair (ending at the next prompt): a kill before a prompt's second pair is inside its
     # group (the old Output had committed the first); the rerun's kill at record 4 follows commits
-    make_pairs = ["data_prep.make_pairs", f"--pool={pool}", "--margin=0.05", "--max_pairs=2", "--chunk_size=1",
+    make_pairs = ["rdpo_jax.data_prep.make_pairs", f"--pool={pool}", "--margin=0.05", "--max_pairs=2", "--chunk_size=1",
                   "--name=pairs"]
     pairs = _complete(make_pairs + [f"--judged={ref}/judged"], ref, [], compile_cache)
     second = [i + 1 for i in range(1, len(pairs)) if pairs[i]["prompt_id"] == pairs[i - 1]["prompt_id"]]

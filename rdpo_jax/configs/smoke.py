@@ -1,17 +1,17 @@
-"""Tiny CPU smoke run on the files of `python -m data_prep.smoke --out=DIR` (well under a minute here).
+"""Tiny CPU smoke run on the files of `python -m rdpo_jax.data_prep.smoke --out=DIR` (well under a minute here).
 
-    python -m data_prep.smoke --out=/tmp/smoke
-    python -m rdpo_jax.train --config=configs/smoke.py:dir=/tmp/smoke --workdir=/tmp/run
-    python -m rdpo_jax.train --config=configs/smoke.py:dir=/tmp/smoke,objective=sft --workdir=/tmp/run_sft
+    python -m rdpo_jax.data_prep.smoke --out=/tmp/smoke
+    python -m rdpo_jax.train --config=rdpo_jax/configs/smoke.py:dir=/tmp/smoke --workdir=/tmp/run
+    python -m rdpo_jax.train --config=rdpo_jax/configs/smoke.py:dir=/tmp/smoke,objective=sft --workdir=/tmp/run_sft
 
 The argument is `key=value` pairs: dir (required), objective (dpo | sft).
 """
 
-from configs import base
+from rdpo_jax.configs import base
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "configs/smoke.py", required=("dir",), optional=("objective",))
+    args = base.parse_arg(arg, "rdpo_jax/configs/smoke.py", required=("dir",), optional=("objective",))
     c = base.get_config()
     d = args["dir"]
     c.objective = args.get("objective", "dpo")

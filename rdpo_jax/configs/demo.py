@@ -1,8 +1,8 @@
 """The demo's runs (`python -m rdpo_jax.demo` writes the world and calls these): an SFT warm start and
 DPO arms on the pairs of one on-policy round.
 
-    python -m rdpo_jax.train --config=configs/demo.py:dir=WD,objective=sft --workdir=WD/sft
-    python -m rdpo_jax.train --config=configs/demo.py:dir=WD,objective=dpo,pairs=WD/round1/pairs_rubric,loss=rubric \\
+    python -m rdpo_jax.train --config=rdpo_jax/configs/demo.py:dir=WD,objective=sft --workdir=WD/sft
+    python -m rdpo_jax.train --config=rdpo_jax/configs/demo.py:dir=WD,objective=dpo,pairs=WD/round1/pairs_rubric,loss=rubric \\
         --workdir=WD/arm_rubric
 
 Arguments: dir (the demo workdir, required), objective (sft | dpo), pairs (dpo: the pairs dataset),
@@ -10,11 +10,11 @@ loss (dpo: a loss type), steps (override the step budget), seed, init (dpo: the 
 use as reference; default the SFT run).
 """
 
-from configs import base
+from rdpo_jax.configs import base
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "configs/demo.py", required=("dir",),
+    args = base.parse_arg(arg, "rdpo_jax/configs/demo.py", required=("dir",),
                           optional=("objective", "pairs", "loss", "steps", "seed", "init"))
     c = base.get_config()
     d = args["dir"]

@@ -1,6 +1,6 @@
 """Every training option with its default. Other configs start from `get_config()` and change fields.
 
-    python -m rdpo_jax.train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE …]
+    python -m rdpo_jax.train --config=rdpo_jax/configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE …]
 
 The config is locked: a misspelt field on the command line is an error naming it.
 """
@@ -9,7 +9,7 @@ import ml_collections
 
 
 def parse_arg(arg: str, config_file: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict:
-    """The `key=value,key=value` argument after `configs/NAME.py:`."""
+    """The `key=value,key=value` argument after `rdpo_jax/configs/NAME.py:`."""
     args = dict(item.split("=", 1) for item in (arg or "").split(",") if "=" in item)
     bad = [item for item in (arg or "").split(",") if item and "=" not in item]
     unknown = set(args) - set(required) - set(optional)

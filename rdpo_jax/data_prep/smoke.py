@@ -1,6 +1,6 @@
 """Writes a tiny but complete training setup for smoke runs and tests (nothing downloaded).
 
-    python -m data_prep.smoke --out=DIR [--pairs=32] [--sft=32] [--seed=0]
+    python -m rdpo_jax.data_prep.smoke --out=DIR [--pairs=32] [--sft=32] [--seed=0]
 
 DIR/model      a Hugging Face LLaVA folder (SigLIP 32 px + Qwen2, a few thousand parameters per layer):
                config.json, random weights (model.safetensors), a word-level tokenizer with a ChatML

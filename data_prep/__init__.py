@@ -1,1 +1,0 @@
-"""Offline dataset commands (`python -m data_prep.NAME`): rubric pool, sampling, judging, pair mining."""
