@@ -123,6 +123,43 @@ class LlavaConfig:
         return self.vision.hidden_size * len(self.feature_layers)
 
 
+@dataclasses.dataclass(frozen=True)
+class QwenVisionConfig:
+    """The Qwen2.5-VL vision tower (`models/qwen_vision.py`)."""
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int  # spatial_merge_size
+    window_size: int  # in pixels
+    fullatt_block_indexes: tuple[int, ...]
+    out_hidden_size: int
+    in_channels: int = 3
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_hf(cls, vc) -> QwenVisionConfig:
+        """A `transformers.Qwen2_5_VLVisionConfig`."""
+        rope = dict(getattr(vc, "rope_parameters", None) or {})
+        return cls(depth=vc.depth, hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
+                   num_heads=vc.num_heads, patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+                   merge_size=vc.spatial_merge_size, window_size=vc.window_size,
+                   fullatt_block_indexes=tuple(vc.fullatt_block_indexes), out_hidden_size=vc.out_hidden_size,
+                   in_channels=vc.in_channels, hidden_act=vc.hidden_act, rope_theta=rope.get("rope_theta", 10000.0))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def window_tokens(self) -> int:
+        """A window's side in merged tokens (transformers: window_size // merge // patch)."""
+        return self.window_size // self.merge_size // self.patch_size
+
+
 def _require(cond: bool, field: str, msg: str):
     if not cond:
         raise UnsupportedConfigError(f"config.json: {field}: {msg}")

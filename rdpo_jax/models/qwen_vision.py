@@ -11,53 +11,16 @@ un-permute. Output: one feature per 2×2 merge block (float[N/4, out_hidden_size
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from rdpo_jax.models import layers
+from rdpo_jax.models.config import QwenVisionConfig
 from rdpo_jax.models.layers import Linear, RMSNorm
 
 EPS = 1e-6  # transformers hard-codes the vision RMSNorm eps (it is not read from the config)
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenVisionConfig:
-    depth: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int  # spatial_merge_size
-    window_size: int  # in pixels
-    fullatt_block_indexes: tuple[int, ...]
-    out_hidden_size: int
-    in_channels: int = 3
-    hidden_act: str = "silu"
-    rope_theta: float = 10000.0
-
-    @classmethod
-    def from_hf(cls, vc) -> QwenVisionConfig:
-        """A `transformers.Qwen2_5_VLVisionConfig`."""
-        rope = dict(getattr(vc, "rope_parameters", None) or {})
-        return cls(depth=vc.depth, hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
-                   num_heads=vc.num_heads, patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
-                   merge_size=vc.spatial_merge_size, window_size=vc.window_size,
-                   fullatt_block_indexes=tuple(vc.fullatt_block_indexes), out_hidden_size=vc.out_hidden_size,
-                   in_channels=vc.in_channels, hidden_act=vc.hidden_act, rope_theta=rope.get("rope_theta", 10000.0))
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def window_tokens(self) -> int:
-        """A window's side in merged tokens (transformers: window_size // merge // patch)."""
-        return self.window_size // self.merge_size // self.patch_size
 
 
 def patch_metadata(grids, cfg: QwenVisionConfig, num_patches: int) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
+from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import layers
 from rdpo_jax.models import qwen_vision as qv
 
@@ -28,7 +29,7 @@ def towers():
     with torch.no_grad():  # random biases and norm scales too, so that every parameter matters
         for p in theirs.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    cfg = qv.QwenVisionConfig.from_hf(hf_cfg)
+    cfg = config_lib.QwenVisionConfig.from_hf(hf_cfg)
     ours = qv.QwenVisionTower(cfg, rngs=layers.InitKeys(jax.random.key(0)))
     weights = {k: v.numpy() for k, v in theirs.state_dict().items()}
     for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
