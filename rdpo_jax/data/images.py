@@ -128,6 +128,12 @@ def preprocess(image: Image.Image, cfg: ImageConfig) -> np.ndarray:
         x = x[..., None]
     if cfg.crop:
         x = _center_crop(x, cfg.crop)
+    return rescale_and_normalize(x, cfg)
+
+
+def rescale_and_normalize(x: np.ndarray, cfg) -> np.ndarray:
+    """uint8[H, W, C] → float32, as transformers' PIL backend: float64 rescale, then float32 per-channel
+    normalize (`cfg`: do_rescale, rescale_factor, do_normalize, image_mean, image_std; any family's)."""
     if cfg.do_rescale:
         x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
     x = x.astype(np.float32)

@@ -121,12 +121,7 @@ def preprocess(image: Image.Image, cfg: QwenImageConfig) -> tuple[np.ndarray, tu
     x = np.asarray(image)
     if x.ndim == 2:
         x = x[..., None]
-    if cfg.do_rescale:
-        x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    x = x.astype(np.float32)
-    if cfg.do_normalize:
-        x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
-    return patchify(x, cfg), (1, gh, gw)
+    return patchify(images.rescale_and_normalize(x, cfg), cfg), (1, gh, gw)
 
 
 def load_and_preprocess(data: bytes, cfg: QwenImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:

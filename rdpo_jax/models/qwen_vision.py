@@ -123,9 +123,9 @@ class QwenVisionTower(nnx.Module):
         """bool[N, N]: same image (full attention), and same image and window (window attention)."""
         cfg = self.config
         ws, m = cfg.window_tokens, cfg.merge_size
-        window = (row // m // ws) * 65536 + (col // m // ws)  # windows tile each image from its top-left
+        wr, wc = row // m // ws, col // m // ws  # windows tile each image from its top-left
         same = (image[:, None] == image[None, :]) & (image[:, None] >= 0)
-        return same, same & (window[:, None] == window[None, :])
+        return same, same & (wr[:, None] == wr[None, :]) & (wc[:, None] == wc[None, :])
 
     def __call__(self, patches: jax.Array, image: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
         cfg = self.config
