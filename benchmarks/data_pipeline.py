@@ -24,7 +24,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from rdpo_jax.data import arrayrecord, images, pipeline  # noqa: E402
+from rdpo_jax.data import arrayrecord, image_inputs, pipeline  # noqa: E402
+from rdpo_jax.models import hf  # noqa: E402
 from rdpo_jax.data.tokenize import ChatTokenizer  # noqa: E402
 from tests import tiny  # noqa: E402  (the tiny tokenizer and chat template of the test suite)
 
@@ -67,8 +68,9 @@ def main(argv):
                         chosen_scores=[1] * 6, rejected_scores=[0] * 6, meta={}) for i in range(_RECORDS.value))
         arrayrecord.write(folder, "pairs", "pairs", records, num_shards=4)
     options = pipeline.Options(kind="pairs", seq_buckets=(1024,), max_answer_len=160, max_criteria=8)
-    tok = ChatTokenizer(folder, image_token_id=tiny.IMAGE_TOKEN, image_seq_len=576)
-    ds = pipeline.make_dataset(arrayrecord.Source(data), options, tok, images.image_config(folder),
+    tok = ChatTokenizer(folder, image_token_id=tiny.IMAGE_TOKEN)
+    ds = pipeline.make_dataset(arrayrecord.Source(data), options, tok,
+                               image_inputs.for_model(hf.read_config(folder), folder, max_images=1),
                                global_batch_size=_BATCH.value, seed=0, num_epochs=None, process_index=0,
                                process_count=1)
     n_batches = _RECORDS.value // _BATCH.value

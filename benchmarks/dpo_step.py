@@ -1,10 +1,14 @@
 """DPO step throughput: shared-prefix vs concat layout, online vs precomputed reference.
 
-    python benchmarks/dpo_step.py [--pairs=4] [--steps=7] [--width=256] [--layers=4] [--freeze_vision]
-    python benchmarks/dpo_step.py --preset=llava-1.5-7b   # FLOPs only: lowered, never compiled or run
+    python benchmarks/dpo_step.py [--family=llava|qwen2_5_vl] [--pairs=4] [--steps=7] [--width=256] [--layers=4]
+        [--freeze_vision]
+    python benchmarks/dpo_step.py --preset=llava-1.5-7b    # FLOPs only: lowered, never compiled or run
+    python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b   # the same for Qwen2.5-VL-7B
 
-Model: a LLaVA with a SigLIP tower at 336 px / patch 14 (576 image tokens; width 128, 2 layers) and a
-Qwen2 decoder (width --width, --layers layers, 4 heads / 2 KV heads, MLP 2.75×, vocab 8192), fp32.
+Model: a LLaVA with a SigLIP tower at 336 px / patch 14 (576 image tokens; width 128, 2 layers), or a
+Qwen2.5-VL with its window-attention tower (width 128, 2 blocks, one of them full attention) on a 672×672
+image (48×48 patches, 576 image tokens); either with a Qwen2 decoder (width --width, --layers layers, 4
+heads / 2 KV heads, MLP 2.75×, vocab 8192; M-RoPE for Qwen2.5-VL), fp32.
 Data: a 576-token image + 64-token instruction prompt, 128-token chosen and rejected answers.
 All variants run in one process on the same parameters and batch: compiled ahead of time (the memory
 analysis is printed), 2 warm-up steps each, then --steps rounds that time one step of every variant in
@@ -14,7 +18,9 @@ Each variant's floating-point operations per pair, as XLA counts them in the com
 (`cost_analysis`), are printed beside its time, with the FLOP ratios beside the time ratios.
 
 `--preset=llava-1.5-7b` counts the same five steps for LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px,
-576 image tokens; Llama 7B, 32 × 4096, vocab 32064; bfloat16) without memory: the state is abstract and
+576 image tokens; Llama 7B, 32 × 4096, vocab 32064; bfloat16), `--preset=qwen2.5-vl-7b` for
+Qwen2.5-VL-7B's (the 32-block ViT at 672×672 px: 2304 patches, 576 image tokens; Qwen2 7B, 28 × 3584,
+vocab 152064; bfloat16), without memory: the state is abstract and
 each step is only lowered, so the count is XLA's for the unoptimized program. It is the ceiling on the
 time ratios for a compute-bound accelerator at that scale.
 
@@ -38,21 +44,46 @@ import transformers
 from absl import app, flags
 
 from rdpo_jax import optim, packing, sharding, train_step
+from rdpo_jax.data import qwen_vl_images, qwen_vl_positions
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import llava
+from rdpo_jax.models import families
 
 _PAIRS = flags.DEFINE_integer("pairs", 4, "Pairs per step.")
 _STEPS = flags.DEFINE_integer("steps", 7, "Timed steps per variant (median reported).")
 _WIDTH = flags.DEFINE_integer("width", 256, "Decoder width.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers.")
 _FREEZE_VISION = flags.DEFINE_bool("freeze_vision", False, "Freeze the vision tower (no backward through it).")
-_PRESET = flags.DEFINE_enum("preset", None, ["llava-1.5-7b"], "Count FLOPs for a real model's shapes instead of timing.")
+_PRESET = flags.DEFINE_enum("preset", None, ["llava-1.5-7b", "qwen2.5-vl-7b"],
+                            "Count FLOPs for a real model's shapes instead of timing.")
+_FAMILY = flags.DEFINE_enum("family", "llava", ["llava", "qwen2_5_vl"], "The timed small model's family.")
 
 IMAGE, PROMPT, ANSWER = 576, 64, 128
+QWEN_GRID = (1, 48, 48)  # a 672×672 image: 2304 patches of 14 px, 576 merged tokens
 
 
 def model_config():
     """(architecture, run settings) of the benchmark model."""
+    if _PRESET.value == "qwen2.5-vl-7b" or (_PRESET.value is None and _FAMILY.value == "qwen2_5_vl"):
+        big = _PRESET.value is not None
+        vision = (dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[7, 15, 23, 31],
+                       out_hidden_size=3584) if big else
+                  dict(depth=2, hidden_size=128, intermediate_size=512, num_heads=4, fullatt_block_indexes=[1],
+                       out_hidden_size=_WIDTH.value))
+        text = (dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, mrope_section=[16, 24, 24]) if big else
+                dict(vocab_size=8192, hidden_size=_WIDTH.value, intermediate_size=int(2.75 * _WIDTH.value),
+                     num_hidden_layers=_LAYERS.value, num_attention_heads=4, num_key_value_heads=2,
+                     mrope_section=[_WIDTH.value // 32, 3 * _WIDTH.value // 64, 3 * _WIDTH.value // 64]))
+        section = text.pop("mrope_section")
+        hf = transformers.Qwen2_5_VLConfig(
+            vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112),
+            text_config=dict(text, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+                             rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section)),
+            image_token_id=text["vocab_size"] - 1, video_token_id=text["vocab_size"] - 2,
+            vision_start_token_id=text["vocab_size"] - 3, vision_end_token_id=text["vocab_size"] - 4,
+            tie_word_embeddings=False)
+        dtype = jnp.bfloat16 if big else jnp.float32
+        return config_lib.from_hf(hf), config_lib.RunSettings(param_dtype=dtype, check_image_tokens=False)
     if _PRESET.value == "llava-1.5-7b":  # llava-hf/llava-1.5-7b-hf's config.json, architecture fields
         hf = transformers.LlavaConfig(
             vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
@@ -74,18 +105,43 @@ def model_config():
     return config_lib.from_hf(hf), config_lib.RunSettings()
 
 
+def is_qwen(cfg) -> bool:
+    return isinstance(cfg, config_lib.QwenVLConfig)
+
+
 def make_pairs(cfg, n, rng):
-    assert cfg.image_seq_len == IMAGE
+    """n pairs with a 576-token image (Qwen2.5-VL: between vision start and end, with 3D positions)."""
     pairs = []
     for _ in range(n):
-        prompt = [1] + [cfg.image_token_id] * IMAGE + list(rng.integers(2, 8000, PROMPT - 1))
-        pairs.append(packing.Pair(prompt, list(rng.integers(2, 8000, ANSWER)), list(rng.integers(2, 8000, ANSWER))))
+        if is_qwen(cfg):
+            prompt = ([1, cfg.vision_start_token_id] + [cfg.image_token_id] * IMAGE + [cfg.vision_end_token_id]
+                      + list(rng.integers(2, 8000, PROMPT - 3)))
+            types = (np.asarray(prompt) == cfg.image_token_id).astype(np.int32)
+            positions = qwen_vl_positions.rope_index(types, [QWEN_GRID], merge_size=2)[0]
+        else:
+            assert cfg.image_seq_len == IMAGE
+            prompt, positions = [1] + [cfg.image_token_id] * IMAGE + list(rng.integers(2, 8000, PROMPT - 1)), None
+        pairs.append(packing.Pair(prompt, list(rng.integers(2, 8000, ANSWER)), list(rng.integers(2, 8000, ANSWER)),
+                                  positions))
     return pairs
 
 
-def full_sequence_token_logps(model, batch, pixel_values):
+def image_arrays(cfg, n, rng) -> dict[str, np.ndarray]:
+    """The batch's image fields for n pairs (one image each)."""
+    if not is_qwen(cfg):
+        return {"pixel_values": rng.standard_normal((n, 336, 336, 3)).astype(np.float32)}
+    patches = QWEN_GRID[1] * QWEN_GRID[2]
+    meta = qwen_vl_images.patch_metadata([QWEN_GRID], 2, patches)
+    return {"patches": rng.standard_normal((n, patches, 3 * 2 * 14 * 14)).astype(np.float32),
+            **{f"patch_{k}": np.repeat(meta[k][None], n, 0) for k in ("image", "row", "col")}}
+
+
+def full_sequence_token_logps(model, batch, features=None):
     """`packing.token_logps` as TRL computes it by default: the LM head and log-softmax at all T positions."""
-    hidden = model.hidden_states(batch["input_ids"], pixel_values, packing.attention_mask(batch["branch_ids"]),
+    if features is None:
+        images = model.images_of(batch)
+        features = None if images is None else model.image_features(images)
+    hidden = model.hidden_states(batch["input_ids"], features, packing.attention_mask(batch["branch_ids"]),
                                  batch["positions"])
     logps = jax.nn.log_softmax(model.logits(hidden), axis=-1)  # float32[R, T, V]
     logps = jnp.take_along_axis(logps, batch["target_index"][..., None], axis=1)
@@ -105,10 +161,11 @@ def lower_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
     """(lowered step, state, device batch) of one variant; abstract = shapes only (no memory, no run)."""
     B = len(pairs)
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
-    freeze = ("vision_tower/.*",) if _FREEZE_VISION.value else ()
+    freeze = ((r"visual/(patch_embed|blocks)/.*" if is_qwen(cfg) else "vision_tower/.*",)
+              if _FREEZE_VISION.value else ())
     seq_len = IMAGE + PROMPT + (2 * ANSWER if layout == "shared_prefix" else ANSWER)
-    batch, _ = packing.pack_pairs(pairs, layout=layout, seq_len=seq_len, max_answer_len=ANSWER)
-    batch.update(pixel_values=pixels, valid=np.ones(B, np.float32))
+    batch, _ = packing.pack_pairs(pairs, layout=layout, seq_len=seq_len, max_answer_len=ANSWER, mrope=is_qwen(cfg))
+    batch.update(pixels, valid=np.ones(B, np.float32))
     if reference == "precomputed":
         batch.update(ref_chosen_logp=ref["chosen_logp"], ref_rejected_logp=ref["rejected_logp"])
     shardings = train_step.batch_shardings(batch, mesh)
@@ -119,7 +176,7 @@ def lower_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
                                                         reference=reference == "model")
             batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
         else:
-            graphdef, state = train_step.init_state(llava.create(cfg, run, mesh=mesh, seed=0), optimizer, freeze=freeze,
+            graphdef, state = train_step.init_state(families.create(cfg, run, mesh=mesh, seed=0), optimizer, freeze=freeze,
                                                     reference=reference == "model")
             batch = jax.device_put(batch, shardings)
         fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid",
@@ -148,11 +205,12 @@ def main(argv):
     rng = np.random.default_rng(0)
     B = _PAIRS.value
     pairs = make_pairs(cfg, B, rng)
-    pixels = rng.standard_normal((B, 336, 336, 3)).astype(np.float32)
-    n_params = sum(x.size for x in jax.tree.leaves(optim.split_params(llava.abstract_model(cfg, run))[1]))
+    pixels = image_arrays(cfg, B, rng)
+    n_params = sum(x.size for x in jax.tree.leaves(optim.split_params(families.abstract_model(cfg, run))[1]))
     text = cfg.text
     print(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind}; model {n_params / 1e6:.1f}M params "
-          f"(decoder {text.num_layers}×{text.hidden_size}, vision {cfg.vision.num_layers}×{cfg.vision.hidden_size}); "
+          f"(decoder {text.num_layers}×{text.hidden_size}, vision "
+          f"{cfg.vision.depth if is_qwen(cfg) else cfg.vision.num_layers}×{cfg.vision.hidden_size}); "
           f"{B} pairs/step, prompt {IMAGE}+{PROMPT}, answers {ANSWER}+{ANSWER}; "
           f"vision tower {'frozen' if _FREEZE_VISION.value else 'trained'}")
 
@@ -166,10 +224,11 @@ def main(argv):
         print_ratios("FLOPs", flops.__getitem__)
         return
 
-    base_model = llava.create(cfg, run, mesh=mesh, seed=0)
+    base_model = families.create(cfg, run, mesh=mesh, seed=0)
     shared_batch, _ = packing.pack_pairs(pairs, layout="shared_prefix", seq_len=IMAGE + PROMPT + 2 * ANSWER,
-                                         max_answer_len=ANSWER)
-    ref = jax.jit(lambda b, p: packing.pair_logps(base_model, b, p, layout="shared_prefix"))(shared_batch, pixels)
+                                         max_answer_len=ANSWER, mrope=is_qwen(cfg))
+    shared_batch.update(pixels)
+    ref = jax.jit(lambda b: packing.pair_logps(base_model, b, layout="shared_prefix"))(shared_batch)
     ref = {k: np.asarray(v) for k, v in ref.items()}
     runs = {}
     for variant in VARIANTS:

@@ -104,10 +104,10 @@ def main(argv):
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         from rdpo_jax import sharding
         from rdpo_jax.models import config as config_lib
-        from rdpo_jax.models import hf, llava
+        from rdpo_jax.models import families, hf
         import jax.numpy as jnp
         hf_config = config()
-        model = llava.create(config_lib.from_hf(hf_config), config_lib.RunSettings(param_dtype=jnp.bfloat16),
+        model = families.create(config_lib.from_hf(hf_config), config_lib.RunSettings(param_dtype=jnp.bfloat16),
                              mesh=sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
         files = hf.save_hf(model, folder, hf_config, max_shard_bytes=100 * 2**20)
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in files)

@@ -25,7 +25,7 @@ from absl import app, flags
 
 from rdpo_jax import sampling
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import hf, llava
+from rdpo_jax.models import families, hf
 
 _PROMPTS = flags.DEFINE_integer("prompts", 8, "Prompts per batch.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per prompt.")
@@ -43,7 +43,7 @@ def main(argv):
         image_token_index=3, vision_feature_layer=-1, vision_feature_select_strategy="full")
     cfg = config_lib.from_hf(hf_cfg)
     folder = os.path.join(tempfile.mkdtemp(), "model")
-    hf.save_hf(llava.create(cfg, seed=0), folder, hf_cfg)
+    hf.save_hf(families.create(cfg, seed=0), folder, hf_cfg)
     model, cfg = hf.load_hf(folder)
     torch_model = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
 

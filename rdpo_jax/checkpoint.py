@@ -117,7 +117,7 @@ def load_model(source: str, run=None, *, mesh=None, step: int | None = None, mod
 
     from rdpo_jax import sharding, train_step
     from rdpo_jax.models import config as config_lib
-    from rdpo_jax.models import hf, llava
+    from rdpo_jax.models import families, hf
 
     run = run or config_lib.RunSettings()
     if not is_run_dir(source):
@@ -131,7 +131,7 @@ def load_model(source: str, run=None, *, mesh=None, step: int | None = None, mod
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     params, step = restore_params(source, train_step.abstract_params(cfg, run, mesh), step)
-    return nnx.merge(nnx.graphdef(llava.abstract_model(cfg, run)), params), cfg, folder, step
+    return nnx.merge(nnx.graphdef(families.abstract_model(cfg, run)), params), cfg, folder, step
 
 
 def reference_model(config) -> str:

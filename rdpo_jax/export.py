@@ -87,7 +87,8 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
         files.append(_write_generation_config(folder, hf_config, staging))
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(run_config, workdir=workdir, step=step, dtype=dtype, base=folder,
-                               metrics=_last_metrics(workdir, step)))
+                               metrics=_last_metrics(workdir, step),
+                               architecture=model_config.ARCHITECTURES[hf_config.model_type]))
         files.append("README.md")
         if os.path.exists(out):
             shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
@@ -171,7 +172,8 @@ def _last_metrics(workdir: str, step: int) -> dict:
     return out
 
 
-def model_card(run: dict, *, workdir: str, step: int, dtype: str, base: str, metrics: dict) -> str:
+def model_card(run: dict, *, workdir: str, step: int, dtype: str, base: str, metrics: dict,
+               architecture: str = "LlavaForConditionalGeneration") -> str:
     """A README.md with the Hub's front matter, the training summary, metrics and a usage snippet."""
     get = lambda *keys: _get(run, keys)  # noqa: E731
     objective = get("objective")
@@ -205,7 +207,7 @@ tags:
 
 # {name} (step {step})
 
-A LLaVA-architecture vision-language model post-trained with rdpo_jax —
+A vision-language model (`{architecture}`) post-trained with rdpo_jax —
 objective `{objective}`{f", loss `{get('dpo', 'loss_type')}`" if objective == "dpo" else ""} — starting from
 the model folder `{base}`. Exported from the run `{workdir}` at step {step} on {today}.
 
@@ -224,9 +226,9 @@ the model folder `{base}`. Exported from the run `{workdir}` at step {step} on {
 ## Use
 
 ```python
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-model = LlavaForConditionalGeneration.from_pretrained("PATH/TO/THIS/FOLDER")
+model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER")  # a {architecture}
 processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER")
 ```
 

@@ -15,11 +15,12 @@ from typing import Any
 import jax
 
 from rdpo_jax import checkpoint, sampling, sharding
-from rdpo_jax.data import images
+from rdpo_jax.data import image_inputs, images
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import config as config_lib
 
 DEFAULT_MESH = "fsdp=-1"
+MAX_PROMPT_IMAGES = 16  # images one prompt may hold
 MESH_HELP = ("Mesh over this process's devices as AXIS=SIZE,… over data, fsdp, tensor (-1: the rest, missing "
              "axes 1), e.g. 'fsdp=-1' (parameters split over all devices) or 'data=-1' (a copy per device).")
 
@@ -50,11 +51,11 @@ def local_mesh(shape: str | dict) -> jax.sharding.Mesh:
 @dataclasses.dataclass(frozen=True)
 class Policy:
     model: Any  # the Flax model, parameters placed on `mesh`
-    config: config_lib.LlavaConfig
+    config: config_lib.LlavaConfig | config_lib.QwenVLConfig
     folder: str  # the HF folder holding the architecture, tokenizer and processor
     step: int | None  # the checkpoint step of a run, None for an HF folder
     tokenizer: ChatTokenizer
-    image_config: images.ImageConfig
+    image_input: Any  # the family's `image_inputs` adapter (no images if the folder has no image processor)
     mesh: jax.sharding.Mesh
 
     def sampling_config(self, **options) -> sampling.SamplingConfig:
@@ -77,5 +78,11 @@ def load(source: str, *, mesh: str | dict | jax.sharding.Mesh = DEFAULT_MESH, ru
     run = dataclasses.replace(run or config_lib.RunSettings(), check_image_tokens=False)
     model, cfg, folder, step = checkpoint.load_model(source, run, mesh=mesh, step=step, model_path=model_path)
     folder = model_path or folder
-    tokenizer = ChatTokenizer(folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
-    return Policy(model, cfg, folder, step, tokenizer, images.image_config(folder), mesh)
+    tokenizer = ChatTokenizer(folder, image_token_id=cfg.image_token_id)
+    try:
+        images.processor_dict(folder)
+        max_images = MAX_PROMPT_IMAGES
+    except FileNotFoundError:
+        max_images = 0  # text-only prompts (an image in a prompt is then an error naming the count)
+    image_input = image_inputs.for_model(cfg, folder, max_images=max_images)
+    return Policy(model, cfg, folder, step, tokenizer, image_input, mesh)

@@ -10,8 +10,7 @@ are never generated.
 Randomness is per row: row r draws its step-i token with fold_in(keys[r], i), so a row's samples depend
 on its own key only, not on the other rows of the batch. `row_keys` derives the keys from a prompt's
 index and the sample's number, which makes a prompt's samples independent of how prompts are batched
-(a resumed `rdpo_jax.data_prep.sample` reproduces an uninterrupted run). Prompts of one batch must have the same
-number of images (`batches_by_image_count` forms such batches); text-only batches pass no pixels.
+(a resumed `rdpo_jax.data_prep.sample` reproduces an uninterrupted run). Text-only batches pass no images.
 """
 
 from __future__ import annotations
@@ -77,8 +76,8 @@ def row_keys(key: jax.Array, prompt_indices, num_samples: int) -> jax.Array:
 
 
 def batches_by_image_count(image_counts: list[int], batch_size: int) -> list[list[int]]:
-    """Positions 0…len−1 in batches of at most `batch_size`, each of one image count (their pixels
-    stack into one array): per count, in increasing order, consecutive runs of the positions with it.
+    """Positions 0…len−1 in batches of at most `batch_size`, each of one image count (LLaVA then
+    encodes no blank images): per count, in increasing order, consecutive runs of the positions with it.
     A function of `image_counts` only, so a rerun forms the same batches."""
     by_count: dict[int, list[int]] = {}
     for position, count in enumerate(image_counts):
@@ -88,17 +87,20 @@ def batches_by_image_count(image_counts: list[int], batch_size: int) -> list[lis
 
 
 @nnx.jit(static_argnames="cfg")
-def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, pixel_values: jax.Array | None,
-             key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, images, key: jax.Array, cfg: SamplingConfig,
+             positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Samples continuations.
 
     Args:
-      model: a `Llava`.
+      model: a vision-language model (`models/vlm.py`).
       prompt_ids, prompt_mask: int32[B, T], left-padded.
-      pixel_values: float32[B, N, H, W, 3] (or [B, H, W, 3]), or None for text-only prompts.
+      images: the family's image input for the prompts (LLaVA: float32[B, N, H, W, 3]), or None.
       key: per-row PRNG keys [B·n] (see `row_keys`; row r draws step i with fold_in(key[r], i)), or one
         key, split into B·n row keys.
       cfg: decoding settings (static).
+      positions: the prompts' positions, int32[B, T] or int32[B, 3, T] (M-RoPE: required with images);
+        default 0, 1, … over the tokens. Generated token i sits at the prompt's largest position + 1 + i
+        (on all three rows: transformers' `rope_deltas`).
 
     Returns:
       (tokens int32[B·n, max_new_tokens], lengths int32[B·n]); rows b·n … b·n+n−1 belong to prompt b; a
@@ -108,8 +110,9 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, pixel_values:
     n, M = cfg.num_samples, cfg.max_new_tokens
     lm = model.language_model
     S = T + M
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    x = model.embed(prompt_ids, pixel_values)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    x = model.embed(prompt_ids, None if images is None else model.image_features(images))
     valid = jnp.concatenate([prompt_mask > 0, jnp.zeros((B, M), bool)], axis=1)  # [B, S]
     mask = jnp.tril(jnp.ones((T, S), bool), 0)[None] & valid[:, None, :]
     hidden, cache = lm(x, mask, positions, (lm.init_cache(B, S, x.dtype), 0))
@@ -119,7 +122,7 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, pixel_values:
         return jnp.repeat(a, n, axis=0)
 
     cache = jax.tree.map(repeat, cache)
-    logits, valid, position = repeat(logits), repeat(valid), repeat(positions[:, -1])
+    logits, valid, position = repeat(logits), repeat(valid), repeat(positions.reshape(B, -1).max(axis=1))
     rows = B * n
     keys = key if key.ndim == 1 else jax.random.split(key, rows)
     stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
@@ -164,11 +167,11 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None):
 def answer(policy, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,
            pad_to: int = 64) -> list[list[tuple[str, list[int], bool]]]:
     """Generates `cfg.num_samples` answers for each prompt record ({messages, images}) with a loaded
-    model (`inference.Policy`: its model, tokenizer and image preprocessing, on its mesh).
+    model (`inference.Policy`: its model, tokenizer and image adapter, on its mesh).
 
     Prompts are left-padded to a multiple of `pad_to` (few shapes compile), rows padded to whole batches
-    over the devices and split over them. All prompts must have the same number of images (none: no
-    pixels are passed).
+    over the devices and split over them. Prompts may hold different numbers of images (LLaVA encodes
+    the batch's largest count per row; `batches_by_image_count` groups prompts to avoid that).
 
     Args:
       keys: per-row PRNG keys [len(prompts)·n] (`row_keys`), or one key (see `generate`).
@@ -179,26 +182,24 @@ def answer(policy, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,
     """
     import numpy as np
 
-    from rdpo_jax.data import images
-
-    tokenizer, mesh = policy.tokenizer, policy.mesh
-    counts = {len(r["images"]) for r in prompts}
-    if len(counts) > 1:
-        raise ValueError(f"prompts of one batch need the same number of images, got {sorted(counts)}")
-    ids = [tokenizer.prompt(r["messages"], len(r["images"])) for r in prompts]
-    length = -(-max(map(len, ids)) // pad_to) * pad_to
-    ids, mask = left_pad(ids, tokenizer.pad_id, length)
-    pixels = None
-    if counts != {0}:
-        pixels = np.stack([np.stack([images.load_and_preprocess(b, policy.image_config) for b in r["images"]])
-                           for r in prompts])
+    tokenizer, mesh, vision = policy.tokenizer, policy.mesh, policy.image_input
+    prepared = [vision.prepare(r["images"]) for r in prompts]
+    prompt_ids = [tokenizer.prompt(r["messages"], p["tokens"] if p else []) for r, p in zip(prompts, prepared)]
+    length = -(-max(map(len, prompt_ids)) // pad_to) * pad_to
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_id, length)
+    arrays, _ = vision.collate(prepared, slots=max(len(r["images"]) for r in prompts))
+    if vision.mrope:  # the prompts' 3D positions, left-padded like the tokens
+        arrays["positions"] = np.zeros((len(prompts), 3, length), np.int32)
+        for b, (p, prep) in enumerate(zip(prompt_ids, prepared)):
+            arrays["positions"][b, :, length - len(p):] = vision.positions(np.asarray(p), prep)
     extra = -len(prompts) % mesh.devices.size  # padding rows repeat the last prompt (and its keys)
-    ids, mask, pixels = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), (ids, mask, pixels))
+    ids, mask, arrays = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), (ids, mask, arrays))
     if keys.ndim == 1:
         keys = jnp.concatenate([keys, jnp.tile(keys[-cfg.num_samples:], extra)])
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    ids, mask, pixels = jax.device_put((ids, mask, pixels), rows)
-    tokens, lengths = generate(policy.model, ids, mask, pixels, keys, cfg)
+    ids, mask, arrays = jax.device_put((ids, mask, arrays), rows)
+    positions = arrays.pop("positions", None)
+    tokens, lengths = generate(policy.model, ids, mask, policy.model.images_of(arrays), keys, cfg, positions)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     out = []
     for b in range(len(prompts)):

@@ -10,7 +10,7 @@ from, in order:
 Restarting the same command resumes exactly; SIGTERM (TPU preemption) saves the current step and exits
 — on multi-process runs through JAX's preemption service, so that every process saves the same step.
 Every process runs the same program on every step: the length bucket of each batch is agreed by all
-processes (`pipeline.agree_seq_len`), eval passes are padded to whole global batches, and logged counts
+processes (`pipeline.agree_shapes`), eval passes are padded to whole global batches, and logged counts
 are summed over processes.
 """
 
@@ -29,10 +29,10 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rdpo_jax import checkpoint, config_checks, logs, optim, sharding, train_step
-from rdpo_jax.data import arrayrecord, images, pipeline, records
+from rdpo_jax.data import arrayrecord, image_inputs, pipeline, records
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import config as model_config
-from rdpo_jax.models import hf, llava
+from rdpo_jax.models import families, hf
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (rdpo_jax/configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -78,11 +78,10 @@ def main(argv):
     options = pipeline.Options.from_config(config, reference_fingerprint=fingerprint)
     if fingerprint is not None:
         _check_reference_data(config.data.train, kind, options)
-    tokenizer = ChatTokenizer(config.model.path, image_token_id=setup.model_config.image_token_id,
-                              image_seq_len=setup.model_config.image_seq_len)
-    image_cfg = images.image_config(config.model.path) if config.data.images_per_example else None
+    tokenizer = ChatTokenizer(config.model.path, image_token_id=setup.model_config.image_token_id)
+    image_input = image_inputs.from_config(config, setup.model_config)
     source = _source(config.data.train, kind)
-    dataset = pipeline.make_dataset(source, options, tokenizer, image_cfg, global_batch_size=config.data.batch_size,
+    dataset = pipeline.make_dataset(source, options, tokenizer, image_input, global_batch_size=config.data.batch_size,
                                     seed=config.data.seed)
 
     # ----- State: this workdir's checkpoint, else init_from -----
@@ -105,25 +104,36 @@ def main(argv):
            f"state from {origin} in {restore_s:.1f}s; step {start}/{config.total_steps}")
     setup.report_sharding(workdir)
 
-    # ----- Compile (one program per length bucket), memory analysis -----
+    # ----- Compile: one program per (row length, patch buffer) bucket, memory analysis -----
     steps = setup.steps()
     first = next(iterator)
     compiled, batch_shardings = {}, {}
+
+    def compile_for(shape: tuple[int, int]):
+        """The step for rows of shape[0] tokens (and patch buffers of shape[1], any-resolution families)."""
+        if shape not in compiled:
+            spec = _global_spec(first["batch"], *shape)
+            batch_shardings[shape] = train_step.batch_shardings(spec, mesh)
+            t0, hits = time.perf_counter(), cache_hits["n"]
+            compiled[shape] = train_step.jit_step(steps.train, setup.abstract, spec, mesh).lower(
+                setup.abstract, spec).compile()
+            m = compiled[shape].memory_analysis()
+            cached = " (from the compilation cache)" if cache_hits["n"] > hits else ""
+            patches = f" and {shape[1]} patches" if shape[1] else ""
+            _print(f"compiled the {config.objective} step for rows of {shape[0]} tokens{patches} in "
+                   f"{time.perf_counter() - t0:.1f}s{cached}; memory per device: arguments "
+                   f"{_mib(m.argument_size_in_bytes)}, outputs {_mib(m.output_size_in_bytes)}, temporaries "
+                   f"{_mib(m.temp_size_in_bytes)}, aliased {_mib(m.alias_size_in_bytes)}")
+        return compiled[shape], batch_shardings[shape]
+
+    # every row bucket up front with the largest patch bucket (the most memory each can take); smaller
+    # patch buckets compile when a batch first needs them
+    largest_patches = max(config.data.patch_buckets) if "patches" in first["batch"] else 0
     for seq_len in config.data.seq_buckets:
-        spec = _global_spec(first["batch"], seq_len)
-        batch_shardings[seq_len] = train_step.batch_shardings(spec, mesh)
-        t0, hits = time.perf_counter(), cache_hits["n"]
-        compiled[seq_len] = train_step.jit_step(steps.train, setup.abstract, spec, mesh).lower(
-            setup.abstract, spec).compile()
-        m = compiled[seq_len].memory_analysis()
-        cached = " (from the compilation cache)" if cache_hits["n"] > hits else ""
-        _print(f"compiled the {config.objective} step for rows of {seq_len} tokens in {time.perf_counter() - t0:.1f}s"
-               f"{cached}; memory per device: arguments {_mib(m.argument_size_in_bytes)}, outputs "
-               f"{_mib(m.output_size_in_bytes)}, temporaries {_mib(m.temp_size_in_bytes)}, aliased "
-               f"{_mib(m.alias_size_in_bytes)}")
+        compile_for((seq_len, largest_patches))
     evaluator = None
     if config.data.eval:
-        eval_data = pipeline.make_dataset(_source(config.data.eval, kind), options, tokenizer, image_cfg,
+        eval_data = pipeline.make_dataset(_source(config.data.eval, kind), options, tokenizer, image_input,
                                           global_batch_size=config.data.batch_size, seed=0, num_epochs=1)
         evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, steps.eval)), eval_data, mesh, tokenizer.pad_id,
                                config.eval.batches)
@@ -141,13 +151,13 @@ def main(argv):
     step, element = start, first
     while step < config.total_steps:
         element = element or next(iterator)
-        local = pipeline.agree_seq_len(element["batch"], tokenizer.pad_id)
-        seq_len = local["input_ids"].shape[1]
+        local = pipeline.agree_shapes(element["batch"], tokenizer.pad_id)
+        step_fn, shardings = compile_for(_shape(local))
         profiler.before(step + 1)
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-            state, metrics = compiled[seq_len](state, pipeline.to_global(local, batch_shardings[seq_len]))
+            state, metrics = step_fn(state, pipeline.to_global(local, shardings))
         step += 1
-        window.add(step, metrics, element)  # device arrays: fetched when the window is written
+        window.add(step, metrics, element, local)  # device arrays: fetched when the window is written
         profiler.after(step, metrics)
         element = None
         if _itstime(step, config.log.every, config.total_steps):
@@ -251,12 +261,19 @@ def _check_reference_data(spec: str, kind: str, options: pipeline.Options) -> No
         raise config_checks.ConfigError(f"{problem[1]} ({source.where(0)} of {spec})")
 
 
-def _global_spec(local: dict, seq_len: int) -> dict:
-    """The global batch's shapes for one length bucket, from one local batch."""
+def _shape(batch: dict) -> tuple[int, int]:
+    """(row length, patch buffer length or 0): what selects a batch's compiled step."""
+    return batch["input_ids"].shape[1], batch["patches"].shape[1] if "patches" in batch else 0
+
+
+def _global_spec(local: dict, seq_len: int, num_patches: int = 0) -> dict:
+    """The global batch's shapes for one length (and patch) bucket, from one local batch."""
     def spec(k, v):
         shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
         if k in ("input_ids", "positions", "branch_ids"):
-            shape = (shape[0], seq_len)
+            shape = (*shape[:-1], seq_len)
+        if k in image_inputs.PATCH_KEYS:
+            shape = (shape[0], num_patches, *shape[2:])
         return jax.ShapeDtypeStruct(shape, v.dtype)
     return {k: spec(k, v) for k, v in local.items()}
 
@@ -288,7 +305,7 @@ class _Setup:
         and a fresh optimizer. Returns (state, where the parameters came from)."""
         config, init = self.config, self.config.init_from
         if init == "scratch":
-            model = llava.create(self.model_config, self.run, mesh=self.mesh, seed=config.seed)
+            model = families.create(self.model_config, self.run, mesh=self.mesh, seed=config.seed)
             params, origin = nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"a fresh init (seed {config.seed})"
         elif checkpoint.is_run_dir(init):
             params, step = checkpoint.restore_params(init, train_step.abstract_params(self.model_config, self.run,
@@ -316,7 +333,7 @@ class _Setup:
     def report_sharding(self, workdir: str) -> None:
         """Every parameter's shape, dtype and sharding to WORKDIR/parameters.txt; a console line for each
         dimension the mesh could have split but did not (it stays whole on every device)."""
-        table, unsplit = sharding.overview(nnx.state(llava.abstract_model(self.model_config, self.run), nnx.Param),
+        table, unsplit = sharding.overview(nnx.state(families.abstract_model(self.model_config, self.run), nnx.Param),
                                            self.mesh)
         if jax.process_index() != 0:
             return
@@ -344,10 +361,14 @@ class _Window:
         self.counts: dict[str, int] = {}
         self.t0 = time.perf_counter()
 
-    def add(self, step: int, metrics: dict, element: dict) -> None:
+    def add(self, step: int, metrics: dict, element: dict, batch: dict) -> None:
+        """`batch`: this process's part of the batch the step ran (padded to the agreed shapes)."""
         self.steps.append((step, metrics, element["index"]))
         self.data["examples"] += int(element["stats"]["examples"])
-        self.data["tokens"] += int((element["batch"]["branch_ids"] >= 0).sum())
+        self.data["tokens"] += int((batch["branch_ids"] >= 0).sum())
+        if "patch_image" in batch:  # how much of the patch buffers is padding
+            self.data["patches"] = self.data.get("patches", 0) + int((batch["patch_image"] >= 0).sum())
+            self.data["patch_slots"] = self.data.get("patch_slots", 0) + batch["patch_image"].size
         for k, v in element["stats"].items():
             if k.startswith("skipped/") or k.startswith("truncated"):
                 self.counts[k] = self.counts.get(k, 0) + int(v)
@@ -362,6 +383,8 @@ class _Window:
         out = {k: sum(float(m[k]) for m in fetched) / n for k in fetched[0] if k != "nonfinite_streak"}
         out.update(pairs_per_s=totals["examples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
                    step_s=elapsed / n, **{k: float(totals[k]) for k in self.counts})
+        if totals.get("patch_slots"):
+            out["patch_padding"] = 1.0 - totals["patches"] / totals["patch_slots"]
         self.steps, self.data = [], {"examples": 0, "tokens": 0}
         self.t0 = time.perf_counter()
         return out
@@ -427,8 +450,8 @@ class _Evaluator:
     def __call__(self, state) -> dict[str, float]:
         sums: dict[str, list[float]] = {}
         for i in range(self.batches):
-            local = pipeline.agree_seq_len(self.dataset[i]["batch"], self.pad_id)
-            spec = _global_spec(local, local["input_ids"].shape[1])
+            local = pipeline.agree_shapes(self.dataset[i]["batch"], self.pad_id)
+            spec = _global_spec(local, *_shape(local))
             batch = pipeline.to_global(local, train_step.batch_shardings(spec, self.mesh))
             with jax.profiler.StepTraceAnnotation("eval", step_num=i):
                 out = jax.device_get(self.eval_step(state, batch))

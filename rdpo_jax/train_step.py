@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdpo_jax import losses, optim, packing, sharding
-from rdpo_jax.models import llava
+from rdpo_jax.models import families
 
 REFERENCES = ("model", "precomputed", "none")
 
@@ -46,7 +46,7 @@ class TrainState:
 def abstract_params(model_config, run, mesh: Mesh) -> dict:
     """Every parameter of the model (trainable and frozen) as a ShapeDtypeStruct carrying its target
     sharding on `mesh`, in a nested dict: the target of parameter restores and loads."""
-    state = nnx.state(llava.abstract_model(model_config, run), nnx.Param)
+    state = nnx.state(families.abstract_model(model_config, run), nnx.Param)
     shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state),
                         shardings)
@@ -56,7 +56,7 @@ def abstract_state(model_config, run, optimizer: optax.GradientTransformation, m
                    reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     """The TrainState as ShapeDtypeStructs carrying their target shardings on `mesh` (no memory): the
     target of checkpoint restores and of `new_state`. `run`: the model's `RunSettings`."""
-    graphdef, params, frozen = optim.split_params(llava.abstract_model(model_config, run), freeze)
+    graphdef, params, frozen = optim.split_params(families.abstract_model(model_config, run), freeze)
     full = abstract_params(model_config, run, mesh)
 
     def place(tree):
@@ -184,10 +184,9 @@ def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoot
         return logp / jnp.maximum(count, 1.0) if length_norm else logp
 
     def loss_fn(params, frozen, ref_params, batch):
-        pixels = batch.get("pixel_values")
-        out = packing.pair_logps(nnx.merge(graphdef, params, frozen), batch, pixels, layout=pair_layout)
+        out = packing.pair_logps(nnx.merge(graphdef, params, frozen), batch, layout=pair_layout)
         if reference == "model":
-            ref = packing.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, pixels, layout=pair_layout)
+            ref = packing.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, layout=pair_layout)
             ref_c, ref_r = jax.lax.stop_gradient((ref["chosen_logp"], ref["rejected_logp"]))
         elif reference == "precomputed":
             ref_c, ref_r = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
@@ -213,7 +212,7 @@ def sft_loss(graphdef: nnx.GraphDef) -> Callable:
 
     def loss_fn(params, frozen, ref_params, batch):
         del ref_params
-        logps = packing.token_logps(nnx.merge(graphdef, params, frozen), batch, batch.get("pixel_values"))
+        logps = packing.token_logps(nnx.merge(graphdef, params, frozen), batch)
         tokens = (batch["target_branch"] > 0) * batch["valid"][:, None]
         return -(logps * tokens).sum(), (tokens.sum(), {})
 

@@ -11,6 +11,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from tests import tiny  # noqa: E402
+from tests import tiny_qwen as tiny_qwen_lib  # noqa: E402
 
 
 # The longest files, run first: `make test` hands whole files to two xdist workers in collection order
@@ -37,6 +38,19 @@ def tiny_llava(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """`tiny_qwen(tied) -> (folder, torch_model)`: a tiny random transformers Qwen2.5-VL saved once per session."""
+    cache = {}
+
+    def get(tied: bool):
+        if tied not in cache:
+            cache[tied] = tiny_qwen_lib.build(tied, str(tmp_path_factory.mktemp("qwen_tied" if tied else "qwen")))
+        return cache[tied]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def smoke_dir(tmp_path_factory):
     """`python -m rdpo_jax.data_prep.smoke` output with 8 pairs (one fixed batch of the smoke config) and 16 SFT
     examples, built once per session."""
@@ -45,6 +59,18 @@ def smoke_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("smoke"))
     smoke.write_model(f"{out}/model")
     smoke.write_data(out, pairs=8, sft=16, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_smoke_dir(tmp_path_factory):
+    """`python -m rdpo_jax.data_prep.smoke --family=qwen2_5_vl` output (8 pairs with 0–2 images of different
+    sizes each, 16 SFT examples), built once per session."""
+    from rdpo_jax.data_prep import smoke
+
+    out = str(tmp_path_factory.mktemp("qwen_smoke"))
+    smoke.write_model(f"{out}/model", family="qwen2_5_vl")
+    smoke.write_data(out, pairs=8, sft=16, seed=0, family="qwen2_5_vl")
     return out
 
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rdpo_jax import checkpoint, optim, sharding, train_step
-from rdpo_jax.models import hf, llava
+from rdpo_jax.models import families, hf
 from rdpo_jax.models.config import RunSettings
 
 
@@ -20,7 +20,7 @@ def saved(smoke_dir, tmp_path_factory):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
     _, abstract = train_step.abstract_state(cfg, RunSettings(), optimizer, mesh, freeze=("vision_tower/.*",),
                                             reference=True)
-    params = nnx.to_pure_dict(nnx.state(llava.create(cfg, mesh=mesh, seed=3), nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(families.create(cfg, mesh=mesh, seed=3), nnx.Param))
     state = train_step.new_state(params, optimizer, abstract)
     run = str(tmp_path_factory.mktemp("run"))
     ck = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=3)

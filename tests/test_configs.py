@@ -7,9 +7,9 @@ import pytest
 import transformers
 from flax import nnx
 
-from rdpo_jax.configs import base, llava15_7b_gpu, llava15_7b_tpu, smoke
+from rdpo_jax.configs import base, llava15_7b_gpu, llava15_7b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu, smoke
 from rdpo_jax import config_checks, sharding
-from rdpo_jax.models import hf, llava
+from rdpo_jax.models import families, hf
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,40 @@ def llava7b_folder(tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("module,devices,processes,mesh,per_device", [
-    (llava15_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "tensor": 1}, 2),
-    (llava15_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}, 2),
+@pytest.fixture(scope="module")
+def qwen7b_folder(tmp_path_factory):
+    """config.json of Qwen2.5-VL-7B-Instruct (the Hub's values), no weights."""
+    folder = tmp_path_factory.mktemp("qwen7b")
+    cfg = transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584, tokens_per_second=2),
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6, rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                                 mrope_section=[16, 24, 24])),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False)
+    cfg.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("module,devices,processes,mesh,per_device,folder,size", [
+    (llava15_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "tensor": 1}, 2, "llava7b_folder", (7.0e9, 7.2e9)),
+    (llava15_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}, 2, "llava7b_folder", (7.0e9, 7.2e9)),
+    (qwen25vl_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
+    (qwen25vl_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
 ])
-def test_real_scale_configs_plan_sensibly(llava7b_folder, module, devices, processes, mesh, per_device):
-    c = module.get_config(f"model={llava7b_folder},data=/data/pairs")
+def test_real_scale_configs_plan_sensibly(request, module, devices, processes, mesh, per_device, folder, size):
+    folder = request.getfixturevalue(folder)
+    c = module.get_config(f"model={folder},data=/data/pairs")
     assert config_checks.validate(c, num_devices=devices, num_processes=processes) == mesh
     micro = c.data.batch_size // c.accum_steps
     assert micro // (mesh["data"] * mesh["fsdp"]) == per_device  # pairs per device per micro-batch
-    model_cfg = hf.read_config(llava7b_folder)
-    assert model_cfg.image_seq_len == 576
-    params = nnx.to_flat_state(nnx.state(llava.abstract_model(model_cfg), nnx.Param))
+    model_cfg = hf.read_config(folder)
+    params = nnx.to_flat_state(nnx.state(families.abstract_model(model_cfg), nnx.Param))
     n = sum(v.get_value().size for _, v in params)
-    assert 7.0e9 < n < 7.2e9
+    assert size[0] < n < size[1]
     # every weight matrix is split over all devices: per-device bytes ≈ total / devices
     per_device = 0
     for _, v in params:

@@ -18,7 +18,8 @@ import pytest
 
 from rdpo_jax.data_prep import smoke
 from rdpo_jax import checkpoint, packing
-from rdpo_jax.data import arrayrecord, images, pipeline
+from rdpo_jax.data import arrayrecord, image_inputs, pipeline
+from rdpo_jax.models import hf
 from rdpo_jax.data.tokenize import ChatTokenizer
 from tests import runs
 
@@ -88,11 +89,12 @@ def test_the_processes_rows_need_different_buckets_in_the_same_step(smoke_dir, d
     config = smoke_config.get_config(f"dir={smoke_dir}")
     config.data.update(seq_buckets=BUCKETS, max_answer_len=16, on_bad_record="skip")
     options = pipeline.Options.from_config(config)
-    tok = ChatTokenizer(f"{smoke_dir}/model", image_token_id=smoke.IMAGE_TOKEN, image_seq_len=16)
+    tok = ChatTokenizer(f"{smoke_dir}/model", image_token_id=smoke.IMAGE_TOKEN)
 
     def dataset(p, n):
         return pipeline.make_dataset(arrayrecord.Source(f"{data}/pairs"), options, tok,
-                                     images.image_config(f"{smoke_dir}/model"), global_batch_size=8, seed=0,
+                                     image_inputs.from_config(config, hf.read_config(f"{smoke_dir}/model")),
+                                     global_batch_size=8, seed=0,
                                      process_index=p, process_count=n)
 
     shares, whole = [dataset(p, 2) for p in (0, 1)], dataset(0, 1)

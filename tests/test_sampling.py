@@ -40,6 +40,30 @@ def test_greedy_matches_transformers_generate(tiny_llava, name):
     assert np.asarray(lengths).tolist() == [12, 12]
 
 
+def test_qwen_greedy_matches_transformers_generate(tiny_qwen):
+    """Qwen2.5-VL, left-padded prompts with two, one and no images of different sizes: 3D prompt
+    positions, decode positions at the prompt's largest + 1 + step (transformers' rope_deltas)."""
+    from tests import tiny_qwen as tq
+
+    folder, torch_model = tiny_qwen(False)
+    model, cfg = hf.load_hf(folder)
+    rows = [([3, (1, 6, 10), 2, (1, 4, 4), 4], "left"), ([5, (1, 8, 8), 7], "left"), ([11], "left")]
+    batch = tq.inputs(rows, length=48)
+    images, positions = tq.ours(batch, cfg.vision)
+    sc = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0)
+    tokens, _ = sampling.generate(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                                  images, jax.random.key(0), sc, positions=jnp.asarray(positions))
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    pixels = np.concatenate([p for row in batch["patches"] for p in row])
+    with torch.no_grad():
+        ref = torch_model.generate(
+            input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+            pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor([g for r in batch["grids"] for g in r]),
+            mm_token_type_ids=(ids == tq.IMAGE).long(), max_new_tokens=10, do_sample=False, eos_token_id=None,
+            pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(tokens), ref[:, ids.shape[1]:].numpy())
+
+
 def test_sampling_is_reproducible_and_sharded_equals_single(tiny_llava):
     folder, _ = tiny_llava("siglip_qwen2")
     model, cfg = hf.load_hf(folder)
@@ -203,7 +227,7 @@ def test_sampled_ids_train_unchanged(tiny_llava, tmp_path, kind):
 
     folder = _with_tokenizer(tiny_llava, kind, tmp_path)
     policy = _sampler(folder)
-    cfg, tok, image_cfg = policy.config, policy.tokenizer, policy.image_config
+    cfg, tok, image_input = policy.config, policy.tokenizer, policy.image_input
     rng = np.random.default_rng(1)
     prompt = _prompt(rng)
     sc = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_ids=tok.stop_ids(), pad_id=tok.pad_id,
@@ -219,10 +243,10 @@ def test_sampled_ids_train_unchanged(tiny_llava, tmp_path, kind):
                   chosen_scores=[1], rejected_scores=[0], meta={})
     arrayrecord.write(str(tmp_path), "pairs", "pairs", [record])
     options = pipeline.Options(kind="pairs", seq_buckets=(cfg.image_seq_len + 48,), max_answer_len=8, max_criteria=1)
-    batch = pipeline.make_dataset(arrayrecord.Source(str(tmp_path / "pairs")), options, tok, image_cfg,
+    batch = pipeline.make_dataset(arrayrecord.Source(str(tmp_path / "pairs")), options, tok, image_input,
                                   global_batch_size=1, seed=None, num_epochs=1, process_index=0,
                                   process_count=1)[0]["batch"]
     targets, branch = batch["targets"][0], batch["target_branch"][0]
     assert targets[branch == 1].tolist() == chosen and targets[branch == 2].tolist() == rejected
-    np.testing.assert_array_equal(batch["input_ids"][0, :len(tok.prompt(prompt["messages"], 1))],
-                                  tok.prompt(prompt["messages"], 1))  # after the very prompt they were sampled from
+    np.testing.assert_array_equal(batch["input_ids"][0, :len(tok.prompt(prompt["messages"], [cfg.image_seq_len]))],
+                                  tok.prompt(prompt["messages"], [cfg.image_seq_len]))  # after the very prompt they were sampled from

@@ -165,7 +165,7 @@ def test_online_reference_equals_precomputed(tiny_llava, mesh1):
     p0, online, m_online = _run(folder, mesh1, batch, loss_type="rubric", beta=0.1)
     # at step 0 the policy is the reference: z = 0 and the rubric loss is log 2
     assert m_online["loss"] == pytest.approx(np.log(2), rel=1e-5) and online.ref_params is not None
-    ref = packing.pair_logps(model, batch, jnp.asarray(batch["pixel_values"]), layout="shared_prefix")
+    ref = packing.pair_logps(model, batch, layout="shared_prefix")
     batch["ref_chosen_logp"] = np.asarray(ref["chosen_logp"])
     batch["ref_rejected_logp"] = np.asarray(ref["rejected_logp"])
     _, pre, m_pre = _run(folder, mesh1, batch, loss_type="rubric", beta=0.1, reference="precomputed")

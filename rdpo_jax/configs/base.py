@@ -47,7 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 8  # global pairs (dpo) or examples (sft) per step, over all processes
     c.data.seq_buckets = (1024, 2048)  # padded row lengths (one compile each)
     c.data.max_answer_len = 512  # answers are cut to this many tokens (counted)
-    c.data.images_per_example = 1  # every record must hold this many images (0: text only)
+    c.data.max_images = 1  # a record holds 0 … this many images (0: text only; LLaVA encodes this many per row)
+    c.data.max_pixels = None  # Qwen2.5-VL: pixels per image at most (None: the folder's max_pixels)
+    c.data.patch_buckets = (256, 1024, 4096, 16384)  # Qwen2.5-VL: patch buffers per row (one compile each)
     c.data.max_criteria = 16  # rubric arrays are padded to this many criteria
     c.data.essential_weight = 1.0  # multiplies the weight of essential criteria
     c.data.additional_weight = 1.0  # multiplies the weight of additional criteria

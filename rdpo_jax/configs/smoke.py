@@ -4,14 +4,15 @@
     python -m rdpo_jax.train --config=rdpo_jax/configs/smoke.py:dir=/tmp/smoke --workdir=/tmp/run
     python -m rdpo_jax.train --config=rdpo_jax/configs/smoke.py:dir=/tmp/smoke,objective=sft --workdir=/tmp/run_sft
 
-The argument is `key=value` pairs: dir (required), objective (dpo | sft).
+The argument is `key=value` pairs: dir (required), objective (dpo | sft), family (llava | qwen2_5_vl: the
+family `data_prep.smoke --family` wrote; Qwen2.5-VL records hold 0–2 images of any size).
 """
 
 from rdpo_jax.configs import base
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "rdpo_jax/configs/smoke.py", required=("dir",), optional=("objective",))
+    args = base.parse_arg(arg, "rdpo_jax/configs/smoke.py", required=("dir",), optional=("objective", "family"))
     c = base.get_config()
     d = args["dir"]
     c.objective = args.get("objective", "dpo")
@@ -31,6 +32,12 @@ def get_config(arg: str = ""):
     c.optim.warmup_steps = 1
     c.optim.freeze = "vision_tower/.*"
     c.optim.lr_multipliers = "multi_modal_projector/.*=2"
+    if args.get("family", "llava") == "qwen2_5_vl":
+        c.data.seq_buckets = (64, 128)
+        c.data.max_images = 2
+        c.data.patch_buckets = (64, 288)  # two images of at most 12×12 patches
+        c.optim.freeze = "visual/(patch_embed|blocks)/.*"
+        c.optim.lr_multipliers = "visual/merger/.*=2"
     c.checkpoint.every = 2
     c.checkpoint.keep = 2
     c.log.every = 1

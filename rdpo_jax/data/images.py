@@ -63,9 +63,9 @@ class ImageConfig:
         raise ValueError("a shortest-edge resize without center crop gives images of varying size")
 
 
-def image_config(model_folder: str) -> ImageConfig:
-    """The image processor settings saved with a model (`preprocessor_config.json`, or the
-    `image_processor` entry of transformers 5's `processor_config.json`)."""
+def processor_dict(model_folder: str) -> tuple[dict, str]:
+    """(the image processor settings saved with a model, the file they came from): `preprocessor_config.json`,
+    or the `image_processor` entry of transformers 5's `processor_config.json`."""
     for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
         path = os.path.join(model_folder, name)
         if os.path.exists(path):
@@ -73,9 +73,14 @@ def image_config(model_folder: str) -> ImageConfig:
                 d = json.load(f)
             d = d.get(key, d) if key else d
             if "image_processor_type" in d:
-                return ImageConfig.from_hf(d, path)
+                return d, path
     raise FileNotFoundError(f"{model_folder}: no image processor config (preprocessor_config.json or "
                             "processor_config.json)")
+
+
+def image_config(model_folder: str) -> ImageConfig:
+    """The fixed-size image processor settings saved with a model (`processor_dict`)."""
+    return ImageConfig.from_hf(*processor_dict(model_folder))
 
 
 def decode_image(data: bytes) -> Image.Image:

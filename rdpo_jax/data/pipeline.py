@@ -2,8 +2,15 @@
 
     source → shuffle(seed, reshuffled per epoch) → repeat → global batches of B records, of which
     this process takes rows [p·B/n, (p+1)·B/n) → Prepare (decode, validate, images, tokenize) →
-    batch + Collate (pack into a length bucket, pad) → worker processes → `agree_seq_len` (every
-    process pads to the longest bucket any process needs) → `to_global`
+    batch + Collate (pack into a length bucket, images into the family's arrays, pad) → worker
+    processes → `agree_shapes` (every process pads to the longest buckets any process needs) →
+    `to_global`
+
+Images go through the model family's `image_inputs` adapter: it preprocesses each record's images,
+says how many placeholder tokens each becomes (the tokenizer expands the template's image token to
+that many) and, for M-RoPE families, the prompt's 3D positions; a batch's images become the arrays the
+model reads (LLaVA: pixels [B, N, H, W, 3]; Qwen2.5-VL: a patch buffer per row from a patch bucket).
+Records may hold 0 … `max_images` images.
 
 Everything before the worker processes is a `grain.MapDataset`, i.e. indexed: global batch `s` is a
 pure function of (seed, s), independent of the number of processes, devices and workers, so the data
@@ -28,10 +35,10 @@ import jax
 import numpy as np
 
 from rdpo_jax import packing
-from rdpo_jax.data import images, records
+from rdpo_jax.data import image_inputs, images, records
 from rdpo_jax.data.tokenize import ChatTokenizer, TemplateError
 
-SKIP_REASONS = ("corrupt", "schema", "bad_image", "image_count", "empty_answer", "identical_answers",
+SKIP_REASONS = ("corrupt", "schema", "bad_image", "image_count", "image_budget", "empty_answer", "identical_answers",
                 "scores_mismatch", "too_many_criteria", "template", "prompt_too_long", "missing_reference",
                 "reference_mismatch")
 ON_BAD_RECORD = ("error", "skip")
@@ -45,7 +52,6 @@ class Options:
     kind: str  # "pairs" | "sft"
     seq_buckets: tuple[int, ...]  # padded row lengths; a batch uses the smallest that fits
     max_answer_len: int  # each answer is cut to this many tokens (counted)
-    images_per_example: int = 1
     max_criteria: int = 16  # rubric arrays are padded to this K
     essential_weight: float = 1.0
     additional_weight: float = 1.0
@@ -71,7 +77,7 @@ class Options:
         stamped with this config's `reference_settings`."""
         d, dpo = config.data, config.objective == "dpo"
         return cls(kind="pairs" if dpo else "sft", seq_buckets=tuple(d.seq_buckets), max_answer_len=d.max_answer_len,
-                   images_per_example=d.images_per_example, max_criteria=d.max_criteria,
+                   max_criteria=d.max_criteria,
                    essential_weight=d.essential_weight, additional_weight=d.additional_weight,
                    pair_layout=config.dpo.pair_layout, require_reference=reference_fingerprint is not None,
                    reference_fingerprint=reference_fingerprint,
@@ -91,7 +97,7 @@ class Options:
 # The config fields besides the model that decide a reference log-likelihood's value: dtypes round it,
 # the layout and buckets change the program, answer length and image count what is summed.
 REFERENCE_SETTINGS = ("model.param_dtype", "model.dtype", "dpo.pair_layout", "data.seq_buckets",
-                      "data.max_answer_len", "data.images_per_example")
+                      "data.max_answer_len", "data.max_images", "data.max_pixels", "data.patch_buckets")
 
 
 def reference_settings(config) -> dict[str, Any]:
@@ -108,8 +114,8 @@ def reference_settings(config) -> dict[str, Any]:
 class Prepare(grain.transforms.Map):
     """(source index, record bytes) → an example dict, or {"skip": reason} (module level: picklable)."""
 
-    def __init__(self, source, options: Options, tokenizer: ChatTokenizer, image_config: images.ImageConfig | None):
-        self.source, self.options, self.tokenizer, self.image_config = source, options, tokenizer, image_config
+    def __init__(self, source, options: Options, tokenizer: ChatTokenizer, image_input):
+        self.source, self.options, self.tokenizer, self.image_input = source, options, tokenizer, image_input
 
     def map(self, item):
         if item == PAD_ROW:  # past the end of a finite pass (compared by value: workers unpickle it)
@@ -127,19 +133,18 @@ class Prepare(grain.transforms.Map):
 
     def _prepare(self, record: dict, where: str) -> dict:
         o = self.options
-        if len(record["images"]) != o.images_per_example:
-            raise records.RecordError(where, "images", f"{len(record['images'])} images, the model is configured "
-                                      f"for {o.images_per_example} per example", reason="image_count")
-        pixels = []
-        for i, data in enumerate(record["images"]):
-            try:
-                pixels.append(images.load_and_preprocess(data, self.image_config))
-            except images.ImageError as e:
-                raise records.RecordError(where, f"images[{i}]", str(e), reason="bad_image") from None
+        try:
+            prepared = self.image_input.prepare(record["images"])
+        except images.ImageError as e:
+            field = "images" if getattr(e, "index", None) is None else f"images[{e.index}]"
+            raise records.RecordError(where, field, str(e), reason="bad_image") from None
+        except image_inputs.ImageBudgetError as e:
+            reason = "image_count" if "max_images" in str(e) else "image_budget"
+            raise records.RecordError(where, "images", str(e), reason=reason) from None
         messages = record["messages"]
         keys = ("chosen", "rejected") if o.kind == "pairs" else ("answer",)
         try:
-            prompt = self.tokenizer.prompt(messages, len(pixels))
+            prompt = self.tokenizer.prompt(messages, prepared["tokens"] if prepared else [])
             if record.get("tokenizer") is not None and record["tokenizer"] == self.tokenizer.fingerprint:
                 answers = {k: record[f"{k}_ids"] for k in keys}  # the ids the policy sampled, exactly
             else:  # text only, or ids of another tokenizer: cut from the whole conversation's tokens
@@ -153,7 +158,8 @@ class Prepare(grain.transforms.Map):
             raise records.RecordError(where, "messages", f"prompt of {len(prompt)} tokens (image tokens included) "
                                       f"exceeds {o.max_prompt_len}; prompts are never truncated",
                                       reason="prompt_too_long")
-        example = {"prompt": np.asarray(prompt, np.int32), "pixels": np.stack(pixels) if pixels else None}
+        example = {"prompt": np.asarray(prompt, np.int32), "images": prepared,
+                   "positions": self.image_input.positions(prompt, prepared)}
         example.update({k: np.asarray(v, np.int32) for k, v in answers.items()})
         if o.kind == "pairs":
             example.update(self._rubric(record, where))
@@ -213,10 +219,8 @@ class Collate:
     """Prepared examples → {"batch": arrays for the step, "stats": counts, "index": source index per row
     (−1 for padding)} (picklable)."""
 
-    def __init__(self, options: Options, batch_size: int, pad_id: int, image_token_id: int, image_seq_len: int,
-                 image_shape: tuple[int, int, int] | None):
-        self.options, self.batch_size, self.pad_id = options, batch_size, pad_id
-        self.image_token_id, self.image_seq_len, self.image_shape = image_token_id, image_seq_len, image_shape
+    def __init__(self, options: Options, batch_size: int, pad_id: int, image_input):
+        self.options, self.batch_size, self.pad_id, self.image_input = options, batch_size, pad_id, image_input
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         o = self.options
@@ -237,22 +241,25 @@ class Collate:
             rows.append(ex)
         need = max(self._row_len(r) for r in rows)
         seq_len = next((b for b in o.seq_buckets if b >= need), o.seq_buckets[-1])  # else answers shrink to fit
+        mrope = self.image_input.mrope
         if o.kind == "pairs":
-            pairs = [packing.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+            pairs = [packing.Pair(r["prompt"], r["chosen"], r["rejected"], r["positions"]) for r in rows]
             batch, trunc = packing.pack_pairs(pairs, layout=o.pair_layout, seq_len=seq_len,
-                                              max_answer_len=o.max_answer_len, pad_id=self.pad_id)
+                                              max_answer_len=o.max_answer_len, pad_id=self.pad_id, mrope=mrope)
             for name in packing.RUBRIC_KEYS:
                 batch[name] = np.stack([r[name] for r in rows])
             if o.require_reference:
                 for name in ("ref_chosen_logp", "ref_rejected_logp"):
                     batch[name] = np.array([r[name] for r in rows], np.float32)
         else:
-            batch, trunc = packing.pack_sft([(r["prompt"], r["answer"]) for r in rows], seq_len=seq_len,
-                                            max_answer_len=o.max_answer_len, pad_id=self.pad_id)
-        if o.images_per_example:
-            batch["pixel_values"] = np.stack([r["pixels"] for r in rows])
+            batch, trunc = packing.pack_sft([(r["prompt"], r["answer"], r["positions"]) for r in rows],
+                                            seq_len=seq_len, max_answer_len=o.max_answer_len, pad_id=self.pad_id,
+                                            mrope=mrope)
+        image_arrays, image_stats = self.image_input.collate([r["images"] for r in rows])
+        batch.update(image_arrays)
         batch["valid"] = valid
         stats.update(trunc)
+        stats.update(image_stats)
         stats["examples"] = int(valid.sum())
         return {"batch": batch, "stats": {k: np.int64(v) for k, v in stats.items()}, "index": index}
 
@@ -267,11 +274,10 @@ class Collate:
         return ("chosen", "rejected") if o.kind == "pairs" else ("answer",)
 
     def _filler(self) -> dict:
-        """A padding example: placeholders for its (blank) images, one-token answers, zero rubric."""
+        """A padding example: a one-token prompt without images, one-token answers, zero rubric."""
         o = self.options
-        n = o.images_per_example
-        ex = {"prompt": np.array([self.image_token_id] * (n * self.image_seq_len) + [self.pad_id], np.int32),
-              "pixels": np.zeros((n, *self.image_shape), np.float32) if n else None}
+        prompt = np.array([self.pad_id], np.int32)
+        ex = {"prompt": prompt, "images": None, "positions": self.image_input.positions(prompt, None)}
         for k in self._answer_keys(o):
             ex[k] = np.array([self.pad_id], np.int32)
         if o.kind == "pairs":
@@ -315,27 +321,22 @@ class _LocalRows(grain.MapDataset):
         return f"_LocalRows(global_batch={self._B}, process={self._p})"
 
 
-def make_dataset(source, options: Options, tokenizer: ChatTokenizer, image_config: images.ImageConfig | None, *,
+def make_dataset(source, options: Options, tokenizer: ChatTokenizer, image_input, *,
                  global_batch_size: int, seed: int | None, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
     """The indexed part of the pipeline: element s is this process's share of global batch s.
 
     The records of global batch s depend on (seed, s) only; process p of n gets its rows
     [p·B/n, (p+1)·B/n). `num_epochs=None` repeats forever (reshuffled each epoch); `seed=None` keeps
-    the source order."""
+    the source order. `image_input`: the model family's adapter (`image_inputs.for_model`)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    image_shape = None
-    if options.images_per_example:
-        h, w = image_config.output_size
-        image_shape = (h, w, 3)
     local_batch = global_batch_size // process_count
-    collate = Collate(options, local_batch, tokenizer.pad_id, tokenizer.image_token_id,
-                      tokenizer.image_seq_len, image_shape)
+    collate = Collate(options, local_batch, tokenizer.pad_id, image_input)
     ds = grain.MapDataset.source(source)
     ds = (ds if seed is None else ds.shuffle(seed)).repeat(num_epochs)
     ds = _LocalRows(ds, global_batch_size, process_index, process_count)
-    ds = ds.map(Prepare(source, options, tokenizer, image_config))
+    ds = ds.map(Prepare(source, options, tokenizer, image_input))
     return ds.batch(local_batch, batch_fn=collate)
 
 
@@ -352,20 +353,22 @@ def make_iterator(dataset: grain.MapDataset, *, workers: int = 0, buffer_size: i
     return iter(ds)
 
 
-def agree_seq_len(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    """Pads this process's rows to the longest row length (bucket) of any process in this step.
+def agree_shapes(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Pads this process's rows to the longest row length (bucket), and its patch buffers to the largest
+    patch bucket, of any process in this step.
 
-    Each process packs its rows into the smallest bucket they fit; one compiled program runs over the
-    global array, so all processes must use the same length. Because a bucket is the smallest that fits
+    Each process packs its rows into the smallest buckets they fit; one compiled program runs over the
+    global array, so all processes must use the same shapes. Because a bucket is the smallest that fits
     the longest row, the largest bucket over processes is the one a single process holding the whole
     global batch picks, and padding a row further changes nothing in it: every process count gives the
     same batch. One small all-gather per step (multi-process runs only)."""
-    seq_len = batch["input_ids"].shape[1]
+    shape = np.array([batch["input_ids"].shape[1], batch["patches"].shape[1] if "patches" in batch else 0], np.int32)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        seq_len = int(np.max(multihost_utils.process_allgather(np.int32(seq_len))))
-    return packing.pad_rows(batch, seq_len, pad_id)
+        shape = np.max(multihost_utils.process_allgather(shape), axis=0)
+    batch = packing.pad_rows(batch, int(shape[0]), pad_id)
+    return image_inputs.pad_patches(batch, int(shape[1]))
 
 
 def to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

@@ -124,5 +124,26 @@ def preprocess(image: Image.Image, cfg: QwenImageConfig) -> tuple[np.ndarray, tu
     return patchify(images.rescale_and_normalize(x, cfg), cfg), (1, gh, gw)
 
 
+def patch_metadata(grids, merge_size: int, num_patches: int) -> dict[str, np.ndarray]:
+    """Host-side metadata of a patch buffer holding `grids` ((1, h, w) per image, in order) padded to
+    `num_patches`: image int32[N] (−1 = padding), row, col int32[N] (the patch's place in its image's grid,
+    merge-block-major as the rows are)."""
+    image, row, col = (np.full(num_patches, v, np.int32) for v in (-1, 0, 0))
+    start, m = 0, merge_size
+    for i, (t, h, w) in enumerate(grids):
+        if t != 1 or h % m or w % m:
+            raise ValueError(f"image {i}: grid {(t, h, w)} must be a still image with sides multiples of {m}")
+        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block = (h // m, m, w // m, m)
+        n = h * w
+        if start + n > num_patches:
+            raise ValueError(f"images of {sum(g[1] * g[2] for g in grids)} patches exceed the buffer of {num_patches}")
+        image[start:start + n] = i
+        row[start:start + n] = r.reshape(block).transpose(0, 2, 1, 3).ravel()
+        col[start:start + n] = c.reshape(block).transpose(0, 2, 1, 3).ravel()
+        start += n
+    return dict(image=image, row=row, col=col)
+
+
 def load_and_preprocess(data: bytes, cfg: QwenImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     return preprocess(images.decode_image(data), cfg)

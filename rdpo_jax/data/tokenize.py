@@ -3,9 +3,11 @@
 The model folder's tokenizer renders the conversation with its chat template (the processor's
 `chat_template.jinja`/`.json` when the tokenizer has none). The prompt is the conversation rendered with
 `add_generation_prompt=True`; the answer is what rendering the conversation plus the assistant message
-adds after that prompt, up to and including the end-of-turn token (trailing whitespace dropped). Each
-image placeholder token in the prompt expands to exactly `image_seq_len` copies, as the HF processor
-does, so the model's image features fill them one to one. Only answer tokens are trained.
+adds after that prompt, up to and including the end-of-turn token (trailing whitespace dropped). The
+i-th image placeholder token in the prompt expands to as many copies as image i has features (LLaVA: a
+fixed count; Qwen2.5-VL: h·w/4 of its patch grid, between the template's vision start/end tokens), as
+the HF processors do, so the model's image features fill them one to one. Only answer tokens are
+trained.
 
 Answer ids are cut out of the whole conversation's tokens, never tokenized alone: a text tokenized alone
 is tokenized as the start of a text, and tokenizers treat starts specially (Llama-2's normalizer prepends
@@ -19,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 
 PLACEHOLDER = "image"  # the part type that renders as the image token
 
@@ -36,8 +39,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class ChatTokenizer:
     """Picklable (the tokenizer loads lazily in each worker process)."""
 
-    def __init__(self, model_folder: str, *, image_token_id: int, image_seq_len: int):
-        self.folder, self.image_token_id, self.image_seq_len = model_folder, image_token_id, image_seq_len
+    def __init__(self, model_folder: str, *, image_token_id: int):
+        self.folder, self.image_token_id = model_folder, image_token_id
         self._tok = None
 
     def __getstate__(self):
@@ -65,16 +68,18 @@ class ChatTokenizer:
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-    def prompt(self, messages: list[dict], num_images: int) -> list[int]:
-        """Token ids of the prompt, image placeholders expanded; checks one placeholder per image."""
+    def prompt(self, messages: list[dict], image_tokens: Sequence[int]) -> list[int]:
+        """Token ids of the prompt, the i-th image placeholder expanded to `image_tokens[i]` copies;
+        checks one placeholder per image."""
         ids = self._ids(self._render(messages, True))
         found = ids.count(self.image_token_id)
-        if found != num_images:
-            raise TemplateError(f"the rendered prompt holds {found} image tokens for {num_images} images "
+        if found != len(image_tokens):
+            raise TemplateError(f"the rendered prompt holds {found} image tokens for {len(image_tokens)} images "
                                 f"(token id {self.image_token_id})")
         out: list[int] = []
+        counts = iter(image_tokens)
         for t in ids:
-            out.extend([t] * self.image_seq_len if t == self.image_token_id else [t])
+            out.extend([t] * next(counts) if t == self.image_token_id else [t])
         return out
 
     def answer(self, messages: list[dict], answer: str) -> list[int]:

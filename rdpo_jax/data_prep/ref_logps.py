@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from rdpo_jax.data_prep import common
 from rdpo_jax import checkpoint, inference, logs, packing, train_step
-from rdpo_jax.data import arrayrecord, pipeline, records
+from rdpo_jax.data import arrayrecord, image_inputs, pipeline, records
 from rdpo_jax.models import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (rdpo_jax/configs/NAME.py[:ARG]).",
@@ -74,11 +74,11 @@ def main(argv):
             todo.append(i)
     dataset = pipeline.make_dataset(
         _ShardSource(source, todo), options, policy.tokenizer,
-        policy.image_config if config.data.images_per_example else None,
+        image_inputs.from_config(config, policy.config),
         global_batch_size=_BATCH.value or config.data.batch_size, seed=None, num_epochs=1, process_index=0,
         process_count=1)
     layout = config.dpo.pair_layout
-    forward = nnx.jit(lambda m, b, p: packing.pair_logps(m, b, p, layout=layout))
+    forward = nnx.jit(lambda m, b: packing.pair_logps(m, b, layout=layout))
     counts = collections.Counter()
     counts["already_done"] = len(range(shard_index, len(source), num_shards)) - len(todo)
     mesh = policy.mesh
@@ -86,7 +86,7 @@ def main(argv):
         for element in logs.bar(dataset, desc="ref_logps", unit="batch", total=len(dataset)):
             batch = element["batch"]
             global_batch = pipeline.to_global(batch, train_step.batch_shardings(batch, mesh))
-            logps = jax.device_get(forward(policy.model, global_batch, global_batch.get("pixel_values")))
+            logps = jax.device_get(forward(policy.model, global_batch))
             for row, i in enumerate(element["index"]):
                 if i < 0:
                     continue

@@ -1,10 +1,12 @@
 """Writes a tiny but complete training setup for smoke runs and tests (nothing downloaded).
 
-    python -m rdpo_jax.data_prep.smoke --out=DIR [--pairs=32] [--sft=32] [--seed=0]
+    python -m rdpo_jax.data_prep.smoke --out=DIR [--family=llava|qwen2_5_vl] [--pairs=32] [--sft=32] [--seed=0]
 
-DIR/model      a Hugging Face LLaVA folder (SigLIP 32 px + Qwen2, a few thousand parameters per layer):
-               config.json, random weights (model.safetensors), a word-level tokenizer with a ChatML
-               chat template, and the LlavaProcessor (SigLIP image processor)
+DIR/model      a Hugging Face model folder, a few thousand parameters per layer: config.json, random
+               weights (model.safetensors), a word-level tokenizer with a ChatML chat template and the
+               image processor. llava: SigLIP 32 px + Qwen2 with the LlavaProcessor, one image per
+               record. qwen2_5_vl: a Qwen2.5-VL (vision patch 4, window and full attention, M-RoPE) with
+               Qwen2VLImageProcessor, records holding 0, 1 or 2 images of different sizes.
 DIR/pairs      rubric-scored preference pairs (ArrayRecord + manifest), DIR/pairs_eval held-out pairs
 DIR/sft        SFT examples
 Texts are random words from a small vocabulary and images are random; the point is to exercise every
@@ -24,33 +26,53 @@ WORDS = ("system user assistant describe the image a an one two three four five 
          "colour shape and with no yes object objects picture shows").split()
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "<image>"]  # ids 0…5
 IMAGE_TOKEN = SPECIAL.index("<image>")
-CHAT_TEMPLATE = (
+# Qwen2-VL's vision tokens, after the words (ids 51…54): an image renders as start, pad, end
+QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_IMAGE_TOKEN = len(SPECIAL) + len(WORDS) + QWEN_VISION.index("<|image_pad|>")
+FAMILIES = ("llava", "qwen2_5_vl")
+_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<image>")
+QWEN_CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
 
 
-def tokenizer():
-    """A word-level tokenizer over `WORDS` with ChatML-style special tokens and chat template."""
+def tokenizer(family: str = "llava"):
+    """A word-level tokenizer over `WORDS` with ChatML-style special tokens and chat template (and, for
+    qwen2_5_vl, the vision tokens)."""
     import tokenizers
     import transformers
 
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+    extra = QWEN_VISION if family == "qwen2_5_vl" else []
+    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + extra)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     # no cleanup: "blue ." must decode to "blue .", which re-tokenizes to its ids ("blue." is one unknown word)
     tok.decoder = tokenizers.decoders.WordPiece(cleanup=False)
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
-        additional_special_tokens=["<|im_start|>", "<image>"])
-    fast.chat_template = CHAT_TEMPLATE
+        additional_special_tokens=["<|im_start|>", "<image>", *extra])
+    fast.chat_template = QWEN_CHAT_TEMPLATE if extra else CHAT_TEMPLATE
     return fast
 
 
-def model_config():
+def model_config(family: str = "llava"):
     import transformers
 
+    if family == "qwen2_5_vl":
+        start = len(SPECIAL) + len(WORDS)
+        return transformers.Qwen2_5_VLConfig(
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
+                               out_hidden_size=64),
+            text_config=dict(vocab_size=start + len(QWEN_VISION), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+                             rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])),
+            image_token_id=QWEN_IMAGE_TOKEN, video_token_id=start + 3, vision_start_token_id=start,
+            vision_end_token_id=start + 1, tie_word_embeddings=False)
     return transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
@@ -60,15 +82,18 @@ def model_config():
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full")
 
 
-def write_model(folder: str, seed: int = 0) -> None:
+def write_model(folder: str, seed: int = 0, family: str = "llava") -> None:
     import transformers
 
     from rdpo_jax.models import config as config_lib
-    from rdpo_jax.models import hf, llava
+    from rdpo_jax.models import families, hf
 
-    hf_config = model_config()
+    hf_config = model_config(family)
     cfg = config_lib.from_hf(hf_config)
-    hf.save_hf(llava.create(cfg, seed=seed), folder, hf_config)
+    hf.save_hf(families.create(cfg, seed=seed), folder, hf_config)
+    if family == "qwen2_5_vl":
+        write_qwen_processor(folder, tokenizer(family))
+        return
     processor = transformers.LlavaProcessor(
         image_processor=transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}),
         tokenizer=tokenizer(), patch_size=8, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
@@ -76,11 +101,34 @@ def write_model(folder: str, seed: int = 0) -> None:
     processor.save_pretrained(folder)
 
 
-def _png(rng) -> bytes:
+# The tiny Qwen2.5-VL's image processor: patch 4, merge 2, images of 8×8 to 48×48 pixels (≤ 144 patches)
+QWEN_IMAGE_PROCESSOR = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=48 * 48)
+
+
+def write_qwen_processor(folder: str, tok) -> None:
+    """The files of a Qwen2_5_VLProcessor: preprocessor_config.json, the tokenizer and its chat template.
+    (transformers 5.23 builds that processor only with torchvision installed, for its video processor;
+    the processor's own files are written without it, and `AutoProcessor` reads them where torchvision is.)"""
+    import json
+
+    import transformers
+
+    image_processor = transformers.Qwen2VLImageProcessorPil(**QWEN_IMAGE_PROCESSOR)
+    image_processor.save_pretrained(folder)
+    path = os.path.join(folder, "preprocessor_config.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["processor_class"] = "Qwen2_5_VLProcessor"
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
+    tok.save_pretrained(folder)
+
+
+def _png(rng, size=(24, 24)) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -88,41 +136,55 @@ def _words(rng, n: int) -> str:
     return " ".join(rng.choice(WORDS[3:], n))
 
 
-def _messages(rng) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _words(rng, 3)}]}]
+def _messages(rng, images: int = 1) -> list[dict]:
+    parts = [{"type": "image"}] * images + [{"type": "text", "text": _words(rng, 3)}]
+    return [{"role": "user", "content": parts}]
 
 
-def pair(rng, i: int) -> dict:
+def _images(rng, family: str) -> list[bytes]:
+    """llava: one 24×24 image; qwen2_5_vl: 0, 1 or 2 images with sides of 8…48 pixels."""
+    if family == "llava":
+        return [_png(rng)]
+    return [_png(rng, tuple(rng.integers(8, 49, 2))) for _ in range(int(rng.choice([0, 1, 1, 2])))]
+
+
+def pair(rng, i: int, family: str = "llava") -> dict:
     k = 3
     rubric = {"criteria": [{"id": f"c{j}", "text": _words(rng, 2), "kind": "essential" if j == 0 else "additional",
                             "weight": 1.0, "scale": "binary"} for j in range(k)]}
     chosen_scores = [1, int(rng.integers(0, 2)), 1]
     rejected_scores = [0, int(rng.integers(0, 2)), int(rng.integers(0, 2))]
-    return dict(pair_id=f"pair{i}", prompt_id=f"p{i}", images=[_png(rng)], messages=_messages(rng),
+    images = _images(rng, family)
+    return dict(pair_id=f"pair{i}", prompt_id=f"p{i}", images=images, messages=_messages(rng, len(images)),
                 chosen=_words(rng, 4), rejected=_words(rng, 3), rubric=rubric, chosen_scores=chosen_scores,
                 rejected_scores=rejected_scores, meta={"source": "smoke"})
 
 
-def write_data(out: str, *, pairs: int, sft: int, seed: int) -> None:
+def sft_example(rng, family: str = "llava") -> dict:
+    images = _images(rng, family)
+    return dict(images=images, messages=_messages(rng, len(images)), answer=_words(rng, 5))
+
+
+def write_data(out: str, *, pairs: int, sft: int, seed: int, family: str = "llava") -> None:
     from rdpo_jax.data import arrayrecord
 
     rng = np.random.default_rng(seed)
-    arrayrecord.write(out, "pairs", "pairs", [pair(rng, i) for i in range(pairs)], num_shards=2)
-    arrayrecord.write(out, "pairs_eval", "pairs", [pair(rng, pairs + i) for i in range(max(pairs // 4, 2))])
-    arrayrecord.write(out, "sft", "sft", [dict(images=[_png(rng)], messages=_messages(rng), answer=_words(rng, 5))
-                                          for _ in range(sft)], num_shards=2)
+    arrayrecord.write(out, "pairs", "pairs", [pair(rng, i, family) for i in range(pairs)], num_shards=2)
+    arrayrecord.write(out, "pairs_eval", "pairs", [pair(rng, pairs + i, family) for i in range(max(pairs // 4, 2))])
+    arrayrecord.write(out, "sft", "sft", [sft_example(rng, family) for _ in range(sft)], num_shards=2)
 
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _PAIRS = flags.DEFINE_integer("pairs", 32, "Training pairs.")
 _SFT = flags.DEFINE_integer("sft", 32, "SFT examples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and data.")
+_FAMILY = flags.DEFINE_enum("family", "llava", FAMILIES, "The model family.")
 
 
 def main(argv):
     del argv
-    write_model(os.path.join(_OUT.value, "model"), seed=_SEED.value)
-    write_data(_OUT.value, pairs=_PAIRS.value, sft=_SFT.value, seed=_SEED.value)
+    write_model(os.path.join(_OUT.value, "model"), seed=_SEED.value, family=_FAMILY.value)
+    write_data(_OUT.value, pairs=_PAIRS.value, sft=_SFT.value, seed=_SEED.value, family=_FAMILY.value)
     print(f"wrote {_OUT.value}/model, pairs, pairs_eval, sft")
 
 

@@ -212,7 +212,7 @@ def write_model(folder: str, *, seed: int = 0) -> None:
     import transformers
 
     from rdpo_jax.models import config as config_lib
-    from rdpo_jax.models import hf, llava
+    from rdpo_jax.models import families, hf
 
     tokenizer = train_tokenizer(corpus())
     hf_config = transformers.LlavaConfig(
@@ -224,7 +224,7 @@ def write_model(folder: str, *, seed: int = 0) -> None:
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
         vision_feature_select_strategy="full")
     cfg = config_lib.from_hf(hf_config)
-    hf.save_hf(llava.create(cfg, seed=seed), folder, hf_config)
+    hf.save_hf(families.create(cfg, seed=seed), folder, hf_config)
     processor = transformers.LlavaProcessor(
         image_processor=transformers.SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,

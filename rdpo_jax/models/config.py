@@ -16,6 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 TEXT_FAMILIES = ("llama", "qwen2", "qwen3")
+# model_type of a text config inside a multimodal one -> the decoder family it is
+TEXT_ALIASES = {"qwen2_5_vl_text": "qwen2"}
+# model_type -> the transformers class (config.json's `architectures`, what vLLM picks the model by)
+ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+MODEL_TYPES = tuple(ARCHITECTURES)
 VISION_FAMILIES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -65,7 +70,10 @@ class TextConfig:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
-    rope: tuple[tuple[str, Any], ...]  # sorted items of the normalized rope parameters
+    rope: tuple[tuple[str, Any], ...]  # sorted items of the normalized rope parameters (without mrope_section)
+    # M-RoPE (Qwen2-VL family): head_dim/2 frequencies split in contiguous chunks of these sizes, chunk i
+    # rotating by position row i % 3 (t, h, w); () = 1D RoPE
+    mrope_section: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +168,18 @@ class QwenVisionConfig:
         return self.window_size // self.merge_size // self.patch_size
 
 
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig:
+    """The architecture of a Qwen2.5-VL model (`models/qwen_vl.py`)."""
+    vision: QwenVisionConfig
+    text: TextConfig
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    tie_word_embeddings: bool
+
+
 def _require(cond: bool, field: str, msg: str):
     if not cond:
         raise UnsupportedConfigError(f"config.json: {field}: {msg}")
@@ -190,13 +210,14 @@ def _rope_from_hf(tc) -> tuple[tuple[str, Any], ...]:
              "only 1.0 (full rotary) is supported")
     params["rope_type"] = kind
     params.pop("type", None)
+    params.pop("mrope_section", None)  # TextConfig.mrope_section
     if kind == "yarn" and params.get("factor") is None:
         params["factor"] = tc.max_position_embeddings / params["original_max_position_embeddings"]
     return tuple(sorted(params.items()))
 
 
 def _text_from_hf(tc) -> TextConfig:
-    family = tc.model_type
+    family = TEXT_ALIASES.get(tc.model_type, tc.model_type)
     _require(family in TEXT_FAMILIES, "text_config.model_type",
              f"{family!r} is not supported; supported: {list(TEXT_FAMILIES)}")
     if family in ("qwen2", "qwen3"):
@@ -218,18 +239,31 @@ def _text_from_hf(tc) -> TextConfig:
         qkv_bias=True if family == "qwen2" else attention_bias,
         o_bias=False if family == "qwen2" else attention_bias,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)), qk_norm=family == "qwen3",
-        rope=_rope_from_hf(tc))
+        rope=_rope_from_hf(tc), mrope_section=_mrope_section(tc, head_dim))
 
 
-def from_hf(hf) -> LlavaConfig:
-    """Reads a `transformers.LlavaConfig` (or a `config.json` dict) into a `LlavaConfig`."""
+def _mrope_section(tc, head_dim: int) -> tuple[int, ...]:
+    if tc.model_type not in TEXT_ALIASES:
+        return ()
+    section = tuple(int(n) for n in (getattr(tc, "rope_parameters", None) or {}).get("mrope_section", (16, 24, 24)))
+    _require(len(section) == 3 and sum(section) == head_dim // 2, "text_config.rope_parameters.mrope_section",
+             f"{list(section)} must be three chunks summing to head_dim/2 = {head_dim // 2}")
+    return section
+
+
+def from_hf(hf) -> LlavaConfig | QwenVLConfig:
+    """Reads a transformers config (or a `config.json` dict) of a supported `model_type` into our
+    architecture config: `LlavaConfig` or `QwenVLConfig`."""
     import transformers  # heavy import, only where configs are read
 
+    model_type = hf.get("model_type") if isinstance(hf, dict) else hf.model_type
+    _require(model_type in MODEL_TYPES, "model_type", f"{model_type!r} is not supported; supported: {list(MODEL_TYPES)}")
     if isinstance(hf, dict):
-        model_type = hf.get("model_type")
-        _require(model_type == "llava", "model_type", f"{model_type!r} is not supported; supported: ['llava']")
-        hf = transformers.LlavaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
-    _require(hf.model_type == "llava", "model_type", f"{hf.model_type!r} is not supported; supported: ['llava']")
+        hf = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in hf.items() if k != "model_type"})
+    return _llava_from_hf(hf) if model_type == "llava" else _qwen_vl_from_hf(hf)
+
+
+def _llava_from_hf(hf) -> LlavaConfig:
     vision, text = _vision_from_hf(hf.vision_config), _text_from_hf(hf.text_config)
     layer = hf.vision_feature_layer
     layer = int(layer) if isinstance(layer, (int, np.integer)) else tuple(int(i) for i in layer)
@@ -244,3 +278,24 @@ def from_hf(hf) -> LlavaConfig:
         projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
         vision_feature_layer=layer, vision_feature_select_strategy=hf.vision_feature_select_strategy,
         tie_word_embeddings=bool(hf.tie_word_embeddings))
+
+
+def _qwen_vl_from_hf(hf) -> QwenVLConfig:
+    vc = hf.vision_config
+    rope = dict(getattr(vc, "rope_parameters", None) or {})
+    _require(rope.get("rope_type", "axial") == "axial", "vision_config.rope_parameters.rope_type",
+             f"{rope.get('rope_type')!r} is not supported; supported: ['axial']")
+    _require(vc.hidden_size % vc.num_heads == 0 and (vc.hidden_size // vc.num_heads) % 4 == 0,
+             "vision_config.num_heads", f"hidden_size {vc.hidden_size} / num_heads {vc.num_heads} must be a "
+             "head_dim divisible by 4 (2D rotary embedding)")
+    for i in vc.fullatt_block_indexes:
+        _require(0 <= i < vc.depth, "vision_config.fullatt_block_indexes", f"{i} is outside the depth {vc.depth}")
+    _require(vc.hidden_act in ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu"), "vision_config.hidden_act",
+             f"{vc.hidden_act!r} is not supported")
+    vision, text = QwenVisionConfig.from_hf(vc), _text_from_hf(hf.text_config)
+    _require(vision.out_hidden_size == text.hidden_size, "vision_config.out_hidden_size",
+             f"{vision.out_hidden_size} must equal the text hidden_size {text.hidden_size}")
+    return QwenVLConfig(vision=vision, text=text, image_token_id=int(hf.image_token_id),
+                        video_token_id=int(hf.video_token_id), vision_start_token_id=int(hf.vision_start_token_id),
+                        vision_end_token_id=int(hf.vision_end_token_id),
+                        tie_word_embeddings=bool(hf.tie_word_embeddings))

@@ -1,16 +1,24 @@
-"""Hugging Face checkpoints in and out: `config.json` + safetensors, the LLaVA layouts transformers reads.
+"""Hugging Face checkpoints in and out: `config.json` + safetensors, in the layouts transformers reads.
 
-Parameter names mirror transformers' module names (see `llava.py`); a name differs only in its leaf
-(`kernel`/`scale`/`embedding` for `weight`) and in the prefix each on-disk layout uses:
+Parameter names mirror transformers' module names (see the families, `llava.py` and `qwen_vl.py`); a name
+differs only in its leaf (`kernel`/`scale`/`embedding` for `weight`) and in the prefix each on-disk
+layout uses. Each family lists its prefixes (`HF_READ`: every layout we read → our canonical name,
+`HF_WRITE`: the Hub layout we write):
 
-  canonical (ours)          llava-hf Hub / transformers 4.x      transformers ≥ 4.52 in memory
+  LLaVA — canonical         llava-hf Hub / transformers 4.x      transformers ≥ 4.52 in memory
   language_model.X          language_model.model.X               model.language_model.X
   lm_head.X                 language_model.lm_head.X             lm_head.X
   vision_tower.X            vision_tower.vision_model.X          model.vision_tower.X (5.x: no vision_model)
   multi_modal_projector.X   multi_modal_projector.X              model.multi_modal_projector.X
 
-We read all of them and write the llava-hf Hub layout, which transformers 4.x and 5.x and vLLM load.
-Linear kernels are stored [in, out] here and [out, in] by PyTorch; patch convolutions HWIO vs OIHW.
+  Qwen2.5-VL — canonical    Hub (and what transformers 5 saves)  transformers 5 in memory
+  visual.X                  visual.X                             model.visual.X
+  language_model.X          model.X                              model.language_model.X
+  lm_head.X                 lm_head.X (absent when tied)         lm_head.X
+
+We write the Hub layouts, which transformers 4.x and 5.x and vLLM load. Linear kernels are stored
+[in, out] here and [out, in] by PyTorch; patch convolutions HWIO vs OIHW (2D), [C, T, P, P, out] vs
+[out, C, T, P, P] (3D).
 """
 
 from __future__ import annotations
@@ -28,30 +36,22 @@ from jax.experimental import multihost_utils
 
 from rdpo_jax import sharding
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import llava
-from rdpo_jax.models import safetensors_io
+from rdpo_jax.models import families, safetensors_io
+from rdpo_jax.models.vlm import VisionLanguageModel
 
-_READ_PREFIXES = [  # applied in order, each at most once: on-disk name -> canonical name
-    (re.compile(r"^model\.language_model\."), "language_model."),
-    (re.compile(r"^language_model\.model\."), "language_model."),
-    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
-    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
-    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
-    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
-]
-_WRITE_PREFIXES = {"language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-                   "vision_tower.": "vision_tower.vision_model.", "multi_modal_projector.": "multi_modal_projector."}
 _LOAD_THREADS = 4  # tensors read concurrently by load_hf; host memory holds at most this many
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# convolution kernels, PyTorch -> ours (the output channels last): OIHW -> HWIO, [O, C, T, P, P] -> [C, T, P, P, O]
+_TO_OURS = {4: (2, 3, 1, 0), 5: (1, 2, 3, 4, 0)}
 
 
 class CheckpointMismatchError(ValueError):
     """The tensors in a checkpoint folder do not match the model its config.json describes."""
 
 
-def canonical_name(disk_name: str) -> str:
-    for pattern, repl in _READ_PREFIXES:
-        disk_name = pattern.sub(repl, disk_name, count=1)
+def canonical_name(disk_name: str, family: type[VisionLanguageModel]) -> str:
+    for pattern, repl in family.HF_READ:
+        disk_name = re.sub(pattern, repl, disk_name, count=1)
     return disk_name
 
 
@@ -61,30 +61,37 @@ def hf_name(path: tuple) -> str:
     return ".".join([*parents, _LEAF_TO_HF.get(leaf, leaf)])
 
 
-def disk_name(canonical: str) -> str:
-    for prefix, repl in _WRITE_PREFIXES.items():
+def disk_name(canonical: str, family: type[VisionLanguageModel]) -> str:
+    for prefix, repl in family.HF_WRITE:
         if canonical.startswith(prefix):
             return repl + canonical[len(prefix):]
     raise ValueError(f"no on-disk prefix for {canonical!r}")
 
 
-def _to_ours(path: tuple, tensor: np.ndarray) -> np.ndarray:
-    """A lazy view of a PyTorch-layout tensor in our layout (transposes are views: nothing is read)."""
+def _to_ours(path: tuple, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A lazy view of a PyTorch-layout tensor in our layout `shape` (transposes are views: nothing is
+    read). Fused projections ([k·out, in] in PyTorch) are [in, k, out] here, their biases [k, out]."""
     if path[-1] == "kernel":
-        return tensor.T if tensor.ndim == 2 else tensor.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    return tensor
+        if len(shape) == 3:
+            return tensor.T.reshape(shape)
+        return tensor.T if tensor.ndim == 2 else tensor.transpose(*_TO_OURS[tensor.ndim])
+    return tensor.reshape(shape) if tensor.ndim != len(shape) else tensor
 
 
 def _to_torch(path: tuple, array: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel":
-        return array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    return array
+        if array.ndim == 3:
+            return array.reshape(array.shape[0], -1).T
+        return array.T if array.ndim == 2 else array.transpose(*np.argsort(_TO_OURS[array.ndim]))
+    return array.reshape(-1) if path[-1] == "bias" else array
 
 
 def _torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
     if path[-1] == "kernel":
-        return shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
-    return tuple(shape)
+        if len(shape) == 3:
+            return shape[1] * shape[2], shape[0]
+        return tuple(shape[::-1]) if len(shape) == 2 else tuple(shape[i] for i in np.argsort(_TO_OURS[len(shape)]))
+    return (int(np.prod(shape)),) if path[-1] == "bias" else tuple(shape)
 
 
 def _params(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
@@ -109,7 +116,7 @@ def fingerprint(path: str) -> str:
 
 
 def read_hf_config(path: str):
-    """`path/config.json` as transformers parses it (a `transformers.LlavaConfig`): what `save_hf`
+    """`path/config.json` as transformers parses it (e.g. a `transformers.LlavaConfig`): what `save_hf`
     writes back, with the fields our architecture config does not hold (token ids, lengths)."""
     import transformers
 
@@ -118,17 +125,17 @@ def read_hf_config(path: str):
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face model folder?)")
     with open(file) as f:
         raw = json.load(f)
-    if raw.get("model_type") != "llava":
+    if raw.get("model_type") not in config_lib.MODEL_TYPES:
         raise config_lib.UnsupportedConfigError(
-            f"{file}: model_type: {raw.get('model_type')!r} is not supported; supported: ['llava']")
+            f"{file}: model_type: {raw.get('model_type')!r} is not supported; supported: {list(config_lib.MODEL_TYPES)}")
     try:
         return transformers.AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, TypeError) as e:
         raise config_lib.UnsupportedConfigError(f"{file}: transformers cannot parse it: {e}") from e
 
 
-def read_config(path: str) -> config_lib.LlavaConfig:
-    """Reads `path/config.json` into a `LlavaConfig` (the architecture)."""
+def read_config(path: str) -> config_lib.LlavaConfig | config_lib.QwenVLConfig:
+    """Reads `path/config.json` into the architecture config of its family."""
     hf_config = read_hf_config(path)
     try:
         return config_lib.from_hf(hf_config)
@@ -137,8 +144,9 @@ def read_config(path: str) -> config_lib.LlavaConfig:
 
 
 def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *,
-            mesh: jax.sharding.Mesh | None = None) -> tuple[llava.Llava, config_lib.LlavaConfig]:
-    """Loads a Hugging Face LLaVA folder, tensor by tensor, straight into the target shardings.
+            mesh: jax.sharding.Mesh | None = None) -> tuple[VisionLanguageModel, config_lib.LlavaConfig]:
+    """Loads a Hugging Face model folder of a supported family, tensor by tensor, straight into the target
+    shardings.
 
     Files are memory-mapped and read a few tensors at a time: host memory holds at most
     `_LOAD_THREADS` tensors (on a multi-host mesh, only this host's slices of them), never the model.
@@ -156,19 +164,20 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
       UnsupportedConfigError: a config field names an architecture or option not implemented.
     """
     cfg = read_config(path)
-    graphdef, state = nnx.split(llava.abstract_model(cfg, run))
+    family = families.model_class(cfg)
+    graphdef, state = nnx.split(families.abstract_model(cfg, run))
     reader = safetensors_io.Reader(path)
 
     by_canonical: dict[str, str] = {}
     for key in reader.keys():
-        name = canonical_name(key)
+        name = canonical_name(key, family)
         if name in by_canonical:
             raise CheckpointMismatchError(f"{path}: {key!r} and {by_canonical[name]!r} are the same tensor")
         by_canonical[name] = key
 
     params = list(_params(state))
     wanted = {hf_name(p) for p, _ in params}
-    missing = sorted(disk_name(hf_name(p)) for p, _ in params if hf_name(p) not in by_canonical)
+    missing = sorted(disk_name(hf_name(p), family) for p, _ in params if hf_name(p) not in by_canonical)
     ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # a tied head may be stored too
     unexpected = sorted(by_canonical[n] for n in by_canonical if n not in wanted and n not in ignored)
     bad_shapes = []
@@ -187,8 +196,8 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
 
     def load(item):
         p, variable = item
-        view = _to_ours(p, reader.get(by_canonical[hf_name(p)]))
         abstract = variable.get_value()
+        view = _to_ours(p, reader.get(by_canonical[hf_name(p)]), abstract.shape)
         target = None if mesh is None else sharding.variable_sharding(variable, mesh)
         with jax.enable_x64(x64):
             return _make_array(view, abstract.shape, abstract.dtype, target, device)
@@ -226,9 +235,9 @@ def _mismatch_message(path, missing, unexpected, bad_shapes, limit=20) -> str:
     return "\n  ".join(parts)
 
 
-def save_hf(model: llava.Llava, path: str, hf_config, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes `config.json` and safetensors (sharded + index above `max_shard_bytes`) that
-    `transformers.LlavaForConditionalGeneration.from_pretrained` loads with no missing/unexpected keys.
+    transformers' `from_pretrained` of the family's class loads with no missing/unexpected keys.
 
     `hf_config` is the transformers config the model was read from (`read_hf_config`), or the folder
     holding it; it must describe `model`'s architecture. `dtype`: on disk (default: the parameters').
@@ -253,7 +262,7 @@ def save_hf(model: llava.Llava, path: str, hf_config, *, dtype=None, max_shard_b
             return _to_torch(p, host.astype(dtype))
 
         shape = _torch_shape(p, array.shape)
-        specs.append(safetensors_io.TensorSpec(disk_name(hf_name(p)), dtype, shape, value))
+        specs.append(safetensors_io.TensorSpec(disk_name(hf_name(p), type(model)), dtype, shape, value))
     specs.sort(key=lambda s: s.name)
     if jax.process_index() != 0:
         for s in specs:
@@ -261,6 +270,7 @@ def save_hf(model: llava.Llava, path: str, hf_config, *, dtype=None, max_shard_b
         return []
     os.makedirs(path, exist_ok=True)
     hf = hf_config.__class__.from_dict(hf_config.to_dict())
+    hf.architectures = [config_lib.ARCHITECTURES[hf.model_type]]
     hf.dtype = dtype.name
     hf.text_config.dtype = dtype.name
     hf.vision_config.dtype = dtype.name

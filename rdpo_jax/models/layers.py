@@ -93,6 +93,24 @@ class Linear(nnx.Module):
         return y
 
 
+class FusedLinear(nnx.Module):
+    """k projections in one: y[..., i, :] = x @ kernel[:, i, :] (+ bias[i]); kernel float[in, k, out] (PyTorch
+    keeps it as one [k·out, in] Linear, e.g. a fused qkv), so that the output dimension shards by itself."""
+
+    def __init__(self, din: int, k: int, dout: int, axes: tuple[str | None, str | None], *, bias: bool,
+                 param_dtype, dtype, rngs: InitKeys, units: tuple[int, int] | None = None):
+        u = units and (units[0], 1, units[1])
+        self.kernel = param(rngs, _normal, (din, k, dout), param_dtype, (axes[0], None, axes[1]), u)
+        self.bias = param(rngs, _zeros, (k, dout), param_dtype, (None, axes[1]), u and u[1:]) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...d,dkf->...kf", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
 class Embed(nnx.Module):
     """Token embedding float[V, D]; `attend` computes tied output logits."""
 
@@ -231,9 +249,24 @@ def _yarn(dim: int, base: float, rope: dict) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin float[B, T, H] for integer positions int[B, T] (angles in float32)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, scale: float, dtype,
+                 mrope_section: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float[B, T, H] for integer positions (angles in float32).
+
+    positions: int[B, T] (1D RoPE), or int[B, 3, T] (t, h, w) rows for M-RoPE, where the H/2 frequencies
+    split in contiguous chunks of `mrope_section` and chunk i rotates by row i % 3 (transformers'
+    `Qwen2_5_VLRotaryEmbedding`); 1D positions with a section are three equal rows (text-only rows).
+    """
+    positions = positions.astype(jnp.float32)
+    if mrope_section:
+        if positions.ndim == 2:
+            positions = positions[:, None]
+        row = np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)])  # per frequency
+        positions = jnp.moveaxis(jnp.broadcast_to(positions, (positions.shape[0], 3, positions.shape[-1]))[:, row],
+                                 1, -1)  # [B, T, H/2]
+    else:
+        positions = positions[..., None]
+    angles = positions * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return (jnp.cos(angles) * scale).astype(dtype), (jnp.sin(angles) * scale).astype(dtype)
 

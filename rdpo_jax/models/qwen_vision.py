@@ -1,12 +1,12 @@
 """The Qwen2.5-VL vision tower, as transformers' `Qwen2_5_VisionTransformerPretrainedModel`.
 
-Input: the patch rows of `data/qwen_vl_images.py` (float[N, C·T·P·P], merge-block-major) of every image
-of a batch packed into one buffer, with per-patch metadata — which image (−1: padding) and the patch's
-row and column in its image's grid. Window and image membership are attention masks built from that
+Input: per batch row, the patch rows of `data/qwen_vl_images.py` (float[N, C·T·P·P], merge-block-major) of
+the row's images packed into one buffer, with per-patch metadata — which image (−1: padding) and the
+patch's row and column in its image's grid. Window and image membership are attention masks built from that
 metadata inside the program (transformers permutes patches into windows and splits the sequence on the
 host), so one compiled program serves every mix of image sizes that fits the buffer. Attention is
 non-causal and permutation-equivariant, so masking in place equals transformers' permute → attend →
-un-permute. Output: one feature per 2×2 merge block (float[N/4, out_hidden_size]), in patch order.
+un-permute. Output: one feature per 2×2 merge block (float[B, N/4, out_hidden_size]), in patch order.
 """
 
 from __future__ import annotations
@@ -19,50 +19,33 @@ from flax import nnx
 from rdpo_jax.models import layers
 from rdpo_jax.models.config import QwenVisionConfig
 from rdpo_jax.models.layers import Linear, RMSNorm
+from rdpo_jax.sharding import shard_activation
 
 EPS = 1e-6  # transformers hard-codes the vision RMSNorm eps (it is not read from the config)
-
-
-def patch_metadata(grids, cfg: QwenVisionConfig, num_patches: int) -> dict[str, np.ndarray]:
-    """Host-side metadata of a patch buffer holding `grids` ((1, h, w) per image, in order) padded to
-    `num_patches`: image int32[N] (−1 = padding), row, col int32[N] (the patch's place in its image's grid,
-    merge-block-major as the rows are)."""
-    image, row, col = (np.full(num_patches, v, np.int32) for v in (-1, 0, 0))
-    start, m = 0, cfg.merge_size
-    for i, (t, h, w) in enumerate(grids):
-        if t != 1 or h % m or w % m:
-            raise ValueError(f"image {i}: grid {(t, h, w)} must be a still image with sides multiples of {m}")
-        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        block = (h // m, m, w // m, m)
-        n = h * w
-        if start + n > num_patches:
-            raise ValueError(f"images of {sum(g[1] * g[2] for g in grids)} patches exceed the buffer of {num_patches}")
-        image[start:start + n] = i
-        row[start:start + n] = r.reshape(block).transpose(0, 2, 1, 3).ravel()
-        col[start:start + n] = c.reshape(block).transpose(0, 2, 1, 3).ravel()
-        start += n
-    return dict(image=image, row=row, col=col)
 
 
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: QwenVisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
         d = cfg.hidden_size
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.qkv = Linear(d, 3 * d, ("embed", None), bias=True, **kw)
-        self.proj = Linear(d, d, (None, "embed"), bias=True, **kw)
+        h = cfg.head_dim  # heads shard whole over "tensor", as the text decoder's do
+        self.qkv = layers.FusedLinear(d, 3, d, ("embed", "heads"), bias=True, units=(1, h), **kw)
+        self.proj = Linear(d, d, ("heads", "embed"), bias=True, units=(h, 1), **kw)
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        N = x.shape[0]
-        q, k, v = jnp.moveaxis(self.qkv(x).reshape(N, 3, self.heads, self.head_dim), 1, 0)
+        """x float[B, N, D], mask bool[B, N, N], cos/sin float32[B, N, head_dim] -> float[B, N, D]."""
+        B, N, _ = x.shape
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim), 2, 0)
+        q, k, v = (shard_activation(t, ("batch", None, "act_heads", None)) for t in (q, k, v))
 
         def rotate(t):  # in float32, as transformers' apply_rotary_pos_emb_vision
             t32 = t.astype(jnp.float32)
             t1, t2 = jnp.split(t32, 2, axis=-1)
-            return (t32 * cos[:, None] + jnp.concatenate([-t2, t1], -1) * sin[:, None]).astype(t.dtype)
+            return (t32 * cos[:, :, None] + jnp.concatenate([-t2, t1], -1) * sin[:, :, None]).astype(t.dtype)
 
-        out = layers.attention(rotate(q)[None], rotate(k)[None], v[None], mask[None], self.head_dim ** -0.5)
-        return self.proj(out[0].reshape(N, -1))
+        out = layers.attention(rotate(q), rotate(k), v, mask, self.head_dim ** -0.5)
+        return self.proj(out.reshape(B, N, -1))
 
 
 class VisionMLP(nnx.Module):
@@ -103,29 +86,49 @@ class PatchMerger(nnx.Module):
         self.group = cfg.merge_size ** 2
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.ln_q(x).reshape(x.shape[0] // self.group, -1)
+        B, N, _ = x.shape
+        x = self.ln_q(x).reshape(B, N // self.group, -1)
         return self.mlp["2"](jax.nn.gelu(self.mlp["0"](x), approximate=False))
 
 
-class QwenVisionTower(nnx.Module):
-    """Call: `tower(patches float[N, C·T·P·P], image, row, col int32[N]) -> float[N/merge², out_hidden_size]`
-    (metadata from `patch_metadata`; N a multiple of merge², padding patches at the end)."""
+class PatchEmbed(nnx.Module):
+    """transformers' Conv3d with kernel = stride = (T, P, P) over one patch row: a matmul. The kernel is
+    kept as float[C, T, P, P, D] (the Conv3d's [D, C, T, P, P] with the output last, as `hf.py` maps
+    kernels), used as its [C·T·P·P, D] reshape."""
 
-    def __init__(self, cfg: QwenVisionConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, rngs: layers.InitKeys):
+    def __init__(self, cfg: QwenVisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+        shape = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size, cfg.hidden_size)
+        self.kernel = layers.param(rngs, layers._normal, shape, param_dtype, (None, None, None, None, "embed"))
+        self.dtype = dtype
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].reshape(-1, self.kernel.shape[-1])
+        return jnp.dot(patches.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class QwenVisionTower(nnx.Module):
+    """Call: `tower(patches float[B, N, C·T·P·P], image, row, col int32[B, N]) -> float[B, N/merge², out]`
+    (metadata from `data.qwen_vl_images.patch_metadata`, per row; N a multiple of merge², padding patches at the end)."""
+
+    def __init__(self, cfg: QwenVisionConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none",
+                 rngs: layers.InitKeys):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        c = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
-        self.patch_embed = nnx.Dict(proj=Linear(c, cfg.hidden_size, (None, "embed"), bias=False, **kw))
+        self.patch_embed = nnx.Dict(proj=PatchEmbed(cfg, **kw))
         self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
-        self.config = cfg
+        self.config, self.remat = cfg, remat
 
     def masks(self, image: jax.Array, row: jax.Array, col: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """bool[N, N]: same image (full attention), and same image and window (window attention)."""
+        """bool[B, N, N]: same image (full attention), and same image and window (window attention)."""
         cfg = self.config
         ws, m = cfg.window_tokens, cfg.merge_size
         wr, wc = row // m // ws, col // m // ws  # windows tile each image from its top-left
-        same = (image[:, None] == image[None, :]) & (image[:, None] >= 0)
-        return same, same & (wr[:, None] == wr[None, :]) & (wc[:, None] == wc[None, :])
+
+        def equal(a):
+            return a[:, :, None] == a[:, None, :]
+
+        same = equal(image) & (image[:, :, None] >= 0)
+        return same, same & equal(wr) & equal(wc)
 
     def __call__(self, patches: jax.Array, image: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
         cfg = self.config
@@ -133,10 +136,11 @@ class QwenVisionTower(nnx.Module):
         # 2D RoPE: head_dim/4 frequencies (over head_dim/2) for the row and for the column, then duplicated
         half = cfg.head_dim // 2
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, half, 2, dtype=np.float32) / half))
-        angles = jnp.concatenate([row[:, None] * inv_freq, col[:, None] * inv_freq], -1).astype(jnp.float32)
+        angles = jnp.concatenate([row[..., None] * inv_freq, col[..., None] * inv_freq], -1).astype(jnp.float32)
         angles = jnp.concatenate([angles, angles], -1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         x = self.patch_embed["proj"](patches)
+        run = layers.maybe_remat(lambda block, *a: block(*a), self.remat)
         for i, block in enumerate(self.blocks):
-            x = block(x, full if i in cfg.fullatt_block_indexes else windowed, cos, sin)
+            x = run(block, x, full if i in cfg.fullatt_block_indexes else windowed, cos, sin)
         return self.merger(x)

@@ -1,8 +1,9 @@
 """Text decoder of the Llama / Qwen2 / Qwen3 kind (transformers' `LlamaModel`, `Qwen2Model`, `Qwen3Model`).
 
 GQA with RoPE, RMSNorm, SwiGLU MLP; optional q/k/v bias (Qwen2), q/k RMSNorm per head (Qwen3).
-Attention takes an explicit boolean mask bool[B, T, S] and integer positions int[B, T], so that packed
-layouts (shared-prefix pairs) use the same code as plain causal sequences.
+Attention takes an explicit boolean mask bool[B, T, S] and integer positions int[B, T] (int[B, 3, T] with
+the Qwen2-VL family's M-RoPE), so that packed layouts (shared-prefix pairs) use the same code as plain
+causal sequences.
 """
 
 from __future__ import annotations
@@ -100,15 +101,17 @@ class TextDecoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, dict(cfg.rope))
         self.inv_freq = tuple(self.inv_freq.tolist())  # hashable static metadata, not a parameter
+        self.mrope_section = cfg.mrope_section
         self.remat, self.dtype = remat, dtype
 
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
-        """Input embeddings float[B, T, D] -> final hidden states float[B, T, D].
+        """Input embeddings float[B, T, D] -> final hidden states float[B, T, D]; positions int[B, T], or
+        int[B, 3, T] for M-RoPE (see `layers.rope_cos_sin`).
 
         `cache` (sampling): (per-layer list of (k, v) float[B, S, K, H], write index); returns
         (hidden, new per-layer list) then. See `Attention`.
         """
-        cos, sin = layers.rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)
+        cos, sin = layers.rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype, self.mrope_section)
         x = shard_activation(x, ACT)
         if cache is not None:
             kvs, index = cache

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from rdpo_jax import packing
-from rdpo_jax.data import arrayrecord, images, pipeline, records
+from rdpo_jax.data import arrayrecord, image_inputs, images, pipeline, records
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import hf
 from tests import tiny
@@ -62,13 +62,14 @@ def model_folder(tiny_llava):
     return tiny_llava(NAME)[0]
 
 
-def _dataset(model_folder, data, *, batch=4, seed=0, process=(0, 1), epochs=1, **options):
+def _dataset(model_folder, data, *, batch=4, seed=0, process=(0, 1), epochs=1, max_images=1, **options):
     """`batch` is the global batch (over all processes)."""
     cfg = hf.read_config(model_folder)
     options = {"kind": "pairs", "seq_buckets": (32, 48), "max_answer_len": 8, "max_criteria": 4, **options}
-    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id)
     return pipeline.make_dataset(arrayrecord.Source(data), pipeline.Options(**options), tok,
-                                 images.image_config(model_folder), global_batch_size=batch, seed=seed,
+                                 image_inputs.for_model(cfg, model_folder, max_images=max_images),
+                                 global_batch_size=batch, seed=seed,
                                  num_epochs=epochs, process_index=process[0], process_count=process[1])
 
 
@@ -82,11 +83,11 @@ def test_batch_contents(model_folder, tmp_path):
     assert batch["chosen_scores"].shape == (4, 4) and np.all(batch["valid"] == 1)
     assert stats["examples"] == 4 and stats["skipped/corrupt"] == 0
     cfg = hf.read_config(model_folder)
-    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id)
     source = arrayrecord.Source(data)
     for row, i in enumerate(index):
         record = records.decode(source[int(i)][1], "pairs", "x")
-        prompt = tok.prompt(record["messages"], 1)
+        prompt = tok.prompt(record["messages"], [cfg.image_seq_len])
         np.testing.assert_array_equal(batch["input_ids"][row, :len(prompt)], prompt)
         chosen = tok.answer(record["messages"], record["chosen"])[:8]
         np.testing.assert_array_equal(batch["targets"][row][batch["target_branch"][row] == 1], chosen)
@@ -240,9 +241,10 @@ def test_tfds_builder_to_data_source_to_pipeline(model_folder, tmp_path):
     ids = sorted(records.decode(source[i][1], "pairs", source.where(i))["pair_id"] for i in range(6))
     assert ids == sorted(f"pair{i}" for i in range(6))
     cfg = hf.read_config(model_folder)
-    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id)
     ds = pipeline.make_dataset(source, pipeline.Options(kind="pairs", seq_buckets=(48,), max_answer_len=8,
-                                                        max_criteria=4), tok, images.image_config(model_folder),
+                                                        max_criteria=4), tok,
+                               image_inputs.for_model(cfg, model_folder, max_images=1),
                                global_batch_size=3, seed=0, num_epochs=1, process_index=0, process_count=1)
     assert [e["stats"]["examples"] for e in ds] == [3, 3]
 
@@ -278,7 +280,7 @@ def test_sampled_token_ids_are_trained_as_they_are(model_folder, tmp_path):
     """Pairs carrying the policy's own ids (chosen_ids/rejected_ids) train on those ids when they come from
     this tokenizer; from another tokenizer, the text is tokenized instead."""
     cfg = hf.read_config(model_folder)
-    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id, image_seq_len=cfg.image_seq_len)
+    tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id)
     own, other = pair_record(0), pair_record(1)
     sampled = [tok.answer(own["messages"], "red circle")[:-1] + [tiny.VOCAB - 1], [tiny.VOCAB - 2]]  # not the text's
     for record, fingerprint in ((own, tok.fingerprint), (other, "sha256:another")):
@@ -290,3 +292,68 @@ def test_sampled_token_ids_are_trained_as_they_are(model_folder, tmp_path):
     trained = lambda row, branch: batch["targets"][row][batch["target_branch"][row] == branch].tolist()  # noqa
     assert trained(rows[0], 1) == sampled[0] and trained(rows[0], 2) == sampled[1]
     assert trained(rows[1], 1) == tok.answer(other["messages"], other["chosen"])[:8]
+
+
+def test_llava_records_with_different_image_counts(model_folder, tmp_path):
+    """A pool mixing records with 0, 1 and 2 images: one batch, `num_images` per row, each row's placeholders
+    the count of its images; more than data.max_images is a counted skip."""
+    rng = np.random.default_rng(5)
+    recs = []
+    for i, n in enumerate([0, 1, 2, 3]):
+        r = pair_record(i)
+        r["images"] = [_png(rng) for _ in range(n)]
+        r["messages"][0]["content"] = [{"type": "image"}] * n + [{"type": "text", "text": "how many"}]
+        recs.append(r)
+    arrayrecord.write(str(tmp_path), "pairs", "pairs", recs)
+    cfg = hf.read_config(model_folder)
+    element = _dataset(model_folder, str(tmp_path / "pairs"), seed=None, max_images=2, seq_buckets=(64,),
+                       on_bad_record="skip")[0]
+    batch = element["batch"]
+    assert batch["pixel_values"].shape == (4, 2, 32, 32, 3) and batch["num_images"].tolist() == [0, 1, 2, 0]
+    counts = (batch["input_ids"] == cfg.image_token_id).sum(1)
+    assert counts.tolist() == [0, cfg.image_seq_len, 2 * cfg.image_seq_len, 0]
+    assert element["stats"]["skipped/image_count"] == 1 and batch["valid"].tolist() == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("layout", ["shared_prefix", "concat"])
+def test_qwen_batches_equal_transformers_forwards(qwen_smoke_dir, layout):
+    """Records with 0, 1 and 2 images of different sizes through the pipeline (patch buffers, 3D positions,
+    both layouts): every answer's log-likelihood equals a transformers forward of [prompt][answer] alone."""
+    import jax
+    import torch
+    import transformers
+    from flax import nnx
+
+    folder = f"{qwen_smoke_dir}/model"
+    cfg = hf.read_config(folder)
+    tok = ChatTokenizer(folder, image_token_id=cfg.image_token_id)
+    adapter = image_inputs.for_model(cfg, folder, max_images=2, patch_buckets=(64, 288))
+    options = pipeline.Options(kind="pairs", seq_buckets=(64, 128), max_answer_len=8, max_criteria=4,
+                               pair_layout=layout)
+    element = pipeline.make_dataset(arrayrecord.Source(f"{qwen_smoke_dir}/pairs"), options, tok, adapter,
+                                    global_batch_size=8, seed=None, num_epochs=1, process_index=0,
+                                    process_count=1)[0]
+    batch = element["batch"]
+    assert batch["positions"].shape == (batch["input_ids"].shape[0], 3, batch["input_ids"].shape[1])
+    model, _ = hf.load_hf(folder)
+    ours = nnx.jit(lambda m, b: packing.pair_logps(m, b, layout=layout))(model, jax.tree.map(np.asarray, batch))
+    theirs = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager")
+    source = arrayrecord.Source(f"{qwen_smoke_dir}/pairs")
+    counts = set()
+    for row, i in enumerate(element["index"]):
+        record = records.decode(source[int(i)][1], "pairs", "x")
+        prepared = adapter.prepare(record["images"])
+        counts.add(len(record["images"]))
+        prompt = tok.prompt(record["messages"], prepared["tokens"] if prepared else [])
+        for key in ("chosen", "rejected"):
+            answer = tok.answer(record["messages"], record[key])[:8]
+            ids = torch.tensor([prompt + answer])
+            kw = {}
+            if prepared:
+                kw = dict(pixel_values=torch.tensor(prepared["patches"]),
+                          image_grid_thw=torch.tensor(prepared["grids"]))
+            with torch.no_grad():
+                logits = theirs(input_ids=ids, mm_token_type_ids=(ids == cfg.image_token_id).long(), **kw).logits[0]
+            logps = torch.log_softmax(logits.double(), -1)[len(prompt) - 1:-1].gather(1, torch.tensor(answer)[:, None])
+            assert float(ours[f"{key}_logp"][row]) == pytest.approx(float(logps.sum()), abs=2e-4), (row, key)
+    assert counts == {0, 1, 2}

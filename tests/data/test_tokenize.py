@@ -24,7 +24,7 @@ def folder(tmp_path_factory):
 
 
 def _tok(folder):
-    return ChatTokenizer(folder, image_token_id=tiny.IMAGE_TOKEN, image_seq_len=16)
+    return ChatTokenizer(folder, image_token_id=tiny.IMAGE_TOKEN)
 
 
 def test_prompt_matches_processor_apply_chat_template(folder):
@@ -34,7 +34,7 @@ def test_prompt_matches_processor_apply_chat_template(folder):
                                                             {"type": "text", "text": "is there a red circle"}]}]
     expected = processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"][0]
-    ids = _tok(folder).prompt(MESSAGES, num_images=1)
+    ids = _tok(folder).prompt(MESSAGES, [16])
     assert ids == list(expected)
     assert ids.count(tiny.IMAGE_TOKEN) == 16  # the placeholder expands to the model's image tokens
     assert ids[-2:] == [1, tiny.WORDS.index("assistant") + len(tiny.SPECIAL)]  # "<|im_start|>assistant"
@@ -45,7 +45,7 @@ def test_answer_ends_with_end_of_turn_and_is_the_only_trained_part(folder):
     answer = tok.answer(MESSAGES, "yes there is a red circle")
     words = ["yes", "there", "is", "a", "red", "circle"]
     assert answer == [tiny.WORDS.index(w) + len(tiny.SPECIAL) for w in words] + [2]  # <|im_end|> = 2
-    prompt = tok.prompt(MESSAGES, 1)
+    prompt = tok.prompt(MESSAGES, [16])
     batch, _ = packing.pack_sft([(prompt, answer)], seq_len=len(prompt) + 10, max_answer_len=10)
     trained = batch["targets"][0][batch["target_branch"][0] > 0]
     np.testing.assert_array_equal(trained, answer)  # the loss sees the answer and its end of turn, nothing else
@@ -59,7 +59,7 @@ def test_answer_ends_with_end_of_turn_and_is_the_only_trained_part(folder):
 def test_image_count_mismatch_and_template_errors(folder):
     tok = _tok(folder)
     with pytest.raises(TemplateError, match="holds 1 image tokens for 2 images"):
-        tok.prompt(MESSAGES, num_images=2)
+        tok.prompt(MESSAGES, [16, 16])
     with pytest.raises(TemplateError, match="the answer contains the image token"):
         tok.answer(MESSAGES, "the <image> again")
 
@@ -68,9 +68,9 @@ def test_picklable_without_the_loaded_tokenizer(folder):
     import pickle
 
     tok = _tok(folder)
-    tok.prompt(MESSAGES, 1)
+    tok.prompt(MESSAGES, [16])
     clone = pickle.loads(pickle.dumps(tok))
-    assert clone._tok is None and clone.prompt(MESSAGES, 1) == tok.prompt(MESSAGES, 1)
+    assert clone._tok is None and clone.prompt(MESSAGES, [16]) == tok.prompt(MESSAGES, [16])
 
 
 # --- real tokenizer kinds (tests/tokenizers.py): answers continue the prompt's ids -----------------------
@@ -96,7 +96,7 @@ def kinds(tmp_path_factory):
 
 
 def _real(kinds, kind):
-    return ChatTokenizer(kinds[kind], image_token_id=tokenizers.IMAGE_TOKEN, image_seq_len=4)
+    return ChatTokenizer(kinds[kind], image_token_id=tokenizers.IMAGE_TOKEN)
 
 
 @pytest.mark.parametrize("kind", tokenizers.KINDS)
@@ -116,8 +116,8 @@ def test_answer_ids_are_what_follows_the_prompt(kinds, kind, case):
     assert full[:len(prompt)] == prompt
     assert full[len(prompt):len(prompt) + len(answer)] == answer
     assert hf.decode(full[len(prompt) + len(answer):]).strip() == ""
-    expanded = tok.prompt(messages, num_images=1)
-    assert len(expanded) == len(prompt) + 3  # the one placeholder became image_seq_len = 4 tokens
+    expanded = tok.prompt(messages, [4])
+    assert len(expanded) == len(prompt) + 3  # the one placeholder became the image's 4 tokens
 
 
 def test_old_way_gives_llama2_answers_a_stray_prefix_space(kinds):
@@ -162,7 +162,7 @@ def test_stop_ids_of_the_tiny_tokenizer_and_generation_config(folder, kinds, tmp
     assert _tok(folder).stop_ids() == (2,)  # <|im_end|>: eos and end of turn
     copy = shutil.copytree(kinds["metaspace"], tmp_path / "metaspace")
     (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
-    tok = ChatTokenizer(str(copy), image_token_id=tokenizers.IMAGE_TOKEN, image_seq_len=4)
+    tok = ChatTokenizer(str(copy), image_token_id=tokenizers.IMAGE_TOKEN)
     assert tok.stop_ids() == (2, 7)
 
 
@@ -183,8 +183,8 @@ def test_fingerprint_names_the_tokenizer_files(kinds, tmp_path):
     # A copy of the files elsewhere (as an export makes), next to other files, names the same tokenizer.
     copy = shutil.copytree(kinds["qwen2"], tmp_path / "exported")
     (copy / "config.json").write_text("{}")
-    tok = ChatTokenizer(str(copy), image_token_id=tokenizers.IMAGE_TOKEN, image_seq_len=4)
+    tok = ChatTokenizer(str(copy), image_token_id=tokenizers.IMAGE_TOKEN)
     assert tok.fingerprint == fingerprints["qwen2"] == pickle.loads(pickle.dumps(tok)).fingerprint
     (copy / "chat_template.jinja").write_text(tokenizers.TEMPLATES["qwen2"].replace("\n", " "))
-    tok = ChatTokenizer(str(copy), image_token_id=tokenizers.IMAGE_TOKEN, image_seq_len=4)  # read once per object
+    tok = ChatTokenizer(str(copy), image_token_id=tokenizers.IMAGE_TOKEN)  # read once per object
     assert tok.fingerprint != fingerprints["qwen2"]  # the template changes the ids

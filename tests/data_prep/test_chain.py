@@ -92,3 +92,55 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
         train._check_reference_data(f"{out}/pairs_ref", "pairs", options)
     with pytest.raises(records.RecordError, match="field 'ref_settings': config.model.dtype"):
         pipeline.Prepare(arrayrecord.Source(f"{out}/pairs_ref"), options, None, None)._rubric(with_ref[0], "rec 0")
+
+
+def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path, compile_cache):
+    """Qwen2.5-VL through every command of a round — sample → judge → make_pairs → ref_logps (concat layout)
+    → train (precomputed reference) → evaluate → export — on prompts with 0, 1 and 2 images of different
+    sizes in one pool."""
+    cache, out, model = compile_cache, str(tmp_path / "round"), f"{qwen_smoke_dir}/model"
+    config = f"--config=rdpo_jax/configs/smoke.py:dir={qwen_smoke_dir},family=qwen2_5_vl"
+    rng = np.random.default_rng(1)
+    os.makedirs(tmp_path / "images")
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for i in range(6):
+            paths = []
+            for j in range(i % 3):  # 0, 1, 2 images
+                h, w = rng.integers(8, 49, 2)
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}{j}.png")
+                paths.append(f"images/{i}{j}.png")
+            truth = {"mentions": ["red"], "details": ["circle"], "absent": ["blue"], "max_words": 8}
+            f.write(json.dumps({"prompt_id": f"p{i}", "images": paths, "instruction": "describe the image",
+                                "ground_truth": truth}) + "\n")
+    _run("rdpo_jax.data_prep.build_rubrics", f"--input={tmp_path / 'prompts.jsonl'}", f"--out={out}", cache=cache)
+    assert sorted(len(r["images"]) for r in arrayrecord.read(f"{out}/pool")) == [0, 0, 1, 1, 2, 2]
+    log = _run("rdpo_jax.data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
+               "--batch_size=6", f"--out={out}", cache=cache)
+    assert "samples: 48" in log
+    _run("rdpo_jax.data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
+    _run("rdpo_jax.data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
+         "--margin=0.05", cache=cache)
+    pairs = list(arrayrecord.read(f"{out}/pairs"))
+    assert pairs
+    concat = "--config.dpo.pair_layout=concat"
+    _run("rdpo_jax.data_prep.ref_logps", config, concat, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
+    with_ref = {p["pair_id"]: p for p in arrayrecord.read(f"{out}/pairs_ref")}
+    assert len(with_ref) == len(pairs) and all(p["ref_chosen_logp"] < 0 for p in with_ref.values())
+    run = str(tmp_path / "run")
+    _run("rdpo_jax.train", config, concat, f"--workdir={run}", f"--config.data.train={out}/pairs_ref",
+         "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=2", cache=cache)
+    metrics = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    # the reference is the initial policy: step 1's margin is 0 and its loss log 2
+    assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-5) and 0 < metrics[0]["patch_padding"] < 1
+    log = _run("rdpo_jax.evaluate", f"--model={run}", f"--pool={out}/pool", f"--out={tmp_path / 'eval'}",
+               "--max_new_tokens=6", cache=cache)
+    assert len(open(tmp_path / "eval" / "answers.jsonl").readlines()) == 6
+    _run("rdpo_jax.export", f"--workdir={run}", f"--out={tmp_path / 'hf'}", cache=cache)
+    import transformers
+
+    loaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(tmp_path / "hf"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert json.load(open(tmp_path / "hf" / "config.json"))["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert os.path.exists(tmp_path / "hf" / "preprocessor_config.json")

@@ -68,7 +68,7 @@ def test_killed_and_rerun_commands_write_what_uninterrupted_ones_write(smoke_dir
     assert len(samples) == 28 and {s["prompt_id"] for s in samples} >= set(TEXT_ONLY)
     assert _complete(sample, killed, [18, 10], compile_cache) == samples
 
-    tok = ChatTokenizer(model, image_token_id=smoke.IMAGE_TOKEN, image_seq_len=16)
+    tok = ChatTokenizer(model, image_token_id=smoke.IMAGE_TOKEN)
     assert {s["sampler"]["tokenizer"] for s in samples} == {tok.fingerprint}
     for s in samples:  # the text is the ids decoded; a sample that stopped ends with a stop id
         assert s["response"] == tok.tokenizer.decode(s["response_ids"], skip_special_tokens=True).strip()

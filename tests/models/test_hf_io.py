@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from rdpo_jax import sharding
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import hf, llava, safetensors_io
+from rdpo_jax.models import families, hf, safetensors_io, vlm
 from tests import tiny
 
 
@@ -171,11 +171,11 @@ def test_image_placeholder_mismatch_raises_eager_and_jit(tiny_llava):
     ids = batch["input_ids"].copy()
     ids[1, 3] = 7  # one placeholder fewer in row 1
     args = (jnp.asarray(ids), jnp.asarray(batch["pixel_values"]))
-    with pytest.raises(llava.ImageTokenMismatchError, match="row 1 has 15 placeholders, but its images give 16"):
+    with pytest.raises(vlm.ImageTokenMismatchError, match="row 1 has 15 placeholders, but its images give 16"):
         model(*args)
     with pytest.raises(Exception, match="row 1 has 15 placeholders"):
         jax.block_until_ready(nnx.jit(lambda m, i, p: m(i, p))(model, *args))
-    with pytest.raises(llava.ImageTokenMismatchError, match="row 0 has 16 placeholders, but its images give 0"):
+    with pytest.raises(vlm.ImageTokenMismatchError, match="row 0 has 16 placeholders, but its images give 0"):
         model(jnp.asarray(batch["input_ids"]), None)
 
 
@@ -183,11 +183,11 @@ def test_create_is_born_sharded_and_round_trips(tmp_path):
     hf_config = tiny.hf_config("siglip_qwen3")
     cfg = config_lib.from_hf(hf_config)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    model = llava.create(cfg, mesh=mesh, seed=1)
+    model = families.create(cfg, mesh=mesh, seed=1)
     kernel = model.language_model.layers[0].mlp.gate_proj.kernel.get_value()
     assert kernel.sharding.spec == P("fsdp", "tensor") and kernel.addressable_shards[0].data.shape == (32, 48)
     hf.save_hf(model, str(tmp_path), hf_config)
     again, _ = hf.load_hf(str(tmp_path), mesh=mesh)
     _assert_same_params(model, again)
     assert not np.array_equal(_flat(model)["language_model.embed_tokens.embedding"],
-                              _flat(llava.create(cfg, seed=2))["language_model.embed_tokens.embedding"])
+                              _flat(families.create(cfg, seed=2))["language_model.embed_tokens.embedding"])

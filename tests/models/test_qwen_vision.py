@@ -10,8 +10,9 @@ import torch
 import transformers
 from flax import nnx
 
+from rdpo_jax.data import qwen_vl_images as qi
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import layers
+from rdpo_jax.models import hf, layers
 from rdpo_jax.models import qwen_vision as qv
 
 HF_CONFIG = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, patch_size=4, spatial_merge_size=2,
@@ -35,9 +36,7 @@ def towers():
     for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
         *parents, leaf = (str(p) for p in path)
         name = ".".join(parents + ["weight" if leaf in ("kernel", "scale") else leaf])
-        w = weights.pop(name)
-        if leaf == "kernel":
-            w = w.reshape(w.shape[0], -1).T  # [out, in] (the Conv3d's [out, C, T, P, P]) -> [in, out]
+        w = hf._to_ours(path, weights.pop(name), var.get_value().shape)  # as load_hf reads it
         assert w.shape == var.get_value().shape, name
         var.set_value(jax.numpy.asarray(w))
     assert not weights, sorted(weights)  # every tensor of theirs has a home in ours
@@ -56,9 +55,9 @@ def test_equals_transformers(towers, grids):
     n = sum(t * h * w for t, h, w in grids)
     patches = rng.normal(size=(n, 3 * 2 * 4 * 4)).astype(np.float32)
     buffer = 256  # the same program for both mixes of sizes
-    meta = qv.patch_metadata(grids, cfg, buffer)
+    meta = qi.patch_metadata(grids, cfg.merge_size, buffer)
     padded = np.concatenate([patches, np.zeros((buffer - n, patches.shape[1]), np.float32)])
-    forward = nnx.jit(lambda m, x, i, r, c: m(x, i, r, c))
+    forward = nnx.jit(lambda m, x, i, r, c: m(x[None], i[None], r[None], c[None])[0])
     got = np.asarray(forward(ours, padded, meta["image"], meta["row"], meta["col"]))[:n // 4]
     expected = _theirs(theirs, patches, grids)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
@@ -71,9 +70,9 @@ def test_windows_differ_from_full_attention(towers):
     """With every block made a window block the result changes: the windows really restrict attention."""
     cfg, ours, _ = towers
     grids = [(1, 6, 10)]
-    meta = qv.patch_metadata(grids, cfg, 64)
-    full, windowed = ours.masks(*(jax.numpy.asarray(meta[k]) for k in ("image", "row", "col")))
-    full, windowed = np.asarray(full), np.asarray(windowed)
+    meta = qi.patch_metadata(grids, cfg.merge_size, 64)
+    full, windowed = ours.masks(*(jax.numpy.asarray(meta[k])[None] for k in ("image", "row", "col")))
+    full, windowed = np.asarray(full[0]), np.asarray(windowed[0])
     assert windowed.sum() < full.sum() == 60 * 60 and not full[60:].any()
     # a merged 3×5 grid in windows of 2×2 merged tokens: windows of 4, 4, 2, 2, 2, 1 merge blocks
     sizes = sorted(np.unique(windowed[:60].sum(1) // 4))
@@ -83,4 +82,4 @@ def test_windows_differ_from_full_attention(towers):
 def test_buffer_overflow_is_an_error(towers):
     cfg, *_ = towers
     with pytest.raises(ValueError, match="exceed the buffer"):
-        qv.patch_metadata([(1, 8, 8), (1, 8, 8)], cfg, 100)
+        qi.patch_metadata([(1, 8, 8), (1, 8, 8)], cfg.merge_size, 100)

@@ -27,7 +27,7 @@ def test_flax_judge_prompts_decodes_and_parses_strictly(smoke_dir):
     cfg = judge.policy.config
     items = [Item(f"s{i}", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
                   [_png()], RUBRIC, answer) for i, answer in enumerate(["a red circle", "a blue square", "no"])]
-    prompt = judge.tok.prompt(judge_messages(items[0]), 1)
+    prompt = judge.tok.prompt(judge_messages(items[0]), [cfg.image_seq_len])
     assert prompt.count(cfg.image_token_id) == cfg.image_seq_len  # the image goes to the judge model too
     words = judge.tok.tokenizer.decode(prompt, skip_special_tokens=True)
     assert "red circle" in words and "describe" in words  # the answer and the conversation are in the prompt
@@ -47,7 +47,7 @@ def test_flax_judge_takes_text_only_items_in_a_batch_with_images(smoke_dir):
     image = Item("i", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
                  [_png()], RUBRIC, "a red circle")
     text = Item("t", [{"role": "user", "content": "name a red shape"}], [], RUBRIC, "a red circle")
-    assert cfg.image_token_id not in judge.tok.prompt(judge_messages(text), 0)
+    assert cfg.image_token_id not in judge.tok.prompt(judge_messages(text), [])
     # grouped by image count (pixels None for the text-only group), replies in item order: each the
     # same as that item's reply alone
     alone = {item.key: judge.replies([item])[0] for item in (text, image)}

@@ -1,0 +1,70 @@
+"""The Qwen2.5-VL composition (transformers' `Qwen2_5_VLForConditionalGeneration`): the vision tower's
+merged patch features spliced over the `<|image_pad|>` placeholders of a Qwen2 decoder with M-RoPE.
+
+Images are any size: per batch row the patches of the row's images are packed into one buffer (a static
+length per bucket) with per-patch metadata (`QwenImages`), so rows hold different numbers of image
+tokens. Rows with images need their 3D positions (`data/qwen_vl_positions.rope_index`); text-only rows
+may pass 1D positions. Attribute names follow transformers 5's modules (`visual`, `language_model`,
+`lm_head`) so that `models/hf.py` maps weights by renaming leaves and prefixes only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rdpo_jax.models import layers
+from rdpo_jax.models.config import QwenVLConfig, RunSettings
+from rdpo_jax.models.layers import Linear
+from rdpo_jax.models.qwen_vision import QwenVisionTower
+from rdpo_jax.models.text import TextDecoder
+from rdpo_jax.models.vlm import Features, VisionLanguageModel
+
+BATCH_KEYS = ("patches", "patch_image", "patch_row", "patch_col")  # QwenImages' fields in a batch dict
+
+
+class QwenImages(NamedTuple):
+    """A row's images as one patch buffer (`data.qwen_vl_images.patch_metadata` builds the metadata)."""
+    patches: jax.Array  # float32[B, N, C·T·P·P], merge-block-major per image, padding at the end
+    image: jax.Array  # int32[B, N]: the patch's image within its row (in placeholder order), −1 = padding
+    row: jax.Array  # int32[B, N]: the patch's row in its image's patch grid
+    col: jax.Array  # int32[B, N]
+
+
+class QwenVL(VisionLanguageModel):
+    """Qwen2.5-VL: `images` = `QwenImages`; every image of grid (1, h, w) gives h·w/4 features, written over
+    its placeholders in order. See `VisionLanguageModel`."""
+
+    # Checkpoint names (`models/hf.py`): the Hub's `visual.*`/`model.*` and transformers 5's own
+    # `model.visual.*`/`model.language_model.*` read; the Hub layout written.
+    HF_READ = ((r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "language_model."),
+               (r"^model\.", "language_model."))
+    HF_WRITE = (("visual.", "visual."), ("language_model.", "model."), ("lm_head.", "lm_head."))
+
+    def __init__(self, cfg: QwenVLConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
+        kw = dict(param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)
+        self.visual = QwenVisionTower(cfg.vision, remat=run.remat, **kw)
+        self.language_model = TextDecoder(cfg.text, remat=run.remat, **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False, **kw)
+        self.config, self.run = cfg, run
+
+    @staticmethod
+    def images_of(batch: dict) -> QwenImages | None:
+        if "patches" not in batch:
+            return None
+        return QwenImages(*(batch[k] for k in BATCH_KEYS))
+
+    def image_features(self, images: QwenImages) -> Features:
+        """(features float[B, N/4, D] in patch order, counts int32[B] = the row's real patches / 4)."""
+        feats = self.visual(images.patches, images.image, images.row, images.col)
+        group = self.config.vision.merge_size ** 2
+        return feats, ((images.image >= 0).sum(axis=1) // group).astype(jnp.int32)
+
+    def hidden_states(self, input_ids, features: Features | None, attention_mask=None, positions=None) -> jax.Array:
+        if positions is None and features is not None:
+            raise ValueError("Qwen2.5-VL rows with images need their 3D positions int32[B, 3, T] "
+                             "(rdpo_jax.data.qwen_vl_positions.rope_index)")
+        return super().hidden_states(input_ids, features, attention_mask, positions)

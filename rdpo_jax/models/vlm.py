@@ -1,0 +1,111 @@
+"""What every vision-language family shares: image features spliced over placeholder tokens, the text
+decoder, the (tied or separate) LM head.
+
+A family (`llava.py`, `qwen_vl.py`) subclasses `VisionLanguageModel`: it builds `language_model` (a
+`TextDecoder`), optionally `lm_head`, its vision side, and implements `image_features(images)`, where
+`images` is the family's image input (LLaVA: pixels; Qwen2.5-VL: a packed patch buffer with metadata)
+and `images_of(batch)`, which picks it from a batch dict. Features come with a per-row count, so that
+rows may hold different numbers of image tokens; computing them apart from the decoder lets callers
+encode a pair's images once for both rows of the concat layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rdpo_jax import sharding
+from rdpo_jax.models import layers
+
+ACT = ("batch", "seq", "act_embed")
+
+
+class ImageTokenMismatchError(ValueError):
+    """The image placeholders of a row do not match the image features given for it."""
+
+
+Features = tuple[jax.Array, jax.Array]  # (float[B, F, D] features in placeholder order, int32[B] valid counts)
+
+
+class VisionLanguageModel(nnx.Module):
+    """Call: `model(input_ids, images=None, attention_mask=None, positions=None) -> logits float32[B, T, V]`.
+
+    Args (of `__call__`):
+      input_ids: int32[B, T]; `config.image_token_id` marks the image placeholders.
+      images: the family's image input (see the subclass), or None (text only).
+      attention_mask: int32[B, T] padding mask (1 = token), giving a causal + padding mask; or an
+        explicit bool[B, T, T] mask (True = query t may attend key s) for packed layouts; None = causal.
+      positions: int32[B, T] RoPE positions (int32[B, 3, T] for M-RoPE families); default 0..T-1.
+    """
+
+    # ----- the family's part (and `config`, `run`, `language_model`, `lm_head` if untied) -----
+
+    def image_features(self, images) -> Features:
+        raise NotImplementedError
+
+    @staticmethod
+    def images_of(batch: dict):
+        """The family's image input from a batch dict (None if the batch has no images)."""
+        raise NotImplementedError
+
+    # ----- shared -----
+
+    def embed(self, input_ids: jax.Array, features: Features | None) -> jax.Array:
+        """Token embeddings with image features written over the placeholders, in order: float[B, T, D]."""
+        x = sharding.shard_activation(self.language_model.embed_tokens(input_ids), ACT)
+        is_image = input_ids == self.config.image_token_id
+        if features is None:
+            _check_image_tokens(is_image, jnp.zeros(input_ids.shape[0], jnp.int32), self.run.check_image_tokens)
+            return x
+        feats, counts = features
+        feats = sharding.shard_activation(feats.astype(x.dtype), ACT)
+        _check_image_tokens(is_image, counts, self.run.check_image_tokens)
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
+        spliced = jnp.take_along_axis(feats, index[..., None], axis=1)
+        return jnp.where(is_image[..., None], spliced, x)
+
+    def hidden_states(self, input_ids, features: Features | None, attention_mask=None, positions=None) -> jax.Array:
+        """Final-norm hidden states float[B, T, D] (before the LM head) from `image_features`' output."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        mask = attention_mask if attention_mask.ndim == 3 else layers.causal_mask(attention_mask)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        return self.language_model(self.embed(input_ids, features), mask.astype(bool), positions)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM head: float[..., D] -> float32[..., V]."""
+        if self.config.tie_word_embeddings:
+            out = self.language_model.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(layers.wide(out.dtype))
+
+    def __call__(self, input_ids, images=None, attention_mask=None, positions=None) -> jax.Array:
+        features = None if images is None else self.image_features(images)
+        return self.logits(self.hidden_states(input_ids, features, attention_mask, positions))
+
+
+def _check_image_tokens(is_image: jax.Array, expected: jax.Array, enabled: bool):
+    """Row b must hold exactly `expected[b]` placeholders: eagerly a ValueError, under jit a host callback
+    (on four replicated scalars, so that sharded batches need no gather)."""
+    if not enabled:
+        return
+
+    def check(num_bad, row, count, want):
+        if num_bad:
+            raise ImageTokenMismatchError(
+                f"image placeholder tokens do not match image features: row {int(row)} has {int(count)} "
+                f"placeholders, but its images give {int(want)} features ({int(num_bad)} bad rows of "
+                f"{is_image.shape[0]})")
+
+    counts = is_image.sum(axis=1)
+    bad = counts != expected
+    row = jnp.argmax(bad)
+    stats = (bad.sum(), row, counts[row], expected[row])
+    if isinstance(counts, jax.core.Tracer):
+        jax.debug.callback(check, *stats)
+    else:
+        check(*stats)

@@ -1,0 +1,159 @@
+"""Qwen2.5-VL equals transformers' `Qwen2_5_VLForConditionalGeneration` (fp32, eager attention, ≤ 1e-4 on
+logits): rows with one, two and three images of different sizes (partial windows), a text-only row, left
+and right padding, tied and untied heads; one compiled program for two different mixes of image sizes;
+both on-disk layouts read; `save_hf` → `from_pretrained` with no missing or unexpected keys."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+
+from rdpo_jax import packing
+from rdpo_jax.data import qwen_vl_positions
+from rdpo_jax.models import config as config_lib
+from rdpo_jax.models import hf, safetensors_io
+from tests import tiny_qwen as tq
+
+ATOL = 1e-4
+
+
+def _forward(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, ids, images, mask, pos: nnx.merge(graphdef, s)(ids, images, mask, pos)), state
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_logits_equal_transformers(tiny_qwen, tied):
+    folder, theirs = tiny_qwen(tied)
+    model, cfg = hf.load_hf(folder)
+    assert cfg.tie_word_embeddings == tied and hasattr(model, "lm_head") != tied
+    forward, state = _forward(model)
+    mixes = [tq.ROWS, [([4, (1, 12, 4), 3], "left"), ([9], "left"), ([1, (1, 4, 4), 1, (1, 8, 8), 2], "right"),
+                       ([2, (1, 6, 6), 30], "right")]]
+    for seed, rows in enumerate(mixes):
+        batch = tq.inputs(rows, seed=seed)
+        images, positions = tq.ours(batch, cfg.vision)
+        got = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
+        expected = tq.torch_logits(theirs, batch)
+        valid = batch["attention_mask"].astype(bool)
+        np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=ATOL)
+    assert forward._cache_size() == 1  # every mix of image sizes runs the same program
+
+
+def test_shared_prefix_row_equals_two_transformers_forwards(tiny_qwen):
+    """One row [prompt with two images][chosen][rejected], both answers at the prompt's max position + 1 on
+    all three axes, the branch mask of `packing`: its answer log-likelihoods equal two separate forwards."""
+    folder, theirs = tiny_qwen(False)
+    model, cfg = hf.load_hf(folder)
+    rng = np.random.default_rng(3)
+    batch = tq.inputs([([3, (1, 6, 10), 2, (1, 4, 4), 4], "right")], length=40)
+    prompt = batch["input_ids"][0, :batch["attention_mask"][0].sum()].tolist()
+    chosen, rejected = rng.integers(0, tq.IMAGE, 7).tolist(), rng.integers(0, tq.IMAGE, 5).tolist()
+    row, _ = packing.pack_pairs([packing.Pair(prompt, chosen, rejected)], layout="shared_prefix", seq_len=64,
+                                max_answer_len=8)
+    P = len(prompt)
+    types = (np.asarray(prompt) == tq.IMAGE).astype(np.int32)
+    prompt_pos, _ = qwen_vl_positions.rope_index(types, batch["grids"][0], merge_size=tq.MERGE)
+    positions = np.zeros((1, 3, 64), np.int32)
+    positions[0, :, :P] = prompt_pos
+    start = prompt_pos.max() + 1
+    positions[0, :, P:P + 7] = start + np.arange(7)
+    positions[0, :, P + 7:P + 12] = start + np.arange(5)
+    images, _ = tq.ours(batch, cfg.vision)
+    mask = packing.attention_mask(jnp.asarray(row["branch_ids"]))
+    logits = np.asarray(model(jnp.asarray(row["input_ids"]), images, mask, jnp.asarray(positions)))[0]
+    for answer, offset in ((chosen, P), (rejected, P + 7)):
+        separate = tq.inputs([([3, (1, 6, 10), 2, (1, 4, 4), 4], "right")], length=P + len(answer))
+        separate["input_ids"][0, P:] = answer
+        separate["attention_mask"][0, P:] = 1
+        expected = tq.torch_logits(theirs, separate)[0]
+        np.testing.assert_allclose(logits[offset:offset + len(answer) - 1], expected[P:P + len(answer) - 1],
+                                   rtol=0, atol=ATOL)
+        np.testing.assert_allclose(logits[P - 1], expected[P - 1], rtol=0, atol=ATOL)  # the first answer token
+
+
+def test_reads_the_transformers5_layout(tiny_qwen, tmp_path):
+    """A folder with transformers 5's in-memory names (`model.visual.*`, `model.language_model.*`) loads to
+    the same parameters as the Hub layout."""
+    folder, _ = tiny_qwen(False)
+    reader = safetensors_io.Reader(folder)
+    renamed = {}
+    for key in reader.keys():
+        new = "model." + key if key.startswith("visual.") else key.replace("model.", "model.language_model.", 1)
+        renamed[new] = np.asarray(reader.get(key))
+    assert any(k.startswith("model.visual.") for k in renamed) and any(k.startswith("model.language_model.")
+                                                                       for k in renamed)
+    safetensors_io.write(str(tmp_path), [safetensors_io.TensorSpec(k, v.dtype, v.shape, lambda v=v: v)
+                                         for k, v in sorted(renamed.items())])
+    with open(os.path.join(folder, "config.json")) as f, open(tmp_path / "config.json", "w") as g:
+        g.write(f.read())
+    a, _ = hf.load_hf(folder)
+    b, _ = hf.load_hf(str(tmp_path))
+    for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a, nnx.Param)), nnx.to_flat_state(nnx.state(b, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(path))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_save_hf_loads_in_transformers_with_same_logits(tiny_qwen, tmp_path, tied):
+    folder, theirs = tiny_qwen(tied)
+    model, _ = hf.load_hf(folder)
+    hf.save_hf(model, str(tmp_path), folder)
+    keys = safetensors_io.Reader(str(tmp_path)).keys()
+    assert any(k.startswith("visual.") for k in keys) and any(k.startswith("model.layers.") for k in keys)
+    assert ("lm_head.weight" in keys) != tied
+    reloaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(tmp_path), output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    batch = tq.inputs()
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(tq.torch_logits(reloaded.eval(), batch)[valid], tq.torch_logits(theirs, batch)[valid],
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c["vision_config"].update(fullatt_block_indexes=[1, 7]), "vision_config.fullatt_block_indexes"),
+    (lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[2, 2, 2]),
+     "text_config.rope_parameters.mrope_section"),
+    (lambda c: c["text_config"].update(use_sliding_window=True, sliding_window=16), "text_config.use_sliding_window"),
+    (lambda c: c["vision_config"].update(out_hidden_size=32), "vision_config.out_hidden_size"),
+])
+def test_unsupported_config_is_named(tiny_qwen, tmp_path, edit, field):
+    folder, _ = tiny_qwen(False)
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    raw.setdefault("text_config", {})
+    edit(raw)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(config_lib.UnsupportedConfigError, match=rf"config\.json: .*{field}"):
+        hf.read_config(str(tmp_path))
+
+
+def test_sharded_equals_single_device_and_heads_split_whole(tiny_qwen):
+    """On a (data 2, fsdp 2, tensor 2) mesh the vision and text heads split over "tensor" by whole heads and
+    the logits equal one device's."""
+    from rdpo_jax import sharding
+
+    folder, _ = tiny_qwen(False)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    single, cfg = hf.load_hf(folder)
+    sharded, _ = hf.load_hf(folder, mesh=mesh)
+    qkv = sharded.visual.blocks[0].attn.qkv.kernel.get_value()
+    assert qkv.shape == (32, 3, 32) and qkv.sharding.spec[2] == "tensor"  # 4 heads of 8: 2 per device
+    assert qkv.addressable_shards[0].data.shape[2] == 16
+    batch = tq.inputs()
+    images, positions = tq.ours(batch, cfg.vision)
+    expected = np.asarray(_forward(single)[0](_forward(single)[1], batch["input_ids"], images,
+                                              batch["attention_mask"], positions))
+    forward, state = _forward(sharded)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
+    with jax.set_mesh(mesh):
+        got = np.asarray(sharding.traced_on(mesh, forward)(state, *args))
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=2e-5)

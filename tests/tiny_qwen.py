@@ -1,0 +1,121 @@
+"""Tiny random transformers Qwen2.5-VL models (no downloads) and packed inputs for parity tests.
+
+Configs from ../shared/QWEN_VL.md §5: both attention kinds run (full-attention blocks 1 and 3 of 4),
+windows of 2×2 merged tokens, M-RoPE sections [2, 3, 3].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VOCAB = 160
+IMAGE, VIDEO, VISION_START, VISION_END = 150, 151, 152, 153
+VISION = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, patch_size=4, spatial_merge_size=2,
+              temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1, 3], out_hidden_size=64,
+              tokens_per_second=2)
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]))
+PATCH_DIM = 3 * 2 * 4 * 4
+MERGE = 2
+
+
+def hf_config(tied: bool):
+    import transformers
+
+    return transformers.Qwen2_5_VLConfig(vision_config=VISION, text_config=TEXT, image_token_id=IMAGE,
+                                         video_token_id=VIDEO, vision_start_token_id=VISION_START,
+                                         vision_end_token_id=VISION_END, tie_word_embeddings=tied)
+
+
+def build(tied: bool, folder: str):
+    """Builds, randomizes (norm scales and biases too) and saves a tiny Qwen2.5-VL; returns (folder,
+    torch model in eval mode, fp32, eager attention)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(7 + tied)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(hf_config(tied)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name or name.endswith("ln_q.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    model.set_attn_implementation("eager")
+    return folder, model
+
+
+# Rows of (pieces, padding): a piece is a grid (1, h, w) — an image as vision_start, h·w/4 placeholders,
+# vision_end — or a number of random text tokens. Merged grids 3×5 and 5×3 are not multiples of the
+# 2×2 window (partial windows).
+ROWS = [
+    ([5, (1, 8, 8), 7], "right"),
+    ([3, (1, 6, 10), 4, (1, 4, 4), 6], "left"),
+    ([2, (1, 4, 12), 3, (1, 10, 6), 2, (1, 4, 4), 5], "right"),
+    ([17], "right"),  # text only
+]
+
+
+def inputs(rows=ROWS, *, length: int = 64, buffer: int = 192, seed: int = 0):
+    """Token ids, padding mask, token types and per-row grids; patches both HF's way (all images of the
+    batch concatenated) and ours (one buffer of `buffer` patches per row). Each row is padded to `length`
+    on its named side."""
+    rng = np.random.default_rng(seed)
+    B = len(rows)
+    ids = np.zeros((B, length), np.int32)
+    mask = np.zeros((B, length), np.int32)
+    grids, patches = [], []
+    for b, (pieces, pad) in enumerate(rows):
+        row, row_grids = [], []
+        for piece in pieces:
+            if isinstance(piece, int):
+                row += rng.integers(0, IMAGE, piece).tolist()
+            else:
+                t, h, w = piece
+                row += [VISION_START] + [IMAGE] * (t * h * w // MERGE ** 2) + [VISION_END]
+                row_grids.append(piece)
+        assert len(row) <= length, (b, len(row))
+        start = length - len(row) if pad == "left" else 0
+        ids[b, start:start + len(row)] = row
+        mask[b, start:start + len(row)] = 1
+        grids.append(row_grids)
+        patches.append([rng.standard_normal((t * h * w, PATCH_DIM)).astype(np.float32) for t, h, w in row_grids])
+    return dict(input_ids=ids, attention_mask=mask, grids=grids, patches=patches, buffer=buffer)
+
+
+def ours(batch: dict, vision_cfg):
+    """Our model's inputs: QwenImages (one buffer per row) and 3D positions int32[B, 3, T]."""
+    from rdpo_jax.data import qwen_vl_positions
+    from rdpo_jax.data import qwen_vl_images
+    from rdpo_jax.models.qwen_vl import QwenImages
+
+    B, N = len(batch["grids"]), batch["buffer"]
+    buf = np.zeros((B, N, PATCH_DIM), np.float32)
+    meta = {k: np.zeros((B, N), np.int32) for k in ("image", "row", "col")}
+    positions = np.zeros((B, 3, batch["input_ids"].shape[1]), np.int32)
+    for b, (grids, pats) in enumerate(zip(batch["grids"], batch["patches"])):
+        m = qwen_vl_images.patch_metadata(grids, vision_cfg.merge_size, N)
+        for k in meta:
+            meta[k][b] = m[k]
+        if pats:
+            flat = np.concatenate(pats)
+            buf[b, :len(flat)] = flat
+        types = (batch["input_ids"][b] == IMAGE).astype(np.int32)
+        positions[b], _ = qwen_vl_positions.rope_index(types, grids, merge_size=MERGE,
+                                                       valid=batch["attention_mask"][b] > 0)
+    return QwenImages(buf, meta["image"], meta["row"], meta["col"]), positions
+
+
+def torch_logits(model, batch: dict) -> np.ndarray:
+    import torch
+
+    grids = [g for row in batch["grids"] for g in row]
+    pixels = np.concatenate([p for row in batch["patches"] for p in row])
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+                    pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids),
+                    mm_token_type_ids=(ids == IMAGE).long())
+    return out.logits.float().numpy()
