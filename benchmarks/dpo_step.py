@@ -24,9 +24,11 @@ vocab 152064; bfloat16), without memory: the state is abstract and
 each step is only lowered, so the count is XLA's for the unoptimized program. It is the ceiling on the
 time ratios for a compute-bound accelerator at that scale.
 
-Both layouts send only answer positions through the LM head. A fifth variant times the concat layout
-the way TRL's `concatenated_forward` computes it with its default `use_logits_to_keep=False`: logits at
-every position, then the answer tokens picked — the anchor's own cost, reported apart.
+Both layouts send only answer positions through the LM head, and both encode a pair's images once (the
+concat layout reuses the features for its two rows). A fifth variant times the concat layout the way
+TRL's `concatenated_forward` computes it with its default `use_logits_to_keep=False`: each row encodes its
+own copy of the images, logits at every position, then the answer tokens picked — the anchor's own cost,
+reported apart.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ _STEPS = flags.DEFINE_integer("steps", 7, "Timed steps per variant (median repor
 _WIDTH = flags.DEFINE_integer("width", 256, "Decoder width.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers.")
 _FREEZE_VISION = flags.DEFINE_bool("freeze_vision", False, "Freeze the vision tower (no backward through it).")
+_MEMORY = flags.DEFINE_bool("memory", False, "With --preset: compile the shared-prefix step (online reference, fp32 "
+                            "master weights, bf16 compute, full remat) FSDP over all devices and print its memory "
+                            "per device (the 7B configs' plan; simulate chips with --xla_force_host_platform_device_count).")
 _PRESET = flags.DEFINE_enum("preset", None, ["llava-1.5-7b", "qwen2.5-vl-7b"],
                             "Count FLOPs for a real model's shapes instead of timing.")
 _FAMILY = flags.DEFINE_enum("family", "llava", ["llava", "qwen2_5_vl"], "The timed small model's family.")
@@ -136,11 +141,26 @@ def image_arrays(cfg, n, rng) -> dict[str, np.ndarray]:
             **{f"patch_{k}": np.repeat(meta[k][None], n, 0) for k in ("image", "row", "col")}}
 
 
-def full_sequence_token_logps(model, batch, features=None):
-    """`packing.token_logps` as TRL computes it by default: the LM head and log-softmax at all T positions."""
-    if features is None:
-        images = model.images_of(batch)
-        features = None if images is None else model.image_features(images)
+def trl_pair_logps(model, batch, *, layout):
+    """`packing.pair_logps` as TRL's `concatenated_forward` computes it: every row encodes its own copy of
+    the pair's images (the concat layout's rows share nothing), and the LM head runs at all positions."""
+    images = model.images_of(batch)
+    copies = packing.rows_per_pair(layout)
+    features = None if images is None else model.image_features(
+        jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), images))
+    logps, branch = full_sequence_token_logps(model, batch, features), batch["target_branch"]
+
+    def per_pair(x):
+        return x.reshape(-1, copies).sum(1)
+
+    return {f"{name}_logp": per_pair(jnp.where(branch == b, logps, 0.0).sum(-1))
+            for name, b in (("chosen", packing.CHOSEN), ("rejected", packing.REJECTED))} | {
+        f"{name}_count": per_pair((branch == b).sum(-1).astype(jnp.float32))
+        for name, b in (("chosen", packing.CHOSEN), ("rejected", packing.REJECTED))}
+
+
+def full_sequence_token_logps(model, batch, features):
+    """`packing.token_logps` with the LM head and log-softmax at all T positions (TRL's default)."""
     hidden = model.hidden_states(batch["input_ids"], features, packing.attention_mask(batch["branch_ids"]),
                                  batch["positions"])
     logps = jax.nn.log_softmax(model.logits(hidden), axis=-1)  # float32[R, T, V]
@@ -169,7 +189,7 @@ def lower_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
     if reference == "precomputed":
         batch.update(ref_chosen_logp=ref["chosen_logp"], ref_rejected_logp=ref["rejected_logp"])
     shardings = train_step.batch_shardings(batch, mesh)
-    anchor_forward = mock.patch.object(packing, "token_logps", full_sequence_token_logps)
+    anchor_forward = mock.patch.object(packing, "pair_logps", trl_pair_logps)
     with anchor_forward if full_logits else contextlib.nullcontext():
         if abstract:
             graphdef, state = train_step.abstract_state(cfg, run, optimizer, mesh, freeze=freeze,
@@ -213,6 +233,22 @@ def main(argv):
           f"{cfg.vision.depth if is_qwen(cfg) else cfg.vision.num_layers}×{cfg.vision.hidden_size}); "
           f"{B} pairs/step, prompt {IMAGE}+{PROMPT}, answers {ANSWER}+{ANSWER}; "
           f"vision tower {'frozen' if _FREEZE_VISION.value else 'trained'}")
+
+    if _PRESET.value and _MEMORY.value:
+        run = config_lib.RunSettings(param_dtype=jnp.float32, dtype=jnp.bfloat16, remat="full",
+                                     check_image_tokens=False)
+        mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+        ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}
+        t0 = time.perf_counter()
+        lowered, _, _ = lower_variant(cfg, run, mesh, pairs, pixels, ref, "shared_prefix", "model", False,
+                                      abstract=True)
+        m = lowered.compile().memory_analysis()
+        gib = 2 ** 30
+        print(f"shared_prefix, online reference, {B} pairs over {mesh.devices.size} devices (FSDP), compiled in "
+              f"{time.perf_counter() - t0:.0f}s; per device: arguments {m.argument_size_in_bytes / gib:.2f} GiB, "
+              f"outputs {m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), "
+              f"temporaries {m.temp_size_in_bytes / gib:.2f} GiB")
+        return
 
     if _PRESET.value:
         ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}

@@ -81,6 +81,8 @@ def main(argv):
     tokenizer = ChatTokenizer(config.model.path, image_token_id=setup.model_config.image_token_id)
     image_input = image_inputs.from_config(config, setup.model_config)
     source = _source(config.data.train, kind)
+    if len(source) == 0:
+        raise config_checks.ConfigError(f"config.data.train: {config.data.train} holds no records: nothing to train on")
     dataset = pipeline.make_dataset(source, options, tokenizer, image_input, global_batch_size=config.data.batch_size,
                                     seed=config.data.seed)
 

@@ -1,6 +1,7 @@
-"""`python -m rdpo_jax.demo --budget=tiny --rounds=2`: the whole loop through the real commands on a tiny
-budget — every stage's output exists and is well-formed, the table has every arm and round, a re-run
-reuses every stage."""
+"""`python -m rdpo_jax.demo --budget=tiny --rounds=2 --family=qwen2_5_vl`: the whole loop through the real
+commands on a tiny budget, with the Qwen2.5-VL policy — every stage's output exists and is well-formed,
+the table has every arm and round, a re-run reuses every stage. (`make demo`'s default family, LLaVA, runs
+the same commands; its world's model is checked on its own.)"""
 
 import json
 import os
@@ -23,12 +24,14 @@ def _dataset(path, kind):
 def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
     wd = str(tmp_path / "demo")
     env = runs.env(compile_cache)
-    cmd = [sys.executable, "-m", "rdpo_jax.demo", f"--workdir={wd}", "--budget=tiny", "--rounds=2"]
+    cmd = [sys.executable, "-m", "rdpo_jax.demo", f"--workdir={wd}", "--budget=tiny", "--rounds=2",
+           "--family=qwen2_5_vl"]
     first = runs.run(cmd, env, timeout=600)
 
     # world: an HF model folder with the trained tokenizer, SFT data with imperfect answers, prompt files
-    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= set(
         os.listdir(f"{wd}/world/model"))
+    assert json.load(open(f"{wd}/world/model/config.json"))["model_type"] == "qwen2_5_vl"
     stats = json.load(open(f"{wd}/world/world.json"))["sft"]
     assert len(_dataset(f"{wd}/world/sft", "sft")) == stats["examples"] and 0 < stats["imperfect"] < stats["examples"]
     # rubric pools from the rule generator: instance-specific, machine-checkable
@@ -64,7 +67,11 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
         assert {s["sampler"]["model"] for s in samples} == {f"{wd}/seed0/{arm}"}  # the arm's own policy
         assert os.path.exists(f"{wd}/seed0/{arm}-round2/pairs_{miner}.manifest.json")
         assert not os.path.exists(f"{wd}/seed0/{arm}-round2/pairs_{'outcome' if miner == 'rubric' else 'rubric'}")
-        assert json.load(open(f"{wd}/seed0/{arm}-round2/run/config.json"))["init_from"] == f"{wd}/seed0/{arm}"
+        mined = json.load(open(f"{wd}/seed0/{arm}-round2/pairs_{miner}.manifest.json"))["count"]
+        if mined:
+            assert json.load(open(f"{wd}/seed0/{arm}-round2/run/config.json"))["init_from"] == f"{wd}/seed0/{arm}"
+        else:  # no pairs to learn from: the arm's policy stays its round-1 run
+            assert os.path.realpath(f"{wd}/seed0/{arm}-round2/run") == os.path.realpath(f"{wd}/seed0/{arm}")
         assert json.load(open(f"{wd}/eval/seed0/{arm}-round2/metrics.json"))["prompts"] == 12
         assert f"| {arm} round 2 |" in table
 
@@ -77,3 +84,12 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
     def rows(text):
         return [line for line in text.splitlines() if line.startswith("|")]
     assert len(rows(table)) == 2 + 1 + 2 * len(ARMS) and rows(again.stdout) == rows(table)
+
+
+def test_llava_world_model(tmp_path):
+    """The default family's world model: a LLaVA folder whose image gives 4 tokens, one per grid cell."""
+    from rdpo_jax.models import hf
+
+    world.write_model(str(tmp_path))
+    _, cfg = hf.load_hf(str(tmp_path))
+    assert cfg.image_seq_len == 4 and "processor_config.json" in os.listdir(tmp_path)

@@ -250,3 +250,29 @@ def test_sampled_ids_train_unchanged(tiny_llava, tmp_path, kind):
     assert targets[branch == 1].tolist() == chosen and targets[branch == 2].tolist() == rejected
     np.testing.assert_array_equal(batch["input_ids"][0, :len(tok.prompt(prompt["messages"], [cfg.image_seq_len]))],
                                   tok.prompt(prompt["messages"], [cfg.image_seq_len]))  # after the very prompt they were sampled from
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_a_batch_mixing_image_counts_answers_each_prompt_as_alone(tiny_llava, qwen_smoke_dir, family):
+    """Prompts with 0, 1 and 2 images in one `answer` call (LLaVA: blank images after a row's own;
+    Qwen2.5-VL: patch buffers and 3D positions) give each prompt the greedy answer it gets alone."""
+    import io
+
+    from PIL import Image
+
+    folder = tiny_llava("siglip_qwen2")[0] if family == "llava" else f"{qwen_smoke_dir}/model"
+    policy = _sampler(folder)
+    rng = np.random.default_rng(2)
+
+    def png(h, w):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    prompts = [{"messages": [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": "the red"}]}],
+                "images": [png(*rng.integers(8, 49, 2)) for _ in range(n)]} for n in (2, 0, 1)]
+    sc = policy.sampling_config(max_new_tokens=6, temperature=0.0)
+    with jax.set_mesh(policy.mesh):
+        together = sampling.answer(policy, prompts, sc, jax.random.key(0))
+        alone = [sampling.answer(policy, [p], sc, jax.random.key(0))[0] for p in prompts]
+    assert [a[0][1] for a in together] == [a[0][1] for a in alone]

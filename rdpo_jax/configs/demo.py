@@ -7,7 +7,7 @@ DPO arms on the pairs of one on-policy round.
 
 Arguments: dir (the demo workdir, required), objective (sft | dpo), pairs (dpo: the pairs dataset),
 loss (dpo: a loss type), steps (override the step budget), seed, init (dpo: the policy to start from and
-use as reference; default the SFT run).
+use as reference; default the SFT run), family (llava | qwen2_5_vl: the world's model family).
 """
 
 from rdpo_jax.configs import base
@@ -15,7 +15,7 @@ from rdpo_jax.configs import base
 
 def get_config(arg: str = ""):
     args = base.parse_arg(arg, "rdpo_jax/configs/demo.py", required=("dir",),
-                          optional=("objective", "pairs", "loss", "steps", "seed", "init"))
+                          optional=("objective", "pairs", "loss", "steps", "seed", "init", "family"))
     c = base.get_config()
     d = args["dir"]
     c.objective = args.get("objective", "sft")
@@ -47,5 +47,8 @@ def get_config(arg: str = ""):
         c.dpo.reference = "model"
         c.optim.learning_rate = 1e-4  # 5e-4 degenerates (repetitions); an SFT term on sampled answers hurts
         c.optim.warmup_steps = 5
+    if args.get("family", "llava") == "qwen2_5_vl":  # vision start/end around the 4 image tokens
+        c.data.seq_buckets = (c.data.seq_buckets[0] + 2,)
+        c.data.patch_buckets = (16,)  # one 48×48 image: 4×4 patches of 12 px
     c.checkpoint.every = c.total_steps
     return c

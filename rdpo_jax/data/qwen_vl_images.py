@@ -147,3 +147,28 @@ def patch_metadata(grids, merge_size: int, num_patches: int) -> dict[str, np.nda
 
 def load_and_preprocess(data: bytes, cfg: QwenImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     return preprocess(images.decode_image(data), cfg)
+
+
+def save_processor(folder: str, tok, *, patch_size: int = 4, pixels: tuple[int, int] | int = (8 * 8, 48 * 48)
+                   ) -> None:
+    """Writes the files of a Qwen2_5_VLProcessor with patches of `patch_size` (merged 2×2) to `folder`:
+    preprocessor_config.json, the tokenizer `tok` and its chat template.
+    `pixels`: the (min, max) pixel budget per image, or one area (every image resized to it). (transformers
+    5.23 builds that processor only with torchvision installed, for its video processor; the processor's
+    own files are written without it, and `AutoProcessor` reads them where torchvision is.)"""
+    import json
+    import os
+
+    import transformers
+
+    low, high = (pixels, pixels) if isinstance(pixels, int) else pixels
+    image_processor = transformers.Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                                            min_pixels=low, max_pixels=high)
+    image_processor.save_pretrained(folder)
+    path = os.path.join(folder, "preprocessor_config.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["processor_class"] = "Qwen2_5_VLProcessor"
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
+    tok.save_pretrained(folder)

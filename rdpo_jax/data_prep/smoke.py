@@ -85,6 +85,7 @@ def model_config(family: str = "llava"):
 def write_model(folder: str, seed: int = 0, family: str = "llava") -> None:
     import transformers
 
+    from rdpo_jax.data import qwen_vl_images
     from rdpo_jax.models import config as config_lib
     from rdpo_jax.models import families, hf
 
@@ -92,36 +93,13 @@ def write_model(folder: str, seed: int = 0, family: str = "llava") -> None:
     cfg = config_lib.from_hf(hf_config)
     hf.save_hf(families.create(cfg, seed=seed), folder, hf_config)
     if family == "qwen2_5_vl":
-        write_qwen_processor(folder, tokenizer(family))
+        qwen_vl_images.save_processor(folder, tokenizer(family))
         return
     processor = transformers.LlavaProcessor(
         image_processor=transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}),
         tokenizer=tokenizer(), patch_size=8, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
         image_token="<image>", num_additional_image_tokens=0)
     processor.save_pretrained(folder)
-
-
-# The tiny Qwen2.5-VL's image processor: patch 4, merge 2, images of 8×8 to 48×48 pixels (≤ 144 patches)
-QWEN_IMAGE_PROCESSOR = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=48 * 48)
-
-
-def write_qwen_processor(folder: str, tok) -> None:
-    """The files of a Qwen2_5_VLProcessor: preprocessor_config.json, the tokenizer and its chat template.
-    (transformers 5.23 builds that processor only with torchvision installed, for its video processor;
-    the processor's own files are written without it, and `AutoProcessor` reads them where torchvision is.)"""
-    import json
-
-    import transformers
-
-    image_processor = transformers.Qwen2VLImageProcessorPil(**QWEN_IMAGE_PROCESSOR)
-    image_processor.save_pretrained(folder)
-    path = os.path.join(folder, "preprocessor_config.json")
-    with open(path) as f:
-        d = json.load(f)
-    d["processor_class"] = "Qwen2_5_VLProcessor"
-    with open(path, "w") as f:
-        json.dump(d, f, indent=2)
-    tok.save_pretrained(folder)
 
 
 def _png(rng, size=(24, 24)) -> bytes:

@@ -1,10 +1,12 @@
 """`make demo`: the whole rDPO loop on a CPU, on a world where the truth is known.
 
     python -m rdpo_jax.demo [--workdir=demo_workdir] [--budget=full|tiny] [--seeds=1] [--rounds=1] [--fresh]
+        [--family=llava|qwen2_5_vl]
 
 Stages (each a real command in a subprocess, as a TPU user runs them; a finished stage is recorded in
 WORKDIR/stages/ and skipped on the next run unless --fresh):
-  world       scenes, the trained tokenizer, a tiny LLaVA HF folder, imperfect SFT data, prompt files
+  world       scenes, the trained tokenizer, a tiny LLaVA (or Qwen2.5-VL) HF folder, imperfect SFT data,
+              prompt files
   rubrics     rdpo_jax.data_prep.build_rubrics --generator=rule (train and held-out pools)
   sft         rdpo_jax.train rdpo_jax/configs/demo.py objective=sft (the warm start = the "base" row)
   per seed:   rdpo_jax.data_prep.sample → rdpo_jax.data_prep.judge (verifier) → rdpo_jax.data_prep.make_pairs (rubric miner, and
@@ -55,11 +57,12 @@ def _define_flags() -> None:
                          "arms); each later round samples the arm's own policy and trains on from it.")
     flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
     flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
+    flags.DEFINE_enum("family", "llava", world.FAMILIES, "The policy's model family (same widths either way).")
 
 
 class Demo:
-    def __init__(self, workdir: str, budget: dict, devices: int):
-        self.wd, self.budget = os.path.abspath(workdir), budget
+    def __init__(self, workdir: str, budget: dict, devices: int, family: str = "llava"):
+        self.wd, self.budget, self.family = os.path.abspath(workdir), budget, family
         self.stages = os.path.join(self.wd, "stages")
         os.makedirs(self.stages, exist_ok=True)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,13 +112,13 @@ class Demo:
 
     def make_world(self) -> None:
         b, w = self.budget, self.path("world")
-        world.write_model(os.path.join(w, "model"))
+        world.write_model(os.path.join(w, "model"), family=self.family)
         stats = world.write_sft(w, "sft", n=b["sft_examples"], seed=1, imperfect_share=0.3)
         world.write_prompts(w, "train_prompts", n=b["train_prompts"], seed=2, describe_share=0.5)
         # a third of the held-out prompts are descriptions: where hallucinations (absent objects) are scored
         world.write_prompts(w, "heldout_prompts", n=b["heldout_prompts"], seed=3, describe_share=1 / 3)
         with open(os.path.join(w, "world.json"), "w") as f:
-            json.dump({"sft": stats, **b}, f, indent=2)
+            json.dump({"sft": stats, "family": self.family, **b}, f, indent=2)
 
     def rubrics(self) -> None:
         for name in ("train", "heldout"):
@@ -124,6 +127,7 @@ class Demo:
 
     def sft(self) -> None:
         self.command("rdpo_jax.train", f"--config=rdpo_jax/configs/demo.py:dir={self.wd},objective=sft,"
+                     f"family={self.family},"
                      f"steps={self.budget['sft_steps']}", f"--workdir={self.path('sft')}")
 
     def round_dir(self, seed: int, arm: str, r: int) -> str:
@@ -169,7 +173,18 @@ class Demo:
         miner, loss = ARMS[arm]
         pairs = os.path.join(self.round_dir(seed, arm, r), f"pairs_{miner}")
         init = self.path("sft") if r == 1 else self.run_dir(seed, arm, r - 1)
-        self.command("rdpo_jax.train", f"--config=rdpo_jax/configs/demo.py:dir={self.wd},objective=dpo,pairs={pairs},"
+        with open(pairs + ".manifest.json") as f:
+            mined = json.load(f)["count"]
+        if not mined:  # nothing to learn from: the arm's policy after this round is the one before it
+            print(f"[demo] {arm} round {r}, seed {seed}: the miner found no pairs; the policy stays {init}")
+            run = self.run_dir(seed, arm, r)
+            os.makedirs(os.path.dirname(run), exist_ok=True)
+            if os.path.lexists(run):
+                shutil.rmtree(run) if not os.path.islink(run) else os.remove(run)
+            os.symlink(init, run)
+            return
+        self.command("rdpo_jax.train", f"--config=rdpo_jax/configs/demo.py:dir={self.wd},objective=dpo,"
+                     f"family={self.family},pairs={pairs},"
                      f"loss={loss},steps={self.budget['dpo_steps']},seed={seed},init={init}",
                      f"--workdir={self.run_dir(seed, arm, r)}")
 
@@ -187,7 +202,14 @@ def main(argv):
     f = flags.FLAGS
     if f.fresh and os.path.exists(f.workdir):
         shutil.rmtree(f.workdir)
-    d = Demo(f.workdir, BUDGETS[f.budget], f.devices)
+    d = Demo(f.workdir, BUDGETS[f.budget], f.devices, f.family)
+    made = d.path("world", "world.json")
+    if os.path.exists(made):
+        with open(made) as fh:
+            family = json.load(fh).get("family", "llava")
+        if family != f.family:
+            raise SystemExit(f"[demo] {f.workdir} holds a {family} world; --family={f.family} needs --fresh "
+                             "or another --workdir")
     d.stage("world", d.make_world)
     d.stage("rubrics", d.rubrics)
     d.stage("sft", d.sft)

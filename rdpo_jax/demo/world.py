@@ -25,6 +25,10 @@ KINDS = ("describe", "count", "colour", "shape", "presence", "where")
 IMAGE_SIZE = 48
 MAX_OBJECTS = 3  # of the 4 grid cells
 PATCH = 24  # one vision patch per grid cell: 4 image tokens, each seeing one whole object
+# Qwen2.5-VL: patches of 12 px merged 2×2, so again one image token per grid cell
+QWEN_PATCH = 12
+QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+FAMILIES = ("llava", "qwen2_5_vl")
 # Kinds of mistakes in the imperfect share of the SFT answers (describe: each with this weight).
 MISTAKES = ("hallucinate", "omit", "recolour", "miscount")
 
@@ -169,11 +173,13 @@ def messages(instruction: str) -> list[dict]:
 # ----- Files: tokenizer and model folder, SFT data, prompt files for build_rubrics -----
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "<image>"]
-CHAT_TEMPLATE = (
+_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<image>")
+QWEN_CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
 
 
 def corpus(seed: int = 0, n: int = 3000) -> list[str]:
@@ -188,9 +194,10 @@ def corpus(seed: int = 0, n: int = 3000) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: list[str]):
+def train_tokenizer(texts: list[str], family: str = "llava"):
     """A word-level tokenizer trained with `tokenizers` on the world's texts, as an HF tokenizer with a
-    ChatML-style chat template (the end-of-turn token is the end of sequence)."""
+    ChatML-style chat template (the end-of-turn token is the end of sequence); qwen2_5_vl adds the vision
+    tokens and renders an image as start, pad, end."""
     import tokenizers
     import transformers
 
@@ -198,23 +205,43 @@ def train_tokenizer(texts: list[str]):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     # no cleanup: "blue ." must decode to "blue .", which re-tokenizes to its ids ("blue." is one unknown word)
     tok.decoder = tokenizers.decoders.WordPiece(cleanup=False)
-    tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=SPECIAL, min_frequency=1))
+    extra = QWEN_VISION if family == "qwen2_5_vl" else []
+    tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=SPECIAL + extra,
+                                                                        min_frequency=1))
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
-        additional_special_tokens=["<|im_start|>", "<image>"])
-    fast.chat_template = CHAT_TEMPLATE
+        additional_special_tokens=["<|im_start|>", "<image>", *extra])
+    fast.chat_template = QWEN_CHAT_TEMPLATE if extra else CHAT_TEMPLATE
     return fast
 
 
-def write_model(folder: str, *, seed: int = 0) -> None:
-    """The demo's base model as a Hugging Face folder: a tiny SigLIP + Qwen2 LLaVA (random weights),
-    the trained tokenizer and the LLaVA processor."""
+def write_model(folder: str, *, seed: int = 0, family: str = "llava") -> None:
+    """The demo's base model as a Hugging Face folder: a tiny SigLIP + Qwen2 LLaVA, or a tiny Qwen2.5-VL
+    of the same widths (random weights), the trained tokenizer and the family's processor."""
     import transformers
 
     from rdpo_jax.models import config as config_lib
     from rdpo_jax.models import families, hf
 
-    tokenizer = train_tokenizer(corpus())
+    tokenizer = train_tokenizer(corpus(), family)
+    if family == "qwen2_5_vl":
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VISION}
+        hf_config = transformers.Qwen2_5_VLConfig(
+            vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=QWEN_PATCH,
+                               spatial_merge_size=2, temporal_patch_size=2, window_size=2 * 2 * QWEN_PATCH,
+                               fullatt_block_indexes=[1], out_hidden_size=128),
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             bos_token_id=None, eos_token_id=None,
+                             rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 6, 6])),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=True)
+        hf.save_hf(families.create(config_lib.from_hf(hf_config), seed=seed), folder, hf_config)
+        from rdpo_jax.data import qwen_vl_images
+
+        qwen_vl_images.save_processor(folder, tokenizer, patch_size=QWEN_PATCH, pixels=IMAGE_SIZE * IMAGE_SIZE)
+        return
     hf_config = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
                            num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH),
