@@ -9,7 +9,8 @@ or 4096 patches; the vision tower frozen apart from its patch merger.
 Memory per GPU: fp32 policy + Adam 8.3B × 12 B / 8 = 12.5 GB, the fp32 reference copy of the trainable
 part 3.8 GB, activations of 2 pairs × 3072 tokens per micro-batch with full remat ~15 GB, plus one vision
 block's dense window scores (1 GB per row). FSDP over the 8 GPUs; 32 pairs per step as 2 accumulated
-micro-batches of 16.
+micro-batches of 16. (The 32-device CPU compile of qwen25vl_7b_tpu.py puts the sharded state at 3.67 GiB
+per device, ≈ 14.7 GiB over 8; XLA:CPU's temporaries are not a GPU's: see that file.)
 """
 
 from rdpo_jax.configs import base

@@ -14,6 +14,13 @@ the trainable part (7.6B × 4 B / 32) 0.95 GB; activations of 2 pairs × 3072 to
 GB, plus the vision tower's dense window masks: [4096, 4096] float32 scores × 16 heads = 1 GB per row
 for the one block alive under remat (a block-sparse window layout is issue 17's fused attention).
 `python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b` gives the FLOPs per pair of each layout.
+
+Measured without a TPU (`XLA_FLAGS=--xla_force_host_platform_device_count=32 python benchmarks/dpo_step.py
+--preset=qwen2.5-vl-7b --memory --pairs=64 --freeze_vision`: this step compiled for 32 CPU devices, 2.7 min):
+arguments 3.67 GiB per device — the sharded state, as planned above. XLA:CPU reports 96.8 GiB of
+temporaries, but that figure does not shrink with the device count (LLaVA-1.5-7B by the same method: 85.5
+GiB on 8 devices, 81.9 GiB on 32): the CPU scheduler keeps whole gathered weights and gradients alive,
+which TPU's does not. The activation figures above are estimates until compiled for the TPU itself.
 """
 
 from rdpo_jax.configs import base

@@ -59,3 +59,22 @@ def test_flax_judge_stops_on_every_stop_id_of_the_tokenizer(smoke_dir, monkeypat
     # the smoke template ends its turn with eos; a real one may not (Qwen's <|im_end|>, Llama's <|eot_id|>)
     monkeypatch.setattr(ChatTokenizer, "stop_ids", lambda self: (2, 7))
     assert FlaxJudge(inference.load(f"{smoke_dir}/model"), name="smoke").cfg.stop_ids == (2, 7)
+
+
+def test_flax_judge_with_a_qwen_model(qwen_smoke_dir):
+    """A Qwen2.5-VL judge: the image expands to its grid's tokens between vision start and end, and items
+    with and without images reply as they do alone."""
+    judge = FlaxJudge(inference.load(f"{qwen_smoke_dir}/model"), name="qwen", max_new_tokens=6, batch_size=2)
+    cfg = judge.policy.config
+    image = Item("i", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
+                 [_png()], RUBRIC, "a red circle")
+    text = Item("t", [{"role": "user", "content": "name a red shape"}], [], RUBRIC, "a red circle")
+    prepared = judge.policy.image_input.prepare(image.images)
+    prompt = judge.tok.prompt(judge_messages(image), prepared["tokens"])
+    # a 20×20 image resizes to 16×16 (sides round to multiples of 8, half to even): 4×4 patches, 4 tokens
+    assert prepared["grids"] == [(1, 4, 4)] and prompt.count(cfg.image_token_id) == 4
+    start = prompt.index(cfg.vision_start_token_id)
+    assert prompt[start + 1:start + 6] == [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
+    alone = {item.key: judge.replies([item])[0] for item in (text, image)}
+    assert judge.replies([text, image]) == [alone["t"], alone["i"]]
+    assert {v.unscorable for v in judge.judge([image, text])} == {"invalid verdict: no JSON object in the reply"}
