@@ -119,3 +119,13 @@ def test_compile_cache_folder(tmp_path):
     assert compile_cache_dir("/cache", workdir, {}) == "/cache"
     assert compile_cache_dir("", workdir, {}) is None
     assert compile_cache_dir("workdir", workdir, {"JAX_COMPILATION_CACHE_DIR": "/env"}) == "/env"
+
+
+def test_empty_training_data_is_refused_by_name(smoke_dir, tmp_path, compile_cache):
+    from rdpo_jax.data import arrayrecord
+
+    arrayrecord.write(str(tmp_path), "empty", "pairs", [])
+    proc = subprocess.run(runs.train_command(smoke_dir, str(tmp_path / "run"), f"--config.data.train={tmp_path}/empty"),
+                          cwd=runs.ROOT, env=runs.env(compile_cache), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"config.data.train: {tmp_path}/empty holds no records: nothing to train on" in proc.stderr
