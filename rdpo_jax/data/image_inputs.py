@@ -30,7 +30,12 @@ PATCH_KEYS = ("patches", "patch_image", "patch_row", "patch_col")
 
 
 class ImageBudgetError(ValueError):
-    """A row's images do not fit the configured budget (image count, patch buffer)."""
+    """A row's images do not fit the configured budget; `reason` is the pipeline's skip reason
+    ("image_count": more than data.max_images; "image_budget": more patches than the largest bucket)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class FixedImages:
@@ -95,7 +100,7 @@ class QwenPatches:
         if total > self.buckets[-1]:
             raise ImageBudgetError(f"{len(grids)} images of {total} patches (grids {grids}) exceed the largest "
                                    f"patch bucket, {self.buckets[-1]}; raise data.patch_buckets or lower "
-                                   f"data.max_pixels (now {self.config.max_pixels} per image)")
+                                   f"data.max_pixels (now {self.config.max_pixels} per image)", "image_budget")
         m2 = self.config.merge_size ** 2
         return {"patches": np.concatenate([p for p, _ in out]), "grids": grids,
                 "tokens": [t * h * w // m2 for t, h, w in grids]}
@@ -176,7 +181,7 @@ def pad_patches(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarr
 
 def _check_count(n: int, max_images: int):
     if n > max_images:
-        raise ImageBudgetError(f"{n} images, more than data.max_images={max_images}")
+        raise ImageBudgetError(f"{n} images, more than data.max_images={max_images}", "image_count")
 
 
 def _load(i: int, blob: bytes, fn):

@@ -139,8 +139,7 @@ class Prepare(grain.transforms.Map):
             field = "images" if getattr(e, "index", None) is None else f"images[{e.index}]"
             raise records.RecordError(where, field, str(e), reason="bad_image") from None
         except image_inputs.ImageBudgetError as e:
-            reason = "image_count" if "max_images" in str(e) else "image_budget"
-            raise records.RecordError(where, "images", str(e), reason=reason) from None
+            raise records.RecordError(where, "images", str(e), reason=e.reason) from None
         messages = record["messages"]
         keys = ("chosen", "rejected") if o.kind == "pairs" else ("answer",)
         try:
