@@ -59,6 +59,8 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
            "and export bfloat16 weights with `python -m rdpo_jax.export --dtype=bfloat16`")
     _check(c.model.remat in model_config.REMAT_POLICIES, "model.remat",
            f"{c.model.remat!r} is not one of {model_config.REMAT_POLICIES}")
+    _check(c.model.vocab_chunk >= 0, "model.vocab_chunk",
+           f"{c.model.vocab_chunk}: give the LM head's vocabulary columns per chunk (0 = all at once)")
     _check(c.init_from in ("model", "scratch") or os.path.exists(c.init_from), "init_from",
            f"{c.init_from!r} is not 'model', 'scratch' or an existing path")
     _check(c.total_steps > 0, "total_steps", "must be positive")

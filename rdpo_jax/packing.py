@@ -18,10 +18,23 @@ M-RoPE families (Qwen2.5-VL) carry positions int32[R, 3, T]: the prompt's (t, h,
 prompt's largest position + 1 on all three rows (in the shared-prefix row both answers start there, as
 two separate forwards would); 1D positions are the case where the prompt counts 0 … P−1.
 
+Multi-answer layout (one row per prompt group, the on-policy case where a prompt yields several pairs):
+
+    tokens     [ prompt P ][ answer 1 ][ answer 2 ] … [ answer m ][ pad ]
+    branch      0           1           2              m            −1
+
+every answer restarting positions after the prompt and attending to the prompt and itself only; the
+group's pairs name their answers by branch (`pair_chosen`, `pair_rejected` int32[R, P], 0 = no pair), so an
+answer shared by several pairs is encoded once. The other layouts are its special cases (branch 1 the
+chosen answer, 2 the rejected one), and one mask serves all three:
+
+    mask(q, k) = valid(q) ∧ valid(k) ∧ k ≤ q ∧ (branch(k) = 0 ∨ branch(k) = branch(q))
+
 Every layout names its trained tokens the same way: `targets` int32[R, A] (the answer tokens),
 `target_index` int32[R, A] (the row index whose hidden state predicts that token: the previous token of
 the same branch, the last prompt token for an answer's first token) and `target_branch` int32[R, A]
-(1 chosen/answer, 2 rejected, 0 padding). Only those A ≪ T positions go through the LM head.
+(1 chosen/answer, 2 rejected — the answer's branch in a multi-answer row —, 0 padding). Only those
+A ≪ T positions go through the LM head.
 """
 
 from __future__ import annotations
@@ -33,10 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LAYOUTS = ("shared_prefix", "concat")
+LAYOUTS = ("shared_prefix", "concat", "multi_answer")
 ROW_KEYS = ("input_ids", "positions", "branch_ids", "targets", "target_index", "target_branch")
 # a DPO batch's per-pair rubric arrays float32[B, K] (K = data.max_criteria), which the rubric loss reads
 RUBRIC_KEYS = ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask")
+# a multi-answer batch's pairs per row: the answers' branches int32[R, P] (0 = no pair in that slot)
+GROUP_KEYS = ("pair_chosen", "pair_rejected")
 PAD_BRANCH, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
 
@@ -77,6 +92,7 @@ def _fill_row(out: dict, r: int, prompt, answers: Sequence[tuple[int, Sequence[i
 
 
 def _empty(rows: int, seq_len: int, answer_len: int, pad_id: int, mrope: bool) -> dict[str, np.ndarray]:
+    answer_len = min(answer_len, seq_len - 1)  # a row holds at most seq_len − 1 answer tokens
     return {
         "input_ids": np.full((rows, seq_len), pad_id, np.int32),
         "positions": np.zeros((rows, 3, seq_len) if mrope else (rows, seq_len), np.int32),
@@ -87,17 +103,43 @@ def _empty(rows: int, seq_len: int, answer_len: int, pad_id: int, mrope: bool) -
     }
 
 
-def pad_rows(batch: dict[str, np.ndarray], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+def pad_rows(batch: dict[str, np.ndarray], seq_len: int, pad_id: int = 0,
+             target_len: int | None = None) -> dict[str, np.ndarray]:
     """A packed batch with its rows padded at the end to `seq_len` (as `_empty` pads: pad_id, position 0,
-    branch −1); the trained-token arrays do not depend on the row length. Returns `batch` if it fits."""
-    T = batch["input_ids"].shape[1]
-    if seq_len < T:
-        raise ValueError(f"cannot pad rows of {T} tokens to {seq_len}")
-    if seq_len == T:
+    branch −1) and its trained-token arrays to `target_len` (default: as they are; padding targets are
+    branch 0). Returns `batch` if it already has both lengths."""
+    T, A = batch["input_ids"].shape[1], batch["targets"].shape[1]
+    target_len = A if target_len is None else target_len
+    if seq_len < T or target_len < A:
+        raise ValueError(f"cannot pad rows of {T} tokens and {A} targets to {seq_len} and {target_len}")
+    if (seq_len, target_len) == (T, A):
         return batch
     fill = {"input_ids": pad_id, "positions": 0, "branch_ids": PAD_BRANCH}
-    return {k: np.pad(v, ((0, 0),) * (v.ndim - 1) + ((0, seq_len - T),), constant_values=fill[k]) if k in fill else v
+    width = {k: seq_len - T if k in fill else target_len - A if k in ROW_KEYS else 0 for k in batch}
+    return {k: np.pad(v, ((0, 0),) * (v.ndim - 1) + ((0, width[k]),), constant_values=fill.get(k, 0)) if width[k] else v
             for k, v in batch.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One prompt with several answers and the preference pairs among them, (chosen, rejected) indexes
+    into `answers`."""
+    prompt: Sequence[int]
+    answers: Sequence[Sequence[int]]
+    pairs: Sequence[tuple[int, int]]
+    positions: np.ndarray | None = None  # as `Pair.positions`
+
+
+def _share(lengths: Sequence[int], room: int) -> list[int]:
+    """Token budgets for answers of these lengths in `room` tokens: as much as fits, the shorter answers
+    whole and the longer cut to equal shares of what remains."""
+    budgets = list(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    left = room
+    for k, i in enumerate(order):
+        budgets[i] = min(lengths[i], left // (len(order) - k))
+        left -= budgets[i]
+    return budgets
 
 
 def _truncate(answer: Sequence[int], budget: int, stats: dict) -> list[int]:
@@ -119,12 +161,18 @@ def pack_pairs(pairs: Sequence[Pair], *, layout: str, seq_len: int, max_answer_l
     Returns:
       (batch, stats). batch: input_ids, positions, branch_ids int32[R, seq_len] (positions int32[R, 3,
       seq_len] with `mrope`, the prompts' from `Pair.positions`); targets, target_index,
-      target_branch int32[R, A] with R = B (shared_prefix) or 2B (concat), A = 2·max_answer_len resp.
-      max_answer_len. stats: truncated_answers, truncated_tokens.
+      target_branch int32[R, A] with R = B (shared_prefix, multi_answer) or 2B (concat), A = 2·max_answer_len
+      resp. max_answer_len, at most seq_len − 1 (the most answer tokens a row holds: the LM head's width
+      follows the bucket); multi_answer adds `pack_groups`' pair arrays (one pair per row). stats:
+      truncated_answers, truncated_tokens.
 
     Raises:
       PromptTooLongError: a prompt leaves no room for its answers (naming the pair).
     """
+    if layout == "multi_answer":  # each pair a group of its two answers
+        groups = [Group(p.prompt, [p.chosen, p.rejected], [(0, 1)], p.positions) for p in pairs]
+        return pack_groups(groups, seq_len=seq_len, max_answer_len=max_answer_len, max_answers=2, max_pairs=1,
+                           pad_id=pad_id, mrope=mrope)
     B = len(pairs)
     shared = rows_per_pair(layout) == 1
     stats = {"truncated_answers": 0, "truncated_tokens": 0}
@@ -152,6 +200,47 @@ def pack_pairs(pairs: Sequence[Pair], *, layout: str, seq_len: int, max_answer_l
     return out, stats
 
 
+def pack_groups(groups: Sequence[Group], *, seq_len: int, max_answer_len: int, max_answers: int, max_pairs: int,
+                pad_id: int = 0, mrope: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Packs prompt groups as multi-answer rows `[prompt][a1]…[am]` (host side, numpy).
+
+    Each answer is cut to `max_answer_len` tokens, and all of a row's answers to the room its prompt leaves
+    (`_share`: the shorter whole, the longer to equal shares), counted in stats. A group has at most
+    `max_answers` answers and `max_pairs` pairs.
+
+    Returns:
+      (batch, stats): the row keys as in `pack_pairs` with R = len(groups) and A = max_answers ·
+      max_answer_len (at most seq_len − 1); pair_chosen, pair_rejected int32[R, max_pairs] (branches; 0 in
+      unused slots).
+
+    Raises:
+      PromptTooLongError: a prompt leaves less than a token per answer; ValueError: a group breaks a limit
+      or a pair names an answer it does not have.
+    """
+    stats = {"truncated_answers": 0, "truncated_tokens": 0}
+    out = _empty(len(groups), seq_len, max_answers * max_answer_len, pad_id, mrope)
+    out["pair_chosen"] = np.zeros((len(groups), max_pairs), np.int32)
+    out["pair_rejected"] = np.zeros((len(groups), max_pairs), np.int32)
+    for i, g in enumerate(groups):
+        m, P = len(g.answers), len(g.prompt)
+        if not 0 < m <= max_answers or not 0 < len(g.pairs) <= max_pairs:
+            raise ValueError(f"group {i}: {m} answers and {len(g.pairs)} pairs (allowed: 1…{max_answers} "
+                             f"answers, 1…{max_pairs} pairs)")
+        if any(not (0 <= c < m and 0 <= r < m) or c == r for c, r in g.pairs):
+            raise ValueError(f"group {i}: pairs {list(g.pairs)} must name two different answers of {m}")
+        room = seq_len - P
+        if P == 0 or room < m:
+            raise PromptTooLongError(f"group {i}: prompt of {P} tokens leaves {room} of {seq_len} for {m} answers")
+        budgets = _share([min(len(a), max_answer_len) for a in g.answers], room)
+        answers = [_truncate(a, b, stats) for a, b in zip(g.answers, budgets)]
+        if not all(answers):
+            raise PromptTooLongError(f"group {i}: an empty answer (each answer needs a token)")
+        _fill_row(out, i, g.prompt, [(k + 1, a) for k, a in enumerate(answers)], g.positions)
+        for j, (c, r) in enumerate(g.pairs):
+            out["pair_chosen"][i, j], out["pair_rejected"][i, j] = c + 1, r + 1
+    return out, stats
+
+
 def pack_sft(examples: Sequence[tuple], *, seq_len: int, max_answer_len: int, pad_id: int = 0,
              mrope: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Packs (prompt, answer) or (prompt, answer, prompt positions) examples as `[prompt][answer]` rows
@@ -167,9 +256,11 @@ def pack_sft(examples: Sequence[tuple], *, seq_len: int, max_answer_len: int, pa
 
 
 def rows_per_pair(layout: str) -> int:
+    """Rows per pair (concat 2, shared_prefix 1); multi_answer rows hold groups: 1 row per group, whose
+    per-pair arrays are [R, P, …]."""
     if layout not in LAYOUTS:
         raise ValueError(f"pair_layout {layout!r} is not one of {LAYOUTS}")
-    return 1 if layout == "shared_prefix" else 2
+    return 2 if layout == "concat" else 1
 
 
 # ----- inside jit -----
@@ -179,8 +270,8 @@ def attention_mask(branch_ids: jax.Array) -> jax.Array:
     T = branch_ids.shape[1]
     valid = branch_ids >= 0
     causal = jnp.tril(jnp.ones((T, T), bool))[None]
-    cross = (branch_ids[:, :, None] == REJECTED) & (branch_ids[:, None, :] == CHOSEN)
-    return causal & valid[:, :, None] & valid[:, None, :] & ~cross
+    q, k = branch_ids[:, :, None], branch_ids[:, None, :]
+    return causal & valid[:, :, None] & (k >= 0) & ((k == PROMPT) | (k == q))
 
 
 def token_logps(model, batch: dict, features=None) -> jax.Array:
@@ -195,9 +286,7 @@ def token_logps(model, batch: dict, features=None) -> jax.Array:
     mask = attention_mask(batch["branch_ids"])
     hidden = model.hidden_states(batch["input_ids"], features, mask, batch["positions"])
     hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)  # [R, A, D]
-    logits = model.logits(hidden)  # float32[R, A, V]
-    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    logps = picked - jax.nn.logsumexp(logits, axis=-1)
+    logps = model.target_logps(hidden, batch["targets"])  # the head in vocabulary chunks
     return jnp.where(batch["target_branch"] > 0, logps, 0.0)
 
 
@@ -207,6 +296,8 @@ def pair_logps(model, batch: dict, *, layout: str) -> dict[str, jax.Array]:
     The batch's images (one entry per pair) are encoded once per pair; the concat layout reuses a pair's
     features for both its rows.
     """
+    if layout == "multi_answer":
+        return _group_pair_logps(model, batch)
     copies = rows_per_pair(layout)
     images = model.images_of(batch)
     features = None if images is None else model.image_features(images)
@@ -224,3 +315,18 @@ def pair_logps(model, batch: dict, *, layout: str) -> dict[str, jax.Array]:
         "chosen_count": per_pair((branch == CHOSEN).sum(-1).astype(jnp.float32)),
         "rejected_count": per_pair((branch == REJECTED).sum(-1).astype(jnp.float32)),
     }
+
+
+def _group_pair_logps(model, batch: dict) -> dict[str, jax.Array]:
+    """`pair_logps` of multi-answer rows: float32[R·P] each, pair slot p of row r at r·P + p (0 for an
+    unused slot)."""
+    logps = token_logps(model, batch)  # [R, A]
+    branch = batch["target_branch"][:, None, :]  # [R, 1, A]
+
+    def per_pair(key):
+        hit = (branch == batch[key][..., None]) & (batch[key][..., None] > 0)  # [R, P, A]
+        return (jnp.where(hit, logps[:, None], 0.0).sum(-1).reshape(-1),
+                hit.sum(-1).astype(jnp.float32).reshape(-1))
+
+    (c, cc), (r, rc) = per_pair("pair_chosen"), per_pair("pair_rejected")
+    return {"chosen_logp": c, "rejected_logp": r, "chosen_count": cc, "rejected_count": rc}

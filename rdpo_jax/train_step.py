@@ -10,6 +10,8 @@ Batch fields (numpy/jax arrays; B pairs or examples, R rows = B or 2B, see `pack
   input_ids, positions, branch_ids int32[R, T]; targets, target_index, target_branch int32[R, A]
   pixel_values float32[B, H, W, 3] or [B, N, H, W, 3] (absent for text-only data)
   valid float32[B] (0 for padding pairs/examples)
+  The multi_answer layout has R groups of up to P pairs: its images are per row, pair_chosen and
+  pair_rejected int32[R, P], and every per-pair field below (valid included) is [R, P, …].
   DPO only: chosen_scores, rejected_scores, criterion_weights, criterion_mask, essential_mask float32[B, K]
   (optional; `rubric` needs the scores), ref_chosen_logp, ref_rejected_logp float32[B] (summed, for
   `reference="precomputed"`).
@@ -183,25 +185,29 @@ def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoot
     def normalize(logp, count):
         return logp / jnp.maximum(count, 1.0) if length_norm else logp
 
+    def per_pair(batch, key, ndim=1):  # multi-answer rows carry their pairs' fields as [R, P, …]: as pairs
+        x = batch.get(key)
+        return x.reshape(-1, *x.shape[2:]) if x is not None and x.ndim > ndim else x
+
     def loss_fn(params, frozen, ref_params, batch):
         out = packing.pair_logps(nnx.merge(graphdef, params, frozen), batch, layout=pair_layout)
         if reference == "model":
             ref = packing.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, layout=pair_layout)
             ref_c, ref_r = jax.lax.stop_gradient((ref["chosen_logp"], ref["rejected_logp"]))
         elif reference == "precomputed":
-            ref_c, ref_r = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+            ref_c, ref_r = per_pair(batch, "ref_chosen_logp"), per_pair(batch, "ref_rejected_logp")
         else:
             ref_c = ref_r = jnp.zeros_like(out["chosen_logp"])
         cc, rc = out["chosen_count"], out["rejected_count"]
         loss, metrics = losses.preference_loss(
             normalize(out["chosen_logp"], cc), normalize(out["rejected_logp"], rc),
             normalize(ref_c, cc), normalize(ref_r, rc), loss_type=loss_type, beta=beta,
-            label_smoothing=label_smoothing, gamma=gamma, **{k: batch.get(k) for k in packing.RUBRIC_KEYS})
+            label_smoothing=label_smoothing, gamma=gamma, **{k: per_pair(batch, k, 2) for k in packing.RUBRIC_KEYS})
         if sft_weight:
             nll = losses.token_nll(out["chosen_logp"], cc)
             loss = loss + sft_weight * nll
             metrics["sft_nll"] = nll
-        valid = batch["valid"]
+        valid = per_pair(batch, "valid")
         return (loss * valid).sum(), (valid.sum(), _masked_sums(metrics, valid))
 
     return loss_fn

@@ -1,4 +1,5 @@
-"""Shared-prefix pairs: the layout, and log-likelihoods equal to the concat layout and to plain forwards."""
+"""Shared-prefix pairs and multi-answer rows: the layouts, and log-likelihoods (and DPO gradients) equal
+to the concat layout and to plain forwards."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rdpo_jax import packing
+from rdpo_jax import packing, train_step
 from rdpo_jax.models import hf, vision
 from tests import tiny
 
@@ -49,7 +50,7 @@ def test_truncation_is_counted_and_prompts_never_truncated():
     s, stats = packing.pack_sft([([1, 2], [5, 6, 7])], seq_len=4, max_answer_len=8)
     assert stats["truncated_tokens"] == 1
     np.testing.assert_array_equal(s["input_ids"], [[1, 2, 5, 6]])
-    np.testing.assert_array_equal(s["target_index"], [[1, 2, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(s["target_index"], [[1, 2, 0]])  # width seq_len − 1, not max_answer_len
 
 
 @pytest.mark.parametrize("layout", packing.LAYOUTS)
@@ -64,8 +65,16 @@ def test_padding_rows_to_a_longer_bucket_equals_packing_them_there(layout):
     for k in long:
         np.testing.assert_array_equal(padded[k], long[k], err_msg=k)
     assert packing.pad_rows(short, 10, pad_id=7) is short
-    with pytest.raises(ValueError, match="cannot pad rows of 10 tokens to 8"):
+    with pytest.raises(ValueError, match="cannot pad rows of 10 tokens and .* targets to 8"):
         packing.pad_rows(short, 8)
+    # a bucket too short for max_answer_len's targets holds seq_len − 1 of them; padded, as many as there
+    T = 4 if layout == "concat" else 5
+    shortest, _ = packing.pack_pairs(pairs[1:], layout=layout, seq_len=T, max_answer_len=4, pad_id=7)
+    there, _ = packing.pack_pairs(pairs[1:], layout=layout, seq_len=16, max_answer_len=4, pad_id=7)
+    assert shortest["targets"].shape[1] == T - 1 < there["targets"].shape[1]
+    padded = packing.pad_rows(shortest, 16, pad_id=7, target_len=there["targets"].shape[1])
+    for k in there:
+        np.testing.assert_array_equal(padded[k], there[k], err_msg=k)
 
 
 def _pairs(cfg, seed, n=4):
@@ -139,3 +148,84 @@ def test_vision_tower_runs_once_per_pair_in_both_layouts(tiny_llava, monkeypatch
         flops[layout] = compiled.cost_analysis()["flops"]
         assert seen == [3]  # once per pair in both layouts (concat reuses a pair's features for its two rows)
     assert flops["shared_prefix"] < 0.8 * flops["concat"]
+
+
+def test_multi_answer_row_layout_and_mask():
+    group = packing.Group(prompt=[11, 12], answers=[[21, 22], [31], [41, 42, 43]], pairs=[(0, 1), (0, 2)],
+                          positions=np.array([[0, 1], [0, 4], [0, 2]]))  # M-RoPE prompt positions
+    b, stats = packing.pack_groups([group], seq_len=10, max_answer_len=4, max_answers=4, max_pairs=3, mrope=True)
+    assert stats["truncated_answers"] == 0 and b["targets"].shape == (1, 9)  # 4·4 targets, at most 10 − 1
+    np.testing.assert_array_equal(b["input_ids"][0], [11, 12, 21, 22, 31, 41, 42, 43, 0, 0])
+    np.testing.assert_array_equal(b["branch_ids"][0], [0, 0, 1, 1, 2, 3, 3, 3, -1, -1])
+    # every answer counts on from the prompt's largest position + 1 (= 5) on all three rows
+    np.testing.assert_array_equal(b["positions"][0, :, 2:8], [[5, 6, 5, 5, 6, 7]] * 3)
+    np.testing.assert_array_equal(b["target_index"][0, :6], [1, 2, 1, 1, 5, 6])
+    np.testing.assert_array_equal(b["target_branch"][0], [1, 1, 2, 3, 3, 3, 0, 0, 0])
+    np.testing.assert_array_equal(b["pair_chosen"], [[1, 1, 0]])
+    np.testing.assert_array_equal(b["pair_rejected"], [[2, 3, 0]])
+    mask = np.asarray(packing.attention_mask(jnp.asarray(b["branch_ids"])))[0]
+    branch = b["branch_ids"][0]
+    for q in range(10):
+        for k in range(10):
+            sees = branch[q] >= 0 and branch[k] >= 0 and k <= q and branch[k] in (0, branch[q])
+            assert mask[q, k] == sees, (q, k)
+    # answers share a short row (4 tokens for 2 + 1 + 3): the shortest whole, the others to equal shares
+    b, stats = packing.pack_groups([group], seq_len=6, max_answer_len=4, max_answers=3, max_pairs=2, mrope=True)
+    assert stats == {"truncated_answers": 2, "truncated_tokens": 2}
+    np.testing.assert_array_equal(b["input_ids"][0], [11, 12, 21, 31, 41, 42])
+    np.testing.assert_array_equal(b["positions"][0, 1], [0, 4, 5, 5, 5, 6])
+    with pytest.raises(ValueError, match="group 0: pairs \\[\\(0, 3\\)\\] must name two different answers of 3"):
+        packing.pack_groups([packing.Group([1], [[2], [3], [4]], [(0, 3)])], seq_len=8, max_answer_len=2,
+                            max_answers=3, max_pairs=1)
+    with pytest.raises(packing.PromptTooLongError, match="group 0: prompt of 6 tokens leaves 2 of 8 for 3 answers"):
+        packing.pack_groups([packing.Group([1] * 6, [[2], [3], [4]], [(0, 1)])], seq_len=8, max_answer_len=2,
+                            max_answers=3, max_pairs=1)
+
+
+def test_multi_answer_rows_equal_one_pair_rows_in_logps_and_gradients(tiny_llava):
+    """On-policy groups (a prompt's pairs sharing answers) as one row each = every pair its own row."""
+    folder, _ = tiny_llava("clip_llama")
+    model, cfg = hf.load_hf(folder)
+    rng = np.random.default_rng(3)
+    F = cfg.image_seq_len
+    pair_lists = [[(0, 1), (0, 2), (0, 3)], [(1, 0), (2, 1)], [(0, 1)]]  # 4, 3 and 2 answers
+    def text(n):  # token ids other than the image placeholder
+        return [int(t) + (t >= tiny.IMAGE_TOKEN) for t in rng.integers(6, tiny.VOCAB - 1, n)]
+
+    groups = [packing.Group(text(1 + i) + [tiny.IMAGE_TOKEN] * F + text(2 + i),
+                            [text(2 + (i + j) % 4) for j in range(4 - i)], pairs)
+              for i, pairs in enumerate(pair_lists)]
+    pixels = rng.standard_normal((3, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
+    seq_len = F + 24
+    grouped, _ = packing.pack_groups(groups, seq_len=seq_len, max_answer_len=6, max_answers=4, max_pairs=3)
+    pairs = [packing.Pair(g.prompt, g.answers[c], g.answers[r]) for g in groups for c, r in g.pairs]
+    owner = [i for i, g in enumerate(groups) for _ in g.pairs]
+    single, _ = packing.pack_pairs(pairs, layout="shared_prefix", seq_len=seq_len, max_answer_len=6)
+    slot = grouped["pair_chosen"].reshape(-1) > 0  # which of the 3 × 3 pair slots hold pairs, in pair order
+    assert slot.sum() == len(pairs) == 6
+
+    ref = rng.normal(-20, 3, (2, len(pairs))).astype(np.float32)
+    grouped.update(pixel_values=pixels, valid=slot.reshape(3, 3).astype(np.float32),
+                   ref_chosen_logp=np.zeros(9, np.float32), ref_rejected_logp=np.zeros(9, np.float32))
+    grouped["ref_chosen_logp"][slot], grouped["ref_rejected_logp"][slot] = ref
+    grouped["ref_chosen_logp"], grouped["ref_rejected_logp"] = (grouped[k].reshape(3, 3) for k in
+                                                                ("ref_chosen_logp", "ref_rejected_logp"))
+    single.update(pixel_values=pixels[owner], valid=np.ones(len(pairs), np.float32), ref_chosen_logp=ref[0],
+                  ref_rejected_logp=ref[1])
+
+    graphdef, params = nnx.split(model)
+    out = {}
+    for layout, batch in (("multi_answer", grouped), ("shared_prefix", single)):
+        logps = jax.jit(lambda p, b, layout=layout: packing.pair_logps(nnx.merge(graphdef, p), b, layout=layout))
+        loss_fn = train_step.dpo_loss(graphdef, loss_type="sigmoid", beta=0.5, sft_weight=0.1, pair_layout=layout,
+                                      reference="precomputed")
+        grad = jax.jit(jax.grad(lambda p, b: (lambda s, aux: s / aux[0])(*loss_fn(p, {}, None, b))))
+        out[layout] = (logps(params, batch), grad(params, batch))
+    (g_logps, g_grad), (s_logps, s_grad) = out["multi_answer"], out["shared_prefix"]
+    for key in ("chosen_logp", "rejected_logp", "chosen_count", "rejected_count"):
+        np.testing.assert_allclose(np.asarray(g_logps[key])[slot], s_logps[key], atol=1e-5, rtol=0, err_msg=key)
+        assert not np.asarray(g_logps[key])[~slot].any()
+    norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(s_grad)))
+    diff = np.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g_grad), jax.tree.leaves(s_grad))))
+    assert norm > 1e-3 and diff / norm < 1e-5, (diff, norm)
+    assert grouped["input_ids"].size < 0.6 * single["input_ids"].size  # 3 rows instead of 6

@@ -48,8 +48,8 @@ def _sft_batch(cfg, seed=0):
 
 
 def _run(folder, mesh, batch, *, optimizer=None, steps=1, freeze=(), objective="dpo", dtype=jnp.float32,
-         schedule=None, **kw):
-    model, _ = hf.load_hf(folder, RunSettings(param_dtype=dtype), mesh=mesh)
+         schedule=None, vocab_chunk=0, **kw):
+    model, _ = hf.load_hf(folder, RunSettings(param_dtype=dtype, vocab_chunk=vocab_chunk), mesh=mesh)
     schedule = schedule or optax.constant_schedule(1.0)
     optimizer = optimizer or optax.sgd(1.0)
     reference = kw.get("reference", "model") == "model" and objective == "dpo"
@@ -109,6 +109,7 @@ def test_accumulated_gradients_equal_full_batch(tiny_llava, mesh1, objective, la
 
 
 def test_sharded_step_equals_single_device(tiny_llava, mesh1, capfd):
+    """Also: the LM head computed in vocabulary chunks (`layers.target_logps`) = computed whole."""
     folder, _ = tiny_llava(NAME)
     _, cfg = hf.load_hf(folder)
     batch = _batch(cfg)
@@ -118,7 +119,9 @@ def test_sharded_step_equals_single_device(tiny_llava, mesh1, capfd):
     # float64: Adam divides by √v, which turns fp32 rounding of near-zero gradients into visible steps
     with jax.enable_x64(True):
         _, single, m_single = _run(folder, mesh1, batch, optimizer=adamw, steps=2, dtype=jnp.float64, **kw)
-        _, sharded, m_sharded = _run(folder, mesh8, batch, optimizer=adamw, steps=2, dtype=jnp.float64, **kw)
+        # sharded, with the LM head in 4 vocabulary chunks of 40 (the vocabulary of 160 split over tensor)
+        _, sharded, m_sharded = _run(folder, mesh8, batch, optimizer=adamw, steps=2, dtype=jnp.float64,
+                                     vocab_chunk=48, **kw)
     q = sharded.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     moments = [x for kp, x in jax.tree_util.tree_flatten_with_path(sharded.opt_state)[0]

@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # training needs float32 (master weights); bfloat16 is refused with a reason
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters are cast inside the step)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable"
+    c.model.vocab_chunk = 16384  # LM head columns at a time over answer tokens (0 = all); memory, not results
     # Where the first parameters come from when the workdir has no checkpoint: "model" (the weights in
     # model.path), "scratch" (fresh init from `seed`), or a path: an HF folder or another run's workdir.
     c.init_from = "model"  # see the comment above
@@ -65,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dpo.gamma = 0.0  # per-criterion margin γ of the rubric loss
     c.dpo.length_norm = False  # token-mean log-likelihoods instead of sums (set for ipo)
     c.dpo.sft_weight = 0.0  # α·(token-mean NLL of the chosen answer) added to every pair's loss
-    c.dpo.pair_layout = "shared_prefix"  # "shared_prefix" | "concat"
+    c.dpo.pair_layout = "shared_prefix"  # "shared_prefix" | "concat" | "multi_answer" (packing.py)
     c.dpo.reference = "model"  # "model" (frozen copy, same jit) | "precomputed" (in the data) | "none"
 
     c.optim = ml_collections.ConfigDict()

@@ -86,7 +86,7 @@ class Options:
 
     @property
     def answers_per_row(self) -> int:
-        return 2 if self.kind == "pairs" and self.pair_layout == "shared_prefix" else 1
+        return 2 if self.kind == "pairs" and self.pair_layout != "concat" else 1
 
     @property
     def max_prompt_len(self) -> int:
@@ -353,21 +353,23 @@ def make_iterator(dataset: grain.MapDataset, *, workers: int = 0, buffer_size: i
 
 
 def agree_shapes(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    """Pads this process's rows to the longest row length (bucket), and its patch buffers to the largest
-    patch bucket, of any process in this step.
+    """Pads this process's rows to the longest row length (bucket), its trained-token arrays to the widest
+    (the width follows the bucket), and its patch buffers to the largest patch bucket, of any process in
+    this step.
 
     Each process packs its rows into the smallest buckets they fit; one compiled program runs over the
     global array, so all processes must use the same shapes. Because a bucket is the smallest that fits
     the longest row, the largest bucket over processes is the one a single process holding the whole
     global batch picks, and padding a row further changes nothing in it: every process count gives the
     same batch. One small all-gather per step (multi-process runs only)."""
-    shape = np.array([batch["input_ids"].shape[1], batch["patches"].shape[1] if "patches" in batch else 0], np.int32)
+    shape = np.array([batch["input_ids"].shape[1], batch["targets"].shape[1],
+                      batch["patches"].shape[1] if "patches" in batch else 0], np.int32)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         shape = np.max(multihost_utils.process_allgather(shape), axis=0)
-    batch = packing.pad_rows(batch, int(shape[0]), pad_id)
-    return image_inputs.pad_patches(batch, int(shape[1]))
+    batch = packing.pad_rows(batch, int(shape[0]), pad_id, target_len=int(shape[1]))
+    return image_inputs.pad_patches(batch, int(shape[2]))
 
 
 def to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

@@ -82,6 +82,9 @@ class RunSettings:
     param_dtype: Any = jnp.float32
     dtype: Any = None  # compute dtype (activations, matmuls); None = param_dtype
     remat: str = "none"  # one of REMAT_POLICIES
+    # The LM head over answer tokens runs over at most this many vocabulary columns at a time (0 = whole),
+    # so that float32 logits [A, V] are never all alive (`layers.target_logps`).
+    vocab_chunk: int = 16384
     # Raise (also under jit) if placeholders and image features disagree. Under jit this is a host callback,
     # which keeps the program out of JAX's persistent compilation cache; the trainer and the data_prep
     # commands turn it off because ChatTokenizer checks every example's placeholders on the host.
@@ -90,15 +93,18 @@ class RunSettings:
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise UnsupportedConfigError(f"remat: {self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.vocab_chunk < 0:
+            raise UnsupportedConfigError(f"vocab_chunk: {self.vocab_chunk} (columns per chunk, 0 = whole) is negative")
         if self.dtype is None:
             object.__setattr__(self, "dtype", self.param_dtype)
 
     @classmethod
     def from_config(cls, config) -> RunSettings:
-        """A run config's `model.param_dtype`, `model.dtype` and `model.remat`; placeholders are checked
+        """A run config's `model.param_dtype`, `dtype`, `remat` and `vocab_chunk`; placeholders are checked
         on the host (ChatTokenizer), so that the compiled programs stay cacheable."""
         m = config.model
-        return cls(param_dtype=DTYPES[m.param_dtype], dtype=DTYPES[m.dtype], remat=m.remat, check_image_tokens=False)
+        return cls(param_dtype=DTYPES[m.param_dtype], dtype=DTYPES[m.dtype], remat=m.remat, vocab_chunk=m.vocab_chunk,
+                   check_image_tokens=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,8 @@ RoPE angles are computed in float32. Leaf names follow what they hold (`kernel` 
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Sequence
 
@@ -154,6 +156,107 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(wide(x.dtype))
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+# ----- LM head -----
+
+def target_logps(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """log softmax(x @ w)[target] float32[...] without all [..., V] logits alive at once.
+
+    Args:
+      x: final hidden states float[..., D]; w: the head float[D, V]; targets: int[...] in [0, V).
+      chunk: most vocabulary columns per chunk; 0 or ≥ V computes the logits whole.
+
+    The head is viewed (no copy) as [D, a, n, b]: a = 8 blocks (the vocabulary's split over up to 8 tensor
+    devices) of n chunks of b columns, chunk i taking b columns from every block, so that a vocabulary
+    sharded in blocks shards every chunk alike, and n dividing V/a when such an n near V/(a·chunk) exists
+    (else w is padded once). The forward pass keeps a running logsumexp and the target's logit in float32;
+    the backward pass recomputes each chunk's logits and writes that chunk's gradient columns in place.
+    Logits are rounded to x's dtype before float32, as a head computed whole is; x and w should share the
+    compute dtype.
+    """
+    V = w.shape[1]
+    if chunk <= 0 or V <= chunk:
+        logits = jnp.dot(x, w).astype(wide(x.dtype))
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+    return _chunked_logps(x, w, targets, _chunk_view(V, chunk))
+
+
+def _chunk_view(V: int, chunk: int) -> tuple[int, int, int]:
+    """(a, n, b) with a·n·b ≥ V (= V when n divides V/a), a·b ≤ chunk columns per chunk."""
+    a = 8 if V % 8 == 0 and chunk >= 8 else 1
+    least = -(-V // chunk)
+    n = next((n for n in range(least, 2 * least + 1) if (V // a) % n == 0), least)
+    return a, n, -(-V // (a * n))
+
+
+def _view(w, view):
+    a, n, b = view
+    D, V = w.shape
+    return jnp.pad(w, ((0, 0), (0, a * n * b - V))).reshape(D, a, n, b)  # no pad when a·n·b = V
+
+
+def _chunk_logits(x, w4, i, V):
+    """Logits float32[..., a·b] of chunk i of the head viewed as w4 [D, a, n, b]; −inf past V."""
+    D, a, n, b = w4.shape
+    wi = jax.lax.dynamic_index_in_dim(w4, i, axis=2, keepdims=False).reshape(D, a * b)
+    logits = jnp.dot(x, wi).astype(wide(x.dtype))
+    ids = (jnp.arange(a)[:, None] * (n * b) + i * b + jnp.arange(b)).reshape(-1)
+    return jnp.where(ids < V, logits, -jnp.inf), wi
+
+
+def _target_slot(targets, view):
+    """(chunk, column within the chunk) of each target id."""
+    a, n, b = view
+    block, rest = targets // (n * b), targets % (n * b)
+    return rest // b, block * b + rest % b
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_logps(x, w, targets, view):
+    return _chunked_fwd(x, w, targets, view)[0]
+
+
+def _chunked_fwd(x, w, targets, view):
+    V, w4 = w.shape[1], _view(w, view)
+    chunk_of, column = _target_slot(targets, view)
+
+    def step(carry, i):
+        lse, picked = carry
+        logits, _ = _chunk_logits(x, w4, i, V)
+        lse = jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1))
+        value = jnp.take_along_axis(logits, column[..., None], axis=-1)[..., 0]
+        return (lse, picked + jnp.where(chunk_of == i, value, 0.0)), None
+
+    f32 = wide(x.dtype)
+    start = (jnp.full(targets.shape, -jnp.inf, f32), jnp.zeros(targets.shape, f32))
+    (lse, picked), _ = jax.lax.scan(step, start, jnp.arange(view[1]))
+    return picked - lse, (x, w, targets, lse)
+
+
+def _chunked_bwd(view, res, g):
+    x, w, targets, lse = res
+    V, w4 = w.shape[1], _view(w, view)
+    D, a, n, b = w4.shape
+    chunk_of, column = _target_slot(targets, view)
+    rows = x.reshape(-1, D)
+
+    def step(carry, i):
+        dx, dw4 = carry
+        logits, wi = _chunk_logits(x, w4, i, V)
+        hit = (chunk_of == i)[..., None] & (jnp.arange(a * b) == column[..., None])
+        d = (g[..., None] * (hit - jnp.exp(logits - lse[..., None]))).astype(x.dtype)  # g · d logp / d logits
+        dx = dx + jnp.dot(d, wi.T, preferred_element_type=dx.dtype)
+        dwi = jnp.dot(rows.T, d.reshape(-1, a * b), preferred_element_type=wide(w.dtype)).astype(w.dtype)
+        return (dx, jax.lax.dynamic_update_index_in_dim(dw4, dwi.reshape(D, a, b), i, axis=2)), None
+
+    start = (jnp.zeros(x.shape, wide(x.dtype)), jnp.zeros_like(w4))
+    (dx, dw4), _ = jax.lax.scan(step, start, jnp.arange(n))
+    return dx.astype(x.dtype), dw4.reshape(D, -1)[:, :V], None
+
+
+_chunked_logps.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 # ----- Attention -----

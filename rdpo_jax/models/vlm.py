@@ -83,6 +83,19 @@ class VisionLanguageModel(nnx.Module):
             out = self.lm_head(hidden)
         return out.astype(layers.wide(out.dtype))
 
+    def head(self) -> jax.Array:
+        """The LM head's weight float[D, V] in the compute dtype (the embedding table's transpose if tied)."""
+        if self.config.tie_word_embeddings:
+            w = self.language_model.embed_tokens.embedding[...].T
+        else:
+            w = self.lm_head.kernel[...]
+        return w.astype(self.run.dtype)
+
+    def target_logps(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+        """log p(target | hidden) float32[...] from hidden states float[..., D] and targets int[...], the
+        head run over `run.vocab_chunk` columns at a time (`layers.target_logps`)."""
+        return layers.target_logps(hidden.astype(self.run.dtype), self.head(), targets, self.run.vocab_chunk)
+
     def __call__(self, input_ids, images=None, attention_mask=None, positions=None) -> jax.Array:
         features = None if images is None else self.image_features(images)
         return self.logits(self.hidden_states(input_ids, features, attention_mask, positions))

@@ -315,10 +315,11 @@ def test_llava_records_with_different_image_counts(model_folder, tmp_path):
     assert element["stats"]["skipped/image_count"] == 1 and batch["valid"].tolist() == [1, 1, 1, 0]
 
 
-@pytest.mark.parametrize("layout", ["shared_prefix", "concat"])
+@pytest.mark.parametrize("layout", packing.LAYOUTS)
 def test_qwen_batches_equal_transformers_forwards(qwen_smoke_dir, layout):
     """Records with 0, 1 and 2 images of different sizes through the pipeline (patch buffers, 3D positions,
-    both layouts): every answer's log-likelihood equals a transformers forward of [prompt][answer] alone."""
+    every layout; multi_answer rows of one pair each): every answer's log-likelihood equals a transformers
+    forward of [prompt][answer] alone."""
     import jax
     import torch
     import transformers

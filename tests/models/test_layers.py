@@ -67,3 +67,37 @@ def test_attention_masks_and_groups():
 def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match="activation 'swish2' is not supported"):
         layers.activation("swish2")
+
+
+@pytest.mark.parametrize("V,chunk", [(37, 8), (40, 10), (40, 64)])
+def test_chunked_head_equals_whole_logits_and_gradients(V, chunk):
+    """37 = 5 chunks of 8 with 3 padding columns; 40 = 4 whole chunks; 64 ≥ V = one matmul."""
+    import jax
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((16, V)) * 2, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (3, 5)), jnp.int32).at[0, :2].set(jnp.array([0, V - 1]))
+    cot = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+
+    def whole(x, w):
+        logits = x @ w
+        return (jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0] * cot).sum()
+
+    def chunked(x, w):
+        return (layers.target_logps(x, w, targets, chunk) * cot).sum()
+
+    ref = jax.nn.log_softmax(x @ w)
+    got = jax.jit(layers.target_logps, static_argnums=3)(x, w, targets, chunk)
+    np.testing.assert_allclose(got, np.take_along_axis(ref, targets[..., None], -1)[..., 0], atol=1e-5)
+    for g, r in zip(jax.grad(chunked, (0, 1))(x, w), jax.grad(whole, (0, 1))(x, w)):
+        np.testing.assert_allclose(g, r, atol=1e-4)  # sums of terms up to ~5: float32 rounding
+    # no [.., V] float32 logits are saved for the backward pass: only [.., chunk] ones, recomputed per chunk
+    def saved(f):  # shapes of what the backward pass keeps (the leaves of the VJP closure)
+        return [leaf.shape for leaf in jax.tree.leaves(jax.vjp(f, x, w)[1])]
+
+    def logits_like(shape):
+        return len(shape) == 3 and shape[:2] == (3, 5) and shape[2] >= V
+
+    assert any(map(logits_like, saved(whole)))  # the check sees whole logits where they are kept
+    if chunk < V:
+        assert not any(map(logits_like, saved(chunked))), saved(chunked)
