@@ -61,6 +61,8 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
            f"{c.model.remat!r} is not one of {model_config.REMAT_POLICIES}")
     _check(c.model.vocab_chunk >= 0, "model.vocab_chunk",
            f"{c.model.vocab_chunk}: give the LM head's vocabulary columns per chunk (0 = all at once)")
+    _check(c.model.attention in ("auto",) + model_config.ATTENTION, "model.attention",
+           f"{c.model.attention!r} is not 'auto' or one of {model_config.ATTENTION}")
     _check(c.init_from in ("model", "scratch") or os.path.exists(c.init_from), "init_from",
            f"{c.init_from!r} is not 'model', 'scratch' or an existing path")
     _check(c.total_steps > 0, "total_steps", "must be positive")
@@ -69,6 +71,8 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
     _check(c.data.on_bad_record in ("error", "skip"), "data.on_bad_record", f"{c.data.on_bad_record!r}")
     _check(len(c.data.seq_buckets) > 0 and list(c.data.seq_buckets) == sorted(set(c.data.seq_buckets)),
            "data.seq_buckets", f"must be increasing, got {tuple(c.data.seq_buckets)}")
+    _check(c.data.max_pairs_per_group > 0, "data.max_pairs_per_group", "must be positive")
+    _check(c.data.max_answers_per_group >= 0, "data.max_answers_per_group", "must be ≥ 0 (0 = 2 × max_pairs_per_group)")
     _check(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint", "every and keep must be positive")
     _check(c.log.every > 0, "log.every", "must be positive")
     if c.objective == "dpo":

@@ -301,8 +301,9 @@ def pair_logps(model, batch: dict, *, layout: str) -> dict[str, jax.Array]:
     copies = rows_per_pair(layout)
     images = model.images_of(batch)
     features = None if images is None else model.image_features(images)
-    if features is not None and copies == 2:
-        features = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), features)
+    rows = batch["input_ids"].shape[0]
+    if features is not None and rows > len(features[1]):  # a record's rows (its pairs, their copies) are adjacent
+        features = jax.tree.map(lambda x: jnp.repeat(x, rows // len(features[1]), axis=0), features)
     logps = token_logps(model, batch, features)
     branch = batch["target_branch"]
 

@@ -71,16 +71,15 @@ def main(argv):
 
     # ----- Data: global batch s is a pure function of (data.seed, s) -----
     dpo = config.objective == "dpo"
-    kind = "pairs" if dpo else "sft"
     fingerprint = None
     if dpo and config.dpo.reference == "precomputed":
         fingerprint = checkpoint.fingerprint(checkpoint.reference_model(config))
     options = pipeline.Options.from_config(config, reference_fingerprint=fingerprint)
     if fingerprint is not None:
-        _check_reference_data(config.data.train, kind, options)
+        _check_reference_data(config.data.train, options)
     tokenizer = ChatTokenizer(config.model.path, image_token_id=setup.model_config.image_token_id)
     image_input = image_inputs.from_config(config, setup.model_config)
-    source = _source(config.data.train, kind)
+    source = _source(config.data.train, options)
     if len(source) == 0:
         raise config_checks.ConfigError(f"config.data.train: {config.data.train} holds no records: nothing to train on")
     dataset = pipeline.make_dataset(source, options, tokenizer, image_input, global_batch_size=config.data.batch_size,
@@ -135,7 +134,7 @@ def main(argv):
         compile_for((seq_len, largest_patches))
     evaluator = None
     if config.data.eval:
-        eval_data = pipeline.make_dataset(_source(config.data.eval, kind), options, tokenizer, image_input,
+        eval_data = pipeline.make_dataset(_source(config.data.eval, options, "data.eval"), options, tokenizer, image_input,
                                           global_batch_size=config.data.batch_size, seed=0, num_epochs=1)
         evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, steps.eval)), eval_data, mesh, tokenizer.pad_id,
                                config.eval.batches)
@@ -233,23 +232,30 @@ def _stop_requested(preempted: threading.Event, step: int) -> bool:
     return preempted.is_set()
 
 
-def _source(spec: str, kind: str):
-    """"folder/NAME" (ArrayRecord + manifest) or "tfds:NAME/CONFIG:SPLIT[@DATA_DIR]"."""
+def _source(spec: str, options: pipeline.Options, field: str = "data.train"):
+    """"folder/NAME" (ArrayRecord + manifest) or "tfds:NAME/CONFIG:SPLIT[@DATA_DIR]", holding records of a
+    kind the objective trains (dpo: pairs or groups, sft: sft)."""
     if spec.startswith("tfds:"):
         from rdpo_jax.data import tfds_source
 
         name, _, rest = spec[len("tfds:"):].partition(":")
         split, _, data_dir = rest.partition("@")
-        return tfds_source.TfdsSource(name, split=split or "train", data_dir=data_dir or None, kind=kind)
-    return arrayrecord.Source(spec, kind)
+        return tfds_source.TfdsSource(name, split=split or "train", data_dir=data_dir or None, kind=options.kind)
+    source = arrayrecord.Source(spec)
+    try:
+        pipeline.source_kind(source, options)
+    except ValueError as e:
+        raise config_checks.ConfigError(f"config.{field}: {e}") from None
+    return source
 
 
-def _check_reference_data(spec: str, kind: str, options: pipeline.Options) -> None:
+def _check_reference_data(spec: str, options: pipeline.Options) -> None:
     """Fails before compiling when the first record's reference log-likelihoods are absent or were
     computed by another model or with other settings (the pipeline checks every record again)."""
-    source = _source(spec, kind)
-    record = records.decode(source[0][1], kind, source.where(0))
-    if "ref_chosen_logp" not in record:
+    source = _source(spec, options)
+    record = records.decode(source[0][1], source.kind, source.where(0))
+    first = records.pairs_of_group(record)[0] if source.kind == "groups" else record
+    if "ref_chosen_logp" not in first:
         raise config_checks.ConfigError(
             f"config.dpo.reference: 'precomputed', but {source.where(0)} of {spec} has no ref_chosen_logp: "
             "compute them first (rdpo_jax.data_prep.ref_logps) or use reference='model'")

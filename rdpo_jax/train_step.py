@@ -6,15 +6,17 @@ trainable parameters (the frozen ones are shared with the policy). Losses are (s
 gradient accumulation scans over micro-batches and divides the summed gradients by the total count, so
 an accumulated step equals the full-batch step.
 
-Batch fields (numpy/jax arrays; B pairs or examples, R rows = B or 2B, see `packing.py`):
+Batch fields (numpy/jax arrays; B records — pairs, prompt groups or examples —, R rows, see `packing.py`):
   input_ids, positions, branch_ids int32[R, T]; targets, target_index, target_branch int32[R, A]
-  pixel_values float32[B, H, W, 3] or [B, N, H, W, 3] (absent for text-only data)
+  pixel_values float32[B, H, W, 3] or [B, N, H, W, 3] (absent for text-only data): images per record
   valid float32[B] (0 for padding pairs/examples)
-  The multi_answer layout has R groups of up to P pairs: its images are per row, pair_chosen and
-  pair_rejected int32[R, P], and every per-pair field below (valid included) is [R, P, …].
   DPO only: chosen_scores, rejected_scores, criterion_weights, criterion_mask, essential_mask float32[B, K]
   (optional; `rubric` needs the scores), ref_chosen_logp, ref_rejected_logp float32[B] (summed, for
   `reference="precomputed"`).
+  Grouped records (`groups` data) carry P pair slots each: every per-pair field (valid included) is
+  [B, P, …], and pair slot p of record b is pair b·P + p. Rows: B (multi_answer: pair_chosen, pair_rejected
+  int32[B, P] name the slots' answers), B·P (shared_prefix) or 2·B·P (concat); a record's rows are adjacent,
+  so a batch shards and accumulates by records.
 """
 
 from __future__ import annotations
@@ -107,26 +109,31 @@ def _mesh_of(params) -> Mesh:
 
 # ----- micro-batching -----
 
-def split_micro(batch: dict, accum: int, rows_per_example: int = 1) -> dict:
-    """[B, …] → [accum, B/accum, …]; micro-batch i takes examples i, i+accum, … so that, with B sharded
-    in contiguous blocks over devices, every micro-batch stays spread over all devices (no transfer)."""
+def split_micro(batch: dict, accum: int) -> dict:
+    """[B, …] → [accum, B/accum, …] over the batch's B records (`valid`'s leading dimension; a field with
+    k·B entries, e.g. the rows of concat pairs or of grouped records, moves k at a time); micro-batch i
+    takes records i, i+accum, … so that, with B sharded in contiguous blocks over devices, every
+    micro-batch stays spread over all devices (no transfer)."""
+    B = batch["valid"].shape[0]
+    if B % accum:
+        raise ValueError(f"batch of {B} is not divisible by accum_steps={accum}")
+
     def split(key, x):
-        per = rows_per_example if key in packing.ROW_KEYS else 1
-        B = x.shape[0] // per
-        if B % accum:
-            raise ValueError(f"batch of {B} is not divisible by accum_steps={accum}")
+        per = x.shape[0] // B
+        if per * B != x.shape[0]:
+            raise ValueError(f"batch field {key!r} has {x.shape[0]} entries for {B} records")
         x = x.reshape(B // accum, accum, per, *x.shape[1:])
         return jnp.moveaxis(x, 1, 0).reshape(accum, (B // accum) * per, *x.shape[3:])
 
     return {k: split(k, v) for k, v in batch.items()}
 
 
-def _accumulate(loss_fn: Callable, params, batch: dict, accum: int, rows_per_example: int):
+def _accumulate(loss_fn: Callable, params, batch: dict, accum: int):
     """Σ over micro-batches of (grad of loss sum, loss sum, count, metric sums, metric counts)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum == 1:
         return grad_fn(params, batch)
-    micro = split_micro(batch, accum, rows_per_example)
+    micro = split_micro(batch, accum)
 
     def body(carry, mb):
         grads, aux = grad_fn(params, mb)
@@ -226,7 +233,7 @@ def sft_loss(graphdef: nnx.GraphDef) -> Callable:
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-              accum_steps: int = 1, rows_per_example: int = 1) -> Callable[[TrainState, dict], tuple]:
+              accum_steps: int = 1) -> Callable[[TrainState, dict], tuple]:
     """The pure `step(state, batch) -> (state, metrics)` for an objective (jit it with `jit_step`)."""
 
     def step(state: TrainState, batch: dict):
@@ -234,8 +241,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedu
             loss_sum, aux = loss_fn(params, state.frozen, state.ref_params, b)
             return loss_sum, (loss_sum, *aux)
 
-        grads, (loss_sum, count, metric_sums) = _accumulate(per_params, state.params, batch, accum_steps,
-                                                            rows_per_example)
+        grads, (loss_sum, count, metric_sums) = _accumulate(per_params, state.params, batch, accum_steps)
         return _update(state, optimizer, schedule, grads, loss_sum, count, metric_sums)
 
     return step
@@ -259,9 +265,7 @@ class Steps(NamedTuple):
 def make_dpo_step(graphdef, optimizer, schedule, *, accum_steps: int = 1, **loss_options) -> Steps:
     """The DPO train and held-out steps; `loss_options` are those of `dpo_loss`."""
     loss_fn = dpo_loss(graphdef, **loss_options)
-    rows = packing.rows_per_pair(loss_options.get("pair_layout", "shared_prefix"))
-    return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps, rows_per_example=rows),
-                 make_eval_step(loss_fn))
+    return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps), make_eval_step(loss_fn))
 
 
 def make_sft_step(graphdef, optimizer, schedule, *, accum_steps: int = 1) -> Steps:

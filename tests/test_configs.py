@@ -121,7 +121,7 @@ def test_precomputed_reference_absent_from_data(smoke_dir):
 
     options = pipeline.Options.from_config(_valid(smoke_dir), reference_fingerprint=hf.fingerprint(f"{smoke_dir}/model"))
     with pytest.raises(config_checks.ConfigError, match="'precomputed', but pairs-00000-of-00002.array_record\\[0\\]"):
-        train._check_reference_data(f"{smoke_dir}/pairs", "pairs", options)
+        train._check_reference_data(f"{smoke_dir}/pairs", options)
 
 
 def test_locked_config_rejects_a_typo(smoke_dir, tmp_path):

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters are cast inside the step)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable"
     c.model.vocab_chunk = 16384  # LM head columns at a time over answer tokens (0 = all); memory, not results
+    c.model.attention = "auto"  # "auto" (cuDNN flash on GPU in bf16/fp16, else "xla") | "xla" | "cudnn" | "jax"
     # Where the first parameters come from when the workdir has no checkpoint: "model" (the weights in
     # model.path), "scratch" (fresh init from `seed`), or a path: an HF folder or another run's workdir.
     c.init_from = "model"  # see the comment above
@@ -45,13 +46,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # dataset: "folder/NAME" (ArrayRecord + manifest) or "tfds:NAME/CONFIG:SPLIT@DATA_DIR"
     c.data.eval = ""  # held-out dataset of the same kind ("" = no evaluation)
-    c.data.batch_size = 8  # global pairs (dpo) or examples (sft) per step, over all processes
+    c.data.batch_size = 8  # global records per step over all processes: pairs or prompt groups (dpo), examples (sft)
     c.data.seq_buckets = (1024, 2048)  # padded row lengths (one compile each)
     c.data.max_answer_len = 512  # answers are cut to this many tokens (counted)
     c.data.max_images = 1  # a record holds 0 … this many images (0: text only; LLaVA encodes this many per row)
     c.data.max_pixels = None  # Qwen2.5-VL: pixels per image at most (None: the folder's max_pixels)
     c.data.patch_buckets = (256, 1024, 4096, 16384)  # Qwen2.5-VL: patch buffers per row (one compile each)
     c.data.max_criteria = 16  # rubric arrays are padded to this many criteria
+    c.data.max_pairs_per_group = 4  # groups data: pair slots per record (a larger group is a bad record)
+    c.data.max_answers_per_group = 0  # groups data, multi_answer rows: answers per row (0 = 2 × pairs)
     c.data.essential_weight = 1.0  # multiplies the weight of essential criteria
     c.data.additional_weight = 1.0  # multiplies the weight of additional criteria
     c.data.on_bad_record = "error"  # "error" | "skip" (counted by reason in the logs)

@@ -39,8 +39,10 @@ from rdpo_jax.data import image_inputs, images, records
 from rdpo_jax.data.tokenize import ChatTokenizer, TemplateError
 
 SKIP_REASONS = ("corrupt", "schema", "bad_image", "image_count", "image_budget", "empty_answer", "identical_answers",
-                "scores_mismatch", "too_many_criteria", "template", "prompt_too_long", "missing_reference",
-                "reference_mismatch")
+                "scores_mismatch", "too_many_criteria", "group_too_large", "template", "prompt_too_long",
+                "missing_reference", "reference_mismatch")
+# what each record kind trains (Options.kind "pairs" reads pairs or groups records)
+SOURCE_KINDS = {"pairs": ("pairs", "groups"), "sft": ("sft",)}
 ON_BAD_RECORD = ("error", "skip")
 PAD_ROW = (-1, b"")  # a row past the end of a finite pass (the last global batch is padded with it)
 
@@ -53,6 +55,8 @@ class Options:
     seq_buckets: tuple[int, ...]  # padded row lengths; a batch uses the smallest that fits
     max_answer_len: int  # each answer is cut to this many tokens (counted)
     max_criteria: int = 16  # rubric arrays are padded to this K
+    max_pairs_per_group: int = 4  # groups records: P pair slots per record
+    max_answers_per_group: int = 0  # groups records in multi_answer rows: answers per row (0 = 2P)
     essential_weight: float = 1.0
     additional_weight: float = 1.0
     pair_layout: str = "shared_prefix"
@@ -69,6 +73,9 @@ class Options:
         if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
             raise ValueError(f"seq_buckets must be increasing, got {self.seq_buckets}")
         packing.rows_per_pair(self.pair_layout)
+        if self.max_pairs_per_group < 1 or self.max_answers_per_group < 0:
+            raise ValueError(f"max_pairs_per_group {self.max_pairs_per_group} must be ≥ 1 and max_answers_per_group "
+                             f"{self.max_answers_per_group} ≥ 0")
 
     @classmethod
     def from_config(cls, config, *, reference_fingerprint: str | None = None) -> Options:
@@ -77,21 +84,30 @@ class Options:
         stamped with this config's `reference_settings`."""
         d, dpo = config.data, config.objective == "dpo"
         return cls(kind="pairs" if dpo else "sft", seq_buckets=tuple(d.seq_buckets), max_answer_len=d.max_answer_len,
-                   max_criteria=d.max_criteria,
+                   max_criteria=d.max_criteria, max_pairs_per_group=d.max_pairs_per_group,
+                   max_answers_per_group=d.max_answers_per_group,
                    essential_weight=d.essential_weight, additional_weight=d.additional_weight,
                    pair_layout=config.dpo.pair_layout, require_reference=reference_fingerprint is not None,
                    reference_fingerprint=reference_fingerprint,
                    reference_settings=tuple(reference_settings(config).items()) if reference_fingerprint else None,
                    on_bad_record=d.on_bad_record)
 
-    @property
-    def answers_per_row(self) -> int:
-        return 2 if self.kind == "pairs" and self.pair_layout != "concat" else 1
+    def answers_per_row(self, answers: int = 2) -> int:
+        """Answers in a row of a record with `answers` distinct answers (a pair has 2)."""
+        if self.kind == "sft" or self.pair_layout == "concat":
+            return 1
+        return answers if self.pair_layout == "multi_answer" else 2
 
-    @property
-    def max_prompt_len(self) -> int:
-        """Longest prompt that still leaves one token per answer in the longest bucket."""
-        return self.seq_buckets[-1] - self.answers_per_row
+    def max_prompt_len(self, answers: int = 2) -> int:
+        """Longest prompt that still leaves one token per answer of its rows in the longest bucket."""
+        return self.seq_buckets[-1] - self.answers_per_row(answers)
+
+    def slots(self, kind: str) -> tuple[int, int]:
+        """(pair slots, answer slots) per record of a source kind: a pair is one of each pair's answers."""
+        if kind != "groups":
+            return 1, 2
+        P = self.max_pairs_per_group
+        return P, self.max_answers_per_group or 2 * P
 
 
 # The config fields besides the model that decide a reference log-likelihood's value: dtypes round it,
@@ -112,10 +128,15 @@ def reference_settings(config) -> dict[str, Any]:
 
 
 class Prepare(grain.transforms.Map):
-    """(source index, record bytes) → an example dict, or {"skip": reason} (module level: picklable)."""
+    """(source index, record bytes) → an example dict, or {"skip": reason} (module level: picklable).
+
+    A DPO example is a prompt group whatever its record kind (a pairs record is a group of one pair):
+    prompt, images, positions, `answers` (token id arrays), `pairs` [(chosen, rejected) answer indices],
+    and per pair its rubric arrays [n_pairs, K] and reference log-likelihoods [n_pairs]."""
 
     def __init__(self, source, options: Options, tokenizer: ChatTokenizer, image_input):
         self.source, self.options, self.tokenizer, self.image_input = source, options, tokenizer, image_input
+        self.kind = source_kind(source, options)
 
     def map(self, item):
         if item == PAD_ROW:  # past the end of a finite pass (compared by value: workers unpickle it)
@@ -123,7 +144,7 @@ class Prepare(grain.transforms.Map):
         index, data = item
         where = self.source.where(index)
         try:
-            example = self._prepare(records.decode(data, self.options.kind, where), where)
+            example = self._prepare(records.decode(data, self.kind, where), where)
         except records.RecordError as e:
             if self.options.on_bad_record == "error":
                 raise
@@ -141,56 +162,86 @@ class Prepare(grain.transforms.Map):
         except image_inputs.ImageBudgetError as e:
             raise records.RecordError(where, "images", str(e), reason=e.reason) from None
         messages = record["messages"]
-        keys = ("chosen", "rejected") if o.kind == "pairs" else ("answer",)
+        fields, texts, ids, pairs = _answers(record, self.kind)
+        max_pairs, max_answers = o.slots(self.kind)
+        if len(pairs) > max_pairs or len(texts) > max_answers:
+            raise records.RecordError(where, "pairs", f"{len(pairs)} pairs of {len(texts)} answers, more than "
+                                      f"data.max_pairs_per_group={max_pairs} / max_answers_per_group={max_answers}",
+                                      reason="group_too_large")
         try:
             prompt = self.tokenizer.prompt(messages, prepared["tokens"] if prepared else [])
-            if record.get("tokenizer") is not None and record["tokenizer"] == self.tokenizer.fingerprint:
-                answers = {k: record[f"{k}_ids"] for k in keys}  # the ids the policy sampled, exactly
+            if ids is not None and record.get("tokenizer") == self.tokenizer.fingerprint:
+                answers = ids  # the ids the policy sampled, exactly
             else:  # text only, or ids of another tokenizer: cut from the whole conversation's tokens
-                answers = {k: self.tokenizer.answer(messages, record[k]) for k in keys}
+                answers = [self.tokenizer.answer(messages, t) for t in texts]
         except TemplateError as e:
             raise records.RecordError(where, "messages", str(e), reason="template") from None
-        for k, ids in answers.items():
-            if self.tokenizer.image_token_id in ids:
-                raise records.RecordError(where, f"{k}_ids", "holds the image token", reason="template")
-        if len(prompt) > o.max_prompt_len:
+        for field, a in zip(fields, answers):
+            if self.tokenizer.image_token_id in a:
+                raise records.RecordError(where, field, "holds the image token", reason="template")
+        if len(prompt) > o.max_prompt_len(len(answers)):
             raise records.RecordError(where, "messages", f"prompt of {len(prompt)} tokens (image tokens included) "
-                                      f"exceeds {o.max_prompt_len}; prompts are never truncated",
+                                      f"exceeds {o.max_prompt_len(len(answers))}; prompts are never truncated",
                                       reason="prompt_too_long")
         example = {"prompt": np.asarray(prompt, np.int32), "images": prepared,
-                   "positions": self.image_input.positions(prompt, prepared)}
-        example.update({k: np.asarray(v, np.int32) for k, v in answers.items()})
+                   "positions": self.image_input.positions(prompt, prepared),
+                   "answers": [np.asarray(a, np.int32) for a in answers]}
         if o.kind == "pairs":
+            example["pairs"] = pairs
             example.update(self._rubric(record, where))
         return example
 
     def _rubric(self, record: dict, where: str) -> dict:
+        """The record's rubric arrays float32[n_pairs, K] (`packing.RUBRIC_KEYS`) and, for a precomputed
+        reference, ref_chosen_logp / ref_rejected_logp float32[n_pairs]."""
         o = self.options
         criteria = record["rubric"]["criteria"]
         if len(criteria) > o.max_criteria:
             raise records.RecordError(where, "rubric.criteria", f"{len(criteria)} criteria, more than "
                                       f"max_criteria={o.max_criteria}", reason="too_many_criteria")
-        K = o.max_criteria
-        out = {name: np.zeros(K, np.float32) for name in packing.RUBRIC_KEYS}
-        n = len(criteria)
-        out["chosen_scores"][:n] = records.normalized_scores(record["rubric"], record["chosen_scores"])
-        out["rejected_scores"][:n] = records.normalized_scores(record["rubric"], record["rejected_scores"])
+        group = records.pairs_of_group(record) if "answers" in record else [record]
+        K, n, N = o.max_criteria, len(criteria), len(group)
+        out = {name: np.zeros((N, K), np.float32) for name in packing.RUBRIC_KEYS}
         essential = np.array([c["kind"] == "essential" for c in criteria], np.float32)
         kind_weight = np.where(essential > 0, o.essential_weight, o.additional_weight)
-        out["criterion_weights"][:n] = np.array([c["weight"] for c in criteria], np.float32) * kind_weight
-        out["criterion_mask"][:n] = 1.0
-        out["essential_mask"][:n] = essential
+        for j, pair in enumerate(group):
+            out["chosen_scores"][j, :n] = records.normalized_scores(record["rubric"], pair["chosen_scores"])
+            out["rejected_scores"][j, :n] = records.normalized_scores(record["rubric"], pair["rejected_scores"])
+        out["criterion_weights"][:, :n] = np.array([c["weight"] for c in criteria], np.float32) * kind_weight
+        out["criterion_mask"][:, :n] = 1.0
+        out["essential_mask"][:, :n] = essential
         if o.require_reference:
-            for field in ("ref_chosen_logp", "ref_rejected_logp"):
-                if field not in record:
-                    raise records.RecordError(where, field, "missing, but the run uses precomputed reference "
-                                              "log-likelihoods", reason="missing_reference")
+            field = "pairs[0].ref_chosen_logp" if "answers" in record else "ref_chosen_logp"
+            if "ref_chosen_logp" not in group[0]:
+                raise records.RecordError(where, field, "missing, but the run uses precomputed reference "
+                                          "log-likelihoods", reason="missing_reference")
             problem = reference_mismatch(record, o)
             if problem:
                 raise records.RecordError(where, problem[0], problem[1], reason="reference_mismatch")
-            out["ref_chosen_logp"] = np.float32(record["ref_chosen_logp"])
-            out["ref_rejected_logp"] = np.float32(record["ref_rejected_logp"])
+            for name in ("ref_chosen_logp", "ref_rejected_logp"):
+                out[name] = np.array([p[name] for p in group], np.float32)
         return out
+
+
+def source_kind(source, options: Options) -> str:
+    """The record kind of a source (its manifest's; else the options'), checked against what they train."""
+    kind = getattr(source, "kind", None) or options.kind
+    if kind not in SOURCE_KINDS[options.kind]:
+        raise ValueError(f"{source}: holds {kind!r} records; {options.kind} training reads {SOURCE_KINDS[options.kind]}")
+    return kind
+
+
+def _answers(record: dict, kind: str) -> tuple[list[str], list[str], list | None, list[tuple[int, int]]]:
+    """(field names, answer texts, their token ids or None, pairs as answer indices) of a record."""
+    if kind == "sft":
+        return ["answer"], [record["answer"]], None, []
+    if kind == "pairs":
+        ids = None if record.get("chosen_ids") is None else [record["chosen_ids"], record["rejected_ids"]]
+        return ["chosen_ids", "rejected_ids"], [record["chosen"], record["rejected"]], ids, [(0, 1)]
+    answers = record["answers"]
+    ids = None if answers[0].get("ids") is None else [a["ids"] for a in answers]
+    return ([f"answers[{i}].ids" for i in range(len(answers))], [a["text"] for a in answers], ids,
+            [(p["chosen"], p["rejected"]) for p in record["pairs"]])
 
 
 def reference_mismatch(record: dict, options: Options) -> tuple[str, str] | None:
@@ -215,11 +266,14 @@ def reference_mismatch(record: dict, options: Options) -> tuple[str, str] | None
 
 
 class Collate:
-    """Prepared examples → {"batch": arrays for the step, "stats": counts, "index": source index per row
-    (−1 for padding)} (picklable)."""
+    """Prepared examples → {"batch": arrays for the step, "stats": counts, "index": source index per record
+    (−1 for padding)} (picklable). Records of a `groups` source carry P pair slots each (per-pair fields
+    [B, P, …], see `train_step.py`); a shared-prefix or concat batch then holds P pair rows per record, an
+    unused slot repeating the record's first pair cut to one token per answer (valid 0)."""
 
-    def __init__(self, options: Options, batch_size: int, pad_id: int, image_input):
+    def __init__(self, options: Options, batch_size: int, pad_id: int, image_input, kind: str | None = None):
         self.options, self.batch_size, self.pad_id, self.image_input = options, batch_size, pad_id, image_input
+        self.kind = kind or options.kind
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         o = self.options
@@ -242,16 +296,18 @@ class Collate:
         seq_len = next((b for b in o.seq_buckets if b >= need), o.seq_buckets[-1])  # else answers shrink to fit
         mrope = self.image_input.mrope
         if o.kind == "pairs":
-            pairs = [packing.Pair(r["prompt"], r["chosen"], r["rejected"], r["positions"]) for r in rows]
-            batch, trunc = packing.pack_pairs(pairs, layout=o.pair_layout, seq_len=seq_len,
-                                              max_answer_len=o.max_answer_len, pad_id=self.pad_id, mrope=mrope)
-            for name in packing.RUBRIC_KEYS:
-                batch[name] = np.stack([r[name] for r in rows])
-            if o.require_reference:
-                for name in ("ref_chosen_logp", "ref_rejected_logp"):
-                    batch[name] = np.array([r[name] for r in rows], np.float32)
+            batch, trunc = self._pack_pairs(rows, seq_len)
+            P = o.slots(self.kind)[0]
+            used = np.array([[j < len(r["pairs"]) for j in range(P)] for r in rows], np.float32)
+            names = packing.RUBRIC_KEYS + (("ref_chosen_logp", "ref_rejected_logp") if o.require_reference else ())
+            for name in names:
+                batch[name] = np.stack([_slots(r[name], P) for r in rows])
+            valid = valid[:, None] * used
+            if self.kind != "groups":  # pairs records: one pair each, per-pair fields [B, …]
+                batch = {k: v[:, 0] if k in names else v for k, v in batch.items()}
+                valid = valid[:, 0]
         else:
-            batch, trunc = packing.pack_sft([(r["prompt"], r["answer"], r["positions"]) for r in rows],
+            batch, trunc = packing.pack_sft([(r["prompt"], r["answers"][0], r["positions"]) for r in rows],
                                             seq_len=seq_len, max_answer_len=o.max_answer_len, pad_id=self.pad_id,
                                             mrope=mrope)
         image_arrays, image_stats = self.image_input.collate([r["images"] for r in rows])
@@ -262,28 +318,52 @@ class Collate:
         stats["examples"] = int(valid.sum())
         return {"batch": batch, "stats": {k: np.int64(v) for k, v in stats.items()}, "index": index}
 
-    def _row_len(self, example: dict) -> int:
-        """Tokens the example's row needs once its answers are cut to max_answer_len."""
-        o = self.options
-        answers = [min(len(example[k]), o.max_answer_len) for k in self._answer_keys(o)]
-        return len(example["prompt"]) + (sum(answers) if o.answers_per_row == 2 else max(answers))
+    def _pack_pairs(self, rows: list[dict], seq_len: int):
+        o, mrope = self.options, self.image_input.mrope
+        P, M = o.slots(self.kind)
+        if o.pair_layout == "multi_answer":
+            groups = [packing.Group(r["prompt"], r["answers"], r["pairs"], r["positions"]) for r in rows]
+            return packing.pack_groups(groups, seq_len=seq_len, max_answer_len=o.max_answer_len, max_answers=M,
+                                       max_pairs=P, pad_id=self.pad_id, mrope=mrope)
+        pairs = []
+        for r in rows:
+            for j in range(P):
+                c, rej = r["pairs"][j] if j < len(r["pairs"]) else r["pairs"][0]
+                chosen, rejected = r["answers"][c], r["answers"][rej]
+                if j >= len(r["pairs"]):  # an unused slot: the cheapest row with the record's prompt and images
+                    chosen, rejected = chosen[:1], rejected[:1]
+                pairs.append(packing.Pair(r["prompt"], chosen, rejected, r["positions"]))
+        return packing.pack_pairs(pairs, layout=o.pair_layout, seq_len=seq_len, max_answer_len=o.max_answer_len,
+                                  pad_id=self.pad_id, mrope=mrope)
 
-    @staticmethod
-    def _answer_keys(o: Options) -> tuple[str, ...]:
-        return ("chosen", "rejected") if o.kind == "pairs" else ("answer",)
+    def _row_len(self, example: dict) -> int:
+        """Tokens the example's longest row needs once its answers are cut to max_answer_len."""
+        o = self.options
+        lengths = [min(len(a), o.max_answer_len) for a in example["answers"]]
+        if o.kind == "sft" or o.pair_layout == "concat":
+            return len(example["prompt"]) + max(lengths)
+        if o.pair_layout == "multi_answer":
+            return len(example["prompt"]) + sum(lengths)
+        return len(example["prompt"]) + max(lengths[c] + lengths[r] for c, r in example["pairs"])
 
     def _filler(self) -> dict:
         """A padding example: a one-token prompt without images, one-token answers, zero rubric."""
         o = self.options
         prompt = np.array([self.pad_id], np.int32)
         ex = {"prompt": prompt, "images": None, "positions": self.image_input.positions(prompt, None)}
-        for k in self._answer_keys(o):
-            ex[k] = np.array([self.pad_id], np.int32)
-        if o.kind == "pairs":
-            for name in packing.RUBRIC_KEYS:
-                ex[name] = np.zeros(o.max_criteria, np.float32)
-            ex["ref_chosen_logp"] = ex["ref_rejected_logp"] = np.float32(0)
+        one = np.array([self.pad_id], np.int32)
+        if o.kind == "sft":
+            return {**ex, "answers": [one]}
+        ex.update(answers=[one, one], pairs=[(0, 1)])
+        for name in packing.RUBRIC_KEYS:
+            ex[name] = np.zeros((1, o.max_criteria), np.float32)
+        ex["ref_chosen_logp"] = ex["ref_rejected_logp"] = np.zeros(1, np.float32)
         return ex
+
+
+def _slots(x: np.ndarray, P: int) -> np.ndarray:
+    """A record's per-pair array [n, …] zero-padded to its P pair slots."""
+    return np.concatenate([x, np.zeros((P - len(x), *x.shape[1:]), x.dtype)]) if len(x) < P else x
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -331,7 +411,7 @@ def make_dataset(source, options: Options, tokenizer: ChatTokenizer, image_input
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     local_batch = global_batch_size // process_count
-    collate = Collate(options, local_batch, tokenizer.pad_id, image_input)
+    collate = Collate(options, local_batch, tokenizer.pad_id, image_input, source_kind(source, options))
     ds = grain.MapDataset.source(source)
     ds = (ds if seed is None else ds.shuffle(seed)).repeat(num_epochs)
     ds = _LocalRows(ds, global_batch_size, process_index, process_count)

@@ -8,12 +8,21 @@ One msgpack map per record; never pickle (data files come from other people). Ki
   pairs        pair_id, prompt_id, images, messages, chosen, rejected, rubric, chosen_scores,
                rejected_scores, meta, chosen_ids?, rejected_ids?, tokenizer?, ref_chosen_logp?,
                ref_rejected_logp?, ref_fingerprint?, ref_settings?
+  groups       group_id, prompt_id, images, messages, rubric, answers [{text, scores, sample_id?, ids?}],
+               pairs [{pair_id, chosen, rejected, meta, ref_chosen_logp?, ref_rejected_logp?}], tokenizer?,
+               ref_fingerprint?, ref_settings?
   sft          images, messages, answer, example_id?
 
 Token ids (`response_ids`, `chosen_ids`, `rejected_ids`) are the ids the sampler generated (up to and
 including the stop token when it stopped), so training can use them instead of re-tokenizing the text;
 a pair has both or neither, together with `tokenizer`, the fingerprint of the tokenizer they belong to
-(the sampler records it as `sampler["tokenizer"]`). `ref_fingerprint` names the model that computed the
+(the sampler records it as `sampler["tokenizer"]`).
+
+A `groups` record is a prompt's pairs together (`make_pairs --format=groups`): its distinct answers once
+each, and pairs naming them by index (`chosen`, `rejected`), so the image and prompt are stored and
+encoded once and an answer shared by several pairs once (the multi_answer layout); the answers carry
+`ids` all or none, with `tokenizer` then. Every answer belongs to a pair; reference log-likelihoods are per
+pair (their value depends on how the layout packs the pair), all pairs or none. `ref_fingerprint` names the model that computed the
 reference log-likelihoods and `ref_settings` the training-config fields they depend on
 (`pipeline.REFERENCE_SETTINGS`).
 
@@ -33,9 +42,9 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 2  # 2: optional token ids (samples, pairs); a version-1 record is a version-2 record
+SCHEMA_VERSION = 3  # 2: optional token ids (samples, pairs); 3: groups. An older record is a record of this one
 READABLE_SCHEMA_VERSIONS = range(1, SCHEMA_VERSION + 1)
-KINDS = ("rubric_pool", "samples", "pairs", "sft")
+KINDS = ("rubric_pool", "samples", "pairs", "groups", "sft")
 ROLES = ("system", "user", "assistant")
 CRITERION_KINDS = ("essential", "additional")
 SCALES = {"binary": (0.0, 1.0), "1-5": (1.0, 5.0)}
@@ -63,8 +72,9 @@ def _str(where, field, value):
 def _nonempty_str(where, field, value):
     _str(where, field, value)
     if not value.strip():
-        raise RecordError(where, field, "expected a non-empty string", reason="empty_answer" if field in (
-            "chosen", "rejected", "answer", "response") else "schema")
+        answer = field in ("chosen", "rejected", "answer", "response") or (field.startswith("answers[")
+                                                                          and field.endswith(".text"))
+        raise RecordError(where, field, "expected a non-empty string", reason="empty_answer" if answer else "schema")
 
 
 def _int(where, field, value):
@@ -192,6 +202,12 @@ def _scores(where, field, value):
         _number(where, f"{field}[{i}]", s)
 
 
+def _list(where, field, value):
+    _type(where, field, value, list, "a list")
+    if not value:
+        raise RecordError(where, field, "expected at least one entry")
+
+
 # field -> (check, required)
 Schema = dict[str, tuple[Callable, bool]]
 SCHEMAS: dict[str, Schema] = {
@@ -209,6 +225,10 @@ SCHEMAS: dict[str, Schema] = {
               "meta": (_map, True), "chosen_ids": (_token_ids, False), "rejected_ids": (_token_ids, False),
               "tokenizer": (_str, False), "ref_chosen_logp": (_number, False), "ref_rejected_logp": (_number, False),
               "ref_fingerprint": (_str, False), "ref_settings": (_map, False)},
+    "groups": {"group_id": (_str, True), "prompt_id": (_str, True), "images": (_images, True),
+               "messages": (_messages, True), "rubric": (_rubric, True), "answers": (_list, True),
+               "pairs": (_list, True), "tokenizer": (_str, False), "ref_fingerprint": (_str, False),
+               "ref_settings": (_map, False)},
     "sft": {"images": (_images, True), "messages": (_messages, True), "answer": (_nonempty_str, True),
             "example_id": (_str, False)},
 }
@@ -235,7 +255,33 @@ def validate(record: Any, kind: str, where: str) -> dict:
                           f"{len(record['images'])} images", reason="image_count")
     if kind == "pairs":
         _validate_pair(record, where)
+    if kind == "groups":
+        _validate_group(record, where)
     return record
+
+
+def _fields(where, field, value, schema: Schema):
+    """A map nested in a record (a group's answer or pair) against its schema."""
+    _type(where, field, value, dict, f"a map with {sorted(schema)}")
+    for name, (check, required) in schema.items():
+        if value.get(name) is None:
+            if required:
+                raise RecordError(where, f"{field}.{name}", "missing (required)")
+            continue
+        check(where, f"{field}.{name}", value[name])
+    unknown = sorted(set(value) - set(schema))
+    if unknown:
+        raise RecordError(where, f"{field}.{unknown[0]}", f"not a field here (fields: {sorted(schema)})")
+
+
+def _check_scores(where, field, scores, criteria):
+    if len(scores) != len(criteria):
+        raise RecordError(where, field, f"{len(scores)} scores for {len(criteria)} criteria", reason="scores_mismatch")
+    for i, (s, c) in enumerate(zip(scores, criteria)):
+        lo, hi = SCALES[c["scale"]]
+        if not lo <= s <= hi or (c["scale"] == "binary" and s not in (0, 1)):
+            raise RecordError(where, f"{field}[{i}]", f"score {s} is outside the {c['scale']!r} scale of "
+                              f"criterion {c['id']!r}", reason="scores_mismatch")
 
 
 def _validate_pair(record: dict, where: str):
@@ -247,15 +293,66 @@ def _validate_pair(record: dict, where: str):
         raise RecordError(where, missing, "missing: chosen_ids, rejected_ids and tokenizer come together")
     criteria = record["rubric"]["criteria"]
     for field in ("chosen_scores", "rejected_scores"):
-        scores = record[field]
-        if len(scores) != len(criteria):
-            raise RecordError(where, field, f"{len(scores)} scores for {len(criteria)} criteria",
-                              reason="scores_mismatch")
-        for i, (s, c) in enumerate(zip(scores, criteria)):
-            lo, hi = SCALES[c["scale"]]
-            if not lo <= s <= hi or (c["scale"] == "binary" and s not in (0, 1)):
-                raise RecordError(where, f"{field}[{i}]", f"score {s} is outside the {c['scale']!r} scale of "
-                                  f"criterion {c['id']!r}", reason="scores_mismatch")
+        _check_scores(where, field, record[field], criteria)
+
+
+def _index(where, field, value):
+    _int(where, field, value)
+    if value < 0:
+        raise RecordError(where, field, f"expected an answer index ≥ 0, got {value}")
+
+
+GROUP_ANSWER: Schema = {"text": (_nonempty_str, True), "scores": (_scores, True), "sample_id": (_str, False),
+                        "ids": (_token_ids, False)}
+GROUP_PAIR: Schema = {"pair_id": (_str, True), "chosen": (_index, True), "rejected": (_index, True),
+                      "meta": (_map, True), "ref_chosen_logp": (_number, False), "ref_rejected_logp": (_number, False)}
+
+
+def _validate_group(record: dict, where: str):
+    answers, pairs, criteria = record["answers"], record["pairs"], record["rubric"]["criteria"]
+    for i, a in enumerate(answers):
+        _fields(where, f"answers[{i}]", a, GROUP_ANSWER)
+        _check_scores(where, f"answers[{i}].scores", a["scores"], criteria)
+    with_ids = [a.get("ids") is not None for a in answers]
+    if any(with_ids) and not (all(with_ids) and record.get("tokenizer") is not None):
+        field = "tokenizer" if all(with_ids) else f"answers[{with_ids.index(False)}].ids"
+        raise RecordError(where, field, "missing: every answer's ids and the tokenizer come together")
+    used = set()
+    for j, p in enumerate(pairs):
+        _fields(where, f"pairs[{j}]", p, GROUP_PAIR)
+        for side in ("chosen", "rejected"):
+            if p[side] >= len(answers):
+                raise RecordError(where, f"pairs[{j}].{side}", f"answer {p[side]} of {len(answers)}")
+        if answers[p["chosen"]]["text"] == answers[p["rejected"]]["text"]:
+            raise RecordError(where, f"pairs[{j}].rejected", "identical to chosen", reason="identical_answers")
+        used.update((p["chosen"], p["rejected"]))
+    unused = sorted(set(range(len(answers))) - used)
+    if unused:
+        raise RecordError(where, f"answers[{unused[0]}]", "in no pair (a group holds its pairs' answers only)")
+    with_ref = [p.get("ref_chosen_logp") is not None and p.get("ref_rejected_logp") is not None for p in pairs]
+    if any(with_ref) and not all(with_ref):
+        raise RecordError(where, f"pairs[{with_ref.index(False)}]", "missing ref_chosen_logp / ref_rejected_logp: "
+                          "reference log-likelihoods come for every pair of a group or for none")
+
+
+def pairs_of_group(group: dict) -> list[dict]:
+    """A groups record as the pairs records it holds (tools that read one pair at a time)."""
+    answers, out = group["answers"], []
+    for p in group["pairs"]:
+        c, r = answers[p["chosen"]], answers[p["rejected"]]
+        pair = {k: group[k] for k in ("prompt_id", "images", "messages", "rubric")}
+        pair.update(pair_id=p["pair_id"], chosen=c["text"], rejected=r["text"], chosen_scores=c["scores"],
+                    rejected_scores=r["scores"], meta=p["meta"])
+        if c.get("ids") is not None:
+            pair.update(chosen_ids=c["ids"], rejected_ids=r["ids"], tokenizer=group["tokenizer"])
+        for k in ("ref_chosen_logp", "ref_rejected_logp"):
+            if p.get(k) is not None:
+                pair[k] = p[k]
+        for k in ("ref_fingerprint", "ref_settings"):
+            if group.get(k) is not None:
+                pair[k] = group[k]
+        out.append(pair)
+    return out
 
 
 def normalized_scores(rubric: dict, scores: list[float]) -> list[float]:

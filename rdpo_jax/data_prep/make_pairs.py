@@ -1,11 +1,14 @@
 """Mines preference pairs from judged samples, prompt by prompt.
 
     python -m rdpo_jax.data_prep.make_pairs --pool=DIR/pool --judged=DIR/judged --miner=rubric --out=DIR [--name=pairs]
-        [--gate=veto] [--margin=0.1] [--criterion_gap=0] [--max_pairs=2] [--dedup=0.9]
+        [--gate=veto] [--margin=0.1] [--criterion_gap=0] [--max_pairs=2] [--dedup=0.9] [--format=pairs|groups]
     python -m rdpo_jax.data_prep.make_pairs … --miner=outcome --outcome=correct|holistic|ID   (the baseline)
 
 Output: `pairs` records with the rubric, both answers' raw scores, the miner's metadata and, where the
-samples carry them, both answers' token ids (`chosen_ids`, `rejected_ids`, `tokenizer`); a summary
+samples carry them, both answers' token ids (`chosen_ids`, `rejected_ids`, `tokenizer`); with
+`--format=groups`, one `groups` record per prompt instead: its pairs' distinct answers once each and the
+pairs naming them (the image stored once; the trainer's multi_answer layout encodes each answer once,
+the other layouts train its pairs as pairs, `data.max_pairs_per_group` ≥ --max_pairs); a summary
 (pairs per prompt, margin histogram, prompts without a pair by reason) printed and saved as
 `NAME.summary.json` (one per shard). Resumable, sharded over prompts.
 """
@@ -35,6 +38,7 @@ _OUTCOME = flags.DEFINE_string("outcome", "holistic", "Outcome miner: 'holistic'
                                "(the 'answer' criterion, else every essential one), or a criterion id.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "pairs", "Output dataset name.")
+_FORMAT = flags.DEFINE_enum("format", "pairs", ["pairs", "groups"], "One record per pair, or per prompt group.")
 
 
 def token_ids(pair: mining.Pair) -> dict:
@@ -46,6 +50,27 @@ def token_ids(pair: mining.Pair) -> dict:
         return {}
     return dict(chosen_ids=list(chosen.response_ids), rejected_ids=list(rejected.response_ids),
                 tokenizer=chosen.tokenizer)
+
+
+def group(prompt_id: str, prompt: dict, pairs: list[mining.Pair]) -> dict:
+    """A prompt's pairs as one `groups` record: each distinct answer (by sample) once, in order of first use."""
+    answers: dict[str, int] = {}
+    samples = []
+    for p in pairs:
+        for s in (p.chosen, p.rejected):
+            if s.sample_id not in answers:
+                answers[s.sample_id] = len(samples)
+                samples.append(s)
+    ids = all(s.response_ids is not None for s in samples) and len({s.tokenizer for s in samples} - {None}) == 1 \
+        and samples[0].tokenizer is not None
+    entries = [dict(text=s.response, scores=s.scores, sample_id=s.sample_id,
+                    **({"ids": list(s.response_ids)} if ids else {})) for s in samples]
+    return dict(group_id=f"{prompt_id}/{pairs[0].chosen.policy_step}", prompt_id=prompt_id, images=prompt["images"],
+                messages=prompt["messages"], rubric=prompt["rubric"], answers=entries,
+                pairs=[dict(pair_id=f"{prompt_id}/{p.chosen.policy_step}/{j}", chosen=answers[p.chosen.sample_id],
+                            rejected=answers[p.rejected.sample_id], meta={**p.meta, "policy_step": p.chosen.policy_step})
+                       for j, p in enumerate(pairs)],
+                **({"tokenizer": samples[0].tokenizer} if ids else {}))
 
 
 def main(argv):
@@ -60,7 +85,7 @@ def main(argv):
         by_prompt[s["prompt_id"]].append(mining.Sample(s["sample_id"], s["response"], s.get("scores"),
                                                        s["policy_step"], None if ids is None else tuple(ids),
                                                        s["sampler"].get("tokenizer")))
-    out = common.Output(_OUT.value, _NAME.value, "pairs", shard_index, num_shards, common.CHUNK.value)
+    out = common.Output(_OUT.value, _NAME.value, _FORMAT.value, shard_index, num_shards, common.CHUNK.value)
     counts = collections.Counter()
     per_prompt, margins = collections.Counter(), []
     prompts = sorted(by_prompt)[shard_index::num_shards]
@@ -93,8 +118,16 @@ def main(argv):
         if reason:
             counts[f"no pair: {reason}"] += 1
             out.mark_done(prompt_id)
+        margins += [p.meta["margin"] for p in pairs]
+        if pairs and _FORMAT.value == "groups":
+            record = group(prompt_id, prompt, pairs)
+            counts["pairs with token ids"] += len(pairs) * ("tokenizer" in record)
+            counts["pairs"] += len(pairs)
+            counts["groups"] += 1
+            counts["answers"] += len(record["answers"])
+            out.add(prompt_id, record)
+            continue
         for j, p in enumerate(pairs):
-            margins.append(p.meta["margin"])
             ids = token_ids(p)
             counts["pairs with token ids"] += bool(ids)
             out.add(prompt_id, dict(

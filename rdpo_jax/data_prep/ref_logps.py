@@ -1,4 +1,4 @@
-"""Adds reference log-likelihoods to pair records, so the trainer needs no reference model.
+"""Adds reference log-likelihoods to pairs (or groups) records, so the trainer needs no reference model.
 
     python -m rdpo_jax.data_prep.ref_logps --config=rdpo_jax/configs/NAME.py[:ARG] [--config.FIELD=VALUE …] \\
         --pairs=DIR/pairs --out=DIR [--name=pairs_ref] [--batch_size=N]
@@ -6,7 +6,8 @@
 Takes the training config — the same file and overrides as `python -m rdpo_jax.train` — so the
 reference model (the run's initial model: `model.path`, or `init_from`), its parameter and compute
 dtypes, the pair layout, the length buckets, the answer length and the tokenization are the trainer's
-own. Writes `ref_chosen_logp`, `ref_rejected_logp` (sums over answer tokens), `ref_fingerprint` (the
+own. Writes `ref_chosen_logp`, `ref_rejected_logp` (sums over answer tokens; a groups record's per pair,
+into its `pairs` entries), `ref_fingerprint` (the
 model's identity) and `ref_settings` (those config fields, `pipeline.REFERENCE_SETTINGS`); the trainer
 refuses data from another model or with other settings, naming the field. Runs on the config's mesh
 over this process's devices (an FSDP mesh of them if the config's does not fit); resumable, sharded over
@@ -29,8 +30,8 @@ from rdpo_jax.models import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (rdpo_jax/configs/NAME.py[:ARG]).",
                                           lock_config=True)
-_PAIRS = flags.DEFINE_string("pairs", None, "Pairs dataset.", required=True)
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Pairs per forward (0: the config's data.batch_size; a multiple "
+_PAIRS = flags.DEFINE_string("pairs", None, "Pairs (or groups) dataset.", required=True)
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Records per forward (0: the config's data.batch_size; a multiple "
                               "of the mesh's data × fsdp).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "pairs_ref", "Output dataset name.")
@@ -40,7 +41,7 @@ class _ShardSource:
     """Shard `i` of `n` of a source (grain-style random access), keeping the original indices."""
 
     def __init__(self, source, indices):
-        self.source, self.indices = source, indices
+        self.source, self.indices, self.kind = source, indices, source.kind
 
     def __len__(self):
         return len(self.indices)
@@ -65,12 +66,14 @@ def main(argv):
                             model_path=config.model.path)
     fingerprint, settings = checkpoint.fingerprint(reference), pipeline.reference_settings(config)
     options = pipeline.Options.from_config(config)
-    source = arrayrecord.Source(_PAIRS.value, "pairs")
-    out = common.Output(_OUT.value, _NAME.value, "pairs", shard_index, num_shards, common.CHUNK.value)
+    source = arrayrecord.Source(_PAIRS.value)
+    kind = pipeline.source_kind(source, options)
+    key = "group_id" if kind == "groups" else "pair_id"
+    out = common.Output(_OUT.value, _NAME.value, kind, shard_index, num_shards, common.CHUNK.value)
     todo = []
     for i in range(shard_index, len(source), num_shards):
-        record = records.decode(source[i][1], "pairs", source.where(i))
-        if record["pair_id"] not in out.done:
+        record = records.decode(source[i][1], kind, source.where(i))
+        if record[key] not in out.done:
             todo.append(i)
     dataset = pipeline.make_dataset(
         _ShardSource(source, todo), options, policy.tokenizer,
@@ -87,16 +90,18 @@ def main(argv):
             batch = element["batch"]
             global_batch = pipeline.to_global(batch, train_step.batch_shardings(batch, mesh))
             logps = jax.device_get(forward(policy.model, global_batch))
+            slots = {k: logps[k].reshape(len(element["index"]), -1) for k in ("chosen_logp", "rejected_logp")}
             for row, i in enumerate(element["index"]):
                 if i < 0:
                     continue
                 original = todo[int(i)]
-                record = records.decode(source[original][1], "pairs", source.where(original))
-                record.update(ref_chosen_logp=float(logps["chosen_logp"][row]),
-                              ref_rejected_logp=float(logps["rejected_logp"][row]), ref_fingerprint=fingerprint,
-                              ref_settings=settings)
-                out.add(record["pair_id"], record)
-                counts["pairs"] += 1
+                record = records.decode(source[original][1], kind, source.where(original))
+                for j, pair in enumerate(record["pairs"] if kind == "groups" else [record]):
+                    pair.update(ref_chosen_logp=float(slots["chosen_logp"][row, j]),
+                                ref_rejected_logp=float(slots["rejected_logp"][row, j]))
+                    counts["pairs"] += 1
+                record.update(ref_fingerprint=fingerprint, ref_settings=settings)
+                out.add(record[key], record)
             counts["truncated_answers"] += int(element["stats"]["truncated_answers"])
     out.close()
     common.summary(f"ref_logps ({fingerprint}), shard {shard_index}/{num_shards}", dict(counts))

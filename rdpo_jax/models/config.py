@@ -23,6 +23,7 @@ ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_
 MODEL_TYPES = tuple(ARCHITECTURES)
 VISION_FAMILIES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+ATTENTION = ("xla", "jax", "cudnn")  # layers.attention's implementations
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -89,6 +90,10 @@ class RunSettings:
     # which keeps the program out of JAX's persistent compilation cache; the trainer and the data_prep
     # commands turn it off because ChatTokenizer checks every example's placeholders on the host.
     check_image_tokens: bool = True
+    # Attention kernel (`layers.attention`): "xla" (einsums), "cudnn" (jax.nn.dot_product_attention's cuDNN
+    # flash attention: GPU, float16/bfloat16), "jax" (that call on XLA), or "auto": cudnn on a GPU with a
+    # half-precision compute dtype, else xla (decided when the model is traced, by backend and dtype).
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -97,14 +102,16 @@ class RunSettings:
             raise UnsupportedConfigError(f"vocab_chunk: {self.vocab_chunk} (columns per chunk, 0 = whole) is negative")
         if self.dtype is None:
             object.__setattr__(self, "dtype", self.param_dtype)
+        if self.attention not in ("auto",) + ATTENTION:
+            raise UnsupportedConfigError(f"attention: {self.attention!r} is not 'auto' or one of {ATTENTION}")
 
     @classmethod
     def from_config(cls, config) -> RunSettings:
-        """A run config's `model.param_dtype`, `dtype`, `remat` and `vocab_chunk`; placeholders are checked
-        on the host (ChatTokenizer), so that the compiled programs stay cacheable."""
+        """A run config's `model.param_dtype`, `dtype`, `remat`, `vocab_chunk` and `attention`; placeholders
+        are checked on the host (ChatTokenizer), so that the compiled programs stay cacheable."""
         m = config.model
         return cls(param_dtype=DTYPES[m.param_dtype], dtype=DTYPES[m.dtype], remat=m.remat, vocab_chunk=m.vocab_chunk,
-                   check_image_tokens=False)
+                   attention=m.attention, check_image_tokens=False)
 
 
 @dataclasses.dataclass(frozen=True)

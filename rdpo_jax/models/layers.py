@@ -261,18 +261,31 @@ _chunked_logps.defvjp(_chunked_fwd, _chunked_bwd)
 
 # ----- Attention -----
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+              impl: str = "auto") -> jax.Array:
     """Grouped-query dot-product attention with a float32 softmax.
 
     Args:
       q: float[B, T, N, H]; k, v: float[B, S, K, H] with N a multiple of K.
       mask: bool[B, T, S] (True = may attend) or None (full attention).
       scale: multiplier of the logits, usually H ** -0.5.
+      impl: "xla" (these einsums: logits [B, K, N/K, T, S] in float32), or `jax.nn.dot_product_attention`:
+        "cudnn" (cuDNN's fused flash attention on GPU, float16/bfloat16; the mask goes in as [B, 1, T, S])
+        or "jax" (the same call on XLA, which checks the call on any backend); "auto": cudnn on a GPU for
+        float16/bfloat16 inputs, else xla.
 
     Returns:
       float[B, T, N, H] in q's dtype. A query row with nothing to attend to gets a uniform average (as
       transformers' additive-minimum mask does); callers ignore such (padding) rows.
     """
+    if impl == "auto":
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    if impl != "xla":
+        if mask is not None and mask.shape[1] == mask.shape[2]:  # a fully masked (padding) row sees itself:
+            mask = mask | jnp.eye(mask.shape[1], dtype=bool)  # a flash kernel gives NaN, which 0-cotangents keep
+        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
+                                            implementation="cudnn" if impl == "cudnn" else "xla")
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)

@@ -25,13 +25,13 @@ EPS = 1e-6  # transformers hard-codes the vision RMSNorm eps (it is not read fro
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: QwenVisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+    def __init__(self, cfg: QwenVisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto"):
         d = cfg.hidden_size
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         h = cfg.head_dim  # heads shard whole over "tensor", as the text decoder's do
         self.qkv = layers.FusedLinear(d, 3, d, ("embed", "heads"), bias=True, units=(1, h), **kw)
         self.proj = Linear(d, d, ("heads", "embed"), bias=True, units=(h, 1), **kw)
-        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.heads, self.head_dim, self.attention = cfg.num_heads, cfg.head_dim, attention
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x float[B, N, D], mask bool[B, N, N], cos/sin float32[B, N, head_dim] -> float[B, N, D]."""
@@ -44,7 +44,7 @@ class VisionAttention(nnx.Module):
             t1, t2 = jnp.split(t32, 2, axis=-1)
             return (t32 * cos[:, :, None] + jnp.concatenate([-t2, t1], -1) * sin[:, :, None]).astype(t.dtype)
 
-        out = layers.attention(rotate(q), rotate(k), v, mask, self.head_dim ** -0.5)
+        out = layers.attention(rotate(q), rotate(k), v, mask, self.head_dim ** -0.5, self.attention)
         return self.proj(out.reshape(B, N, -1))
 
 
@@ -62,11 +62,11 @@ class VisionMLP(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: QwenVisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+    def __init__(self, cfg: QwenVisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.norm1 = RMSNorm(cfg.hidden_size, EPS, **kw)
         self.norm2 = RMSNorm(cfg.hidden_size, EPS, **kw)
-        self.attn = VisionAttention(cfg, **kw)
+        self.attn = VisionAttention(cfg, attention=attention, **kw)
         self.mlp = VisionMLP(cfg, **kw)
 
     def __call__(self, x, mask, cos, sin):
@@ -111,10 +111,10 @@ class QwenVisionTower(nnx.Module):
     (metadata from `data.qwen_vl_images.patch_metadata`, per row; N a multiple of merge², padding patches at the end)."""
 
     def __init__(self, cfg: QwenVisionConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none",
-                 rngs: layers.InitKeys):
+                 rngs: layers.InitKeys, attention: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.patch_embed = nnx.Dict(proj=PatchEmbed(cfg, **kw))
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.blocks = nnx.List([VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, **kw)
         self.config, self.remat = cfg, remat
 

@@ -21,7 +21,7 @@ ACT = ("batch", "seq", "act_embed")
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto"):
         d, h = cfg.hidden_size, cfg.head_dim
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         # Head dimensions shard by whole heads: with fewer (KV) heads than tensor devices they are replicated.
@@ -33,7 +33,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), **kw)
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm, self.attention = cfg.qk_norm, attention
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, cache=None):
         """x float[B, T, D], mask bool[B, T, S], cos/sin float[B, T, H] -> float[B, T, D].
@@ -56,7 +56,7 @@ class Attention(nnx.Module):
             k_cache, v_cache, index = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        out = layers.attention(q, k, v, mask, self.head_dim ** -0.5)
+        out = layers.attention(q, k, v, mask, self.head_dim ** -0.5, self.attention)
         out = self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
         return out if cache is None else (out, (k, v))
 
@@ -76,10 +76,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, **kw)
+        self.self_attn = Attention(cfg, attention=attention, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
@@ -94,10 +94,11 @@ class DecoderLayer(nnx.Module):
 class TextDecoder(nnx.Module):
     """Embedding, decoder layers and the final norm; the LM head lives in the VLM (it may be tied)."""
 
-    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, remat: str, rngs: layers.InitKeys):
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, remat: str, rngs: layers.InitKeys,
+                 attention: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, attention=attention, **kw) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, dict(cfg.rope))
         self.inv_freq = tuple(self.inv_freq.tolist())  # hashable static metadata, not a parameter

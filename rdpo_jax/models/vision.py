@@ -52,7 +52,7 @@ class Embeddings(nnx.Module):
 class EncoderLayer(nnx.Module):
     """Pre-norm ViT block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto"):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         h = d // cfg.num_heads  # head dimensions shard by whole heads
@@ -65,7 +65,7 @@ class EncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps, **kw)
         self.mlp = nnx.Dict(fc1=Linear(d, f, ("embed", "mlp"), bias=True, **kw),
                             fc2=Linear(f, d, ("mlp", "embed"), bias=True, **kw))
-        self.num_heads, self.act = cfg.num_heads, layers.activation(cfg.hidden_act)
+        self.num_heads, self.act, self.attention = cfg.num_heads, layers.activation(cfg.hidden_act), attention
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, D = x.shape
@@ -73,7 +73,7 @@ class EncoderLayer(nnx.Module):
         h = self.layer_norm1(x)
         a = self.self_attn
         q, k, v = (a[n](h).reshape(B, T, N, D // N) for n in ("q_proj", "k_proj", "v_proj"))
-        h = layers.attention(q, k, v, None, (D // N) ** -0.5).reshape(B, T, D)
+        h = layers.attention(q, k, v, None, (D // N) ** -0.5, self.attention).reshape(B, T, D)
         x = x + a["out_proj"](h)
         h = self.mlp["fc2"](self.act(self.mlp["fc1"](self.layer_norm2(x))))
         return shard_activation(x + h, ACT)
@@ -97,12 +97,14 @@ class PoolingHead(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, dtype, remat: str, rngs: layers.InitKeys):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, dtype, remat: str, rngs: layers.InitKeys,
+                 attention: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.embeddings = Embeddings(cfg, **kw)
         if cfg.family == "clip":
             self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # transformers' spelling
-        self.encoder = nnx.Dict(layers=nnx.List([EncoderLayer(cfg, **kw) for _ in range(cfg.num_layers)]))
+        self.encoder = nnx.Dict(layers=nnx.List([EncoderLayer(cfg, attention=attention, **kw)
+                                                   for _ in range(cfg.num_layers)]))
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # unused by LLaVA
         if cfg.use_head:
             self.head = PoolingHead(cfg, **kw)

@@ -358,3 +358,96 @@ def test_qwen_batches_equal_transformers_forwards(qwen_smoke_dir, layout):
             logps = torch.log_softmax(logits.double(), -1)[len(prompt) - 1:-1].gather(1, torch.tensor(answer)[:, None])
             assert float(ours[f"{key}_logp"][row]) == pytest.approx(float(logps.sum()), abs=2e-4), (row, key)
     assert counts == {0, 1, 2}
+
+
+# ----- groups records: a prompt's pairs together -----
+
+GROUP_PAIRS = {2: [(0, 1)], 3: [(0, 1), (0, 2), (2, 1)], 4: [(0, 1), (0, 2), (0, 3)]}  # by answer count
+
+
+def group_record(i: int) -> dict:
+    """A prompt group of 2, 3 or 4 answers and 1 or 3 pairs (reference log-likelihoods per pair)."""
+    base = pair_record(i)
+    rng = np.random.default_rng(100 + i)
+    m, k = 2 + i % 3, len(base["rubric"]["criteria"])
+    texts = [base["chosen"], base["rejected"]] + [_text(rng, 2 + j) + f" v{j}" for j in range(m - 2)]
+    scores = lambda: [int(rng.integers(0, 2)) if j % 2 == 0 else int(rng.integers(1, 6)) for j in range(k)]  # noqa
+    group = {f: base[f] for f in ("prompt_id", "images", "messages", "rubric")}
+    group.update(group_id=f"group{i}", answers=[dict(text=t, scores=scores()) for t in texts],
+                 pairs=[dict(pair_id=f"group{i}/{j}", chosen=c, rejected=r, meta={}, ref_chosen_logp=-1.0 - j - i,
+                             ref_rejected_logp=-2.0 * i - j) for j, (c, r) in enumerate(GROUP_PAIRS[m])])
+    return group
+
+
+def write_groups(folder, n: int) -> tuple[str, str]:
+    """n groups records and the same pairs as pairs records, in the same order: (groups, pairs) paths."""
+    groups = [group_record(i) for i in range(n)]
+    arrayrecord.write(str(folder), "groups", "groups", groups)
+    arrayrecord.write(str(folder), "pairs", "pairs", [p for g in groups for p in records.pairs_of_group(g)])
+    return str(folder / "groups"), str(folder / "pairs")
+
+
+@pytest.mark.parametrize("layout", packing.LAYOUTS)
+def test_groups_train_as_their_pairs_in_every_layout(model_folder, tmp_path, layout):
+    """A batch of groups records (3 pair slots each) gives every pair the log-likelihoods, loss and
+    gradients of the same pairs as pairs records; accumulated over two micro-batches, the same gradients."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rdpo_jax import train_step
+
+    groups, pairs = write_groups(tmp_path, 6)
+    n = sum(len(group_record(i)["pairs"]) for i in range(6))  # 1 + 3 + 3 + 1 + 3 + 3 = 14
+    opts = dict(seq_buckets=(128,), max_answer_len=12, require_reference=True, pair_layout=layout, max_pairs_per_group=3)
+    grouped = _dataset(model_folder, groups, batch=6, seed=None, **opts)[0]
+    single = _dataset(model_folder, pairs, batch=n, seed=None, **opts)[0]
+    g, s = grouped["batch"], single["batch"]
+    assert g["valid"].shape == (6, 3) and g["chosen_scores"].shape == (6, 3, 4) and g["valid"].sum() == n
+    rows = {"shared_prefix": 18, "concat": 36, "multi_answer": 6}[layout]
+    assert g["input_ids"].shape[0] == rows and g["pixel_values"].shape[0] == 6
+    assert grouped["stats"]["truncated_answers"] == single["stats"]["truncated_answers"] == 0
+    slot = g["valid"].reshape(-1) > 0
+    for key in ("chosen_scores", "criterion_weights", "ref_chosen_logp", "ref_rejected_logp"):
+        np.testing.assert_array_equal(g[key].reshape(18, -1)[slot].squeeze(), s[key], err_msg=key)
+
+    model, _ = hf.load_hf(model_folder)
+    graphdef, params = nnx.split(model)
+    loss_fn = train_step.dpo_loss(graphdef, loss_type="rubric", beta=0.5, gamma=0.1, sft_weight=0.1,
+                                  pair_layout=layout, reference="precomputed")
+    logps = jax.jit(lambda p, b: packing.pair_logps(nnx.merge(graphdef, p), b, layout=layout))
+    grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, {}, None, b), has_aux=True))
+    for key, value in logps(params, s).items():
+        np.testing.assert_allclose(np.asarray(logps(params, g)[key])[slot], value, atol=1e-5, rtol=0, err_msg=key)
+    (g_grad, (g_count, _)), (s_grad, (s_count, _)) = grad(params, g), grad(params, s)
+    assert float(g_count) == float(s_count) == n
+
+    def rel(a, b):
+        diff = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        return np.sqrt(diff / sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b)))
+
+    assert rel(g_grad, s_grad) < 1e-5
+    halves = train_step.split_micro(g, 2)
+    assert halves["input_ids"].shape[:2] == (2, rows // 2) and halves["valid"].shape == (2, 3, 3)
+    summed = jax.tree.map(jnp.add, *(grad(params, jax.tree.map(lambda x, i=i: x[i], halves))[0] for i in (0, 1)))
+    assert rel(summed, g_grad) < 1e-5
+
+
+def test_groups_over_processes_and_their_limits(model_folder, tmp_path):
+    """Two processes' local batches of groups are the rows of the one-process batch, record by record; a
+    group over data.max_pairs_per_group is a counted skip or an error naming the field."""
+    groups, _ = write_groups(tmp_path, 8)
+    opts = dict(seq_buckets=(96,), pair_layout="shared_prefix", max_pairs_per_group=3, seed=7, epochs=None)
+    one = _dataset(model_folder, groups, batch=4, **opts)[1]
+    two = [_dataset(model_folder, groups, batch=4, process=(p, 2), **opts)[1] for p in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([t["index"] for t in two]), one["index"])
+    for key, value in one["batch"].items():
+        np.testing.assert_array_equal(np.concatenate([t["batch"][key] for t in two]), value, err_msg=key)
+
+    small = dict(opts, max_pairs_per_group=2, epochs=1, seed=None)
+    skipped = list(_dataset(model_folder, groups, batch=4, on_bad_record="skip", **small))
+    assert sum(int(e["stats"]["skipped/group_too_large"]) for e in skipped) == 5  # the groups of 3 pairs
+    assert [int(i) for e in skipped for i in e["index"] if i >= 0] == [0, 3, 6]
+    with pytest.raises(records.RecordError, match=r"groups-00000-of-00001.array_record\[1\]: field 'pairs': 3 pairs "
+                                                  r"of 3 answers, more than data.max_pairs_per_group=2"):
+        _dataset(model_folder, groups, batch=4, **small)[0]

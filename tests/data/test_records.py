@@ -39,6 +39,15 @@ def examples(i=0) -> dict[str, dict]:
                       chosen_scores=[1, 1, 4], rejected_scores=[0, 0, 5], meta={"miner": "rubric", "margin": 0.8},
                       chosen_ids=[17, 9, 4, 2], rejected_ids=[18, 7, 5], tokenizer="sha256:0123",
                       ref_chosen_logp=-12.5, ref_rejected_logp=-20.25, ref_fingerprint="abc123"),
+        "groups": dict(group_id=f"p{i}/3", prompt_id=f"p{i}", images=[png(i)], messages=MESSAGES, rubric=RUBRIC,
+                       answers=[dict(text="two red circles", scores=[1, 1, 4], sample_id=f"p{i}/s0", ids=[17, 9, 4, 2]),
+                                dict(text="three blue squares", scores=[0, 0, 5], ids=[18, 7, 5]),
+                                dict(text="two circles", scores=[1, 0, 3], ids=[17, 4, 2])],
+                       pairs=[dict(pair_id=f"pair{i}a", chosen=0, rejected=1, meta={"margin": 0.8},
+                                   ref_chosen_logp=-12.5, ref_rejected_logp=-20.25),
+                              dict(pair_id=f"pair{i}b", chosen=0, rejected=2, meta={"margin": 0.3},
+                                   ref_chosen_logp=-12.5, ref_rejected_logp=-9.0)],
+                       tokenizer="sha256:0123", ref_fingerprint="abc123"),
         "sft": dict(images=[png(i)], messages=MESSAGES, answer="two red circles", example_id=f"e{i}"),
     }
 
@@ -106,6 +115,21 @@ BAD = [  # (case, kind, edit, field in the message, reason)
     ("token id not an int", "pairs", lambda r: r["chosen_ids"].append(2.0), "chosen_ids[4]", "schema"),
     ("ids of one answer only", "pairs", lambda r: r.pop("rejected_ids"), "rejected_ids", "schema"),
     ("ids without their tokenizer", "pairs", lambda r: r.pop("tokenizer"), "tokenizer", "schema"),
+    ("group: no pairs", "groups", lambda r: r.update(pairs=[]), "pairs", "schema"),
+    ("group: answer index out of range", "groups", lambda r: r["pairs"][1].update(rejected=3), "pairs[1].rejected",
+     "schema"),
+    ("group: negative answer index", "groups", lambda r: r["pairs"][0].update(chosen=-1), "pairs[0].chosen", "schema"),
+    ("group: identical answers", "groups", lambda r: r["answers"][2].update(text="two red circles"),
+     "pairs[1].rejected", "identical_answers"),
+    ("group: answer in no pair", "groups", lambda r: r["answers"].append(dict(text="one", scores=[0, 0, 1],
+                                                                            ids=[3])), "answers[3]", "schema"),
+    ("group: scores off scale", "groups", lambda r: r["answers"][1].update(scores=[0, 2, 5]), "answers[1].scores[1]",
+     "scores_mismatch"),
+    ("group: ids of some answers", "groups", lambda r: r["answers"][1].pop("ids"), "answers[1].ids", "schema"),
+    ("group: unknown answer field", "groups", lambda r: r["answers"][0].update(score=1), "answers[0].score", "schema"),
+    ("group: reference of some pairs", "groups", lambda r: r["pairs"][1].pop("ref_rejected_logp"), "pairs[1]",
+     "schema"),
+    ("group: empty answer", "groups", lambda r: r["answers"][0].update(text=" "), "answers[0].text", "empty_answer"),
 ]
 
 
@@ -130,6 +154,17 @@ def test_writer_rejects_invalid_records(tmp_path):
     with pytest.raises(records.RecordError, match=r"data record 1: field 'rejected': identical to chosen"):
         arrayrecord.write(str(tmp_path), "data", "pairs",
                           [examples()["pairs"], _bad(lambda r: r.update(rejected=r["chosen"]))])
+
+
+def test_a_group_holds_the_pairs_records_of_its_pairs():
+    group = examples()["groups"]
+    pairs = records.pairs_of_group(group)
+    assert [p["pair_id"] for p in pairs] == ["pair0a", "pair0b"]
+    for p in pairs:
+        records.validate(p, "pairs", "x")
+    assert (pairs[1]["chosen"], pairs[1]["rejected"], pairs[1]["rejected_ids"]) == ("two red circles", "two circles",
+                                                                                     [17, 4, 2])
+    assert pairs[1]["ref_rejected_logp"] == -9.0 and pairs[0]["ref_fingerprint"] == "abc123"
 
 
 def test_token_ids_are_optional():

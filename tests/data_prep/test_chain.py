@@ -89,15 +89,15 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
     options = pipeline.Options.from_config(f32, reference_fingerprint=hf.fingerprint(model))
     with pytest.raises(config_checks.ConfigError, match="config.model.dtype: the reference log-likelihoods were "
                        "computed with 'bfloat16', this run uses 'float32'"):
-        train._check_reference_data(f"{out}/pairs_ref", "pairs", options)
+        train._check_reference_data(f"{out}/pairs_ref", options)
     with pytest.raises(records.RecordError, match="field 'ref_settings': config.model.dtype"):
         pipeline.Prepare(arrayrecord.Source(f"{out}/pairs_ref"), options, None, None)._rubric(with_ref[0], "rec 0")
 
 
 def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path, compile_cache):
-    """Qwen2.5-VL through every command of a round — sample → judge → make_pairs → ref_logps (concat layout)
-    → train (precomputed reference) → evaluate → export — on prompts with 0, 1 and 2 images of different
-    sizes in one pool."""
+    """Qwen2.5-VL through every command of a round — sample → judge → make_pairs (prompt groups) → ref_logps
+    (multi-answer rows) → train (precomputed reference) → evaluate → export — on prompts with 0, 1 and 2
+    images of different sizes in one pool."""
     cache, out, model = compile_cache, str(tmp_path / "round"), f"{qwen_smoke_dir}/model"
     config = f"--config=rdpo_jax/configs/smoke.py:dir={qwen_smoke_dir},family=qwen2_5_vl"
     rng = np.random.default_rng(1)
@@ -118,16 +118,18 @@ def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path
                "--batch_size=6", f"--out={out}", cache=cache)
     assert "samples: 48" in log
     _run("rdpo_jax.data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
-    _run("rdpo_jax.data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
-         "--margin=0.05", cache=cache)
-    pairs = list(arrayrecord.read(f"{out}/pairs"))
-    assert pairs
-    concat = "--config.dpo.pair_layout=concat"
-    _run("rdpo_jax.data_prep.ref_logps", config, concat, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
-    with_ref = {p["pair_id"]: p for p in arrayrecord.read(f"{out}/pairs_ref")}
-    assert len(with_ref) == len(pairs) and all(p["ref_chosen_logp"] < 0 for p in with_ref.values())
+    log = _run("rdpo_jax.data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
+               "--margin=0.05", "--max_pairs=3", "--format=groups", cache=cache)
+    groups = list(arrayrecord.read(f"{out}/pairs"))
+    n = sum(len(g["pairs"]) for g in groups)
+    assert f"groups: {len(groups)}" in log and f"pairs: {n}" in log and n > len(groups)  # some prompts share
+    multi = "--config.dpo.pair_layout=multi_answer"
+    _run("rdpo_jax.data_prep.ref_logps", config, multi, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
+    with_ref = {g["group_id"]: g for g in arrayrecord.read(f"{out}/pairs_ref")}
+    assert len(with_ref) == len(groups)
+    assert all(p["ref_chosen_logp"] < 0 and p["ref_rejected_logp"] < 0 for g in with_ref.values() for p in g["pairs"])
     run = str(tmp_path / "run")
-    _run("rdpo_jax.train", config, concat, f"--workdir={run}", f"--config.data.train={out}/pairs_ref",
+    _run("rdpo_jax.train", config, multi, f"--workdir={run}", f"--config.data.train={out}/pairs_ref",
          "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=2", cache=cache)
     metrics = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
     # the reference is the initial policy: step 1's margin is 0 and its loss log 2

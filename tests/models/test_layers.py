@@ -64,6 +64,66 @@ def test_attention_masks_and_groups():
     np.testing.assert_allclose(out, np.einsum("bnts,bsnh->btnh", p, vv), atol=1e-5)
 
 
+def test_fused_attention_call_equals_the_xla_path_on_branch_masks():
+    """`jax.nn.dot_product_attention` as the cuDNN path calls it ("jax": the same call on XLA) equals the
+    einsum path on a shared-prefix row and a multi-answer row with padding, values and gradients on the
+    rows that attend (padding rows differ by design: they see themselves)."""
+    import jax
+
+    from rdpo_jax import packing
+
+    branches = jnp.array([[0, 0, 0, 1, 1, 2, 2, 2, -1, -1], [0, 0, 1, 2, 2, 3, 3, 3, 3, -1]])
+    mask = packing.attention_mask(branches)
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((2, 10, 6, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 10, 3, 8)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal((2, 10, 6, 8)), jnp.float32) * (branches >= 0)[..., None, None]
+
+    def loss(impl):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(w * layers.attention(q, k, v, mask, 0.3, impl)), (0, 1, 2))
+
+    (a, ga), (b, gb) = loss("xla")(q, k, v), loss("jax")(q, k, v)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    with pytest.raises(config_lib.UnsupportedConfigError, match="attention: 'flash'"):
+        config_lib.RunSettings(attention="flash")
+    xla = layers.attention(q, k, v, mask, 0.3, "xla")
+    np.testing.assert_array_equal(layers.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                                   v.astype(jnp.bfloat16), mask, 0.3),  # "auto" on CPU: xla
+                                  layers.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask, 0.3, "xla"))
+    assert xla.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_models_run_the_fused_attention_call_in_every_block(tiny_llava, tiny_qwen, family, monkeypatch):
+    """`RunSettings(attention="jax")` reaches the decoder's and the vision tower's attention (Qwen: full and
+    windowed blocks): the same logits as the einsum path."""
+    from rdpo_jax.models import hf
+    from tests import tiny
+    from tests import tiny_qwen as tq
+
+    import jax
+
+    folder = tiny_llava("siglip_qwen2")[0] if family == "llava" else tiny_qwen(False)[0]
+    calls, fused = [], jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k["implementation"]) or fused(*a, **k))
+    out = {}
+    for impl in ("xla", "jax"):
+        model, cfg = hf.load_hf(folder, config_lib.RunSettings(attention=impl))
+        if family == "llava":
+            batch = tiny.inputs("siglip_qwen2")
+            out[impl], valid = tiny.jax_logits(model, batch), batch["attention_mask"].astype(bool)
+        else:
+            batch = tq.inputs(tq.ROWS, seed=0)
+            images, positions = tq.ours(batch, cfg.vision)
+            out[impl] = np.asarray(model(batch["input_ids"], images, batch["attention_mask"], positions))
+            valid = batch["attention_mask"].astype(bool)
+    vision = cfg.vision.depth if family == "qwen2_5_vl" else max(cfg.feature_layers)
+    assert calls == ["xla"] * (cfg.text.num_layers + vision)  # every block of the "jax" model, none of the other
+    np.testing.assert_allclose(out["jax"][valid], out["xla"][valid], atol=2e-5, rtol=0)
+
+
 def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match="activation 'swish2' is not supported"):
         layers.activation("swish2")
