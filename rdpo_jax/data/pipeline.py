@@ -12,6 +12,11 @@ that many) and, for M-RoPE families, the prompt's 3D positions; a batch's images
 model reads (LLaVA: pixels [B, N, H, W, 3]; Qwen2.5-VL: a patch buffer per row from a patch bucket).
 Records may hold 0 … `max_images` images.
 
+DPO reads `pairs` records (one pair each) or `groups` records (a prompt's pairs together, up to
+`max_pairs_per_group` pair slots per record: per-pair fields [B, P, …], see `train_step.py`); a record is
+the unit of batching, shuffling, sharding and resuming either way, and the loss averages over the pairs
+present.
+
 Everything before the worker processes is a `grain.MapDataset`, i.e. indexed: global batch `s` is a
 pure function of (seed, s), independent of the number of processes, devices and workers, so the data
 position of a run is its step (`dataset[step:]` resumes it, also on a slice of another size). A finite

@@ -61,8 +61,8 @@ def group(prompt_id: str, prompt: dict, pairs: list[mining.Pair]) -> dict:
             if s.sample_id not in answers:
                 answers[s.sample_id] = len(samples)
                 samples.append(s)
-    ids = all(s.response_ids is not None for s in samples) and len({s.tokenizer for s in samples} - {None}) == 1 \
-        and samples[0].tokenizer is not None
+    ids = all(s.response_ids is not None for s in samples) and len({s.tokenizer for s in samples}) == 1 \
+        and samples[0].tokenizer is not None  # ids of one tokenizer, every answer's, or none
     entries = [dict(text=s.response, scores=s.scores, sample_id=s.sample_id,
                     **({"ids": list(s.response_ids)} if ids else {})) for s in samples]
     return dict(group_id=f"{prompt_id}/{pairs[0].chosen.policy_step}", prompt_id=prompt_id, images=prompt["images"],

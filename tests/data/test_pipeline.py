@@ -390,7 +390,8 @@ def write_groups(folder, n: int) -> tuple[str, str]:
 @pytest.mark.parametrize("layout", packing.LAYOUTS)
 def test_groups_train_as_their_pairs_in_every_layout(model_folder, tmp_path, layout):
     """A batch of groups records (3 pair slots each) gives every pair the log-likelihoods, loss and
-    gradients of the same pairs as pairs records; accumulated over two micro-batches, the same gradients."""
+    gradients of the same pairs as pairs records; accumulated over two micro-batches (shared_prefix), the
+    same gradients."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -427,6 +428,8 @@ def test_groups_train_as_their_pairs_in_every_layout(model_folder, tmp_path, lay
         return np.sqrt(diff / sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b)))
 
     assert rel(g_grad, s_grad) < 1e-5
+    if layout != "shared_prefix":  # accumulation reads the layouts alike (rows per record from the shapes)
+        return
     halves = train_step.split_micro(g, 2)
     assert halves["input_ids"].shape[:2] == (2, rows // 2) and halves["valid"].shape == (2, 3, 3)
     summed = jax.tree.map(jnp.add, *(grad(params, jax.tree.map(lambda x, i=i: x[i], halves))[0] for i in (0, 1)))
