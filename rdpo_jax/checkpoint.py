@@ -12,6 +12,7 @@ as 4×2).
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -20,6 +21,25 @@ import orbax.checkpoint as ocp
 from rdpo_jax import optim
 
 STATE = "state"
+# Orbax writes a replicated array as one slice per replica, in parallel; each slice is a small device op
+# of its own. Below this many bytes per slice that costs more than it saves (on a small model, most of a
+# save's time), so such arrays are written by one replica.
+MIN_REPLICA_SLICE_BYTES = 8 << 20
+
+
+def _register_array_handler():
+    absl_logger = logging.getLogger("absl")  # Orbax warns at every override of its default handler
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+            override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 class Checkpointer:
