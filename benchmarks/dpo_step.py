@@ -48,7 +48,8 @@ from absl import app, flags
 from rdpo_jax import optim, packing, sharding, train_step
 from rdpo_jax.data import qwen_vl_images, qwen_vl_positions
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import families
+from rdpo_jax.models import families, layers
+from peak import matmul_peak  # benchmarks/peak.py
 
 _PAIRS = flags.DEFINE_integer("pairs", 4, "Pairs per step.")
 _STEPS = flags.DEFINE_integer("steps", 7, "Timed steps per variant (median reported).")
@@ -61,6 +62,8 @@ _MEMORY = flags.DEFINE_bool("memory", False, "With --preset: compile the shared-
 _PRESET = flags.DEFINE_enum("preset", None, ["llava-1.5-7b", "qwen2.5-vl-7b"],
                             "Count FLOPs for a real model's shapes instead of timing.")
 _FAMILY = flags.DEFINE_enum("family", "llava", ["llava", "qwen2_5_vl"], "The timed small model's family.")
+_QUERY_BLOCK = flags.DEFINE_integer("query_block", layers.QUERY_BLOCK,
+                                    "Causal attention's query block (layers.QUERY_BLOCK); 0 = one dense product.")
 
 IMAGE, PROMPT, ANSWER = 576, 64, 128
 QWEN_GRID = (1, 48, 48)  # a 672×672 image: 2304 patches of 14 px, 576 merged tokens
@@ -220,6 +223,7 @@ def variant_key(layout, reference, full_logits):
 
 def main(argv):
     del argv
+    layers.QUERY_BLOCK = _QUERY_BLOCK.value or 1 << 30
     cfg, run = model_config()
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rng = np.random.default_rng(0)
@@ -289,12 +293,17 @@ def main(argv):
             jax.block_until_ready(metrics)
             if r:  # round 0 is a second warm-up step
                 run["times"].append(time.perf_counter() - t0)
+    peak = matmul_peak()
+    print(f"matmul peak (fp32 n² @ n², n = 1024 or 2048): {peak / 1e9:.0f} GFLOP/s; causal attention "
+          f"{'in query blocks of ' + str(_QUERY_BLOCK.value) if _QUERY_BLOCK.value else 'as one dense product'}")
     for run in runs.values():
         times = run["times"]
         run["median"] = statistics.median(times)
+        rate = run["flops"] * B / run["median"]
         print(f"{run['name']} {B / run['median']:7.3f} pairs/s  median {run['median'] * 1e3:8.1f} ms over "
               f"{len(times)} steps (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); "
-              f"{run['flops'] / 1e9:.1f} GFLOP/pair; {run['info']}; step-0 loss {run['loss']:.6f}")
+              f"{run['flops'] / 1e9:.1f} GFLOP/pair = {rate / 1e9:.0f} GFLOP/s ({rate / peak:.0%} of peak); "
+              f"{run['info']}; step-0 loss {run['loss']:.6f}")
 
     losses = [run["loss"] for run in runs.values()]
     print(f"step-0 losses agree: max |Δ| = {max(losses) - min(losses):.2e}")

@@ -261,8 +261,12 @@ _chunked_logps.defvjp(_chunked_fwd, _chunked_bwd)
 
 # ----- Attention -----
 
+# Causal attention over more queries than this runs by query blocks of about this size (see `attention`).
+QUERY_BLOCK = 128
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
-              impl: str = "auto") -> jax.Array:
+              impl: str = "auto", *, causal: bool = False) -> jax.Array:
     """Grouped-query dot-product attention with a float32 softmax.
 
     Args:
@@ -273,6 +277,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
         "cudnn" (cuDNN's fused flash attention on GPU, float16/bfloat16; the mask goes in as [B, 1, T, S])
         or "jax" (the same call on XLA, which checks the call on any backend); "auto": cudnn on a GPU for
         float16/bfloat16 inputs, else xla.
+      causal: the keys are the queries' own positions (S = T) and `mask` hides every key after its query
+        (or, with mask None, attention is causal). The xla path then splits the queries into blocks of
+        about `QUERY_BLOCK` and gives each block only the keys up to its end: the same result for about
+        half the work and memory at long T.
 
     Returns:
       float[B, T, N, H] in q's dtype. A query row with nothing to attend to gets a uniform average (as
@@ -286,6 +294,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
             mask = mask | jnp.eye(mask.shape[1], dtype=bool)  # a flash kernel gives NaN, which 0-cotangents keep
         return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
                                             implementation="cudnn" if impl == "cudnn" else "xla")
+    T = q.shape[1]
+    if not causal or T <= QUERY_BLOCK:
+        if causal and mask is None:
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (q.shape[0], T, T))
+        return _dense_attention(q, k, v, mask, scale)
+    if mask is None:
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (q.shape[0], T, T))
+    size = -(-T // -(-T // QUERY_BLOCK))  # blocks of equal size (the last one shorter by < their number)
+    blocks = [_dense_attention(q[:, a:a + size], k[:, :a + size], v[:, :a + size], mask[:, a:a + size, :a + size],
+                               scale) for a in range(0, T, size)]
+    return jnp.concatenate(blocks, axis=1)
+
+
+def _dense_attention(q, k, v, mask, scale):
+    """The einsum path of `attention`: logits float32[B, K, N/K, T, S] (mask bool[B, T, S] or None)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)

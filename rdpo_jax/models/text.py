@@ -56,7 +56,8 @@ class Attention(nnx.Module):
             k_cache, v_cache, index = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        out = layers.attention(q, k, v, mask, self.head_dim ** -0.5, self.attention)
+        # Without a cache the keys are the queries' positions and the decoder's mask is causal (below).
+        out = layers.attention(q, k, v, mask, self.head_dim ** -0.5, self.attention, causal=cache is None)
         out = self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
         return out if cache is None else (out, (k, v))
 
@@ -121,6 +122,8 @@ class TextDecoder(nnx.Module):
                 x, kv = layer(x, mask, cos, sin, (k, v, index))
                 new.append(kv)
             return self.norm(x), new
+        T = x.shape[1]
+        mask = mask & jnp.tril(jnp.ones((T, T), bool))  # a decoder: no query sees a later key, whatever the layout
         run = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat)
         for layer in self.layers:
             x = run(layer, x, mask, cos, sin)

@@ -64,6 +64,41 @@ def test_attention_masks_and_groups():
     np.testing.assert_allclose(out, np.einsum("bnts,bsnh->btnh", p, vv), atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [24, 29])
+def test_causal_attention_by_query_blocks_equals_one_dense_product(length, monkeypatch):
+    """`causal=True` splits the queries into blocks, each against the keys up to its end (at most 6
+    queries a block: 24 tokens in 4 blocks of 6, 29 in 5 blocks of 6, the last of 5): on multi-answer rows
+    with padding and on the plain causal mask (mask None), values and gradients equal the dense product's
+    on every token row."""
+    import jax
+
+    from rdpo_jax import packing
+
+    branches = np.full((3, length), -1)
+    branches[0, :length - 3] = np.repeat([0, 1, 2, 3], -(-(length - 3) // 4))[:length - 3]
+    branches[1, :] = np.repeat([0, 1], -(-length // 2))[:length]
+    branches[2, :5] = 0
+    branches = jnp.asarray(branches)
+    mask = packing.attention_mask(branches) & jnp.tril(jnp.ones((length, length), bool))
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((3, length, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((3, length, 2, 8)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal((3, length, 4, 8)), jnp.float32) * (branches >= 0)[..., None, None]
+
+    def value_and_grads(m, causal):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(w * layers.attention(q, k, v, m, 0.3, "xla", causal=causal)),
+                                  (0, 1, 2))(q, k, v)
+
+    monkeypatch.setattr(layers, "QUERY_BLOCK", 6)
+    for m, dense_mask in ((mask, mask), (None, layers.causal_mask(jnp.ones((3, length), jnp.int32)))):
+        (a, ga), (b, gb) = value_and_grads(m, True), value_and_grads(dense_mask, False)
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+        for x, y in zip(ga, gb):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda q: layers.attention(q, k, v, mask, 0.3, "xla", causal=True))(q))
+    assert jaxpr.count("dot_general") == 2 * -(-length // 6)  # one QK and one PV per block
+
+
 def test_fused_attention_call_equals_the_xla_path_on_branch_masks():
     """`jax.nn.dot_product_attention` as the cuDNN path calls it ("jax": the same call on XLA) equals the
     einsum path on a shared-prefix row and a multi-answer row with padding, values and gradients on the
