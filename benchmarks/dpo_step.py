@@ -1,7 +1,8 @@
 """DPO step throughput: shared-prefix vs concat layout, online vs precomputed reference.
 
     python benchmarks/dpo_step.py [--family=llava|qwen2_5_vl] [--pairs=4] [--steps=7] [--width=256] [--layers=4]
-        [--freeze_vision]
+        [--freeze_vision] [--query_block=128] [--scan_layers=off|on]
+    python benchmarks/dpo_step.py --compile_only --layers=32 --scan_layers=on   # compile time against depth
     python benchmarks/dpo_step.py --preset=llava-1.5-7b    # FLOPs only: lowered, never compiled or run
     python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b   # the same for Qwen2.5-VL-7B
 
@@ -62,6 +63,11 @@ _MEMORY = flags.DEFINE_bool("memory", False, "With --preset: compile the shared-
 _PRESET = flags.DEFINE_enum("preset", None, ["llava-1.5-7b", "qwen2.5-vl-7b"],
                             "Count FLOPs for a real model's shapes instead of timing.")
 _FAMILY = flags.DEFINE_enum("family", "llava", ["llava", "qwen2_5_vl"], "The timed small model's family.")
+_SCAN = flags.DEFINE_enum("scan_layers", "off", ["off", "on"],
+                          "Scan the decoder layers (stacked parameters). XLA counts a scanned loop's body once, so "
+                          "the FLOP figures hold for 'off' only.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Only trace, lower and compile the concat step (online "
+                                  "reference) on abstract state and print the times: compile time against depth.")
 _QUERY_BLOCK = flags.DEFINE_integer("query_block", layers.QUERY_BLOCK,
                                     "Causal attention's query block (layers.QUERY_BLOCK); 0 = one dense product.")
 
@@ -91,7 +97,8 @@ def model_config():
             vision_start_token_id=text["vocab_size"] - 3, vision_end_token_id=text["vocab_size"] - 4,
             tie_word_embeddings=False)
         dtype = jnp.bfloat16 if big else jnp.float32
-        return config_lib.from_hf(hf), config_lib.RunSettings(param_dtype=dtype, check_image_tokens=False)
+        return config_lib.from_hf(hf), config_lib.RunSettings(param_dtype=dtype, check_image_tokens=False,
+                                                              scan_layers=_SCAN.value)
     if _PRESET.value == "llava-1.5-7b":  # llava-hf/llava-1.5-7b-hf's config.json, architecture fields
         hf = transformers.LlavaConfig(
             vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
@@ -102,7 +109,8 @@ def model_config():
                              max_position_embeddings=4096, rms_norm_eps=1e-5),
             image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
             projector_hidden_act="gelu")
-        return config_lib.from_hf(hf), config_lib.RunSettings(param_dtype=jnp.bfloat16, check_image_tokens=False)
+        return config_lib.from_hf(hf), config_lib.RunSettings(param_dtype=jnp.bfloat16, check_image_tokens=False,
+                                                              scan_layers=_SCAN.value)
     hf = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=512,
                            num_hidden_layers=2, num_attention_heads=4, image_size=336, patch_size=14),
@@ -110,7 +118,7 @@ def model_config():
                          intermediate_size=int(2.75 * _WIDTH.value), num_hidden_layers=_LAYERS.value,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
         image_token_index=8191, vision_feature_layer=-1, vision_feature_select_strategy="full")
-    return config_lib.from_hf(hf), config_lib.RunSettings()
+    return config_lib.from_hf(hf), config_lib.RunSettings(scan_layers=_SCAN.value)
 
 
 def is_qwen(cfg) -> bool:
@@ -237,6 +245,18 @@ def main(argv):
           f"{cfg.vision.depth if is_qwen(cfg) else cfg.vision.num_layers}×{cfg.vision.hidden_size}); "
           f"{B} pairs/step, prompt {IMAGE}+{PROMPT}, answers {ANSWER}+{ANSWER}; "
           f"vision tower {'frozen' if _FREEZE_VISION.value else 'trained'}")
+
+    if _COMPILE_ONLY.value:
+        ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}
+        t0 = time.perf_counter()
+        lowered, _, _ = lower_variant(cfg, run, mesh, pairs, pixels, ref, "concat", "model", False, abstract=True)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        print(f"concat step, online reference, {text.num_layers} decoder layers "
+              f"{'scanned' if run.scan(text.num_layers) else 'unrolled'}: traced and lowered in {t1 - t0:.1f}s, "
+              f"compiled in {t2 - t1:.1f}s, total {t2 - t0:.1f}s")
+        return
 
     if _PRESET.value and _MEMORY.value:
         run = config_lib.RunSettings(param_dtype=jnp.float32, dtype=jnp.bfloat16, remat="full",

@@ -11,6 +11,7 @@ as 4×2).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -148,6 +149,9 @@ def load_model(source: str, run=None, *, mesh=None, step: int | None = None, mod
         raise FileNotFoundError(f"{source}: the run's model folder {folder!r} (model.path in its config.json) "
                                 "has no config.json; pass the folder explicitly (export: --model_path)")
     cfg = hf.read_config(folder)
+    # the checkpoint holds the parameters in the run's layer layout (stacked when its layers were scanned)
+    with open(os.path.join(source, "config.json")) as f:
+        run = dataclasses.replace(run, scan_layers=json.load(f)["model"].get("scan_layers", "off"))
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     params, step = restore_params(source, train_step.abstract_params(cfg, run, mesh), step)

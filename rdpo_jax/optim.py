@@ -33,7 +33,7 @@ def tree_get(tree: dict, key_path, where: str):
         match = [key for key in node if str(key) == name] if isinstance(node, dict) else []
         if not match:
             raise ValueError(f"{where}: parameter {path_str(key_path)} is in one model but "
-                             "not the other (a different architecture?)")
+                             "not the other (a different architecture, or model.scan_layers: stacked vs per-layer parameters?)")
         node = node[match[0]]
     return node
 

@@ -121,7 +121,7 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, images, key: 
     def repeat(a):
         return jnp.repeat(a, n, axis=0)
 
-    cache = jax.tree.map(repeat, cache)
+    cache = lm.repeat_cache(cache, n)
     logits, valid, position = repeat(logits), repeat(valid), repeat(positions.reshape(B, -1).max(axis=1))
     rows = B * n
     keys = key if key.ndim == 1 else jax.random.split(key, rows)

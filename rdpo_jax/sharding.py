@@ -45,6 +45,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "patch": None,
     "position": None,
+    "layers": None,  # the stacked axis of scanned layers (`models.layers.stack`): each device holds every layer
 }
 
 

@@ -16,6 +16,8 @@ are summed over processes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import threading
@@ -61,13 +63,14 @@ def main(argv):
     mesh = sharding.make_mesh(config_checks.validate(config, num_devices=jax.device_count(),
                                                      num_processes=jax.process_count()))
     primary = jax.process_index() == 0
+
+    # ----- Model, optimizer, the abstract train state -----
+    setup = _Setup(config, mesh)
+    _check_layer_layout(workdir, setup)
     if primary:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-
-    # ----- Model, optimizer, the abstract train state -----
-    setup = _Setup(config, mesh)
 
     # ----- Data: global batch s is a pure function of (data.seed, s) -----
     dpo = config.objective == "dpo"
@@ -284,6 +287,27 @@ def _global_spec(local: dict, seq_len: int, num_patches: int = 0) -> dict:
             shape = (shape[0], num_patches, *shape[2:])
         return jax.ShapeDtypeStruct(shape, v.dtype)
     return {k: spec(k, v) for k, v in local.items()}
+
+
+def _check_layer_layout(workdir: str, setup: _Setup) -> None:
+    """Refuses to resume a run whose checkpoints hold the other layer layout: `model.scan_layers` decides
+    whether layers' parameters are stacked or one per layer."""
+    file = os.path.join(workdir, "config.json")
+    if not os.path.exists(file) or not checkpoint.saved_steps(workdir):
+        return
+    with open(file) as f:
+        saved = json.load(f).get("model", {}).get("scan_layers", "off")
+    if saved == setup.run.scan_layers:
+        return
+
+    def param_paths(run):
+        return {p for p, _ in nnx.to_flat_state(nnx.state(families.abstract_model(setup.model_config, run), nnx.Param))}
+
+    if param_paths(dataclasses.replace(setup.run, scan_layers=saved)) != param_paths(setup.run):
+        raise config_checks.ConfigError(
+            f"config.model.scan_layers: {setup.run.scan_layers!r}, but the checkpoints in {workdir} were written with "
+            f"{saved!r} (the other layer layout: stacked vs per-layer parameters); resume with "
+            f"--config.model.scan_layers={saved}")
 
 
 class _Setup:

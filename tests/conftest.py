@@ -82,12 +82,14 @@ def compile_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sft_run(smoke_dir, compile_cache, tmp_path_factory):
-    """A finished `python -m rdpo_jax.train` SFT run of the smoke config: 6 steps, checkpoints kept at
-    steps 4 and 6. Returns (workdir, completed process)."""
+    """A finished `python -m rdpo_jax.train` SFT run of the smoke config with scanned decoder layers
+    (stacked parameters, so that checkpoints, export and load_model go through that layout): 6 steps,
+    checkpoints kept at steps 4 and 6. Returns (workdir, completed process)."""
     from tests import runs
 
     workdir = str(tmp_path_factory.mktemp("sft_run") / "run")
-    proc = runs.run(runs.train_command(smoke_dir, workdir, objective="sft"), runs.env(compile_cache))
+    proc = runs.run(runs.train_command(smoke_dir, workdir, "--config.model.scan_layers=on", objective="sft"),
+                    runs.env(compile_cache))
     return workdir, proc
 
 

@@ -35,16 +35,14 @@ def metrics(workdir: str) -> list[dict]:
 
 
 def final_params(workdir: str, smoke_dir: str) -> tuple[dict, int]:
-    """A smoke run's latest parameters as numpy arrays, and their step."""
+    """A smoke run's latest parameters as numpy arrays (in the run's layer layout), and their step."""
     import jax
     import numpy as np
+    from flax import nnx
 
-    from rdpo_jax import checkpoint, sharding, train_step
-    from rdpo_jax.models import hf
-    from rdpo_jax.models.config import RunSettings
+    from rdpo_jax import checkpoint
 
-    cfg = hf.read_config(f"{smoke_dir}/model")
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    abstract = train_step.abstract_params(cfg, RunSettings(), mesh)
-    params, step = checkpoint.restore_params(workdir, abstract)
+    model, _, folder, step = checkpoint.load_model(workdir)
+    assert os.path.samefile(folder, os.path.join(smoke_dir, "model")), folder
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return jax.tree.map(np.asarray, params), step

@@ -87,7 +87,7 @@ def test_export_carries_tokenizer_processor_and_card(exported, smoke_dir):
 def test_load_hf_reads_the_export_exactly(exported):
     workdir, out, _ = exported
     restored, *_ = checkpoint.load_model(workdir)
-    loaded, _ = hf.load_hf(out)
+    loaded, _ = hf.load_hf(out, RunSettings(scan_layers="on"))  # the run's layout: stacked layers
     a, b = _params(restored), _params(loaded)
     assert a.keys() == b.keys()
     for k in a:
@@ -106,7 +106,7 @@ def test_command_exports_an_earlier_step_in_bf16_shards(sft_run, compile_cache, 
     assert len(shards) > 1 and all(os.path.getsize(os.path.join(out, s)) < 400_000 for s in shards)
     assert json.load(open(os.path.join(out, "config.json")))["text_config"]["dtype"] == "bfloat16"
     restored, *_ = checkpoint.load_model(workdir, step=4)
-    loaded, _ = hf.load_hf(out, RunSettings(param_dtype=jnp.bfloat16))
+    loaded, _ = hf.load_hf(out, RunSettings(param_dtype=jnp.bfloat16, scan_layers="on"))
     a, b = _params(restored), _params(loaded)
     for k in a:
         assert b[k].dtype == ml_dtypes.bfloat16

@@ -23,6 +23,7 @@ ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_
 MODEL_TYPES = tuple(ARCHITECTURES)
 VISION_FAMILIES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+SCAN_AUTO_LAYERS = 16  # scan_layers="auto" scans decoders at least this deep
 ATTENTION = ("xla", "jax", "cudnn")  # layers.attention's implementations
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -94,6 +95,13 @@ class RunSettings:
     # flash attention: GPU, float16/bfloat16), "jax" (that call on XLA), or "auto": cudnn on a GPU with a
     # half-precision compute dtype, else xla (decided when the model is traced, by backend and dtype).
     attention: str = "auto"
+    # Decoder layers with stacked parameters run by one `jax.lax.scan` (compiled once whatever the depth):
+    # "on", "off", or "auto": on for decoders of at least SCAN_AUTO_LAYERS layers.
+    scan_layers: str = "auto"
+
+    def scan(self, num_layers: int) -> bool:
+        """Whether a stack of `num_layers` layers is scanned."""
+        return self.scan_layers == "on" or (self.scan_layers == "auto" and num_layers >= SCAN_AUTO_LAYERS)
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -104,14 +112,16 @@ class RunSettings:
             object.__setattr__(self, "dtype", self.param_dtype)
         if self.attention not in ("auto",) + ATTENTION:
             raise UnsupportedConfigError(f"attention: {self.attention!r} is not 'auto' or one of {ATTENTION}")
+        if self.scan_layers not in ("auto", "on", "off"):
+            raise UnsupportedConfigError(f"scan_layers: {self.scan_layers!r} is not 'auto', 'on' or 'off'")
 
     @classmethod
     def from_config(cls, config) -> RunSettings:
-        """A run config's `model.param_dtype`, `dtype`, `remat`, `vocab_chunk` and `attention`; placeholders
+        """A run config's `model.param_dtype`, `dtype`, `remat`, `vocab_chunk`, `attention` and `scan_layers`; placeholders
         are checked on the host (ChatTokenizer), so that the compiled programs stay cacheable."""
         m = config.model
         return cls(param_dtype=DTYPES[m.param_dtype], dtype=DTYPES[m.dtype], remat=m.remat, vocab_chunk=m.vocab_chunk,
-                   attention=m.attention, check_image_tokens=False)
+                   attention=m.attention, scan_layers=m.scan_layers, check_image_tokens=False)
 
 
 @dataclasses.dataclass(frozen=True)

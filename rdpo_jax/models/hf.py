@@ -24,6 +24,7 @@ We write the Hub layouts, which transformers 4.x and 5.x and vLLM load. Linear k
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -59,6 +60,36 @@ def hf_name(path: tuple) -> str:
     """Our parameter path -> canonical transformers name (leaf renamed)."""
     *parents, leaf = (str(p) for p in path)
     return ".".join([*parents, _LEAF_TO_HF.get(leaf, leaf)])
+
+
+def hf_names(path: tuple, variable: nnx.Variable) -> list[str]:
+    """The canonical transformers names of one parameter: one, or for a stacked parameter of scanned
+    layers (`layers.stack`, [L, …]) one per layer, the layer number inserted where the stack sits
+    (`language_model.layers.mlp.up_proj.kernel` -> `language_model.layers.{i}.mlp.up_proj.weight`)."""
+    depth = variable.get_metadata().get("stacked_depth")
+    if depth is None:
+        return [hf_name(path)]
+    head, tail = path[:len(path) - depth], path[len(path) - depth:]
+    return [hf_name((*head, i, *tail)) for i in range(variable.get_value().shape[0])]
+
+
+def _layer_shape(variable: nnx.Variable) -> tuple[int, ...]:
+    """The shape of one tensor on disk's worth of `variable` (a stacked one without its layer axis)."""
+    shape = tuple(variable.get_value().shape)
+    return shape[1:] if variable.get_metadata().get("stacked_depth") is not None else shape
+
+
+class _Stacked:
+    """Lazy per-layer views read as one array [L, …]; a slice reads only those slices of its layers."""
+
+    def __init__(self, views: list):
+        self.views = views
+
+    def __getitem__(self, index):
+        return np.stack([v[tuple(index[1:])] for v in self.views[index[0]]])
+
+    def __array__(self, dtype=None, copy=None):
+        return np.stack([np.asarray(v, dtype) for v in self.views])
 
 
 def disk_name(canonical: str, family: type[VisionLanguageModel]) -> str:
@@ -176,17 +207,16 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
         by_canonical[name] = key
 
     params = list(_params(state))
-    wanted = {hf_name(p) for p, _ in params}
-    missing = sorted(disk_name(hf_name(p), family) for p, _ in params if hf_name(p) not in by_canonical)
+    names = {p: hf_names(p, v) for p, v in params}
+    wanted = {n for ns in names.values() for n in ns}
+    missing = sorted(disk_name(n, family) for ns in names.values() for n in ns if n not in by_canonical)
     ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # a tied head may be stored too
     unexpected = sorted(by_canonical[n] for n in by_canonical if n not in wanted and n not in ignored)
     bad_shapes = []
     for p, v in params:
-        name = hf_name(p)
-        if name in by_canonical:
-            want = _torch_shape(p, v.get_value().shape)
-            got = reader.shape(by_canonical[name])
-            if got != want:
+        want = _torch_shape(p, _layer_shape(v))
+        for name in names[p]:
+            if name in by_canonical and (got := reader.shape(by_canonical[name])) != want:
                 bad_shapes.append(f"{by_canonical[name]}: expected shape {want}, found {got}")
     if missing or unexpected or bad_shapes:
         raise CheckpointMismatchError(_mismatch_message(path, missing, unexpected, bad_shapes))
@@ -197,7 +227,8 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
     def load(item):
         p, variable = item
         abstract = variable.get_value()
-        view = _to_ours(p, reader.get(by_canonical[hf_name(p)]), abstract.shape)
+        views = [_to_ours(p, reader.get(by_canonical[n]), _layer_shape(variable)) for n in names[p]]
+        view = _Stacked(views) if variable.get_metadata().get("stacked_depth") is not None else views[0]
         target = None if mesh is None else sharding.variable_sharding(variable, mesh)
         with jax.enable_x64(x64):
             return _make_array(view, abstract.shape, abstract.dtype, target, device)
@@ -252,17 +283,21 @@ def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max
     dtype = np.dtype(model.run.param_dtype if dtype is None else dtype)
     specs = []
     for p, variable in _params(nnx.state(model)):
-        array = variable.get_value()
+        array, names = variable.get_value(), hf_names(p, variable)
+        stacked = variable.get_metadata().get("stacked_depth") is not None
 
-        def value(p=p, array=array):
-            if array.is_fully_addressable:
-                host = np.asarray(jax.device_get(array))
+        def value(p=p, array=array, layer=None):
+            part = array if layer is None else array[layer]  # a scanned layer's slice (all processes slice)
+            if part.is_fully_addressable:
+                host = np.asarray(jax.device_get(part))
             else:
-                host = np.asarray(multihost_utils.process_allgather(array, tiled=True))
+                host = np.asarray(multihost_utils.process_allgather(part, tiled=True))
             return _to_torch(p, host.astype(dtype))
 
-        shape = _torch_shape(p, array.shape)
-        specs.append(safetensors_io.TensorSpec(disk_name(hf_name(p), type(model)), dtype, shape, value))
+        shape = _torch_shape(p, _layer_shape(variable))
+        for i, name in enumerate(names):
+            specs.append(safetensors_io.TensorSpec(disk_name(name, type(model)), dtype, shape,
+                                                   functools.partial(value, layer=i if stacked else None)))
     specs.sort(key=lambda s: s.name)
     if jax.process_index() != 0:
         for s in specs:

@@ -430,3 +430,42 @@ def maybe_remat(fn, policy: str):
     if policy == "none":
         return fn
     return nnx.remat(fn, policy=REMAT[policy], prevent_cse=True)
+
+
+# ----- Stacked layers -----
+
+STACKED = "layers"  # the logical name of a stacked parameter's leading axis (never sharded)
+
+
+def stack(modules: Sequence[nnx.Module]) -> nnx.Module:
+    """One module holding the parameters of `modules` (all of one structure) stacked on a new leading
+    axis, for `scan`. Each stacked parameter's `logical_axes` gain `STACKED` in front and its metadata
+    `stacked_depth` counts the path components below the stacked module (`models/hf.py` puts the layer
+    number there: `layers.self_attn.q_proj.kernel[i]` is `layers.{i}.self_attn.q_proj.weight`)."""
+    graphdef, state = nnx.split(modules[0])
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(m) for m in modules))
+    for path, variable in nnx.to_flat_state(state):
+        meta = variable.get_metadata()
+        extra = {"shard_units": (1, *meta["shard_units"])} if "shard_units" in meta else {}
+        if meta.get("logical_axes") is not None:
+            extra["logical_axes"] = (STACKED, *meta["logical_axes"])
+        variable.set_metadata(stacked_depth=len(path), **extra)
+    return nnx.merge(graphdef, state)
+
+
+def scan(stacked: nnx.Module, fn, carry, xs=None, remat: str = "none", count: int | None = None):
+    """`jax.lax.scan` over the layers of a `stack`ed module: fn(layer, carry, x) -> (carry, y) runs once
+    per layer with that layer's parameters (and `xs`' slice); returns (carry, stacked ys). The layer body
+    is traced and compiled once whatever the depth; `remat` names a policy of `REMAT` for it; `count`:
+    only the first `count` layers run."""
+    graphdef, state = nnx.split(stacked)
+    if count is not None:
+        state = jax.tree.map(lambda a: a[:count], state)
+
+    def body(carry, inputs):
+        layer_state, x = inputs
+        return fn(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)  # scan keeps XLA from merging
+    return jax.lax.scan(body, carry, (state, xs))

@@ -52,10 +52,12 @@ class Llava(VisionLanguageModel):
 
     def __init__(self, cfg: LlavaConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
         self.vision_tower = VisionTower(cfg.vision, param_dtype=run.param_dtype, dtype=run.dtype,
-                                        remat=run.remat, attention=run.attention, rngs=rngs)
+                                        remat=run.remat, attention=run.attention,
+                                        scan=run.scan(cfg.vision.num_layers), rngs=rngs)
         self.multi_modal_projector = Projector(cfg, run, rngs=rngs)
         self.language_model = TextDecoder(cfg.text, param_dtype=run.param_dtype, dtype=run.dtype,
-                                          remat=run.remat, attention=run.attention, rngs=rngs)
+                                          remat=run.remat, attention=run.attention,
+                                          scan=run.scan(cfg.text.num_layers), rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False,
                                   param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)

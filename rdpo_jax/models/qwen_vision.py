@@ -111,12 +111,14 @@ class QwenVisionTower(nnx.Module):
     (metadata from `data.qwen_vl_images.patch_metadata`, per row; N a multiple of merge², padding patches at the end)."""
 
     def __init__(self, cfg: QwenVisionConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none",
-                 rngs: layers.InitKeys, attention: str = "auto"):
+                 rngs: layers.InitKeys, attention: str = "auto", scan: bool = False):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.patch_embed = nnx.Dict(proj=PatchEmbed(cfg, **kw))
-        self.blocks = nnx.List([VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)])
+        blocks = [VisionBlock(cfg, attention=attention, **kw) for _ in range(cfg.depth)]
+        # scan: one VisionBlock with parameters stacked [depth, …] (`layers.stack`), else a list
+        self.blocks = layers.stack(blocks) if scan else nnx.List(blocks)
         self.merger = PatchMerger(cfg, **kw)
-        self.config, self.remat = cfg, remat
+        self.config, self.remat, self.scan = cfg, remat, scan
 
     def masks(self, image: jax.Array, row: jax.Array, col: jax.Array) -> tuple[jax.Array, jax.Array]:
         """bool[B, N, N]: same image (full attention), and same image and window (window attention)."""
@@ -140,6 +142,11 @@ class QwenVisionTower(nnx.Module):
         angles = jnp.concatenate([angles, angles], -1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         x = self.patch_embed["proj"](patches)
+        if self.scan:  # each block picks its mask by a per-block flag
+            is_full = jnp.isin(jnp.arange(cfg.depth), jnp.asarray(cfg.fullatt_block_indexes, jnp.int32))
+            x, _ = layers.scan(self.blocks, lambda block, x, f: (block(x, jnp.where(f, full, windowed), cos, sin), None),
+                               x, is_full, remat=self.remat)
+            return self.merger(x)
         run = layers.maybe_remat(lambda block, *a: block(*a), self.remat)
         for i, block in enumerate(self.blocks):
             x = run(block, x, full if i in cfg.fullatt_block_indexes else windowed, cos, sin)

@@ -45,8 +45,10 @@ class QwenVL(VisionLanguageModel):
 
     def __init__(self, cfg: QwenVLConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
         kw = dict(param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)
-        self.visual = QwenVisionTower(cfg.vision, remat=run.remat, attention=run.attention, **kw)
-        self.language_model = TextDecoder(cfg.text, remat=run.remat, attention=run.attention, **kw)
+        self.visual = QwenVisionTower(cfg.vision, remat=run.remat, attention=run.attention,
+                                      scan=run.scan(cfg.vision.depth), **kw)
+        self.language_model = TextDecoder(cfg.text, remat=run.remat, attention=run.attention,
+                                          scan=run.scan(cfg.text.num_layers), **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False, **kw)
         self.config, self.run = cfg, run

@@ -96,10 +96,13 @@ class TextDecoder(nnx.Module):
     """Embedding, decoder layers and the final norm; the LM head lives in the VLM (it may be tied)."""
 
     def __init__(self, cfg: TextConfig, *, param_dtype, dtype, remat: str, rngs: layers.InitKeys,
-                 attention: str = "auto"):
+                 attention: str = "auto", scan: bool = False):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, attention=attention, **kw) for _ in range(cfg.num_layers)])
+        stack = [DecoderLayer(cfg, attention=attention, **kw) for _ in range(cfg.num_layers)]
+        # scan: one DecoderLayer whose parameters are stacked [num_layers, …] (`layers.stack`), else a list
+        self.layers = layers.stack(stack) if scan else nnx.List(stack)
+        self.scan, self.num_layers = scan, cfg.num_layers
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, dict(cfg.rope))
         self.inv_freq = tuple(self.inv_freq.tolist())  # hashable static metadata, not a parameter
@@ -117,6 +120,9 @@ class TextDecoder(nnx.Module):
         x = shard_activation(x, ACT)
         if cache is not None:
             kvs, index = cache
+            if self.scan:  # (k, v) float[L, B, S, K, H]: each layer's slice in, its updated slice out
+                x, kvs = layers.scan(self.layers, lambda layer, x, kv: layer(x, mask, cos, sin, (*kv, index)), x, kvs)
+                return self.norm(x), kvs
             new = []
             for layer, (k, v) in zip(self.layers, kvs):
                 x, kv = layer(x, mask, cos, sin, (k, v, index))
@@ -124,13 +130,24 @@ class TextDecoder(nnx.Module):
             return self.norm(x), new
         T = x.shape[1]
         mask = mask & jnp.tril(jnp.ones((T, T), bool))  # a decoder: no query sees a later key, whatever the layout
+        if self.scan:
+            x, _ = layers.scan(self.layers, lambda layer, x, _: (layer(x, mask, cos, sin), None), x, remat=self.remat)
+            return self.norm(x)
         run = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat)
         for layer in self.layers:
             x = run(layer, x, mask, cos, sin)
         return self.norm(x)
 
-    def init_cache(self, batch: int, length: int, dtype) -> list[tuple[jax.Array, jax.Array]]:
-        """Empty per-layer key/value caches float[batch, length, K, H]."""
-        attn = self.layers[0].self_attn
+    def init_cache(self, batch: int, length: int, dtype):
+        """Empty key/value caches float[batch, length, K, H]: a per-layer list of (k, v), or with scanned
+        layers one (k, v) pair stacked [num_layers, batch, length, K, H]."""
+        attn = (self.layers if self.scan else self.layers[0]).self_attn
         shape = (batch, length, attn.num_kv_heads, attn.head_dim)
+        if self.scan:
+            return jnp.zeros((self.num_layers, *shape), dtype), jnp.zeros((self.num_layers, *shape), dtype)
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]
+
+    def repeat_cache(self, cache, n: int):
+        """Each row of a cache from `init_cache` repeated n times (n samples per prompt)."""
+        axis = 1 if self.scan else 0
+        return jax.tree.map(lambda a: jnp.repeat(a, n, axis=axis), cache)

@@ -98,13 +98,15 @@ class PoolingHead(nnx.Module):
 
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, param_dtype, dtype, remat: str, rngs: layers.InitKeys,
-                 attention: str = "auto"):
+                 attention: str = "auto", scan: bool = False):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.embeddings = Embeddings(cfg, **kw)
         if cfg.family == "clip":
             self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # transformers' spelling
-        self.encoder = nnx.Dict(layers=nnx.List([EncoderLayer(cfg, attention=attention, **kw)
-                                                   for _ in range(cfg.num_layers)]))
+        stack = [EncoderLayer(cfg, attention=attention, **kw) for _ in range(cfg.num_layers)]
+        # scan: one EncoderLayer with parameters stacked [num_layers, …] (`layers.stack`), else a list
+        self.encoder = nnx.Dict(layers=layers.stack(stack) if scan else nnx.List(stack))
+        self.scan = scan
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # unused by LLaVA
         if cfg.use_head:
             self.head = PoolingHead(cfg, **kw)
@@ -116,6 +118,11 @@ class VisionTower(nnx.Module):
         if self.family == "clip":
             x = self.pre_layrnorm(x)
         x = shard_activation(x, ACT)
+        depth = max(feature_layers)  # the layers after the last selected one never run
+        if self.scan and depth:  # every layer's output stacked: hidden state i = ys[i - 1]
+            _, ys = layers.scan(self.encoder["layers"], lambda layer, h, _: (layer(h),) * 2, x, remat=self.remat,
+                                count=depth)
+            return [x if i == 0 else ys[i - 1] for i in feature_layers]
         hidden = [x]
         run = layers.maybe_remat(lambda layer, h: layer(h), self.remat)
         for layer in self.encoder["layers"][: max(feature_layers)]:
