@@ -67,10 +67,13 @@ def main(argv):
     # ----- Model, optimizer, the abstract train state -----
     setup = _Setup(config, mesh)
     _check_layer_layout(workdir, setup)
+    if jax.process_count() > 1:  # every process has read the old config.json before the primary replaces it
+        multihost_utils.sync_global_devices("rdpo_jax.train: layer layout checked")
     if primary:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
 
     # ----- Data: global batch s is a pure function of (data.seed, s) -----
     dpo = config.objective == "dpo"

@@ -131,17 +131,18 @@ def test_empty_training_data_is_refused_by_name(smoke_dir, tmp_path, compile_cac
     assert f"config.data.train: {tmp_path}/empty holds no records: nothing to train on" in proc.stderr
 
 
-def test_resuming_with_the_other_layer_layout_is_refused(smoke_dir, sft_run, compile_cache):
-    """sft_run's checkpoints hold stacked (scanned) layers; resuming it per layer would not restore."""
+def test_resuming_with_the_other_layer_layout_is_refused(smoke_dir, sft_run):
+    """sft_run's checkpoints hold stacked (scanned) layers; resuming it per layer would not restore. The
+    trainer checks this before it writes anything into the workdir."""
+    from rdpo_jax import config_checks, sharding, train
+    from rdpo_jax.configs import smoke
+
     workdir, _ = sft_run
-    with open(os.path.join(workdir, "config.json")) as f:
-        before = f.read()
-    proc = subprocess.run(runs.train_command(smoke_dir, workdir, "--config.model.scan_layers=off",
-                                             "--config.total_steps=8", objective="sft"),
-                          cwd=runs.ROOT, env=runs.env(compile_cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "config.model.scan_layers: 'off', but the checkpoints in" in proc.stderr
-    assert "resume with --config.model.scan_layers=on" in proc.stderr
-    with open(os.path.join(workdir, "config.json")) as f:
-        assert f.read() == before  # the run is left as it was
-    assert checkpoint.saved_steps(workdir) == [4, 6]
+    config = smoke.get_config(f"dir={smoke_dir},objective=sft")
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 2})
+    config.model.scan_layers = "on"
+    train._check_layer_layout(workdir, train._Setup(config, mesh))  # the same layout: fine
+    config.model.scan_layers = "off"
+    with pytest.raises(config_checks.ConfigError, match=r"config.model.scan_layers: 'off', but the checkpoints in "
+                       r".* resume with --config.model.scan_layers=on"):
+        train._check_layer_layout(workdir, train._Setup(config, mesh))

@@ -34,8 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # "none" | "full" | "dots_saveable"
     c.model.vocab_chunk = 16384  # LM head columns at a time over answer tokens (0 = all); memory, not results
     c.model.attention = "auto"  # "auto" (cuDNN flash on GPU in bf16/fp16, else "xla") | "xla" | "cudnn" | "jax"
-    # Decoder layers stacked and run by lax.scan (compile time flat in depth): "auto" (≥ 16 layers) | "on" | "off"
-    c.model.scan_layers = "auto"
+    # Layers' parameters stacked and run by one lax.scan per stack (decoder, vision tower): compile time flat in depth
+    c.model.scan_layers = "auto"  # "auto" (stacks of ≥ 16 layers) | "on" | "off"
     # Where the first parameters come from when the workdir has no checkpoint: "model" (the weights in
     # model.path), "scratch" (fresh init from `seed`), or a path: an HF folder or another run's workdir.
     c.init_from = "model"  # see the comment above

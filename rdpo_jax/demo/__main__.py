@@ -66,8 +66,10 @@ class Demo:
         self.stages = os.path.join(self.wd, "stages")
         os.makedirs(self.stages, exist_ok=True)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        # the caller's XLA flags carry on to the stages, with this demo's device count
+        xla = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
         self.env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
-                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                        XLA_FLAGS=" ".join([*xla, f"--xla_force_host_platform_device_count={devices}"]),
                         JAX_COMPILATION_CACHE_DIR=os.path.join(self.wd, "jax_cache"),
                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                         PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
