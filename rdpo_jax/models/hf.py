@@ -62,13 +62,18 @@ def hf_name(path: tuple) -> str:
     return ".".join([*parents, _LEAF_TO_HF.get(leaf, leaf)])
 
 
+def _is_stacked(variable: nnx.Variable) -> bool:
+    """A parameter of scanned layers, stacked [L, …] by `layers.stack`."""
+    return variable.get_metadata().get("stacked_depth") is not None
+
+
 def hf_names(path: tuple, variable: nnx.Variable) -> list[str]:
     """The canonical transformers names of one parameter: one, or for a stacked parameter of scanned
     layers (`layers.stack`, [L, …]) one per layer, the layer number inserted where the stack sits
     (`language_model.layers.mlp.up_proj.kernel` -> `language_model.layers.{i}.mlp.up_proj.weight`)."""
-    depth = variable.get_metadata().get("stacked_depth")
-    if depth is None:
+    if not _is_stacked(variable):
         return [hf_name(path)]
+    depth = variable.get_metadata()["stacked_depth"]
     head, tail = path[:len(path) - depth], path[len(path) - depth:]
     return [hf_name((*head, i, *tail)) for i in range(variable.get_value().shape[0])]
 
@@ -76,7 +81,7 @@ def hf_names(path: tuple, variable: nnx.Variable) -> list[str]:
 def _layer_shape(variable: nnx.Variable) -> tuple[int, ...]:
     """The shape of one tensor on disk's worth of `variable` (a stacked one without its layer axis)."""
     shape = tuple(variable.get_value().shape)
-    return shape[1:] if variable.get_metadata().get("stacked_depth") is not None else shape
+    return shape[1:] if _is_stacked(variable) else shape
 
 
 class _Stacked:
@@ -228,7 +233,7 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
         p, variable = item
         abstract = variable.get_value()
         views = [_to_ours(p, reader.get(by_canonical[n]), _layer_shape(variable)) for n in names[p]]
-        view = _Stacked(views) if variable.get_metadata().get("stacked_depth") is not None else views[0]
+        view = _Stacked(views) if _is_stacked(variable) else views[0]
         target = None if mesh is None else sharding.variable_sharding(variable, mesh)
         with jax.enable_x64(x64):
             return _make_array(view, abstract.shape, abstract.dtype, target, device)
@@ -284,7 +289,7 @@ def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max
     specs = []
     for p, variable in _params(nnx.state(model)):
         array, names = variable.get_value(), hf_names(p, variable)
-        stacked = variable.get_metadata().get("stacked_depth") is not None
+        stacked = _is_stacked(variable)
 
         def value(p=p, array=array, layer=None):
             part = array if layer is None else array[layer]  # a scanned layer's slice (all processes slice)

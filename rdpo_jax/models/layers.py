@@ -295,12 +295,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
         return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
                                             implementation="cudnn" if impl == "cudnn" else "xla")
     T = q.shape[1]
-    if not causal or T <= QUERY_BLOCK:
-        if causal and mask is None:
-            mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (q.shape[0], T, T))
-        return _dense_attention(q, k, v, mask, scale)
-    if mask is None:
+    if causal and mask is None:
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (q.shape[0], T, T))
+    if not causal or T <= QUERY_BLOCK:
+        return _dense_attention(q, k, v, mask, scale)
     size = -(-T // -(-T // QUERY_BLOCK))  # blocks of equal size (the last one shorter by < their number)
     blocks = [_dense_attention(q[:, a:a + size], k[:, :a + size], v[:, :a + size], mask[:, a:a + size, :a + size],
                                scale) for a in range(0, T, size)]
