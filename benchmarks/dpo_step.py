@@ -215,6 +215,31 @@ def lower_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
         return train_step.jit_step(fn, state, batch, mesh).lower(state, batch), state, batch
 
 
+GROUP_PAIRS = ((0, 1), (0, 2), (0, 3))  # an on-policy group: 4 distinct answers, 3 pairs sharing the chosen one
+
+
+def lower_groups(cfg, run, mesh, pairs, pixels, reference):
+    """The abstract multi-answer step on the same prompts as on-policy groups (`GROUP_PAIRS`: the prompt of
+    every third pair with 4 answers): lowered, FLOPs counted per pair."""
+    G = len(pairs) // len(GROUP_PAIRS)
+    groups = [packing.Group(p.prompt, [p.chosen, p.rejected, p.chosen[::-1], p.rejected[::-1]], GROUP_PAIRS,
+                            p.positions) for p in pairs[:G]]
+    batch, _ = packing.pack_groups(groups, seq_len=IMAGE + PROMPT + 4 * ANSWER, max_answer_len=ANSWER, max_answers=4,
+                                   max_pairs=len(GROUP_PAIRS), mrope=is_qwen(cfg))
+    batch.update({k: v[:G] for k, v in pixels.items()}, valid=np.ones((G, len(GROUP_PAIRS)), np.float32))
+    if reference == "precomputed":
+        batch.update(ref_chosen_logp=np.zeros((G, 3), np.float32), ref_rejected_logp=np.zeros((G, 3), np.float32))
+    optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
+    freeze = ((r"visual/(patch_embed|blocks)/.*" if is_qwen(cfg) else "vision_tower/.*",)
+              if _FREEZE_VISION.value else ())
+    graphdef, state = train_step.abstract_state(cfg, run, optimizer, mesh, freeze=freeze, reference=reference == "model")
+    shardings = train_step.batch_shardings(batch, mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+    fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid", beta=0.1,
+                                  pair_layout="multi_answer", reference=reference).train
+    return train_step.jit_step(fn, state, batch, mesh).lower(state, batch), G * len(GROUP_PAIRS)
+
+
 def print_ratios(kind, value):
     """Ratios of per-pair costs (`value(key)`: seconds or FLOPs per pair) against the concat baselines."""
     sp, base = value(("shared_prefix", "precomputed")), value(("concat", "model"))
@@ -282,6 +307,14 @@ def main(argv):
             flops[variant_key(*variant)] = lowered.cost_analysis()["flops"] / B
             print(f"{variant_name(*variant)} {flops[variant_key(*variant)] / 1e12:8.2f} TFLOP/pair (lowered)")
         print_ratios("FLOPs", flops.__getitem__)
+        trl = flops[("concat", "model", "full_logits")]
+        for variant in VARIANTS[:-1]:
+            print(f"FLOPs: TRL's step / {variant_name(*variant).strip()}: {trl / flops[variant_key(*variant)]:.2f}×")
+        for reference in ("model", "precomputed"):
+            lowered, n = lower_groups(cfg, run, mesh, pairs, pixels, reference)
+            per_pair = lowered.cost_analysis()["flops"] / n
+            print(f"multi_answer  ref={reference:11s} {per_pair / 1e12:8.2f} TFLOP/pair (lowered; groups of 4 answers, "
+                  f"3 pairs); TRL's step / this: {trl / per_pair:.2f}×")
         return
 
     base_model = families.create(cfg, run, mesh=mesh, seed=0)

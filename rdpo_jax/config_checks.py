@@ -72,6 +72,7 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
     _check(len(c.data.seq_buckets) > 0 and list(c.data.seq_buckets) == sorted(set(c.data.seq_buckets)),
            "data.seq_buckets", f"must be increasing, got {tuple(c.data.seq_buckets)}")
     _check(c.data.max_pairs_per_group > 0, "data.max_pairs_per_group", "must be positive")
+    _check(c.data.groups_per_row >= 1, "data.groups_per_row", "must be positive (1 = one record per row)")
     _check(c.data.max_answers_per_group >= 0, "data.max_answers_per_group", "must be ≥ 0 (0 = 2 × max_pairs_per_group)")
     _check(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint", "every and keep must be positive")
     _check(c.log.every > 0, "log.every", "must be positive")
@@ -103,4 +104,14 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
     _check(micro % replicas == 0, "data.batch_size",
            f"micro-batches of {micro} (batch_size / accum_steps) are not divisible by data × fsdp = {replicas} "
            f"(mesh {mesh})")
+    k = c.data.groups_per_row
+    _check(k == 1 or (c.objective == "dpo" and c.dpo.pair_layout == "multi_answer"), "data.groups_per_row",
+           f"{k}: records share rows only in DPO's multi_answer layout (set 1, or dpo.pair_layout='multi_answer')")
+    if k > 1:  # a process packs its B/n records into B/(n·k) rows: the rows are what is split
+        local = B // num_processes
+        rows = B // k
+        _check(local % k == 0 and rows % c.accum_steps == 0 and (rows // c.accum_steps) % replicas == 0,
+               "data.groups_per_row", f"{k}: batch_size {B} over {num_processes} processes gives {local} records per "
+               f"process; with {k} per row the {rows} rows must split into accum_steps={c.accum_steps} micro-batches "
+               f"divisible by data × fsdp = {replicas}")
     return mesh

@@ -30,6 +30,15 @@ chosen answer, 2 the rejected one), and one mask serves all three:
 
     mask(q, k) = valid(q) ∧ valid(k) ∧ k ≤ q ∧ (branch(k) = 0 ∨ branch(k) = branch(q))
 
+Short groups can share a row (`data.groups_per_row`, `plan_rows` choosing which): one segment after
+another, each with its own prompt, images and positions from 0, its answers numbered on after the
+previous segment's, and `segment_ids` int32[R, T] adding segment(q) = segment(k) to the mask, so that
+every pair's log-likelihoods are those of its group alone in a row:
+
+    tokens     [ prompt₁ ][ a₁ ][ a₂ ][ prompt₂ ][ a₃ ][ a₄ ][ a₅ ][ pad ]
+    segment     0          0     0     1          1     1     1    −1
+    branch      0          1     2     0          3     4     5    −1
+
 Every layout names its trained tokens the same way: `targets` int32[R, A] (the answer tokens),
 `target_index` int32[R, A] (the row index whose hidden state predicts that token: the previous token of
 the same branch, the last prompt token for an answer's first token) and `target_branch` int32[R, A]
@@ -68,27 +77,34 @@ class Pair:
     positions: np.ndarray | None = None  # the prompt's M-RoPE positions int[3, P]; None = 0 … P−1
 
 
-def _fill_row(out: dict, r: int, prompt, answers: Sequence[tuple[int, Sequence[int]]], positions=None):
-    """Writes one row: the prompt, then each (branch, answer) restarting positions after the prompt."""
+def _fill_row(out: dict, r: int, prompt, answers: Sequence[tuple[int, Sequence[int]]], positions=None,
+              start: tuple[int, int] = (0, 0), segment: int = 0) -> tuple[int, int]:
+    """Writes one prompt and its (branch, answer)s into row r from token t and target a (`start`), every
+    answer restarting positions after the prompt; returns the (t, a) after them. Rows with `segment_ids`
+    (packed multi-answer rows) mark these tokens as `segment`."""
     P = len(prompt)
     positions = np.arange(P) if positions is None else np.asarray(positions)
     if positions.shape[-1] != P or positions.ndim > out["positions"].ndim - 1:
         raise ValueError(f"prompt positions of shape {positions.shape} for a prompt of {P} tokens in rows of "
                          f"positions {out['positions'].shape[1:]}")
-    start = int(positions.max()) + 1
-    out["input_ids"][r, :P] = prompt
-    out["positions"][r, ..., :P] = positions
-    out["branch_ids"][r, :P] = PROMPT
-    t, a = P, 0
+    first = int(positions.max()) + 1
+    t, a = start
+    out["input_ids"][r, t:t + P] = prompt
+    out["positions"][r, ..., t:t + P] = positions
+    out["branch_ids"][r, t:t + P] = PROMPT
+    last, t = t + P - 1, t + P
     for branch, answer in answers:
         n = len(answer)
         out["input_ids"][r, t:t + n] = answer
-        out["positions"][r, ..., t:t + n] = np.arange(start, start + n)
+        out["positions"][r, ..., t:t + n] = np.arange(first, first + n)
         out["branch_ids"][r, t:t + n] = branch
         out["targets"][r, a:a + n] = answer
-        out["target_index"][r, a:a + n] = [P - 1] + list(range(t, t + n - 1))
+        out["target_index"][r, a:a + n] = [last] + list(range(t, t + n - 1))
         out["target_branch"][r, a:a + n] = branch
         t, a = t + n, a + n
+    if "segment_ids" in out:
+        out["segment_ids"][r, start[0]:t] = segment
+    return t, a
 
 
 def _empty(rows: int, seq_len: int, answer_len: int, pad_id: int, mrope: bool) -> dict[str, np.ndarray]:
@@ -114,7 +130,7 @@ def pad_rows(batch: dict[str, np.ndarray], seq_len: int, pad_id: int = 0,
         raise ValueError(f"cannot pad rows of {T} tokens and {A} targets to {seq_len} and {target_len}")
     if (seq_len, target_len) == (T, A):
         return batch
-    fill = {"input_ids": pad_id, "positions": 0, "branch_ids": PAD_BRANCH}
+    fill = {"input_ids": pad_id, "positions": 0, "branch_ids": PAD_BRANCH, "segment_ids": -1}
     width = {k: seq_len - T if k in fill else target_len - A if k in ROW_KEYS else 0 for k in batch}
     return {k: np.pad(v, ((0, 0),) * (v.ndim - 1) + ((0, width[k]),), constant_values=fill.get(k, 0)) if width[k] else v
             for k, v in batch.items()}
@@ -201,44 +217,80 @@ def pack_pairs(pairs: Sequence[Pair], *, layout: str, seq_len: int, max_answer_l
 
 
 def pack_groups(groups: Sequence[Group], *, seq_len: int, max_answer_len: int, max_answers: int, max_pairs: int,
-                pad_id: int = 0, mrope: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Packs prompt groups as multi-answer rows `[prompt][a1]…[am]` (host side, numpy).
+                pad_id: int = 0, mrope: bool = False, rows: Sequence[Sequence[int]] | None = None,
+                groups_per_row: int = 1) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Packs prompt groups as multi-answer rows `[prompt][a1]…[am]` (host side, numpy), one group per row,
+    or several one after another (`rows`: the groups of each row, at most `groups_per_row`; see
+    `plan_rows`), each its own segment: positions restart at 0 and nothing attends across segments.
 
-    Each answer is cut to `max_answer_len` tokens, and all of a row's answers to the room its prompt leaves
+    Each answer is cut to `max_answer_len` tokens, and all of a group's answers to the room its row leaves
     (`_share`: the shorter whole, the longer to equal shares), counted in stats. A group has at most
     `max_answers` answers and `max_pairs` pairs.
 
     Returns:
-      (batch, stats): the row keys as in `pack_pairs` with R = len(groups) and A = max_answers ·
-      max_answer_len (at most seq_len − 1); pair_chosen, pair_rejected int32[R, max_pairs] (branches; 0 in
-      unused slots).
+      (batch, stats): the row keys as in `pack_pairs` plus `segment_ids` int32[R, seq_len] (−1 padding),
+      with R = len(rows) (default len(groups)) and A = groups_per_row · max_answers · max_answer_len (at
+      most seq_len − 1); pair_chosen, pair_rejected int32[R, groups_per_row · max_pairs] (branches, 0 in
+      unused slots): segment s of a row holds pair slots [s·max_pairs, (s+1)·max_pairs), and its answers
+      the branches after those of the segments before it.
 
     Raises:
       PromptTooLongError: a prompt leaves less than a token per answer; ValueError: a group breaks a limit
       or a pair names an answer it does not have.
     """
+    rows = [[i] for i in range(len(groups))] if rows is None else rows
+    if any(len(r) > groups_per_row for r in rows):
+        raise ValueError(f"rows of {max(map(len, rows))} groups, more than groups_per_row={groups_per_row}")
     stats = {"truncated_answers": 0, "truncated_tokens": 0}
-    out = _empty(len(groups), seq_len, max_answers * max_answer_len, pad_id, mrope)
-    out["pair_chosen"] = np.zeros((len(groups), max_pairs), np.int32)
-    out["pair_rejected"] = np.zeros((len(groups), max_pairs), np.int32)
-    for i, g in enumerate(groups):
-        m, P = len(g.answers), len(g.prompt)
-        if not 0 < m <= max_answers or not 0 < len(g.pairs) <= max_pairs:
-            raise ValueError(f"group {i}: {m} answers and {len(g.pairs)} pairs (allowed: 1…{max_answers} "
-                             f"answers, 1…{max_pairs} pairs)")
-        if any(not (0 <= c < m and 0 <= r < m) or c == r for c, r in g.pairs):
-            raise ValueError(f"group {i}: pairs {list(g.pairs)} must name two different answers of {m}")
-        room = seq_len - P
-        if P == 0 or room < m:
-            raise PromptTooLongError(f"group {i}: prompt of {P} tokens leaves {room} of {seq_len} for {m} answers")
-        budgets = _share([min(len(a), max_answer_len) for a in g.answers], room)
-        answers = [_truncate(a, b, stats) for a, b in zip(g.answers, budgets)]
-        if not all(answers):
-            raise PromptTooLongError(f"group {i}: an empty answer (each answer needs a token)")
-        _fill_row(out, i, g.prompt, [(k + 1, a) for k, a in enumerate(answers)], g.positions)
-        for j, (c, r) in enumerate(g.pairs):
-            out["pair_chosen"][i, j], out["pair_rejected"][i, j] = c + 1, r + 1
+    out = _empty(len(rows), seq_len, groups_per_row * max_answers * max_answer_len, pad_id, mrope)
+    out["segment_ids"] = np.full((len(rows), seq_len), -1, np.int32)
+    slots = groups_per_row * max_pairs
+    out["pair_chosen"] = np.zeros((len(rows), slots), np.int32)
+    out["pair_rejected"] = np.zeros((len(rows), slots), np.int32)
+    for r, members in enumerate(rows):
+        start, branch = (0, 0), 0
+        for s, i in enumerate(members):
+            g = groups[i]
+            m, P = len(g.answers), len(g.prompt)
+            if not 0 < m <= max_answers or not 0 < len(g.pairs) <= max_pairs:
+                raise ValueError(f"group {i}: {m} answers and {len(g.pairs)} pairs (allowed: 1…{max_answers} "
+                                 f"answers, 1…{max_pairs} pairs)")
+            if any(not (0 <= c < m and 0 <= x < m) or c == x for c, x in g.pairs):
+                raise ValueError(f"group {i}: pairs {list(g.pairs)} must name two different answers of {m}")
+            room = seq_len - start[0] - P
+            if P == 0 or room < m:
+                raise PromptTooLongError(f"group {i}: prompt of {P} tokens leaves {room} of {seq_len} for {m} answers")
+            budgets = _share([min(len(a), max_answer_len) for a in g.answers], room)
+            answers = [_truncate(a, n, stats) for a, n in zip(g.answers, budgets)]
+            if not all(answers):
+                raise PromptTooLongError(f"group {i}: an empty answer (each answer needs a token)")
+            start = _fill_row(out, r, g.prompt, [(branch + k + 1, a) for k, a in enumerate(answers)], g.positions,
+                              start, s)
+            for j, (c, x) in enumerate(g.pairs):
+                out["pair_chosen"][r, s * max_pairs + j] = branch + c + 1
+                out["pair_rejected"][r, s * max_pairs + j] = branch + x + 1
+            branch += m
     return out, stats
+
+
+def plan_rows(lengths: Sequence[int], *, seq_len: int, rows: int, groups_per_row: int,
+              weights: Sequence[int] | None = None, max_weight: int = 0) -> list[list[int]] | None:
+    """Which groups share a row: first-fit decreasing of groups of these token lengths into `rows` rows of
+    `seq_len` tokens, at most `groups_per_row` each (and, with `weights`, e.g. image patches, at most
+    `max_weight` of them per row). Returns each row's group indexes in row order (the longest first; ties
+    in input order, so a batch always packs the same way), or None if they do not fit."""
+    weights = [0] * len(lengths) if weights is None else weights
+    plan: list[list[int]] = [[] for _ in range(rows)]
+    used, load = [0] * rows, [0] * rows
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r in range(rows) if used[r] + lengths[i] <= seq_len and len(plan[r]) < groups_per_row
+                  and load[r] + weights[i] <= max(max_weight, weights[i])), None)
+        if r is None:
+            return None
+        plan[r].append(i)
+        used[r] += lengths[i]
+        load[r] += weights[i]
+    return plan
 
 
 def pack_sft(examples: Sequence[tuple], *, seq_len: int, max_answer_len: int, pad_id: int = 0,
@@ -265,13 +317,17 @@ def rows_per_pair(layout: str) -> int:
 
 # ----- inside jit -----
 
-def attention_mask(branch_ids: jax.Array) -> jax.Array:
-    """bool[R, T, T] from branch ids int32[R, T] (the mask in the module docstring)."""
+def attention_mask(branch_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """bool[R, T, T] from branch ids int32[R, T] (the mask in the module docstring) and, for rows packing
+    several groups, their segment ids int32[R, T] (no attention across segments)."""
     T = branch_ids.shape[1]
     valid = branch_ids >= 0
     causal = jnp.tril(jnp.ones((T, T), bool))[None]
     q, k = branch_ids[:, :, None], branch_ids[:, None, :]
-    return causal & valid[:, :, None] & (k >= 0) & ((k == PROMPT) | (k == q))
+    mask = causal & valid[:, :, None] & (k >= 0) & ((k == PROMPT) | (k == q))
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return mask
 
 
 def token_logps(model, batch: dict, features=None) -> jax.Array:
@@ -283,7 +339,7 @@ def token_logps(model, batch: dict, features=None) -> jax.Array:
     if features is None:
         images = model.images_of(batch)
         features = None if images is None else model.image_features(images)
-    mask = attention_mask(batch["branch_ids"])
+    mask = attention_mask(batch["branch_ids"], batch.get("segment_ids"))
     hidden = model.hidden_states(batch["input_ids"], features, mask, batch["positions"])
     hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)  # [R, A, D]
     logps = model.target_logps(hidden, batch["targets"])  # the head in vocabulary chunks

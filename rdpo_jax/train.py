@@ -116,8 +116,8 @@ def main(argv):
     first = next(iterator)
     compiled, batch_shardings = {}, {}
 
-    def compile_for(shape: tuple[int, int]):
-        """The step for rows of shape[0] tokens (and patch buffers of shape[1], any-resolution families)."""
+    def compile_for(shape: tuple[int, int, int, int]):
+        """The step for a batch of `_shape` shape (rows, row length, trained tokens per row, patches)."""
         if shape not in compiled:
             spec = _global_spec(first["batch"], *shape)
             batch_shardings[shape] = train_step.batch_shardings(spec, mesh)
@@ -125,19 +125,23 @@ def main(argv):
             compiled[shape] = train_step.jit_step(steps.train, setup.abstract, spec, mesh).lower(
                 setup.abstract, spec).compile()
             m = compiled[shape].memory_analysis()
+            flops = (compiled[shape].cost_analysis() or {}).get("flops", 0.0)  # XLA's count, per device
             cached = " (from the compilation cache)" if cache_hits["n"] > hits else ""
-            patches = f" and {shape[1]} patches" if shape[1] else ""
-            _print(f"compiled the {config.objective} step for rows of {shape[0]} tokens{patches} in "
+            patches = f" and {shape[3]} patches" if shape[3] else ""
+            _print(f"compiled the {config.objective} step for {spec['input_ids'].shape[0]} rows of {shape[1]} "
+                   f"tokens{patches} in "
                    f"{time.perf_counter() - t0:.1f}s{cached}; memory per device: arguments "
                    f"{_mib(m.argument_size_in_bytes)}, outputs {_mib(m.output_size_in_bytes)}, temporaries "
-                   f"{_mib(m.temp_size_in_bytes)}, aliased {_mib(m.alias_size_in_bytes)}")
+                   f"{_mib(m.temp_size_in_bytes)}, aliased {_mib(m.alias_size_in_bytes)}; XLA counts "
+                   f"{flops / 1e9:.1f} GFLOP per device and step")
         return compiled[shape], batch_shardings[shape]
 
     # every row bucket up front with the largest patch bucket (the most memory each can take); smaller
     # patch buckets compile when a batch first needs them
     largest_patches = max(config.data.patch_buckets) if "patches" in first["batch"] else 0
+    rows = len(first["batch"]["valid"])  # packed batches needing more rows compile when they come
     for seq_len in config.data.seq_buckets:
-        compile_for((seq_len, largest_patches))
+        compile_for((rows, seq_len, options.target_width(seq_len, pipeline.source_kind(source, options)), largest_patches))
     evaluator = None
     if config.data.eval:
         eval_data = pipeline.make_dataset(_source(config.data.eval, options, "data.eval"), options, tokenizer, image_input,
@@ -275,20 +279,24 @@ def _check_reference_data(spec: str, options: pipeline.Options) -> None:
         raise config_checks.ConfigError(f"{problem[1]} ({source.where(0)} of {spec})")
 
 
-def _shape(batch: dict) -> tuple[int, int]:
-    """(row length, patch buffer length or 0): what selects a batch's compiled step."""
-    return batch["input_ids"].shape[1], batch["patches"].shape[1] if "patches" in batch else 0
+def _shape(batch: dict) -> tuple[int, int, int, int]:
+    """(records or packed rows, row length, trained tokens per row, patch buffer length or 0) of a local
+    batch: what selects its compiled step."""
+    return (len(batch["valid"]), batch["input_ids"].shape[1], batch["targets"].shape[1],
+            batch["patches"].shape[1] if "patches" in batch else 0)
 
 
-def _global_spec(local: dict, seq_len: int, num_patches: int = 0) -> dict:
-    """The global batch's shapes for one length (and patch) bucket, from one local batch."""
+def _global_spec(local: dict, records: int, seq_len: int, target_len: int, num_patches: int = 0) -> dict:
+    """The global batch's shapes for `_shape` (of a local batch) from one local batch of any shape."""
     def spec(k, v):
-        shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
-        if k in ("input_ids", "positions", "branch_ids"):
-            shape = (*shape[:-1], seq_len)
+        shape = [v.shape[0] // len(local["valid"]) * records * jax.process_count(), *v.shape[1:]]
+        if k in ("input_ids", "positions", "branch_ids", "segment_ids"):
+            shape[-1] = seq_len
+        if k in ("targets", "target_index", "target_branch"):
+            shape[-1] = target_len
         if k in image_inputs.PATCH_KEYS:
-            shape = (shape[0], num_patches, *shape[2:])
-        return jax.ShapeDtypeStruct(shape, v.dtype)
+            shape[1] = num_patches
+        return jax.ShapeDtypeStruct(tuple(shape), v.dtype)
     return {k: spec(k, v) for k, v in local.items()}
 
 
@@ -392,7 +400,7 @@ class _Window:
     def __init__(self, max_nonfinite: int, source):
         self.max_nonfinite, self.source = max_nonfinite, source
         self.steps: list[tuple[int, dict, np.ndarray]] = []  # (step, device metrics, record indices)
-        self.data: dict[str, int] = {"examples": 0, "tokens": 0}
+        self.data: dict[str, int] = {"examples": 0, "tokens": 0, "token_slots": 0}
         self.counts: dict[str, int] = {}
         self.t0 = time.perf_counter()
 
@@ -401,6 +409,7 @@ class _Window:
         self.steps.append((step, metrics, element["index"]))
         self.data["examples"] += int(element["stats"]["examples"])
         self.data["tokens"] += int((batch["branch_ids"] >= 0).sum())
+        self.data["token_slots"] += batch["branch_ids"].size
         if "patch_image" in batch:  # how much of the patch buffers is padding
             self.data["patches"] = self.data.get("patches", 0) + int((batch["patch_image"] >= 0).sum())
             self.data["patch_slots"] = self.data.get("patch_slots", 0) + batch["patch_image"].size
@@ -418,9 +427,10 @@ class _Window:
         out = {k: sum(float(m[k]) for m in fetched) / n for k in fetched[0] if k != "nonfinite_streak"}
         out.update(pairs_per_s=totals["examples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
                    step_s=elapsed / n, **{k: float(totals[k]) for k in self.counts})
+        out["token_padding"] = 1.0 - totals["tokens"] / max(totals["token_slots"], 1)
         if totals.get("patch_slots"):
             out["patch_padding"] = 1.0 - totals["patches"] / totals["patch_slots"]
-        self.steps, self.data = [], {"examples": 0, "tokens": 0}
+        self.steps, self.data = [], {"examples": 0, "tokens": 0, "token_slots": 0}
         self.t0 = time.perf_counter()
         return out
 
@@ -432,7 +442,7 @@ class _Window:
                    f"({skipped[-1][1]} in a row at step {skipped[-1][0]})")
         for (step, _, index), m in zip(self.steps, fetched):
             if int(m["nonfinite_streak"]) >= self.max_nonfinite:
-                names = ", ".join(self.source.where(int(i)) for i in np.asarray(index) if i >= 0)
+                names = ", ".join(self.source.where(int(i)) for i in np.asarray(index).ravel() if i >= 0)
                 raise SystemExit(f"stopping at step {step}: {self.max_nonfinite} consecutive steps with a non-finite "
                                  f"loss or gradients (optim.max_nonfinite={self.max_nonfinite}); the last batch held "
                                  f"records {names}")

@@ -16,7 +16,9 @@ Batch fields (numpy/jax arrays; B records — pairs, prompt groups or examples �
   Grouped records (`groups` data) carry P pair slots each: every per-pair field (valid included) is
   [B, P, …], and pair slot p of record b is pair b·P + p. Rows: B (multi_answer: pair_chosen, pair_rejected
   int32[B, P] name the slots' answers), B·P (shared_prefix) or 2·B·P (concat); a record's rows are adjacent,
-  so a batch shards and accumulates by records.
+  so a batch shards and accumulates by records. Packed multi-answer rows (`data.groups_per_row` = k) hold
+  up to k records each, as segments (`segment_ids` int32[R, T]): the row is then the unit, with k·P pair
+  slots and its records' images (`valid`, per-pair fields [R, k·P, …]).
 """
 
 from __future__ import annotations

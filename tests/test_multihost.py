@@ -208,3 +208,39 @@ def test_preemption_saves_one_step_on_every_process_and_resumes_bitwise(smoke_di
     ours, theirs = _losses(resized), _losses(two_processes)
     np.testing.assert_allclose([ours[s] for s in range(second + 1, STEPS + 1)],
                                [theirs[s] for s in range(second + 1, STEPS + 1)], rtol=1e-5)
+
+
+PACKED = ("--config.dpo.pair_layout=multi_answer", "--config.data.groups_per_row=2", "--config.data.seq_buckets=(80,)",
+          "--config.data.eval=", "--config.total_steps=4")
+
+
+def test_packed_rows_two_processes_match_one(smoke_dir, data, tmp_path, compile_cache):
+    """data.groups_per_row = 2: each process packs its 4 records into 2 rows of 80 tokens when they fit
+    two by two, else 4; processes that disagree on the row count agree on the larger (empty rows) and the
+    run equals one process packing all 8."""
+    from rdpo_jax.configs import smoke as smoke_config
+
+    config = smoke_config.get_config(f"dir={smoke_dir}")
+    config.data.update(seq_buckets=(80,), max_answer_len=16, on_bad_record="skip", groups_per_row=2)
+    config.dpo.pair_layout = "multi_answer"
+    tok = ChatTokenizer(f"{smoke_dir}/model", image_token_id=smoke.IMAGE_TOKEN)
+    shares = [pipeline.make_dataset(arrayrecord.Source(f"{data}/pairs"), pipeline.Options.from_config(config), tok,
+                                    image_inputs.from_config(config, hf.read_config(f"{smoke_dir}/model")),
+                                    global_batch_size=8, seed=0, process_index=p, process_count=2) for p in (0, 1)]
+    rows = [[shares[p][s]["batch"]["input_ids"].shape for p in (0, 1)] for s in range(4)]
+    assert any(a[0] != b[0] for a, b in rows) and any(a == b == (2, 80) for a, b in rows), rows
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+
+    def args(workdir):  # the buckets above instead of BUCKETS
+        return [a for a in _args(smoke_dir, data, workdir) if not a.startswith("--config.data.seq_buckets")] + list(PACKED)
+
+    runs.run([sys.executable, "-m", "rdpo_jax.train", *args(one)], runs.env(compile_cache, devices=4))
+    proc = runs.run(["bash", "launch/local_multiprocess.sh", "--processes=2", "--devices_per_process=2",
+                     f"--python={sys.executable}", f"--log_dir={tmp_path}", "--", *args(two)], runs.env(compile_cache))
+    assert "all 2 processes finished" in proc.stdout
+    ls, lm = _losses(one), _losses(two)
+    assert sorted(ls) == sorted(lm) == list(range(1, 5))
+    np.testing.assert_allclose([lm[s] for s in range(1, 5)], [ls[s] for s in range(1, 5)], rtol=1e-5)
+    paddings = [r["token_padding"] for r in runs.metrics(two) if "token_padding" in r]
+    assert len(paddings) == 4 and all(0 < p < 0.6 for p in paddings), paddings

@@ -182,8 +182,52 @@ def test_multi_answer_row_layout_and_mask():
                             max_answers=3, max_pairs=1)
 
 
+def test_groups_sharing_a_row_are_segments():
+    one = packing.Group(prompt=[11, 12], answers=[[21, 22], [31]], pairs=[(0, 1)])
+    two = packing.Group(prompt=[13], answers=[[41], [51, 52], [61]], pairs=[(1, 0), (2, 0)],
+                        positions=np.array([0]))
+    b, stats = packing.pack_groups([one, two], seq_len=12, max_answer_len=4, max_answers=3, max_pairs=2,
+                                   rows=[[1, 0], []], groups_per_row=2)
+    assert stats["truncated_answers"] == 0 and b["input_ids"].shape == (2, 12) and b["targets"].shape == (2, 11)
+    np.testing.assert_array_equal(b["input_ids"][0], [13, 41, 51, 52, 61, 11, 12, 21, 22, 31, 0, 0])
+    np.testing.assert_array_equal(b["segment_ids"][0], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, -1, -1])
+    np.testing.assert_array_equal(b["branch_ids"][0], [0, 1, 2, 2, 3, 0, 0, 4, 4, 5, -1, -1])
+    np.testing.assert_array_equal(b["positions"][0], [0, 1, 1, 2, 1, 0, 1, 2, 3, 2, 0, 0])  # from 0 per segment
+    # each answer's first token is predicted by its own segment's last prompt token
+    np.testing.assert_array_equal(b["target_index"][0, :7], [0, 0, 2, 0, 6, 7, 6])
+    np.testing.assert_array_equal(b["target_branch"][0, :8], [1, 2, 2, 3, 4, 4, 5, 0])
+    # segment s holds pair slots [2s, 2s + 2): the second group's pairs (1, 0), (2, 0), then the first's
+    np.testing.assert_array_equal(b["pair_chosen"], [[2, 3, 4, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(b["pair_rejected"], [[1, 1, 5, 0], [0, 0, 0, 0]])
+    assert (b["branch_ids"][1] == -1).all() and (b["segment_ids"][1] == -1).all()  # an empty row
+    mask = np.asarray(packing.attention_mask(jnp.asarray(b["branch_ids"]), jnp.asarray(b["segment_ids"])))[0]
+    seg, branch = b["segment_ids"][0], b["branch_ids"][0]
+    for q in range(12):
+        for k in range(12):
+            sees = branch[q] >= 0 and branch[k] >= 0 and k <= q and seg[k] == seg[q] and branch[k] in (0, branch[q])
+            assert mask[q, k] == sees, (q, k)
+    padded = packing.pad_rows(b, 14, target_len=13)
+    assert (padded["segment_ids"][:, 12:] == -1).all() and padded["segment_ids"].shape == (2, 14)
+    with pytest.raises(ValueError, match="more than groups_per_row=1"):
+        packing.pack_groups([one, two], seq_len=12, max_answer_len=4, max_answers=3, max_pairs=2, rows=[[0, 1]])
+
+
+def test_plan_rows_first_fit_decreasing():
+    # the longest first, each into the first row with room; ties in input order
+    assert packing.plan_rows([5, 3, 8, 3, 2], seq_len=10, rows=3, groups_per_row=2) == [[2, 4], [0, 1], [3]]
+    assert packing.plan_rows([5, 3, 8, 3, 2], seq_len=10, rows=3, groups_per_row=3) == [[2, 4], [0, 1], [3]]
+    assert packing.plan_rows([4, 3, 3], seq_len=10, rows=1, groups_per_row=3) == [[0, 1, 2]]
+    assert packing.plan_rows([4, 3, 3], seq_len=10, rows=1, groups_per_row=2) is None  # a row holds two
+    assert packing.plan_rows([6, 6], seq_len=10, rows=1, groups_per_row=2) is None  # 12 tokens in 10
+    assert packing.plan_rows([], seq_len=10, rows=2, groups_per_row=2) == [[], []]
+    # patches: at most max_weight per row, though the tokens would fit
+    assert packing.plan_rows([2, 2, 2], seq_len=10, rows=2, groups_per_row=3, weights=[5, 5, 1],
+                             max_weight=8) == [[0, 2], [1]]
+
+
 def test_multi_answer_rows_equal_one_pair_rows_in_logps_and_gradients(tiny_llava):
-    """On-policy groups (a prompt's pairs sharing answers) as one row each = every pair its own row."""
+    """On-policy groups (a prompt's pairs sharing answers) as one row each, or two groups sharing a row,
+    = every pair its own row."""
     folder, _ = tiny_llava("clip_llama")
     model, cfg = hf.load_hf(folder)
     rng = np.random.default_rng(3)
@@ -212,20 +256,35 @@ def test_multi_answer_rows_equal_one_pair_rows_in_logps_and_gradients(tiny_llava
                                                                 ("ref_chosen_logp", "ref_rejected_logp"))
     single.update(pixel_values=pixels[owner], valid=np.ones(len(pairs), np.float32), ref_chosen_logp=ref[0],
                   ref_rejected_logp=ref[1])
+    # groups 0 and 1 in one row (two segments, images in order), group 2 alone: 2 rows of 3 + 3 pair slots
+    packed, _ = packing.pack_groups(groups, seq_len=2 * seq_len, max_answer_len=6, max_answers=4, max_pairs=3,
+                                    rows=[[0, 1], [2]], groups_per_row=2)
+    assert packed["pair_chosen"].shape == (2, 6) and (packed["pair_chosen"] > 0).sum() == 6
+    two = np.zeros((2, 2, *pixels.shape[1:]), np.float32)
+    two[0], two[1, 0] = pixels[:2], pixels[2]
+    packed.update(pixel_values=two, num_images=np.array([2, 1], np.int32),
+                  **{k: np.concatenate([grouped[k][:2].reshape(1, 6), np.pad(grouped[k][2:], ((0, 0), (0, 3)))])
+                     for k in ("valid", "ref_chosen_logp", "ref_rejected_logp")})
 
     graphdef, params = nnx.split(model)
     out = {}
-    for layout, batch in (("multi_answer", grouped), ("shared_prefix", single)):
+    for name, batch in (("multi_answer", grouped), ("shared_prefix", single), ("packed", packed)):
+        layout = "shared_prefix" if name == "shared_prefix" else "multi_answer"
         logps = jax.jit(lambda p, b, layout=layout: packing.pair_logps(nnx.merge(graphdef, p), b, layout=layout))
         loss_fn = train_step.dpo_loss(graphdef, loss_type="sigmoid", beta=0.5, sft_weight=0.1, pair_layout=layout,
                                       reference="precomputed")
         grad = jax.jit(jax.grad(lambda p, b: (lambda s, aux: s / aux[0])(*loss_fn(p, {}, None, b))))
-        out[layout] = (logps(params, batch), grad(params, batch))
-    (g_logps, g_grad), (s_logps, s_grad) = out["multi_answer"], out["shared_prefix"]
-    for key in ("chosen_logp", "rejected_logp", "chosen_count", "rejected_count"):
-        np.testing.assert_allclose(np.asarray(g_logps[key])[slot], s_logps[key], atol=1e-5, rtol=0, err_msg=key)
-        assert not np.asarray(g_logps[key])[~slot].any()
+        out[name] = (logps(params, batch), grad(params, batch))
+    s_logps, s_grad = out["shared_prefix"]
     norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(s_grad)))
-    diff = np.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g_grad), jax.tree.leaves(s_grad))))
-    assert norm > 1e-3 and diff / norm < 1e-5, (diff, norm)
+    for name, batch in (("multi_answer", grouped), ("packed", packed)):
+        g_logps, g_grad = out[name]
+        used = batch["pair_chosen"].reshape(-1) > 0
+        for key in ("chosen_logp", "rejected_logp", "chosen_count", "rejected_count"):
+            np.testing.assert_allclose(np.asarray(g_logps[key])[used], s_logps[key], atol=1e-5, rtol=0,
+                                       err_msg=f"{name} {key}")
+            assert not np.asarray(g_logps[key])[~used].any()
+        diff = np.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g_grad),
+                                                                         jax.tree.leaves(s_grad))))
+        assert norm > 1e-3 and diff / norm < 1e-5, (name, diff, norm)
     assert grouped["input_ids"].size < 0.6 * single["input_ids"].size  # 3 rows instead of 6

@@ -15,7 +15,7 @@ to. Per batch: the arrays the model's `images_of` reads. Rows may hold different
     positions are 3D (M-RoPE, `qwen_vl_positions.rope_index`).
 
 A prepared example's images are a dict (`prepare`) that `collate` stacks; `None` is a row without images
-(text-only records and the pipeline's padding rows).
+(text-only records and the pipeline's padding rows); `merge` joins several records' for a row they share.
 """
 
 from __future__ import annotations
@@ -163,6 +163,16 @@ def from_config(config, model_config):
     d = config.data
     return for_model(model_config, config.model.path, max_images=d.max_images, max_pixels=d.max_pixels,
                      patch_buckets=tuple(d.patch_buckets))
+
+
+def merge(prepared: Sequence[dict | None]) -> dict | None:
+    """The images of several records' `prepare` outputs as one row's, in order (None if none has any):
+    arrays concatenated, per-image lists joined."""
+    present = [p for p in prepared if p is not None]
+    if not present:
+        return None
+    return {k: np.concatenate([p[k] for p in present]) if isinstance(v, np.ndarray) else [x for p in present for x in p[k]]
+            for k, v in present[0].items()}
 
 
 def pad_patches(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:

@@ -15,7 +15,9 @@ Records may hold 0 … `max_images` images.
 DPO reads `pairs` records (one pair each) or `groups` records (a prompt's pairs together, up to
 `max_pairs_per_group` pair slots per record: per-pair fields [B, P, …], see `train_step.py`); a record is
 the unit of batching, shuffling, sharding and resuming either way, and the loss averages over the pairs
-present.
+present. With `data.groups_per_row` > 1 (multi_answer rows) a process's records of a batch share rows, a
+row then being the unit of the step (sharding, micro-batches): see `Collate`. Packing is per process, so
+the rows (not the pairs, their losses or the data order) differ with the number of processes.
 
 Everything before the worker processes is a `grain.MapDataset`, i.e. indexed: global batch `s` is a
 pure function of (seed, s), independent of the number of processes, devices and workers, so the data
@@ -62,6 +64,7 @@ class Options:
     max_criteria: int = 16  # rubric arrays are padded to this K
     max_pairs_per_group: int = 4  # groups records: P pair slots per record
     max_answers_per_group: int = 0  # groups records in multi_answer rows: answers per row (0 = 2P)
+    groups_per_row: int = 1  # multi_answer: up to this many records share a row (`packing.plan_rows`)
     essential_weight: float = 1.0
     additional_weight: float = 1.0
     pair_layout: str = "shared_prefix"
@@ -81,6 +84,9 @@ class Options:
         if self.max_pairs_per_group < 1 or self.max_answers_per_group < 0:
             raise ValueError(f"max_pairs_per_group {self.max_pairs_per_group} must be ≥ 1 and max_answers_per_group "
                              f"{self.max_answers_per_group} ≥ 0")
+        if self.groups_per_row < 1 or (self.groups_per_row > 1 and (self.kind, self.pair_layout) != ("pairs", "multi_answer")):
+            raise ValueError(f"groups_per_row {self.groups_per_row}: rows pack several records only in DPO's "
+                             "multi_answer layout (1 otherwise)")
 
     @classmethod
     def from_config(cls, config, *, reference_fingerprint: str | None = None) -> Options:
@@ -91,6 +97,7 @@ class Options:
         return cls(kind="pairs" if dpo else "sft", seq_buckets=tuple(d.seq_buckets), max_answer_len=d.max_answer_len,
                    max_criteria=d.max_criteria, max_pairs_per_group=d.max_pairs_per_group,
                    max_answers_per_group=d.max_answers_per_group,
+                   groups_per_row=d.groups_per_row if dpo else 1,
                    essential_weight=d.essential_weight, additional_weight=d.additional_weight,
                    pair_layout=config.dpo.pair_layout, require_reference=reference_fingerprint is not None,
                    reference_fingerprint=reference_fingerprint,
@@ -113,6 +120,18 @@ class Options:
             return 1, 2
         P = self.max_pairs_per_group
         return P, self.max_answers_per_group or 2 * P
+
+
+    def target_width(self, seq_len: int, kind: str) -> int:
+        """Trained tokens per row (the `targets` width) of a batch of rows of `seq_len` tokens: every answer a
+        row holds at its longest, at most seq_len − 1."""
+        if self.kind == "sft" or self.pair_layout == "concat":
+            answers = 1
+        elif self.pair_layout == "multi_answer":
+            answers = self.groups_per_row * self.slots(kind)[1]
+        else:
+            answers = 2
+        return min(answers * self.max_answer_len, seq_len - 1)
 
 
 # The config fields besides the model that decide a reference log-likelihood's value: dtypes round it,
@@ -274,7 +293,11 @@ class Collate:
     """Prepared examples → {"batch": arrays for the step, "stats": counts, "index": source index per record
     (−1 for padding)} (picklable). Records of a `groups` source carry P pair slots each (per-pair fields
     [B, P, …], see `train_step.py`); a shared-prefix or concat batch then holds P pair rows per record, an
-    unused slot repeating the record's first pair cut to one token per answer (valid 0)."""
+    unused slot repeating the record's first pair cut to one token per answer (valid 0).
+
+    With `groups_per_row` = k > 1 (multi_answer), the B records share R rows of T tokens (`_packed`): of R
+    in ⌈B/k⌉, 2⌈B/k⌉, … B and T in the buckets, the fewest row slots R·T that hold them, and a row is then the batch's unit (its
+    per-pair fields [R, k·P, …], its images those of its records in order, `index` int64[R, k])."""
 
     def __init__(self, options: Options, batch_size: int, pad_id: int, image_input, kind: str | None = None):
         self.options, self.batch_size, self.pad_id, self.image_input = options, batch_size, pad_id, image_input
@@ -297,6 +320,8 @@ class Collate:
             else:
                 valid[i], index[i] = 1.0, ex["index"]
             rows.append(ex)
+        if o.groups_per_row > 1:
+            return self._packed(rows, valid, index, stats)
         need = max(self._row_len(r) for r in rows)
         seq_len = next((b for b in o.seq_buckets if b >= need), o.seq_buckets[-1])  # else answers shrink to fit
         mrope = self.image_input.mrope
@@ -315,13 +340,62 @@ class Collate:
             batch, trunc = packing.pack_sft([(r["prompt"], r["answers"][0], r["positions"]) for r in rows],
                                             seq_len=seq_len, max_answer_len=o.max_answer_len, pad_id=self.pad_id,
                                             mrope=mrope)
-        image_arrays, image_stats = self.image_input.collate([r["images"] for r in rows])
+        return self._finish(batch, [r["images"] for r in rows], valid, index, stats, trunc)
+
+    def _finish(self, batch: dict, row_images: list, valid: np.ndarray, index: np.ndarray, stats: dict,
+                truncation: dict, slots: int | None = None) -> dict:
+        """The collated element: the rows' images (`slots` per row) and `valid` added to the batch, counts."""
+        image_arrays, image_stats = self.image_input.collate(row_images, slots=slots)
         batch.update(image_arrays)
         batch["valid"] = valid
-        stats.update(trunc)
+        stats.update(truncation)
         stats.update(image_stats)
         stats["examples"] = int(valid.sum())
         return {"batch": batch, "stats": {k: np.int64(v) for k, v in stats.items()}, "index": index}
+
+    def _packed(self, examples: list[dict], valid: np.ndarray, index: np.ndarray, stats: dict) -> dict:
+        """The batch of `groups_per_row` > 1: the valid records packed into rows (padding records dropped) by
+        `packing.plan_rows`, in the row count and bucket of fewest row slots that hold them (ties: the
+        shorter rows, whose attention costs less)."""
+        o, k, B = self.options, self.options.groups_per_row, len(examples)
+        P, M = o.slots(self.kind)
+        real = [i for i in range(B) if valid[i]]
+        lengths = [min(self._row_len(examples[i]), o.seq_buckets[-1]) for i in real]  # a longer one rows alone
+        patches = [len((examples[i]["images"] or {}).get("patches", ())) for i in real]
+        max_patches = getattr(self.image_input, "buckets", (0,))[-1]
+        step = -(-B // k)
+        best = None  # the fewest row slots (then the shorter rows) of ⌈B/k⌉, 2⌈B/k⌉, … rows × the buckets
+        for rows in sorted({min(B, step * j) for j in range(1, k + 1)}):
+            for seq_len in o.seq_buckets:
+                if best is not None and (rows * seq_len, seq_len) >= (best[0] * best[1], best[1]):
+                    continue
+                plan = packing.plan_rows(lengths, seq_len=seq_len, rows=rows, groups_per_row=k, weights=patches,
+                                         max_weight=max_patches)
+                if plan is not None:
+                    best = (rows, seq_len, plan)
+        if best is None:  # cannot happen: one record per row always fits the longest bucket
+            raise AssertionError(f"records of {lengths} tokens do not fit {B} rows of {o.seq_buckets[-1]}")
+        rows, seq_len, plan = best
+        plan = [[real[g] for g in members] for members in plan]
+        groups = [packing.Group(ex["prompt"], ex["answers"], ex["pairs"], ex["positions"]) for ex in examples]
+        batch, trunc = packing.pack_groups(groups, seq_len=seq_len, max_answer_len=o.max_answer_len, max_answers=M,
+                                           max_pairs=P, pad_id=self.pad_id, mrope=self.image_input.mrope, rows=plan,
+                                           groups_per_row=k)
+        names = packing.RUBRIC_KEYS + (("ref_chosen_logp", "ref_rejected_logp") if o.require_reference else ())
+        for name in names:
+            field = examples[0][name]
+            batch[name] = np.zeros((rows, k * P, *field.shape[1:]), field.dtype)
+        batch_valid = np.zeros((rows, k * P), np.float32)
+        row_index = np.full((rows, k), -1, np.int64)
+        for r, members in enumerate(plan):
+            for s, i in enumerate(members):
+                ex, slots = examples[i], slice(s * P, (s + 1) * P)
+                for name in names:
+                    batch[name][r, slots] = _slots(ex[name], P)
+                batch_valid[r, s * P:s * P + len(ex["pairs"])] = 1.0
+                row_index[r, s] = index[i]
+        images = [image_inputs.merge([examples[i]["images"] for i in members]) for members in plan]
+        return self._finish(batch, images, batch_valid, row_index, stats, trunc, slots=k * self.image_input.max_images)
 
     def _pack_pairs(self, rows: list[dict], seq_len: int):
         o, mrope = self.options, self.image_input.mrope
@@ -448,13 +522,26 @@ def agree_shapes(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndar
     global batch picks, and padding a row further changes nothing in it: every process count gives the
     same batch. One small all-gather per step (multi-process runs only)."""
     shape = np.array([batch["input_ids"].shape[1], batch["targets"].shape[1],
-                      batch["patches"].shape[1] if "patches" in batch else 0], np.int32)
+                      batch["patches"].shape[1] if "patches" in batch else 0, len(batch["valid"])], np.int32)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         shape = np.max(multihost_utils.process_allgather(shape), axis=0)
     batch = packing.pad_rows(batch, int(shape[0]), pad_id, target_len=int(shape[1]))
-    return image_inputs.pad_patches(batch, int(shape[2]))
+    return _add_rows(image_inputs.pad_patches(batch, int(shape[2])), int(shape[3]), pad_id)
+
+
+# what an added row holds (packed batches: a process whose records needed fewer rows than another's)
+_EMPTY_ROW = {"input_ids": "pad", "branch_ids": packing.PAD_BRANCH, "segment_ids": -1, "patch_image": -1}
+
+
+def _add_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A packed batch grown to `rows` rows by empty ones (all padding, valid 0)."""
+    extra = rows - len(batch["valid"])
+    if not extra:
+        return batch
+    fill = {k: pad_id if v == "pad" else v for k, v in _EMPTY_ROW.items()}
+    return {k: np.concatenate([v, np.full((extra, *v.shape[1:]), fill.get(k, 0), v.dtype)]) for k, v in batch.items()}
 
 
 def to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

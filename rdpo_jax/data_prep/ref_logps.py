@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 
 import jax
+import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
@@ -90,15 +91,16 @@ def main(argv):
             batch = element["batch"]
             global_batch = pipeline.to_global(batch, train_step.batch_shardings(batch, mesh))
             logps = jax.device_get(forward(policy.model, global_batch))
-            slots = {k: logps[k].reshape(len(element["index"]), -1) for k in ("chosen_logp", "rejected_logp")}
-            for row, i in enumerate(element["index"]):
+            index = element["index"].reshape(len(element["index"]), -1)  # [rows, records per row]
+            slots = {k: logps[k].reshape(len(index), index.shape[1], -1) for k in ("chosen_logp", "rejected_logp")}
+            for (row, segment), i in np.ndenumerate(index):
                 if i < 0:
                     continue
                 original = todo[int(i)]
                 record = records.decode(source[original][1], kind, source.where(original))
                 for j, pair in enumerate(record["pairs"] if kind == "groups" else [record]):
-                    pair.update(ref_chosen_logp=float(slots["chosen_logp"][row, j]),
-                                ref_rejected_logp=float(slots["rejected_logp"][row, j]))
+                    pair.update(ref_chosen_logp=float(slots["chosen_logp"][row, segment, j]),
+                                ref_rejected_logp=float(slots["rejected_logp"][row, segment, j]))
                     counts["pairs"] += 1
                 record.update(ref_fingerprint=fingerprint, ref_settings=settings)
                 out.add(record[key], record)

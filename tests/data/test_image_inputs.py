@@ -82,6 +82,13 @@ def test_qwen_patch_buffers_buckets_and_budgets(qwen):
         adapter.prepare([_png(48, 48)] * 3)
     with pytest.raises(image_inputs.ImageBudgetError, match="4 images, more than data.max_images=3"):
         adapter.prepare([_png(8, 8)] * 4)
+    # records sharing a row: their images one after another, as one record holding them all
+    merged = image_inputs.merge([small, None, large])
+    assert merged["grids"] == small["grids"] + large["grids"] and merged["tokens"] == small["tokens"] + large["tokens"]
+    together = adapter.collate([merged])[0]
+    np.testing.assert_array_equal(together["patch_image"][0, :260], [0] * 16 + [1] * 144 + [2] * 100)
+    np.testing.assert_array_equal(together["patches"][0, 16:260], large["patches"])
+    assert image_inputs.merge([None, None]) is None
     # a pixel budget: a 48×48 image shrinks to at most 16·16 pixels (smart_resize), as the processor's
     budget = image_inputs.for_model(qwen[1], qwen[0], max_images=1, max_pixels=16 * 16, patch_buckets=(64,))
     assert budget.prepare([_png(48, 48)])["grids"] == [(1, 4, 4)]

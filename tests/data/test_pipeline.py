@@ -454,3 +454,70 @@ def test_groups_over_processes_and_their_limits(model_folder, tmp_path):
     with pytest.raises(records.RecordError, match=r"groups-00000-of-00001.array_record\[1\]: field 'pairs': 3 pairs "
                                                   r"of 3 answers, more than data.max_pairs_per_group=2"):
         _dataset(model_folder, groups, batch=4, **small)[0]
+
+
+def test_groups_sharing_rows_train_as_their_pairs(model_folder, tmp_path):
+    """data.groups_per_row: a batch's records packed into fewer multi-answer rows (several segments each,
+    images in order) gives every pair the log-likelihoods and gradients of its own row; records that do
+    not fit the fewest rows take more (the fewest row slots of rows × buckets); accumulation splits the
+    packed rows."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rdpo_jax import train_step
+
+    groups, pairs = write_groups(tmp_path, 6)
+    n = sum(len(group_record(i)["pairs"]) for i in range(6))
+    opts = dict(max_answer_len=12, require_reference=True, pair_layout="multi_answer", max_pairs_per_group=3)
+    single = _dataset(model_folder, pairs, batch=n, seed=None, seq_buckets=(128,), **opts)[0]["batch"]
+    alone = _dataset(model_folder, groups, batch=6, seed=None, seq_buckets=(64, 128), **opts)[0]
+    packed = _dataset(model_folder, groups, batch=6, seed=None, seq_buckets=(64, 128), groups_per_row=3, **opts)[0]
+    p, index = packed["batch"], packed["index"]
+    assert p["input_ids"].shape == (2, 128) and index.shape == (2, 3) and sorted(index.ravel()) == list(range(6))
+    assert p["valid"].shape == (2, 9) and p["valid"].sum() == n and p["pixel_values"].shape[:2] == (2, 3)
+    np.testing.assert_array_equal(p["num_images"], [3, 3])
+    assert packed["stats"]["truncated_answers"] == 0 and int(packed["stats"]["examples"]) == n
+    # 243 tokens in 2 × 128 instead of 6 × 64
+    share = lambda b: 1 - (b["branch_ids"] >= 0).sum() / b["branch_ids"].size  # noqa: E731
+    assert share(p) < share(alone["batch"]) - 0.2, (share(p), share(alone["batch"]))
+    # the pair slots in source order: record index[r, s]'s pairs at slots [3s, 3s + its pairs)
+    order = sorted((int(i), r, 3 * s + j) for (r, s), i in np.ndenumerate(index)
+                   for j in range(len(group_record(int(i))["pairs"])))
+    where = np.array([r * 9 + slot for _, r, slot in order])
+    for key in ("chosen_scores", "ref_chosen_logp", "ref_rejected_logp"):
+        np.testing.assert_array_equal(p[key].reshape(18, -1)[where].squeeze(), single[key], err_msg=key)
+
+    model, _ = hf.load_hf(model_folder)
+    graphdef, params = nnx.split(model)
+    logps = {layout: jax.jit(lambda q, b, layout=layout: packing.pair_logps(nnx.merge(graphdef, q), b, layout=layout))
+             for layout in ("multi_answer", "shared_prefix")}
+    got, want = logps["multi_answer"](params, p), logps["shared_prefix"](params, single)
+    for key, value in want.items():
+        np.testing.assert_allclose(np.asarray(got[key])[where], value, atol=1e-5, rtol=0, err_msg=key)
+    loss_fn = {layout: train_step.dpo_loss(graphdef, loss_type="sigmoid", beta=0.5, pair_layout=layout,
+                                           reference="precomputed") for layout in ("multi_answer", "shared_prefix")}
+    grad = {k: jax.jit(jax.grad(lambda q, b, f=f: f(q, {}, None, b), has_aux=True)) for k, f in loss_fn.items()}
+
+    def rel(a, b):
+        diff = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        return np.sqrt(diff / sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b)))
+
+    g_grad, s_grad = grad["multi_answer"](params, p)[0], grad["shared_prefix"](params, single)[0]
+    assert rel(g_grad, s_grad) < 1e-5
+    halves = train_step.split_micro(p, 2)
+    assert halves["input_ids"].shape == (2, 1, 128) and halves["pixel_values"].shape[:3] == (2, 1, 3)
+    summed = jax.tree.map(jnp.add, *(grad["multi_answer"](params, jax.tree.map(lambda x, i=i: x[i], halves))[0]
+                                     for i in (0, 1)))
+    assert rel(summed, g_grad) < 1e-5
+
+    # records of 31 … 47 tokens (243 in all) do not fit 2 rows of 100: 4 of them (not 6, one record each)
+    tight = _dataset(model_folder, groups, batch=6, seed=None, seq_buckets=(100,), groups_per_row=3, **opts)[0]
+    assert tight["batch"]["input_ids"].shape == (4, 100) and tight["batch"]["valid"].sum() == n
+    assert sorted(i for i in tight["index"].ravel() if i >= 0) == list(range(6))
+    # processes with different row counts agree on the larger (empty rows, valid 0)
+    grown = pipeline._add_rows(p, 4, pad_id=0)
+    assert grown["input_ids"].shape == (4, 128) and grown["valid"][2:].sum() == 0
+    assert (grown["branch_ids"][2:] == -1).all() and (grown["num_images"][2:] == 0).all()
+    with pytest.raises(ValueError, match="groups_per_row 2: rows pack several records only in DPO's multi_answer"):
+        pipeline.Options(kind="pairs", seq_buckets=(64,), max_answer_len=8, groups_per_row=2)

@@ -96,8 +96,8 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
 
 def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path, compile_cache):
     """Qwen2.5-VL through every command of a round — sample → judge → make_pairs (prompt groups) → ref_logps
-    (multi-answer rows) → train (precomputed reference) → evaluate → export — on prompts with 0, 1 and 2
-    images of different sizes in one pool."""
+    (multi-answer rows) → train (precomputed reference, two groups per row) → evaluate → export — on prompts
+    with 0, 1 and 2 images of different sizes in one pool."""
     cache, out, model = compile_cache, str(tmp_path / "round"), f"{qwen_smoke_dir}/model"
     config = f"--config=rdpo_jax/configs/smoke.py:dir={qwen_smoke_dir},family=qwen2_5_vl"
     rng = np.random.default_rng(1)
@@ -123,17 +123,29 @@ def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path
     groups = list(arrayrecord.read(f"{out}/pairs"))
     n = sum(len(g["pairs"]) for g in groups)
     assert f"groups: {len(groups)}" in log and f"pairs: {n}" in log and n > len(groups)  # some prompts share
-    multi = "--config.dpo.pair_layout=multi_answer"
-    _run("rdpo_jax.data_prep.ref_logps", config, multi, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
+    multi = ("--config.dpo.pair_layout=multi_answer", "--config.data.seq_buckets=(128,)")
+    _run("rdpo_jax.data_prep.ref_logps", config, *multi, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
     with_ref = {g["group_id"]: g for g in arrayrecord.read(f"{out}/pairs_ref")}
     assert len(with_ref) == len(groups)
     assert all(p["ref_chosen_logp"] < 0 and p["ref_rejected_logp"] < 0 for g in with_ref.values() for p in g["pairs"])
+    # scored two groups per row, every pair's reference log-likelihoods are the same
+    _run("rdpo_jax.data_prep.ref_logps", config, *multi, "--config.data.groups_per_row=2", f"--pairs={out}/pairs",
+         f"--out={out}", "--name=pairs_ref_packed", cache=cache)
+    packed = {g["group_id"]: g for g in arrayrecord.read(f"{out}/pairs_ref_packed")}
+    assert packed.keys() == with_ref.keys()
+    for key, g in packed.items():
+        for p, q in zip(g["pairs"], with_ref[key]["pairs"]):
+            assert p["ref_chosen_logp"] == pytest.approx(q["ref_chosen_logp"], abs=1e-4)
+            assert p["ref_rejected_logp"] == pytest.approx(q["ref_rejected_logp"], abs=1e-4)
     run = str(tmp_path / "run")
-    _run("rdpo_jax.train", config, multi, f"--workdir={run}", f"--config.data.train={out}/pairs_ref",
-         "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=2", cache=cache)
+    log = _run("rdpo_jax.train", config, *multi, f"--workdir={run}", f"--config.data.train={out}/pairs_ref",
+               "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=2",
+               "--config.data.groups_per_row=2", cache=cache)
+    assert "compiled the dpo step for 4 rows of 128 tokens" in log  # 8 groups in 4 rows
     metrics = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
-    # the reference is the initial policy: step 1's margin is 0 and its loss log 2
-    assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    # the reference is the initial policy, scored one group per row; training packs two groups per row
+    # (patch buffers, 3D positions and segments per group): step 1's margin is 0 and its loss log 2
+    assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-5) and 0 < metrics[0]["token_padding"] < 1
     assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-5) and 0 < metrics[0]["patch_padding"] < 1
     log = _run("rdpo_jax.evaluate", f"--model={run}", f"--pool={out}/pool", f"--out={tmp_path / 'eval'}",
                "--max_new_tokens=6", cache=cache)
