@@ -105,8 +105,9 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
            f"micro-batches of {micro} (batch_size / accum_steps) are not divisible by data × fsdp = {replicas} "
            f"(mesh {mesh})")
     k = c.data.groups_per_row
-    _check(k == 1 or (c.objective == "dpo" and c.dpo.pair_layout == "multi_answer"), "data.groups_per_row",
-           f"{k}: records share rows only in DPO's multi_answer layout (set 1, or dpo.pair_layout='multi_answer')")
+    _check(k == 1 or c.objective == "sft" or c.dpo.pair_layout == "multi_answer", "data.groups_per_row",
+           f"{k}: records share rows only in SFT and in DPO's multi_answer layout (set 1, or "
+           "dpo.pair_layout='multi_answer')")
     if k > 1:  # a process packs its B/n records into B/(n·k) rows: the rows are what is split
         local = B // num_processes
         rows = B // k

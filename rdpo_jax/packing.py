@@ -294,16 +294,29 @@ def plan_rows(lengths: Sequence[int], *, seq_len: int, rows: int, groups_per_row
 
 
 def pack_sft(examples: Sequence[tuple], *, seq_len: int, max_answer_len: int, pad_id: int = 0,
-             mrope: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+             mrope: bool = False, rows: Sequence[Sequence[int]] | None = None,
+             examples_per_row: int = 1) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Packs (prompt, answer) or (prompt, answer, prompt positions) examples as `[prompt][answer]` rows
-    (branch 1); see `pack_pairs`."""
+    (branch 1); see `pack_pairs`. With `rows` (each row's examples, at most `examples_per_row`, as
+    `plan_rows` gives them) several examples share a row as segments, as in `pack_groups`, and the batch
+    has `segment_ids`; the trained-token width is then examples_per_row · max_answer_len (≤ seq_len − 1)."""
     stats = {"truncated_answers": 0, "truncated_tokens": 0}
-    out = _empty(len(examples), seq_len, max_answer_len, pad_id, mrope)
-    for i, (prompt, answer, *positions) in enumerate(examples):
-        if not 0 < len(prompt) < seq_len:
-            raise PromptTooLongError(f"example {i}: prompt of {len(prompt)} tokens does not fit {seq_len}")
-        answer = _truncate(answer, min(max_answer_len, seq_len - len(prompt)), stats)
-        _fill_row(out, i, prompt, [(CHOSEN, answer)], positions[0] if positions else None)
+    packed = rows is not None
+    rows = [[i] for i in range(len(examples))] if rows is None else rows
+    if any(len(r) > examples_per_row for r in rows):
+        raise ValueError(f"rows of {max(map(len, rows))} examples, more than examples_per_row={examples_per_row}")
+    out = _empty(len(rows), seq_len, examples_per_row * max_answer_len, pad_id, mrope)
+    if packed:
+        out["segment_ids"] = np.full((len(rows), seq_len), -1, np.int32)
+    for r, members in enumerate(rows):
+        start = (0, 0)
+        for s, i in enumerate(members):
+            prompt, answer, *positions = examples[i]
+            room = seq_len - start[0] - len(prompt)
+            if not len(prompt) or room < 1:
+                raise PromptTooLongError(f"example {i}: prompt of {len(prompt)} tokens does not fit {seq_len - start[0]}")
+            answer = _truncate(answer, min(max_answer_len, room), stats)
+            start = _fill_row(out, r, prompt, [(CHOSEN, answer)], positions[0] if positions else None, start, s)
     return out, stats
 
 

@@ -99,8 +99,8 @@ CASES = [  # (edit, message)
     (lambda c: c.optim.update(lr_multipliers="proj/.*"), "config.optim.lr_multipliers: 'proj/.\\*' is not REGEX"),
     (lambda c: c.data.update(seq_buckets=(64, 32)), "config.data.seq_buckets: must be increasing"),
     (lambda c: c.update(objective="rlhf"), "config.objective: 'rlhf'"),
-    (lambda c: c.data.update(groups_per_row=2), "config.data.groups_per_row: 2: records share rows only in DPO's "
-                                                "multi_answer layout"),
+    (lambda c: c.data.update(groups_per_row=2), "config.data.groups_per_row: 2: records share rows only in SFT and "
+                                                "in DPO's multi_answer layout"),
     (lambda c: (c.data.update(groups_per_row=4), c.dpo.update(pair_layout="multi_answer")),
      "config.data.groups_per_row: 4: .* the 2 rows must split into accum_steps=1 micro-batches divisible by data × "
      "fsdp = 4"),

@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_criteria = 16  # rubric arrays are padded to this many criteria
     c.data.max_pairs_per_group = 4  # groups data: pair slots per record (a larger group is a bad record)
     c.data.max_answers_per_group = 0  # groups data, multi_answer rows: answers per row (0 = 2 × pairs)
-    c.data.groups_per_row = 1  # multi_answer: short records share rows, up to this many per row (1 = one per row)
+    c.data.groups_per_row = 1  # SFT, DPO multi_answer: short records share rows, up to this many per row (1 = one each)
     c.data.essential_weight = 1.0  # multiplies the weight of essential criteria
     c.data.additional_weight = 1.0  # multiplies the weight of additional criteria
     c.data.on_bad_record = "error"  # "error" | "skip" (counted by reason in the logs)

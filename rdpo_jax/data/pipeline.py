@@ -15,8 +15,8 @@ Records may hold 0 … `max_images` images.
 DPO reads `pairs` records (one pair each) or `groups` records (a prompt's pairs together, up to
 `max_pairs_per_group` pair slots per record: per-pair fields [B, P, …], see `train_step.py`); a record is
 the unit of batching, shuffling, sharding and resuming either way, and the loss averages over the pairs
-present. With `data.groups_per_row` > 1 (multi_answer rows) a process's records of a batch share rows, a
-row then being the unit of the step (sharding, micro-batches): see `Collate`. Packing is per process, so
+present. With `data.groups_per_row` > 1 (SFT, multi_answer rows) a process's records of a batch share rows,
+a row then being the unit of the step (sharding, micro-batches): see `Collate`. Packing is per process, so
 the rows (not the pairs, their losses or the data order) differ with the number of processes.
 
 Everything before the worker processes is a `grain.MapDataset`, i.e. indexed: global batch `s` is a
@@ -64,7 +64,7 @@ class Options:
     max_criteria: int = 16  # rubric arrays are padded to this K
     max_pairs_per_group: int = 4  # groups records: P pair slots per record
     max_answers_per_group: int = 0  # groups records in multi_answer rows: answers per row (0 = 2P)
-    groups_per_row: int = 1  # multi_answer: up to this many records share a row (`packing.plan_rows`)
+    groups_per_row: int = 1  # SFT, multi_answer: up to this many records share a row (`packing.plan_rows`)
     essential_weight: float = 1.0
     additional_weight: float = 1.0
     pair_layout: str = "shared_prefix"
@@ -84,9 +84,10 @@ class Options:
         if self.max_pairs_per_group < 1 or self.max_answers_per_group < 0:
             raise ValueError(f"max_pairs_per_group {self.max_pairs_per_group} must be ≥ 1 and max_answers_per_group "
                              f"{self.max_answers_per_group} ≥ 0")
-        if self.groups_per_row < 1 or (self.groups_per_row > 1 and (self.kind, self.pair_layout) != ("pairs", "multi_answer")):
-            raise ValueError(f"groups_per_row {self.groups_per_row}: rows pack several records only in DPO's "
-                             "multi_answer layout (1 otherwise)")
+        if self.groups_per_row < 1 or (self.groups_per_row > 1 and self.kind == "pairs"
+                                       and self.pair_layout != "multi_answer"):
+            raise ValueError(f"groups_per_row {self.groups_per_row}: rows pack several records only in SFT and in "
+                             "DPO's multi_answer layout (1 otherwise)")
 
     @classmethod
     def from_config(cls, config, *, reference_fingerprint: str | None = None) -> Options:
@@ -97,7 +98,7 @@ class Options:
         return cls(kind="pairs" if dpo else "sft", seq_buckets=tuple(d.seq_buckets), max_answer_len=d.max_answer_len,
                    max_criteria=d.max_criteria, max_pairs_per_group=d.max_pairs_per_group,
                    max_answers_per_group=d.max_answers_per_group,
-                   groups_per_row=d.groups_per_row if dpo else 1,
+                   groups_per_row=d.groups_per_row,
                    essential_weight=d.essential_weight, additional_weight=d.additional_weight,
                    pair_layout=config.dpo.pair_layout, require_reference=reference_fingerprint is not None,
                    reference_fingerprint=reference_fingerprint,
@@ -125,7 +126,9 @@ class Options:
     def target_width(self, seq_len: int, kind: str) -> int:
         """Trained tokens per row (the `targets` width) of a batch of rows of `seq_len` tokens: every answer a
         row holds at its longest, at most seq_len − 1."""
-        if self.kind == "sft" or self.pair_layout == "concat":
+        if self.kind == "sft":
+            answers = self.groups_per_row
+        elif self.pair_layout == "concat":
             answers = 1
         elif self.pair_layout == "multi_answer":
             answers = self.groups_per_row * self.slots(kind)[1]
@@ -295,7 +298,7 @@ class Collate:
     [B, P, …], see `train_step.py`); a shared-prefix or concat batch then holds P pair rows per record, an
     unused slot repeating the record's first pair cut to one token per answer (valid 0).
 
-    With `groups_per_row` = k > 1 (multi_answer), the B records share R rows of T tokens (`_packed`): of R
+    With `groups_per_row` = k > 1 (SFT, multi_answer), the B records share R rows of T tokens (`_packed`): of R
     in ⌈B/k⌉, 2⌈B/k⌉, … B and T in the buckets, the fewest row slots R·T that hold them, and a row is then the batch's unit (its
     per-pair fields [R, k·P, …], its images those of its records in order, `index` int64[R, k])."""
 
@@ -343,14 +346,15 @@ class Collate:
         return self._finish(batch, [r["images"] for r in rows], valid, index, stats, trunc)
 
     def _finish(self, batch: dict, row_images: list, valid: np.ndarray, index: np.ndarray, stats: dict,
-                truncation: dict, slots: int | None = None) -> dict:
-        """The collated element: the rows' images (`slots` per row) and `valid` added to the batch, counts."""
+                truncation: dict, slots: int | None = None, examples: int | None = None) -> dict:
+        """The collated element: the rows' images (`slots` per row) and `valid` added to the batch, counts
+        (`examples`: the records trained, default valid's sum)."""
         image_arrays, image_stats = self.image_input.collate(row_images, slots=slots)
         batch.update(image_arrays)
         batch["valid"] = valid
         stats.update(truncation)
         stats.update(image_stats)
-        stats["examples"] = int(valid.sum())
+        stats["examples"] = int(valid.sum()) if examples is None else examples
         return {"batch": batch, "stats": {k: np.int64(v) for k, v in stats.items()}, "index": index}
 
     def _packed(self, examples: list[dict], valid: np.ndarray, index: np.ndarray, stats: dict) -> dict:
@@ -358,7 +362,7 @@ class Collate:
         `packing.plan_rows`, in the row count and bucket of fewest row slots that hold them (ties: the
         shorter rows, whose attention costs less)."""
         o, k, B = self.options, self.options.groups_per_row, len(examples)
-        P, M = o.slots(self.kind)
+        P, M = o.slots(self.kind) if o.kind == "pairs" else (0, 0)
         real = [i for i in range(B) if valid[i]]
         lengths = [min(self._row_len(examples[i]), o.seq_buckets[-1]) for i in real]  # a longer one rows alone
         patches = [len((examples[i]["images"] or {}).get("patches", ())) for i in real]
@@ -377,6 +381,17 @@ class Collate:
             raise AssertionError(f"records of {lengths} tokens do not fit {B} rows of {o.seq_buckets[-1]}")
         rows, seq_len, plan = best
         plan = [[real[g] for g in members] for members in plan]
+        images = [image_inputs.merge([examples[i]["images"] for i in members]) for members in plan]
+        slots = k * self.image_input.max_images
+        row_index = np.full((rows, k), -1, np.int64)
+        for r, members in enumerate(plan):
+            row_index[r, :len(members)] = index[members]
+        if o.kind == "sft":  # a row is valid if it holds an example; the loss counts their tokens
+            batch, trunc = packing.pack_sft([(ex["prompt"], ex["answers"][0], ex["positions"]) for ex in examples],
+                                            seq_len=seq_len, max_answer_len=o.max_answer_len, pad_id=self.pad_id,
+                                            mrope=self.image_input.mrope, rows=plan, examples_per_row=k)
+            row_valid = np.array([float(bool(m)) for m in plan], np.float32)
+            return self._finish(batch, images, row_valid, row_index, stats, trunc, slots=slots, examples=len(real))
         groups = [packing.Group(ex["prompt"], ex["answers"], ex["pairs"], ex["positions"]) for ex in examples]
         batch, trunc = packing.pack_groups(groups, seq_len=seq_len, max_answer_len=o.max_answer_len, max_answers=M,
                                            max_pairs=P, pad_id=self.pad_id, mrope=self.image_input.mrope, rows=plan,
@@ -386,16 +401,13 @@ class Collate:
             field = examples[0][name]
             batch[name] = np.zeros((rows, k * P, *field.shape[1:]), field.dtype)
         batch_valid = np.zeros((rows, k * P), np.float32)
-        row_index = np.full((rows, k), -1, np.int64)
         for r, members in enumerate(plan):
             for s, i in enumerate(members):
-                ex, slots = examples[i], slice(s * P, (s + 1) * P)
+                ex, pair_slots = examples[i], slice(s * P, (s + 1) * P)
                 for name in names:
-                    batch[name][r, slots] = _slots(ex[name], P)
+                    batch[name][r, pair_slots] = _slots(ex[name], P)
                 batch_valid[r, s * P:s * P + len(ex["pairs"])] = 1.0
-                row_index[r, s] = index[i]
-        images = [image_inputs.merge([examples[i]["images"] for i in members]) for members in plan]
-        return self._finish(batch, images, batch_valid, row_index, stats, trunc, slots=k * self.image_input.max_images)
+        return self._finish(batch, images, batch_valid, row_index, stats, trunc, slots=slots)
 
     def _pack_pairs(self, rows: list[dict], seq_len: int):
         o, mrope = self.options, self.image_input.mrope

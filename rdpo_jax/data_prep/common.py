@@ -60,6 +60,7 @@ class Output:
         self.num_shards, self.chunk_size = num_shards, chunk_size
         self.creator = " ".join(sys.argv)
         self.chunks = sorted(p[:-len(".keys.json")] for p in glob.glob(os.path.join(folder, self.prefix + "-c*.keys.json")))
+        self._check_kind()
         self.done: set[str] = set()
         for chunk in self.chunks:
             with open(chunk + ".keys.json") as f:
@@ -67,6 +68,25 @@ class Output:
         self._buffer: list[tuple[str, bytes]] = []
         self.written = 0
         self._added, self._kill_at = 0, int(os.environ.get(KILL_AT_ENV) or 0)
+
+    def _check_kind(self) -> None:
+        """A rerun resumes what an earlier run wrote under this name only if it writes the same record kind
+        (say, `make_pairs --format=groups` after `--format=pairs`): else a ValueError, not a mixed dataset."""
+        manifest = os.path.join(self.folder, self.name + arrayrecord.MANIFEST_SUFFIX)
+        found = arrayrecord.read_manifest(manifest)["kind"] if os.path.exists(manifest) else None
+        if found is None and self.chunks:
+            from array_record.python.array_record_module import ArrayRecordReader
+
+            for chunk in self.chunks:
+                reader = ArrayRecordReader(chunk + ".array_record")
+                first = reader.read([0])[0] if reader.num_records() else None
+                reader.close()
+                if first is not None:
+                    found = next((k for k in (self.kind,) + records.KINDS if _decodes(first, k)), "unreadable")
+                    break
+        if found is not None and found != self.kind:
+            raise ValueError(f"{os.path.join(self.folder, self.name)}: an earlier run wrote {found!r} records there; "
+                             f"this one writes {self.kind!r} records. Use another --name or --out (or delete it)")
 
     def add(self, key: str, record: dict) -> None:
         """Buffers one record (validated now); `key` marks its input item as done once its chunk commits."""
@@ -120,6 +140,14 @@ class Output:
         for p in shard_manifests:
             everything += [(s["file"], s["count"]) for s in arrayrecord.read_manifest(p)["shards"]]
         return arrayrecord.write_manifest(self.folder, self.name, self.kind, everything, self.creator)
+
+
+def _decodes(data: bytes, kind: str) -> bool:
+    try:
+        records.decode(data, kind, "")
+        return True
+    except records.RecordError:
+        return False
 
 
 def pool_index(path: str) -> tuple[arrayrecord.Source, dict[str, int]]:

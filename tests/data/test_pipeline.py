@@ -519,5 +519,46 @@ def test_groups_sharing_rows_train_as_their_pairs(model_folder, tmp_path):
     grown = pipeline._add_rows(p, 4, pad_id=0)
     assert grown["input_ids"].shape == (4, 128) and grown["valid"][2:].sum() == 0
     assert (grown["branch_ids"][2:] == -1).all() and (grown["num_images"][2:] == 0).all()
-    with pytest.raises(ValueError, match="groups_per_row 2: rows pack several records only in DPO's multi_answer"):
+    with pytest.raises(ValueError, match="groups_per_row 2: rows pack several records only in SFT and in DPO's"):
         pipeline.Options(kind="pairs", seq_buckets=(64,), max_answer_len=8, groups_per_row=2)
+
+
+def test_sft_examples_sharing_rows_train_as_alone(model_folder, tmp_path):
+    """SFT with data.groups_per_row = 3: examples share rows as segments (images in order); every example's
+    token log-likelihoods are those of its own row, and the SFT loss and gradients are the same."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rdpo_jax import train_step
+
+    rng = np.random.default_rng(1)
+    sft = [dict(images=[_png(rng)], messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                "text": _text(rng, 2 + i % 3)}]}], answer=_text(rng, 3 + i)) for i in range(6)]
+    arrayrecord.write(str(tmp_path), "sft", "sft", sft)
+    opts = dict(kind="sft", batch=6, seed=None, seq_buckets=(32, 96), max_answer_len=12)
+    alone = _dataset(model_folder, str(tmp_path / "sft"), **opts)[0]
+    packed = _dataset(model_folder, str(tmp_path / "sft"), groups_per_row=3, **opts)[0]
+    a, p = alone["batch"], packed["batch"]
+    assert p["input_ids"].shape == (2, 96) and packed["index"].shape == (2, 3) and p["valid"].tolist() == [1, 1]
+    assert int(packed["stats"]["examples"]) == 6 and p["num_images"].tolist() == [3, 3]
+    assert (p["branch_ids"] >= 0).sum() == (a["branch_ids"] >= 0).sum()  # the same tokens, in 2 rows, not 6
+
+    model, _ = hf.load_hf(model_folder)
+    graphdef, params = nnx.split(model)
+    logps = jax.jit(lambda q, b: packing.token_logps(nnx.merge(graphdef, q), b))
+
+    def per_example(b, index):  # {source index: its answer's summed log-likelihood}
+        lp, seg = np.asarray(logps(params, b)), b.get("segment_ids", np.zeros_like(b["input_ids"]))
+        return {int(i): lp[r][(b["target_branch"][r] > 0) & (seg[r][b["target_index"][r]] == s)].sum()
+                for (r, s), i in np.ndenumerate(index) if i >= 0}
+
+    want, got = per_example(a, alone["index"][:, None]), per_example(p, packed["index"])
+    assert sorted(got) == sorted(want) == list(range(6))
+    for i in want:
+        assert got[i] == pytest.approx(want[i], abs=1e-4), i
+    loss = train_step.sft_loss(graphdef)
+    grad = jax.jit(jax.grad(lambda q, b: (lambda s, aux: s / aux[0])(*loss(q, {}, None, b))))
+    ga, gp = grad(params, a), grad(params, p)
+    diff = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(gp), jax.tree.leaves(ga)))
+    assert np.sqrt(diff / sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(ga))) < 1e-5

@@ -3,6 +3,7 @@ item marked done with records missing; items without records (mark_done) are don
 
 import json
 
+import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
@@ -62,3 +63,20 @@ def test_chunks_of_whole_items_and_mark_done(tmp_path):
     assert [r["sample_id"] for r in arrayrecord.read(str(tmp_path / "out"))] == [
         f"p{p}/0/{j}" for p in (0, 1, 3) for j in range(N)]
     assert common.Output(str(tmp_path), "out", "samples", 0, 1).done == {"p0", "p1", "p2", "p3"}
+
+
+def test_a_rerun_writing_another_kind_is_refused(tmp_path):
+    """make_pairs --format=groups into the out of a --format=pairs run: an error, not a mixed dataset —
+    whether the first run finished (manifest) or was killed (chunks only)."""
+    from rdpo_jax.data_prep import smoke
+
+    rng = np.random.default_rng(0)
+    for finished in (True, False):
+        folder = tmp_path / f"finished_{finished}"
+        out = common.Output(str(folder), "pairs", "pairs", 0, 1, chunk_size=1)
+        out.add("p0", smoke.pair(rng, 0))
+        out.add("p1", smoke.pair(rng, 1))
+        out.close() if finished else out.flush()
+        with pytest.raises(ValueError, match="an earlier run wrote 'pairs' records there; this one writes 'groups'"):
+            common.Output(str(folder), "pairs", "groups", 0, 1)
+        assert "p0" in common.Output(str(folder), "pairs", "pairs", 0, 1).done  # the same kind resumes
