@@ -86,13 +86,15 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sft_run(smoke_dir, compile_cache, tmp_path_factory):
     """A finished `python -m rdpo_jax.train` SFT run of the smoke config with scanned decoder layers
-    (stacked parameters, so that checkpoints, export and load_model go through that layout): 6 steps,
-    checkpoints kept at steps 4 and 6. Returns (workdir, completed process)."""
+    (stacked parameters, so that checkpoints, export and load_model go through that layout) and two
+    examples per row where they fit (`data.groups_per_row`): 6 steps, checkpoints kept at steps 4 and 6.
+    Returns (workdir, completed process)."""
     from tests import runs
 
     workdir = str(tmp_path_factory.mktemp("sft_run") / "run")
-    proc = runs.run(runs.train_command(smoke_dir, workdir, "--config.model.scan_layers=on", objective="sft"),
-                    runs.env(compile_cache))
+    proc = runs.run(runs.train_command(smoke_dir, workdir, "--config.model.scan_layers=on",
+                                       "--config.data.groups_per_row=2", "--config.data.seq_buckets=(48, 80)",
+                                       objective="sft"), runs.env(compile_cache))
     return workdir, proc
 
 

@@ -41,9 +41,10 @@ def test_dpo_smoke_loss_goes_down(smoke_dir, tmp_path, compile_cache):
 
 
 def test_sft_smoke(smoke_dir, sft_run):
-    workdir, _ = sft_run
+    workdir, proc = sft_run
     records = [r for r in runs.metrics(workdir) if "loss" in r]
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    assert "compiled the sft step for 4 rows of 80 tokens" in proc.stdout  # 8 examples, two per row
     _, step = runs.final_params(workdir, smoke_dir)
     assert step == 6
 
