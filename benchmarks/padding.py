@@ -2,7 +2,7 @@
 and what packing buys in step time.
 
     python benchmarks/padding.py [--groups=256] [--batch=16] [--per_row=1,2,4] [--buckets=1024,2048]
-    python benchmarks/padding.py --data=RUN/pairs --config=CONFIG.py [--per_row=1,2,4]   # a real dataset
+    python benchmarks/padding.py --data=RUN/pairs --config=CONFIG.py [--per_row=1,2,4]   # a real dataset (DPO or SFT)
     python benchmarks/padding.py --time [--groups=48] [--batch=8]                         # + DPO step time
 
 Synthetic mix (default; an on-policy round of a LLaVA-style model): every prompt a 576-token image and an
@@ -85,12 +85,15 @@ def dataset_batches(per_row: int) -> list[dict]:
     from rdpo_jax.models import hf
 
     config = _CONFIG.value.copy_and_resolve_references()
-    config.dpo.pair_layout, config.data.groups_per_row = "multi_answer", per_row
+    config.data.groups_per_row = per_row
+    if config.objective == "dpo":
+        config.dpo.pair_layout = "multi_answer"
     model_config = hf.read_config(config.model.path)
     options = pipeline.Options.from_config(config)
     tokenizer = ChatTokenizer(config.model.path, image_token_id=model_config.image_token_id)
     dataset = pipeline.make_dataset(arrayrecord.Source(_DATA.value), options, tokenizer,
-                                    image_inputs.from_config(config, model_config), global_batch_size=config.data.batch_size,
+                                    image_inputs.from_config(config, model_config),
+                                    global_batch_size=config.data.batch_size,
                                     seed=None, num_epochs=1, process_index=0, process_count=1)
     return [dataset[i] for i in range(len(dataset))]
 
@@ -98,10 +101,11 @@ def dataset_batches(per_row: int) -> list[dict]:
 def report(per_row: int, elements: list[dict]) -> dict:
     tokens = sum(int((e["batch"]["branch_ids"] >= 0).sum()) for e in elements)
     slots = sum(e["batch"]["branch_ids"].size for e in elements)
-    pairs = sum(int(e["batch"]["valid"].sum()) for e in elements)
+    pairs = sum(int(e["stats"]["examples"]) for e in elements)  # pairs (DPO) or examples (SFT)
     shapes = sorted({e["batch"]["input_ids"].shape for e in elements})
-    print(f"groups_per_row={per_row}: {len(elements)} batches, row shapes {shapes}; {pairs} pairs, {tokens} tokens "
-          f"in {slots} row slots: padding {1 - tokens / slots:.1%}, {slots / pairs:.0f} slots per pair")
+    what = "examples" if "chosen_scores" not in elements[0]["batch"] else "pairs"
+    print(f"groups_per_row={per_row}: {len(elements)} batches, row shapes {shapes}; {pairs} {what}, {tokens} tokens "
+          f"in {slots} row slots: padding {1 - tokens / slots:.1%}, {slots / pairs:.0f} slots per {what[:-1]}")
     return {"slots": slots, "pairs": pairs}
 
 

@@ -314,7 +314,8 @@ def pack_sft(examples: Sequence[tuple], *, seq_len: int, max_answer_len: int, pa
             prompt, answer, *positions = examples[i]
             room = seq_len - start[0] - len(prompt)
             if not len(prompt) or room < 1:
-                raise PromptTooLongError(f"example {i}: prompt of {len(prompt)} tokens does not fit {seq_len - start[0]}")
+                raise PromptTooLongError(f"example {i}: prompt of {len(prompt)} tokens does not fit "
+                                         f"{seq_len - start[0]}")
             answer = _truncate(answer, min(max_answer_len, room), stats)
             start = _fill_row(out, r, prompt, [(CHOSEN, answer)], positions[0] if positions else None, start, s)
     return out, stats

@@ -233,7 +233,8 @@ def test_packed_rows_two_processes_match_one(smoke_dir, data, tmp_path, compile_
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
 
     def args(workdir):  # the buckets above instead of BUCKETS
-        return [a for a in _args(smoke_dir, data, workdir) if not a.startswith("--config.data.seq_buckets")] + list(PACKED)
+        kept = [a for a in _args(smoke_dir, data, workdir) if not a.startswith("--config.data.seq_buckets")]
+        return kept + list(PACKED)
 
     runs.run([sys.executable, "-m", "rdpo_jax.train", *args(one)], runs.env(compile_cache, devices=4))
     proc = runs.run(["bash", "launch/local_multiprocess.sh", "--processes=2", "--devices_per_process=2",

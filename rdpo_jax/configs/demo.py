@@ -34,6 +34,7 @@ def get_config(arg: str = ""):
         c.data.train = f"{d}/world/sft"
         c.data.batch_size = 16
         c.data.seq_buckets = (72,)  # prompt (4 image tokens, ≤ 16 in all) + answer; batches mix kinds: one bucket
+        c.data.groups_per_row = 2  # two short examples share a row where they fit: padding 65% -> 30%, 1.46x faster
         c.optim.learning_rate = 1e-3  # 2e-3 and higher multipliers on the vision tower never learn to see
         c.optim.warmup_steps = 20
     else:
@@ -49,6 +50,6 @@ def get_config(arg: str = ""):
         c.optim.warmup_steps = 5
     if args.get("family", "llava") == "qwen2_5_vl":  # vision start/end around the 4 image tokens
         c.data.seq_buckets = (c.data.seq_buckets[0] + 2,)
-        c.data.patch_buckets = (16,)  # one 48×48 image: 4×4 patches of 12 px
+        c.data.patch_buckets = (16, 32) if c.objective == "sft" else (16,)  # a 48×48 image: 4×4 patches of 12 px
     c.checkpoint.every = c.total_steps
     return c

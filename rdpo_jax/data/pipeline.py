@@ -122,7 +122,6 @@ class Options:
         P = self.max_pairs_per_group
         return P, self.max_answers_per_group or 2 * P
 
-
     def target_width(self, seq_len: int, kind: str) -> int:
         """Trained tokens per row (the `targets` width) of a batch of rows of `seq_len` tokens: every answer a
         row holds at its longest, at most seq_len − 1."""
@@ -298,9 +297,10 @@ class Collate:
     [B, P, …], see `train_step.py`); a shared-prefix or concat batch then holds P pair rows per record, an
     unused slot repeating the record's first pair cut to one token per answer (valid 0).
 
-    With `groups_per_row` = k > 1 (SFT, multi_answer), the B records share R rows of T tokens (`_packed`): of R
-    in ⌈B/k⌉, 2⌈B/k⌉, … B and T in the buckets, the fewest row slots R·T that hold them, and a row is then the batch's unit (its
-    per-pair fields [R, k·P, …], its images those of its records in order, `index` int64[R, k])."""
+    With `groups_per_row` = k > 1 (SFT, multi_answer), the B records share R rows of T tokens (`_packed`):
+    of R in ⌈B/k⌉, 2⌈B/k⌉, … B and T in the buckets, the fewest row slots R·T that hold them; a row is then
+    the batch's unit (its per-pair fields [R, k·P, …], its images those of its records in order, `index`
+    int64[R, k])."""
 
     def __init__(self, options: Options, batch_size: int, pad_id: int, image_input, kind: str | None = None):
         self.options, self.batch_size, self.pad_id, self.image_input = options, batch_size, pad_id, image_input
