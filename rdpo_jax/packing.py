@@ -119,6 +119,11 @@ def _empty(rows: int, seq_len: int, answer_len: int, pad_id: int, mrope: bool) -
     }
 
 
+def pad_values(pad_id: int) -> dict[str, int]:
+    """What a padding token holds in each per-token row array (every other batch array pads with 0)."""
+    return {"input_ids": pad_id, "positions": 0, "branch_ids": PAD_BRANCH, "segment_ids": -1}
+
+
 def pad_rows(batch: dict[str, np.ndarray], seq_len: int, pad_id: int = 0,
              target_len: int | None = None) -> dict[str, np.ndarray]:
     """A packed batch with its rows padded at the end to `seq_len` (as `_empty` pads: pad_id, position 0,
@@ -130,7 +135,7 @@ def pad_rows(batch: dict[str, np.ndarray], seq_len: int, pad_id: int = 0,
         raise ValueError(f"cannot pad rows of {T} tokens and {A} targets to {seq_len} and {target_len}")
     if (seq_len, target_len) == (T, A):
         return batch
-    fill = {"input_ids": pad_id, "positions": 0, "branch_ids": PAD_BRANCH, "segment_ids": -1}
+    fill = pad_values(pad_id)
     width = {k: seq_len - T if k in fill else target_len - A if k in ROW_KEYS else 0 for k in batch}
     return {k: np.pad(v, ((0, 0),) * (v.ndim - 1) + ((0, width[k]),), constant_values=fill.get(k, 0)) if width[k] else v
             for k, v in batch.items()}
@@ -156,6 +161,17 @@ def _share(lengths: Sequence[int], room: int) -> list[int]:
         budgets[i] = min(lengths[i], left // (len(order) - k))
         left -= budgets[i]
     return budgets
+
+
+def _segment_rows(out: dict, rows, count: int, per_row: int, what: str) -> list:
+    """The rows' record indexes (default: one record per row) checked against `per_row`; with `rows`
+    given, `out` gets `segment_ids` (−1 padding) for records sharing rows."""
+    if rows is None:
+        return [[i] for i in range(count)]
+    if any(len(r) > per_row for r in rows):
+        raise ValueError(f"rows of {max(map(len, rows))} {what}, more than {what}_per_row={per_row}")
+    out["segment_ids"] = np.full(out["input_ids"].shape, -1, np.int32)
+    return rows
 
 
 def _truncate(answer: Sequence[int], budget: int, stats: dict) -> list[int]:
@@ -228,8 +244,8 @@ def pack_groups(groups: Sequence[Group], *, seq_len: int, max_answer_len: int, m
     `max_answers` answers and `max_pairs` pairs.
 
     Returns:
-      (batch, stats): the row keys as in `pack_pairs` plus `segment_ids` int32[R, seq_len] (−1 padding),
-      with R = len(rows) (default len(groups)) and A = groups_per_row · max_answers · max_answer_len (at
+      (batch, stats): the row keys as in `pack_pairs` (with `rows`, also `segment_ids` int32[R, seq_len],
+      −1 padding), with R = len(rows) (default len(groups)) and A = groups_per_row · max_answers · max_answer_len (at
       most seq_len − 1); pair_chosen, pair_rejected int32[R, groups_per_row · max_pairs] (branches, 0 in
       unused slots): segment s of a row holds pair slots [s·max_pairs, (s+1)·max_pairs), and its answers
       the branches after those of the segments before it.
@@ -238,12 +254,10 @@ def pack_groups(groups: Sequence[Group], *, seq_len: int, max_answer_len: int, m
       PromptTooLongError: a prompt leaves less than a token per answer; ValueError: a group breaks a limit
       or a pair names an answer it does not have.
     """
-    rows = [[i] for i in range(len(groups))] if rows is None else rows
-    if any(len(r) > groups_per_row for r in rows):
-        raise ValueError(f"rows of {max(map(len, rows))} groups, more than groups_per_row={groups_per_row}")
     stats = {"truncated_answers": 0, "truncated_tokens": 0}
-    out = _empty(len(rows), seq_len, groups_per_row * max_answers * max_answer_len, pad_id, mrope)
-    out["segment_ids"] = np.full((len(rows), seq_len), -1, np.int32)
+    out = _empty(len(groups) if rows is None else len(rows), seq_len, groups_per_row * max_answers * max_answer_len,
+                 pad_id, mrope)
+    rows = _segment_rows(out, rows, len(groups), groups_per_row, "groups")
     slots = groups_per_row * max_pairs
     out["pair_chosen"] = np.zeros((len(rows), slots), np.int32)
     out["pair_rejected"] = np.zeros((len(rows), slots), np.int32)
@@ -301,13 +315,9 @@ def pack_sft(examples: Sequence[tuple], *, seq_len: int, max_answer_len: int, pa
     `plan_rows` gives them) several examples share a row as segments, as in `pack_groups`, and the batch
     has `segment_ids`; the trained-token width is then examples_per_row · max_answer_len (≤ seq_len − 1)."""
     stats = {"truncated_answers": 0, "truncated_tokens": 0}
-    packed = rows is not None
-    rows = [[i] for i in range(len(examples))] if rows is None else rows
-    if any(len(r) > examples_per_row for r in rows):
-        raise ValueError(f"rows of {max(map(len, rows))} examples, more than examples_per_row={examples_per_row}")
-    out = _empty(len(rows), seq_len, examples_per_row * max_answer_len, pad_id, mrope)
-    if packed:
-        out["segment_ids"] = np.full((len(rows), seq_len), -1, np.int32)
+    out = _empty(len(examples) if rows is None else len(rows), seq_len, examples_per_row * max_answer_len, pad_id,
+                 mrope)
+    rows = _segment_rows(out, rows, len(examples), examples_per_row, "examples")
     for r, members in enumerate(rows):
         start = (0, 0)
         for s, i in enumerate(members):

@@ -141,7 +141,8 @@ def main(argv):
     largest_patches = max(config.data.patch_buckets) if "patches" in first["batch"] else 0
     rows = len(first["batch"]["valid"])  # packed batches needing more rows compile when they come
     for seq_len in config.data.seq_buckets:
-        compile_for((rows, seq_len, options.target_width(seq_len, pipeline.source_kind(source, options)), largest_patches))
+        width = options.target_width(seq_len, pipeline.source_kind(source, options))
+        compile_for((rows, seq_len, width, largest_patches))
     evaluator = None
     if config.data.eval:
         eval_data = pipeline.make_dataset(_source(config.data.eval, options, "data.eval"), options, tokenizer, image_input,

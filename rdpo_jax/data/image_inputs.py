@@ -27,6 +27,7 @@ import numpy as np
 from rdpo_jax.data import images, qwen_vl_images, qwen_vl_positions
 
 PATCH_KEYS = ("patches", "patch_image", "patch_row", "patch_col")
+PATCH_PAD = {"patch_image": -1}  # what a padding patch holds besides zeros
 
 
 class ImageBudgetError(ValueError):
@@ -121,7 +122,7 @@ class QwenPatches:
         n = next(b for b in self.buckets if b >= need)
         out = {"patches": np.zeros((len(rows), n, self.config.patch_dim), np.float32),
                **{k: np.zeros((len(rows), n), np.int32) for k in PATCH_KEYS[1:]}}
-        out["patch_image"][:] = -1
+        out["patch_image"][:] = PATCH_PAD["patch_image"]
         for b, r in enumerate(rows):
             if r is None:
                 continue
@@ -185,7 +186,7 @@ def pad_patches(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarr
     out = dict(batch)
     out["patches"] = np.pad(batch["patches"], ((0, 0), (0, extra), (0, 0)))
     for key in PATCH_KEYS[1:]:
-        out[key] = np.pad(batch[key], ((0, 0), (0, extra)), constant_values=-1 if key == "patch_image" else 0)
+        out[key] = np.pad(batch[key], ((0, 0), (0, extra)), constant_values=PATCH_PAD.get(key, 0))
     return out
 
 

@@ -125,14 +125,7 @@ class Options:
     def target_width(self, seq_len: int, kind: str) -> int:
         """Trained tokens per row (the `targets` width) of a batch of rows of `seq_len` tokens: every answer a
         row holds at its longest, at most seq_len − 1."""
-        if self.kind == "sft":
-            answers = self.groups_per_row
-        elif self.pair_layout == "concat":
-            answers = 1
-        elif self.pair_layout == "multi_answer":
-            answers = self.groups_per_row * self.slots(kind)[1]
-        else:
-            answers = 2
+        answers = self.groups_per_row * self.answers_per_row(self.slots(kind)[1])
         return min(answers * self.max_answer_len, seq_len - 1)
 
 
@@ -543,16 +536,12 @@ def agree_shapes(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndar
     return _add_rows(image_inputs.pad_patches(batch, int(shape[2])), int(shape[3]), pad_id)
 
 
-# what an added row holds (packed batches: a process whose records needed fewer rows than another's)
-_EMPTY_ROW = {"input_ids": "pad", "branch_ids": packing.PAD_BRANCH, "segment_ids": -1, "patch_image": -1}
-
-
 def _add_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
     """A packed batch grown to `rows` rows by empty ones (all padding, valid 0)."""
     extra = rows - len(batch["valid"])
     if not extra:
         return batch
-    fill = {k: pad_id if v == "pad" else v for k, v in _EMPTY_ROW.items()}
+    fill = {**packing.pad_values(pad_id), **image_inputs.PATCH_PAD}
     return {k: np.concatenate([v, np.full((extra, *v.shape[1:]), fill.get(k, 0), v.dtype)]) for k, v in batch.items()}
 
 

@@ -360,6 +360,14 @@ def test_qwen_batches_equal_transformers_forwards(qwen_smoke_dir, layout):
     assert counts == {0, 1, 2}
 
 
+def _rel(a, b) -> float:
+    """‖a − b‖ / ‖b‖ over two gradient trees."""
+    import jax
+
+    pairs = [(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return np.sqrt(sum(float(np.sum((x - y) ** 2)) for x, y in pairs) / sum(float(np.sum(y ** 2)) for _, y in pairs))
+
+
 # ----- groups records: a prompt's pairs together -----
 
 GROUP_PAIRS = {2: [(0, 1)], 3: [(0, 1), (0, 2), (2, 1)], 4: [(0, 1), (0, 2), (0, 3)]}  # by answer count
@@ -423,17 +431,13 @@ def test_groups_train_as_their_pairs_in_every_layout(model_folder, tmp_path, lay
     (g_grad, (g_count, _)), (s_grad, (s_count, _)) = grad(params, g), grad(params, s)
     assert float(g_count) == float(s_count) == n
 
-    def rel(a, b):
-        diff = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-        return np.sqrt(diff / sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b)))
-
-    assert rel(g_grad, s_grad) < 1e-5
+    assert _rel(g_grad, s_grad) < 1e-5
     if layout != "shared_prefix":  # accumulation reads the layouts alike (rows per record from the shapes)
         return
     halves = train_step.split_micro(g, 2)
     assert halves["input_ids"].shape[:2] == (2, rows // 2) and halves["valid"].shape == (2, 3, 3)
     summed = jax.tree.map(jnp.add, *(grad(params, jax.tree.map(lambda x, i=i: x[i], halves))[0] for i in (0, 1)))
-    assert rel(summed, g_grad) < 1e-5
+    assert _rel(summed, g_grad) < 1e-5
 
 
 def test_groups_over_processes_and_their_limits(model_folder, tmp_path):
@@ -499,17 +503,13 @@ def test_groups_sharing_rows_train_as_their_pairs(model_folder, tmp_path):
                                            reference="precomputed") for layout in ("multi_answer", "shared_prefix")}
     grad = {k: jax.jit(jax.grad(lambda q, b, f=f: f(q, {}, None, b), has_aux=True)) for k, f in loss_fn.items()}
 
-    def rel(a, b):
-        diff = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-        return np.sqrt(diff / sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b)))
-
     g_grad, s_grad = grad["multi_answer"](params, p)[0], grad["shared_prefix"](params, single)[0]
-    assert rel(g_grad, s_grad) < 1e-5
+    assert _rel(g_grad, s_grad) < 1e-5
     halves = train_step.split_micro(p, 2)
     assert halves["input_ids"].shape == (2, 1, 128) and halves["pixel_values"].shape[:3] == (2, 1, 3)
     summed = jax.tree.map(jnp.add, *(grad["multi_answer"](params, jax.tree.map(lambda x, i=i: x[i], halves))[0]
                                      for i in (0, 1)))
-    assert rel(summed, g_grad) < 1e-5
+    assert _rel(summed, g_grad) < 1e-5
 
     # records of 31 … 47 tokens (243 in all) do not fit 2 rows of 100: 4 of them (not 6, one record each)
     tight = _dataset(model_folder, groups, batch=6, seed=None, seq_buckets=(100,), groups_per_row=3, **opts)[0]
@@ -527,7 +527,6 @@ def test_sft_examples_sharing_rows_train_as_alone(model_folder, tmp_path):
     """SFT with data.groups_per_row = 3: examples share rows as segments (images in order); every example's
     token log-likelihoods are those of its own row, and the SFT loss and gradients are the same."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from rdpo_jax import train_step
@@ -560,5 +559,4 @@ def test_sft_examples_sharing_rows_train_as_alone(model_folder, tmp_path):
     loss = train_step.sft_loss(graphdef)
     grad = jax.jit(jax.grad(lambda q, b: (lambda s, aux: s / aux[0])(*loss(q, {}, None, b))))
     ga, gp = grad(params, a), grad(params, p)
-    diff = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(gp), jax.tree.leaves(ga)))
-    assert np.sqrt(diff / sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(ga))) < 1e-5
+    assert _rel(gp, ga) < 1e-5
