@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from rdpo_jax import packing, train_step
+from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, vision
 from tests import tiny
 
@@ -267,9 +268,12 @@ def test_multi_answer_rows_equal_one_pair_rows_in_logps_and_gradients(tiny_llava
                      for k in ("valid", "ref_chosen_logp", "ref_rejected_logp")})
 
     graphdef, params = nnx.split(model)
+    splash_graph = nnx.graphdef(hf.load_hf(folder, config_lib.RunSettings(attention="splash"))[0])
     out = {}
-    for name, batch in (("multi_answer", grouped), ("shared_prefix", single), ("packed", packed)):
+    for name, batch in (("multi_answer", grouped), ("shared_prefix", single), ("packed", packed),
+                        ("packed_splash", packed)):  # the packed rows' mask as splash's block mask too
         layout = "shared_prefix" if name == "shared_prefix" else "multi_answer"
+        graphdef = splash_graph if name == "packed_splash" else nnx.graphdef(model)
         logps = jax.jit(lambda p, b, layout=layout: packing.pair_logps(nnx.merge(graphdef, p), b, layout=layout))
         loss_fn = train_step.dpo_loss(graphdef, loss_type="sigmoid", beta=0.5, sft_weight=0.1, pair_layout=layout,
                                       reference="precomputed")
@@ -277,7 +281,7 @@ def test_multi_answer_rows_equal_one_pair_rows_in_logps_and_gradients(tiny_llava
         out[name] = (logps(params, batch), grad(params, batch))
     s_logps, s_grad = out["shared_prefix"]
     norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(s_grad)))
-    for name, batch in (("multi_answer", grouped), ("packed", packed)):
+    for name, batch in (("multi_answer", grouped), ("packed", packed), ("packed_splash", packed)):
         g_logps, g_grad = out[name]
         used = batch["pair_chosen"].reshape(-1) > 0
         for key in ("chosen_logp", "rejected_logp", "chosen_count", "rejected_count"):

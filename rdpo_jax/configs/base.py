@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters are cast inside the step)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable"
     c.model.vocab_chunk = 16384  # LM head columns at a time over answer tokens (0 = all); memory, not results
-    c.model.attention = "auto"  # "auto" (cuDNN flash on GPU in bf16/fp16, else "xla") | "xla" | "cudnn" | "jax"
+    c.model.attention = "auto"  # "auto" (splash on TPU, cuDNN flash on GPU in bf16/fp16, else "xla") | "xla" | "cudnn" | "jax" | "splash"
     # Layers' parameters stacked and run by one lax.scan per stack (decoder, vision tower): compile time flat in depth
     c.model.scan_layers = "auto"  # "auto" (stacks of ≥ 16 layers) | "on" | "off"
     # Where the first parameters come from when the workdir has no checkpoint: "model" (the weights in

@@ -24,7 +24,7 @@ MODEL_TYPES = tuple(ARCHITECTURES)
 VISION_FAMILIES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 SCAN_AUTO_LAYERS = 16  # scan_layers="auto" scans decoders at least this deep
-ATTENTION = ("xla", "jax", "cudnn")  # layers.attention's implementations
+ATTENTION = ("xla", "jax", "cudnn", "splash")  # layers.attention's implementations
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -92,8 +92,10 @@ class RunSettings:
     # commands turn it off because ChatTokenizer checks every example's placeholders on the host.
     check_image_tokens: bool = True
     # Attention kernel (`layers.attention`): "xla" (einsums), "cudnn" (jax.nn.dot_product_attention's cuDNN
-    # flash attention: GPU, float16/bfloat16), "jax" (that call on XLA), or "auto": cudnn on a GPU with a
-    # half-precision compute dtype, else xla (decided when the model is traced, by backend and dtype).
+    # flash attention: GPU, float16/bfloat16), "jax" (that call on XLA), "splash" (Pallas' TPU splash
+    # kernel with the layout's mask as block mask, `models.splash`; interpret mode elsewhere), or "auto":
+    # splash on TPU, cudnn on a GPU with a half-precision compute dtype, else xla (decided when the model
+    # is traced, by backend and dtype).
     attention: str = "auto"
     # Decoder layers with stacked parameters run by one `jax.lax.scan` (compiled once whatever the depth):
     # "on", "off", or "auto": on for decoders of at least SCAN_AUTO_LAYERS layers.

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rdpo_jax.models import splash
 from rdpo_jax.sharding import shard_activation
 
 ACTIVATIONS = {
@@ -275,8 +276,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
       scale: multiplier of the logits, usually H ** -0.5.
       impl: "xla" (these einsums: logits [B, K, N/K, T, S] in float32), or `jax.nn.dot_product_attention`:
         "cudnn" (cuDNN's fused flash attention on GPU, float16/bfloat16; the mask goes in as [B, 1, T, S])
-        or "jax" (the same call on XLA, which checks the call on any backend); "auto": cudnn on a GPU for
-        float16/bfloat16 inputs, else xla.
+        or "jax" (the same call on XLA, which checks the call on any backend); "splash": Pallas' TPU splash
+        kernel with `mask` as its block mask (`models.splash`; interpret mode off TPU), for self-attention
+        (keys at the queries' positions; a KV-cache call runs xla); "auto": splash on TPU, cudnn on a GPU
+        for float16/bfloat16 inputs, else xla.
       causal: the keys are the queries' own positions (S = T) and `mask` hides every key after its query
         (or, with mask None, attention is causal). The xla path then splits the queries into blocks of
         about `QUERY_BLOCK` and gives each block only the keys up to its end: the same result for about
@@ -288,13 +291,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     """
     if impl == "auto":
         half = q.dtype in (jnp.bfloat16, jnp.float16)
-        impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-    if impl != "xla":
+        impl = {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(jax.default_backend(), "xla")
+    T = q.shape[1]
+    if impl == "splash" and k.shape[1] == T:
+        if causal and mask is None:
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (q.shape[0], T, T))
+        return splash.attention(q, k, v, mask, scale)
+    if impl not in ("xla", "splash"):
         if mask is not None and mask.shape[1] == mask.shape[2]:  # a fully masked (padding) row sees itself:
             mask = mask | jnp.eye(mask.shape[1], dtype=bool)  # a flash kernel gives NaN, which 0-cotangents keep
         return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
                                             implementation="cudnn" if impl == "cudnn" else "xla")
-    T = q.shape[1]
     if causal and mask is None:
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (q.shape[0], T, T))
     if not causal or T <= QUERY_BLOCK:

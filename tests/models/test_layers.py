@@ -133,33 +133,40 @@ def test_fused_attention_call_equals_the_xla_path_on_branch_masks():
     assert xla.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_models_run_the_fused_attention_call_in_every_block(tiny_llava, tiny_qwen, family, monkeypatch):
-    """`RunSettings(attention="jax")` reaches the decoder's and the vision tower's attention (Qwen: full and
-    windowed blocks): the same logits as the einsum path."""
-    from rdpo_jax.models import hf
+@pytest.mark.parametrize("family,impl", [("llava", "jax"), ("qwen2_5_vl", "jax"), ("llava", "splash"),
+                                         ("qwen2_5_vl", "splash")])
+def test_models_run_the_fused_attention_call_in_every_block(tiny_llava, tiny_qwen, family, impl, monkeypatch):
+    """`RunSettings(attention="jax" | "splash")` reaches the decoder's and the vision tower's attention
+    (Qwen: full and windowed blocks): the same logits as the einsum path."""
+    from rdpo_jax.models import hf, splash
     from tests import tiny
     from tests import tiny_qwen as tq
 
     import jax
 
     folder = tiny_llava("siglip_qwen2")[0] if family == "llava" else tiny_qwen(False)[0]
-    calls, fused = [], jax.nn.dot_product_attention
-    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k["implementation"]) or fused(*a, **k))
+    calls = []
+    if impl == "jax":
+        fused = jax.nn.dot_product_attention
+        monkeypatch.setattr(jax.nn, "dot_product_attention",
+                            lambda *a, **k: calls.append(k["implementation"]) or fused(*a, **k))
+    else:
+        kernel = splash.attention
+        monkeypatch.setattr(splash, "attention", lambda *a: calls.append("splash") or kernel(*a))
     out = {}
-    for impl in ("xla", "jax"):
-        model, cfg = hf.load_hf(folder, config_lib.RunSettings(attention=impl))
+    for run in ("xla", impl):
+        model, cfg = hf.load_hf(folder, config_lib.RunSettings(attention=run))
         if family == "llava":
             batch = tiny.inputs("siglip_qwen2")
-            out[impl], valid = tiny.jax_logits(model, batch), batch["attention_mask"].astype(bool)
+            out[run], valid = tiny.jax_logits(model, batch), batch["attention_mask"].astype(bool)
         else:
             batch = tq.inputs(tq.ROWS, seed=0)
             images, positions = tq.ours(batch, cfg.vision)
-            out[impl] = np.asarray(model(batch["input_ids"], images, batch["attention_mask"], positions))
+            out[run] = np.asarray(model(batch["input_ids"], images, batch["attention_mask"], positions))
             valid = batch["attention_mask"].astype(bool)
     vision = cfg.vision.depth if family == "qwen2_5_vl" else max(cfg.feature_layers)
-    assert calls == ["xla"] * (cfg.text.num_layers + vision)  # every block of the "jax" model, none of the other
-    np.testing.assert_allclose(out["jax"][valid], out["xla"][valid], atol=2e-5, rtol=0)
+    assert calls == [{"jax": "xla"}.get(impl, impl)] * (cfg.text.num_layers + vision)  # every block, once
+    np.testing.assert_allclose(out[impl][valid], out["xla"][valid], atol=2e-5, rtol=0)
 
 
 def test_unknown_activation_is_named():
