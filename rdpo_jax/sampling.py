@@ -36,15 +36,21 @@ class SamplingConfig:
 
 def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Temperature, top-k and top-p applied to float32[B, V] logits (filtered entries become -inf)."""
-    logits = logits / cfg.temperature
-    if cfg.top_k:
-        kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+    return filter_rows(logits, cfg.temperature, cfg.top_k, cfg.top_p if cfg.top_p < 1.0 else None)
+
+
+def filter_rows(logits: jax.Array, temperature, top_k: int = 0, top_p=None) -> jax.Array:
+    """`filter_logits` with a temperature and a top-p per row (float32[B, 1], or scalars); `top_p` None
+    skips the top-p sort (every row keeps all tokens); a top-p of 1 keeps all tokens of its row."""
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if cfg.top_p < 1.0:
+    if top_p is not None:
         order = jnp.argsort(-logits, axis=-1)
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        drop_sorted = cumulative - jax.nn.softmax(sorted_logits, axis=-1) >= cfg.top_p  # keep the first token
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        drop_sorted = (jnp.cumsum(probs, axis=-1) - probs >= top_p) & (top_p < 1.0)  # keep the first token
         drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
         logits = jnp.where(drop, -jnp.inf, logits)
     return logits
@@ -164,14 +170,48 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None):
     return ids, mask
 
 
+def encode_prompts(policy, prompts: list[dict], *, pad_to: int = 64):
+    """Host arrays of prompt records ({messages, images}) for `generate`, rows not yet padded to the
+    devices: (ids int32[B, T], mask int32[B, T], image arrays (with "positions" int32[B, 3, T] for
+    M-RoPE)); T is the longest prompt rounded up to a multiple of `pad_to` (few shapes compile). Prompts
+    may hold different numbers of images (LLaVA encodes the batch's largest count per row;
+    `batches_by_image_count` groups prompts to avoid that)."""
+    vision = policy.image_input
+    prepared = [vision.prepare(r["images"]) for r in prompts]
+    prompt_ids = [policy.tokenizer.prompt(r["messages"], p["tokens"] if p else []) for r, p in zip(prompts, prepared)]
+    return collate_prompts(policy, prompt_ids, prepared, pad_to=pad_to)
+
+
+def collate_prompts(policy, prompt_ids: list[list[int]], prepared: list, *, pad_to: int = 64):
+    """`encode_prompts` from tokenized prompts and their prepared images (`image_input.prepare`)."""
+    import numpy as np
+
+    vision = policy.image_input
+    length = -(-max(map(len, prompt_ids)) // pad_to) * pad_to
+    ids, mask = left_pad(prompt_ids, policy.tokenizer.pad_id, length)
+    arrays, _ = vision.collate(prepared, slots=max(len(p["tokens"]) if p else 0 for p in prepared))
+    if vision.mrope:  # the prompts' 3D positions, left-padded like the tokens
+        arrays["positions"] = np.zeros((len(prompt_ids), 3, length), np.int32)
+        for b, (p, prep) in enumerate(zip(prompt_ids, prepared)):
+            arrays["positions"][b, :, length - len(p):] = vision.positions(np.asarray(p), prep)
+    return ids, mask, arrays
+
+
+def to_devices(mesh, rows: int, *arrays):
+    """Host arrays (pytrees) with `rows` rows padded to a multiple of the mesh's devices (padding rows
+    repeat the last row) and split over data × fsdp."""
+    import numpy as np
+
+    extra = -rows % mesh.devices.size
+    arrays = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), arrays)
+    return jax.device_put(arrays, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+
+
 def answer(policy, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,
            pad_to: int = 64) -> list[list[tuple[str, list[int], bool]]]:
     """Generates `cfg.num_samples` answers for each prompt record ({messages, images}) with a loaded
-    model (`inference.Policy`: its model, tokenizer and image adapter, on its mesh).
-
-    Prompts are left-padded to a multiple of `pad_to` (few shapes compile), rows padded to whole batches
-    over the devices and split over them. Prompts may hold different numbers of images (LLaVA encodes
-    the batch's largest count per row; `batches_by_image_count` groups prompts to avoid that).
+    model (`inference.Policy`: its model, tokenizer and image adapter, on its mesh); prompts as
+    `encode_prompts` batches them, rows padded to whole batches over the devices and split over them.
 
     Args:
       keys: per-row PRNG keys [len(prompts)·n] (`row_keys`), or one key (see `generate`).
@@ -182,22 +222,11 @@ def answer(policy, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,
     """
     import numpy as np
 
-    tokenizer, mesh, vision = policy.tokenizer, policy.mesh, policy.image_input
-    prepared = [vision.prepare(r["images"]) for r in prompts]
-    prompt_ids = [tokenizer.prompt(r["messages"], p["tokens"] if p else []) for r, p in zip(prompts, prepared)]
-    length = -(-max(map(len, prompt_ids)) // pad_to) * pad_to
-    ids, mask = left_pad(prompt_ids, tokenizer.pad_id, length)
-    arrays, _ = vision.collate(prepared, slots=max(len(r["images"]) for r in prompts))
-    if vision.mrope:  # the prompts' 3D positions, left-padded like the tokens
-        arrays["positions"] = np.zeros((len(prompts), 3, length), np.int32)
-        for b, (p, prep) in enumerate(zip(prompt_ids, prepared)):
-            arrays["positions"][b, :, length - len(p):] = vision.positions(np.asarray(p), prep)
-    extra = -len(prompts) % mesh.devices.size  # padding rows repeat the last prompt (and its keys)
-    ids, mask, arrays = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), (ids, mask, arrays))
-    if keys.ndim == 1:
+    ids, mask, arrays = encode_prompts(policy, prompts, pad_to=pad_to)
+    extra = -len(prompts) % policy.mesh.devices.size
+    if keys.ndim == 1:  # padding rows repeat the last prompt's keys
         keys = jnp.concatenate([keys, jnp.tile(keys[-cfg.num_samples:], extra)])
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    ids, mask, arrays = jax.device_put((ids, mask, arrays), rows)
+    ids, mask, arrays = to_devices(policy.mesh, len(prompts), ids, mask, arrays)
     positions = arrays.pop("positions", None)
     tokens, lengths = generate(policy.model, ids, mask, policy.model.images_of(arrays), keys, cfg, positions)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
@@ -207,7 +236,7 @@ def answer(policy, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,
         for j in range(cfg.num_samples):
             row = b * cfg.num_samples + j
             generated = tokens[row, :int(lengths[row])].tolist()
-            text = tokenizer.tokenizer.decode(generated, skip_special_tokens=True).strip()
+            text = policy.tokenizer.tokenizer.decode(generated, skip_special_tokens=True).strip()
             row_answers.append((text, generated, bool(generated) and generated[-1] in cfg.stop_ids))
         out.append(row_answers)
     return out

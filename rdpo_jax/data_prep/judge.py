@@ -41,6 +41,8 @@ _MAX_RETRY_AFTER = flags.DEFINE_float("max_retry_after", 60.0,
 _MESH = flags.DEFINE_string("mesh", "fsdp=-1", "The flax judge's mesh over this process's devices (see "
                             "rdpo_jax.inference: AXIS=SIZE,… over data, fsdp, tensor).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Items per judge call.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Longest verdict reply in tokens (openai, flax; 0: the judge's "
+                                   "default, 1024 for openai, 512 for flax).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "judged", "Output dataset name.")
 
@@ -56,7 +58,8 @@ def make_judge(shard_index: int, num_shards: int):
         return factory.make_judge(_JUDGE.value, model=_JUDGE_MODEL.value, endpoint=_ENDPOINT.value,
                                   api_key_env=_API_KEY_ENV.value, timeout=_TIMEOUT.value,
                                   concurrency=_CONCURRENCY.value, cache=cache_path(shard_index, num_shards),
-                                  max_retry_after=_MAX_RETRY_AFTER.value, mesh=_MESH.value)
+                                  max_retry_after=_MAX_RETRY_AFTER.value, mesh=_MESH.value,
+                                  max_tokens=_MAX_TOKENS.value)
     except ValueError as e:
         raise app.UsageError(f"--judge={_JUDGE.value}: {e}") from None
 

@@ -58,7 +58,9 @@ def tokenizer(family: str = "llava"):
     return fast
 
 
-def model_config(family: str = "llava"):
+def model_config(family: str = "llava", **text):
+    """The smoke model's transformers config; `text`: decoder fields to override (a wider or deeper
+    model for benchmarks, e.g. hidden_size=256)."""
     import transformers
 
     if family == "qwen2_5_vl":
@@ -70,7 +72,7 @@ def model_config(family: str = "llava"):
             text_config=dict(vocab_size=start + len(QWEN_VISION), hidden_size=64, intermediate_size=128,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-                             rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])),
+                             rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])) | text,
             image_token_id=QWEN_IMAGE_TOKEN, video_token_id=start + 3, vision_start_token_id=start,
             vision_end_token_id=start + 1, tie_word_embeddings=False)
     return transformers.LlavaConfig(
@@ -78,18 +80,18 @@ def model_config(family: str = "llava"):
                            num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
         text_config=dict(model_type="qwen2", vocab_size=len(SPECIAL) + len(WORDS), hidden_size=64,
                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=False),
+                         max_position_embeddings=512, tie_word_embeddings=False) | text,
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full")
 
 
-def write_model(folder: str, seed: int = 0, family: str = "llava") -> None:
+def write_model(folder: str, seed: int = 0, family: str = "llava", **text) -> None:
     import transformers
 
     from rdpo_jax.data import qwen_vl_images
     from rdpo_jax.models import config as config_lib
     from rdpo_jax.models import families, hf
 
-    hf_config = model_config(family)
+    hf_config = model_config(family, **text)
     cfg = config_lib.from_hf(hf_config)
     hf.save_hf(families.create(cfg, seed=seed), folder, hf_config)
     if family == "qwen2_5_vl":
@@ -152,7 +154,8 @@ def write_data(out: str, *, pairs: int, sft: int, seed: int, family: str = "llav
     arrayrecord.write(out, "sft", "sft", [sft_example(rng, family) for _ in range(sft)], num_shards=2)
 
 
-_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+# Checked in main, not by absl: programs that import this module as a library (benchmarks) parse flags too.
+_OUT = flags.DEFINE_string("out", None, "Output folder (required).")
 _PAIRS = flags.DEFINE_integer("pairs", 32, "Training pairs.")
 _SFT = flags.DEFINE_integer("sft", 32, "SFT examples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and data.")
@@ -161,6 +164,8 @@ _FAMILY = flags.DEFINE_enum("family", "llava", FAMILIES, "The model family.")
 
 def main(argv):
     del argv
+    if not _OUT.value:
+        raise app.UsageError("--out is required")
     write_model(os.path.join(_OUT.value, "model"), seed=_SEED.value, family=_FAMILY.value)
     write_data(_OUT.value, pairs=_PAIRS.value, sft=_SFT.value, seed=_SEED.value, family=_FAMILY.value)
     print(f"wrote {_OUT.value}/model, pairs, pairs_eval, sft")

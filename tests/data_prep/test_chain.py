@@ -21,27 +21,13 @@ def _run(*args, cache):
     return runs.run([sys.executable, "-m", *args], runs.env(cache)).stdout
 
 
-def _prompts(folder):
-    rng = np.random.default_rng(0)
-    colours = ["red", "green", "blue", "yellow"]
-    os.makedirs(folder / "images")
-    with open(folder / "prompts.jsonl", "w") as f:
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
-            truth = {"mentions": [colours[i % 4]], "details": ["circle"], "absent": [colours[(i + 1) % 4]],
-                     "max_words": 8}
-            f.write(json.dumps({"prompt_id": f"p{i}", "image": f"images/{i}.png", "instruction": "describe the image",
-                                "ground_truth": truth}) + "\n")
-    return str(folder / "prompts.jsonl")
-
-
 def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_path, compile_cache):
     """…and, with bfloat16 compute, precomputed reference log-likelihoods equal the online reference's to the
     bit; data stamped with other settings is refused, naming the config field. (Restarts of sample, judge
     and make_pairs: test_restart.py.)"""
     cache, out, model = compile_cache, str(tmp_path / "round"), f"{smoke_dir}/model"
     config = f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir}"
-    _run("rdpo_jax.data_prep.build_rubrics", f"--input={_prompts(tmp_path)}", f"--out={out}", cache=cache)
+    _run("rdpo_jax.data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path)}", f"--out={out}", cache=cache)
     assert len(list(arrayrecord.read(f"{out}/pool"))) == 6
 
     log = _run("rdpo_jax.data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
