@@ -114,47 +114,58 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, images, key: 
     """
     B, T = prompt_ids.shape
     n, M = cfg.num_samples, cfg.max_new_tokens
-    lm = model.language_model
-    S = T + M
-    if positions is None:
-        positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    x = model.embed(prompt_ids, None if images is None else model.image_features(images))
-    valid = jnp.concatenate([prompt_mask > 0, jnp.zeros((B, M), bool)], axis=1)  # [B, S]
-    mask = jnp.tril(jnp.ones((T, S), bool), 0)[None] & valid[:, None, :]
-    hidden, cache = lm(x, mask, positions, (lm.init_cache(B, S, x.dtype), 0))
-    logits = model.logits(hidden[:, -1])
-
-    def repeat(a):
-        return jnp.repeat(a, n, axis=0)
-
-    cache = lm.repeat_cache(cache, n)
-    logits, valid, position = repeat(logits), repeat(valid), repeat(positions.reshape(B, -1).max(axis=1))
+    state = prefill(model, prompt_ids, prompt_mask, images, positions, T + M)
+    cache = model.language_model.repeat_cache(state.pop("cache"), n)  # each prompt's state copied n times
+    state = {**jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), state), "cache": cache}
     rows = B * n
     keys = key if key.ndim == 1 else jax.random.split(key, rows)
     stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
 
     def body(carry):
-        i, tokens, done, cache, logits, valid, position = carry
-        token = _pick(logits, keys, i, cfg)
+        i, tokens, done, state = carry
+        token = _pick(state["logits"], keys, i, cfg)
         token = jnp.where(done, cfg.pad_id, token)
         tokens = tokens.at[:, i].set(token)
         done = done | jnp.isin(token, stop)
-        valid = valid.at[:, T + i].set(True)
-        position = position + 1
-        h, cache = lm(lm.embed_tokens(token[:, None]), valid[:, None, :], position[:, None], (cache, T + i))
-        return i + 1, tokens, done, cache, model.logits(h[:, 0]), valid, position
+        return i + 1, tokens, done, step(model, state, token, T + i)
 
     def cond(carry):
         i, _, done, *_ = carry
         return (i < M) & ~jnp.all(done)
 
-    init = (jnp.int32(0), jnp.full((rows, M), cfg.pad_id, jnp.int32), jnp.zeros(rows, bool), cache, logits, valid,
-            position)
-    _, tokens, done, *_ = jax.lax.while_loop(cond, body, init)
+    init = (jnp.int32(0), jnp.full((rows, M), cfg.pad_id, jnp.int32), jnp.zeros(rows, bool), state)
+    _, tokens, done, _ = jax.lax.while_loop(cond, body, init)
     is_stop = jnp.isin(tokens, stop)
     first_stop = jnp.argmax(is_stop, axis=1)
     lengths = jnp.where(is_stop.any(axis=1), first_stop + 1, M).astype(jnp.int32)
     return tokens, lengths
+
+
+def prefill(model, prompt_ids: jax.Array, prompt_mask: jax.Array, images, positions: jax.Array | None,
+            length: int) -> dict:
+    """Left-padded prompts (see `generate`) through the decoder into a KV cache of `length` slots: the
+    decode state {cache, logits float32[B, V] after each prompt, valid bool[B, length] (filled slots),
+    position int32[B] (each prompt's largest position)}."""
+    B, T = prompt_ids.shape
+    lm = model.language_model
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    x = model.embed(prompt_ids, None if images is None else model.image_features(images))
+    valid = jnp.concatenate([prompt_mask > 0, jnp.zeros((B, length - T), bool)], axis=1)
+    mask = jnp.tril(jnp.ones((T, length), bool), 0)[None] & valid[:, None, :]
+    hidden, cache = lm(x, mask, positions, (lm.init_cache(B, length, x.dtype), 0))
+    return {"cache": cache, "logits": model.logits(hidden[:, -1]), "valid": valid,
+            "position": positions.reshape(B, -1).max(axis=1)}
+
+
+def step(model, state: dict, token: jax.Array, slot) -> dict:
+    """One decode step: each row's `token` int32[R] written at cache `slot` (one past the last filled
+    one) at the row's next position; returns the state with the next logits."""
+    lm = model.language_model
+    valid = state["valid"].at[:, slot].set(True)
+    position = state["position"] + 1
+    h, cache = lm(lm.embed_tokens(token[:, None]), valid[:, None, :], position[:, None], (state["cache"], slot))
+    return {**state, "cache": cache, "logits": model.logits(h[:, 0]), "valid": valid, "position": position}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None):
@@ -198,12 +209,12 @@ def collate_prompts(policy, prompt_ids: list[list[int]], prepared: list, *, pad_
 
 
 def to_devices(mesh, rows: int, *arrays):
-    """Host arrays (pytrees) with `rows` rows padded to a multiple of the mesh's devices (padding rows
-    repeat the last row) and split over data × fsdp."""
+    """Host arrays (pytrees of equal leading size) padded to `rows` rows rounded up to a multiple of the
+    mesh's devices (padding rows repeat the last row) and split over data × fsdp."""
     import numpy as np
 
-    extra = -rows % mesh.devices.size
-    arrays = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), arrays)
+    total = rows + -rows % mesh.devices.size
+    arrays = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], total - len(x), 0)]), arrays)
     return jax.device_put(arrays, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
 
 

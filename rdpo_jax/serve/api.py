@@ -209,7 +209,7 @@ def parse(body: Any, state: State) -> tuple[engine_lib.Request, dict]:
                             f"{max_tokens} in the completion).", key)
     request = engine_lib.Request(prompt=prompt, images=prepared, max_tokens=max_tokens, temperature=float(temperature),
                                  top_p=float(top_p), n=n, seed=seed, stop=tuple(stop),
-                                 ignore_eos=ignore_eos)
+                                 ignore_eos=ignore_eos, stream=stream)
     return request, {"stream": stream, "include_usage": bool(options.get("include_usage"))}
 
 

@@ -10,8 +10,9 @@ host streams each row's new text, applies stop strings and drops cancelled rows.
 (0 = greedy), top-p, max_tokens and a PRNG key (row j of a request with a seed draws step i with
 fold_in(fold_in(key(seed), j), i)), so rows of different requests share a batch.
 
-Greedy rows pick the argmax of the same logits `sampling.generate` computes, so a served greedy answer
-is `data_prep.sample`'s answer for the same prompt.
+Prefill and each step are `sampling.prefill` and `sampling.step`, what `sampling.generate` runs, and
+greedy rows take the argmax of their logits, so a served greedy answer is `data_prep.sample`'s answer
+for the same prompt.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Request:
     """One chat completion: a tokenized prompt, its prepared images and the sampling settings.
 
     `emit(event)` is called from the engine thread with ("delta", choice, text) while a choice is
-    generated, ("done", choice, finish_reason, completion_tokens) when it ends, or ("error", message)."""
+    generated (with `stream`; else one delta at its end), ("done", choice, finish_reason, completion_tokens) when it ends, or ("error", message)."""
     prompt: list[int]
     images: dict | None
     max_tokens: int
@@ -55,6 +56,7 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # decode max_tokens tokens whatever the model emits (vLLM's extension)
+    stream: bool = False  # text is emitted as it comes (else once, when the choice ends)
     emit: Callable = print
     cancelled: bool = False
 
@@ -195,23 +197,17 @@ class Engine:
             "temperature": np.array([r.request.temperature for r in rows], np.float32),
             "top_p": np.array([r.request.top_p for r in rows], np.float32),
             "max_tokens": np.array([r.request.max_tokens for r in rows], np.int32),
-            "done": np.zeros(len(rows), bool),
+            "done": np.zeros(len(rows), bool),  # (padding rows: set below)
             "ignore_eos": np.array([r.request.ignore_eos for r in rows], bool),
         }
-        extra = R - len(rows)
-        ids, mask, arrays, per_row = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]),
-                                                  (ids, mask, arrays, per_row))
-        per_row["done"][len(rows):] = True  # padding rows are done from the start
-        keys = jnp.stack([k for r in batch for k in self._keys(r)] + [jax.random.key(0)] * extra)
-        mesh = policy.mesh
-        placed = jax.device_put((ids, mask, arrays, per_row),
-                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
-        ids, mask, arrays, per_row = placed
+        keys = jnp.stack([k for r in batch for k in self._keys(r)] + [jax.random.key(0)] * (R - len(rows)))
+        ids, mask, arrays, per_row = sampling.to_devices(policy.mesh, R, ids, mask, arrays, per_row)
+        per_row["done"] = per_row["done"].at[len(rows):].set(True)  # padding rows are done from the start
         positions = arrays.pop("positions", None)
         sample = bool(any(r.request.temperature > 0 for r in rows))
         top_p = bool(any(r.request.top_p < 1 for r in rows if r.request.temperature > 0))
         self.stats["running"] = len(rows)
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(policy.mesh):
             state = self._prefill(self._state, ids, mask, arrays, positions, length=T + M)
             state.update(per_row, keys=keys, count=jnp.zeros(R, jnp.int32), step=jnp.int32(0))
             while True:
@@ -240,6 +236,9 @@ class Engine:
             new = int(count[i]) - len(row.tokens)
             row.tokens.extend(tokens[i, :new].tolist())
             hit_stop = bool(row.tokens) and row.tokens[-1] in self.stop_ids and not request.ignore_eos
+            ending = hit_stop or len(row.tokens) >= request.max_tokens or request.cancelled
+            if not (ending or request.stream or request.stop):
+                continue  # nobody reads the text before the end: decode it once then
             body = row.tokens[:-1] if hit_stop else row.tokens
             with self.lock:
                 text = decode(body, skip_special_tokens=True)
@@ -268,27 +267,15 @@ class Engine:
 
 
 def _prefill(graphdef, params, ids, mask, arrays, positions, *, length):
-    """Prompts through the decoder into a cache of `length` slots: the decode state (cache, last
-    logits, valid slots, last positions), as `sampling.generate` starts it."""
+    """`sampling.prefill` of a batch's host-collated arrays."""
     model = nnx.merge(graphdef, params)
-    lm = model.language_model
-    B, T = ids.shape
-    if positions is None:
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    images = model.images_of(arrays)
-    x = model.embed(ids, None if images is None else model.image_features(images))
-    valid = jnp.concatenate([mask > 0, jnp.zeros((B, length - T), bool)], axis=1)
-    attend = jnp.tril(jnp.ones((T, length), bool), 0)[None] & valid[:, None, :]
-    hidden, cache = lm(x, attend, positions, (lm.init_cache(B, length, x.dtype), 0))
-    return {"cache": cache, "logits": model.logits(hidden[:, -1]), "valid": valid,
-            "position": positions.reshape(B, -1).max(axis=1)}
+    return sampling.prefill(model, ids, mask, model.images_of(arrays), positions, length)
 
 
 def _decode(graphdef, params, state, *, steps, prompt_len, sample, top_p, stop_ids, suppress, pad_id):
-    """Up to `steps` decode steps of every row not done: (state, tokens int32[R, steps]); a row's
-    tokens of this chunk are its first (new `count` − old `count`) entries."""
+    """Up to `steps` decode steps (`sampling.step`) of every row not done: (state, tokens int32[R, steps]);
+    a row's tokens of this chunk are its first (new `count` − old `count`) entries."""
     model = nnx.merge(graphdef, params)
-    lm = model.language_model
     R = state["done"].shape[0]
     stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
 
@@ -304,19 +291,11 @@ def _decode(graphdef, params, state, *, steps, prompt_len, sample, top_p, stop_i
 
     def body(carry):
         j, out, s = carry
-        s = dict(s)
         token = jnp.where(s["done"], pad_id, pick(s))
-        out = out.at[:, j].set(token)
-        s["count"] = s["count"] + (~s["done"]).astype(jnp.int32)
-        s["done"] = s["done"] | (jnp.isin(token, stop) & ~s["ignore_eos"]) | (s["count"] >= s["max_tokens"])
-        slot = prompt_len + s["step"]
-        s["valid"] = s["valid"].at[:, slot].set(True)
-        s["position"] = s["position"] + 1
-        h, s["cache"] = lm(lm.embed_tokens(token[:, None]), s["valid"][:, None, :], s["position"][:, None],
-                           (s["cache"], slot))
-        s["logits"] = model.logits(h[:, 0])
-        s["step"] = s["step"] + 1
-        return j + 1, out, s
+        count = s["count"] + (~s["done"]).astype(jnp.int32)
+        done = s["done"] | (jnp.isin(token, stop) & ~s["ignore_eos"]) | (count >= s["max_tokens"])
+        s = sampling.step(model, s, token, prompt_len + s["step"])
+        return j + 1, out.at[:, j].set(token), {**s, "count": count, "done": done, "step": s["step"] + 1}
 
     def cond(carry):
         j, _, s = carry
