@@ -159,8 +159,10 @@ def load_model(source: str, run=None, *, mesh=None, step: int | None = None, mod
 
 
 def reference_model(config) -> str:
-    """A training config's reference, i.e. its initial model: model.path for init_from="model", else
-    init_from (an HF folder or a run's workdir)."""
+    """A training config's reference: `dpo.reference_from` if set, else its initial model (model.path for
+    init_from="model", else init_from: an HF folder or a run's workdir)."""
+    if config.dpo.reference_from:
+        return config.dpo.reference_from
     return config.model.path if config.init_from == "model" else config.init_from
 
 

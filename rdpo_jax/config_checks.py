@@ -89,6 +89,10 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
         _check(0 <= c.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
         _check(not (c.dpo.reference == "precomputed" and c.init_from == "scratch"), "dpo.reference",
                "precomputed reference log-likelihoods cannot come from a model initialized from scratch")
+        _check(not c.dpo.reference_from or os.path.exists(c.dpo.reference_from), "dpo.reference_from",
+               f"{c.dpo.reference_from!r} is not an existing HF folder or run workdir")
+        _check(not c.dpo.reference_from or c.dpo.reference != "none", "dpo.reference_from",
+               "is set, but dpo.reference is 'none': there is no reference to load")
     patterns(c.optim.freeze, "optim.freeze")
     multipliers(c.optim.lr_multipliers, "optim.lr_multipliers")
 

@@ -36,6 +36,7 @@ from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import config as model_config
 from rdpo_jax.models import families, hf
 
+KILL_AT_STEP_ENV = "RDPO_TEST_KILL_AT_STEP"  # testing only: SIGKILL after this step once saves are written (loop tests)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (rdpo_jax/configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, resolved config.")
@@ -161,6 +162,7 @@ def main(argv):
     window = _Window(config.optim.max_nonfinite, source)
     profiler = _Profiler(config.log.profile_steps, os.path.join(workdir, "profile"))
     step, element = start, first
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV) or 0)
     while step < config.total_steps:
         element = element or next(iterator)
         local = pipeline.agree_shapes(element["batch"], tokenizer.pad_id)
@@ -179,6 +181,9 @@ def main(argv):
         if evaluator and _itstime(step, config.eval.every, config.total_steps):
             logger.write(step, evaluator(state), prefix="eval/")
         checkpointer.save(step, state, force=step == config.total_steps)
+        if step == kill_at:  # testing only: a crash right after this step, its checkpoints written
+            checkpointer.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
         if _stop_requested(preempted, step):
             checkpointer.save(step, state, force=True)
             print(f"SIGTERM: saved step {step}; restart the same command to resume", flush=True)  # every process
@@ -274,7 +279,7 @@ def _check_reference_data(spec: str, options: pipeline.Options) -> None:
     if problem and problem[0] == "ref_fingerprint":
         raise config_checks.ConfigError(
             f"config.dpo.reference: the reference log-likelihoods in {spec} come from "
-            f"{record.get('ref_fingerprint')!r}, but this run's reference (its initial model) is "
+            f"{record.get('ref_fingerprint')!r}, but this run's reference (dpo.reference_from, else its initial model) is "
             f"{options.reference_fingerprint!r}")
     if problem:
         raise config_checks.ConfigError(f"{problem[1]} ({source.where(0)} of {spec})")
@@ -345,24 +350,37 @@ class _Setup:
 
     def initial_state(self):
         """The state of a run without a checkpoint: the parameters of `init_from` ("model": model.path's
-        weights, an HF folder, another run's latest checkpoint, or "scratch": a fresh init from `seed`)
-        and a fresh optimizer. Returns (state, where the parameters came from)."""
-        config, init = self.config, self.config.init_from
-        if init == "scratch":
+        weights, an HF folder, another run's latest checkpoint, or "scratch": a fresh init from `seed`), a
+        fresh optimizer and, for an online reference, its copy (of `dpo.reference_from` when set). Returns
+        (state, where the parameters came from)."""
+        config = self.config
+        params, origin = self._parameters(config.init_from, "init_from")
+        reference = None
+        if self.abstract.ref_params is not None and config.dpo.reference_from:
+            reference, ref_origin = self._parameters(config.dpo.reference_from, "dpo.reference_from")
+            origin += f"; reference: {ref_origin}"
+        try:
+            return train_step.new_state(params, self.optimizer, self.abstract, reference), origin
+        except ValueError as e:
+            raise config_checks.ConfigError(f"config.dpo.reference_from: {e}") from None
+
+    def _parameters(self, source: str, field: str) -> tuple[dict, str]:
+        """Every parameter of `source` ("scratch", "model", an HF folder or a run's workdir) as a nested
+        dict, and a phrase naming where they came from."""
+        config = self.config
+        if source == "scratch":
             model = families.create(self.model_config, self.run, mesh=self.mesh, seed=config.seed)
-            params, origin = nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"a fresh init (seed {config.seed})"
-        elif checkpoint.is_run_dir(init):
-            params, step = checkpoint.restore_params(init, train_step.abstract_params(self.model_config, self.run,
-                                                                                       self.mesh))
-            origin = f"the parameters of {init} (step {step})"
-        else:
-            path = config.model.path if init == "model" else init
-            model, loaded = hf.load_hf(path, self.run, mesh=self.mesh)
-            if loaded != self.model_config:
-                raise config_checks.ConfigError(f"config.init_from: {path} holds a different architecture than "
-                                                f"model.path {config.model.path}")
-            params, origin = nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"the Hugging Face weights in {path}"
-        return train_step.new_state(params, self.optimizer, self.abstract), origin
+            return nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"a fresh init (seed {config.seed})"
+        if checkpoint.is_run_dir(source):
+            params, step = checkpoint.restore_params(source, train_step.abstract_params(self.model_config, self.run,
+                                                                                         self.mesh))
+            return params, f"the parameters of {source} (step {step})"
+        path = config.model.path if source == "model" else source
+        model, loaded = hf.load_hf(path, self.run, mesh=self.mesh)
+        if loaded != self.model_config:
+            raise config_checks.ConfigError(f"config.{field}: {path} holds a different architecture than "
+                                            f"model.path {config.model.path}")
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"the Hugging Face weights in {path}"
 
     def steps(self) -> train_step.Steps:
         c = self.config

@@ -77,21 +77,34 @@ def abstract_state(model_config, run, optimizer: optax.GradientTransformation, m
                                 ref_params=params if reference else None, nonfinite=scalar)
 
 
-def new_state(params: dict, optimizer: optax.GradientTransformation, abstract: TrainState) -> TrainState:
+def new_state(params: dict, optimizer: optax.GradientTransformation, abstract: TrainState,
+              reference: dict | None = None) -> TrainState:
     """The TrainState at step 0 from a model's parameters (a nested dict of every parameter, trainable
     and frozen: loaded, restored or freshly initialized), split as `abstract` splits them, with a fresh
-    optimizer state and, if `abstract` has one, the reference copy; one jit onto `abstract`'s shardings."""
-    def build(params):
-        def pick(tree):
-            return jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(params, kp, "model"), tree)
+    optimizer state and, if `abstract` has one, the reference copy: of `params`, or of `reference` (another
+    model's parameters, e.g. the first policy of iterative DPO); one jit onto `abstract`'s shardings.
+    Only trainable parameters have a reference copy, so `reference`'s frozen ones must equal `params`'."""
+    def build(params, reference):
+        def pick(tree, source):
+            return jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(source, kp, "model"), tree)
 
-        trainable = pick(abstract.params)
-        ref = None if abstract.ref_params is None else jax.tree.map(jnp.copy, trainable)
+        trainable = pick(abstract.params, params)
+        ref = None
+        if abstract.ref_params is not None:
+            ref = jax.tree.map(jnp.copy, trainable if reference is None else pick(abstract.params, reference))
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=trainable, opt_state=optimizer.init(trainable),
-                          frozen=pick(abstract.frozen), ref_params=ref, nonfinite=zero)
+                          frozen=pick(abstract.frozen, params), ref_params=ref, nonfinite=zero)
 
-    return jax.jit(build, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(params)
+    if reference is not None:
+        frozen = [jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(p, kp, "model"), abstract.frozen)
+                  for p in (params, reference)]
+        equal = jax.jit(lambda a, b: jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in
+                                                         zip(jax.tree.leaves(a), jax.tree.leaves(b))] or [True])))
+        if not bool(equal(*frozen)):
+            raise ValueError("the reference model's frozen parameters differ from the policy's: only trainable "
+                             "parameters have a reference copy (freeze the same parameters in both, or train them)")
+    return jax.jit(build, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(params, reference)
 
 
 def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, freeze=(),

@@ -2,12 +2,14 @@
 freezing and per-group learning rates do what they say."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from rdpo_jax import optim, packing, sharding, train_step
 from rdpo_jax.models import hf
@@ -175,6 +177,27 @@ def test_online_reference_equals_precomputed(tiny_llava, mesh1):
     assert pre.ref_params is None
     _close(_delta(p0, pre), _delta(p0, online), rtol=1e-4, atol=1e-6)
     assert m_pre["loss"] == pytest.approx(m_online["loss"], rel=1e-5)
+
+
+def test_reference_from_another_model(tiny_llava, mesh1):
+    """`new_state(..., reference=)`: the reference copy holds the other model's trainable parameters, the
+    policy its own; a reference whose frozen parameters differ is refused (it has no copy of them)."""
+    folder, _ = tiny_llava(NAME)
+    model, _ = hf.load_hf(folder, mesh=mesh1)
+    optimizer = optax.sgd(1.0)
+    freeze = (re.compile("vision_tower/.*"),)
+    graphdef, abstract = train_step.abstract_state(model.config, model.run, optimizer, mesh1, freeze=freeze,
+                                                   reference=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    other = jax.tree.map(lambda x: x, params)
+    other["language_model"] = jax.tree.map(lambda x: x + 1.0, params["language_model"])
+    state = train_step.new_state(params, optimizer, abstract, other)
+    _close(state.ref_params["language_model"], jax.tree.map(lambda x: x + 1.0, params["language_model"]))
+    _close(state.params["language_model"], params["language_model"])
+    _close(state.ref_params["multi_modal_projector"], params["multi_modal_projector"])
+    other["vision_tower"] = jax.tree.map(lambda x: x * 2.0, params["vision_tower"])
+    with pytest.raises(ValueError, match="frozen parameters differ"):
+        train_step.new_state(params, optimizer, abstract, other)
 
 
 def test_freeze_and_group_learning_rates(tiny_llava, mesh1):

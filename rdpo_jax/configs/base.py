@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.dpo.sft_weight = 0.0  # α·(token-mean NLL of the chosen answer) added to every pair's loss
     c.dpo.pair_layout = "shared_prefix"  # "shared_prefix" | "concat" | "multi_answer" (packing.py)
     c.dpo.reference = "model"  # "model" (frozen copy, same jit) | "precomputed" (in the data) | "none"
+    # The reference model: "" (the run's initial parameters, init_from), or an HF folder or a run's workdir
+    # (iterative DPO against the first policy while training on from the last round's)
+    c.dpo.reference_from = ""  # see the comment above
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6  # peak learning rate
