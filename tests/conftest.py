@@ -19,7 +19,7 @@ from tests import tiny_qwen as tiny_qwen_lib  # noqa: E402
 
 # The longest files, run first: `make test` hands whole files to two xdist workers in collection order
 # (--no-loadscope-reorder), and a three-minute file handed out last would run alone at the end.
-SLOW_FIRST = ("test_demo.py", "test_multihost.py", "test_train.py", "test_chain.py", "test_serve.py")
+SLOW_FIRST = ("test_demo.py", "test_multihost.py", "test_train.py", "test_loop.py", "test_chain.py", "test_serve.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -56,12 +56,11 @@ def tiny_qwen(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smoke_dir(tmp_path_factory):
     """`python -m rdpo_jax.data_prep.smoke` output with 8 pairs (one fixed batch of the smoke config) and 16 SFT
-    examples, built once per session."""
+    examples, the prompt files), built once per session."""
     from rdpo_jax.data_prep import smoke
 
     out = str(tmp_path_factory.mktemp("smoke"))
-    smoke.write_model(f"{out}/model")
-    smoke.write_data(out, pairs=8, sft=16, seed=0)
+    smoke.write_setup(out, pairs=8, sft=16, seed=0)
     return out
 
 
@@ -72,8 +71,7 @@ def qwen_smoke_dir(tmp_path_factory):
     from rdpo_jax.data_prep import smoke
 
     out = str(tmp_path_factory.mktemp("qwen_smoke"))
-    smoke.write_model(f"{out}/model", family="qwen2_5_vl")
-    smoke.write_data(out, pairs=8, sft=16, seed=0, family="qwen2_5_vl")
+    smoke.write_setup(out, pairs=8, sft=16, seed=0, family="qwen2_5_vl")
     return out
 
 

@@ -53,17 +53,6 @@ def final_params(workdir: str, smoke_dir: str) -> tuple[dict, int]:
 
 def prompts_jsonl(folder, n: int = 6) -> str:
     """`build_rubrics` input: n prompts describing random 24×24 images, with ground truth for the verifier."""
-    import numpy as np
-    from PIL import Image
+    from rdpo_jax.data_prep import smoke
 
-    rng = np.random.default_rng(0)
-    colours = ["red", "green", "blue", "yellow"]
-    os.makedirs(os.path.join(folder, "images"))
-    with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(os.path.join(folder, "images", f"{i}.png"))
-            truth = {"mentions": [colours[i % 4]], "details": ["circle"], "absent": [colours[(i + 1) % 4]],
-                     "max_words": 8}
-            f.write(json.dumps({"prompt_id": f"p{i}", "image": f"images/{i}.png", "instruction": "describe the image",
-                                "ground_truth": truth}) + "\n")
-    return os.path.join(folder, "prompts.jsonl")
+    return smoke.write_prompts(str(folder), "prompts", n=n, seed=0)

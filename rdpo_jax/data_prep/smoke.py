@@ -9,6 +9,8 @@ DIR/model      a Hugging Face model folder, a few thousand parameters per layer:
                Qwen2VLImageProcessor, records holding 0, 1 or 2 images of different sizes.
 DIR/pairs      rubric-scored preference pairs (ArrayRecord + manifest), DIR/pairs_eval held-out pairs
 DIR/sft        SFT examples
+DIR/prompts.jsonl, DIR/heldout_prompts.jsonl   8 and 6 prompts (images in DIR/images) with ground truth,
+               for build_rubrics --generator=rule (the loop's smoke config builds its pools from them)
 Texts are random words from a small vocabulary and images are random; the point is to exercise every
 component with real files, not to learn anything.
 """
@@ -154,6 +156,36 @@ def write_data(out: str, *, pairs: int, sft: int, seed: int, family: str = "llav
     arrayrecord.write(out, "sft", "sft", [sft_example(rng, family) for _ in range(sft)], num_shards=2)
 
 
+def write_prompts(out: str, name: str = "prompts", n: int = 6, seed: int = 0) -> str:
+    """`build_rubrics` input: OUT/NAME.jsonl, n prompts describing random 24×24 images (OUT/images/), each
+    with ground truth for the rule generator and verifier (a colour to mention, a detail, an absent colour to
+    avoid, a word budget). Returns the JSONL path."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = ["red", "green", "blue", "yellow"]
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    with open(os.path.join(out, name + ".jsonl"), "w") as f:
+        for i in range(n):
+            image = f"images/{name}-{i}.png"
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(os.path.join(out, image))
+            truth = {"mentions": [colours[i % 4]], "details": ["circle"], "absent": [colours[(i + 1) % 4]],
+                     "max_words": 8}
+            f.write(json.dumps({"prompt_id": f"p{i}", "image": image, "instruction": "describe the image",
+                                "ground_truth": truth}) + "\n")
+    return os.path.join(out, name + ".jsonl")
+
+
+def write_setup(out: str, *, pairs: int = 32, sft: int = 32, seed: int = 0, family: str = "llava") -> None:
+    """Everything the module doc lists, in OUT."""
+    write_model(os.path.join(out, "model"), seed=seed, family=family)
+    write_data(out, pairs=pairs, sft=sft, seed=seed, family=family)
+    write_prompts(out, "prompts", n=8, seed=seed)
+    write_prompts(out, "heldout_prompts", n=6, seed=seed + 1)
+
+
 # Checked in main, not by absl: programs that import this module as a library (benchmarks) parse flags too.
 _OUT = flags.DEFINE_string("out", None, "Output folder (required).")
 _PAIRS = flags.DEFINE_integer("pairs", 32, "Training pairs.")
@@ -166,9 +198,8 @@ def main(argv):
     del argv
     if not _OUT.value:
         raise app.UsageError("--out is required")
-    write_model(os.path.join(_OUT.value, "model"), seed=_SEED.value, family=_FAMILY.value)
-    write_data(_OUT.value, pairs=_PAIRS.value, sft=_SFT.value, seed=_SEED.value, family=_FAMILY.value)
-    print(f"wrote {_OUT.value}/model, pairs, pairs_eval, sft")
+    write_setup(_OUT.value, pairs=_PAIRS.value, sft=_SFT.value, seed=_SEED.value, family=_FAMILY.value)
+    print(f"wrote {_OUT.value}/model, pairs, pairs_eval, sft, prompts.jsonl, heldout_prompts.jsonl")
 
 
 if __name__ == "__main__":
