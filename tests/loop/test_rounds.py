@@ -1,0 +1,120 @@
+"""The loop's pieces without a model: stages recorded in the manifest, never redone, their inputs
+fingerprinted and a changed input refused; the recorded config and its refusal; the config file's options
+are the commands' flags."""
+
+import json
+import os
+import re
+import sys
+
+import pytest
+
+from rdpo_jax.configs import loop_base, loop_demo, loop_smoke
+from rdpo_jax.data import arrayrecord
+from rdpo_jax.loop import rounds
+from rdpo_jax.loop.__main__ import check_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _json_tool(src, dst):
+    """A stage: `python -m json.tool SRC DST` (a real command that fails on bad input)."""
+    return lambda: ("json.tool", [src, dst], {"src": src}, {"dst": dst})
+
+
+def test_a_stage_runs_once_and_its_changed_input_is_refused(tmp_path):
+    src, dst = str(tmp_path / "in.json"), str(tmp_path / "out.json")
+    with open(src, "w") as f:
+        f.write("{not json")
+    R = rounds.Round(str(tmp_path / "runs"), 1, dict(os.environ), ROOT)
+    with pytest.raises(rounds.StageFailed, match=r"round 1 copy: exit 1 \(log .*copy\.log\)"):
+        R.run("copy", _json_tool(src, dst))
+    st = json.load(open(R.path))["stages"]["copy"]
+    assert st["status"] == "failed" and st["attempts"] == 1 and st["module"] == "json.tool"
+    assert st["input_fingerprints"]["src"].startswith("file:") and "Expecting property name" in open(st["log"]).read()
+
+    # the input changed since the first attempt: resuming would mix two inputs' outputs
+    with open(src, "w") as f:
+        json.dump({"a": 1}, f)
+    R = rounds.Round(str(tmp_path / "runs"), 1, dict(os.environ), ROOT)
+    with pytest.raises(rounds.StageFailed, match=r"its inputs changed since its first attempt: src \(.*in\.json: file:"):
+        R.run("copy", _json_tool(src, dst))
+
+    # started over (its entry deleted), it runs with the recorded command; a finished stage is not run again
+    R.m["stages"].clear()
+    st = R.run("copy", _json_tool(src, dst))
+    assert st["status"] == "done" and json.load(open(dst)) == {"a": 1}
+    assert st["output_fingerprints"] == {"dst": rounds.fingerprint(dst)}
+    os.remove(dst)
+    again = rounds.Round(str(tmp_path / "runs"), 1, dict(os.environ), ROOT).run("copy", _json_tool("x", "y"))
+    assert again["attempts"] == 1 and not os.path.exists(dst)
+    # a skipped stage is recorded once, with its reason
+    R.skip("train", "the miner found no pairs")
+    R.skip("train", "another reason")
+    assert json.load(open(R.path))["stages"]["train"] == {"status": "skipped", "note": "the miner found no pairs"}
+
+
+def test_fingerprints_tell_inputs_apart(tmp_path):
+    # a dataset by its manifest's kind and shards (not its creation time)
+    ds = str(tmp_path / "pool")
+    arrayrecord.write_manifest(str(tmp_path), "pool", "samples", [("pool-00000-of-00001.array_record", 3)], "test")
+    before = rounds.fingerprint(ds)
+    assert before.startswith("dataset:3:")
+    arrayrecord.write_manifest(str(tmp_path), "pool", "samples", [("pool-00000-of-00001.array_record", 3)], "again")
+    assert rounds.fingerprint(ds) == before
+    arrayrecord.write_manifest(str(tmp_path), "pool", "samples", [("pool-00000-of-00001.array_record", 4)], "test")
+    assert rounds.fingerprint(ds).startswith("dataset:4:")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    first = rounds.fingerprint(str(folder))
+    (folder / "model.safetensors").write_bytes(b"0" * 8)
+    assert first.startswith("folder:") and rounds.fingerprint(str(folder)) != first
+    assert rounds.fingerprint(str(tmp_path / "nothing")) == "missing"
+
+
+def test_a_changed_config_is_refused_naming_the_fields(tmp_path, capsys):
+    wd = str(tmp_path)
+    c = loop_smoke.get_config(f"dir={wd}")
+    check_config(wd, c, allow_change=False)
+    check_config(wd, c, allow_change=False)  # the same config: accepted
+    c2 = loop_smoke.get_config(f"dir={wd}")
+    c2.sample.n, c2.pairs.miner, c2.rounds = 2, "outcome", 5  # `rounds` may change freely
+    with pytest.raises(SystemExit, match=r"pairs\.miner: 'rubric' → 'outcome'\n  sample\.n: 4 → 2\n") as e:
+        check_config(wd, c2, allow_change=False)
+    assert "rounds" not in str(e.value)
+    check_config(wd, c2, allow_change=True)
+    record = json.load(open(os.path.join(wd, "loop_config.json")))
+    assert record["config"]["sample.n"] == 2 and record["changes"][0]["fields"] == {
+        "pairs.miner": ["rubric", "outcome"], "sample.n": [4, 2]}
+    assert "config changed (pairs.miner, sample.n)" in capsys.readouterr().out
+
+
+# loop config group → the command whose flags it holds (evaluate's `initial` is the loop's own)
+COMMANDS = {"sample": "rdpo_jax/data_prep/sample.py", "judge": "rdpo_jax/data_prep/judge.py",
+            "pairs": "rdpo_jax/data_prep/make_pairs.py", "evaluate": "rdpo_jax/evaluate.py"}
+
+
+def test_loop_options_are_the_commands_flags_and_each_has_a_comment():
+    c = loop_base.get_config()
+    for group, module in COMMANDS.items():
+        source = open(os.path.join(ROOT, module)).read()
+        for key in c[group]:
+            if (group, key) != ("evaluate", "initial"):
+                assert re.search(rf'DEFINE_\w+\(\s*"{key}"', source), f"{group}.{key} is not a flag of {module}"
+    text = open(loop_base.__file__).read()
+    for line in text.splitlines():
+        if line.strip().startswith("c.") and " = " in line and "ConfigDict()" not in line:
+            assert "#" in line, line
+
+
+def test_demo_and_smoke_loop_configs():
+    for arm, (miner, loss) in loop_demo.ARMS.items():
+        c = loop_demo.get_config(f"dir=/wd,arm={arm},seed=2,steps=5")
+        assert c.pairs.miner == miner and f"loss={loss},steps=5,seed=2" in c.train.config
+        assert c.first_judged == "/wd/seed2/round1/judged" and c.policy == "/wd/sft"
+    with pytest.raises(ValueError, match="arm='dpo' is not one of"):
+        loop_demo.get_config("dir=/wd,arm=dpo")
+    c = loop_smoke.get_config("dir=/s,reference=initial,ref_logps=1")
+    assert c.reference == "initial" and c.ref_logps is True and c.pool.train == "/s/prompts.jsonl"
+    assert sys.modules["rdpo_jax.configs.loop_smoke"].__doc__.count("python -m rdpo_jax.loop") == 1

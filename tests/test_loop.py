@@ -1,0 +1,140 @@
+"""`python -m rdpo_jax.loop` on the smoke setup (real commands in subprocesses): two rounds end to end with
+precomputed reference log-likelihoods against the initial policy; a rerun redoes nothing; a changed config
+is refused naming the fields; `--rounds` raised continues a finished loop; SIGKILLs during round 2's
+sampling and training, each followed by a rerun, end in the same table as the uninterrupted loop."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from rdpo_jax.data import arrayrecord
+from rdpo_jax.loop import rounds
+from rdpo_jax.models import hf
+from tests import runs
+
+ROUND_STAGES = ["sample", "judge", "pairs", "ref_logps", "train", "evaluate"]
+
+
+def _loop(workdir, smoke_dir, *extra):
+    return [sys.executable, "-m", "rdpo_jax.loop",
+            f"--config=rdpo_jax/configs/loop_smoke.py:dir={smoke_dir},reference=initial,ref_logps=1",
+            f"--workdir={workdir}", *extra]
+
+
+def _manifest(workdir, r):
+    with open(os.path.join(workdir, f"round_{r:03d}", "manifest.json")) as f:
+        return json.load(f)
+
+
+def _table(text):
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def _scalars(folder):
+    """(tag, step, value) of every scalar in the TensorBoard event files of `folder`."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        data = open(path, "rb").read()
+        i = 0
+        while i < len(data):  # TFRecord framing: length, its CRC, the event, its CRC
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+@pytest.fixture(scope="module")
+def loops(smoke_dir, compile_cache, tmp_path_factory):
+    """Loop A: round 1, then (the workdir copied as loop B) `--rounds=2`. Returns the folders, A's stdout."""
+    root = tmp_path_factory.mktemp("loop")
+    a, b = str(root / "a"), str(root / "b")
+    env = runs.env(compile_cache)
+    first = runs.run(_loop(a, smoke_dir, "--rounds=1"), env, timeout=600)
+    shutil.copytree(a, b, symlinks=True)
+    second = runs.run(_loop(a, smoke_dir, "--rounds=2"), env, timeout=600)
+    return a, b, env, first.stdout, second.stdout
+
+
+def test_two_rounds_end_to_end(loops, smoke_dir):
+    a, _, env, first, second = loops
+    assert "| 1 | trained 4 steps |" in first and "| 2 |" not in first
+    # round 0: the pools built from the prompt files, the initial policy evaluated
+    m0 = _manifest(a, 0)
+    assert {k: s["status"] for k, s in m0["stages"].items()} == {
+        "rubrics_train": "done", "rubrics_heldout": "done", "evaluate": "done"}
+    assert len(list(arrayrecord.read(m0["pools"]["train"]))) == 8
+    for r in (1, 2):
+        m = _manifest(a, r)
+        assert m["status"] == "done" and list(m["stages"]) == ROUND_STAGES
+        for name, st in m["stages"].items():
+            assert st["status"] == "done" and st["attempts"] == 1, (r, name)
+            assert st["module"].startswith("rdpo_jax.") and os.path.exists(st["log"])
+            assert set(st["input_fingerprints"]) == set(st["inputs"]) and set(st["output_fingerprints"]) == set(st["outputs"])
+            assert "missing" not in st["input_fingerprints"].values()
+        # each round samples the policy the previous one trained, and trains on from it
+        policy = m0["policy_after"] if r == 1 else _manifest(a, 1)["policy_after"]
+        assert m["policy_before"] == policy and m["policy_after"] == f"{a}/round_{r:03d}/run"
+        samples = list(arrayrecord.read(f"{a}/round_{r:03d}/samples"))
+        assert len(samples) == 32 and {s["sampler"]["model"] for s in samples} == {policy}
+        run_config = json.load(open(f"{a}/round_{r:03d}/run/config.json"))
+        assert run_config["init_from"] == policy and run_config["dpo"]["reference"] == "precomputed"
+        # the reference is the initial policy in both rounds: round 2's pairs carry its log-likelihoods
+        ref = {p["ref_fingerprint"] for p in arrayrecord.read(f"{a}/round_{r:03d}/pairs_ref")}
+        assert ref == {hf.fingerprint(f"{smoke_dir}/model")}
+        assert run_config["dpo"]["reference_from"] == ("" if r == 1 else f"{smoke_dir}/model")
+    # the round-1 stages were not run again when --rounds was raised
+    assert "round 1 sample" not in second and "round 2 sample" in second
+    # the table: printed, summary.md, report.html; round-level TensorBoard scalars
+    table = _table(second)
+    assert len(table) == 2 + 3 and table[1 + 1].startswith("| 0 | initial | – | – |")
+    assert _table(open(f"{a}/summary.md").read())[:5] == table
+    page = open(f"{a}/report.html").read()
+    assert "<table>" in page and page.count("data:image/png;base64") == 2 and "round_002/logs/train.log" in page
+    metrics = json.load(open(f"{a}/round_002/eval/metrics.json"))
+    scalars = _scalars(f"{a}/tensorboard")
+    assert sorted(s for t, s, _ in scalars if t == "eval/rubric_score") == [0, 1, 2]
+    assert [v for t, s, v in scalars if t == "eval/rubric_score" and s == 2] == [pytest.approx(metrics["rubric_score"])]
+    assert {s for t, s, _ in scalars if t == "pairs"} == {1, 2}
+
+    # a rerun does nothing and prints the same table
+    again = runs.run(_loop(a, smoke_dir, "--rounds=2"), env)
+    assert " … (log" not in again.stdout and _table(again.stdout) == table
+    # a changed config is refused, naming the fields; --allow_config_change accepts it (nothing left to run)
+    changed = _loop(a, smoke_dir, "--rounds=2", "--config.sample.n=2", "--config.pairs.margin=0.2")
+    proc = subprocess.run(changed, cwd=runs.ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "sample.n: 4 → 2" in proc.stderr and "pairs.margin: 0.05 → 0.2" in proc.stderr
+    assert "round" not in proc.stdout  # nothing ran
+    runs.run(changed + ["--allow_config_change"], env)
+    assert json.load(open(f"{a}/loop_config.json"))["changes"][0]["fields"]["sample.n"] == [4, 2]
+
+
+def test_killed_during_round_two_resumes_to_the_same_table(loops, smoke_dir):
+    a, b, env, _, second = loops
+    chunks = {}
+    for hook, stage in (("2/sample:" + "RDPO_TEST_KILL_AT_RECORD=10", "sample"),
+                        ("2/train:" + "RDPO_TEST_KILL_AT_STEP=3", "train")):
+        proc = subprocess.run(_loop(b, smoke_dir, "--rounds=2"), cwd=runs.ROOT, env=dict(env, **{rounds.KILL_ENV: hook}),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-3000:]
+        # the machine went down: the stage is recorded as running, its partial output is on disk
+        assert _manifest(b, 2)["stages"][stage]["status"] == "running"
+        chunks.setdefault(stage, len(glob.glob(f"{b}/round_002/samples-*.keys.json")))
+    assert chunks["sample"] == 1  # two prompts' samples were committed before the kill, and kept
+    done = runs.run(_loop(b, smoke_dir, "--rounds=2"), env, timeout=600)
+    m = _manifest(b, 2)
+    assert {k: s["attempts"] for k, s in m["stages"].items()} == {
+        "sample": 2, "judge": 1, "pairs": 1, "ref_logps": 1, "train": 2, "evaluate": 1}
+    assert "train, attempt 2" in done.stdout and "round 2 sample" not in done.stdout  # finished stages not redone
+    assert _table(done.stdout) == _table(second)
+    train_log = open(m["stages"]["train"]["log"]).read()
+    assert "state from checkpoint 2" in train_log
