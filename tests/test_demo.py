@@ -3,13 +3,14 @@ commands on a tiny budget, with the Qwen2.5-VL policy — every stage's output e
 the table has every arm and round, a re-run reuses every stage. (`make demo`'s default family, LLaVA, runs
 the same commands; its world's model is checked on its own.)"""
 
+import glob
 import json
 import os
 import sys
 
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.demo import world
-from rdpo_jax.demo.__main__ import ARMS
+from rdpo_jax.configs.loop_demo import ARMS
 from tests import runs
 
 
@@ -40,46 +41,48 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
         assert all(all("check" in c for c in p["rubric"]["criteria"]) for p in pool)
     describe = [p for p in pool if p["prompt_id"].startswith("describe")]
     assert any(c["id"].startswith("absent:") for c in describe[0]["rubric"]["criteria"])
-    # the round: samples → verdicts → pairs of both miners
+    # round 1: the SFT policy's samples → verdicts, shared by the arms; each arm's loop mines its own pairs
     judged = _dataset(f"{wd}/seed0/round1/judged", "samples")
     assert all(s["judge"] == "verifier" and "scores" in s for s in judged)
-    for miner in ("rubric", "outcome"):
-        pairs = list(arrayrecord.read(f"{wd}/seed0/round1/pairs_{miner}"))
-        assert all(p["meta"]["miner"] == miner for p in pairs)
-    # training runs and evaluations of base and every arm
-    for run in ["sft"] + [f"seed0/{arm}" for arm in ARMS]:
-        assert os.listdir(f"{wd}/{run}/checkpoints"), run
-    for ev in ["base"] + [f"seed0/{arm}" for arm in ARMS]:
-        metrics = json.load(open(f"{wd}/eval/{ev}/metrics.json"))
+    assert {s["sampler"]["model"] for s in judged} == {f"{wd}/sft"}
+    for arm, (miner, loss) in ARMS.items():
+        loop = f"{wd}/seed0/{arm}"
+        r1 = json.load(open(f"{loop}/round_001/manifest.json"))
+        assert r1["status"] == "done" and r1["stages"]["sample"]["status"] == "skipped"
+        assert r1["stages"]["pairs"]["inputs"]["judged"] == f"{wd}/seed0/round1/judged"
+        assert all(p["meta"]["miner"] == miner for p in arrayrecord.read(f"{loop}/round_001/pairs"))
+        run = json.load(open(f"{loop}/round_001/run/config.json"))
+        assert run["init_from"] == f"{wd}/sft" and run["dpo"]["loss_type"] == loss
+        assert os.listdir(f"{loop}/round_001/run/checkpoints")
+        # round 2: the arm samples its own round-1 policy and trains on from it (or keeps it, with no pairs)
+        r2 = json.load(open(f"{loop}/round_002/manifest.json"))
+        assert r2["policy_before"] == f"{loop}/round_001/run"
+        samples = _dataset(f"{loop}/round_002/judged", "samples")
+        assert {s["sampler"]["model"] for s in samples} == {f"{loop}/round_001/run"}
+        if json.load(open(f"{loop}/round_002/pairs.manifest.json"))["count"]:
+            assert json.load(open(f"{loop}/round_002/run/config.json"))["init_from"] == f"{loop}/round_001/run"
+        else:
+            assert r2["policy_after"] == f"{loop}/round_001/run" and r2["stages"]["train"]["status"] == "skipped"
+    # evaluations of the base and of every arm after each round
+    for ev in ["eval/base"] + [f"seed0/{arm}/round_{r:03d}/eval" for arm in ARMS for r in (1, 2)]:
+        metrics = json.load(open(f"{wd}/{ev}/metrics.json"))
         assert metrics["prompts"] == 12 and set(metrics["groups"]) <= set(world.KINDS)
         assert "essential_pass" in metrics and "rubric_score" in metrics
     table = open(f"{wd}/results.md").read()
-    for row in ["base (SFT)", *ARMS]:
+    for row in ["base (SFT)", *ARMS, *(f"{arm} round 2" for arm in ARMS)]:
         assert f"| {row} |" in table
     assert "| rubric+rubric |" in first.stdout  # the table is printed at the end
     page = open(f"{wd}/report.html").read()
     assert page.count("data:image/png;base64") >= 7  # curves and example scenes
     assert "outcome+sigmoid" in page and "<li class=" in page  # per-criterion verdicts
 
-    # round 2: each arm samples its own policy, mines with its own miner and trains on from its round-1 run
-    for arm, (miner, _) in ARMS.items():
-        samples = _dataset(f"{wd}/seed0/{arm}-round2/judged", "samples")
-        assert {s["sampler"]["model"] for s in samples} == {f"{wd}/seed0/{arm}"}  # the arm's own policy
-        assert os.path.exists(f"{wd}/seed0/{arm}-round2/pairs_{miner}.manifest.json")
-        assert not os.path.exists(f"{wd}/seed0/{arm}-round2/pairs_{'outcome' if miner == 'rubric' else 'rubric'}")
-        mined = json.load(open(f"{wd}/seed0/{arm}-round2/pairs_{miner}.manifest.json"))["count"]
-        if mined:
-            assert json.load(open(f"{wd}/seed0/{arm}-round2/run/config.json"))["init_from"] == f"{wd}/seed0/{arm}"
-        else:  # no pairs to learn from: the arm's policy stays its round-1 run
-            assert os.path.realpath(f"{wd}/seed0/{arm}-round2/run") == os.path.realpath(f"{wd}/seed0/{arm}")
-        assert json.load(open(f"{wd}/eval/seed0/{arm}-round2/metrics.json"))["prompts"] == 12
-        assert f"| {arm} round 2 |" in table
-
-    # a re-run reuses every stage (world, rubrics, sft, round 1, then per arm: train, round 2, train 2) and
-    # every evaluation, and prints the same table
+    # a re-run reuses every stage (world, rubrics, sft, round 1's samples, the base's evaluation); each
+    # arm's loop finds its rounds done and runs nothing; the same table is printed
     again = runs.run(cmd, env, timeout=300)
-    assert again.stdout.count("done before") == 4 + 3 * len(ARMS) + 1
-    assert "[demo] evaluate: done before" in again.stdout
+    assert again.stdout.count("done before") == 5 and "[demo] evaluate: done before" in again.stdout
+    loop_logs = sorted(glob.glob(f"{wd}/logs/*-rdpo_jax.loop.log"), key=lambda p: int(os.path.basename(p).split("-")[0]))
+    for log in loop_logs[-len(ARMS):]:
+        assert " … (log" not in open(log).read(), log
 
     def rows(text):
         return [line for line in text.splitlines() if line.startswith("|")]

@@ -5,7 +5,8 @@ DPO arms on the pairs of one on-policy round.
     python -m rdpo_jax.train --config=rdpo_jax/configs/demo.py:dir=WD,objective=dpo,pairs=WD/round1/pairs_rubric,loss=rubric \\
         --workdir=WD/arm_rubric
 
-Arguments: dir (the demo workdir, required), objective (sft | dpo), pairs (dpo: the pairs dataset),
+Arguments: dir (the demo workdir, required), objective (sft | dpo), pairs (dpo: the pairs dataset; the
+demo's loop sets data.train instead),
 loss (dpo: a loss type), steps (override the step budget), seed, init (dpo: the policy to start from and
 use as reference; default the SFT run), family (llava | qwen2_5_vl: the world's model family).
 """
@@ -40,7 +41,7 @@ def get_config(arg: str = ""):
     else:
         c.init_from = args.get("init", f"{d}/sft")  # the policy trained on; also the frozen reference
         c.total_steps = int(args.get("steps", 80))
-        c.data.train = args["pairs"]
+        c.data.train = args.get("pairs", "")  # the loop sets data.train every round
         c.data.batch_size = 16
         c.data.seq_buckets = (120,)  # prompt + chosen + rejected in one row (shared prefix)
         c.dpo.loss_type = args.get("loss", "sigmoid")

@@ -9,11 +9,14 @@ WORKDIR/stages/ and skipped on the next run unless --fresh):
               prompt files
   rubrics     rdpo_jax.data_prep.build_rubrics --generator=rule (train and held-out pools)
   sft         rdpo_jax.train rdpo_jax/configs/demo.py objective=sft (the warm start = the "base" row)
-  per seed:   rdpo_jax.data_prep.sample → rdpo_jax.data_prep.judge (verifier) → rdpo_jax.data_prep.make_pairs (rubric miner, and
-              the outcome miner on final-answer correctness) → rdpo_jax.train for each arm; with
-              --rounds=N each arm then repeats sample → judge → its miner → train from its own policy
-  evaluate    rdpo_jax.evaluate on the held-out pool: base and every arm (one process; models that
-              already have their metrics are skipped)
+  per seed:   rdpo_jax.data_prep.sample → rdpo_jax.data_prep.judge (verifier): the SFT policy's answers,
+              shared by every arm's first round
+  per arm:    rdpo_jax.loop (rdpo_jax/configs/loop_demo.py; WORKDIR/seedS/ARM): each round mines pairs
+              with the arm's miner (rubric, or the outcome miner on final-answer correctness), trains
+              rdpo_jax.train from the arm's previous policy and evaluates it on the held-out pool; round 2
+              on samples and judges the arm's own policy first (--rounds=N). Always called: the loop
+              itself skips what it finished (and continues when --rounds is raised)
+  evaluate    rdpo_jax.evaluate of the SFT policy on the held-out pool (the table's "base" row)
   report      the table (printed, WORKDIR/results.md) and WORKDIR/report.html
 """
 
@@ -28,13 +31,8 @@ import time
 
 from absl import app, flags, logging
 
+from rdpo_jax.configs.loop_demo import ARMS
 from rdpo_jax.demo import report, world
-
-ARMS = {  # name: (pairs miner, loss type)
-    "outcome+sigmoid": ("outcome", "sigmoid"),
-    "rubric+sigmoid": ("rubric", "sigmoid"),
-    "rubric+rubric": ("rubric", "rubric"),
-}
 BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fast variant
     "full": dict(sft_examples=3000, sft_steps=1500, train_prompts=512, heldout_prompts=384, samples=8,
                  dpo_steps=80, max_new_tokens=56),
@@ -53,8 +51,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", "demo_workdir", "Everything the demo writes goes here.")
     flags.DEFINE_enum("budget", "full", list(BUDGETS), "full: the demo; tiny: a fast check of every stage.")
     flags.DEFINE_integer("seeds", 1, "Seeds of the on-policy round and DPO runs (the table shows the spread).")
-    flags.DEFINE_integer("rounds", 1, "On-policy rounds per arm: round 1 samples the SFT policy (shared by the "
-                         "arms); each later round samples the arm's own policy and trains on from it.")
+    flags.DEFINE_integer("rounds", 1, "On-policy rounds per arm (the loop's --rounds): round 1 samples the SFT policy "
+                         "(shared by the arms); each later round samples the arm's own policy and trains on from it.")
     flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
     flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
     flags.DEFINE_enum("family", "llava", world.FAMILIES, "The policy's model family (same widths either way).")
@@ -133,62 +131,34 @@ class Demo:
                      f"steps={self.budget['sft_steps']}", f"--workdir={self.path('sft')}")
 
     def round_dir(self, seed: int, arm: str, r: int) -> str:
-        """Round 1 samples the SFT policy once for every arm; later rounds sample each arm's own policy."""
-        return self.path(f"seed{seed}", "round1") if r == 1 else self.path(f"seed{seed}", f"{arm}-round{r}")
-
-    def run_dir(self, seed: int, arm: str, r: int) -> str:
-        return self.path(f"seed{seed}", arm if r == 1 else f"{arm}-round{r}", *(["run"] if r > 1 else []))
-
-    def eval_dir(self, seed: int, arm: str, r: int) -> str:
-        return self.path("eval", f"seed{seed}", arm if r == 1 else f"{arm}-round{r}")
+        """Round r of the arm's loop (its run, pairs and evaluation)."""
+        return self.path(f"seed{seed}", arm, f"round_{r:03d}")
 
     def rows(self, seeds: list[int], rounds: int) -> list[dict]:
         """The table's rows: the base, then every arm after each round (eval dirs, runs, pairs per seed)."""
         rows = [{"name": "base (SFT)", "evals": [self.path("eval", "base")], "runs": [self.path("sft")],
                  "pairs": None}]
-        for arm, (miner, _) in ARMS.items():
+        for arm in ARMS:
             for r in range(1, rounds + 1):
-                rows.append({"name": arm if r == 1 else f"{arm} round {r}",
-                             "evals": [self.eval_dir(s, arm, r) for s in seeds],
-                             "runs": [self.run_dir(s, arm, r) for s in seeds],
-                             "pairs": [os.path.join(self.round_dir(s, arm, r), f"pairs_{miner}.manifest.json")
-                                       for s in seeds]})
+                dirs = [self.round_dir(s, arm, r) for s in seeds]
+                rows.append({"name": arm if r == 1 else f"{arm} round {r}", "evals": [f"{d}/eval" for d in dirs],
+                             "runs": [f"{d}/run" for d in dirs], "pairs": [f"{d}/pairs.manifest.json" for d in dirs]})
         return rows
 
-    def round(self, seed: int, policy: str, out: str, r: int, miners: tuple[str, ...]) -> None:
-        b, pool = self.budget, self.path("rubrics", "train_pool")
-        self.command("rdpo_jax.data_prep.sample", f"--pool={pool}", f"--model={policy}", f"--n={b['samples']}",
+    def sample_sft(self, seed: int) -> None:
+        """The SFT policy's judged answers to the train pool: every arm's first round mines them."""
+        b, pool, out = self.budget, self.path("rubrics", "train_pool"), self.path(f"seed{seed}", "round1")
+        self.command("rdpo_jax.data_prep.sample", f"--pool={pool}", f"--model={self.path('sft')}", f"--n={b['samples']}",
                      "--temperature=1.0", f"--max_new_tokens={b['max_new_tokens']}", "--batch_size=32",
-                     f"--seed={100 * seed + r}", f"--out={out}", TINY_MODEL_MESH)
+                     f"--seed={100 * seed + 1}", f"--out={out}", TINY_MODEL_MESH)
         self.command("rdpo_jax.data_prep.judge", f"--pool={pool}", f"--samples={out}/samples", "--judge=verifier",
                      f"--out={out}")
-        if "rubric" in miners:
-            self.command("rdpo_jax.data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=rubric",
-                         "--gate=veto", "--margin=0.1", "--max_pairs=2", f"--out={out}", "--name=pairs_rubric")
-        if "outcome" in miners:
-            self.command("rdpo_jax.data_prep.make_pairs", f"--pool={pool}", f"--judged={out}/judged", "--miner=outcome",
-                         "--outcome=correct", "--margin=0.5", "--max_pairs=2", f"--out={out}",
-                         "--name=pairs_outcome")
 
-    def train_arm(self, seed: int, arm: str, r: int) -> None:
-        """DPO on the round's pairs from the arm's previous policy (also the reference: iterative DPO)."""
-        miner, loss = ARMS[arm]
-        pairs = os.path.join(self.round_dir(seed, arm, r), f"pairs_{miner}")
-        init = self.path("sft") if r == 1 else self.run_dir(seed, arm, r - 1)
-        with open(pairs + ".manifest.json") as f:
-            mined = json.load(f)["count"]
-        if not mined:  # nothing to learn from: the arm's policy after this round is the one before it
-            print(f"[demo] {arm} round {r}, seed {seed}: the miner found no pairs; the policy stays {init}")
-            run = self.run_dir(seed, arm, r)
-            os.makedirs(os.path.dirname(run), exist_ok=True)
-            if os.path.lexists(run):
-                shutil.rmtree(run) if not os.path.islink(run) else os.remove(run)
-            os.symlink(init, run)
-            return
-        self.command("rdpo_jax.train", f"--config=rdpo_jax/configs/demo.py:dir={self.wd},objective=dpo,"
-                     f"family={self.family},pairs={pairs},"
-                     f"loss={loss},steps={self.budget['dpo_steps']},seed={seed},init={init}",
-                     f"--workdir={self.run_dir(seed, arm, r)}")
+    def loop(self, seed: int, arm: str, rounds: int) -> None:
+        b = self.budget
+        self.command("rdpo_jax.loop", f"--config=rdpo_jax/configs/loop_demo.py:dir={self.wd},arm={arm},seed={seed},"
+                     f"family={self.family},samples={b['samples']},steps={b['dpo_steps']},tokens={b['max_new_tokens']}",
+                     f"--workdir={self.path(f'seed{seed}', arm)}", f"--rounds={rounds}")
 
     def evaluate(self, models: list[str], outs: list[str]) -> None:
         self.command("rdpo_jax.evaluate", f"--model={','.join(models)}", f"--out={','.join(outs)}",
@@ -217,21 +187,14 @@ def main(argv):
     d.stage("sft", d.sft)
     seeds = list(range(f.seeds))
     for seed in seeds:
-        d.stage(f"round/seed{seed}", lambda: d.round(seed, d.path("sft"), d.round_dir(seed, "", 1), 1,
-                                                     ("rubric", "outcome")))
+        d.stage(f"round/seed{seed}", lambda: d.sample_sft(seed))
         for arm in ARMS:
-            for r in range(1, f.rounds + 1):
-                if r > 1:
-                    d.stage(f"round{r}/seed{seed}/{arm}", lambda: d.round(
-                        seed, d.run_dir(seed, arm, r - 1), d.round_dir(seed, arm, r), r, (ARMS[arm][0],)))
-                d.stage(f"train{'' if r == 1 else r}/seed{seed}/{arm}", lambda: d.train_arm(seed, arm, r))
+            d.stage(f"loop/seed{seed}/{arm}", lambda: d.loop(seed, arm, f.rounds), reuse=False)
     rows = d.rows(seeds, f.rounds)
-    todo = [(run, ev) for row in rows for run, ev in zip(row["runs"], row["evals"])
-            if not os.path.exists(os.path.join(ev, "metrics.json"))]
-    if todo:  # one process for every model not evaluated yet: the sampler compiles once
-        d.stage("evaluate", lambda: d.evaluate(*map(list, zip(*todo))), reuse=False)
+    if not os.path.exists(d.path("eval", "base", "metrics.json")):
+        d.stage("evaluate", lambda: d.evaluate([d.path("sft")], [d.path("eval", "base")]), reuse=False)
     else:
-        print("[demo] evaluate: done before (every model has its metrics), reused")
+        print("[demo] evaluate: done before (the base has its metrics), reused")
     minutes = (time.perf_counter() - t0) / 60
     table = report.write(d.wd, rows, seeds=seeds, minutes=minutes, budget={**d.budget, "rounds": f.rounds})
     print("\n" + table)

@@ -11,23 +11,13 @@ import os
 
 import numpy as np
 
+from rdpo_jax.loop import summary
+
 # (metrics key, header). evaluate's overall `accuracy` is left out: in this world it equals the essential
 # pass rate (a short question's one essential criterion is its answer; a description's accuracy is all of
 # its essentials), so the table shows accuracy per question kind only.
 COLUMNS = [("essential_pass", "essential pass"), ("rubric_score", "rubric score"),
            ("hallucination", "hallucination"), ("words", "words")]
-
-
-def _load(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _cell(values: list[float]) -> str:
@@ -43,8 +33,8 @@ def results(specs: list[dict]) -> list[dict]:
     the row with its metrics per seed and the number of pairs each run trained on."""
     rows = []
     for spec in specs:
-        metrics = [_load(os.path.join(d, "metrics.json")) for d in spec["evals"]]
-        pairs = None if spec["pairs"] is None else [p["count"] for p in map(_load, spec["pairs"]) if p]
+        metrics = [summary.load_json(os.path.join(d, "metrics.json")) for d in spec["evals"]]
+        pairs = None if spec["pairs"] is None else [p["count"] for p in map(summary.load_json, spec["pairs"]) if p]
         rows.append({**spec, "metrics": [m for m in metrics if m], "pairs": pairs})
     return rows
 
@@ -60,12 +50,6 @@ def table(rows: list[dict]) -> str:
                   for g in groups]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _curves(rows: list[dict]) -> list[tuple[str, str]]:
@@ -84,14 +68,14 @@ def _curves(rows: list[dict]) -> list[tuple[str, str]]:
                 path = os.path.join(run, "metrics.jsonl")
                 if not os.path.exists(path):
                     continue
-                points = [(m["step"], m[key]) for m in _jsonl(path) if key in m]
+                points = [(m["step"], m[key]) for m in summary.jsonl(path) if key in m]
                 if points:
                     ax.plot(*zip(*points), label=r["name"] if r["pairs"] is None else f"{r['name']} (seed {seed})")
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=7)
-            plots.append((title, _png(fig)))
+            plots.append((title, summary.png(fig)))
         plt.close(fig)
     return plots
 
@@ -99,13 +83,13 @@ def _curves(rows: list[dict]) -> list[tuple[str, str]]:
 def _examples(wd: str, rows: list[dict], n: int = 8) -> str:
     pool = {}
     prompts_file = os.path.join(wd, "world", "heldout_prompts.jsonl")
-    for p in _jsonl(prompts_file):
+    for p in summary.jsonl(prompts_file):
         pool[p["prompt_id"]] = p
     answers = {}
     for r in rows:  # the first seed's answers of every row
         path = os.path.join(r["evals"][0], "answers.jsonl")
         if os.path.exists(path):
-            answers[r["name"]] = {a["prompt_id"]: a for a in _jsonl(path)}
+            answers[r["name"]] = {a["prompt_id"]: a for a in summary.jsonl(path)}
     # one example of each question kind first, then more
     ids = list(answers.get(rows[0]["name"], {}))
     by_kind: dict[str, list[str]] = {}
@@ -136,10 +120,10 @@ def write(wd: str, specs: list[dict], *, seeds: list[int], minutes: float, budge
     """Writes results.md and report.html for the rows `specs` (see `results`); returns the Markdown table."""
     rows = results(specs)
     md = table(rows)
-    world = {**budget, **(_load(os.path.join(wd, "world", "world.json")) or {})}
+    world = {**budget, **(summary.load_json(os.path.join(wd, "world", "world.json")) or {})}
     stages = {}
     for name in sorted(os.listdir(os.path.join(wd, "stages"))):
-        stage = _load(os.path.join(wd, "stages", name))
+        stage = summary.load_json(os.path.join(wd, "stages", name))
         stages[stage["stage"]] = stage["seconds"]
     note = (f"Held-out prompts: {world['heldout_prompts']}; seeds: {len(seeds)} (mean ± std over seeds); "
             f"SFT: {budget['sft_steps']} steps on {world['sft_examples']} examples "
@@ -152,10 +136,7 @@ def write(wd: str, specs: list[dict], *, seeds: list[int], minutes: float, budge
     plots = "".join(f"<figure><img src='data:image/png;base64,{png}'><figcaption>{html.escape(t)}</figcaption>"
                     f"</figure>" for t, png in _curves(rows))
     timing = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f} s</td></tr>" for k, v in stages.items())
-    md_html = "<table class=res>" + "".join(
-        "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
-                         for c in line.strip("|").split("|")) + "</tr>"
-        for i, line in enumerate(md.splitlines()) if not line.startswith("|-")) + "</table>"
+    md_html = summary.html_table(md)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rdpo_jax demo</title><style>
 body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}} figure{{display:inline-block}}
