@@ -52,7 +52,7 @@ def test_summary_means_and_groups():
 def test_evaluate_an_hf_folder(tmp_path):
     folder, out = str(tmp_path / "model"), str(tmp_path / "eval")
     world.write_model(folder)
-    prompts = world.write_prompts(str(tmp_path), "held", n=6, seed=0)
+    prompts = world.write_prompts(str(tmp_path), "held", n=7, seed=0)
     pool = []
     for line in open(prompts):
         row = json.loads(line)
@@ -68,7 +68,7 @@ def test_evaluate_an_hf_folder(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(out, "answers.jsonl"))]
     assert [r["prompt_id"] for r in rows] == [p["prompt_id"] for p in pool]
     assert metrics == json.load(open(os.path.join(out, "metrics.json")))
-    assert metrics["prompts"] == 7 and metrics["unscorable"] == 0 and metrics["judge"] == "verifier"
+    assert metrics["prompts"] == 8 and metrics["unscorable"] == 0 and metrics["judge"] == "verifier"
     assert set(metrics["groups"]) == set(world.KINDS)
     # every answer is re-judged the same way by the verifier: the file holds the verdicts it produced
     verifier = VerifierJudge()

@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from rdpo_jax.configs.loop_demo import ARMS
 from rdpo_jax.demo import report, world
 BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fast variant
-    "full": dict(sft_examples=3000, sft_steps=1500, train_prompts=512, heldout_prompts=384, samples=8,
+    "full": dict(sft_examples=24000, sft_steps=3000, train_prompts=512, heldout_prompts=384, samples=8,
                  dpo_steps=80, max_new_tokens=56),
     "tiny": dict(sft_examples=96, sft_steps=4, train_prompts=16, heldout_prompts=12, samples=4, dpo_steps=2,
                  max_new_tokens=12),
@@ -114,9 +114,9 @@ class Demo:
         b, w = self.budget, self.path("world")
         world.write_model(os.path.join(w, "model"), family=self.family)
         stats = world.write_sft(w, "sft", n=b["sft_examples"], seed=1, imperfect_share=0.3)
-        world.write_prompts(w, "train_prompts", n=b["train_prompts"], seed=2, describe_share=0.5)
-        # a third of the held-out prompts are descriptions: where hallucinations (absent objects) are scored
-        world.write_prompts(w, "heldout_prompts", n=b["heldout_prompts"], seed=3, describe_share=1 / 3)
+        world.write_prompts(w, "train_prompts", n=b["train_prompts"], seed=2, open_share=0.5)
+        # a third of the held-out prompts are open (describe, list): where hallucinations (absent objects) are scored
+        world.write_prompts(w, "heldout_prompts", n=b["heldout_prompts"], seed=3, open_share=1 / 3)
         with open(os.path.join(w, "world.json"), "w") as f:
             json.dump({"sft": stats, "family": self.family, **b}, f, indent=2)
 
@@ -136,12 +136,13 @@ class Demo:
 
     def rows(self, seeds: list[int], rounds: int) -> list[dict]:
         """The table's rows: the base, then every arm after each round (eval dirs, runs, pairs per seed)."""
-        rows = [{"name": "base (SFT)", "evals": [self.path("eval", "base")], "runs": [self.path("sft")],
-                 "pairs": None}]
+        rows = [{"name": "base (SFT)", "arm": None, "round": 0, "evals": [self.path("eval", "base")],
+                 "runs": [self.path("sft")], "pairs": None}]
         for arm in ARMS:
             for r in range(1, rounds + 1):
                 dirs = [self.round_dir(s, arm, r) for s in seeds]
-                rows.append({"name": arm if r == 1 else f"{arm} round {r}", "evals": [f"{d}/eval" for d in dirs],
+                rows.append({"name": arm if r == 1 else f"{arm} round {r}", "arm": arm, "round": r,
+                             "evals": [f"{d}/eval" for d in dirs],
                              "runs": [f"{d}/run" for d in dirs], "pairs": [f"{d}/pairs.manifest.json" for d in dirs]})
         return rows
 

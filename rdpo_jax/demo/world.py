@@ -3,7 +3,9 @@ the scene graph, and the imperfect captions the demo's policy is warm-started on
 
 A scene is 1–3 objects, each {shape, colour, size, position} with a distinct grid cell. Everything is
 drawn from a seeded numpy generator, so a seed gives the same scenes, images and texts everywhere.
-Question kinds (the prompt id starts with the kind): describe, count, colour, shape, presence, where.
+Question kinds (the prompt id starts with the kind): two open ones, describe and list (the objects of a
+colour), whose rubrics hold several essential and additional criteria, and five short ones, count,
+colour, shape, presence, where, decided by one essential criterion.
 Ground truth is written in the keys `rubrics.generate.rule_rubric` understands, so the rubric pool comes
 from the ordinary `rdpo_jax.data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
 """
@@ -21,10 +23,11 @@ COLOURS = {"red": (220, 50, 40), "green": (40, 180, 60), "blue": (50, 90, 230), 
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-KINDS = ("describe", "count", "colour", "shape", "presence", "where")
+KINDS = ("describe", "list", "count", "colour", "shape", "presence", "where")
+OPEN_KINDS = ("describe", "list")
 IMAGE_SIZE = 48
 MAX_OBJECTS = 3  # of the 4 grid cells
-PATCH = 24  # one vision patch per grid cell: 4 image tokens, each seeing one whole object
+PATCH = 12  # 2×2 vision patches per grid cell (16 image tokens): each patch sees a quarter of an object
 # Qwen2.5-VL: patches of 12 px merged 2×2, so again one image token per grid cell
 QWEN_PATCH = 12
 QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -78,6 +81,12 @@ def describe(objects: list[dict]) -> str:
     return f"{_there(len(objects), 'object')} : " + " and ".join(_phrase(o) for o in objects) + " ."
 
 
+def _listing(listed: list[dict], colour: str, n: int | None = None) -> str:
+    """"there are two red objects : a small red circle at … and …" (`n`: the count stated)."""
+    n = len(listed) if n is None else n
+    return f"{_there(n, colour + ' object')} : " + " and ".join(_phrase(o) for o in listed) + " ."
+
+
 def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
     """(instruction, correct answer, ground truth for rule_rubric) of one question of `kind`."""
     if kind == "describe":
@@ -90,10 +99,25 @@ def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[
         truth = dict(counts={"object": len(objects)}, mentions=mentions, details=details, absent=absent,
                      max_words=6 + 9 * len(objects))
         return "describe the image .", describe(objects), truth
+    if kind == "list":
+        colour = objects[rng.integers(len(objects))]["colour"]
+        listed = [o for o in objects if o["colour"] == colour]
+        # pitfalls: the scene's objects of other colours (listing them is the plausible mistake), then
+        # objects of this colour that are not there
+        present = {(o["colour"], o["shape"]) for o in objects}
+        others = sorted({f"{o['colour']} {o['shape']}" for o in objects if o["colour"] != colour})
+        missing = [f"{colour} {s}" for s in SHAPES if (colour, s) not in present]
+        absent = (others + [missing[i] for i in rng.permutation(len(missing))])[:2]
+        truth = dict(counts={"object": len(listed)}, mentions=sorted({f"{o['colour']} {o['shape']}" for o in listed}),
+                     details=sorted({f"{o['size']} {o['colour']} {o['shape']}" for o in listed}
+                                    | {f"{o['colour']} {o['shape']} at the {o['position']}" for o in listed}),
+                     absent=absent, max_words=6 + 9 * len(listed))
+        return f"list the {colour} objects .", _listing(listed, colour), truth
     if kind == "count":
         shape = SHAPES[rng.integers(3)]
         n = sum(o["shape"] == shape for o in objects)
-        return (f"how many {shape}s are there ?", _there(n, shape) + " .",
+        # short answers name what they look for first: the count is decided a few tokens in, not at once
+        return (f"how many {shape}s are there ?", f"{shape}s : " + _there(n, shape) + " .",
                 dict(answer=NUMBER_WORDS[n], options=list(NUMBER_WORDS), max_words=6))
     unique = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
     if kind == "colour" and unique:
@@ -119,9 +143,9 @@ def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[
     else:
         colour, shape = list(COLOURS)[rng.integers(4)], SHAPES[rng.integers(3)]
     yes = any((p["colour"], p["shape"]) == (colour, shape) for p in objects)
-    answer = f"yes , there is a {colour} {shape} ." if yes else f"no , there is no {colour} {shape} ."
+    answer = f"{colour} {shape} : " + (f"yes , there is a {colour} {shape} ." if yes else f"no , there is no {colour} {shape} .")
     return f"is there a {colour} {shape} ?", answer, dict(answer="yes" if yes else "no", options=["yes", "no"],
-                                                        max_words=7)
+                                                        max_words=9)
 
 
 def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.random.Generator) -> str:
@@ -146,6 +170,17 @@ def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.
             return describe(objs)
         n = len(objs) + 1 if len(objs) == 1 or (len(objs) < 4 and rng.random() < 0.5) else len(objs) - 1
         return f"{_there(n, 'object')} : " + " and ".join(_phrase(o) for o in objs) + " ."
+    if kind == "list":
+        colour = truth["mentions"][0].split()[0]  # "red circle": the colour asked about
+        listed = [o for o in objects if o["colour"] == colour]
+        others = [o for o in objects if o["colour"] != colour]
+        mistake = ("include", "omit", "miscount")[rng.integers(3)]
+        if mistake == "include" and others:  # an object of another colour listed too, the count kept
+            return _listing(listed + [others[rng.integers(len(others))]], colour, len(listed))
+        if mistake in ("include", "omit") and len(listed) > 1:
+            drop = rng.integers(len(listed))
+            return _listing([o for i, o in enumerate(listed) if i != drop], colour)
+        return _listing(listed, colour, len(listed) + 1)
     wrong = [o for o in truth["options"] if o != truth["answer"]]
     w = wrong[rng.integers(len(wrong))]
     if kind == "count":
@@ -277,18 +312,21 @@ def write_sft(out: str, name: str, *, n: int, seed: int, imperfect_share: float)
     return {"examples": n, "imperfect": wrong}
 
 
-def write_prompts(folder: str, name: str, *, n: int, seed: int, describe_share: float = 1 / len(KINDS)) -> str:
+def write_prompts(folder: str, name: str, *, n: int, seed: int, open_share: float = len(OPEN_KINDS) / len(KINDS)) -> str:
     """`n` prompts (image files + NAME.jsonl with ground truth) for `rdpo_jax.data_prep.build_rubrics`:
-    `describe_share` of them open descriptions, the rest the short question kinds in turn."""
+    `open_share` of them open questions (describe and list in turn), the rest the short kinds in turn."""
     rng = np.random.default_rng(seed)
-    short = [k for k in KINDS if k != "describe"]
+    short = [k for k in KINDS if k not in OPEN_KINDS]
+    opened = 0
     image_dir = os.path.join(folder, f"{name}_images")
     os.makedirs(image_dir, exist_ok=True)
     path = os.path.join(folder, f"{name}.jsonl")
     with open(path, "w") as f:
         for i in range(n):
-            open_ended = int((i + 1) * describe_share) > int(i * describe_share)
-            e = example(rng, "describe" if open_ended else short[i % len(short)])
+            open_ended = int((i + 1) * open_share) > int(i * open_share)
+            if open_ended:
+                opened += 1
+            e = example(rng, OPEN_KINDS[(opened - 1) % len(OPEN_KINDS)] if open_ended else short[(i - opened) % len(short)])
             image = f"{name}_images/{i:05d}.png"
             with open(os.path.join(folder, image), "wb") as img:
                 img.write(e["image"])
