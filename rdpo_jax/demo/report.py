@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from rdpo_jax.data import arrayrecord
 from rdpo_jax.loop import summary
 
 # (metrics key, header). evaluate's overall `accuracy` is left out: in this world it equals the essential
@@ -50,6 +51,103 @@ def table(rows: list[dict]) -> str:
                   for g in groups]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# The paper's ordering to test: (better arm, worse row) — rubric-filtered pairs beat the SFT base and
+# outcome-filtered pairs; the rubric loss at least matches rubric pairs with the sigmoid loss.
+COMPARISONS = [("rubric+sigmoid", "base (SFT)"), ("rubric+rubric", "base (SFT)"),
+               ("rubric+sigmoid", "outcome+sigmoid"), ("rubric+rubric", "outcome+sigmoid"),
+               ("rubric+rubric", "rubric+sigmoid"), ("outcome+sigmoid", "base (SFT)")]
+LOWER_IS_BETTER = {"hallucination"}
+
+
+def final_rows(rows: list[dict]) -> dict[str, dict]:
+    """Each arm's row after its last round, and the base, by arm name."""
+    out = {}
+    for r in rows:
+        out[r.get("arm") or r["name"]] = r  # rows come round by round: the last one stays
+    return out
+
+
+def comparisons(rows: list[dict]) -> str:
+    """Per metric and comparison of the final rounds: the difference of the seed means against twice the
+    larger seed spread (std over seeds; the base is one SFT run, spread 0)."""
+    final = final_rows(rows)
+    lines = ["| metric | comparison | difference | 2 × seed spread | reading |", "|---|---|---|---|---|"]
+    for key, header in COLUMNS[:3]:
+        for a, b in COMPARISONS:
+            if a not in final or b not in final:
+                continue
+            va = [m[key] for m in final[a]["metrics"] if key in m]
+            vb = [m[key] for m in final[b]["metrics"] if key in m]
+            if not va or not vb:
+                continue
+            diff = float(np.mean(va) - np.mean(vb))
+            spread = 2 * max(float(np.std(va)), float(np.std(vb)))
+            better = (diff < 0) if key in LOWER_IS_BETTER else (diff > 0)
+            if len(va) < 2 and len(vb) < 2:
+                reading = "one seed: no spread to compare with"
+            elif abs(diff) > spread:
+                reading = f"{a if better else b} better, beyond 2× the spread"
+            else:
+                reading = "within 2× the spread"
+            lines.append(f"| {header} | {final[a]['name']} − {final[b]['name']} | {diff:+.3f} | {spread:.3f} | {reading} |")
+    return "\n".join(lines)
+
+
+def disagreement(wd: str, seeds: list[int]) -> str:
+    """Per seed and round: the share of prompts (with a pair from either miner) where the outcome miner
+    and the rubric miner chose different pairs. Round 1 mines the same judged samples for both; later
+    rounds mine different policies' samples, so only round 1 compares the miners alone."""
+    out = []
+    for seed in seeds:
+        by = {}
+        for arm in ("outcome+sigmoid", "rubric+sigmoid"):
+            path = os.path.join(wd, f"seed{seed}", arm, "round_001", "pairs")
+            if not os.path.exists(path + ".manifest.json"):
+                return ""
+            chosen: dict[str, set] = {}
+            for p in arrayrecord.read(path):
+                meta = p.get("meta", {})
+                chosen.setdefault(p["prompt_id"], set()).add((meta.get("chosen_sample"), meta.get("rejected_sample")))
+            by[arm] = chosen
+        prompts = set(by["outcome+sigmoid"]) | set(by["rubric+sigmoid"])
+        differ = [q for q in prompts if by["outcome+sigmoid"].get(q) != by["rubric+sigmoid"].get(q)]
+        kinds: dict[str, list[int]] = {}
+        for q in prompts:
+            kinds.setdefault(q.split("-")[0], []).append(q in differ)
+        per_kind = ", ".join(f"{k} {np.mean(v):.2f}" for k, v in sorted(kinds.items()))
+        out.append(f"seed {seed}: {len(differ)}/{len(prompts)} = {len(differ) / max(len(prompts), 1):.2f} ({per_kind})")
+    return ("Round 1, the same judged samples: prompts where the outcome and rubric miners chose different "
+            "pairs — " + "; ".join(out) + ".")
+
+
+def _round_plots(rows: list[dict]) -> list[tuple[str, str]]:
+    """Each metric per round per arm (seed mean, ± std as error bars; round 0 is the SFT base)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = rows[0]
+    plots = []
+    for key, title in COLUMNS:
+        fig, ax = plt.subplots(figsize=(4.2, 3))
+        for arm in dict.fromkeys(r["arm"] for r in rows[1:]):
+            points = [(0, [m[key] for m in base["metrics"] if key in m])]
+            points += [(r["round"], [m[key] for m in r["metrics"] if key in m]) for r in rows[1:] if r["arm"] == arm]
+            points = [(x, v) for x, v in points if v]
+            if points:
+                ax.errorbar([x for x, _ in points], [np.mean(v) for _, v in points],
+                            yerr=[np.std(v) for _, v in points], marker="o", capsize=3, label=arm)
+        if ax.lines:
+            ax.set_xlabel("round (0: SFT base)")
+            ax.set_title(f"{title} per round")
+            ax.set_xticks(sorted({r["round"] for r in rows}))
+            ax.legend(fontsize=7)
+            plots.append((f"{title} per round (mean ± std over seeds)", summary.png(fig)))
+        plt.close(fig)
+    return plots
 
 
 def _curves(rows: list[dict]) -> list[tuple[str, str]]:
@@ -131,10 +229,16 @@ def write(wd: str, specs: list[dict], *, seeds: list[int], minutes: float, budge
             f"{budget.get('rounds', 1)} on-policy round(s) ({budget['samples']} samples per prompt, "
             f"{world['train_prompts']} prompts; pairs: per seed, of the row's round). "
             f"This run: {minutes:.1f} min (stages finished before are not counted).")
+    versus = comparisons(rows)
+    differ = disagreement(wd, seeds)
+    text = f"{md}\n\n{note}\n\nThe final rounds compared (the paper's ordering):\n\n{versus}\n\n{differ}".rstrip()
     with open(os.path.join(wd, "results.md"), "w") as f:
-        f.write(md + "\n\n" + note + "\n")
-    plots = "".join(f"<figure><img src='data:image/png;base64,{png}'><figcaption>{html.escape(t)}</figcaption>"
-                    f"</figure>" for t, png in _curves(rows))
+        f.write(text + "\n")
+
+    def figures(plots):
+        return "".join(f"<figure><img src='data:image/png;base64,{png}'><figcaption>{html.escape(t)}</figcaption>"
+                       f"</figure>" for t, png in plots)
+    per_round, plots = figures(_round_plots(rows)), figures(_curves(rows))
     timing = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f} s</td></tr>" for k, v in stages.items())
     md_html = summary.html_table(md)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rdpo_jax demo</title><style>
@@ -143,9 +247,11 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}}
 li.ok{{color:#176117}} li.bad{{color:#a11}} ul{{padding-left:1.2em;margin:0}}</style></head><body>
 <h1>rdpo_jax demo: rubric-reward DPO on a world with known truth</h1>
 <p>{html.escape(note)}</p>{md_html}
+<h2>Per round</h2>{per_round}
+<h2>The final rounds compared</h2>{summary.html_table(versus)}<p>{html.escape(differ)}</p>
 <h2>Training curves</h2>{plots}
 <h2>Held-out examples (seed {seeds[0]})</h2>{_examples(wd, rows)}
 <h2>Stage times</h2><table>{timing}</table></body></html>"""
     with open(os.path.join(wd, "report.html"), "w") as f:
         f.write(page)
-    return md + "\n\n" + note
+    return text
