@@ -121,29 +121,28 @@ def _plots(workdir: str, rows: list[dict]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     plots = []
+
+    def keep(fig, ax, xlabel: str, title: str) -> None:
+        if ax.lines:
+            ax.set_xlabel(xlabel)
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+            plots.append((title, png(fig)))
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(5, 3))
     for k, title in METRICS[:4]:
         points = [(row["round"], row["metrics"][k]) for row in rows if row["metrics"] and k in row["metrics"]]
         if points:
             ax.plot(*zip(*points), marker="o", label=title)
-    if ax.lines:
-        ax.set_xlabel("round")
-        ax.set_title("held-out evaluation per round")
-        ax.legend(fontsize=7)
-        plots.append(("held-out evaluation per round", png(fig)))
-    plt.close(fig)
+    keep(fig, ax, "round", "held-out evaluation per round")
     fig, ax = plt.subplots(figsize=(5, 3))
     for row in rows:
         run = os.path.join(rounds_lib.round_dir(workdir, row["round"]), "run", "metrics.jsonl")
         points = [(m["step"], m["loss"]) for m in jsonl(run) if "loss" in m]
         if points:
             ax.plot(*zip(*points), label=f"round {row['round']}")
-    if ax.lines:
-        ax.set_xlabel("step")
-        ax.set_title("DPO loss per round")
-        ax.legend(fontsize=7)
-        plots.append(("DPO loss per round", png(fig)))
-    plt.close(fig)
+    keep(fig, ax, "step", "DPO loss per round")
     return plots
 
 
