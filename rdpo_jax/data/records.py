@@ -169,6 +169,7 @@ def _rubric(where, field, value):
 # Machine-checkable criteria (the rule-based generator writes them, the verifier judge reads them).
 CHECKS = {"contains": {"phrase": str}, "not_contains": {"phrase": str}, "count": {"noun": str, "value": int},
           "answer": {"value": str, "options": list}, "max_words": {"value": int}}
+OPTIONAL_CHECK_FIELDS = {"answer": {"after": str}}  # the final answer is read after this marker's last occurrence
 
 
 def _check_spec(where, field, spec, scale):
@@ -180,6 +181,9 @@ def _check_spec(where, field, spec, scale):
         if name not in spec:
             raise RecordError(where, f"{field}.{name}", f"missing (required by a {kind!r} check)")
         _type(where, f"{field}.{name}", spec[name], typ, typ.__name__)
+    for name, typ in OPTIONAL_CHECK_FIELDS.get(kind, {}).items():
+        if name in spec:
+            _type(where, f"{field}.{name}", spec[name], typ, typ.__name__)
     if scale != "binary":
         raise RecordError(where, field, "checks give pass/fail verdicts: the criterion's scale must be 'binary'")
 

@@ -3,6 +3,7 @@ endpoint asked for essential and additional criteria as JSON (validated; re-aske
 
 Ground truth understood by `rule_rubric` (every key optional):
   answer, options   the final answer of a closed question and its alternatives  → essential
+  answer_after      a marker ("answer :"): the final answer is read after its last occurrence only
   counts            {noun: n}: how many of each thing there are                  → essential
   mentions          phrases a complete answer must contain                       → essential
   details           phrases a good answer may add                                → additional
@@ -31,7 +32,8 @@ def rule_rubric(gt: dict, *, essential_weight: float = 1.0, additional_weight: f
     criteria = []
     if "answer" in gt:
         criteria.append(_criterion("answer", f"Gives the answer '{gt['answer']}'", "essential", essential_weight * 2,
-                                   {"type": "answer", "value": gt["answer"], "options": list(gt.get("options", []))}))
+                                   {"type": "answer", "value": gt["answer"], "options": list(gt.get("options", [])),
+                                    **({"after": gt["answer_after"]} if gt.get("answer_after") else {})}))
     for noun, n in sorted(gt.get("counts", {}).items()):
         word = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
         criteria.append(_criterion(f"count:{noun}", f"States that there {'is' if n == 1 else 'are'} {word} {noun}",

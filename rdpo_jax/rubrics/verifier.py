@@ -65,6 +65,12 @@ def check(spec: dict, answer: str) -> tuple[float, str]:
         ok = stated == spec["value"]
         return float(ok), f"states {stated if stated is not None else 'no'} {spec['noun']} (truth {spec['value']})"
     if kind == "answer":
+        if spec.get("after"):  # the final answer: the words after the marker's last occurrence
+            marker = split_words(spec["after"])
+            starts = [i + len(marker) for i in range(len(words) - len(marker) + 1) if words[i:i + len(marker)] == marker]
+            if not starts:
+                return 0.0, f"gives no final answer after '{spec['after']}' (truth '{spec['value']}')"
+            words = words[starts[-1]:]
         said = [o for o in spec["options"] if _contains(words, o)] or ([spec["value"]] if _contains(
             words, spec["value"]) else [])
         ok = said == [spec["value"]]  # the right answer, and no other option besides

@@ -48,6 +48,23 @@ def test_count_check_reads_number_words_digits_and_adjectives():
     assert check({"type": "count", "noun": "box", "value": 2}, "two boxes")[0] == 1
 
 
+def test_answer_check_after_a_marker_reads_only_the_final_answer():
+    spec = generate.rule_rubric({"answer": "red", "options": ["red", "blue"], "answer_after": "answer :"})["criteria"][0]["check"]
+    assert spec["after"] == "answer :"
+    bad = {"criteria": [{"id": "a", "text": "t", "kind": "essential", "weight": 1.0, "scale": "binary",
+                         "check": dict(spec, after=3)}]}
+    with pytest.raises(records.RecordError, match=r"criteria\[0\]\.check\.after"):
+        records.check_rubric(bad, "test")
+    reasoning = "a red square and a blue circle ."
+    assert check(spec, f"{reasoning} answer : red .")[0] == 1  # the options the reasoning names do not count
+    assert check(spec, f"{reasoning} answer : blue .")[0] == 0
+    assert check(spec, "answer : blue . no , answer : red .")[0] == 1  # the last final answer
+    score, reason = check(spec, reasoning)
+    assert score == 0 and reason == "gives no final answer after 'answer :' (truth 'red')"
+    # without the marker the whole answer is read: two options named is no answer
+    assert check({k: v for k, v in spec.items() if k != "after"}, f"{reasoning} answer : red .")[0] == 0
+
+
 RUBRIC = {"criteria": [
     {"id": "e1", "text": "a", "kind": "essential", "weight": 2.0, "scale": "binary"},
     {"id": "e2", "text": "b", "kind": "essential", "weight": 1.0, "scale": "binary"},
