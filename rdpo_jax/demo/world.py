@@ -5,7 +5,8 @@ A scene is 1–3 objects, each {shape, colour, size, position} with a distinct g
 drawn from a seeded numpy generator, so a seed gives the same scenes, images and texts everywhere.
 Question kinds (the prompt id starts with the kind): two open ones, describe and list (the objects of a
 colour), whose rubrics hold several essential and additional criteria, and five short ones, count,
-colour, shape, presence, where, decided by one essential criterion.
+colour, shape, presence, where, whose answers describe the scene first and then give a one-word final
+answer (their rubric: the description's criteria and the final answer; the outcome miner sees only the latter).
 Ground truth is written in the keys `rubrics.generate.rule_rubric` understands, so the rubric pool comes
 from the ordinary `rdpo_jax.data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
 """
@@ -88,7 +89,19 @@ def _listing(listed: list[dict], colour: str, n: int | None = None) -> str:
 
 
 def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
-    """(instruction, correct answer, ground truth for rule_rubric) of one question of `kind`."""
+    """(instruction, correct answer, ground truth for rule_rubric) of one question of `kind`. A short
+    question's answer describes the scene first, then gives its final answer after "answer :" (the
+    verifier reads the final answer there; the description's criteria are the describe rubric's)."""
+    if kind in OPEN_KINDS:
+        return _open(objects, kind, rng)
+    instruction, final, options = _closed(objects, kind, rng)
+    _, described, truth = _open(objects, "describe", rng)
+    # the final answer is one word or a position: it names no object the description's criteria look for
+    truth = dict(truth, answer=final, options=options, answer_after="answer :", max_words=truth["max_words"] + 4)
+    return instruction, f"{described} answer : {final} .", truth
+
+
+def _open(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
     if kind == "describe":
         present = {(o["colour"], o["shape"]) for o in objects}
         others = [f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in present]
@@ -99,43 +112,38 @@ def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[
         truth = dict(counts={"object": len(objects)}, mentions=mentions, details=details, absent=absent,
                      max_words=6 + 9 * len(objects))
         return "describe the image .", describe(objects), truth
-    if kind == "list":
-        colour = objects[rng.integers(len(objects))]["colour"]
-        listed = [o for o in objects if o["colour"] == colour]
-        # pitfalls: the scene's objects of other colours (listing them is the plausible mistake), then
-        # objects of this colour that are not there
-        present = {(o["colour"], o["shape"]) for o in objects}
-        others = sorted({f"{o['colour']} {o['shape']}" for o in objects if o["colour"] != colour})
-        missing = [f"{colour} {s}" for s in SHAPES if (colour, s) not in present]
-        absent = (others + [missing[i] for i in rng.permutation(len(missing))])[:2]
-        truth = dict(counts={"object": len(listed)}, mentions=sorted({f"{o['colour']} {o['shape']}" for o in listed}),
-                     details=sorted({f"{o['size']} {o['colour']} {o['shape']}" for o in listed}
-                                    | {f"{o['colour']} {o['shape']} at the {o['position']}" for o in listed}),
-                     absent=absent, max_words=6 + 9 * len(listed))
-        return f"list the {colour} objects .", _listing(listed, colour), truth
+    colour = objects[rng.integers(len(objects))]["colour"]
+    listed = [o for o in objects if o["colour"] == colour]
+    # pitfalls: the scene's objects of other colours (listing them is the plausible mistake), then
+    # objects of this colour that are not there
+    present = {(o["colour"], o["shape"]) for o in objects}
+    others = sorted({f"{o['colour']} {o['shape']}" for o in objects if o["colour"] != colour})
+    missing = [f"{colour} {s}" for s in SHAPES if (colour, s) not in present]
+    absent = (others + [missing[i] for i in rng.permutation(len(missing))])[:2]
+    truth = dict(counts={"object": len(listed)}, mentions=sorted({f"{o['colour']} {o['shape']}" for o in listed}),
+                 details=sorted({f"{o['size']} {o['colour']} {o['shape']}" for o in listed}
+                                | {f"{o['colour']} {o['shape']} at the {o['position']}" for o in listed}),
+                 absent=absent, max_words=6 + 9 * len(listed))
+    return f"list the {colour} objects .", _listing(listed, colour), truth
+
+
+def _closed(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, list[str]]:
+    """(instruction, final answer, its options) of a short question."""
     if kind == "count":
         shape = SHAPES[rng.integers(3)]
-        n = sum(o["shape"] == shape for o in objects)
-        # short answers name what they look for first: the count is decided a few tokens in, not at once
-        return (f"how many {shape}s are there ?", f"{shape}s : " + _there(n, shape) + " .",
-                dict(answer=NUMBER_WORDS[n], options=list(NUMBER_WORDS), max_words=6))
+        return f"how many {shape}s are there ?", NUMBER_WORDS[sum(o["shape"] == shape for o in objects)], list(NUMBER_WORDS)
     unique = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
     if kind == "colour" and unique:
         o = unique[rng.integers(len(unique))]
-        return (f"what colour is the {o['shape']} ?", f"the {o['shape']} is {o['colour']} .",
-                dict(answer=o["colour"], options=list(COLOURS), max_words=6))
+        return f"what colour is the {o['shape']} ?", o["colour"], list(COLOURS)
     unique_colour = [o for o in objects if sum(p["colour"] == o["colour"] for p in objects) == 1]
     if kind == "shape" and unique_colour:
         o = unique_colour[rng.integers(len(unique_colour))]
-        return (f"what shape is the {o['colour']} object ?", f"the {o['colour']} object is a {o['shape']} .",
-                dict(answer=o["shape"], options=list(SHAPES), max_words=7))
+        return f"what shape is the {o['colour']} object ?", o["shape"], list(SHAPES)
     if kind == "where":
         o = objects[rng.integers(len(objects))]
-        others = [p for p in objects if (p["colour"], p["shape"]) == (o["colour"], o["shape"])]
-        if len(others) == 1:
-            name = f"{o['colour']} {o['shape']}"
-            return (f"where is the {name} ?", f"the {name} is at the {o['position']} .",
-                    dict(answer=o["position"], options=list(POSITIONS), max_words=8))
+        if sum((p["colour"], p["shape"]) == (o["colour"], o["shape"]) for p in objects) == 1:
+            return f"where is the {o['colour']} {o['shape']} ?", o["position"], list(POSITIONS)
     # presence (also the fallback when the scene has no object the other kinds can ask about)
     if rng.random() < 0.5:
         o = objects[rng.integers(len(objects))]
@@ -143,14 +151,13 @@ def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[
     else:
         colour, shape = list(COLOURS)[rng.integers(4)], SHAPES[rng.integers(3)]
     yes = any((p["colour"], p["shape"]) == (colour, shape) for p in objects)
-    answer = f"{colour} {shape} : " + (f"yes , there is a {colour} {shape} ." if yes else f"no , there is no {colour} {shape} .")
-    return f"is there a {colour} {shape} ?", answer, dict(answer="yes" if yes else "no", options=["yes", "no"],
-                                                        max_words=9)
+    return f"is there a {colour} {shape} ?", "yes" if yes else "no", ["yes", "no"]
 
 
 def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.random.Generator) -> str:
     """A plausible wrong answer of the kinds VLMs give: hallucinated, omitted or recoloured objects,
-    wrong counts; for short answers, a wrong option."""
+    wrong counts; for short answers, a mistaken description before the right final answer, or a wrong
+    final answer."""
     if kind == "describe":
         mistake = MISTAKES[rng.integers(len(MISTAKES))]
         objs = [dict(o) for o in objects]
@@ -181,14 +188,11 @@ def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.
             drop = rng.integers(len(listed))
             return _listing([o for i, o in enumerate(listed) if i != drop], colour)
         return _listing(listed, colour, len(listed) + 1)
+    described, final = answer.split(" answer : ")
+    if rng.random() < 0.5:  # the description goes wrong, the final answer stays right: only the rubric sees it
+        return imperfect(objects, "describe", described, truth, rng) + " answer : " + final
     wrong = [o for o in truth["options"] if o != truth["answer"]]
-    w = wrong[rng.integers(len(wrong))]
-    if kind == "count":
-        return answer.replace(f" {truth['answer']} ", f" {w} ", 1).replace("there is zero", "there are zero")
-    if kind == "presence":
-        return answer.replace("yes , there is a", "no , there is no") if truth["answer"] == "yes" else \
-            answer.replace("no , there is no", "yes , there is a")
-    return answer.replace(truth["answer"], w)
+    return f"{described} answer : {wrong[rng.integers(len(wrong))]} ."
 
 
 def example(rng: np.random.Generator, kind: str | None = None) -> dict:
