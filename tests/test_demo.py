@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import subprocess
 import sys
 
 from rdpo_jax.data import arrayrecord, records
@@ -51,10 +52,16 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
         r1 = json.load(open(f"{loop}/round_001/manifest.json"))
         assert r1["status"] == "done" and r1["stages"]["sample"]["status"] == "skipped"
         assert r1["stages"]["pairs"]["inputs"]["judged"] == f"{wd}/seed0/round1/judged"
-        assert all(p["meta"]["miner"] == miner for p in arrayrecord.read(f"{loop}/round_001/pairs"))
-        run = json.load(open(f"{loop}/round_001/run/config.json"))
-        assert run["init_from"] == f"{wd}/sft" and run["dpo"]["loss_type"] == loss
-        assert os.listdir(f"{loop}/round_001/run/checkpoints")
+        pairs = list(arrayrecord.read(f"{loop}/round_001/pairs"))
+        assert all(p["meta"]["miner"] == miner for p in pairs)
+        if pairs:
+            run = json.load(open(f"{loop}/round_001/run/config.json"))
+            assert run["init_from"] == f"{wd}/sft" and run["dpo"]["loss_type"] == loss
+            assert os.listdir(f"{loop}/round_001/run/checkpoints")
+        else:  # a 4-step SFT policy rarely passes every essential criterion: the round keeps the SFT policy
+            assert r1["stages"]["train"] == {"status": "skipped", "note": "the miner found no pairs"}
+            assert not os.path.exists(f"{loop}/round_001/run")
+            assert json.load(open(f"{loop}/round_001/eval/metrics.json"))["model"] == f"{wd}/sft"
     # evaluations of the base and of every arm
     for ev in ["eval/base"] + [f"seed0/{arm}/round_001/eval" for arm in ARMS]:
         metrics = json.load(open(f"{wd}/{ev}/metrics.json"))
@@ -63,6 +70,9 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
     table = open(f"{wd}/results.md").read()
     for row in ["base (SFT)", *ARMS]:
         assert f"| {row} |" in table
+    for arm in ARMS:  # the pairs column counts the arm's round-1 pairs
+        count = json.load(open(f"{wd}/seed0/{arm}/round_001/pairs.manifest.json"))["count"]
+        assert f"| {arm} | {count} |" in table
     assert "| rubric+rubric |" in first.stdout  # the table is printed at the end
     # the paper's comparisons (one seed: no spread to read them against) and the miners' disagreement
     assert "| essential pass | rubric+rubric − outcome+sigmoid |" in table and "one seed: no spread" in table
@@ -83,6 +93,11 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
     def rows(text):
         return [line for line in text.splitlines() if line.startswith("|")]
     assert len(rows(table.split("\n\n")[0])) == 2 + 1 + len(ARMS) and rows(again.stdout) == rows(table)
+
+    # another warm-start budget on this workdir is refused by name (its SFT stage would otherwise be reused)
+    other = subprocess.run(cmd + ["--sft_steps=5"], cwd=runs.ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode != 0 and "sft_steps=4; --sft_steps=5 needs --fresh" in other.stdout + other.stderr
 
 
 def test_llava_world_model(tmp_path):

@@ -1,7 +1,7 @@
 """`make demo`: the whole rDPO loop on a CPU, on a world where the truth is known.
 
     python -m rdpo_jax.demo [--workdir=demo_workdir] [--budget=full|tiny] [--seeds=1] [--rounds=1] [--fresh]
-        [--family=llava|qwen2_5_vl]
+        [--family=llava|qwen2_5_vl] [--sft_steps=N]
 
 Stages (each a real command in a subprocess, as a TPU user runs them; a finished stage is recorded in
 WORKDIR/stages/ and skipped on the next run unless --fresh):
@@ -56,6 +56,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
     flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
     flags.DEFINE_enum("family", "llava", world.FAMILIES, "The policy's model family (same widths either way).")
+    flags.DEFINE_integer("sft_steps", None, "SFT warm-start steps (default: the budget's; the README's long run "
+                         "uses 9000, which the policy needs to describe scenes right).")
 
 
 class Demo:
@@ -175,14 +177,16 @@ def main(argv):
     f = flags.FLAGS
     if f.fresh and os.path.exists(f.workdir):
         shutil.rmtree(f.workdir)
-    d = Demo(f.workdir, BUDGETS[f.budget], f.devices, f.family)
+    budget = dict(BUDGETS[f.budget], **({} if f.sft_steps is None else {"sft_steps": f.sft_steps}))
+    d = Demo(f.workdir, budget, f.devices, f.family)
     made = d.path("world", "world.json")
     if os.path.exists(made):
         with open(made) as fh:
-            family = json.load(fh).get("family", "llava")
-        if family != f.family:
-            raise SystemExit(f"[demo] {f.workdir} holds a {family} world; --family={f.family} needs --fresh "
-                             "or another --workdir")
+            made = json.load(fh)
+        for key, value in (("family", f.family), ("sft_steps", budget["sft_steps"])):
+            if made.get(key, value) != value:
+                raise SystemExit(f"[demo] {f.workdir} holds a world with {key}={made[key]}; --{key}={value} needs "
+                                 "--fresh or another --workdir")
     d.stage("world", d.make_world)
     d.stage("rubrics", d.rubrics)
     d.stage("sft", d.sft)
