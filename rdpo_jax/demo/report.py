@@ -156,6 +156,9 @@ def _curves(rows: list[dict]) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # a colour per arm and a line style per round; the seeds of a row share both and one legend entry
+    colours = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows))}
+    styles = ("-", "--", ":", "-.")
     plots = []
     for key, title, subset in (("loss", "SFT loss (base)", rows[:1]), ("loss", "DPO loss", rows[1:]),
                                ("rewards/accuracies", "DPO reward accuracy", rows[1:]),
@@ -168,11 +171,12 @@ def _curves(rows: list[dict]) -> list[tuple[str, str]]:
                     continue
                 points = [(m["step"], m[key]) for m in summary.jsonl(path) if key in m]
                 if points:
-                    ax.plot(*zip(*points), label=r["name"] if r["pairs"] is None else f"{r['name']} (seed {seed})")
-        ax.set_title(title)
+                    ax.plot(*zip(*points), color=colours[r["arm"]], linestyle=styles[max(r["round"] - 1, 0) % 4],
+                            linewidth=1, label=None if seed else r["name"])
+        ax.set_title(title if len(subset[0]["runs"]) == 1 else f"{title} (every seed)")
         ax.set_xlabel("step")
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
             plots.append((title, summary.png(fig)))
         plt.close(fig)
     return plots
