@@ -26,6 +26,7 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 KINDS = ("describe", "list", "count", "colour", "shape", "presence", "where")
 OPEN_KINDS = ("describe", "list")
+MARKER = "answer :"  # a short answer's final answer follows it (the verifier reads it there)
 IMAGE_SIZE = 48
 MAX_OBJECTS = 3  # of the 4 grid cells
 PATCH = 12  # 2×2 vision patches per grid cell (16 image tokens): each patch sees a quarter of an object
@@ -97,8 +98,8 @@ def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[
     instruction, final, options = _closed(objects, kind, rng)
     _, described, truth = _open(objects, "describe", rng)
     # the final answer is one word or a position: it names no object the description's criteria look for
-    truth = dict(truth, answer=final, options=options, answer_after="answer :", max_words=truth["max_words"] + 4)
-    return instruction, f"{described} answer : {final} .", truth
+    truth = dict(truth, answer=final, options=options, answer_after=MARKER, max_words=truth["max_words"] + 4)
+    return instruction, f"{described} {MARKER} {final} .", truth
 
 
 def _open(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
@@ -188,11 +189,11 @@ def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.
             drop = rng.integers(len(listed))
             return _listing([o for i, o in enumerate(listed) if i != drop], colour)
         return _listing(listed, colour, len(listed) + 1)
-    described, final = answer.split(" answer : ")
+    described, final = answer.split(f" {MARKER} ")
     if rng.random() < 0.5:  # the description goes wrong, the final answer stays right: only the rubric sees it
-        return imperfect(objects, "describe", described, truth, rng) + " answer : " + final
+        return f"{imperfect(objects, 'describe', described, truth, rng)} {MARKER} {final}"
     wrong = [o for o in truth["options"] if o != truth["answer"]]
-    return f"{described} answer : {wrong[rng.integers(len(wrong))]} ."
+    return f"{described} {MARKER} {wrong[rng.integers(len(wrong))]} ."
 
 
 def example(rng: np.random.Generator, kind: str | None = None) -> dict:

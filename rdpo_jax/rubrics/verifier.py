@@ -28,11 +28,16 @@ def _singular(word: str) -> str:
     return word
 
 
-def _contains(words: list[str], phrase: str) -> bool:
+def _find(words: list[str], phrase: str) -> list[int]:
+    """Where `phrase` starts in `words` (singular and plural alike), every occurrence."""
     target = [_singular(w) for w in split_words(phrase)]
     norm = [_singular(w) for w in words]
     n = len(target)
-    return any(norm[i:i + n] == target for i in range(len(norm) - n + 1)) if n else True
+    return [i for i in range(len(norm) - n + 1) if norm[i:i + n] == target]
+
+
+def _contains(words: list[str], phrase: str) -> bool:
+    return bool(_find(words, phrase)) if split_words(phrase) else True
 
 
 def _stated_count(words: list[str], noun: str) -> int | None:
@@ -66,11 +71,10 @@ def check(spec: dict, answer: str) -> tuple[float, str]:
         return float(ok), f"states {stated if stated is not None else 'no'} {spec['noun']} (truth {spec['value']})"
     if kind == "answer":
         if spec.get("after"):  # the final answer: the words after the marker's last occurrence
-            marker = split_words(spec["after"])
-            starts = [i + len(marker) for i in range(len(words) - len(marker) + 1) if words[i:i + len(marker)] == marker]
+            starts = _find(words, spec["after"])
             if not starts:
                 return 0.0, f"gives no final answer after '{spec['after']}' (truth '{spec['value']}')"
-            words = words[starts[-1]:]
+            words = words[starts[-1] + len(split_words(spec["after"])):]
         said = [o for o in spec["options"] if _contains(words, o)] or ([spec["value"]] if _contains(
             words, spec["value"]) else [])
         ok = said == [spec["value"]]  # the right answer, and no other option besides
