@@ -5,8 +5,9 @@ A scene is 1–3 objects, each {shape, colour, size, position} with a distinct g
 drawn from a seeded numpy generator, so a seed gives the same scenes, images and texts everywhere.
 Question kinds (the prompt id starts with the kind): two open ones, describe and list (the objects of a
 colour), whose rubrics hold several essential and additional criteria, and five short ones, count,
-colour, shape, presence, where, whose answers describe the scene first and then give a one-word final
-answer (their rubric: the description's criteria and the final answer; the outcome miner sees only the latter).
+colour, shape, presence, where, whose answers restate what is asked, describe the scene tagging each
+object yes or no (is it the one asked about?) and then give a one-word final answer (their rubric: the
+description's criteria and the final answer; the outcome miner sees only the latter).
 Ground truth is written in the keys `rubrics.generate.rule_rubric` understands, so the rubric pool comes
 from the ordinary `rdpo_jax.data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
 """
@@ -91,21 +92,42 @@ def _listing(listed: list[dict], colour: str, n: int | None = None) -> str:
 
 def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
     """(instruction, correct answer, ground truth for rule_rubric) of one question of `kind`. A short
-    question's answer describes the scene first, then gives its final answer after "answer :" (the
-    verifier reads the final answer there; the description's criteria are the describe rubric's)."""
+    question's answer restates what it asks about, describes the scene tagging each object yes or no (is it
+    the one asked about?), then gives its final answer after "answer :" (the verifier reads the final
+    answer there; the description's criteria are the describe rubric's)."""
     if kind in OPEN_KINDS:
         return _open(objects, kind, rng)
-    instruction, final, options = _closed(objects, kind, rng)
-    _, described, truth = _open(objects, "describe", rng)
-    # the final answer is one word or a position: it names no object the description's criteria look for
-    truth = dict(truth, answer=final, options=options, answer_after=MARKER, max_words=truth["max_words"] + 4)
-    return instruction, f"{described} {MARKER} {final} .", truth
+    instruction, final, options, asked = _closed(objects, kind, rng)
+    _, _, truth = _open(objects, "describe", rng, exclude=_restated(asked))
+    # the restatement, the tags and the final answer (one word or a position) name no object the
+    # description's criteria look for; the asked object, absent or not, is no pitfall
+    truth = dict(truth, answer=final, options=options, answer_after=MARKER,
+                 max_words=truth["max_words"] + 6 + len(objects))
+    return instruction, f"{_tagged(objects, asked)} {MARKER} {final} .", truth
 
 
-def _open(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
+def _restated(asked: dict) -> str:
+    """What a short question asks about: "blue square", "square" (count, colour), "blue object" (shape)."""
+    return f"{asked['colour']} {asked.get('shape', 'object')}" if "colour" in asked else asked["shape"]
+
+
+def _matches(o: dict, asked: dict) -> bool:
+    return all(o[k] == v for k, v in asked.items())
+
+
+def _tagged(objects: list[dict], asked: dict, n: int | None = None, tags: list[bool] | None = None) -> str:
+    """"blue square : there are two objects : a small red circle at the top left , no and …, yes ." (`n`:
+    the count stated; `tags`: the tags given, by default whether each object is the one asked about)."""
+    tags = [_matches(o, asked) for o in objects] if tags is None else tags
+    return (f"{_restated(asked)} : {_there(len(objects) if n is None else n, 'object')} : "
+            + " and ".join(f"{_phrase(o)} , {'yes' if t else 'no'}" for o, t in zip(objects, tags)) + " .")
+
+
+def _open(objects: list[dict], kind: str, rng: np.random.Generator, exclude: str = "") -> tuple[str, str, dict]:
+    """(instruction, answer, ground truth) of an open question; `exclude`: an object no pitfall names."""
     if kind == "describe":
         present = {(o["colour"], o["shape"]) for o in objects}
-        others = [f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in present]
+        others = [f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in present and f"{c} {s}" != exclude]
         absent = [others[i] for i in rng.permutation(len(others))[:2]]
         mentions = sorted({f"{o['colour']} {o['shape']}" for o in objects})
         details = sorted({f"{o['size']} {o['colour']} {o['shape']}" for o in objects}
@@ -128,23 +150,25 @@ def _open(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str
     return f"list the {colour} objects .", _listing(listed, colour), truth
 
 
-def _closed(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, list[str]]:
-    """(instruction, final answer, its options) of a short question."""
+def _closed(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, list[str], dict]:
+    """(instruction, final answer, its options, what it asks about: the attributes the tagged objects match)."""
     if kind == "count":
         shape = SHAPES[rng.integers(3)]
-        return f"how many {shape}s are there ?", NUMBER_WORDS[sum(o["shape"] == shape for o in objects)], list(NUMBER_WORDS)
+        return (f"how many {shape}s are there ?", NUMBER_WORDS[sum(o["shape"] == shape for o in objects)],
+                list(NUMBER_WORDS), {"shape": shape})
     unique = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
     if kind == "colour" and unique:
         o = unique[rng.integers(len(unique))]
-        return f"what colour is the {o['shape']} ?", o["colour"], list(COLOURS)
+        return f"what colour is the {o['shape']} ?", o["colour"], list(COLOURS), {"shape": o["shape"]}
     unique_colour = [o for o in objects if sum(p["colour"] == o["colour"] for p in objects) == 1]
     if kind == "shape" and unique_colour:
         o = unique_colour[rng.integers(len(unique_colour))]
-        return f"what shape is the {o['colour']} object ?", o["shape"], list(SHAPES)
+        return f"what shape is the {o['colour']} object ?", o["shape"], list(SHAPES), {"colour": o["colour"]}
     if kind == "where":
         o = objects[rng.integers(len(objects))]
         if sum((p["colour"], p["shape"]) == (o["colour"], o["shape"]) for p in objects) == 1:
-            return f"where is the {o['colour']} {o['shape']} ?", o["position"], list(POSITIONS)
+            return (f"where is the {o['colour']} {o['shape']} ?", o["position"], list(POSITIONS),
+                    {"colour": o["colour"], "shape": o["shape"]})
     # presence (also the fallback when the scene has no object the other kinds can ask about)
     if rng.random() < 0.5:
         o = objects[rng.integers(len(objects))]
@@ -152,31 +176,50 @@ def _closed(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[s
     else:
         colour, shape = list(COLOURS)[rng.integers(4)], SHAPES[rng.integers(3)]
     yes = any((p["colour"], p["shape"]) == (colour, shape) for p in objects)
-    return f"is there a {colour} {shape} ?", "yes" if yes else "no", ["yes", "no"]
+    return f"is there a {colour} {shape} ?", "yes" if yes else "no", ["yes", "no"], {"colour": colour, "shape": shape}
+
+
+def _mistaken(objects: list[dict], truth: dict, rng: np.random.Generator) -> tuple[list[dict], int]:
+    """A mistaken reading of the scene (one of MISTAKES): the objects described and the count stated."""
+    mistake = MISTAKES[rng.integers(len(MISTAKES))]
+    objs = [dict(o) for o in objects]
+    if mistake == "hallucinate" or (mistake == "omit" and len(objs) == 1):
+        free = [p for p in POSITIONS if p not in {o["position"] for o in objs}] or list(POSITIONS)
+        colour, shape = truth["absent"][0].split()  # an object the rubric's pitfall criterion names
+        extra = dict(shape=shape, colour=colour, size=SIZES[rng.integers(2)], position=free[rng.integers(len(free))])
+        return objs + [extra], len(objs)  # the count stays right: the caption lists an object that is not there
+    if mistake == "omit":
+        drop = rng.integers(len(objs))
+        return [o for i, o in enumerate(objs) if i != drop], len(objs) - 1
+    if mistake == "recolour":
+        i = rng.integers(len(objs))
+        objs[i]["colour"] = [c for c in COLOURS if c != objs[i]["colour"]][rng.integers(3)]
+        return objs, len(objs)
+    return objs, len(objs) + 1 if len(objs) == 1 or (len(objs) < 4 and rng.random() < 0.5) else len(objs) - 1
+
+
+def _asked_from(restated: str) -> dict:
+    """The inverse of `_restated`."""
+    words = restated.split()
+    if len(words) == 1:
+        return {"shape": words[0]}
+    return {"colour": words[0]} if words[1] == "object" else {"colour": words[0], "shape": words[1]}
+
+
+def _final_from(kind: str, objects: list[dict], tags: list[bool]) -> str | None:
+    """The final answer the tags lead to (None: they name no object)."""
+    tagged = [o for o, t in zip(objects, tags) if t]
+    if kind in ("presence", "count"):
+        return ("yes" if tagged else "no") if kind == "presence" else NUMBER_WORDS[len(tagged)]
+    return tagged[0][{"colour": "colour", "shape": "shape", "where": "position"}[kind]] if tagged else None
 
 
 def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.random.Generator) -> str:
     """A plausible wrong answer of the kinds VLMs give: hallucinated, omitted or recoloured objects,
-    wrong counts; for short answers, a mistaken description before the right final answer, or a wrong
-    final answer."""
+    wrong counts; for short answers, a mistaken description before the right final answer (half of them),
+    an object tagged wrong and the final answer that follows from it, or a wrong final answer."""
     if kind == "describe":
-        mistake = MISTAKES[rng.integers(len(MISTAKES))]
-        objs = [dict(o) for o in objects]
-        if mistake == "hallucinate" or (mistake == "omit" and len(objs) == 1):
-            free = [p for p in POSITIONS if p not in {o["position"] for o in objs}] or list(POSITIONS)
-            colour, shape = truth["absent"][0].split()  # an object the rubric's pitfall criterion names
-            extra = dict(shape=shape, colour=colour, size=SIZES[rng.integers(2)],
-                         position=free[rng.integers(len(free))])
-            # the count stays right: the caption lists an object that is not there
-            return f"{_there(len(objs), 'object')} : " + " and ".join(_phrase(o) for o in objs + [extra]) + " ."
-        if mistake == "omit":
-            drop = rng.integers(len(objs))
-            return describe([o for i, o in enumerate(objs) if i != drop])
-        if mistake == "recolour":
-            i = rng.integers(len(objs))
-            objs[i]["colour"] = [c for c in COLOURS if c != objs[i]["colour"]][rng.integers(3)]
-            return describe(objs)
-        n = len(objs) + 1 if len(objs) == 1 or (len(objs) < 4 and rng.random() < 0.5) else len(objs) - 1
+        objs, n = _mistaken(objects, truth, rng)
         return f"{_there(n, 'object')} : " + " and ".join(_phrase(o) for o in objs) + " ."
     if kind == "list":
         colour = truth["mentions"][0].split()[0]  # "red circle": the colour asked about
@@ -189,11 +232,20 @@ def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.
             drop = rng.integers(len(listed))
             return _listing([o for i, o in enumerate(listed) if i != drop], colour)
         return _listing(listed, colour, len(listed) + 1)
-    described, final = answer.split(f" {MARKER} ")
-    if rng.random() < 0.5:  # the description goes wrong, the final answer stays right: only the rubric sees it
-        return f"{imperfect(objects, 'describe', described, truth, rng)} {MARKER} {final}"
-    wrong = [o for o in truth["options"] if o != truth["answer"]]
-    return f"{described} {MARKER} {wrong[rng.integers(len(wrong))]} ."
+    asked, final = _asked_from(answer.split(" : ")[0]), truth["answer"]
+    mistake = rng.random()
+    if mistake < 0.5:  # the description goes wrong, the final answer stays right: only the rubric sees it
+        objs, n = _mistaken(objects, truth, rng)
+        return f"{_tagged(objs, asked, n)} {MARKER} {final} ."
+    tags = [_matches(o, asked) for o in objects]
+    if mistake < 0.75:  # misread: one object tagged wrong, the final answer follows the tags
+        i = rng.integers(len(objects))
+        tags[i] = not tags[i]
+        final = _final_from(kind, objects, tags)
+    if final == truth["answer"] or final is None:
+        wrong = [o for o in truth["options"] if o != truth["answer"]]
+        final = wrong[rng.integers(len(wrong))]
+    return f"{_tagged(objects, asked, tags=tags)} {MARKER} {final} ."
 
 
 def example(rng: np.random.Generator, kind: str | None = None) -> dict:
