@@ -179,8 +179,9 @@ def main(argv):
         shutil.rmtree(f.workdir)
     budget = dict(BUDGETS[f.budget], **({} if f.sft_steps is None else {"sft_steps": f.sft_steps}))
     d = Demo(f.workdir, budget, f.devices, f.family)
-    if os.path.exists(d.path("world", "world.json")):
-        with open(d.path("world", "world.json")) as fh:
+    world_json = d.path("world", "world.json")
+    if os.path.exists(world_json):
+        with open(world_json) as fh:
             made = json.load(fh)
         for key, value in (("family", f.family), ("sft_steps", budget["sft_steps"])):
             if made.get(key, value) != value:

@@ -195,7 +195,7 @@ def _mistaken(objects: list[dict], truth: dict, rng: np.random.Generator) -> tup
         i = rng.integers(len(objs))
         objs[i]["colour"] = [c for c in COLOURS if c != objs[i]["colour"]][rng.integers(3)]
         return objs, len(objs)
-    return objs, len(objs) + 1 if len(objs) == 1 or (len(objs) < 4 and rng.random() < 0.5) else len(objs) - 1
+    return objs, len(objs) + 1 if len(objs) == 1 or rng.random() < 0.5 else len(objs) - 1  # 1–3 objects: "four" at most
 
 
 def _asked_from(restated: str) -> dict:
