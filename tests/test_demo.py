@@ -130,7 +130,8 @@ def test_llava_world_model(tmp_path):
 def test_short_answers_tag_the_asked_objects():
     """A short answer restates what the question asks about, tags every described object yes exactly when it
     is that object, and its final answer is what the yes-tagged objects say; the asked object, present or
-    not, is never one of the rubric's pitfalls; some imperfect answers misread a tag and follow it."""
+    not, is never one of the rubric's pitfalls; some imperfect answers misread a tag and follow it; some
+    absent objects asked about have a shape that is there in another colour."""
     import re
 
     import numpy as np
@@ -138,7 +139,7 @@ def test_short_answers_tag_the_asked_objects():
     from rdpo_jax.rubrics import generate
 
     rng = np.random.default_rng(1)
-    misread = 0
+    misread = colour_only = 0
     for i in range(700):
         e = world.example(rng, world.KINDS[i % len(world.KINDS)])
         if e["kind"] in world.OPEN_KINDS:
@@ -147,13 +148,16 @@ def test_short_answers_tag_the_asked_objects():
         described, final = re.fullmatch(r"(.*) answer : (.*) \.", body).groups()
         asked = restated.split()
         assert re.search(rf"\b{'.*'.join(a for a in asked if a != 'object')}", e["instruction"]), e
-        phrases = re.findall(r"a (\w+) (\w+) (\w+) at the (\w+ \w+) , (yes|no)", described)
+        phrases = re.findall(r"a (\w+) (\w+) (\w+) at the (\w+ \w+) , (\w+) (\w+) (yes|no)", described)
         assert len(phrases) == len(e["objects"])
-        for (size, colour, shape, position, tag), o in zip(phrases, e["objects"]):
+        for (size, colour, shape, position, colour_again, shape_again, tag), o in zip(phrases, e["objects"]):
             assert (size, colour, shape, position) == (o["size"], o["colour"], o["shape"], o["position"])
+            assert (colour_again, shape_again) == (colour, shape)  # the tag repeats what it compares
             is_asked = shape == asked[0] if len(asked) == 1 else colour == asked[0] and asked[1] in ("object", shape)
             assert tag == ("yes" if is_asked else "no"), e["answer"]
-        yes = [p for p in phrases if p[4] == "yes"]
+        if e["kind"] == "presence" and final == "no":
+            colour_only += any(o["shape"] == asked[1] for o in e["objects"])
+        yes = [p for p in phrases if p[6] == "yes"]
         expected = {"presence": "yes" if yes else "no", "count": world.NUMBER_WORDS[len(yes)],
                     "colour": yes and yes[0][1], "shape": yes and yes[0][2], "where": yes and yes[0][3]}[e["kind"]]
         assert final == expected, e["answer"]
@@ -162,8 +166,9 @@ def test_short_answers_tag_the_asked_objects():
         assert restated not in pitfalls, (e["answer"], pitfalls)
         wrong = world.imperfect(e["objects"], e["kind"], e["answer"], e["truth"], rng)
         wrong_described = wrong.partition(" : ")[2].split(" answer : ")[0]
-        misread += wrong_described.replace(", yes", ", no") == described.replace(", yes", ", no") != wrong_described != described
+        misread += wrong_described.replace(" yes", " no") == described.replace(" yes", " no") != wrong_described != described
     assert misread > 20
+    assert colour_only > 10  # absent objects whose shape is there in another colour: only the colour tells
 
 
 def test_world_answers_pass_their_rubrics_and_mistakes_fail_them():

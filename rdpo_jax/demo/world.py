@@ -6,8 +6,10 @@ drawn from a seeded numpy generator, so a seed gives the same scenes, images and
 Question kinds (the prompt id starts with the kind): two open ones, describe and list (the objects of a
 colour), whose rubrics hold several essential and additional criteria, and five short ones, count,
 colour, shape, presence, where, whose answers restate what is asked, describe the scene tagging each
-object yes or no (is it the one asked about?) and then give a one-word final answer (their rubric: the
-description's criteria and the final answer; the outcome miner sees only the latter).
+object with its colour and shape again and yes or no (is it the one asked about?) and then give a
+one-word final answer (their rubric: the description's criteria and the final answer; the outcome miner
+sees only the latter). The repeated colour and shape put what the tag compares next to it: tagged right
+after the bare object phrase, the demo's policy compared shapes but never colours.
 Ground truth is written in the keys `rubrics.generate.rule_rubric` understands, so the rubric pool comes
 from the ordinary `rdpo_jax.data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
 """
@@ -92,8 +94,8 @@ def _listing(listed: list[dict], colour: str, n: int | None = None) -> str:
 
 def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
     """(instruction, correct answer, ground truth for rule_rubric) of one question of `kind`. A short
-    question's answer restates what it asks about, describes the scene tagging each object yes or no (is it
-    the one asked about?), then gives its final answer after "answer :" (the verifier reads the final
+    question's answer restates what it asks about, describes the scene tagging each object with its colour
+    and shape and yes or no (is it the one asked about?), then gives its final answer after "answer :" (the verifier reads the final
     answer there; the description's criteria are the describe rubric's)."""
     if kind in OPEN_KINDS:
         return _open(objects, kind, rng)
@@ -102,7 +104,7 @@ def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[
     # the restatement, the tags and the final answer (one word or a position) name no object the
     # description's criteria look for; the asked object, absent or not, is no pitfall
     truth = dict(truth, answer=final, options=options, answer_after=MARKER,
-                 max_words=truth["max_words"] + 6 + len(objects))
+                 max_words=truth["max_words"] + 6 + 3 * len(objects))
     return instruction, f"{_tagged(objects, asked)} {MARKER} {final} .", truth
 
 
@@ -116,11 +118,13 @@ def _matches(o: dict, asked: dict) -> bool:
 
 
 def _tagged(objects: list[dict], asked: dict, n: int | None = None, tags: list[bool] | None = None) -> str:
-    """"blue square : there are two objects : a small red circle at the top left , no and …, yes ." (`n`:
-    the count stated; `tags`: the tags given, by default whether each object is the one asked about)."""
+    """"blue square : there are two objects : a small red circle at the top left , red circle no and …
+    , blue square yes ." (`n`: the count stated; `tags`: the tags given, by default whether each object
+    is the one asked about)."""
     tags = [_matches(o, asked) for o in objects] if tags is None else tags
     return (f"{_restated(asked)} : {_there(len(objects) if n is None else n, 'object')} : "
-            + " and ".join(f"{_phrase(o)} , {'yes' if t else 'no'}" for o, t in zip(objects, tags)) + " .")
+            + " and ".join(f"{_phrase(o)} , {o['colour']} {o['shape']} {'yes' if t else 'no'}"
+                           for o, t in zip(objects, tags)) + " .")
 
 
 def _open(objects: list[dict], kind: str, rng: np.random.Generator, exclude: str = "") -> tuple[str, str, dict]:
@@ -173,6 +177,9 @@ def _closed(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[s
     if rng.random() < 0.5:
         o = objects[rng.integers(len(objects))]
         colour, shape = o["colour"], o["shape"]
+    elif rng.random() < 0.5:  # a shape that is there in another colour: only the colours tell
+        o = objects[rng.integers(len(objects))]
+        colour, shape = [c for c in COLOURS if c != o["colour"]][rng.integers(3)], o["shape"]
     else:
         colour, shape = list(COLOURS)[rng.integers(4)], SHAPES[rng.integers(3)]
     yes = any((p["colour"], p["shape"]) == (colour, shape) for p in objects)
