@@ -127,11 +127,30 @@ def test_llava_world_model(tmp_path):
     assert cfg.image_seq_len == 16 and "processor_config.json" in os.listdir(tmp_path)
 
 
+def _short_answer(answer):
+    """(restated words, [(size, colour, shape, position, tag words, yes/no)], final answer) of a short answer."""
+    import re
+
+    restated, _, body = answer.partition(" : ")
+    described, final = re.fullmatch(r"(.*) answer : (.*) \.", body).groups()
+    phrases = re.findall(r"a (\w+) (\w+) (\w+) at the (\w+ \w+) , ([\w ]+?) (yes|no)(?= and | \.)", described)
+    return restated.split(), phrases, final
+
+
+def _final(kind, phrases):
+    """The final answer the yes-tagged objects lead to."""
+    yes = [p for p in phrases if p[5] == "yes"]
+    return {"presence": "yes" if yes else "no", "count": world.NUMBER_WORDS[len(yes)],
+            "colour": yes and yes[0][1], "shape": yes and yes[0][2], "where": yes and yes[0][3]}[kind]
+
+
 def test_short_answers_tag_the_asked_objects():
-    """A short answer restates what the question asks about, tags every described object yes exactly when it
-    is that object, and its final answer is what the yes-tagged objects say; the asked object, present or
-    not, is never one of the rubric's pitfalls; some imperfect answers misread a tag and follow it; some
-    absent objects asked about have a shape that is there in another colour."""
+    """A short answer restates what the question asks about; after every described object it repeats each
+    attribute asked about ("blue yes", "blue same square yes") and tags it yes exactly when it is that
+    object; its final answer is what the yes-tagged objects say. The asked object, present or not, is
+    never one of the rubric's pitfalls. Imperfect answers keep their final answer on their own tags
+    (unless the asked object is missing from their description), some of them with an attribute misread;
+    some absent objects asked about have a shape that is there in another colour."""
     import re
 
     import numpy as np
@@ -144,29 +163,30 @@ def test_short_answers_tag_the_asked_objects():
         e = world.example(rng, world.KINDS[i % len(world.KINDS)])
         if e["kind"] in world.OPEN_KINDS:
             continue
-        restated, _, body = e["answer"].partition(" : ")
-        described, final = re.fullmatch(r"(.*) answer : (.*) \.", body).groups()
-        asked = restated.split()
+        asked, phrases, final = _short_answer(e["answer"])
         assert re.search(rf"\b{'.*'.join(a for a in asked if a != 'object')}", e["instruction"]), e
-        phrases = re.findall(r"a (\w+) (\w+) (\w+) at the (\w+ \w+) , (\w+) (\w+) (yes|no)", described)
         assert len(phrases) == len(e["objects"])
-        for (size, colour, shape, position, colour_again, shape_again, tag), o in zip(phrases, e["objects"]):
+        for (size, colour, shape, position, words, tag), o in zip(phrases, e["objects"]):
             assert (size, colour, shape, position) == (o["size"], o["colour"], o["shape"], o["position"])
-            assert (colour_again, shape_again) == (colour, shape)  # the tag repeats what it compares
-            is_asked = shape == asked[0] if len(asked) == 1 else colour == asked[0] and asked[1] in ("object", shape)
-            assert tag == ("yes" if is_asked else "no"), e["answer"]
+            if len(asked) == 1:  # asked by shape: "square yes"
+                assert words == shape and tag == ("yes" if shape == asked[0] else "no"), e["answer"]
+            elif asked[1] == "object":  # asked by colour: "blue yes"
+                assert words == colour and tag == ("yes" if colour == asked[0] else "no"), e["answer"]
+            else:  # "blue same square yes": yes only when both match
+                assert words == f"{colour} {'same' if colour == asked[0] else 'other'} {shape}", e["answer"]
+                assert tag == ("yes" if (colour, shape) == tuple(asked) else "no"), e["answer"]
         if e["kind"] == "presence" and final == "no":
             colour_only += any(o["shape"] == asked[1] for o in e["objects"])
-        yes = [p for p in phrases if p[6] == "yes"]
-        expected = {"presence": "yes" if yes else "no", "count": world.NUMBER_WORDS[len(yes)],
-                    "colour": yes and yes[0][1], "shape": yes and yes[0][2], "where": yes and yes[0][3]}[e["kind"]]
-        assert final == expected, e["answer"]
+        assert final == _final(e["kind"], phrases), e["answer"]
         pitfalls = [c["check"]["phrase"] for c in generate.rule_rubric(e["truth"])["criteria"]
                     if c["check"]["type"] == "not_contains"]
-        assert restated not in pitfalls, (e["answer"], pitfalls)
+        assert " ".join(asked) not in pitfalls, (e["answer"], pitfalls)
         wrong = world.imperfect(e["objects"], e["kind"], e["answer"], e["truth"], rng)
-        wrong_described = wrong.partition(" : ")[2].split(" answer : ")[0]
-        misread += wrong_described.replace(" yes", " no") == described.replace(" yes", " no") != wrong_described != described
+        _, wrong_phrases, wrong_final = _short_answer(wrong)
+        if any(p[5] == "yes" for p in wrong_phrases) or e["kind"] in ("presence", "count"):
+            assert wrong_final == _final(e["kind"], wrong_phrases), wrong
+        if [p[:4] for p in wrong_phrases] == [p[:4] for p in phrases]:  # same objects, tags misread
+            misread += wrong_phrases != phrases and wrong_final != final
     assert misread > 20
     assert colour_only > 10  # absent objects whose shape is there in another colour: only the colour tells
 

@@ -25,7 +25,7 @@ def get_config(arg: str = ""):
     if args["arm"] not in ARMS:
         raise ValueError(f"rdpo_jax/configs/loop_demo.py: arm={args['arm']!r} is not one of {list(ARMS)}")
     miner, loss = ARMS[args["arm"]]
-    d, seed, tokens = args["dir"], int(args.get("seed", 0)), int(args.get("tokens", 66))
+    d, seed, tokens = args["dir"], int(args.get("seed", 0)), int(args.get("tokens", 70))
     c = loop_base.get_config()
     c.rounds = 1
     c.policy = f"{d}/sft"

@@ -35,7 +35,7 @@ from rdpo_jax.configs.loop_demo import ARMS
 from rdpo_jax.demo import report, world
 BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fast variant
     "full": dict(sft_examples=24000, sft_steps=3000, train_prompts=512, heldout_prompts=384, samples=8,
-                 dpo_steps=80, max_new_tokens=66),
+                 dpo_steps=80, max_new_tokens=70),
     "tiny": dict(sft_examples=96, sft_steps=4, train_prompts=16, heldout_prompts=12, samples=4, dpo_steps=2,
                  max_new_tokens=12),
 }

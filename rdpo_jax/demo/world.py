@@ -113,18 +113,28 @@ def _restated(asked: dict) -> str:
     return f"{asked['colour']} {asked.get('shape', 'object')}" if "colour" in asked else asked["shape"]
 
 
-def _matches(o: dict, asked: dict) -> bool:
-    return all(o[k] == v for k, v in asked.items())
+def _checks(o: dict, asked: dict) -> dict:
+    """Whether each attribute asked about (colour, then shape) is the object's."""
+    return {k: o[k] == v for k, v in asked.items()}
 
 
-def _tagged(objects: list[dict], asked: dict, n: int | None = None, tags: list[bool] | None = None) -> str:
-    """"blue square : there are two objects : a small red circle at the top left , red circle no and …
-    , blue square yes ." (`n`: the count stated; `tags`: the tags given, by default whether each object
-    is the one asked about)."""
-    tags = [_matches(o, asked) for o in objects] if tags is None else tags
+def _tag(o: dict, checks: dict) -> str:
+    """"blue yes", "square no", "blue same square yes": each attribute asked about, as the object has it,
+    then whether it matches ("same" / "other" before the last one); the last word says whether the object
+    is the one asked about (every attribute matches)."""
+    words = []
+    for i, (k, same) in enumerate(checks.items()):
+        last = i == len(checks) - 1
+        words += [o[k], ("yes" if all(checks.values()) else "no") if last else ("same" if same else "other")]
+    return " ".join(words)
+
+
+def _tagged(objects: list[dict], asked: dict, n: int | None = None, checks: list[dict] | None = None) -> str:
+    """"blue square : there are two objects : a small red circle at the top left , red other circle no and
+    … , blue same square yes ." (`n`: the count stated; `checks`: the tags given, by default the truth)."""
+    checks = [_checks(o, asked) for o in objects] if checks is None else checks
     return (f"{_restated(asked)} : {_there(len(objects) if n is None else n, 'object')} : "
-            + " and ".join(f"{_phrase(o)} , {o['colour']} {o['shape']} {'yes' if t else 'no'}"
-                           for o, t in zip(objects, tags)) + " .")
+            + " and ".join(f"{_phrase(o)} , {_tag(o, c)}" for o, c in zip(objects, checks)) + " .")
 
 
 def _open(objects: list[dict], kind: str, rng: np.random.Generator, exclude: str = "") -> tuple[str, str, dict]:
@@ -223,8 +233,8 @@ def _final_from(kind: str, objects: list[dict], tags: list[bool]) -> str | None:
 
 def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.random.Generator) -> str:
     """A plausible wrong answer of the kinds VLMs give: hallucinated, omitted or recoloured objects,
-    wrong counts; for short answers, a mistaken description before the right final answer (half of them),
-    an object tagged wrong and the final answer that follows from it, or a wrong final answer."""
+    wrong counts; for short answers, an attribute checked wrong (half of them) or a mistaken description, the
+    final answer following the tags either way (the SFT answers never contradict their own tags)."""
     if kind == "describe":
         objs, n = _mistaken(objects, truth, rng)
         return f"{_there(n, 'object')} : " + " and ".join(_phrase(o) for o in objs) + " ."
@@ -239,20 +249,25 @@ def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.
             drop = rng.integers(len(listed))
             return _listing([o for i, o in enumerate(listed) if i != drop], colour)
         return _listing(listed, colour, len(listed) + 1)
-    asked, final = _asked_from(answer.split(" : ")[0]), truth["answer"]
-    mistake = rng.random()
-    if mistake < 0.5:  # the description goes wrong, the final answer stays right: only the rubric sees it
-        objs, n = _mistaken(objects, truth, rng)
-        return f"{_tagged(objs, asked, n)} {MARKER} {final} ."
-    tags = [_matches(o, asked) for o in objects]
-    if mistake < 0.75:  # misread: one object tagged wrong, the final answer follows the tags
-        i = rng.integers(len(objects))
-        tags[i] = not tags[i]
-        final = _final_from(kind, objects, tags)
-    if final == truth["answer"] or final is None:
+    asked = _asked_from(answer.split(" : ")[0])
+    truths = [_checks(o, asked) for o in objects]
+
+    def misread(i: int, k: str) -> list[dict]:
+        return [dict(c, **{k: not c[k]}) if j == i else c for j, c in enumerate(truths)]
+
+    flips = [(i, k) for i in rng.permutation(len(objects)) for k in asked
+             if _final_from(kind, objects, [all(c.values()) for c in misread(i, k)]) not in (None, truth["answer"])]
+    if rng.random() < 0.5 and flips:  # misread: one attribute of one object checked wrong, the final answer follows
+        checks = misread(*flips[rng.integers(len(flips))])
+        return f"{_tagged(objects, asked, checks=checks)} {MARKER} {_final_from(kind, objects, [all(c.values()) for c in checks])} ."
+    # the description goes wrong and the final answer follows it: right where the mistake spares the asked
+    # object (then only the rubric sees it), wrong where it does not
+    objs, n = _mistaken(objects, truth, rng)
+    final = _final_from(kind, objs, [all(_checks(o, asked).values()) for o in objs])
+    if final is None:  # the asked object is not in the description: some other option
         wrong = [o for o in truth["options"] if o != truth["answer"]]
         final = wrong[rng.integers(len(wrong))]
-    return f"{_tagged(objects, asked, tags=tags)} {MARKER} {final} ."
+    return f"{_tagged(objs, asked, n)} {MARKER} {final} ."
 
 
 def example(rng: np.random.Generator, kind: str | None = None) -> dict:
