@@ -56,8 +56,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
     flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
     flags.DEFINE_enum("family", "llava", world.FAMILIES, "The policy's model family (same widths either way).")
-    flags.DEFINE_integer("sft_steps", None, "SFT warm-start steps (default: the budget's; the README's long run "
-                         "uses 9000, which the policy needs to describe scenes right).")
+    flags.DEFINE_integer("sft_steps", None, "SFT warm-start steps (default: the budget's).")
 
 
 class Demo:
