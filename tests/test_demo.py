@@ -76,6 +76,8 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
     assert "| rubric+rubric |" in first.stdout  # the table is printed at the end
     # the paper's comparisons (one seed: no spread to read them against) and the miners' disagreement
     assert "| essential pass | rubric+rubric − outcome+sigmoid |" in table and "one seed: no spread" in table
+    assert "| sampled: hallucination | rubric+rubric − outcome+sigmoid |" in table  # the sampled answers' too
+    assert json.load(open(f"{wd}/eval/base/metrics.json"))["sampled"]["answers"] == 12 * 2
     differ = re.search(r"seed 0: (\d+)/(\d+) = ", table)  # a 4-step policy may give neither miner a pair
     assert differ and 0 <= int(differ[1]) <= int(differ[2])
     page = open(f"{wd}/report.html").read()
@@ -116,6 +118,25 @@ def test_disagreement_counts_prompts_whose_miners_chose_different_pairs(tmp_path
     pairs("rubric+sigmoid", {"count-1": [("s0", "s1")], "count-2": [("s0", "s3")], "colour-4": [("s2", "s3")]})
     text = report.disagreement(str(tmp_path), [0])
     assert "seed 0: 3/4 = 0.75 (colour 1.00, count 0.50, describe 1.00)" in text
+
+
+def test_comparisons_read_each_metric_against_twice_the_seed_spread():
+    """The paper's comparisons of the final rounds, greedy and sampled metrics alike: the difference of
+    the seed means against twice the larger std over seeds; lower hallucination is better."""
+    from rdpo_jax.demo import report
+
+    def row(name, arm, essential, sampled_hall):
+        return {"name": name, "arm": arm, "round": 1,
+                "metrics": [{"essential_pass": e, "sampled": {"hallucination": h}} for e, h in zip(essential, sampled_hall)]}
+
+    rows = [row("base (SFT)", None, [0.8], [0.10]),
+            row("outcome+sigmoid", "outcome+sigmoid", [0.80, 0.82], [0.09, 0.11]),
+            row("rubric+sigmoid", "rubric+sigmoid", [0.81, 0.83], [0.01, 0.03])]
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in report.comparisons(rows).splitlines()}
+    hall = lines[("sampled: hallucination", "rubric+sigmoid − outcome+sigmoid")]
+    assert "| -0.080 | 0.020 | rubric+sigmoid better, beyond 2× the spread |" in hall
+    assert "| +0.010 | 0.020 | within 2× the spread |" in lines[("essential pass", "rubric+sigmoid − outcome+sigmoid")]
+    assert "| -0.080 | 0.020 | rubric+sigmoid better" in lines[("sampled: hallucination", "rubric+sigmoid − base (SFT)")]
 
 
 def test_llava_world_model(tmp_path):

@@ -49,8 +49,11 @@ def test_summary_means_and_groups():
                            "describe": {"prompts": 1, "accuracy": 1.0, "words": 20.0, "hallucination": 1.0}}
 
 
-def test_evaluate_an_hf_folder(tmp_path):
-    folder, out = str(tmp_path / "model"), str(tmp_path / "eval")
+@pytest.fixture(scope="module")
+def model_and_pool(tmp_path_factory):
+    """The demo world's (untrained) model and a rule-built pool of 7 image prompts and a text-only one."""
+    tmp_path = tmp_path_factory.mktemp("evaluate")
+    folder = str(tmp_path / "model")
     world.write_model(folder)
     prompts = world.write_prompts(str(tmp_path), "held", n=7, seed=0)
     pool = []
@@ -63,8 +66,15 @@ def test_evaluate_an_hf_folder(tmp_path):
     pool.insert(2, dict(pool[2], prompt_id=pool[2]["prompt_id"] + "-text", images=[],
                         messages=[{"role": "user", "content": pool[2]["messages"][0]["content"][1]["text"]}]))
     arrayrecord.write(str(tmp_path), "pool", "rubric_pool", pool)
-    metrics = evaluate.evaluate(folder, str(tmp_path / "pool"), out, judge=VerifierJudge(), max_new_tokens=6,
+    return folder, str(tmp_path / "pool"), pool
+
+
+def test_evaluate_an_hf_folder(tmp_path, model_and_pool):
+    folder, pool_path, pool = model_and_pool
+    out = str(tmp_path / "eval")
+    metrics = evaluate.evaluate(folder, pool_path, out, judge=VerifierJudge(), max_new_tokens=6,
                                 batch_size=4, group="prefix")
+    assert "sampled" not in metrics and not os.path.exists(os.path.join(out, "sampled_answers.jsonl"))
     rows = [json.loads(line) for line in open(os.path.join(out, "answers.jsonl"))]
     assert [r["prompt_id"] for r in rows] == [p["prompt_id"] for p in pool]
     assert metrics == json.load(open(os.path.join(out, "metrics.json")))
@@ -77,3 +87,32 @@ def test_evaluate_an_hf_folder(tmp_path):
         assert r["scores"] == v.scores
     assert all(len(split_words(r["answer"])) <= 6 for r in rows)  # 6 new tokens at most
     assert metrics["words"] == pytest.approx(np.mean([len(split_words(r["answer"])) for r in rows]))
+
+
+def test_sampled_answers(tmp_path, model_and_pool):
+    """--samples: N judged answers per prompt in pool order, summarized under `sampled` exactly as the rows
+    say; the same answers whatever the batching (per-prompt keys); near temperature 0 they are the greedy
+    answers."""
+    folder, pool_path, pool = model_and_pool
+
+    def run(name, **kw):
+        metrics = evaluate.evaluate(folder, pool_path, str(tmp_path / name), judge=VerifierJudge(), max_new_tokens=6,
+                                    group="prefix", **kw)
+        return metrics, [json.loads(line) for line in open(tmp_path / name / "sampled_answers.jsonl")]
+
+    metrics, rows = run("a", samples=3, temperature=1.0, seed=5, batch_size=4)
+    assert [(r["prompt_id"], r["sample"]) for r in rows] == [(p["prompt_id"], j) for p in pool for j in range(3)]
+    sampled = metrics["sampled"]
+    assert (sampled["prompts"], sampled["answers"], sampled["samples"], sampled["seed"]) == (8, 24, 3, 5)
+    for k in ("essential_pass", "rubric_score", "accuracy", "words"):
+        assert sampled[k] == pytest.approx(np.mean([r["metrics"][k] for r in rows])), k
+    assert sampled["groups"]["count"]["prompts"] == sum(p["prompt_id"].startswith("count") for p in pool)
+    greedy = [json.loads(line)["answer"] for line in open(tmp_path / "a" / "answers.jsonl")]
+    assert len({r["answer"] for r in rows}) > len(set(greedy))  # temperature 1 varies the answers
+
+    _, rebatched = run("b", samples=3, temperature=1.0, seed=5, batch_size=3)
+    assert [r["answer"] for r in rebatched] == [r["answer"] for r in rows]
+    _, cold = run("c", samples=2, temperature=1e-5, seed=5, batch_size=4)
+    assert [r["answer"] for r in cold] == [a for a in greedy for _ in range(2)]
+    with pytest.raises(ValueError, match="temperature > 0"):
+        evaluate.evaluate(folder, pool_path, str(tmp_path / "d"), judge=VerifierJudge(), samples=2, temperature=0.0)

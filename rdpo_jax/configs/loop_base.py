@@ -72,4 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.evaluate.group = "none"  # per-group accuracy by prompt-id prefix ("none" | "prefix")
     c.evaluate.limit = 0  # evaluate the first N prompts only (0: all)
     c.evaluate.mesh = ""  # the evaluation sampler's mesh ("" = the command's default)
+    c.evaluate.samples = 0  # also N sampled answers per prompt, reported under `sampled` (0: greedy only)
+    c.evaluate.temperature = 1.0  # temperature of the sampled answers
+    c.evaluate.seed = 0  # PRNG seed of the sampled answers
     return c

@@ -4,7 +4,8 @@
 
 Arguments: dir (the demo workdir, required), arm (outcome+sigmoid | rubric+sigmoid | rubric+rubric: the
 pairs miner and the DPO loss), seed, family (the world's model family), samples (per prompt), steps (DPO
-steps per round), tokens (new tokens per answer). The initial policy is the SFT run; round 1 mines the
+steps per round), tokens (new tokens per answer), eval_samples (sampled answers per held-out prompt, besides
+the greedy one). The initial policy is the SFT run; round 1 mines the
 SFT policy's judged samples that the demo drew once for every arm (WD/seedS/round1/judged), later rounds
 sample the arm's own policy. Each round trains on from the previous policy, which is also the reference
 (iterative DPO); the demo evaluates the SFT policy itself, once.
@@ -21,7 +22,7 @@ ARMS = {  # name: (pairs miner, DPO loss type)
 
 def get_config(arg: str = ""):
     args = base.parse_arg(arg, "rdpo_jax/configs/loop_demo.py", required=("dir", "arm"),
-                          optional=("seed", "family", "samples", "steps", "tokens"))
+                          optional=("seed", "family", "samples", "steps", "tokens", "eval_samples"))
     if args["arm"] not in ARMS:
         raise ValueError(f"rdpo_jax/configs/loop_demo.py: arm={args['arm']!r} is not one of {list(ARMS)}")
     miner, loss = ARMS[args["arm"]]
@@ -51,4 +52,6 @@ def get_config(arg: str = ""):
     c.evaluate.batch_size = 64
     c.evaluate.group = "prefix"
     c.evaluate.mesh = "data=-1"
+    c.evaluate.samples = int(args.get("eval_samples", 4))  # and answers at temperature 1: what the policy samples
+    c.evaluate.seed = seed
     return c

@@ -35,9 +35,9 @@ from rdpo_jax.configs.loop_demo import ARMS
 from rdpo_jax.demo import report, world
 BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fast variant
     "full": dict(sft_examples=24000, sft_steps=3000, train_prompts=512, heldout_prompts=384, samples=8,
-                 dpo_steps=80, max_new_tokens=70),
+                 dpo_steps=80, max_new_tokens=70, eval_samples=4),
     "tiny": dict(sft_examples=96, sft_steps=4, train_prompts=16, heldout_prompts=12, samples=4, dpo_steps=2,
-                 max_new_tokens=12),
+                 max_new_tokens=12, eval_samples=2),
 }
 
 
@@ -159,13 +159,15 @@ class Demo:
     def loop(self, seed: int, arm: str, rounds: int) -> None:
         b = self.budget
         self.command("rdpo_jax.loop", f"--config=rdpo_jax/configs/loop_demo.py:dir={self.wd},arm={arm},seed={seed},"
-                     f"family={self.family},samples={b['samples']},steps={b['dpo_steps']},tokens={b['max_new_tokens']}",
+                     f"family={self.family},samples={b['samples']},steps={b['dpo_steps']},tokens={b['max_new_tokens']},"
+                     f"eval_samples={b['eval_samples']}",
                      f"--workdir={self.path(f'seed{seed}', arm)}", f"--rounds={rounds}")
 
     def evaluate(self, models: list[str], outs: list[str]) -> None:
         self.command("rdpo_jax.evaluate", f"--model={','.join(models)}", f"--out={','.join(outs)}",
                      f"--pool={self.path('rubrics', 'heldout_pool')}", "--group=prefix", "--batch_size=64",
-                     f"--max_new_tokens={self.budget['max_new_tokens']}", TINY_MODEL_MESH)
+                     f"--max_new_tokens={self.budget['max_new_tokens']}", f"--samples={self.budget['eval_samples']}",
+                     TINY_MODEL_MESH)
 
 
 def main(argv):

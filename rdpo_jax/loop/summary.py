@@ -14,6 +14,22 @@ from rdpo_jax.loop import rounds as rounds_lib
 
 METRICS = [("essential_pass", "essential pass"), ("rubric_score", "rubric score"),
            ("hallucination", "hallucination"), ("accuracy", "accuracy"), ("words", "words")]
+# evaluate --samples=N: the same numbers over N sampled answers per prompt (shown when evaluated)
+SAMPLED = [("sampled/essential_pass", "sampled: essential pass"), ("sampled/hallucination", "sampled: hallucination")]
+
+
+def metric(metrics: dict | None, key: str) -> float | None:
+    """A number of evaluate's metrics.json ("sampled/KEY": of the sampled answers), None where absent."""
+    for part in key.split("/"):
+        if not isinstance(metrics, dict) or part not in metrics:
+            return None
+        metrics = metrics[part]
+    return metrics
+
+
+def columns(all_metrics: list[dict | None]) -> list[tuple[str, str]]:
+    """The metrics to show: METRICS, and SAMPLED when some evaluation sampled answers."""
+    return METRICS + (SAMPLED if any(m and "sampled" in m for m in all_metrics) else [])
 
 
 def load_json(path: str) -> dict | None:
@@ -53,7 +69,8 @@ def round_row(workdir: str, r: int) -> dict | None:
 
 def table(rows: list[dict]) -> str:
     """Round | pairs | final DPO loss | the evaluate metrics (deterministic: no times)."""
-    head = ["round", "policy", "pairs", "DPO loss"] + [h for _, h in METRICS]
+    shown = columns([row["metrics"] for row in rows])
+    head = ["round", "policy", "pairs", "DPO loss"] + [h for _, h in shown]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row["round"] == 0:
@@ -62,10 +79,9 @@ def table(rows: list[dict]) -> str:
             policy = f"trained {row['steps']} steps"
         else:
             policy = row["note"] or row["status"]
-        m = row["metrics"] or {}
         cells = [str(row["round"]), policy, str(row.get("pairs", "–")),
                  f"{row['loss']:.4f}" if "loss" in row else "–"]
-        cells += [f"{m[k]:.3f}" if k in m else "–" for k, _ in METRICS]
+        cells += ["–" if (v := metric(row["metrics"], k)) is None else f"{v:.3f}" for k, _ in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -97,9 +113,9 @@ def tensorboard(workdir: str, row: dict) -> None:
 
     with tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard")) as tb:
         r = row["round"]
-        for k, _ in METRICS:
-            if row["metrics"] and k in row["metrics"]:
-                tb.add_scalar(f"eval/{k}", row["metrics"][k], r)
+        for k, _ in METRICS + SAMPLED:
+            if (v := metric(row["metrics"], k)) is not None:
+                tb.add_scalar(f"eval/{k}", v, r)
         if "pairs" in row:
             tb.add_scalar("pairs", row["pairs"], r)
         if "loss" in row:
@@ -131,8 +147,8 @@ def _plots(workdir: str, rows: list[dict]) -> list[tuple[str, str]]:
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3))
-    for k, title in METRICS[:4]:
-        points = [(row["round"], row["metrics"][k]) for row in rows if row["metrics"] and k in row["metrics"]]
+    for k, title in METRICS[:4] + SAMPLED:
+        points = [(row["round"], v) for row in rows if (v := metric(row["metrics"], k)) is not None]
         if points:
             ax.plot(*zip(*points), marker="o", label=title)
     keep(fig, ax, "round", "held-out evaluation per round")

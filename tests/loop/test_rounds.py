@@ -113,6 +113,8 @@ def test_demo_and_smoke_loop_configs():
         c = loop_demo.get_config(f"dir=/wd,arm={arm},seed=2,steps=5")
         assert c.pairs.miner == miner and f"loss={loss},steps=5,seed=2" in c.train.config
         assert c.first_judged == "/wd/seed2/round1/judged" and c.policy == "/wd/sft"
+        assert (c.evaluate.samples, c.evaluate.temperature, c.evaluate.seed) == (4, 1.0, 2)  # sampled answers too
+    assert loop_demo.get_config("dir=/wd,arm=rubric+rubric,eval_samples=0").evaluate.samples == 0
     with pytest.raises(ValueError, match="arm='dpo' is not one of"):
         loop_demo.get_config("dir=/wd,arm=dpo")
     c = loop_smoke.get_config("dir=/s,reference=initial,ref_logps=1")
