@@ -18,6 +18,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from rdpo_jax import optim
 
@@ -80,11 +81,7 @@ def saved_steps(run_dir: str) -> list[int]:
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     if not os.path.isdir(directory):
         return []
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=(STATE,))
-    steps = sorted(manager.all_steps())
-    manager.close()
-    return steps
+    return sorted(ocp.path.step.checkpoint_steps(directory))  # a read-only manager warns three times
 
 
 def restore_params(run_dir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
@@ -101,8 +98,8 @@ def restore_params(run_dir: str, abstract_params: dict, step: int | None = None)
     elif step not in steps:
         raise FileNotFoundError(f"{run_dir}: no checkpoint for step {step}; saved steps: {steps}")
     path = os.path.join(directory, str(step), STATE)
-    with ocp.PyTreeCheckpointer() as reader:
-        saved = reader.metadata(path).item_metadata
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))  # the item's tree (the checkpointer's
+    with ocp.PyTreeCheckpointer() as reader:                          # step metadata warns: it is one level up)
         target, restore_args = {}, {}
         for part in ("params", "frozen"):
             tree = saved.get(part) or {}
