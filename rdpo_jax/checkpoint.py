@@ -98,8 +98,10 @@ def restore_params(run_dir: str, abstract_params: dict, step: int | None = None)
     elif step not in steps:
         raise FileNotFoundError(f"{run_dir}: no checkpoint for step {step}; saved steps: {steps}")
     path = os.path.join(directory, str(step), STATE)
-    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))  # the item's tree (the checkpointer's
-    with ocp.PyTreeCheckpointer() as reader:                          # step metadata warns: it is one level up)
+    # the item's tree, read by its handler: the checkpointer looks for step metadata in the item's folder
+    # (it is one level up) and warns
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+    with ocp.PyTreeCheckpointer() as reader:
         target, restore_args = {}, {}
         for part in ("params", "frozen"):
             tree = saved.get(part) or {}

@@ -124,15 +124,19 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def _check_sampling(samples: int, temperature: float) -> None:
+    if samples < 0 or (samples and temperature <= 0):
+        raise ValueError(f"samples={samples}, temperature={temperature}: sampled answers need samples ≥ 1 and a "
+                         "temperature > 0 (samples=0 reports the greedy answers only)")
+
+
 def evaluate(model_source: str, pool: str, out: str, *, judge, max_new_tokens: int = 128, batch_size: int = 32,
              pad_to: int = 64, group: str = "none", limit: int = 0, mesh: str = inference.DEFAULT_MESH,
              samples: int = 0, temperature: float = 1.0, seed: int = 0) -> dict:
     """Answers, judges and summarizes (see the module doc); returns the metrics written to out/metrics.json.
     `samples` > 0 also draws that many answers per prompt at `temperature` (PRNG seed `seed`) and reports
     their numbers under `sampled`."""
-    if samples < 0 or (samples and temperature <= 0):
-        raise ValueError(f"samples={samples}, temperature={temperature}: sampled answers need samples ≥ 1 and "
-                         "a temperature > 0 (the greedy answers are always reported)")
+    _check_sampling(samples, temperature)
     policy = inference.load(model_source, mesh=mesh)
     source = arrayrecord.Source(pool, "rubric_pool")
     n = min(len(source), limit) if limit else len(source)
@@ -194,9 +198,10 @@ def main(argv):
         raise app.UsageError("--model, --pool and --out are required")
     if len(f.model) != len(f.out):
         raise app.UsageError(f"--out names {len(f.out)} folders for {len(f.model)} models; give one per model")
-    if f.samples < 0 or (f.samples and f.temperature <= 0):
-        raise app.UsageError(f"--samples={f.samples} --temperature={f.temperature}: sampled answers need --samples ≥ 1 "
-                             "and --temperature > 0 (--samples=0 reports the greedy answers only)")
+    try:
+        _check_sampling(f.samples, f.temperature)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:

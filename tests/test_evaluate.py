@@ -116,3 +116,16 @@ def test_sampled_answers(tmp_path, model_and_pool):
     assert [r["answer"] for r in cold] == [a for a in greedy for _ in range(2)]
     with pytest.raises(ValueError, match="temperature > 0"):
         evaluate.evaluate(folder, pool_path, str(tmp_path / "d"), judge=VerifierJudge(), samples=2, temperature=0.0)
+
+
+def test_command_refuses_sampling_without_temperature(tmp_path):
+    """The flags are checked before any model is loaded: the error names both values."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "rdpo_jax.evaluate", f"--model={tmp_path}/none",
+                           f"--pool={tmp_path}/none", f"--out={tmp_path}/out", "--samples=2", "--temperature=0"],
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode != 0
+    assert "samples=2, temperature=0.0: sampled answers need samples ≥ 1 and a temperature > 0" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")

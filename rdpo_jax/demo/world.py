@@ -6,10 +6,10 @@ drawn from a seeded numpy generator, so a seed gives the same scenes, images and
 Question kinds (the prompt id starts with the kind): two open ones, describe and list (the objects of a
 colour), whose rubrics hold several essential and additional criteria, and five short ones, count,
 colour, shape, presence, where, whose answers restate what is asked, describe the scene tagging each
-object with its colour and shape again and yes or no (is it the one asked about?) and then give a
-one-word final answer (their rubric: the description's criteria and the final answer; the outcome miner
-sees only the latter). The repeated colour and shape put what the tag compares next to it: tagged right
-after the bare object phrase, the demo's policy compared shapes but never colours.
+object with the attributes asked about, each checked where it is written ("blue same square yes": is it
+the one asked about?), and then give a one-word final answer (their rubric: the description's criteria
+and the final answer; the outcome miner sees only the latter). Each comparison sits next to the word it
+compares: with a bare "yes" after the object, the demo's policy compared shapes but never colours.
 Ground truth is written in the keys `rubrics.generate.rule_rubric` understands, so the rubric pool comes
 from the ordinary `rdpo_jax.data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
 """
@@ -94,9 +94,9 @@ def _listing(listed: list[dict], colour: str, n: int | None = None) -> str:
 
 def question(objects: list[dict], kind: str, rng: np.random.Generator) -> tuple[str, str, dict]:
     """(instruction, correct answer, ground truth for rule_rubric) of one question of `kind`. A short
-    question's answer restates what it asks about, describes the scene tagging each object with its colour
-    and shape and yes or no (is it the one asked about?), then gives its final answer after "answer :" (the verifier reads the final
-    answer there; the description's criteria are the describe rubric's)."""
+    question's answer restates what it asks about, describes the scene tagging each object (`_tag`), then
+    gives its final answer after "answer :" (the verifier reads the final answer there; the description's
+    criteria are the describe rubric's)."""
     if kind in OPEN_KINDS:
         return _open(objects, kind, rng)
     instruction, final, options, asked = _closed(objects, kind, rng)
@@ -223,9 +223,9 @@ def _asked_from(restated: str) -> dict:
     return {"colour": words[0]} if words[1] == "object" else {"colour": words[0], "shape": words[1]}
 
 
-def _final_from(kind: str, objects: list[dict], tags: list[bool]) -> str | None:
-    """The final answer the tags lead to (None: they name no object)."""
-    tagged = [o for o, t in zip(objects, tags) if t]
+def _final_from(kind: str, objects: list[dict], checks: list[dict]) -> str | None:
+    """The final answer the tags (`_checks` per object) lead to (None: they name no object)."""
+    tagged = [o for o, c in zip(objects, checks) if all(c.values())]
     if kind in ("presence", "count"):
         return ("yes" if tagged else "no") if kind == "presence" else NUMBER_WORDS[len(tagged)]
     return tagged[0][{"colour": "colour", "shape": "shape", "where": "position"}[kind]] if tagged else None
@@ -256,14 +256,14 @@ def imperfect(objects: list[dict], kind: str, answer: str, truth: dict, rng: np.
         return [dict(c, **{k: not c[k]}) if j == i else c for j, c in enumerate(truths)]
 
     flips = [(i, k) for i in rng.permutation(len(objects)) for k in asked
-             if _final_from(kind, objects, [all(c.values()) for c in misread(i, k)]) not in (None, truth["answer"])]
+             if _final_from(kind, objects, misread(i, k)) not in (None, truth["answer"])]
     if rng.random() < 0.5 and flips:  # misread: one attribute of one object checked wrong, the final answer follows
         checks = misread(*flips[rng.integers(len(flips))])
-        return f"{_tagged(objects, asked, checks=checks)} {MARKER} {_final_from(kind, objects, [all(c.values()) for c in checks])} ."
+        return f"{_tagged(objects, asked, checks=checks)} {MARKER} {_final_from(kind, objects, checks)} ."
     # the description goes wrong and the final answer follows it: right where the mistake spares the asked
     # object (then only the rubric sees it), wrong where it does not
     objs, n = _mistaken(objects, truth, rng)
-    final = _final_from(kind, objs, [all(_checks(o, asked).values()) for o in objs])
+    final = _final_from(kind, objs, [_checks(o, asked) for o in objs])
     if final is None:  # the asked object is not in the description: some other option
         wrong = [o for o in truth["options"] if o != truth["answer"]]
         final = wrong[rng.integers(len(wrong))]
