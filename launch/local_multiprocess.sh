@@ -51,6 +51,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
   exit 0
 fi
 
+mkdir -p "$LOG_DIR"
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT

@@ -109,10 +109,12 @@ def test_local_multiprocess_commands():
 
 
 def test_local_multiprocess_stops_all_when_one_fails(tmp_path):
-    """A process that fails (here: a config that does not exist) fails the script, with its log shown."""
+    """A process that fails (here: a config that does not exist) fails the script, with its log shown (in a
+    log folder the script creates)."""
     proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "--python=" + sys.executable,
-                           f"--log_dir={tmp_path}", "--", "--config=rdpo_jax/configs/absent.py", f"--workdir={tmp_path}/w"],
+                           f"--log_dir={tmp_path}/logs/new", "--", "--config=rdpo_jax/configs/absent.py", f"--workdir={tmp_path}/w"],
                           cwd=runs.ROOT, env=runs.env(str(tmp_path / "cache")), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
     assert "absent.py" in proc.stderr
+    assert (tmp_path / "logs" / "new" / "process-1.log").exists()
