@@ -79,6 +79,18 @@ def mesh_sizes(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> di
     return dict(zip(MESH_AXES, sizes))
 
 
+def init_distributed(d) -> None:
+    """Joins the run's JAX processes as the config's `distributed` settings say (a no-op for one process):
+    an explicit coordinator (CPU processes on one machine: gloo collectives), or auto-detection (TPU pods,
+    SLURM, GPU clusters). Every command that runs on all processes of a slice calls it first."""
+    if d.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process collectives
+        jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+    elif d.auto:
+        jax.distributed.initialize()
+
+
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the `("data", "fsdp", "tensor")` mesh (Auto axes) over `devices` (default: all); see
     `mesh_sizes` for `shape`."""

@@ -60,7 +60,7 @@ def main(argv):
     cache_hits = _count_cache_hits()
 
     # ----- Devices and mesh -----
-    _init_distributed(config.distributed)
+    sharding.init_distributed(config.distributed)
     mesh = sharding.make_mesh(config_checks.validate(config, num_devices=jax.device_count(),
                                                      num_processes=jax.process_count()))
     primary = jax.process_index() == 0
@@ -231,15 +231,6 @@ def _count_cache_hits() -> dict[str, int]:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def _init_distributed(d) -> None:
-    if d.coordinator:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process collectives
-        jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
-                                   process_id=d.process_id)
-    elif d.auto:
-        jax.distributed.initialize()
 
 
 def _stop_requested(preempted: threading.Event, step: int) -> bool:
