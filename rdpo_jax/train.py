@@ -11,7 +11,9 @@ Restarting the same command resumes exactly; SIGTERM (TPU preemption) saves the 
 — on multi-process runs through JAX's preemption service, so that every process saves the same step.
 Every process runs the same program on every step: the length bucket of each batch is agreed by all
 processes (`pipeline.agree_shapes`), eval passes are padded to whole global batches, and logged counts
-are summed over processes.
+are summed over processes. A global batch with no valid record (all skipped, `data.on_bad_record="skip"`)
+updates nothing: parameters, optimizer state and schedule stay, the data position moves on; such steps are
+counted (`empty_batches`) and printed.
 """
 
 from __future__ import annotations
@@ -403,9 +405,9 @@ def _itstime(step: int, every: int, total_steps: int) -> bool:
 
 class _Window:
     """What happened between two log writes. Step metrics stay on the devices until `flush`, which
-    fetches them all at once, averages them, sums throughput and data counts over processes (one
-    small all-gather) and stops the run when the step's own streak count (`nonfinite_streak`)
-    reached `max_nonfinite`, naming that batch's records."""
+    fetches them all at once, averages them over the steps that trained (`empty_batches` counts the
+    others), sums throughput and data counts over processes (one small all-gather) and stops the run when
+    the step's own streak count (`nonfinite_streak`) reached `max_nonfinite`, naming that batch's records."""
 
     def __init__(self, max_nonfinite: int, source):
         self.max_nonfinite, self.source = max_nonfinite, source
@@ -429,14 +431,22 @@ class _Window:
 
     def flush(self) -> dict[str, float]:
         fetched = jax.device_get([m for _, m, _ in self.steps])
+        empty = [step for (step, _, _), m in zip(self.steps, fetched) if float(m["empty"])]
+        if empty:
+            _print(f"steps {', '.join(str(s) for s in empty)}: no valid record in the global batch (all skipped as "
+                   "bad, see skipped/*); nothing updated")
         self._check_finite(fetched)
         names = sorted(self.data) + sorted(self.counts)  # the same keys on every process: batches share them
         totals = dict(zip(names, _sum_over_processes([{**self.data, **self.counts}[k] for k in names])))
         elapsed = time.perf_counter() - self.t0
         n = max(len(fetched), 1)
-        out = {k: sum(float(m[k]) for m in fetched) / n for k in fetched[0] if k != "nonfinite_streak"}
-        out.update(pairs_per_s=totals["examples"] / elapsed, tokens_per_s=totals["tokens"] / elapsed,
-                   step_s=elapsed / n, **{k: float(totals[k]) for k in self.counts})
+        # means over the steps that trained: an empty batch's loss and rewards measure nothing
+        trained = [m for m in fetched if not float(m["empty"])] or [{"lr": fetched[-1]["lr"]}]
+        out = {k: sum(float(m[k]) for m in trained) / len(trained) for k in trained[0]
+               if k not in ("nonfinite_streak", "empty")}
+        out.update(empty_batches=float(len(empty)), pairs_per_s=totals["examples"] / elapsed,
+                   tokens_per_s=totals["tokens"] / elapsed, step_s=elapsed / n,
+                   **{k: float(totals[k]) for k in self.counts})
         out["token_padding"] = 1.0 - totals["tokens"] / max(totals["token_slots"], 1)
         if totals.get("patch_slots"):
             out["patch_padding"] = 1.0 - totals["patches"] / totals["patch_slots"]

@@ -170,24 +170,32 @@ def _masked_sums(metrics: dict[str, jax.Array], valid: jax.Array) -> dict[str, t
 
 
 def _update(state: TrainState, optimizer, schedule, grads, loss_sum, count, metric_sums):
-    """Applies the optimizer, unless the loss or the gradients are not finite: then parameters and
-    optimizer state stay as they were, `nonfinite` = 1 and the state's streak of such steps grows (the
-    trainer stops on a streak, reading `nonfinite_streak` when it logs)."""
+    """Applies the optimizer, unless
+
+    - the global batch holds nothing to train on (`count` = 0: every record skipped as bad): a zero
+      gradient would still move the parameters (Adam's momentum, weight decay) and advance the schedule,
+      so parameters and optimizer state stay as they were, and `empty` = 1 says so;
+    - the loss or the gradients are not finite: parameters and optimizer state stay as they were,
+      `nonfinite` = 1 and the state's streak of such steps grows (the trainer stops on a streak, reading
+      `nonfinite_streak` when it logs; an empty step neither grows nor ends a streak).
+
+    `count` is summed over the global batch inside the step, so every process takes the same decision."""
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
     loss = loss_sum / jnp.maximum(count, 1.0)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    empty = count == 0
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite & ~empty, new, old),
                                      (params, opt_state), (state.params, state.opt_state))
     metrics = {name: s / jnp.maximum(n, 1.0) for name, (s, n) in metric_sums.items()}
     # the rate this update applies: the schedule at the optimizer's own count, which skipped steps do not
     # advance (state.step, the data position, counts every step)
     applied = optim.updates_applied(state.opt_state)
     metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step if applied is None else applied), count=count,
-                   nonfinite=(~finite).astype(jnp.float32))
-    streak = jnp.where(finite, 0, state.nonfinite + 1)
+                   nonfinite=(~finite).astype(jnp.float32), empty=empty.astype(jnp.float32))
+    streak = jnp.where(empty, state.nonfinite, jnp.where(finite, 0, state.nonfinite + 1))
     metrics["nonfinite_streak"] = streak
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=streak), metrics
 

@@ -221,6 +221,39 @@ def test_freeze_and_group_learning_rates(tiny_llava, mesh1):
         optim.split_params(model, ("vision/.*",))
 
 
+def test_a_batch_without_valid_pairs_updates_nothing(tiny_llava, mesh1, capsys):
+    """Every record of the global batch skipped as bad (valid all 0): the gradient is zero, but Adam's
+    momentum and weight decay would still move the parameters and the schedule would advance. Parameters,
+    optimizer state and the optimizer's count stay; only the data position moves; `empty` says so, the
+    trainer's log counts such steps (`empty_batches`), averages only the steps that trained and prints
+    the empty ones."""
+    from rdpo_jax import train
+
+    folder, _ = tiny_llava(NAME)
+    model, cfg = hf.load_hf(folder, mesh=mesh1)
+    full = _off_reference(_batch(cfg))
+    empty = {**full, "valid": np.zeros(B, np.float32)}
+    adamw = optim.make_optimizer(learning_rate=1e-2, weight_decay=0.1)
+    graphdef, state = train_step.init_state(model, adamw)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    fn = train_step.make_dpo_step(graphdef, adamw, optax.constant_schedule(1e-2), loss_type="sigmoid", beta=0.1,
+                                  reference="precomputed").train
+    step = train_step.jit_step(fn, state, full, mesh1)
+    window = train._Window(max_nonfinite=2, source=None)
+    state, metrics = step(state, empty)
+    window.add(1, metrics, {"index": np.full(B, -1), "stats": {"examples": 0, "skipped/schema": B}}, empty)
+    _close(before, (state.params, state.opt_state), rtol=0, atol=0)
+    assert int(optim.updates_applied(state.opt_state)) == 0 and int(state.step) == 1
+    assert float(metrics["empty"]) == 1 and float(metrics["count"]) == 0 and float(metrics["nonfinite"]) == 0
+    state, metrics = step(state, full)  # the next batch trains as a run's first update
+    window.add(2, metrics, {"index": np.arange(B), "stats": {"examples": B - 1}}, full)
+    assert float(metrics["empty"]) == 0 and int(optim.updates_applied(state.opt_state)) == 1
+    logged = window.flush()
+    assert logged["empty_batches"] == 1 and logged["loss"] == pytest.approx(float(metrics["loss"]))
+    assert logged["skipped/schema"] == B
+    assert "steps 1: no valid record in the global batch" in capsys.readouterr().out
+
+
 def test_nonfinite_update_is_skipped(tiny_llava, mesh1):
     folder, _ = tiny_llava(NAME)
     _, cfg = hf.load_hf(folder)
