@@ -1,11 +1,19 @@
 """What every data_prep command shares: shard selection, resumable chunked output, progress, summaries.
 
 Output of a command = one dataset `NAME` (ArrayRecord + manifest) written by `--num_shards` independent
-runs (hosts, or JAX processes with --num_shards=0). Each shard writes chunks
+runs (hosts, or JAX processes with --num_shards=0, joined as `train` joins them: `--distributed_*` flags
+here, the training config's `distributed` group in ref_logps). Each shard writes chunks
 `NAME-s00001-of-00004-c00012.array_record`, each committed by its `.keys.json` (the item keys in it), so
 a restarted run skips every item already written. A chunk holds whole items (all records of a key), so
 a kill never leaves an item marked done with records missing. When the last shard finishes,
 `NAME.manifest.json` lists all chunks.
+
+The output is a function of the input alone, whatever the sharding and however often a run is killed:
+a command that computes items in batches (sample, judge, ref_logps) forms its batches from the whole
+input, the same for every shard count, and a shard takes whole batches (`batches[index::count]`); a
+batch left partly done by a kill is computed again whole and only its undone items are written, so that
+every item is computed among the same neighbours (padding, shapes and thus bits) as in one uninterrupted
+run.
 
 Testing only: RDPO_TEST_KILL_AT_RECORD=k makes the process SIGKILL itself when the k-th record of the run
 is added (before it is buffered), a deterministic crash for the restart tests.
@@ -13,13 +21,14 @@ is added (before it is buffered), a deterministic crash for the restart tests.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import signal
 import sys
 
-from absl import flags
+from absl import app, flags
 
 from rdpo_jax.data import arrayrecord, records
 
@@ -27,17 +36,53 @@ SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This run's shard of the in
 NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards of the input (0: one per JAX process).")
 CHUNK = flags.DEFINE_integer("chunk_size", 64, "Records per output chunk (the unit of resumption), at least; "
                              "a chunk ends at an item boundary, so it may hold an item's records more.")
+# How the JAX processes of --num_shards=0 join: the names and meaning of the config's `distributed` group
+_COORDINATOR = flags.DEFINE_string("distributed_coordinator", "", "HOST:PORT of process 0's coordinator, for "
+                                   "JAX processes without auto-detection (CPU, or GPU hosts without SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("distributed_num_processes", 0, "With --distributed_coordinator: processes.")
+_PROCESS_ID = flags.DEFINE_integer("distributed_process_id", -1, "With --distributed_coordinator: this process.")
+_AUTO = flags.DEFINE_bool("distributed_auto", False, "Call jax.distributed.initialize() with no arguments "
+                          "(TPU pods, SLURM, GPU clusters).")
+_DISTRIBUTED_FLAGS = (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _AUTO)
 KILL_AT_ENV = "RDPO_TEST_KILL_AT_RECORD"  # testing only: see the module docstring
 
 
-def shard() -> tuple[int, int]:
-    """(shard index, shard count): from the flags, or this JAX process's when --num_shards=0."""
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """The `--distributed_*` flags in the shape of a config's `distributed` group (`sharding.init_distributed`)."""
+    coordinator: str
+    num_processes: int
+    process_id: int
+    auto: bool
+
+
+def shard(distributed=None) -> tuple[int, int]:
+    """Joins this command's JAX processes as `train` does, then (shard index, shard count): the flags', or this
+    JAX process's when --num_shards=0.
+
+    Args:
+      distributed: a training config's `distributed` group (ref_logps), else the `--distributed_*` flags.
+    """
+    if distributed is None:
+        distributed = Distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _AUTO.value)
+    elif any(f.present for f in _DISTRIBUTED_FLAGS):
+        raise app.UsageError("this command joins JAX processes as its training config says "
+                             "(--config.distributed.coordinator, …), not by --distributed_* flags")
+    if NUM_SHARDS.value < 0:
+        raise app.UsageError(f"--num_shards={NUM_SHARDS.value}: expected a shard count, or 0 (one per JAX process)")
+    if distributed.coordinator or distributed.auto:
+        from rdpo_jax import sharding  # imports jax: build_rubrics, make_pairs and the verifier judge need none
+
+        sharding.init_distributed(distributed)
     if NUM_SHARDS.value == 0:
         import jax
 
+        if jax.process_count() == 1:
+            print("--num_shards=0 with one JAX process: this run writes the whole output (join the processes of "
+                  "several hosts with --distributed_auto or --distributed_coordinator)")
         return jax.process_index(), jax.process_count()
     if not 0 <= SHARD_INDEX.value < NUM_SHARDS.value:
-        raise ValueError(f"--shard_index={SHARD_INDEX.value} is not in [0, --num_shards={NUM_SHARDS.value})")
+        raise app.UsageError(f"--shard_index={SHARD_INDEX.value} is not in [0, --num_shards={NUM_SHARDS.value})")
     return SHARD_INDEX.value, NUM_SHARDS.value
 
 

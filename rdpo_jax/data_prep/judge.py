@@ -9,7 +9,8 @@ endpoint; a server's Retry-After obeyed up to --max_retry_after seconds; API key
 verdicts cached in SQLite, so a restart with the same sharding never pays twice: by default one file per
 shard, OUT/NAME-s00000-of-00004.cache.sqlite, because SQLite is not safe to share between writers on a
 network filesystem such as gcsfuse), `flax` (a local model). Output: the samples with `scores`, `reasons`
-and `judge` — or `unscorable` with the reason, counted in the summary. Resumable, sharded over samples.
+and `judge` — or `unscorable` with the reason, counted in the summary. Resumable, sharded over fixed batches
+of samples (a shard takes whole batches of --batch_size: any sharding writes one unsharded run's verdicts).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _MAX_RETRY_AFTER = flags.DEFINE_float("max_retry_after", 60.0,
                                       "Longest wait in seconds a server's Retry-After gets (openai).")
 _MESH = flags.DEFINE_string("mesh", "fsdp=-1", "The flax judge's mesh over this process's devices (see "
                             "rdpo_jax.inference: AXIS=SIZE,… over data, fsdp, tensor).")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Items per judge call.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Samples per judge call; shards take whole batches of them.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Longest verdict reply in tokens (openai, flax; 0: the judge's "
                                    "default, 1024 for openai, 512 for flax).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -72,10 +73,28 @@ def main(argv):
     out = common.Output(_OUT.value, _NAME.value, "samples", shard_index, num_shards, common.CHUNK.value)
     judge = make_judge(shard_index, num_shards)
     counts = collections.Counter()
-    pending: list[tuple[dict, Item]] = []
-
-    def flush():
-        for sample, verdict in zip((s for s, _ in pending), judge.judge([item for _, item in pending])):
+    # The samples in fixed batches of --batch_size, whole batches per shard, a partly done one judged again
+    # whole (a model judge's verdicts may depend on their batch; the verdict cache answers the repeats)
+    starts = range(0, len(samples), _BATCH.value)[shard_index::num_shards]
+    for start in logs.bar(starts, desc="judge", unit="batch"):
+        batch = [records.decode(samples[i][1], "samples", samples.where(i))
+                 for i in range(start, min(start + _BATCH.value, len(samples)))]
+        todo = [s["sample_id"] not in out.done for s in batch]
+        counts["already_done"] += todo.count(False)
+        if not any(todo):
+            continue
+        items = []
+        for i, sample in enumerate(batch, start):
+            if sample["prompt_id"] not in index:
+                raise records.RecordError(samples.where(i), "prompt_id",
+                                          f"{sample['prompt_id']!r} is not in {_POOL.value}")
+            j = index[sample["prompt_id"]]
+            prompt = records.decode(pool[j][1], "rubric_pool", pool.where(j))
+            items.append(Item(sample["sample_id"], prompt["messages"], prompt["images"], prompt["rubric"],
+                              sample["response"], prompt.get("reference_answer")))
+        for sample, verdict, new in zip(batch, judge.judge(items), todo):
+            if not new:
+                continue
             sample = {**sample, "judge": judge.name}
             if verdict.unscorable is not None:
                 sample["unscorable"] = verdict.unscorable
@@ -85,21 +104,6 @@ def main(argv):
                 sample.update(scores=verdict.scores, reasons=verdict.reasons)
                 counts["scored"] += 1
             out.add(sample["sample_id"], sample)
-        pending.clear()
-
-    for i in logs.bar(range(shard_index, len(samples), num_shards), desc="judge", unit="answer"):
-        sample = records.decode(samples[i][1], "samples", samples.where(i))
-        if sample["sample_id"] in out.done:
-            counts["already_done"] += 1
-            continue
-        if sample["prompt_id"] not in index:
-            raise records.RecordError(samples.where(i), "prompt_id", f"{sample['prompt_id']!r} is not in {_POOL.value}")
-        prompt = records.decode(pool[index[sample["prompt_id"]]][1], "rubric_pool", "pool")
-        pending.append((sample, Item(sample["sample_id"], prompt["messages"], prompt["images"], prompt["rubric"],
-                                     sample["response"], prompt.get("reference_answer"))))
-        if len(pending) >= _BATCH.value:
-            flush()
-    flush()
     out.close()
     stats = dict(counts) | getattr(judge, "stats", {}) | getattr(getattr(judge, "client", None), "stats", {})
     common.summary(f"judge ({judge.name}), shard {shard_index}/{num_shards}", stats)

@@ -11,7 +11,9 @@ into its `pairs` entries), `ref_fingerprint` (the
 model's identity) and `ref_settings` (those config fields, `pipeline.REFERENCE_SETTINGS`); the trainer
 refuses data from another model or with other settings, naming the field. Runs on the config's mesh
 over this process's devices (an FSDP mesh of them if the config's does not fit); resumable, sharded over
-pairs (--num_shards=0: one shard per JAX process).
+fixed batches of --batch_size records (--num_shards=0: one shard per JAX process, joined as the config's
+`distributed` group says): any sharding, and a rerun after a kill, writes every record the values one
+uninterrupted run gives it, to the bit.
 """
 
 from __future__ import annotations
@@ -38,22 +40,6 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NAME = flags.DEFINE_string("name", "pairs_ref", "Output dataset name.")
 
 
-class _ShardSource:
-    """Shard `i` of `n` of a source (grain-style random access), keeping the original indices."""
-
-    def __init__(self, source, indices):
-        self.source, self.indices, self.kind = source, indices, source.kind
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.source[self.indices[int(i)]]
-
-    def where(self, i):
-        return self.source.where(self.indices[int(i)])
-
-
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -61,7 +47,7 @@ def main(argv):
         raise app.UsageError("--config is required: the training config these pairs are for")
     if config.objective != "dpo":
         raise app.UsageError(f"--config: objective {config.objective!r}; reference log-likelihoods are for 'dpo'")
-    shard_index, num_shards = common.shard()
+    shard_index, num_shards = common.shard(config.distributed)
     reference = checkpoint.reference_model(config)
     policy = inference.load(reference, mesh=dict(config.mesh), run=config_lib.RunSettings.from_config(config),
                             model_path=config.model.path)
@@ -71,33 +57,38 @@ def main(argv):
     kind = pipeline.source_kind(source, options)
     key = "group_id" if kind == "groups" else "pair_id"
     out = common.Output(_OUT.value, _NAME.value, kind, shard_index, num_shards, common.CHUNK.value)
-    todo = []
-    for i in range(shard_index, len(source), num_shards):
-        record = records.decode(source[i][1], kind, source.where(i))
-        if record[key] not in out.done:
-            todo.append(i)
-    dataset = pipeline.make_dataset(
-        _ShardSource(source, todo), options, policy.tokenizer,
-        image_inputs.from_config(config, policy.config),
-        global_batch_size=_BATCH.value or config.data.batch_size, seed=None, num_epochs=1, process_index=0,
-        process_count=1)
+    # Batch b of the input is records [b·B, (b+1)·B), the same for every shard count and rerun (a record's
+    # value depends on its batch: bucket, packing, shapes); this shard takes batches b ≡ shard_index (mod
+    # num_shards) from the first that holds an undone record. Indices are positions in `source` throughout.
+    B = _BATCH.value or config.data.batch_size
+    dataset = pipeline.make_dataset(source, options, policy.tokenizer, image_inputs.from_config(config, policy.config),
+                                    global_batch_size=B, seed=None, num_epochs=1, process_index=0, process_count=1)
+
+    def positions(b: int) -> range:
+        return range(b * B, min((b + 1) * B, len(source)))
+
+    mine = range(shard_index, len(dataset), num_shards)
+    start = next((b for b in mine if any(_key(source, i, kind, key) not in out.done for i in positions(b))),
+                 len(dataset))
+    counts = collections.Counter(already_done=sum(len(positions(b)) for b in mine if b < start))
+    todo = dataset[start::num_shards]
     layout = config.dpo.pair_layout
     forward = nnx.jit(lambda m, b: packing.pair_logps(m, b, layout=layout))
-    counts = collections.Counter()
-    counts["already_done"] = len(range(shard_index, len(source), num_shards)) - len(todo)
     mesh = policy.mesh
     with jax.set_mesh(mesh):
-        for element in logs.bar(dataset, desc="ref_logps", unit="batch", total=len(dataset)):
+        for element in logs.bar(todo, desc="ref_logps", unit="batch", total=len(todo)):
             batch = element["batch"]
             global_batch = pipeline.to_global(batch, train_step.batch_shardings(batch, mesh))
             logps = jax.device_get(forward(policy.model, global_batch))
             index = element["index"].reshape(len(element["index"]), -1)  # [rows, records per row]
             slots = {k: logps[k].reshape(len(index), index.shape[1], -1) for k in ("chosen_logp", "rejected_logp")}
-            for (row, segment), i in np.ndenumerate(index):
-                if i < 0:
+            where = {int(i): rs for rs, i in np.ndenumerate(index) if i >= 0}  # source position → (row, segment)
+            for i in sorted(where):  # in input order, whatever rows the batch packed them into
+                record = records.decode(source[i][1], kind, source.where(i))
+                if record[key] in out.done:
+                    counts["already_done"] += 1
                     continue
-                original = todo[int(i)]
-                record = records.decode(source[original][1], kind, source.where(original))
+                row, segment = where[i]
                 for j, pair in enumerate(record["pairs"] if kind == "groups" else [record]):
                     pair.update(ref_chosen_logp=float(slots["chosen_logp"][row, segment, j]),
                                 ref_rejected_logp=float(slots["rejected_logp"][row, segment, j]))
@@ -107,6 +98,11 @@ def main(argv):
             counts["truncated_answers"] += int(element["stats"]["truncated_answers"])
     out.close()
     common.summary(f"ref_logps ({fingerprint}), shard {shard_index}/{num_shards}", dict(counts))
+
+
+def _key(source: arrayrecord.Source, i: int, kind: str, key: str) -> str:
+    """The item key (pair_id or group_id) of record `i` of `source`."""
+    return records.decode(source[i][1], kind, source.where(i))[key]
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ generation config's eos ids, the chat template's end of turn) and never emits th
 token. Output: `samples` records
 (sample_id = PROMPT_ID/STEP/J) with the generated token ids (`response_ids`) and the tokenizer's
 fingerprint (`sampler.tokenizer`). Resumable, sharded (--shard_index/--num_shards, or --num_shards=0 for
-one shard per JAX process).
+one shard per JAX process, joined by --distributed_auto or --distributed_coordinator/_num_processes/_process_id).
 
-A rerun after a kill writes what an uninterrupted run writes, record for record: batches are fixed
-groups of the shard's prompts (per image count, since a batch's images stack into one array), a
-partially done batch is generated again whole and only its undone prompts are written, and sample j of
-the prompt at pool index i draws from fold_in(fold_in(key(--seed), i), j) alone.
+Every sharding, and a rerun after a kill, writes what one uninterrupted run writes, record for record:
+batches are fixed groups of the pool's prompts (per image count, since a batch's images stack into one
+array), a shard takes whole batches, a partially done batch is generated again whole and only its undone
+prompts are written, and sample j of the prompt at pool index i draws from fold_in(fold_in(key(--seed), i),
+j) alone.
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ def main(argv):
                "max_new_tokens": sc.max_new_tokens, "seed": _SEED.value, "tokenizer": policy.tokenizer.fingerprint}
     source = arrayrecord.Source(_POOL.value, "rubric_pool")
     out = common.Output(_OUT.value, _NAME.value, "samples", shard_index, num_shards, common.CHUNK.value)
-    mine = [i for i in range(len(source)) if i % num_shards == shard_index]
-    # One pass for the image counts (records are decoded again per batch, so images are not all held).
-    image_counts = [len(records.decode(source[i][1], "rubric_pool", source.where(i))["images"]) for i in mine]
-    batches = [[mine[p] for p in b] for b in sampling.batches_by_image_count(image_counts, _BATCH.value)]
+    # One pass over the whole pool for the image counts (records are decoded again per batch, so images are
+    # not all held): the batches are the pool's, whatever the shard count, and this shard takes whole ones.
+    image_counts = [len(records.decode(source[i][1], "rubric_pool", source.where(i))["images"])
+                    for i in range(len(source))]
+    batches = sampling.batches_by_image_count(image_counts, _BATCH.value)[shard_index::num_shards]
     counts = {"prompts": 0, "samples": 0, "already_done": 0, "tokens": 0, "stopped": 0}
     t0 = time.perf_counter()
-    bar = logs.bar(total=len(mine), desc="sample", unit="prompt")
+    bar = logs.bar(total=sum(map(len, batches)), desc="sample", unit="prompt")
     with jax.set_mesh(policy.mesh):
         for batch in batches:
             prompts = [records.decode(source[i][1], "rubric_pool", source.where(i)) for i in batch]

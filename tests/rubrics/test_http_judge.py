@@ -276,7 +276,7 @@ def test_a_changed_judge_model_or_prompt_version_misses_the_cache(server, tmp_pa
 def test_judge_command_caches_per_shard_and_passes_max_retry_after(server, tmp_path):
     pool = [{"prompt_id": "image", "images": [_png()], "messages": IMAGE_MESSAGES, "rubric": RUBRIC},
             {"prompt_id": "text", "images": [], "messages": TEXT_MESSAGES, "rubric": RUBRIC}]
-    answers = ["good one", "patient one", "good two", "good text-only"]  # shard 1 of 2 judges 1 and 3
+    answers = ["good one", "patient one", "good two", "good text-only"]  # shard 1 of 2 judges batches 1 and 3
     samples = [{"prompt_id": "text" if "text" in a else "image", "sample_id": f"s{i}", "response": a,
                 "policy_step": 0, "sampler": {}} for i, a in enumerate(answers)]
     arrayrecord.write(str(tmp_path), "pool", "rubric_pool", pool)
@@ -284,7 +284,7 @@ def test_judge_command_caches_per_shard_and_passes_max_retry_after(server, tmp_p
     out = tmp_path / "out"
     proc = runs.run([sys.executable, "-m", "rdpo_jax.data_prep.judge", f"--pool={tmp_path}/pool",
                      f"--samples={tmp_path}/samples", "--judge=openai", f"--endpoint={_url(server)}",
-                     "--judge_model=judge-vlm", f"--out={out}", "--shard_index=1", "--num_shards=2",
+                     "--judge_model=judge-vlm", f"--out={out}", "--shard_index=1", "--num_shards=2", "--batch_size=1",
                      "--max_retry_after=0.2"], dict(os.environ, PYTHONPATH=runs.ROOT), timeout=120)
     assert "scored: 2" in proc.stdout and "retry_after_capped: 1" in proc.stdout, proc.stdout
     assert sorted(p.name for p in out.glob("*.sqlite")) == ["judged-s00001-of-00002.cache.sqlite"]
