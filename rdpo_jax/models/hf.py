@@ -31,6 +31,7 @@ import re
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -82,19 +83,6 @@ def _layer_shape(variable: nnx.Variable) -> tuple[int, ...]:
     """The shape of one tensor on disk's worth of `variable` (a stacked one without its layer axis)."""
     shape = tuple(variable.get_value().shape)
     return shape[1:] if _is_stacked(variable) else shape
-
-
-class _Stacked:
-    """Lazy per-layer views read as one array [L, …]; a slice reads only those slices of its layers."""
-
-    def __init__(self, views: list):
-        self.views = views
-
-    def __getitem__(self, index):
-        return np.stack([v[tuple(index[1:])] for v in self.views[index[0]]])
-
-    def __array__(self, dtype=None, copy=None):
-        return np.stack([np.asarray(v, dtype) for v in self.views])
 
 
 def disk_name(canonical: str, family: type[VisionLanguageModel]) -> str:
@@ -185,7 +173,9 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
     shardings.
 
     Files are memory-mapped and read a few tensors at a time: host memory holds at most
-    `_LOAD_THREADS` tensors (on a multi-host mesh, only this host's slices of them), never the model.
+    `_LOAD_THREADS` tensors (on a multi-host mesh, only this host's slices of them), never the model; a
+    stacked parameter of scanned layers is filled on its devices layer by layer, so whatever the depth
+    what is in flight is one layer's tensor per thread.
 
     Args:
       path: folder with `config.json` and `model.safetensors` or sharded files + index.
@@ -226,17 +216,18 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
     if missing or unexpected or bad_shapes:
         raise CheckpointMismatchError(_mismatch_message(path, missing, unexpected, bad_shapes))
 
-    device = jax.local_devices()[0]
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     x64 = jax.config.x64_enabled  # a thread-local setting: carry it into the worker threads
 
     def load(item):
         p, variable = item
         abstract = variable.get_value()
         views = [_to_ours(p, reader.get(by_canonical[n]), _layer_shape(variable)) for n in names[p]]
-        view = _Stacked(views) if _is_stacked(variable) else views[0]
-        target = None if mesh is None else sharding.variable_sharding(variable, mesh)
+        target = one_device if mesh is None else sharding.variable_sharding(variable, mesh)
         with jax.enable_x64(x64):
-            return _make_array(view, abstract.shape, abstract.dtype, target, device)
+            if _is_stacked(variable):
+                return _stack_on_devices(views, abstract.shape, abstract.dtype, target)
+            return _make_array(views[0], abstract.shape, abstract.dtype, target)
 
     # A few tensors in flight overlap file reads, transposes and transfers (numpy and PjRt release the GIL).
     with concurrent.futures.ThreadPoolExecutor(max_workers=_LOAD_THREADS) as pool:
@@ -245,11 +236,11 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
     return nnx.merge(graphdef, state), cfg
 
 
-def _make_array(view: np.ndarray, shape, dtype, target, device) -> jax.Array:
+def _make_array(view: np.ndarray, shape, dtype, target: jax.sharding.Sharding) -> jax.Array:
     """One parameter from a lazy file view. On one host the tensor is read once, sequentially, and
     scattered to its devices; on a multi-host mesh each host reads only the slices its devices hold."""
-    if target is None or target.is_fully_addressable:
-        return jax.device_put(np.ascontiguousarray(view, dtype=dtype), device if target is None else target)
+    if target.is_fully_addressable:
+        return jax.device_put(np.ascontiguousarray(view, dtype=dtype), target)
     cache: dict = {}  # devices holding replicas ask for the same slice; read it once
 
     def shard(index):
@@ -259,6 +250,27 @@ def _make_array(view: np.ndarray, shape, dtype, target, device) -> jax.Array:
         return cache[key]
 
     return jax.make_array_from_callback(shape, target, shard)
+
+
+def _stack_on_devices(views: list[np.ndarray], shape, dtype, target: jax.sharding.Sharding) -> jax.Array:
+    """A stacked parameter [L, …] (`layers.stack`) filled on its devices one layer at a time from the
+    layers' lazy file views: host memory holds one layer's tensor (this host's slices of it) at a time,
+    never the stack, so what loading holds beyond the model does not grow with depth."""
+    if isinstance(target, jax.sharding.NamedSharding):
+        layer_target = jax.sharding.NamedSharding(target.mesh, jax.sharding.PartitionSpec(*target.spec[1:]))
+    else:
+        layer_target = target
+    stacked = jnp.zeros(shape, dtype, device=target)
+    for i, view in enumerate(views):
+        stacked = _put_layer(stacked, _make_array(view, shape[1:], dtype, layer_target), i)
+        stacked.block_until_ready()  # the layer's host and device copies are freed before the next is read
+    return stacked
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_layer(stacked: jax.Array, layer: jax.Array, i) -> jax.Array:
+    """stacked[i] = layer, in place (the stack is donated: no second copy of it exists)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
 
 
 def _mismatch_message(path, missing, unexpected, bad_shapes, limit=20) -> str:

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,39 @@ def test_bfloat16_checkpoint_loads_and_exports(tiny_llava, tmp_path):
     for k, v in _flat(bf16_model).items():
         assert v.dtype == jnp.bfloat16
         np.testing.assert_array_equal(v, _flat(model)[k].astype(jnp.bfloat16), err_msg=k)
+
+
+def _host_bytes_while_loading(folder: str, run: config_lib.RunSettings) -> tuple[int, int]:
+    """(the loaded model's bytes, the peak of Python-allocated host memory — numpy buffers included, device
+    buffers not — that `load_hf` held above what was held before it)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        model, _ = hf.load_hf(folder, run)
+        leaves = jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return sum(x.nbytes for x in leaves), peak - before
+
+
+def test_stacked_load_holds_one_layer_per_thread_whatever_the_depth(tmp_path):
+    """Stacked (scanned) layers stream into their [L, …] arrays: while loading, host memory beyond the model
+    holds at most one layer's tensor per loading thread, a bound without the depth in it (before: every
+    stacked weight's whole [L, …] array, 4 at a time: ~2 bytes per model byte at any depth). Bytes in
+    flight are counted by tracemalloc (every numpy buffer, exactly), not RSS, which XLA's compiles and the
+    allocator's reuse blur by tens of MB in a test process; `benchmarks/load_memory.py` measures RSS."""
+    depth, mlp = 8, 8192  # each decoder layer holds three 2 MiB MLP tensors
+    hf_config = transformers.LlavaConfig(
+        vision_config=tiny.CONFIGS["siglip_qwen2"]["vision_config"],
+        text_config=dict(tiny.CONFIGS["siglip_qwen2"]["text_config"], intermediate_size=mlp, num_hidden_layers=depth),
+        image_token_index=tiny.IMAGE_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    transformers.LlavaForConditionalGeneration(hf_config).save_pretrained(str(tmp_path))
+    model_bytes, held = _host_bytes_while_loading(str(tmp_path), config_lib.RunSettings(scan_layers="on"))
+    layer_tensor = hf_config.text_config.hidden_size * mlp * 4  # the largest tensor of one layer, float32
+    bound = (hf._LOAD_THREADS + 1) * layer_tensor + 6 * 2**20  # + Python's own objects (the abstract model)
+    assert held <= bound, (f"loading held {held / 2**20:.1f} MiB of host memory beyond the model "
+                           f"({model_bytes / 2**20:.1f} MiB, {depth} layers); at most {bound / 2**20:.1f} MiB expected")
 
 
 # ----- bad input: each a clear error naming the key or field -----
