@@ -33,6 +33,8 @@ by reason in the batch's `stats`, so counts survive worker processes and never s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -43,7 +45,7 @@ import numpy as np
 
 from rdpo_jax import packing
 from rdpo_jax.data import image_inputs, images, records
-from rdpo_jax.data.tokenize import ChatTokenizer, TemplateError
+from rdpo_jax.data.tokenize import TOKENIZER_FILES, ChatTokenizer, TemplateError
 
 SKIP_REASONS = ("corrupt", "schema", "bad_image", "image_count", "image_budget", "empty_answer", "identical_answers",
                 "scores_mismatch", "too_many_criteria", "group_too_large", "template", "prompt_too_long",
@@ -129,21 +131,43 @@ class Options:
         return min(answers * self.max_answer_len, seq_len - 1)
 
 
-# The config fields besides the model that decide a reference log-likelihood's value: dtypes round it,
-# the layout and buckets change the program, answer length and image count what is summed.
-REFERENCE_SETTINGS = ("model.param_dtype", "model.dtype", "dpo.pair_layout", "data.seq_buckets",
+# The config fields besides the reference's weights (`ref_fingerprint`) that change a reference
+# log-likelihood's bits: the model folder's tokenizer, chat template, processor and architecture (stamped
+# by content: a copy elsewhere is the same); dtypes round it; attention, LM-head chunking and layer scan
+# are other programs for the same sum; the layout, buckets and records per row decide what each token
+# sees; answer length and images what is summed. Left out, as they only pad or split the same rows: the
+# batch size, pair and answer slots (data.max_pairs_per_group, max_answers_per_group) and the mesh (a
+# one-host ref_logps serves a pod's run). Those, and the platform, may still move the last bits.
+REFERENCE_SETTINGS = ("model.path", "model.param_dtype", "model.dtype", "model.attention", "model.vocab_chunk",
+                      "model.scan_layers", "dpo.pair_layout", "data.seq_buckets", "data.groups_per_row",
                       "data.max_answer_len", "data.max_images", "data.max_pixels", "data.patch_buckets")
+# What the trainer and ref_logps read from model.path besides the weights
+MODEL_FILES = ("config.json", "preprocessor_config.json", "processor_config.json") + TOKENIZER_FILES
 
 
 def reference_settings(config) -> dict[str, Any]:
-    """{config field: value} for REFERENCE_SETTINGS: stamped into pairs by ref_logps (`ref_settings`),
-    compared field by field by the trainer."""
+    """{config field: value} for REFERENCE_SETTINGS (model.path: a content hash of its MODEL_FILES): stamped
+    into pairs by ref_logps (`ref_settings`), compared field by field by the trainer."""
     out = {}
     for field in REFERENCE_SETTINGS:
         group, name = field.split(".")
-        value = config[group][name]
+        value = _files_hash(config.model.path, MODEL_FILES) if field == "model.path" else config[group][name]
         out[field] = list(value) if isinstance(value, (tuple, list)) else value
     return out
+
+
+def _files_hash(folder: str, names: Sequence[str]) -> str:
+    """A short content hash of the files `names` that `folder` holds ('files sha256:…': what the trainer's
+    refusal names)."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            digest.update(f"{name}\0{len(data)}\0".encode())
+            digest.update(data)
+    return "files sha256:" + digest.hexdigest()[:16]
 
 
 class Prepare(grain.transforms.Map):
@@ -277,9 +301,13 @@ def reference_mismatch(record: dict, options: Options) -> tuple[str, str] | None
         return "ref_settings", ("missing: these reference log-likelihoods carry no settings stamp (written by an "
                                 "older rdpo_jax.data_prep.ref_logps); compute them again with the training config")
     for field, value in options.reference_settings:
-        if stamped.get(field) != value:
+        if field not in stamped:
+            return "ref_settings", (f"config.{field}: not in the settings these reference log-likelihoods were "
+                                    "stamped with (older rdpo_jax.data_prep.ref_logps); compute them again with "
+                                    "this run's config")
+        if stamped[field] != value:
             return "ref_settings", (f"config.{field}: the reference log-likelihoods were computed with "
-                                    f"{stamped.get(field)!r}, this run uses {value!r}; run rdpo_jax.data_prep.ref_logps "
+                                    f"{stamped[field]!r}, this run uses {value!r}; run rdpo_jax.data_prep.ref_logps "
                                     "with this run's config")
     return None
 

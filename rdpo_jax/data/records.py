@@ -42,7 +42,8 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = 3  # 2: optional token ids (samples, pairs); 3: groups. An older record is a record of this one
+SCHEMA_VERSION = 4  # 2: optional token ids (samples, pairs); 3: groups; 4: ref_settings stamps every setting
+# that changes the reference's bits (a trainer refuses an older stamp). An older record is a record of this one
 READABLE_SCHEMA_VERSIONS = range(1, SCHEMA_VERSION + 1)
 KINDS = ("rubric_pool", "samples", "pairs", "groups", "sft")
 ROLES = ("system", "user", "assistant")

@@ -560,3 +560,64 @@ def test_sft_examples_sharing_rows_train_as_alone(model_folder, tmp_path):
     grad = jax.jit(jax.grad(lambda q, b: (lambda s, aux: s / aux[0])(*loss(q, {}, None, b))))
     ga, gp = grad(params, a), grad(params, p)
     assert _rel(gp, ga) < 1e-5
+
+
+# ----- the reference stamp: every setting that changes a reference log-likelihood's bits -----
+
+def _stamped_pairs(smoke_dir, folder, config) -> str:
+    """The smoke pairs with reference log-likelihoods stamped as ref_logps stamps them under `config`."""
+    stamp = dict(ref_fingerprint=hf.fingerprint(f"{smoke_dir}/model"), ref_settings=pipeline.reference_settings(config))
+    pairs = [dict(r, ref_chosen_logp=-1.0, ref_rejected_logp=-2.0, **stamp) for r in arrayrecord.read(f"{smoke_dir}/pairs")]
+    arrayrecord.write(str(folder), "pairs_ref", "pairs", pairs)
+    return str(folder / "pairs_ref")
+
+
+def _other_model_files(smoke_dir, folder) -> str:
+    """A copy of the smoke model (the same weights, so the same ref_fingerprint) with another chat template."""
+    import shutil
+
+    copy = shutil.copytree(f"{smoke_dir}/model", folder / "model")
+    (copy / "chat_template.jinja").write_text((copy / "chat_template.jinja").read_text().replace("\n", "\n\n", 1))
+    return str(copy)
+
+
+@pytest.mark.parametrize("field,value", [("data.groups_per_row", 2), ("model.attention", "jax"),
+                                         ("model.vocab_chunk", 8), ("model.scan_layers", "on"),
+                                         ("model.path", _other_model_files)])
+def test_the_trainer_refuses_reference_data_stamped_with_another_setting(smoke_dir, tmp_path, field, value):
+    """Each of these changes the reference log-likelihoods' bits (the model folder: through its tokenizer,
+    chat template and processor): data stamped under one value is refused under another, naming the field."""
+    from rdpo_jax import config_checks, train
+    from rdpo_jax.configs import smoke
+
+    config = smoke.get_config(f"dir={smoke_dir}")
+    config.dpo.pair_layout = "multi_answer"  # the layout where records share rows (data.groups_per_row)
+    data = _stamped_pairs(smoke_dir, tmp_path, config)
+    fingerprint = hf.fingerprint(f"{smoke_dir}/model")
+    train._check_reference_data(data, pipeline.Options.from_config(config, reference_fingerprint=fingerprint))
+    group, name = field.split(".")
+    config[group][name] = value(smoke_dir, tmp_path) if callable(value) else value
+    assert hf.fingerprint(config.model.path) == fingerprint
+    with pytest.raises(config_checks.ConfigError, match=f"config.{field}: the reference log-likelihoods were computed "
+                       "with .*, this run uses"):
+        train._check_reference_data(data, pipeline.Options.from_config(config, reference_fingerprint=fingerprint))
+
+
+def test_reference_data_of_an_older_stamp_is_read_and_refused_naming_the_missing_field(smoke_dir, tmp_path):
+    """Schema 3 stamped fewer settings: its records still read, and a run with a precomputed reference refuses
+    them, naming the first setting their stamp lacks."""
+    from rdpo_jax import config_checks, train
+    from rdpo_jax.configs import smoke
+
+    config = smoke.get_config(f"dir={smoke_dir}")
+    data = _stamped_pairs(smoke_dir, tmp_path, config)
+    old = [dict(r, ref_settings={k: v for k, v in r["ref_settings"].items() if k != "model.attention"})
+           for r in arrayrecord.read(data)]
+    manifest = arrayrecord.write(str(tmp_path), "old", "pairs", old)
+    assert manifest["schema_version"] == records.SCHEMA_VERSION == 4
+    (tmp_path / "old.manifest.json").write_text(__import__("json").dumps(dict(manifest, schema_version=3)))
+    assert list(arrayrecord.read(str(tmp_path / "old"))) == old
+    options = pipeline.Options.from_config(config, reference_fingerprint=hf.fingerprint(f"{smoke_dir}/model"))
+    with pytest.raises(config_checks.ConfigError, match="config.model.attention: not in the settings these reference "
+                       "log-likelihoods were stamped with .older rdpo_jax.data_prep.ref_logps."):
+        train._check_reference_data(str(tmp_path / "old"), options)

@@ -124,13 +124,14 @@ def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path
             assert p["ref_chosen_logp"] == pytest.approx(q["ref_chosen_logp"], abs=1e-4)
             assert p["ref_rejected_logp"] == pytest.approx(q["ref_rejected_logp"], abs=1e-4)
     run = str(tmp_path / "run")
-    log = _run("rdpo_jax.train", config, *multi, f"--workdir={run}", f"--config.data.train={out}/pairs_ref",
+    log = _run("rdpo_jax.train", config, *multi, f"--workdir={run}", f"--config.data.train={out}/pairs_ref_packed",
                "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=2",
                "--config.data.groups_per_row=2", cache=cache)
     assert "compiled the dpo step for 4 rows of 128 tokens" in log  # 8 groups in 4 rows
     metrics = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
-    # the reference is the initial policy, scored one group per row; training packs two groups per row
-    # (patch buffers, 3D positions and segments per group): step 1's margin is 0 and its loss log 2
+    # the reference is the initial policy, scored as training packs (two groups per row: patch buffers, 3D
+    # positions and segments per group; the stamp refuses data scored one group per row): step 1's margin is 0
+    # and its loss log 2
     assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-5) and 0 < metrics[0]["token_padding"] < 1
     assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-5) and 0 < metrics[0]["patch_padding"] < 1
     log = _run("rdpo_jax.evaluate", f"--model={run}", f"--pool={out}/pool", f"--out={tmp_path / 'eval'}",
