@@ -105,7 +105,8 @@ def test_accumulated_gradients_equal_full_batch(tiny_llava, mesh1, objective, la
     diff = np.sqrt(sum(float(np.sum((a.astype(np.float64) - b) ** 2))
                        for a, b in zip(jax.tree.leaves(grad_full), jax.tree.leaves(grad_accum))))
     assert norm > 1e-2 and diff / norm <= 1e-12, (diff, norm)  # relative error of the whole gradient
-    assert m_full["count"] == m_accum["count"] == (B - 1 if objective == "dpo" else m_full["count"])
+    # the valid pairs, or the answer tokens of the SFT examples (`_sft_batch`: 2 + i % 5 each)
+    assert m_full["count"] == m_accum["count"] == (B - 1 if objective == "dpo" else sum(2 + i % 5 for i in range(B)))
     for key in m_full:
         assert m_accum[key] == pytest.approx(m_full[key], rel=1e-5, abs=1e-6), key
 
@@ -150,6 +151,7 @@ def _delta(p0, state):
 
 
 def test_layouts_agree(tiny_llava, mesh1):
+    """One DPO step on the same pairs in every layout: the same update and the same metrics."""
     folder, _ = tiny_llava(NAME)
     _, cfg = hf.load_hf(folder)
     results = {}
@@ -157,10 +159,13 @@ def test_layouts_agree(tiny_llava, mesh1):
         p0, state, metrics = _run(folder, mesh1, _off_reference(_batch(cfg, layout)), loss_type="rubric", beta=0.1,
                                   gamma=0.1, pair_layout=layout, reference="precomputed")
         results[layout] = (_delta(p0, state), metrics)
-    _close(results["shared_prefix"][0], results["concat"][0], rtol=1e-4, atol=1e-6)
-    assert set(results["shared_prefix"][1]) == set(results["concat"][1])
-    for key, value in results["shared_prefix"][1].items():
-        assert results["concat"][1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    delta, metrics = results["shared_prefix"]
+    assert metrics["count"] == B - 1 and metrics["loss"] > 0
+    for layout in ("concat", "multi_answer"):
+        _close(delta, results[layout][0], rtol=1e-4, atol=1e-6)
+        assert set(results[layout][1]) == set(metrics), layout
+        for key, value in metrics.items():
+            assert results[layout][1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (layout, key)
 
 
 def test_online_reference_equals_precomputed(tiny_llava, mesh1):
