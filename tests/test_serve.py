@@ -2,8 +2,10 @@
 
 import base64
 import concurrent.futures
+import http.client
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -184,6 +186,15 @@ def test_concurrent_requests_batch_together_and_answer_as_alone(served):
                                                     stop=[cut])
     assert stopped.choices[0].finish_reason == "stop" and cut not in stopped.choices[0].message.content
     assert together[1].startswith(stopped.choices[0].message.content)
+    # usage counts the tokens up to the one that completes the stop string, not the rest of the decode chunk:
+    # the greedy text of that many tokens holds the stop string, one token fewer does not
+    k = stopped.usage.completion_tokens
+
+    def first(tokens):
+        return served.client.chat.completions.create(model="model", messages=prompts[1], max_tokens=tokens,
+                                                     temperature=0).choices[0].message.content
+
+    assert k < 12 and cut in first(k) and cut not in first(k - 1), (k, together[1])
 
 
 @pytest.mark.parametrize("body,status,param,message", [
@@ -203,7 +214,14 @@ def test_concurrent_requests_batch_together_and_answer_as_alone(served):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]},
      400, "messages[0].content[0].image_url.url", "does not decode"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/no/such.png"}}]}]},
-     400, "messages[0].content[0].image_url.url", "cannot read the local image '/no/such.png'"),
+     400, "messages[0].content[0].image_url.url", "--allowed_local_media_path"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**63}, 400, "seed",
+     "outside [-9223372036854775808, 9223372036854775807]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, 400, "presence_penalty",
+     "outside [-2.0, 2.0]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, 400, "repetition_penalty",
+     "outside (0.0, ∞]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 3}}, 400, "logit_bias", "not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, 400, "messages[0].content[0]",
      "expected a text part or an image_url part"),
 ])
@@ -213,30 +231,228 @@ def test_bad_requests_get_their_status_and_name_the_field(served, body, status, 
     assert message in reply["error"]["message"], reply
 
 
-def test_server_basics_models_routes_local_files_and_loading(served, tmp_path):
+def test_server_basics_models_routes_and_loading(served):
     assert served.before and all(s == 503 and r == "5" and "loading" in b["error"]["message"] for s, b, r in served.before)
     status, models, _ = _get(served.url + "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["model"] and models["data"][0]["max_model_len"] == 512
     assert [m.id for m in served.client.models.list()] == ["model"]
     assert _post(served.url + "/v1/chat/completions", b"{not json")[0] == 400
+    status, reply, _ = _post(served.url + "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                                  b'"temperature": NaN}')
+    assert status == 400 and "NaN" in reply["error"]["message"]  # Python's json would let NaN through every bound
     status, reply, _ = _get(served.url + "/v1/nothing")
     assert status == 404 and reply["error"]["code"] == 404
     with pytest.raises(openai.BadRequestError, match="temperature"):
         served.client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}],
                                               temperature=-1)
-    path = tmp_path / "local.png"
-    path.write_bytes(_png(20))
-    replies = [served.client.chat.completions.create(
-        model="model", max_tokens=6, temperature=0,
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                               {"type": "text", "text": "describe the image"}]}])
-        for url in (str(path), f"file://{path}", _data_url(path.read_bytes()))]
-    assert len({r.choices[0].message.content for r in replies}) == 1  # the same image three ways
-    assert replies[0].usage.prompt_tokens > 16  # the image's tokens count
 
 
-def test_busy_server_answers_429_oversized_images_413_and_sigterm_finishes_requests_in_flight(smoke_dir, compile_cache):
-    server = Server(f"{smoke_dir}/model", compile_cache, "--max_queue=2", "--max_image_pixels=1000", "--max_batch=8")
+def test_a_bad_request_batched_with_good_ones_fails_alone(served):
+    """Requests sent together share a batch; one whose seed overflows int64 gets its 400 naming the seed, and
+    the others their 200 and the answers they get alone (before, the overflow failed the batch: 500 for all)."""
+    good = {"messages": [{"role": "user", "content": "describe the image shape"}], "max_tokens": 12, "temperature": 0}
+    alone = _post(served.url + "/v1/chat/completions", good)[1]["choices"][0]["message"]["content"]
+    bodies = [good, dict(good, seed=2**63, temperature=1.0), good, dict(good, seed=-2**63 - 1, temperature=1.0)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda b: _post(served.url + "/v1/chat/completions", b), bodies))
+    assert [r[0] for r in replies] == [200, 400, 200, 400], replies
+    assert [r[1]["choices"][0]["message"]["content"] for r in replies[::2]] == [alone, alone]
+    assert all(r[1]["error"]["param"] == "seed" for r in replies[1::2])
+
+
+def test_a_client_that_closes_its_connection_stops_its_rows(served):
+    """A non-streaming client that goes away mid-answer: its rows stop at the next decode chunk (the engine
+    counts them cancelled and decodes far fewer than the 480 tokens asked for)."""
+    before = _get(served.url + "/health")[1]
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", served.port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        served.wait_running()
+    deadline = time.time() + 30
+    while (health := _get(served.url + "/health")[1])["running"] or health["batches"] == before["batches"]:
+        assert time.time() < deadline, "the rows kept decoding"
+        time.sleep(0.02)
+    assert health["tokens"] - before["tokens"] < 240, health["tokens"] - before["tokens"]
+    assert health["cancelled"] == before["cancelled"] + 1
+
+
+def _reference_greedy(model, prompt: list[int], max_tokens: int, stop_ids, suppress: int, presence=0.0,
+                      frequency=0.0, repetition=1.0) -> list[int]:
+    """Greedy ids of `prompt` under the penalties, recomputed step by step from transformers' logits (the
+    PyTorch model of the served folder): its RepetitionPenaltyLogitsProcessor over prompt + generated ids
+    (vLLM's repetition_penalty), then OpenAI's presence and frequency penalties over the generated ids, in
+    numpy; `suppress` (the image placeholder) is never picked, as the server never emits it."""
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    out = []
+    while len(out) < max_tokens and not (out and out[-1] in stop_ids):
+        ids = torch.tensor([prompt + out])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, -1].float()
+        logits = RepetitionPenaltyLogitsProcessor(repetition)(ids, logits)[0].numpy()
+        counts = np.bincount(np.asarray(out, np.int64), minlength=logits.shape[-1]).astype(np.float32)
+        logits = logits - np.float32(frequency) * counts - np.float32(presence) * (counts > 0)
+        logits[suppress] = -np.inf
+        out.append(int(np.argmax(logits)))
+    return out
+
+
+def test_penalties_equal_a_reference_computation_on_the_models_logits(served, smoke_dir):
+    """presence_penalty, frequency_penalty (OpenAI: generated tokens) and repetition_penalty (vLLM: prompt and
+    generated tokens), per row in one batch with an unpenalized row: each greedy answer is the one recomputed
+    step by step from transformers' logits, each penalty changes the answer, the unpenalized row is unchanged."""
+    import torch
+    import transformers
+
+    from rdpo_jax.data.tokenize import ChatTokenizer
+
+    messages = [{"role": "user", "content": "describe the image shape shape"}]
+    settings = [{}, {"presence_penalty": 2.0}, {"frequency_penalty": 1.5}, {"repetition_penalty": 1.8},
+                {"presence_penalty": -1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3}]
+
+    def ask(extra):
+        return served.client.chat.completions.create(model="model", messages=messages, max_tokens=16, temperature=0,
+                                                     extra_body=extra if "repetition_penalty" in extra else None,
+                                                     **{k: v for k, v in extra.items() if k != "repetition_penalty"})
+
+    with concurrent.futures.ThreadPoolExecutor(len(settings)) as pool:
+        replies = list(pool.map(ask, settings))
+    folder = f"{smoke_dir}/model"
+    with open(f"{folder}/config.json") as f:
+        image_token = json.load(f)["image_token_index"]
+    tokenizer = ChatTokenizer(folder, image_token_id=image_token)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt, stops = tokenizer.prompt(messages, []), tokenizer.stop_ids()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 80 forwards of a tiny model: threads only add overhead
+    try:
+        answers = [_reference_greedy(model, prompt, 16, stops, image_token, extra.get("presence_penalty", 0.0),
+                                     extra.get("frequency_penalty", 0.0), extra.get("repetition_penalty", 1.0))
+                   for extra in settings]
+    finally:
+        torch.set_num_threads(threads)
+    for extra, reply, want in zip(settings, replies, answers):
+        body = want[:-1] if want[-1] in stops else want
+        assert reply.choices[0].message.content == tokenizer.tokenizer.decode(body, skip_special_tokens=True), extra
+        assert reply.usage.completion_tokens == len(want), extra
+    assert all(a != answers[0] for a in answers[1:]), answers  # every penalty changed the greedy answer
+    alone = served.client.chat.completions.create(model="model", messages=messages, max_tokens=16, temperature=0)
+    assert alone.choices[0].message.content == replies[0].choices[0].message.content
+
+
+# ----- a server with the limits set: local media root, body and image caps, default max_tokens, warm-up -----
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A media root holding an image, a file over --max_image_bytes, a directory, a FIFO and links out of the
+    root; beside it an image outside the root."""
+    base = tmp_path_factory.mktemp("media")
+    root, outside = base / "root", base / "outside.png"
+    root.mkdir()
+    (root / "ok.png").write_bytes(_png(20))
+    outside.write_bytes(_png(20))
+    (root / "big.png").write_bytes(_png(20) + bytes(8192))
+    (root / "dir").mkdir()
+    os.mkfifo(root / "fifo")
+    (root / "link_out.png").symlink_to(outside)
+    (root / "link_in.png").symlink_to(root / "ok.png")
+    (root / "zero").symlink_to("/dev/zero")
+    return root, outside
+
+
+@pytest.fixture(scope="module")
+def limited(smoke_dir, compile_cache, media):
+    server = Server(f"{smoke_dir}/model", compile_cache, "--max_queue=2", "--max_image_pixels=1000", "--max_batch=8",
+                    f"--allowed_local_media_path={media[0]}", "--max_image_bytes=8000", "--max_request_bytes=65536",
+                    "--max_tokens_default=8", "--max_model_len=500", "--warmup")
+    yield server
+    server.stop()
+
+
+def _image_request(url, **extra):
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "describe the image"}]}],
+            "max_tokens": 6, "temperature": 0, **extra}
+
+
+def test_local_images_are_read_only_under_the_allowed_root_and_every_refusal_reads_alike(limited, media):
+    """--allowed_local_media_path: an image under it is read (plain path, file:// URL, a link inside, `..` that
+    stays inside) and answers as the same image sent as a data URL; a missing file, a file outside the root
+    (plain, through `..`, through a link), a directory, a FIFO (no blocking) and /dev/zero get one message that
+    names only the path sent; a file over --max_image_bytes gets 413; a body over --max_request_bytes gets 413."""
+    root, outside = media
+    url = limited.url + "/v1/chat/completions"
+    data = _post(url, _image_request(_data_url((root / "ok.png").read_bytes())))[1]["choices"][0]["message"]["content"]
+    for path in (str(root / "ok.png"), f"file://{root}/ok.png", str(root / "link_in.png"), f"{root}/dir/../ok.png"):
+        status, reply, _ = _post(url, _image_request(path))
+        assert status == 200 and reply["choices"][0]["message"]["content"] == data, (path, reply)
+    refused = [str(root / "missing.png"), str(outside), f"{root}/../outside.png", f"file://{root}/link_out.png",
+               str(root / "dir"), str(root / "fifo"), str(root / "zero"), "/etc/passwd", "/dev/zero", "relative.png"]
+    messages = set()
+    for path in refused:
+        t0 = time.time()
+        status, reply, _ = _post(url, _image_request(path))
+        assert status == 400 and reply["error"]["param"] == "messages[0].content[0].image_url.url", (path, reply)
+        assert time.time() - t0 < 10, path
+        messages.add(reply["error"]["message"].replace(repr(path), "PATH"))
+    assert len(messages) == 1, messages
+    status, reply, _ = _post(url, _image_request(str(root / "big.png")))
+    assert status == 413 and "--max_image_bytes" in reply["error"]["message"], reply
+    status, reply, _ = _post(url, _image_request(_data_url(bytes(70000))))
+    assert status == 413 and "--max_request_bytes" in reply["error"]["message"], reply
+    connection = http.client.HTTPConnection("127.0.0.1", limited.port, timeout=30)  # chunked: no Content-Length
+    connection.request("POST", "/v1/chat/completions", body=iter([b" " * 40000] * 2), encode_chunked=True,
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 413 and "--max_request_bytes" in json.loads(response.read())["error"]["message"]
+    connection.close()
+
+
+def test_max_tokens_default_max_model_len_and_a_bounded_warmed_set_of_compiled_shapes(limited):
+    """--max_tokens_default bounds a request that names no max_tokens; above --max_model_len vLLM's errors, word
+    for word; --warmup compiles the common buckets before /health turns 200 (a text request in them compiles
+    nothing), and prompts in four different --pad_to multiples compile one new shape, not four."""
+    url = limited.url + "/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    status, reply, _ = _post(url, {"messages": hi, "temperature": 0, "ignore_eos": True})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 8 and reply["choices"][0]["finish_reason"] == "length"
+    n = reply["usage"]["prompt_tokens"]
+    status, reply, _ = _post(url, {"messages": hi, "max_tokens": 500})
+    assert status == 400 and reply["error"]["param"] == "max_tokens"
+    assert reply["error"]["message"] == (f"'max_tokens' or 'max_completion_tokens' is too large: 500. This model's "
+                                         f"maximum context length is 500 tokens and your request has {n} input tokens "
+                                         f"(500 > 500 - {n}).")
+    status, reply, _ = _post(url, {"messages": [{"role": "user", "content": "hi " + "shape " * 494}]})
+    assert status == 400 and reply["error"]["message"] == (
+        "This model's maximum context length is 500 tokens. However, your request has 500 input tokens. Please "
+        "reduce the length of the input messages.")
+    assert _get(limited.url + "/v1/models")[1]["data"][0]["max_model_len"] == 500
+
+    health = _get(limited.url + "/health")[1]
+    # warm-up: the one rows bucket of --max_batch=8 on 8 devices × (a text prompt, a one-image prompt) × the
+    # --max_tokens_default bucket × (greedy, sampled with top-p); the bound: 1 rows × 4 prompt (64…512) × 6
+    # new-token (16…512) buckets
+    assert health["shapes"] == 4 and health["shape_bound"] == 24, health
+    warmed = health["shapes"]
+    assert _post(url, {"messages": hi, "temperature": 0})[0] == 200
+    assert _post(url, {"messages": hi, "temperature": 0.7, "top_p": 0.9})[0] == 200
+    assert _get(limited.url + "/health")[1]["shapes"] == warmed  # requests in warmed buckets compile nothing
+    lengths = []
+    for words in (254, 324, 394, 474):  # prompts of 260, 330, 400 and 480 tokens
+        status, reply, _ = _post(url, {"messages": [{"role": "user", "content": "hi " + "shape " * words}],
+                                       "temperature": 0})
+        assert status == 200
+        lengths.append(reply["usage"]["prompt_tokens"])
+    assert len({-(-p // 64) for p in lengths}) == 4, lengths  # four different --pad_to multiples
+    assert _get(limited.url + "/health")[1]["shapes"] == warmed + 1
+
+
+def test_busy_server_answers_429_oversized_images_413_and_sigterm_finishes_requests_in_flight(limited):
+    """(Stops the `limited` server: the last test to use it.)"""
+    server = limited
     url = server.url + "/v1/chat/completions"
     try:
         big = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_png(40))}}]}]}
@@ -271,9 +487,11 @@ def test_busy_server_answers_429_oversized_images_413_and_sigterm_finishes_reque
 
 
 
-def test_engine_decodes_qwen_rows_with_images_like_the_sampler(qwen_smoke_dir):
+def test_engine_decodes_qwen_rows_with_images_like_the_sampler_and_a_bad_row_fails_alone(qwen_smoke_dir):
     """The engine on Qwen2.5-VL (M-RoPE positions, patch buffers; 0, 1 and 2 images of different sizes per
-    prompt, in one batch): greedy answers equal `sampling.answer`'s, the image tokens counted."""
+    prompt, in one batch): greedy answers equal `sampling.answer`'s, the image tokens counted. A request the
+    API would have refused (a seed that is no integer) in the same batch gets its error and the others their
+    answers, in that one batch."""
     import queue
 
     import jax
@@ -283,23 +501,29 @@ def test_engine_decodes_qwen_rows_with_images_like_the_sampler(qwen_smoke_dir):
 
     policy = inference.load(f"{qwen_smoke_dir}/model")
     records = [{"messages": p["messages"], "images": p["images"]} for p in arrayrecord.read(f"{qwen_smoke_dir}/pairs")]
-    assert {len(r["images"]) for r in records} == {0, 1, 2}
+    assert {len(r["images"]) for r in records[:7]} == {0, 1, 2}
     want = sampling.answer(policy, records, policy.sampling_config(max_new_tokens=8, temperature=0.0),
                            jax.random.key(0))
     served = engine_lib.Engine(policy, max_batch=8)
     served.start()
-    events = [queue.Queue() for _ in records]
+    events = [queue.Queue() for _ in range(8)]
+    requests = []
+    for r, q in zip(records[:7], events):
+        prepared = policy.image_input.prepare(r["images"])
+        prompt = policy.tokenizer.prompt(r["messages"], prepared["tokens"] if prepared else [])
+        requests.append(engine_lib.Request(prompt=prompt, images=prepared, max_tokens=8, temperature=0.0, emit=q.put))
+    requests.insert(3, engine_lib.Request(prompt=requests[0].prompt, images=requests[0].images, max_tokens=8,
+                                          seed=0.5, emit=events[7].put))
     try:
-        for r, q in zip(records, events):
-            prepared = policy.image_input.prepare(r["images"])
-            prompt = policy.tokenizer.prompt(r["messages"], prepared["tokens"] if prepared else [])
-            served.submit(engine_lib.Request(prompt=prompt, images=prepared, max_tokens=8, temperature=0.0,
-                                             emit=q.put))
-        for q, [(text, ids, _)] in zip(events, want):
+        for request in requests:  # all prepared first, so that they arrive within one batch's wait
+            served.submit(request)
+        for q, [(text, ids, _)] in zip(events, want[:7]):
             got, event = "", q.get(timeout=120)
             while event[0] == "delta":
                 got, event = got + event[2], q.get(timeout=120)
             assert event[0] == "done" and got.strip() == text and event[3] == len(ids)
+        error = events[7].get(timeout=10)
+        assert error[0] == "error" and "TypeError" in error[1], error
     finally:
         served.close()
-    assert served.stats["batches"] < len(records)  # the prompts shared batches
+    assert served.stats["batches"] == 1 and served.stats["rows"] == 7  # one batch, the bad row left out

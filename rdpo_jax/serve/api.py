@@ -3,214 +3,61 @@
 Routes: `POST /v1/chat/completions` (JSON, or server-sent events with `stream: true`), `GET /v1/models`,
 `GET /health`. Errors are OpenAI-style JSON, `{"error": {"message", "type", "param", "code"}}`, with
 their status: 400 for a bad request (the message names the field), 404 for another model's name or an
-unknown route, 413 for an image over the pixel budget, 429 (with `Retry-After`) when the queue is full,
-503 (with `Retry-After`) while the model loads, 500 if a batch fails.
+unknown route, 413 for a body, an image file or an image over its limit, 429 (with `Retry-After`) when
+the queue is full, 503 (with `Retry-After`) while the model loads, 500 if a batch fails.
 
-Images come as `image_url` parts: data URLs (base64) or local file paths (`file://…` or a plain path);
-http(s) URLs are refused, since this server downloads nothing. Parsing, image decoding and tokenization
-run in worker threads, off the event loop; the engine thread decodes.
+Images come as `image_url` parts: data URLs (base64), or local file paths (`file://…` or a plain path)
+under the operator's `--allowed_local_media_path`; http(s) URLs are refused, since this server downloads
+nothing. Parsing (`parsing.py`), image decoding and tokenization run in worker threads, off the event
+loop; the engine thread decodes. A client that closes its connection, streaming or not, has its rows
+dropped at the next decode chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import dataclasses
-import io
 import contextlib
 import json
 import threading
 import time
 import uuid
-from typing import Any
 
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rdpo_jax.data import image_inputs, images
-from rdpo_jax.data.tokenize import TemplateError
 from rdpo_jax.serve import engine as engine_lib
-
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLarge", 429: "RateLimitError",
-               500: "InternalServerError", 503: "ServiceUnavailableError"}
-# OpenAI parameters this server does not implement: a request that sets them is refused rather than
-# answered as if they were not there.
-UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "response_format", "logit_bias",
-               "frequency_penalty", "presence_penalty")
+from rdpo_jax.serve.parsing import ERROR_TYPES, APIError, State, json_body, parse
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "Error"),
-                                       "param": self.param, "code": self.status}},
-                            status_code=self.status, headers=self.headers)
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": ERROR_TYPES.get(e.status, "Error"), "param": e.param,
+                                   "code": e.status}}, status_code=e.status, headers=e.headers)
 
 
-@dataclasses.dataclass
-class State:
-    """What the app serves: set up by the command (`rdpo_jax.serve`), filled in once the model loads."""
-    name: str  # the model name clients send (`GET /v1/models`)
-    source: str  # the run directory or HF folder
-    max_model_len: int | None = None  # prompt + completion tokens at most
-    max_image_pixels: int = 4096 * 4096
-    max_n: int = 8
-    engine: engine_lib.Engine | None = None  # None while loading
-    load_error: str | None = None
-    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+async def _body(http: HTTPRequest, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes (from its
+    Content-Length, or while a chunked body streams in)."""
+    too_big = APIError(413, f"the request body is over this server's limit of {limit} bytes (--max_request_bytes)")
+    length = http.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-# ----- request parsing (worker threads) -----
-
-def _number(body: dict, key: str, default, low, high, *, integer=False, low_open=False):
-    value = body.get(key)
-    if value is None:
-        return default
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise APIError(400, f"{key}: expected {'an integer' if integer else 'a number'}, got {json.dumps(value)}", key)
-    if value < low or (low_open and value == low) or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else '∞'}]"
-        raise APIError(400, f"{key}: {value} is outside {bounds}", key)
-    return value
-
-
-def _image_bytes(url: Any, where: str, max_pixels: int) -> bytes:
-    if not isinstance(url, str) or not url:
-        raise APIError(400, f"{where}: expected a URL string", where)
-    if url.startswith(("http://", "https://")):
-        raise APIError(400, f"{where}: http(s) image URLs are not fetched (this server downloads nothing); send a "
-                            "data URL (data:image/png;base64,…) or a local file path", where)
-    if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise APIError(400, f"{where}: expected a base64 data URL (data:image/…;base64,…)", where)
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, f"{where}: the data URL's base64 payload does not decode", where) from None
-    else:
-        path = url[len("file://"):] if url.startswith("file://") else url
-        if "://" in path:
-            raise APIError(400, f"{where}: unsupported URL scheme in {url[:40]!r} (data URLs and local paths only)",
-                           where)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise APIError(400, f"{where}: cannot read the local image {path!r} ({e.strerror})", where) from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception as e:  # PIL raises many exception types for bad input
-        raise APIError(400, f"{where}: not an image ({type(e).__name__})", where) from None
-    if width * height > max_pixels:
-        raise APIError(413, f"{where}: the image has {width}×{height} = {width * height} pixels, over this server's "
-                            f"budget of {max_pixels} (--max_image_pixels)", where)
-    return data
-
-
-def _messages(body: dict, max_pixels: int) -> tuple[list[dict], list[bytes]]:
-    """OpenAI messages → the records' messages (image parts as {"type": "image"}) and the images' bytes."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages: expected a non-empty list of messages", "messages")
-    out, blobs = [], []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, f"{where}.role: expected 'system', 'user' or 'assistant'", f"{where}.role")
-        content = m.get("content")
-        if content is None and m["role"] == "assistant":
-            content = ""
-        if isinstance(content, str):
-            out.append({"role": m["role"], "content": content})
-            continue
-        if not isinstance(content, list):
-            raise APIError(400, f"{where}.content: expected a string or a list of parts", f"{where}.content")
-        parts = []
-        for j, part in enumerate(content):
-            at = f"{where}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                blobs.append(_image_bytes(url, f"{at}.image_url.url", max_pixels))
-                parts.append({"type": "image"})
-            else:
-                raise APIError(400, f"{at}: expected a text part or an image_url part", at)
-        out.append({"role": m["role"], "content": parts})
-    return out, blobs
-
-
-def parse(body: Any, state: State) -> tuple[engine_lib.Request, dict]:
-    """A chat completions body → (engine request without `emit`, response options); raises APIError."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != state.name:
-        raise APIError(404, f"The model `{model}` does not exist (this server serves `{state.name}`).", "model")
-    for key in UNSUPPORTED:
-        if body.get(key) not in (None, False, 0, [], {}) and not (key == "response_format" and
-                                                                   body[key] == {"type": "text"}):
-            raise APIError(400, f"{key}: not supported by this server", key)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "stream: expected true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "stream_options: expected an object", "stream_options")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "stop: expected a non-empty string or a list of at most 4 of them", "stop")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    n = _number(body, "n", 1, 1, state.max_n, integer=True)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "seed: expected an integer", "seed")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, "ignore_eos: expected true or false", "ignore_eos")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, key, None, 1, None, integer=True)
-
-    messages, blobs = _messages(body, state.max_image_pixels)
-    policy = state.engine.policy
-    try:
-        prepared = policy.image_input.prepare(blobs)
-    except image_inputs.ImageBudgetError as e:
-        raise APIError(413 if e.reason == "image_budget" else 400, f"messages: {e}", "messages") from None
-    except images.ImageError as e:
-        raise APIError(400, f"messages: image {getattr(e, 'index', '?')}: {e}", "messages") from None
-    try:
-        with state.engine.lock:
-            prompt = policy.tokenizer.prompt(messages, prepared["tokens"] if prepared else [])
-    except TemplateError as e:
-        raise APIError(400, f"messages: {e}", "messages") from None
-    room = state.max_model_len - len(prompt)
-    if max_tokens is None:
-        max_tokens = room
-    if max_tokens > room or room < 1:
-        raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, you "
-                            f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, "
-                            f"{max_tokens} in the completion).", key)
-    request = engine_lib.Request(prompt=prompt, images=prepared, max_tokens=max_tokens, temperature=float(temperature),
-                                 top_p=float(top_p), n=n, seed=seed, stop=tuple(stop),
-                                 ignore_eos=ignore_eos, stream=stream)
-    return request, {"stream": stream, "include_usage": bool(options.get("include_usage"))}
+async def _disconnected(http: HTTPRequest) -> None:
+    """Returns when the client has gone away (the body is read: the next ASGI message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 # ----- the app -----
@@ -226,10 +73,7 @@ def create_app(state: State, on_startup=None, on_shutdown=None) -> Starlette:
         try:
             engine = ready()
             with engine.arrival():
-                try:
-                    body = json.loads(await http.body())
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise APIError(400, "the request body is not valid JSON") from None
+                body = json_body(await _body(http, state.max_request_bytes))
                 request, options = await run_in_threadpool(parse, body, state)
                 loop, events = asyncio.get_running_loop(), asyncio.Queue()
                 request.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
@@ -238,24 +82,33 @@ def create_app(state: State, on_startup=None, on_shutdown=None) -> Starlette:
                 except engine_lib.QueueFull as e:
                     raise APIError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
         except APIError as e:
-            return e.response()
+            return _error(e)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name}
-        if options["stream"]:
+        if options["stream"]:  # Starlette cancels the stream when its client goes away (see `_stream`)
             return StreamingResponse(_stream(request, events, meta, options["include_usage"]),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts, reasons, tokens = [""] * request.n, [None] * request.n, 0
+        gone = asyncio.ensure_future(_disconnected(http))  # Starlette does not watch a plain response's client
         try:
-            texts, reasons, tokens = [""] * request.n, [None] * request.n, 0
             while None in reasons:
-                event = await events.get()
+                get = asyncio.ensure_future(events.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():  # the client went away: its rows stop at the next chunk
+                    get.cancel()
+                    request.cancelled = True
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+                event = get.result()
                 if event[0] == "error":
-                    return APIError(500, event[1]).response()
+                    return _error(APIError(500, event[1]))
                 if event[0] == "delta":
                     texts[event[1]] += event[2]
                 else:
                     reasons[event[1]], tokens = event[2], tokens + event[3]
-        except asyncio.CancelledError:  # the client went away: its rows stop at the next chunk
+        except asyncio.CancelledError:  # the server shuts down under it
             request.cancelled = True
             raise
+        finally:
+            gone.cancel()
         return JSONResponse({**meta, "object": "chat.completion",
                              "choices": [{"index": j, "message": {"role": "assistant", "content": texts[j]},
                                           "logprobs": None, "finish_reason": reasons[j]} for j in range(request.n)],
@@ -270,12 +123,13 @@ def create_app(state: State, on_startup=None, on_shutdown=None) -> Starlette:
         try:
             ready()
         except APIError as e:
-            return e.response()
-        return JSONResponse({"status": "ok", **state.engine.stats, "waiting": state.engine.waiting})
+            return _error(e)
+        engine = state.engine
+        return JSONResponse({"status": "ok", **engine.stats, "waiting": engine.waiting, "shape_bound": engine.shape_bound})
 
     async def not_found(http: HTTPRequest, exc: HTTPException):
-        return APIError(exc.status_code if exc.status_code in (404, 405) else 400,
-                        f"{http.method} {http.url.path}: {exc.detail}").response()
+        return _error(APIError(exc.status_code if exc.status_code in (404, 405) else 400,
+                               f"{http.method} {http.url.path}: {exc.detail}"))
 
     async def lifespan(app):
         if on_startup:
