@@ -9,9 +9,9 @@ text-only prompt of ~30 tokens, greedy, exactly --new_tokens tokens (`ignore_eos
 gets no stop ids), so both sides generate the same tokens. The server runs in its own process on this
 machine's one CPU device; the clients are threads of this process sending plain HTTP (urllib, not the
 openai client, whose overhead would be charged to the server on these two cores). Per round: the
-offline sampler on --max_batch prompts at a time, then each client count; a warm-up first (bursts of
-1, 2, 4, … concurrent requests, so that every row bucket the server forms is compiled, and one untimed
-round); medians over --rounds.
+offline sampler on --max_batch prompts at a time, then each client count; a warm-up first (the server's
+`--warmup` with `--max_tokens_default=--new_tokens` compiles every rows bucket it forms, and one
+untimed round); medians over --rounds.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main(argv):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     server = subprocess.Popen([sys.executable, "-m", "rdpo_jax.serve", f"--model={folder}", f"--port={port}",
-                               f"--max_batch={_MAX_BATCH.value}", "--max_queue=1024", "--mesh=data=1"],
+                               f"--max_batch={_MAX_BATCH.value}", "--max_queue=1024", "--mesh=data=1", "--warmup",
+                               f"--max_tokens_default={_NEW.value}"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -101,12 +102,8 @@ def main(argv):
             return time.perf_counter() - t0, len(records) * _NEW.value
 
         clients = [int(c) for c in _CLIENTS.value]
-        # Warm-up: every row bucket the server may form (1, 2, 4, … rows) compiles before the timed rounds,
-        # as does the offline batch; round 0 below runs every variant once more, untimed.
-        k = 1
-        while k <= B:
-            _serve(url + "/v1/chat/completions", prompts[:2 * k], k)
-            k *= 2
+        # The server compiled every rows bucket before /health turned 200 (--warmup); round 0 below runs every
+        # variant once more, untimed (the offline batch compiles there).
         results: dict[str, list[tuple[float, int]]] = {}
         for round_ in range(_ROUNDS.value + 1):  # round 0 warms up
             for name, fn in [("offline", offline)] + [(f"{c} clients", lambda c=c: _serve(
