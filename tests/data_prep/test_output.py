@@ -80,3 +80,19 @@ def test_a_rerun_writing_another_kind_is_refused(tmp_path):
         with pytest.raises(ValueError, match="an earlier run wrote 'pairs' records there; this one writes 'groups'"):
             common.Output(str(folder), "pairs", "groups", 0, 1)
         assert "p0" in common.Output(str(folder), "pairs", "pairs", 0, 1).done  # the same kind resumes
+
+
+def test_a_command_with_a_training_config_refuses_the_distributed_flags():
+    """ref_logps joins JAX processes as its training config says: a --distributed_* flag there would be ignored,
+    so it is refused, naming the config's fields."""
+    from absl import app, flags
+
+    from rdpo_jax.configs import base
+
+    holder = flags.FLAGS["distributed_auto"]
+    holder.present = 1
+    try:
+        with pytest.raises(app.UsageError, match="--config.distributed.coordinator"):
+            common.shard(base.get_config().distributed)
+    finally:
+        holder.present = 0
