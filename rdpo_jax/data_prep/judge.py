@@ -68,6 +68,8 @@ def make_judge(shard_index: int, num_shards: int):
 def main(argv):
     del argv
     shard_index, num_shards = common.shard()
+    if _BATCH.value < 1:
+        raise app.UsageError(f"--batch_size={_BATCH.value}: expected at least 1 sample per judge call")
     pool, index = common.pool_index(_POOL.value)
     samples = arrayrecord.Source(_SAMPLES.value, "samples")
     out = common.Output(_OUT.value, _NAME.value, "samples", shard_index, num_shards, common.CHUNK.value)
