@@ -222,6 +222,13 @@ def test_concurrent_requests_batch_together_and_answer_as_alone(served):
     ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, 400, "repetition_penalty",
      "outside (0.0, ∞]"),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 3}}, 400, "logit_bias", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 5}, 400, "top_k", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_p": 0.1}, 400, "min_p", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "best_of": 3}, 400, "best_of", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "skip_special_tokens": False}, 400, "skip_special_tokens",
+     "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "guided_choice": ["a"]}, 400, "guided_choice", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400, "logprobs", "not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, 400, "messages[0].content[0]",
      "expected a text part or an image_url part"),
 ])
@@ -252,7 +259,9 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(served):
     the others their 200 and the answers they get alone (before, the overflow failed the batch: 500 for all)."""
     good = {"messages": [{"role": "user", "content": "describe the image shape"}], "max_tokens": 12, "temperature": 0}
     alone = _post(served.url + "/v1/chat/completions", good)[1]["choices"][0]["message"]["content"]
-    bodies = [good, dict(good, seed=2**63, temperature=1.0), good, dict(good, seed=-2**63 - 1, temperature=1.0)]
+    # the third names unsupported fields at the values that ask for nothing (what vLLM clients send): answered
+    neutral = dict(good, top_k=-1, min_p=0.0, best_of=1, skip_special_tokens=True, logprobs=False, stop_token_ids=[])
+    bodies = [good, dict(good, seed=2**63, temperature=1.0), neutral, dict(good, seed=-2**63 - 1, temperature=1.0)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda b: _post(served.url + "/v1/chat/completions", b), bodies))
     assert [r[0] for r in replies] == [200, 400, 200, 400], replies
@@ -527,3 +536,19 @@ def test_engine_decodes_qwen_rows_with_images_like_the_sampler_and_a_bad_row_fai
     finally:
         served.close()
     assert served.stats["batches"] == 1 and served.stats["rows"] == 7  # one batch, the bad row left out
+
+
+def test_an_unexpected_failure_is_an_openai_style_500():
+    """A bug on the server's side (here an engine that cannot take requests) answers JSON with status 500, as
+    every other error does, not a plain-text page that OpenAI clients cannot read."""
+    from starlette.testclient import TestClient
+
+    from rdpo_jax.serve import api
+    from rdpo_jax.serve.parsing import State
+
+    state = State(name="model", source="nowhere", engine=object())  # has no arrival(): AttributeError inside
+    with TestClient(api.create_app(state), raise_server_exceptions=False) as client:
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 500 and reply.headers["content-type"] == "application/json"
+    error = reply.json()["error"]
+    assert error["code"] == 500 and error["type"] == "InternalServerError" and "AttributeError" in error["message"]

@@ -131,6 +131,9 @@ def create_app(state: State, on_startup=None, on_shutdown=None) -> Starlette:
         return _error(APIError(exc.status_code if exc.status_code in (404, 405) else 400,
                                f"{http.method} {http.url.path}: {exc.detail}"))
 
+    async def internal(http: HTTPRequest, exc: Exception):  # a bug, not the client's fault: still OpenAI-style JSON
+        return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
     async def lifespan(app):
         if on_startup:
             on_startup()
@@ -140,7 +143,7 @@ def create_app(state: State, on_startup=None, on_shutdown=None) -> Starlette:
 
     routes = [Route("/v1/chat/completions", completions, methods=["POST"]), Route("/v1/models", models),
               Route("/health", health)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found},
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal},
                      lifespan=contextlib.asynccontextmanager(lifespan))
 
 

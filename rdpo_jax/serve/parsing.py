@@ -27,9 +27,17 @@ from rdpo_jax.serve import engine as engine_lib
 
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLarge", 429: "RateLimitError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
-# OpenAI parameters this server does not implement: a request that sets them is refused rather than
-# answered as if they were not there.
-UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "response_format", "logit_bias")
+# Parameters this server does not implement — OpenAI's, and vLLM's sampling extensions that clients and
+# evaluation harnesses send to vLLM — with the values that ask for nothing (what the field's absence
+# means): a request that sets one to anything else is refused by name rather than answered as if it had not.
+_OFF = (False, 0, [], {})
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": _OFF, "top_logprobs": _OFF, "tools": _OFF, "tool_choice": (*_OFF, "none"), "functions": _OFF,
+    "response_format": (*_OFF, {"type": "text"}), "logit_bias": _OFF,
+    "top_k": (0, -1), "min_p": (0,), "min_tokens": (0,), "stop_token_ids": ([],), "bad_words": ([],),
+    "best_of": (1,), "use_beam_search": (False,), "length_penalty": (1,), "echo": (False,),
+    "prompt_logprobs": (0,), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": ()}
 INT64 = (-2**63, 2**63 - 1)  # vLLM's seed range (torch.long)
 
 
@@ -195,9 +203,10 @@ def parse(body: Any, state: State) -> tuple[engine_lib.Request, dict]:
     model = body.get("model")
     if model is not None and model != state.name:
         raise APIError(404, f"The model `{model}` does not exist (this server serves `{state.name}`).", "model")
-    for key in UNSUPPORTED:
-        if body.get(key) not in (None, False, 0, [], {}) and not (key == "response_format" and
-                                                                   body[key] == {"type": "text"}):
+    for key, off in UNSUPPORTED.items():
+        value = body.get(key)
+        if value is not None and not any(type(value) is type(o) and value == o or  # True is not 1
+                                         isinstance(value, float) and value == o for o in off):
             raise APIError(400, f"{key}: not supported by this server", key)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
