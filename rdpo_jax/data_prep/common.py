@@ -181,10 +181,29 @@ class Output:
                                         + arrayrecord.MANIFEST_SUFFIX) for i in range(self.num_shards)]
         if not all(os.path.exists(p) for p in shard_manifests):
             return None
+        self._check_disjoint()
         everything = []
         for p in shard_manifests:
             everything += [(s["file"], s["count"]) for s in arrayrecord.read_manifest(p)["shards"]]
         return arrayrecord.write_manifest(self.folder, self.name, self.kind, everything, self.creator)
+
+
+    def _check_disjoint(self) -> None:
+        """Every item is one shard's: an item committed by two shards (shards run with different shard
+        counts or input orders, or a shard resumed by a release that assigns items to shards otherwise)
+        would be in the dataset twice. Checked from the chunks themselves before the dataset manifest
+        vouches for them; raises ValueError naming the item and both shards."""
+        owner: dict[str, int] = {}
+        for i in range(self.num_shards):
+            prefix = f"{self.name}-s{i:05d}-of-{self.num_shards:05d}"
+            for path in sorted(glob.glob(os.path.join(self.folder, prefix + "-c*.keys.json"))):
+                with open(path) as f:
+                    for key in json.load(f):
+                        if owner.setdefault(key, i) != i:
+                            raise ValueError(
+                                f"{os.path.join(self.folder, self.name)}: item {key!r} was written by shards "
+                                f"{owner[key]} and {i} of {self.num_shards}; the shards disagree on which items "
+                                "are whose (another input, or runs of another release?). Write into a new --out")
 
 
 def _decodes(data: bytes, kind: str) -> bool:

@@ -96,3 +96,17 @@ def test_a_command_with_a_training_config_refuses_the_distributed_flags():
             common.shard(base.get_config().distributed)
     finally:
         holder.present = 0
+
+
+def test_an_item_written_by_two_shards_is_refused_before_the_dataset_manifest(tmp_path):
+    """Shards that disagree on which items are whose (say, a shard resumed by a release that assigns items
+    otherwise) would put an item in the dataset twice: the last shard to close refuses, naming it."""
+    first = common.Output(str(tmp_path), "out", "samples", 0, 2)
+    first.add("p0", _sample(0, 0))
+    first.add("p1", _sample(1, 0))
+    assert first.close() is None  # shard 1 has not finished
+    second = common.Output(str(tmp_path), "out", "samples", 1, 2)
+    second.add("p1", _sample(1, 0))
+    with pytest.raises(ValueError, match="item 'p1' was written by shards 0 and 1 of 2"):
+        second.close()
+    assert not (tmp_path / ("out" + arrayrecord.MANIFEST_SUFFIX)).exists()
