@@ -14,6 +14,12 @@ processes (`pipeline.agree_shapes`), eval passes are padded to whole global batc
 are summed over processes. A global batch with no valid record (all skipped, `data.on_bad_record="skip"`)
 updates nothing: parameters, optimizer state and schedule stay, the data position moves on; such steps are
 counted (`empty_batches`) and printed.
+
+With precomputed reference log-likelihoods (`dpo.reference="precomputed"`) whose reference is the initial
+policy, a fresh run compares, at its first step with a valid pair, the batch's precomputed values with the
+policy's own (from the train step itself, before any update) and stops beyond
+`train_step.REFERENCE_TOLERANCE` (0.25 + 0.02·n nats for an answer of n tokens), naming the pair and both
+values: the data was computed by another model or with other settings, or written into the wrong record.
 """
 
 from __future__ import annotations
@@ -154,6 +160,7 @@ def main(argv):
                                config.eval.batches)
 
     # ----- Train -----
+    checking = dpo and config.dpo.reference == "precomputed" and start == 0 and _reference_is_initial(config)
     logger = logs.MetricLogger(workdir, total_steps=config.total_steps, start_step=start,
                                tensorboard=config.log.tensorboard)
     preempted = threading.Event()
@@ -173,6 +180,8 @@ def main(argv):
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
             state, metrics = step_fn(state, pipeline.to_global(local, shardings))
         step += 1
+        if checking:  # until a batch with a valid pair was compared (an empty step updates nothing)
+            checking = _check_reference(step, metrics["reference_check"], element, local, source)
         window.add(step, metrics, element, local)  # device arrays: fetched when the window is written
         profiler.after(step, metrics)
         element = None
@@ -276,6 +285,54 @@ def _check_reference_data(spec: str, options: pipeline.Options) -> None:
             f"{options.reference_fingerprint!r}")
     if problem:
         raise config_checks.ConfigError(f"{problem[1]} ({source.where(0)} of {spec})")
+
+
+def _reference_is_initial(config) -> bool:
+    """Whether the run's reference model is its initial policy: then, before the first update, the policy's
+    log-likelihoods are the reference's."""
+    initial = config.model.path if config.init_from == "model" else config.init_from
+    reference = checkpoint.reference_model(config)
+    if reference == initial:
+        return True
+    return initial != "scratch" and checkpoint.fingerprint(reference) == checkpoint.fingerprint(initial)
+
+
+def _check_reference(step: int, check: dict, element: dict, local: dict, source) -> bool:
+    """Stops the run when the first batch's precomputed reference log-likelihoods are not the initial
+    policy's own (`check`: the step's `reference_check`, the same on every process), naming the pair and
+    both values. Returns whether to check the next step too (this batch had no valid pair)."""
+    check = jax.device_get(check)
+    if float(check["ratio"]) < 0:
+        return True
+    floor, per_token = train_step.REFERENCE_TOLERANCE
+    if float(check["ratio"]) <= 1.0:
+        _print(f"step {step}: the precomputed reference log-likelihoods are the initial policy's (the furthest pair at "
+               f"{float(check['ratio']):.2g} of the tolerance, {floor} + {per_token}·tokens nats)")
+        return False
+    (pc, pr), (rc, rr), (nc, nr) = (np.asarray(check[k], np.float64) for k in ("policy", "reference", "tokens"))
+    raise SystemExit(
+        f"stopping at step {step}: {_pair_name(int(check['slot']), element, local, source)} carries reference "
+        f"log-likelihoods that are not this run's initial policy's, which is its reference: chosen {rc:.4f} "
+        f"(the policy: {pc:.4f}, {nc:.0f} tokens), rejected {rr:.4f} (the policy: {pr:.4f}, {nr:.0f} tokens); "
+        f"at most {floor} + {per_token}·tokens nats apart before the first update. They were computed by another "
+        "model or with other settings, or written into another record: compute them again with "
+        "rdpo_jax.data_prep.ref_logps and this run's config")
+
+
+def _pair_name(slot: int, element: dict, local: dict, source) -> str:
+    """'pair PAIR_ID (FILE[INDEX])' for a flat pair slot of the global batch's `valid` [units, slots]."""
+    units, slots = local["valid"].shape[0], int(np.prod(local["valid"].shape[1:]))
+    index = np.asarray(element["index"]).reshape(len(element["index"]), -1)
+    index = np.concatenate([index, np.full((units - len(index), index.shape[1]), -1, index.dtype)])
+    if jax.process_count() > 1:  # the global batch holds the processes' rows in process order
+        index = np.asarray(multihost_utils.process_allgather(index)).reshape(-1, index.shape[1])
+    unit, slot = divmod(slot, slots)
+    per_record = slots // index.shape[1]
+    i, pair = int(index[unit, slot // per_record]), slot % per_record
+    record = records.decode(source[i][1], source.kind, source.where(i))
+    if source.kind == "groups":
+        record = records.pairs_of_group(record)[pair]
+    return f"pair {record.get('pair_id')!r} ({source.where(i)})"
 
 
 def _shape(batch: dict) -> tuple[int, int, int, int]:
@@ -443,7 +500,7 @@ class _Window:
         # means over the steps that trained: an empty batch's loss and rewards measure nothing
         trained = [m for m in fetched if not float(m["empty"])] or [{"lr": fetched[-1]["lr"]}]
         out = {k: sum(float(m[k]) for m in trained) / len(trained) for k in trained[0]
-               if k not in ("nonfinite_streak", "empty")}
+               if k not in ("nonfinite_streak", "empty", "reference_check")}
         out.update(empty_batches=float(len(empty)), pairs_per_s=totals["examples"] / elapsed,
                    tokens_per_s=totals["tokens"] / elapsed, step_s=elapsed / n,
                    **{k: float(totals[k]) for k in self.counts})

@@ -144,20 +144,24 @@ def split_micro(batch: dict, accum: int) -> dict:
 
 
 def _accumulate(loss_fn: Callable, params, batch: dict, accum: int):
-    """Σ over micro-batches of (grad of loss sum, loss sum, count, metric sums, metric counts)."""
+    """`loss_fn(params, batch) -> (loss sum, (sums, per_pair))`: Σ over micro-batches of (grad of the loss
+    sum, sums), and `per_pair` (arrays shaped like the batch's `valid`) back in the batch's record order."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum == 1:
-        return grad_fn(params, batch)
+        grads, (sums, per_pair) = grad_fn(params, batch)
+        return grads, sums, per_pair
     micro = split_micro(batch, accum)
 
     def body(carry, mb):
-        grads, aux = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, carry, (grads, aux)), None
+        grads, (sums, per_pair) = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), per_pair
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
-    total, _ = jax.lax.scan(body, zeros, micro)
-    return total
+    grads, (sums, _) = jax.eval_shape(grad_fn, params, first)
+    (grads, sums), per_pair = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, (grads, sums)), micro)
+    # [accum, B/accum, …] → [B, …]: micro-batch i held records i, i+accum, … (split_micro)
+    per_pair = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:]), per_pair)
+    return grads, sums, per_pair
 
 
 def _masked_sums(metrics: dict[str, jax.Array], valid: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -204,8 +208,10 @@ def _update(state: TrainState, optimizer, schedule, grads, loss_sum, count, metr
 
 def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoothing: float = 0.0,
              gamma: float = 0.0, length_norm: bool = False, sft_weight: float = 0.0,
-             pair_layout: str = "shared_prefix", reference: str = "model") -> Callable:
-    """The DPO objective over a batch of pairs (any loss type of `losses.py`, either layout)."""
+             pair_layout: str = "shared_prefix", reference: str = "model", pair_values: bool = False) -> Callable:
+    """The DPO objective over a batch of pairs (any loss type of `losses.py`, any layout). With
+    `pair_values`, the aux also holds every pair slot's policy log-likelihoods and answer token counts
+    ({chosen_logp, rejected_logp, chosen_count, rejected_count}: float32 shaped like `batch["valid"]`)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {REFERENCES}")
     if loss_type not in losses.LOSS_TYPES:
@@ -238,7 +244,10 @@ def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoot
             loss = loss + sft_weight * nll
             metrics["sft_nll"] = nll
         valid = per_pair(batch, "valid")
-        return (loss * valid).sum(), (valid.sum(), _masked_sums(metrics, valid))
+        aux = (valid.sum(), _masked_sums(metrics, valid))
+        if pair_values:
+            aux += ({k: out[k].reshape(batch["valid"].shape) for k in PAIR_VALUES},)
+        return (loss * valid).sum(), aux
 
     return loss_fn
 
@@ -257,24 +266,57 @@ def sft_loss(graphdef: nnx.GraphDef) -> Callable:
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
               accum_steps: int = 1) -> Callable[[TrainState, dict], tuple]:
-    """The pure `step(state, batch) -> (state, metrics)` for an objective (jit it with `jit_step`)."""
+    """The pure `step(state, batch) -> (state, metrics)` for an objective (jit it with `jit_step`).
+
+    When the loss reports its pairs' log-likelihoods (`dpo_loss(pair_values=True)`) and the batch carries
+    precomputed reference ones, `metrics["reference_check"]` compares them (`reference_check`): at a
+    run's first step, before any update, they must agree when the reference is the initial policy."""
 
     def step(state: TrainState, batch: dict):
         def per_params(params, b):
-            loss_sum, aux = loss_fn(params, state.frozen, state.ref_params, b)
-            return loss_sum, (loss_sum, *aux)
+            loss_sum, (count, metric_sums, *per_pair) = loss_fn(params, state.frozen, state.ref_params, b)
+            return loss_sum, ((loss_sum, count, metric_sums), per_pair[0] if per_pair else {})
 
-        grads, (loss_sum, count, metric_sums) = _accumulate(per_params, state.params, batch, accum_steps)
-        return _update(state, optimizer, schedule, grads, loss_sum, count, metric_sums)
+        grads, (loss_sum, count, metric_sums), per_pair = _accumulate(per_params, state.params, batch, accum_steps)
+        state, metrics = _update(state, optimizer, schedule, grads, loss_sum, count, metric_sums)
+        if per_pair and "ref_chosen_logp" in batch:
+            metrics["reference_check"] = reference_check(per_pair, batch)
+        return state, metrics
 
     return step
+
+
+PAIR_VALUES = ("chosen_logp", "rejected_logp", "chosen_count", "rejected_count")
+# How far a precomputed reference log-likelihood (a sum over an answer's n tokens) may be from the policy's
+# own when the reference is the initial policy, at the first step: 0.25 + 0.02·n nats. Two bfloat16
+# programs of the same model (other mesh, other row length) differed by at most 0.004 nats on the smoke
+# pairs (float32: 2e-6); a bfloat16 logit of magnitude 20 rounds by up to 0.08, hence the floor for short
+# answers. Another record's values or another model's miss by far more (tests/test_train.py).
+REFERENCE_TOLERANCE = (0.25, 0.02)
+
+
+def reference_check(per_pair: dict, batch: dict) -> dict[str, jax.Array]:
+    """The valid pair slot whose policy log-likelihoods (`per_pair`, see `dpo_loss`) are furthest from
+    the batch's precomputed reference ones, in units of `REFERENCE_TOLERANCE` (the larger of chosen and
+    rejected): {ratio: float32[] (> 1: beyond the tolerance; −1: no valid pair), slot: int32[] (flat index
+    into `valid`), policy, reference, tokens: float32[2] (chosen, rejected)}."""
+    policy = jnp.stack([per_pair["chosen_logp"], per_pair["rejected_logp"]]).reshape(2, -1)
+    reference = jnp.stack([batch["ref_chosen_logp"], batch["ref_rejected_logp"]]).reshape(2, -1).astype(jnp.float32)
+    tokens = jnp.stack([per_pair["chosen_count"], per_pair["rejected_count"]]).reshape(2, -1)
+    floor, per_token = REFERENCE_TOLERANCE
+    ratio = (jnp.abs(policy - reference) / (floor + per_token * tokens)).max(0)
+    # a NaN reference is the non-finite guard's to report
+    ratio = jnp.where((batch["valid"].reshape(-1) > 0) & jnp.isfinite(ratio), ratio, -1.0)
+    slot = jnp.argmax(ratio)
+    return {"ratio": ratio[slot], "slot": slot.astype(jnp.int32), "policy": policy[:, slot],
+            "reference": reference[:, slot], "tokens": tokens[:, slot]}
 
 
 def make_eval_step(loss_fn: Callable) -> Callable[[TrainState, dict], dict]:
     """`eval_step(state, batch) -> {name: (sum, count)}` for held-out batches (the host adds them up)."""
 
     def eval_step(state: TrainState, batch: dict):
-        loss_sum, (count, metric_sums) = loss_fn(state.params, state.frozen, state.ref_params, batch)
+        loss_sum, (count, metric_sums, *_) = loss_fn(state.params, state.frozen, state.ref_params, batch)
         return {"loss": (loss_sum, count), **metric_sums}
 
     return eval_step
@@ -286,8 +328,9 @@ class Steps(NamedTuple):
 
 
 def make_dpo_step(graphdef, optimizer, schedule, *, accum_steps: int = 1, **loss_options) -> Steps:
-    """The DPO train and held-out steps; `loss_options` are those of `dpo_loss`."""
-    loss_fn = dpo_loss(graphdef, **loss_options)
+    """The DPO train and held-out steps; `loss_options` are those of `dpo_loss` (a precomputed reference
+    is checked against the policy's own log-likelihoods: `reference_check`)."""
+    loss_fn = dpo_loss(graphdef, pair_values=loss_options.get("reference") == "precomputed", **loss_options)
     return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps), make_eval_step(loss_fn))
 
 

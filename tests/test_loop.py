@@ -1,11 +1,14 @@
 """`python -m rdpo_jax.loop` on the smoke setup (real commands in subprocesses): two rounds end to end with
 precomputed reference log-likelihoods against the initial policy; a rerun redoes nothing; a changed config
 is refused naming the fields; `--rounds` raised continues a finished loop; SIGKILLs during round 2's
-sampling and training, each followed by a rerun, end in the same table as the uninterrupted loop."""
+sampling and training, each followed by a rerun, end in the same table as the uninterrupted loop. The trainer
+checks the precomputed reference log-likelihoods against its initial policy, and refuses another record's."""
 
 import glob
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -14,6 +17,7 @@ import sys
 
 import pytest
 
+from rdpo_jax import checkpoint
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.loop import rounds
 from rdpo_jax.models import hf
@@ -88,6 +92,9 @@ def test_two_rounds_end_to_end(loops, smoke_dir):
         assert len(samples) == 32 and {s["sampler"]["model"] for s in samples} == {policy}
         run_config = json.load(open(f"{a}/round_{r:03d}/run/config.json"))
         assert run_config["init_from"] == policy and run_config["dpo"]["reference"] == "precomputed"
+        # round 1 trains from the reference itself: its first step checked the precomputed values
+        checked = "the precomputed reference log-likelihoods are the initial policy's"
+        assert (checked in open(m["stages"]["train"]["log"]).read()) == (r == 1)
         # the reference is the initial policy in both rounds: round 2's pairs carry its log-likelihoods
         ref = {p["ref_fingerprint"] for p in arrayrecord.read(f"{a}/round_{r:03d}/pairs_ref")}
         assert ref == {hf.fingerprint(f"{smoke_dir}/model")}
@@ -138,3 +145,30 @@ def test_killed_during_round_two_resumes_to_the_same_table(loops, smoke_dir):
     assert _table(done.stdout) == _table(second)
     train_log = open(m["stages"]["train"]["log"]).read()
     assert "state from checkpoint 2" in train_log
+
+
+def test_trainer_refuses_reference_values_of_another_record(loops, smoke_dir, tmp_path, compile_cache):
+    """Round 1's pairs with their (correct) reference log-likelihoods, two records' values swapped and
+    everything else as written (fingerprint, settings stamp): the trainer, whose reference is its initial
+    policy, compares the first batch with its own log-likelihoods and stops, naming the pair and both values."""
+    a, _, env, _, _ = loops
+    pairs = list(arrayrecord.read(f"{a}/round_001/pairs_ref"))[:8]  # one batch of the smoke config
+    i, j = max(itertools.combinations(range(len(pairs)), 2),
+               key=lambda ij: abs(pairs[ij[0]]["ref_chosen_logp"] - pairs[ij[1]]["ref_chosen_logp"]))
+    values = {p["pair_id"]: p["ref_chosen_logp"] for p in pairs}
+    assert abs(values[pairs[i]["pair_id"]] - values[pairs[j]["pair_id"]]) > 0.5  # beyond 0.25 + 0.02 n, n ≤ 8
+    pairs[i]["ref_chosen_logp"], pairs[j]["ref_chosen_logp"] = pairs[j]["ref_chosen_logp"], pairs[i]["ref_chosen_logp"]
+    arrayrecord.write(str(tmp_path), "swapped", "pairs", pairs)
+    train = runs.train_command(smoke_dir, str(tmp_path / "run"), f"--config.data.train={tmp_path}/swapped",
+                               "--config.dpo.reference=precomputed", "--config.data.eval=", "--config.total_steps=4")
+    proc = subprocess.run(train, cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    found = re.search(r"stopping at step 1: pair '(.+?)' \(.*swapped.*\) carries reference log-likelihoods that are "
+                      r"not this run's initial policy's, which is its reference: chosen (\S+) \(the policy: (\S+), "
+                      r"\d+ tokens\)", proc.stderr)
+    assert found, proc.stderr[-3000:]
+    named, written, policy = found[1], float(found[2]), float(found[3])
+    assert named in (pairs[i]["pair_id"], pairs[j]["pair_id"])
+    other = pairs[j]["pair_id"] if named == pairs[i]["pair_id"] else pairs[i]["pair_id"]
+    assert written == pytest.approx(values[other], abs=1e-3) and policy == pytest.approx(values[named], abs=1e-3)
+    assert not checkpoint.saved_steps(str(tmp_path / "run"))  # nothing trained on them was written

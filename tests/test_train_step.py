@@ -64,7 +64,20 @@ def _run(folder, mesh, batch, *, optimizer=None, steps=1, freeze=(), objective="
     step = train_step.jit_step(fn, state, batch, mesh)
     for _ in range(steps):
         state, metrics = step(state, batch)
-    return params0, state, {k: float(v) for k, v in metrics.items()}
+    return params0, state, _scalars(metrics)
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    """The step's metrics as floats; `reference_check`'s entries as "reference_check/NAME[/i]"."""
+    out = {}
+    for name, value in jax.device_get(metrics).items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                v = np.ravel(v)
+                out.update({f"{name}/{k}" + (f"/{i}" if len(v) > 1 else ""): float(x) for i, x in enumerate(v)})
+        else:
+            out[name] = float(value)
+    return out
 
 
 def _close(a, b, rtol=1e-6, atol=1e-7):
@@ -107,6 +120,9 @@ def test_accumulated_gradients_equal_full_batch(tiny_llava, mesh1, objective, la
     assert norm > 1e-2 and diff / norm <= 1e-12, (diff, norm)  # relative error of the whole gradient
     # the valid pairs, or the answer tokens of the SFT examples (`_sft_batch`: 2 + i % 5 each)
     assert m_full["count"] == m_accum["count"] == (B - 1 if objective == "dpo" else sum(2 + i % 5 for i in range(B)))
+    # every metric, the reference check's pair slot too (its per-pair values come back in batch order)
+    assert ("reference_check/slot" in m_full) == (objective == "dpo")
+    assert set(m_accum) == set(m_full)
     for key in m_full:
         assert m_accum[key] == pytest.approx(m_full[key], rel=1e-5, abs=1e-6), key
 
@@ -180,6 +196,8 @@ def test_online_reference_equals_precomputed(tiny_llava, mesh1):
     batch["ref_rejected_logp"] = np.asarray(ref["rejected_logp"])
     _, pre, m_pre = _run(folder, mesh1, batch, loss_type="rubric", beta=0.1, reference="precomputed")
     assert pre.ref_params is None
+    # the step's own check of the precomputed values: the policy's at step 0, far within the tolerance
+    assert 0 <= m_pre["reference_check/ratio"] < 1e-3
     _close(_delta(p0, pre), _delta(p0, online), rtol=1e-4, atol=1e-6)
     assert m_pre["loss"] == pytest.approx(m_online["loss"], rel=1e-5)
 
