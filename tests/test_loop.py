@@ -1,8 +1,9 @@
 """`python -m rdpo_jax.loop` on the smoke setup (real commands in subprocesses): two rounds end to end with
-precomputed reference log-likelihoods against the initial policy; a rerun redoes nothing; a changed config
-is refused naming the fields; `--rounds` raised continues a finished loop; SIGKILLs during round 2's
-sampling and training, each followed by a rerun, end in the same table as the uninterrupted loop. The trainer
-checks the precomputed reference log-likelihoods against its initial policy, and refuses another record's."""
+precomputed reference log-likelihoods against the initial policy (the trainer checks them against its
+initial policy, and refuses another record's); a rerun, from another directory too, redoes nothing; a
+changed config is refused naming the fields; `--rounds` raised continues a finished loop; SIGKILLs during
+round 2's sampling and training, each followed by a rerun from another directory, end in the same table as
+the uninterrupted loop. The config's paths are relative (to the repository, where the loop first runs)."""
 
 import glob
 import itertools
@@ -27,9 +28,18 @@ ROUND_STAGES = ["sample", "judge", "pairs", "ref_logps", "train", "evaluate"]
 
 
 def _loop(workdir, smoke_dir, *extra):
+    """The loop command (runnable from any directory) with the smoke files' folder typed relative to the
+    repository: the config's paths are relative."""
     return [sys.executable, "-m", "rdpo_jax.loop",
-            f"--config=rdpo_jax/configs/loop_smoke.py:dir={smoke_dir},reference=initial,ref_logps=1",
-            f"--workdir={workdir}", *extra]
+            f"--config={runs.ROOT}/rdpo_jax/configs/loop_smoke.py:dir={os.path.relpath(smoke_dir, runs.ROOT)},"
+            "reference=initial,ref_logps=1", f"--workdir={workdir}", *extra]
+
+
+def _run_in(cwd, cmd, env, timeout=600):
+    """`cmd` run from the directory `cwd` (not the repository's)."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
 
 def _manifest(workdir, r):
@@ -69,7 +79,7 @@ def loops(smoke_dir, compile_cache, tmp_path_factory):
     return a, b, env, first.stdout, second.stdout
 
 
-def test_two_rounds_end_to_end(loops, smoke_dir):
+def test_two_rounds_end_to_end(loops, smoke_dir, tmp_path):
     a, _, env, first, second = loops
     assert "| 1 | trained 4 steps |" in first and "| 2 |" not in first
     # round 0: the pools built from the prompt files, the initial policy evaluated
@@ -113,8 +123,9 @@ def test_two_rounds_end_to_end(loops, smoke_dir):
     assert [v for t, s, v in scalars if t == "eval/rubric_score" and s == 2] == [pytest.approx(metrics["rubric_score"])]
     assert {s for t, s, _ in scalars if t == "pairs"} == {1, 2}
 
-    # a rerun does nothing and prints the same table
-    again = runs.run(_loop(a, smoke_dir, "--rounds=2"), env)
+    # a rerun, from another directory, does nothing and prints the same table
+    assert json.load(open(f"{a}/loop_config.json"))["config"]["policy"] == f"{smoke_dir}/model"  # stored absolute
+    again = _run_in(tmp_path, _loop(a, smoke_dir, "--rounds=2"), env)
     assert " … (log" not in again.stdout and _table(again.stdout) == table
     # a changed config is refused, naming the fields; --allow_config_change accepts it (nothing left to run)
     changed = _loop(a, smoke_dir, "--rounds=2", "--config.sample.n=2", "--config.pairs.margin=0.2")
@@ -125,7 +136,7 @@ def test_two_rounds_end_to_end(loops, smoke_dir):
     assert json.load(open(f"{a}/loop_config.json"))["changes"][0]["fields"]["sample.n"] == [4, 2]
 
 
-def test_killed_during_round_two_resumes_to_the_same_table(loops, smoke_dir):
+def test_killed_during_round_two_resumes_to_the_same_table(loops, smoke_dir, tmp_path):
     a, b, env, _, second = loops
     chunks = {}
     for hook, stage in (("2/sample:" + "RDPO_TEST_KILL_AT_RECORD=10", "sample"),
@@ -137,7 +148,10 @@ def test_killed_during_round_two_resumes_to_the_same_table(loops, smoke_dir):
         assert _manifest(b, 2)["stages"][stage]["status"] == "running"
         chunks.setdefault(stage, len(glob.glob(f"{b}/round_002/samples-*.keys.json")))
     assert chunks["sample"] == 1  # two prompts' samples were committed before the kill, and kept
-    done = runs.run(_loop(b, smoke_dir, "--rounds=2"), env, timeout=600)
+    # resumed from another directory: the recorded inputs and commands resolve as in the first call
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    done = _run_in(other, _loop(b, smoke_dir, "--rounds=2"), env)
     m = _manifest(b, 2)
     assert {k: s["attempts"] for k, s in m["stages"].items()} == {
         "sample": 2, "judge": 1, "pairs": 1, "ref_logps": 1, "train": 2, "evaluate": 1}

@@ -20,8 +20,11 @@ inputs' fingerprints, outputs and status. Rerunning the command after a kill at 
 interrupted stage (each command resumes its own partial output) and never redoes a finished one;
 `--rounds` can be raised to continue a finished loop. The config is recorded in RUNS/loop_config.json:
 a rerun with other values is refused, naming the fields, unless --allow_config_change (then the new
-values apply to the stages not started yet). SIGTERM is passed on to the running stage (a training run
-saves its step), and the loop exits; rerun to resume.
+values apply to the stages not started yet). Relative paths in the config (`policy`, `first_judged`,
+`pool.*`, `train.config`'s file) are made absolute against the directory the loop was first run from,
+recorded there too: every stage runs in that directory, so a rerun from anywhere else resolves
+everything as the first call did. SIGTERM is passed on to the running stage (a training run saves its
+step), no further stage starts, and the loop exits; rerun to resume.
 
 After each round: the table of every round's held-out metrics (printed at the end, RUNS/summary.md),
 RUNS/report.html, and round-level TensorBoard scalars in RUNS/tensorboard.
@@ -33,6 +36,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 from absl import app, flags, logging
@@ -46,6 +50,8 @@ from rdpo_jax.loop.rounds import Round, StageFailed, is_dataset
 LOOP_OWNED = ("data.train", "init_from", "dpo.reference_from", "dpo.reference")
 # evaluate's judge flags, from the loop's judge group
 EVALUATE_JUDGE = ("judge", "judge_model", "endpoint", "api_key_env")
+# config fields holding a path (train.config: before its ":ARG"), made absolute against the loop's directory
+PATHS = ("policy", "first_judged", "pool.train", "pool.heldout", "train.config")
 
 
 def _flags(group, skip=()) -> list[str]:
@@ -63,16 +69,40 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_config(workdir: str, config, allow_change: bool) -> None:
-    """Records the config in WORKDIR/loop_config.json; a rerun with other values (`rounds` aside) is
-    refused, naming each changed field, unless `allow_change`."""
+def _absolute(values: dict, base: str) -> dict:
+    """`values` (flattened config) with the `PATHS` fields made absolute against `base`."""
+    out = dict(values)
+    for key in PATHS:
+        value = out.get(key)
+        if value:
+            file, sep, arg = value.partition(":") if key == "train.config" else (value, "", "")
+            out[key] = os.path.normpath(os.path.join(base, file)) + sep + arg
+    return out
+
+
+def check_config(workdir: str, config, allow_change: bool) -> str:
+    """Records the config in WORKDIR/loop_config.json, its paths absolute against the directory of the
+    first call (recorded as `cwd`); a rerun with other values (`rounds` aside) is refused, naming each
+    changed field, unless `allow_change`. Sets the config's paths to those absolute ones and returns the
+    loop's directory (where its stages run)."""
     path = os.path.join(workdir, "loop_config.json")
-    now = json.loads(json.dumps({k: v for k, v in _flatten(config.to_dict()).items() if k != "rounds"}))
-    record = {"config": now, "changes": []}
+    record = {"cwd": os.getcwd(), "changes": []}
     if os.path.exists(path):
         with open(path) as f:
-            record = json.load(f)
-        before = record["config"]
+            record = {"cwd": os.getcwd(), **json.load(f)}  # a record of an older loop has no cwd: this one
+        if not os.path.isdir(record["cwd"]):
+            raise SystemExit(f"[loop] {workdir} was first run from {record['cwd']}, which is gone: its stages' "
+                             "recorded commands run there")
+    base = record["cwd"]
+    now = json.loads(json.dumps({k: v for k, v in _flatten(config.to_dict()).items() if k != "rounds"}))
+    now = _absolute(now, base)
+    for key in PATHS:
+        group, _, name = key.rpartition(".")
+        (config[group] if group else config)[name] = now[key]
+    if "config" not in record:
+        record["config"] = now
+    else:
+        before = _absolute(record["config"], base)
         changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
         if changed and not allow_change:
             lines = "\n".join(f"  {k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
@@ -88,6 +118,7 @@ def check_config(workdir: str, config, allow_change: bool) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
     os.replace(path + ".tmp", path)
+    return base
 
 
 def _dataset_written(key: str):
@@ -115,10 +146,12 @@ def _evaluated(st: dict) -> str | None:
 
 
 class Loop:
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, cwd: str | None = None):
+        """`cwd`: where the stages run (`check_config`'s directory; default the current one)."""
         self.c, self.wd = config, workdir
-        self.env, self.cwd = dict(os.environ), os.getcwd()
+        self.env, self.cwd = dict(os.environ), cwd or os.getcwd()
         self.current: Round | None = None
+        self.stop = threading.Event()  # set by SIGTERM: no stage starts any more
         owned = [o for o in config.train.overrides if o.split("=", 1)[0] in LOOP_OWNED]
         if owned:
             raise SystemExit(f"[loop] config.train.overrides: {owned} set fields the loop sets every round "
@@ -133,8 +166,14 @@ class Loop:
             raise SystemExit(f"[loop] config.reference: {config.reference!r} is not 'previous' or 'initial'")
 
     def open(self, r: int) -> Round:
-        self.current = Round(self.wd, r, self.env, self.cwd)
+        self.current = Round(self.wd, r, self.env, self.cwd, self.stop)
         return self.current
+
+    def terminate(self) -> None:
+        """SIGTERM: the running stage gets it (a training run saves its step), no stage starts after it."""
+        self.stop.set()
+        if self.current is not None:
+            self.current.terminate()
 
     def finish(self, R: Round, policy: str, note: str = "") -> None:
         R.m.update(status="done", policy_after=policy, note=note)
@@ -264,25 +303,19 @@ def main(argv):
         logging.set_verbosity(logging.ERROR)
     config, workdir = f.config, os.path.abspath(f.workdir)
     n = f.rounds or config.rounds
-    check_config(workdir, config, f.allow_config_change)
-    loop = Loop(config, workdir)
-    stopping = []
-
-    def on_sigterm(*_):
-        stopping.append(True)
-        if loop.current is not None:
-            loop.current.terminate()
-    signal.signal(signal.SIGTERM, on_sigterm)
+    loop = Loop(config, workdir, check_config(workdir, config, f.allow_config_change))
+    stopping = loop.stop
+    signal.signal(signal.SIGTERM, lambda *_: loop.terminate())
     t0 = time.perf_counter()
     try:
         loop.round0()
         for r in range(1, n + 1):
-            if stopping:
+            if stopping.is_set():
                 break
             loop.round(r)
             summary.write(workdir, r)
-    except StageFailed as e:
-        if stopping:
+    except StageFailed:
+        if stopping.is_set():
             raise SystemExit(f"[loop] SIGTERM: stopped during round {loop.current.r}; rerun the same command "
                              "to resume") from None
         raise
@@ -290,7 +323,7 @@ def main(argv):
         last = max((r for r in range(n + 1) if os.path.exists(os.path.join(rounds_lib.round_dir(workdir, r),
                                                                           rounds_lib.MANIFEST))), default=0)
         table = summary.write(workdir, last)
-    if stopping:
+    if stopping.is_set():
         raise SystemExit("[loop] SIGTERM: stopped between stages; rerun the same command to resume")
     print("\n" + table)
     print(f"\n[loop] {n} rounds in {workdir} ({(time.perf_counter() - t0) / 60:.1f} minutes this run); table: "

@@ -6,6 +6,7 @@ status (running | done | skipped | failed | interrupted), attempts, seconds and 
 command is built when it first starts and reused verbatim on every later attempt, so that an
 interrupted stage is resumed by the same command (each command resumes its own partial output); a
 finished stage is never run again. A stage whose inputs changed since its first attempt is refused.
+Once SIGTERM arrived (`terminate`), no stage starts: the round is recorded as interrupted.
 
 Testing only: RDPO_TEST_KILL_LOOP_AT="ROUND/STAGE:VAR=VALUE" passes VAR=VALUE (a command's own crash
 hook, e.g. RDPO_TEST_KILL_AT_RECORD=3) to that stage's first attempt, and when the stage dies of SIGKILL
@@ -20,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 KILL_ENV = "RDPO_TEST_KILL_LOOP_AT"  # testing only: see the module docstring
@@ -76,10 +78,12 @@ def _files_digest(digest, folder: str) -> None:
 
 
 class Round:
-    """One round's manifest and the running of its stages (see the module doc)."""
+    """One round's manifest and the running of its stages (see the module doc). `stop`: set once the
+    loop was asked to stop (shared by the loop's rounds, so that a SIGTERM between two rounds counts too)."""
 
-    def __init__(self, workdir: str, r: int, env: dict, cwd: str):
+    def __init__(self, workdir: str, r: int, env: dict, cwd: str, stop: threading.Event | None = None):
         self.r, self.dir, self.env, self.cwd = r, round_dir(workdir, r), env, cwd
+        self.stop = stop or threading.Event()
         self.path = os.path.join(self.dir, MANIFEST)
         os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
         if os.path.exists(self.path):
@@ -88,7 +92,6 @@ class Round:
         else:
             self.m = {"round": r, "status": "running", "stages": {}}
         self.child: subprocess.Popen | None = None
-        self.terminated = False
 
     @property
     def done(self) -> bool:
@@ -117,6 +120,10 @@ class Round:
         st = self.stage(name)
         if st is not None and st["status"] in ("done", "skipped"):
             return st
+        if self.stop.is_set():  # SIGTERM between two stages: start nothing new
+            self.m.update(status="interrupted", note=f"stopped (SIGTERM) before {name}")
+            self.save()
+            raise StageFailed(f"[loop] round {self.r} {name}: not started (SIGTERM); rerun the same command to resume")
         if st is None:
             module, args, inputs, outputs = build()
             st = {"module": module, "args": args, "inputs": inputs, "outputs": outputs, "status": "pending",
@@ -133,6 +140,7 @@ class Round:
                     f"Resuming would mix outputs of two inputs; delete its outputs ({', '.join(st['outputs'].values())}) "
                     f"and the stage's entry in {self.path} to start it over")
         st["status"], st["attempts"] = "running", st["attempts"] + 1
+        self.m.update(status="running", note="")
         self.save()
         env, kill_hook = self._env(name, st)
         again = f", attempt {st['attempts']}" if st["attempts"] > 1 else ""
@@ -143,6 +151,8 @@ class Round:
             log.flush()
             self.child = subprocess.Popen([sys.executable, "-m", st["module"], *st["args"]], cwd=self.cwd, env=env,
                                           stdout=log, stderr=subprocess.STDOUT)
+            if self.stop.is_set():  # SIGTERM came after the check above, while no child was there to pass it to
+                self.child.send_signal(signal.SIGTERM)
             code = self.child.wait()
             self.child = None
         st["seconds"] = round(st["seconds"] + time.perf_counter() - t0, 1)
@@ -150,7 +160,7 @@ class Round:
             os.kill(os.getpid(), signal.SIGKILL)
         why = None if code != 0 else (finished(st) if finished else None)
         if code != 0 or why:
-            st["status"] = "failed" if code != 0 and not self.terminated else "interrupted"
+            st["status"] = "failed" if code != 0 and not self.stop.is_set() else "interrupted"
             self.save()
             with open(st["log"]) as f:
                 tail = f.read()[-3000:]
@@ -172,7 +182,8 @@ class Round:
         return self.env, False
 
     def terminate(self) -> None:
-        """Passes SIGTERM on to the running stage (a training run saves its step and exits)."""
-        self.terminated = True
+        """Stops the loop: no stage starts any more, and the running one gets SIGTERM (a training run saves
+        its step and exits)."""
+        self.stop.set()
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)

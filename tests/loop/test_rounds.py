@@ -1,6 +1,6 @@
 """The loop's pieces without a model: stages recorded in the manifest, never redone, their inputs
-fingerprinted and a changed input refused; the recorded config and its refusal; the config file's options
-are the commands' flags."""
+fingerprinted and a changed input refused; no stage starts after SIGTERM; the recorded config, its paths
+and its refusal; the config file's options are the commands' flags."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 from rdpo_jax.configs import loop_base, loop_demo, loop_smoke
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.loop import rounds
-from rdpo_jax.loop.__main__ import check_config
+from rdpo_jax.loop.__main__ import Loop, check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,6 +52,54 @@ def test_a_stage_runs_once_and_its_changed_input_is_refused(tmp_path):
     R.skip("train", "the miner found no pairs")
     R.skip("train", "another reason")
     assert json.load(open(R.path))["stages"]["train"] == {"status": "skipped", "note": "the miner found no pairs"}
+
+
+def test_no_stage_starts_after_sigterm(tmp_path):
+    """SIGTERM between two stages (the handler calls `terminate` on the current round, whose stage has
+    just finished): the next stage does not start, nor the next round's; the round is recorded as
+    interrupted, and a rerun runs what did not start."""
+    wd, src = str(tmp_path / "runs"), str(tmp_path / "in.json")
+    with open(src, "w") as f:
+        json.dump({"a": 1}, f)
+    config = loop_smoke.get_config(f"dir={tmp_path}")
+    loop = Loop(config, wd)
+    R = loop.open(1)
+    R.run("first", _json_tool(src, str(tmp_path / "first.json")))
+    loop.current.terminate()  # what the loop's SIGTERM handler does
+    with pytest.raises(rounds.StageFailed, match=r"round 1 second: not started \(SIGTERM\)"):
+        R.run("second", _json_tool(src, str(tmp_path / "second.json")))
+    with pytest.raises(rounds.StageFailed, match=r"round 2 first: not started \(SIGTERM\)"):
+        loop.open(2).run("first", _json_tool(src, str(tmp_path / "first2.json")))
+    assert not os.path.exists(tmp_path / "second.json") and not os.path.exists(tmp_path / "first2.json")
+    m = json.load(open(R.path))
+    assert m["status"] == "interrupted" and list(m["stages"]) == ["first"]
+    again = Loop(config, wd).open(1)  # the rerun
+    assert again.run("second", _json_tool(src, str(tmp_path / "second.json")))["status"] == "done"
+    assert json.load(open(again.path))["status"] == "running"
+
+
+def test_config_paths_resolve_against_the_first_calls_directory(tmp_path, monkeypatch):
+    """Paths typed relative are stored absolute against the directory of the loop's first call, where
+    its stages run; a rerun from elsewhere, typing the same, resolves them there too: nothing changed."""
+    wd, first, other = str(tmp_path / "runs"), tmp_path / "first", tmp_path / "other"
+    first.mkdir()
+    other.mkdir()
+    monkeypatch.chdir(first)
+    c = loop_smoke.get_config("dir=smoke")
+    c.first_judged = "judged"
+    base = check_config(wd, c, allow_change=False)
+    assert (c.policy, c.first_judged, c.pool.train) == (f"{first}/smoke/model", f"{first}/judged",
+                                                        f"{first}/smoke/prompts.jsonl")
+    assert c.train.config == f"{first}/rdpo_jax/configs/smoke.py:dir=smoke"  # the file; its argument is the config's
+    assert base == str(first)  # the stages run there
+    monkeypatch.chdir(other)
+    again = loop_smoke.get_config("dir=smoke")
+    again.first_judged = "judged"
+    base = check_config(wd, again, allow_change=False)
+    assert again.policy == c.policy and again.train.config == c.train.config and base == str(first)
+    record = json.load(open(os.path.join(wd, "loop_config.json")))
+    assert record["cwd"] == str(first) and record["config"]["policy"] == f"{first}/smoke/model"
+    assert record["changes"] == []
 
 
 def test_fingerprints_tell_inputs_apart(tmp_path):
