@@ -96,10 +96,13 @@ def test_tiny_demo_runs_every_stage_and_reuses_them(tmp_path, compile_cache):
         return [line for line in text.splitlines() if line.startswith("|")]
     assert len(rows(table.split("\n\n")[0])) == 2 + 1 + len(ARMS) and rows(again.stdout) == rows(table)
 
-    # another warm-start budget on this workdir is refused by name (its SFT stage would otherwise be reused)
-    other = subprocess.run(cmd + ["--sft_steps=5"], cwd=runs.ROOT, env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert other.returncode != 0 and "sft_steps=4; --sft_steps=5 needs --fresh" in other.stdout + other.stderr
+    # another budget on this workdir is refused, naming every setting that differs (its stages would otherwise
+    # be reused): the full budget with this world's SFT steps
+    other = subprocess.run(cmd + ["--budget=full", "--sft_steps=4"], cwd=runs.ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    refused = other.stdout + other.stderr
+    assert other.returncode != 0 and "holds a world made with sft_examples=96 (this run: 24000)" in refused
+    assert "train_prompts=16 (this run: 512)" in refused and "--fresh" in refused and "sft_steps" not in refused
 
 
 def test_disagreement_counts_prompts_whose_miners_chose_different_pairs(tmp_path):

@@ -170,6 +170,19 @@ class Demo:
                      TINY_MODEL_MESH)
 
 
+def _check_world(world_json: str, settings: dict, workdir: str) -> None:
+    """Refuses a workdir whose world (recorded in world/world.json) was made with other settings — the
+    family or any budget value (--budget, --sft_steps): its finished stages would be reused as they are."""
+    if not os.path.exists(world_json):
+        return
+    with open(world_json) as fh:
+        made = json.load(fh)
+    differ = [f"{k}={made[k]} (this run: {v})" for k, v in settings.items() if k in made and made[k] != v]
+    if differ:
+        raise SystemExit(f"[demo] {workdir} holds a world made with {', '.join(differ)}; its finished stages would be "
+                         "reused: pass --fresh, another --workdir, or the settings it was made with")
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
@@ -180,14 +193,7 @@ def main(argv):
         shutil.rmtree(f.workdir)
     budget = dict(BUDGETS[f.budget], **({} if f.sft_steps is None else {"sft_steps": f.sft_steps}))
     d = Demo(f.workdir, budget, f.devices, f.family)
-    world_json = d.path("world", "world.json")
-    if os.path.exists(world_json):
-        with open(world_json) as fh:
-            made = json.load(fh)
-        for key, value in (("family", f.family), ("sft_steps", budget["sft_steps"])):
-            if made.get(key, value) != value:
-                raise SystemExit(f"[demo] {f.workdir} holds a world with {key}={made[key]}; --{key}={value} needs "
-                                 "--fresh or another --workdir")
+    _check_world(d.path("world", "world.json"), {"family": f.family, **budget}, f.workdir)
     d.stage("world", d.make_world)
     d.stage("rubrics", d.rubrics)
     d.stage("sft", d.sft)
