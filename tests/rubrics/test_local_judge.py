@@ -1,12 +1,14 @@
 """The local Flax judge: the rubric prompt through the model's chat template, greedy replies, strict parsing."""
 
 import io
+import json
+import shutil
 
+import jax
 import numpy as np
 from PIL import Image
 
-from rdpo_jax.data.tokenize import ChatTokenizer
-from rdpo_jax import inference
+from rdpo_jax import inference, sampling
 from rdpo_jax.rubrics.judge import Item
 from rdpo_jax.rubrics.local import FlaxJudge
 from rdpo_jax.rubrics.prompt import judge_messages
@@ -55,10 +57,26 @@ def test_flax_judge_takes_text_only_items_in_a_batch_with_images(smoke_dir):
     assert judge.replies([text, image, text]) == [alone["t"], alone["i"], alone["t"]]
 
 
-def test_flax_judge_stops_on_every_stop_id_of_the_tokenizer(smoke_dir, monkeypatch):
-    # the smoke template ends its turn with eos; a real one may not (Qwen's <|im_end|>, Llama's <|eot_id|>)
-    monkeypatch.setattr(ChatTokenizer, "stop_ids", lambda self: (2, 7))
-    assert FlaxJudge(inference.load(f"{smoke_dir}/model"), name="smoke").cfg.stop_ids == (2, 7)
+def test_flax_judge_stops_on_every_stop_id_of_the_tokenizer(smoke_dir, tmp_path):
+    """A reply ends at the first token of any stop id the tokenizer names, not only eos: the model folder's
+    generation_config.json adds one (as Qwen's <|im_end|> or Llama's <|eot_id|>), a token of the greedy
+    reply; the judge's decoding (the sampler with the judge's settings) then ends just after it."""
+    item = Item("i", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
+                [_png()], RUBRIC, "a red circle")
+    judge = FlaxJudge(inference.load(f"{smoke_dir}/model"), name="smoke", max_new_tokens=6, batch_size=2)
+    prompt = {"messages": judge_messages(item), "images": item.images}
+    text, ids, stopped = sampling.answer(judge.policy, [prompt] * 2, judge.cfg, jax.random.key(0))[0][0]
+    assert judge.replies([item]) == [text] and not stopped and len(ids) == 6
+    k = max(i for i, t in enumerate(ids) if t not in ids[:i])  # the last token that is new in the reply
+    assert k > 0 and ids[k] not in judge.cfg.stop_ids
+    folder = tmp_path / "model"
+    shutil.copytree(f"{smoke_dir}/model", folder)
+    eos = judge.tok.tokenizer.eos_token_id
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, ids[k]]}))
+    cut = FlaxJudge(inference.load(str(folder)), name="smoke", max_new_tokens=6, batch_size=2)
+    _, cut_ids, stopped = sampling.answer(cut.policy, [prompt] * 2, cut.cfg, jax.random.key(0))[0][0]
+    assert cut_ids == ids[:k + 1] and stopped
+    assert cut.replies([item]) == [judge.tok.tokenizer.decode(cut_ids, skip_special_tokens=True).strip()]
 
 
 def test_flax_judge_with_a_qwen_model(qwen_smoke_dir):
