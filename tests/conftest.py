@@ -19,7 +19,8 @@ from tests import tiny_qwen as tiny_qwen_lib  # noqa: E402
 
 # The longest files, run first: `make test` hands whole files to two xdist workers in collection order
 # (--no-loadscope-reorder), and a three-minute file handed out last would run alone at the end.
-SLOW_FIRST = ("test_demo.py", "test_multihost.py", "test_train.py", "test_loop.py", "test_chain.py", "test_serve.py")
+SLOW_FIRST = ("test_demo.py", "test_multihost.py", "test_train.py", "test_loop.py", "test_chain.py", "test_restart.py",
+              "test_serve.py")
 
 
 def pytest_collection_modifyitems(items):

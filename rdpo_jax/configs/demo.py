@@ -34,8 +34,12 @@ def get_config(arg: str = ""):
         c.total_steps = int(args.get("steps", 3000))
         c.data.train = f"{d}/world/sft"
         c.data.batch_size = 16
-        c.data.seq_buckets = (100,)  # prompt (16 image tokens, ≤ 28 in all) + answer; batches mix kinds: one bucket
-        c.data.groups_per_row = 2  # two short examples share a row where they fit: padding 65% -> 30%, 1.46x faster
+        # An example is its prompt (16 image tokens, ≤ 28 in all) and answer (≤ 70): 59 tokens on average. Up
+        # to four share a row of 128 or 160 tokens, 8 rows a batch: 71 row slots an example and 14% padding,
+        # against 100 slots and 40% padding one to a row of 100 (two never fit one row of 100): 0.078 s a
+        # step instead of 0.108 on 2 cores, two compiled programs.
+        c.data.seq_buckets = (128, 160)
+        c.data.groups_per_row = 4
         c.optim.learning_rate = 1e-3  # 2e-3 and higher multipliers on the vision tower never learn to see
         c.optim.warmup_steps = 20
     else:
@@ -50,8 +54,9 @@ def get_config(arg: str = ""):
         c.dpo.sft_weight = 1.0  # without it, 80 steps at 1e-4 cost the SFT policy up to half its essential pass
         c.optim.learning_rate = 1e-4  # 5e-4 degenerates (repetitions); 3e-5 barely moves the policy
         c.optim.warmup_steps = 5
-    if args.get("family", "llava") == "qwen2_5_vl":  # vision start/end around the 4 image tokens
-        c.data.seq_buckets = (c.data.seq_buckets[0] + 2,)
-        c.data.patch_buckets = (16, 32) if c.objective == "sft" else (16,)  # a 48×48 image: 4×4 patches of 12 px
+    if args.get("family", "llava") == "qwen2_5_vl":  # vision start/end around each example's 4 image tokens
+        c.data.seq_buckets = tuple(b + 2 * c.data.groups_per_row for b in c.data.seq_buckets)
+        # a 48×48 image: 4×4 patches of 12 px; an SFT row holds up to 4 images
+        c.data.patch_buckets = (64,) if c.objective == "sft" else (16,)
     c.checkpoint.every = c.total_steps
     return c
