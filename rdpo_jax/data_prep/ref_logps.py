@@ -19,6 +19,7 @@ uninterrupted run gives it, to the bit.
 from __future__ import annotations
 
 import collections
+import os
 
 import jax
 import numpy as np
@@ -76,7 +77,8 @@ def main(argv):
     forward = nnx.jit(lambda m, b: packing.pair_logps(m, b, layout=layout))
     mesh = policy.mesh
     with jax.set_mesh(mesh):
-        for element in logs.bar(todo, desc="ref_logps", unit="batch", total=len(todo)):
+        for b, element in zip(range(start, len(dataset), num_shards),
+                              logs.bar(todo, desc="ref_logps", unit="batch", total=len(todo))):
             batch = element["batch"]
             global_batch = pipeline.to_global(batch, train_step.batch_shardings(batch, mesh))
             logps = jax.device_get(forward(policy.model, global_batch))
@@ -95,9 +97,18 @@ def main(argv):
                     counts["pairs"] += 1
                 record.update(ref_fingerprint=fingerprint, ref_settings=settings)
                 out.add(record[key], record)
+            # records the pipeline skipped as bad (data.on_bad_record="skip") are counted by reason and done:
+            # they are not in the output, and a rerun does not compute their batch again for them
+            for i in positions(b):
+                if i not in where and _key(source, i, kind, key) not in out.done:
+                    out.mark_done(_key(source, i, kind, key))
+            for name, n in element["stats"].items():
+                if name.startswith("skipped/") and n:
+                    counts[name] += int(n)
             counts["truncated_answers"] += int(element["stats"]["truncated_answers"])
     out.close()
-    common.summary(f"ref_logps ({fingerprint}), shard {shard_index}/{num_shards}", dict(counts))
+    common.summary(f"ref_logps ({fingerprint}), shard {shard_index}/{num_shards}", dict(counts),
+                   os.path.join(_OUT.value, f"{out.prefix}.summary.json"))
 
 
 def _key(source: arrayrecord.Source, i: int, kind: str, key: str) -> str:

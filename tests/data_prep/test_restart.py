@@ -7,6 +7,7 @@ alongside prompts with an image. The one-shard outputs of the chain (pool → sa
 made once and shared."""
 
 import io
+import json
 import os
 import signal
 import socket
@@ -189,17 +190,23 @@ def test_make_pairs_sharded_and_killed_writes_the_one_shard_pairs(chain, compile
 
 
 def test_ref_logps_sharded_and_killed_writes_each_record_its_own_values(smoke_dir, tmp_path, compile_cache):
-    """The smoke pairs (8, in two files) in batches of 3, two records to a row where they fit (multi_answer
-    rows of 96 tokens): [0, 1 | 2], [3, 4 | 5], [6, 7]; shard 0 scores batches 0 and 2, shard 1 batch 1.
-    Shard 0 killed at its 3rd record (batch 0 partly committed: record 0, not its row's partner 1) and rerun:
-    every record gets the values an uninterrupted one-shard run gives it, to the bit (one kill: each run of
-    this command costs ~10 s)."""
+    """The smoke pairs (8) and a bad one (5 criteria of 4, skipped by `on_bad_record=skip`) after the 5th, in
+    batches of 3, two records to a row where they fit (multi_answer rows of 96 tokens): [0, 1 | 2], [3, 4 | bad],
+    [5, 6 | 7]; shard 0 scores batches 0 and 2, shard 1 batch 1. Shard 0 killed at its 3rd record (batch 0
+    partly committed: record 0, not its row's partner 1) and rerun: every record gets the values an
+    uninterrupted one-shard run gives it, to the bit, and the bad record is counted, not silently dropped (one
+    kill: each run of this command costs ~10 s)."""
+    inputs = list(arrayrecord.read(f"{smoke_dir}/pairs"))
+    criteria = [dict(inputs[0]["rubric"]["criteria"][0], id=f"c{j}") for j in range(5)]  # over max_criteria 4
+    bad = dict(inputs[0], pair_id="bad", rubric={"criteria": criteria}, chosen_scores=[1] * 5, rejected_scores=[0] * 5)
+    arrayrecord.write(str(tmp_path), "pairs", "pairs", inputs[:5] + [bad] + inputs[5:])
     ref_logps = ["rdpo_jax.data_prep.ref_logps", f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir}",
                  "--config.dpo.pair_layout=multi_answer", "--config.data.groups_per_row=2",
-                 "--config.data.seq_buckets=(96,)", f"--pairs={smoke_dir}/pairs", "--batch_size=3", "--chunk_size=1",
-                 "--name=pairs_ref"]
+                 "--config.data.seq_buckets=(96,)", "--config.data.on_bad_record=skip", f"--pairs={tmp_path}/pairs",
+                 "--batch_size=3", "--chunk_size=1", "--name=pairs_ref"]
     one = _complete(ref_logps, str(tmp_path / "one"), [], compile_cache)
-    inputs = list(arrayrecord.read(f"{smoke_dir}/pairs"))
     assert [{k: v for k, v in r.items() if not k.startswith("ref_")} for r in one] == inputs
     assert len({r["ref_chosen_logp"] for r in one}) == len(one)  # every record its own value
+    summary = json.load(open(tmp_path / "one" / "pairs_ref-s00000-of-00001.summary.json"))
+    assert summary["skipped/too_many_criteria"] == 1 and summary["pairs"] == len(inputs)
     assert _shards_then_merged(ref_logps, str(tmp_path / "two"), [3], compile_cache) == _by_id(one)
