@@ -99,9 +99,8 @@ def main(argv):
                 out.add(record[key], record)
             # records the pipeline skipped as bad (data.on_bad_record="skip") are counted by reason and done:
             # they are not in the output, and a rerun does not compute their batch again for them
-            for i in positions(b):
-                if i not in where and _key(source, i, kind, key) not in out.done:
-                    out.mark_done(_key(source, i, kind, key))
+            for skipped in sorted({_key(source, i, kind, key) for i in positions(b) if i not in where} - out.done):
+                out.mark_done(skipped)
             for name, n in element["stats"].items():
                 if name.startswith("skipped/") and n:
                     counts[name] += int(n)
