@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation for TPU topologies: `python -m rdpo_jax.compile`."""
