@@ -59,7 +59,7 @@ install_wheels() {
     fi
     ls -l .whl
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    PYTHONPATH=$PYTHONPATH:/tmp/site "$PY" -c "import grain, array_record, ml_collections; print('grain', grain.__version__)"
+    PYTHONPATH=$PYTHONPATH:/tmp/site "$PY" -c "import grain, array_record, ml_collections; print(grain.__version__)"
 }
 export -f install_wheels
 
