@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -93,9 +94,17 @@ def init_distributed(d) -> None:
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the `("data", "fsdp", "tensor")` mesh (Auto axes) over `devices` (default: all); see
-    `mesh_sizes` for `shape`."""
+    `mesh_sizes` for `shape`. Devices of several slices (Multislice) split "data" between slices."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_sizes(shape, len(devices))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:  # Multislice: "data" spans the slices (over the data-center network), the rest stay inside one
+        if sizes["data"] % slices:
+            raise ValueError(f"mesh: {slices} slices need a data axis that is a multiple of {slices}, got "
+                             f"{sizes['data']}")
+        inner = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+        grid = mesh_utils.create_hybrid_device_mesh(inner, (slices, 1, 1), devices=devices)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
 
@@ -304,6 +313,15 @@ def traced_on(mesh: Mesh, fn):
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def target_platform() -> str:
+    """The platform the program being traced is for: that of the abstract mesh's devices (`traced_on`,
+    `jax.set_mesh`), else the default backend's. Choices that depend on the hardware (splash or its
+    interpreter, `auto` attention) read this, not `jax.default_backend()`, so that a program compiled ahead
+    of time for TPU chips on a CPU host (`rdpo_jax.compile`) is the TPU's program."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
 
 
 def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

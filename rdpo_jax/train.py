@@ -45,14 +45,14 @@ from rdpo_jax.models import config as model_config
 from rdpo_jax.models import families, hf
 
 KILL_AT_STEP_ENV = "RDPO_TEST_KILL_AT_STEP"  # testing only: SIGKILL after this step once saves are written (loop tests)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (rdpo_jax/configs/NAME.py[:ARG]).",
+CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (rdpo_jax/configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, resolved config.")
 
 
 def main(argv):
     del argv
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
     if "://" in workdir:
@@ -74,7 +74,7 @@ def main(argv):
     primary = jax.process_index() == 0
 
     # ----- Model, optimizer, the abstract train state -----
-    setup = _Setup(config, mesh)
+    setup = Setup(config, mesh)
     _check_layer_layout(workdir, setup)
     if jax.process_count() > 1:  # every process has read the old config.json before the primary replaces it
         multihost_utils.sync_global_devices("rdpo_jax.train: layer layout checked")
@@ -128,7 +128,7 @@ def main(argv):
     def compile_for(shape: tuple[int, int, int, int]):
         """The step for a batch of `_shape` shape (rows, row length, trained tokens per row, patches)."""
         if shape not in compiled:
-            spec = _global_spec(first["batch"], *shape)
+            spec = global_spec(first["batch"], *shape)
             batch_shardings[shape] = train_step.batch_shardings(spec, mesh)
             t0, hits = time.perf_counter(), cache_hits["n"]
             compiled[shape] = train_step.jit_step(steps.train, setup.abstract, spec, mesh).lower(
@@ -342,10 +342,14 @@ def _shape(batch: dict) -> tuple[int, int, int, int]:
             batch["patches"].shape[1] if "patches" in batch else 0)
 
 
-def _global_spec(local: dict, records: int, seq_len: int, target_len: int, num_patches: int = 0) -> dict:
-    """The global batch's shapes for `_shape` (of a local batch) from one local batch of any shape."""
+def global_spec(local: dict, records: int, seq_len: int, target_len: int, num_patches: int = 0, *,
+                processes: int | None = None) -> dict:
+    """The global batch's shapes for `_shape` (of a local batch) from one local batch of any shape, over
+    `processes` processes (default: this run's)."""
+    processes = jax.process_count() if processes is None else processes
+
     def spec(k, v):
-        shape = [v.shape[0] // len(local["valid"]) * records * jax.process_count(), *v.shape[1:]]
+        shape = [v.shape[0] // len(local["valid"]) * records * processes, *v.shape[1:]]
         if k in ("input_ids", "positions", "branch_ids", "segment_ids"):
             shape[-1] = seq_len
         if k in ("targets", "target_index", "target_branch"):
@@ -356,7 +360,7 @@ def _global_spec(local: dict, records: int, seq_len: int, target_len: int, num_p
     return {k: spec(k, v) for k, v in local.items()}
 
 
-def _check_layer_layout(workdir: str, setup: _Setup) -> None:
+def _check_layer_layout(workdir: str, setup: Setup) -> None:
     """Refuses to resume a run whose checkpoints hold the other layer layout: `model.scan_layers` decides
     whether layers' parameters are stacked or one per layer."""
     file = os.path.join(workdir, "config.json")
@@ -377,7 +381,7 @@ def _check_layer_layout(workdir: str, setup: _Setup) -> None:
             f"--config.model.scan_layers={saved}")
 
 
-class _Setup:
+class Setup:
     """The model side of a run, built once from the config: architecture and run settings, optimizer and
     schedule, frozen patterns, and the abstract train state (shapes and target shardings on `mesh`) that
     restores, loads and fresh inits all fill."""
@@ -573,7 +577,7 @@ class _Evaluator:
         sums: dict[str, list[float]] = {}
         for i in range(self.batches):
             local = pipeline.agree_shapes(self.dataset[i]["batch"], self.pad_id)
-            spec = _global_spec(local, *_shape(local))
+            spec = global_spec(local, *_shape(local))
             batch = pipeline.to_global(local, train_step.batch_shardings(spec, self.mesh))
             with jax.profiler.StepTraceAnnotation("eval", step_num=i):
                 out = jax.device_get(self.eval_step(state, batch))

@@ -100,4 +100,6 @@ def sft_run(smoke_dir, compile_cache, tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _check_devices():
+    if jax.default_backend() != "cpu":  # JAX_PLATFORMS=cuda (benchmarks/gpu_check.sh): the parity tests on one GPU
+        return
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (XLA_FLAGS set in conftest.py)"

@@ -142,11 +142,11 @@ def test_resuming_with_the_other_layer_layout_is_refused(smoke_dir, sft_run):
     config = smoke.get_config(f"dir={smoke_dir},objective=sft")
     mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 2})
     config.model.scan_layers = "on"
-    train._check_layer_layout(workdir, train._Setup(config, mesh))  # the same layout: fine
+    train._check_layer_layout(workdir, train.Setup(config, mesh))  # the same layout: fine
     config.model.scan_layers = "off"
     with pytest.raises(config_checks.ConfigError, match=r"config.model.scan_layers: 'off', but the checkpoints in "
                        r".* resume with --config.model.scan_layers=on"):
-        train._check_layer_layout(workdir, train._Setup(config, mesh))
+        train._check_layer_layout(workdir, train.Setup(config, mesh))
 
 
 def test_reference_check_names_the_pair_of_its_slot(tmp_path):

@@ -101,6 +101,10 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     backend config). A loop matching neither counts once and is named under "unknown_trip_counts"
     {"whiles": [...]}.
 
+    XLA:TPU writes a reduce-scatter as a fusion `all-reduce-scatter…` of an all-reduce and the
+    dynamic-slice of this device's shard, which its emitter runs as one reduce-scatter: counted as
+    "reduce-scatter", with the shard's bytes.
+
     Bytes come from the result shape. A `-start` op's result also holds its operands: for
     `all-reduce-start` the whole result is the output; for the other kinds the output is tuple element 1
     (`all-gather-start` → (input, output), `collective-permute-start` → (input, output, context...)).
@@ -155,6 +159,8 @@ def collectives(hlo_text: str) -> dict[str, dict]:
             kind = opcode.removesuffix("-start")
             if kind not in KINDS:
                 continue
+            if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):  # XLA:TPU's reduce-scatter
+                kind, shape = "reduce-scatter", instrs[roots[comp]][0]
             if opcode.endswith("-start") and kind != "all-reduce" and shape.startswith("("):
                 shape = _top_level(shape[1:-1])[1]
             n = runs(comp)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rdpo_jax import sharding
 from rdpo_jax.models import splash
 from rdpo_jax.sharding import shard_activation
 
@@ -279,7 +280,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
         or "jax" (the same call on XLA, which checks the call on any backend); "splash": Pallas' TPU splash
         kernel with `mask` as its block mask (`models.splash`; interpret mode off TPU), for self-attention
         (keys at the queries' positions; a KV-cache call runs xla); "auto": splash on TPU, cudnn on a GPU
-        for float16/bfloat16 inputs, else xla.
+        for float16/bfloat16 inputs, else xla (the platform of the traced mesh's devices: the target's).
       causal: the keys are the queries' own positions (S = T) and `mask` hides every key after its query
         (or, with mask None, attention is causal). The xla path then splits the queries into blocks of
         about `QUERY_BLOCK` and gives each block only the keys up to its end: the same result for about
@@ -291,7 +292,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     """
     if impl == "auto":
         half = q.dtype in (jnp.bfloat16, jnp.float16)
-        impl = {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(jax.default_backend(), "xla")
+        impl = {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(sharding.target_platform(), "xla")
     T = q.shape[1]
     if impl == "splash" and k.shape[1] == T:
         if causal and mask is None:

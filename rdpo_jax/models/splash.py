@@ -9,7 +9,9 @@ row (vmapped), grouped-query heads as the kernel's own MHA grouping, and under a
 over the batch (and, when both query and key/value heads divide it, the tensor) axes, since XLA cannot
 partition a Pallas call.
 
-Off TPU the kernel runs in Pallas' interpret mode: slow, but the same program, which is how the tests on
+The platform is the target's (the traced mesh's devices, `sharding.target_platform`), not the host's:
+compiled ahead of time for TPU chips on a CPU host, the program holds the Mosaic kernel. Off TPU the
+kernel runs in Pallas' interpret mode: slow, but the same program, which is how the tests on
 CPU prove it equal to the einsum path (values and gradients).
 """
 
@@ -73,7 +75,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     eye = jnp.eye(T + pad, dtype=bool)
     mask = jnp.pad(mask, ((0, 0), (0, pad), (0, pad))) | eye
     q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in ((q * scale).astype(q.dtype), k, v))
-    interpret = jax.default_backend() != "tpu"
+    interpret = sharding.target_platform() != "tpu"
     run = lambda q, k, v, mask: _local(q, k, v, mask, interpret)  # noqa: E731
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and set(sharding.MESH_AXES) <= set(mesh.axis_names):

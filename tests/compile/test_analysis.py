@@ -79,7 +79,7 @@ def test_pallas_kernel_counts_every_grid_step():
 
 # A while with a known trip count (28) holding an all-reduce and a scan-shaped while (i from 0 while i < 3,
 # i + 1) holding an async all-gather; a while whose trip count cannot be read, holding an all-to-all; an
-# async collective-permute; an async-wrapped reduce-scatter inside a `call`. `to_apply` of a reduction names
+# async collective-permute; an async-wrapped reduce-scatter inside a `call`, and one as XLA:TPU fuses it. `to_apply` of a reduction names
 # its reducer.
 HLO = """\
 HloModule handwritten, entry_computation_layout={(f32[1024]{0}, bf16[16,64]{1,0})->f32[1024]{0}}
@@ -162,6 +162,16 @@ HloModule handwritten, entry_computation_layout={(f32[1024]{0}, bf16[16,64]{1,0}
   ROOT %rsd = f32[256]{0} async-done(%rss), calls=%wrapped_scatter
 }
 
+%all-reduce-scatter.1 (g: bf16[64,64]) -> bf16[16,64] {
+  %g = bf16[64,64]{1,0} parameter(0)
+  %gar = bf16[64,64]{1,0} all-reduce(%g), replica_groups={{0,1,2,3}}, to_apply=%add
+  %gzero = u32[] constant(0)
+  %gpid = u32[] partition-id()
+  %gsix = u32[] constant(16)
+  %goff = u32[] multiply(%gpid, %gsix)
+  ROOT %gds = bf16[16,64]{1,0} dynamic-slice(%gar, %goff, %gzero), dynamic_slice_sizes={16,64}
+}
+
 ENTRY %main (x: f32[1024], y: bf16[16,64]) -> f32[1024] {
   %x = f32[1024]{0} parameter(0)
   %y = bf16[16,64]{1,0} parameter(1)
@@ -178,6 +188,8 @@ ENTRY %main (x: f32[1024], y: bf16[16,64]) -> f32[1024] {
   %init3 = (s32[], s32[], f32[16]{0}) tuple(%one, %n1, %x16)
   %w3 = (s32[], s32[], f32[16]{0}) while(%init3), condition=%cond3, body=%body3
   %scattered = f32[256]{0} call(%x1), to_apply=%scatter
+  %grad = bf16[64,64]{1,0} broadcast(%y), dimensions={}
+  %fused = bf16[16,64]{1,0} fusion(%grad), kind=kCustom, calls=%all-reduce-scatter.1
   ROOT %out = f32[1024]{0} copy(%x1)
 }
 """
@@ -188,7 +200,8 @@ def test_collectives_of_handwritten_hlo():
     assert got["all-reduce"] == {"count": 28, "bytes": 28 * 1024 * 4, "ops": 1}
     assert got["all-gather"] == {"count": 28 * 3, "bytes": 28 * 3 * 64 * 64 * 2, "ops": 1}  # output only
     assert got["collective-permute"] == {"count": 1, "bytes": 8 * 4, "ops": 1}  # output only
-    assert got["reduce-scatter"] == {"count": 1, "bytes": 256 * 4, "ops": 1}
+    # the async-wrapped one, and XLA:TPU's fusion of an all-reduce and this device's slice (its shard's bytes)
+    assert got["reduce-scatter"] == {"count": 2, "bytes": 256 * 4 + 16 * 64 * 2, "ops": 2}
     assert got["all-to-all"] == {"count": 1, "bytes": 16 * 4, "ops": 1}
     assert got["unknown_trip_counts"] == {"whiles": ["w3"]}
 
@@ -200,15 +213,9 @@ def test_shape_bytes(shape, size):
     assert analysis.shape_bytes(shape) == size
 
 
-def test_collectives_of_a_tpu_compile(monkeypatch):
+def test_collectives_of_a_tpu_compile(tpu_env):
     """XLA:TPU for 4 v5p chips: a scan of 5 steps gathering its sharded weight slice in each step. The
     compiled while carries no `known_trip_count`; the count is read from the loop's shape."""
-    pytest.importorskip("libtpu")
-    # libtpu takes /tmp/libtpu_lockfile unless told otherwise: another process compiling for TPU (a second
-    # test worker) would make it fail. The rest is what it would ask a TPU VM's metadata server.
-    for name, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
-                        ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_ACCELERATOR_TYPE", "v5p-8")):
-        monkeypatch.setenv(name, value)
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices
