@@ -5,6 +5,7 @@
     python benchmarks/dpo_step.py --compile_only --layers=32 --scan_layers=on   # compile time against depth
     python benchmarks/dpo_step.py --preset=llava-1.5-7b    # FLOPs only: lowered, never compiled or run
     python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b   # the same for Qwen2.5-VL-7B
+    python benchmarks/dpo_step.py --preset=llava-1.5-7b --topology=v5p-64 --pairs=96   # XLA:TPU's estimates
 
 Model: a LLaVA with a SigLIP tower at 336 px / patch 14 (576 image tokens; width 128, 2 layers), or a
 Qwen2.5-VL with its window-attention tower (width 128, 2 blocks, one of them full attention) on a 672×672
@@ -23,7 +24,11 @@ Each variant's floating-point operations per pair, as XLA counts them in the com
 Qwen2.5-VL-7B's (the 32-block ViT at 672×672 px: 2304 patches, 576 image tokens; Qwen2 7B, 28 × 3584,
 vocab 152064; bfloat16), without memory: the state is abstract and
 each step is only lowered, so the count is XLA's for the unoptimized program. It is the ceiling on the
-time ratios for a compute-bound accelerator at that scale.
+time ratios for a compute-bound accelerator at that scale. With `--topology=SLICE` every variant (and
+multi-answer groups) is compiled by XLA:TPU for that slice as the 7B configs train — FSDP over every chip,
+fp32 master weights, bf16 compute, full remat (`rdpo_jax.compile`) — and XLA's cost-model time per pair
+(an estimate, not a measurement) is printed with its ratio to TRL's step; --pairs must split into the chips
+(96 on 32: concat rows 192, groups 32).
 
 Both layouts send only answer positions through the LM head, and both encode a pair's images once (the
 concat layout reuses the features for its two rows). A fifth variant times the concat layout the way
@@ -35,6 +40,8 @@ reported apart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import statistics
 import time
 from unittest import mock
@@ -57,9 +64,9 @@ _STEPS = flags.DEFINE_integer("steps", 7, "Timed steps per variant (median repor
 _WIDTH = flags.DEFINE_integer("width", 256, "Decoder width.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "Decoder layers.")
 _FREEZE_VISION = flags.DEFINE_bool("freeze_vision", False, "Freeze the vision tower (no backward through it).")
-_MEMORY = flags.DEFINE_bool("memory", False, "With --preset: compile the shared-prefix step (online reference, fp32 "
-                            "master weights, bf16 compute, full remat) FSDP over all devices and print its memory "
-                            "per device (the 7B configs' plan; simulate chips with --xla_force_host_platform_device_count).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "With --preset: compile every variant for this TPU slice (e.g. "
+                                "v5p-64; libtpu on this host) as the 7B configs train (FSDP over every chip, fp32 "
+                                "master weights, bf16 compute, full remat) and print XLA's estimated time per pair.")
 _PRESET = flags.DEFINE_enum("preset", None, ["llava-1.5-7b", "qwen2.5-vl-7b"],
                             "Count FLOPs for a real model's shapes instead of timing.")
 _FAMILY = flags.DEFINE_enum("family", "llava", ["llava", "qwen2_5_vl"], "The timed small model's family.")
@@ -188,8 +195,8 @@ def variant_name(layout, reference, full_logits):
     return f"{layout:13s} ref={reference:11s}" + (" all-position logits (TRL)" if full_logits else "")
 
 
-def lower_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_logits, *, abstract):
-    """(lowered step, state, device batch) of one variant; abstract = shapes only (no memory, no run)."""
+def trace_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_logits, *, abstract):
+    """(traced step, state, device batch) of one variant; abstract = shapes only (no memory, no run)."""
     B = len(pairs)
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
     freeze = ((r"visual/(patch_embed|blocks)/.*" if is_qwen(cfg) else "vision_tower/.*",)
@@ -212,15 +219,15 @@ def lower_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
             batch = jax.device_put(batch, shardings)
         fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid",
                                       beta=0.1, pair_layout=layout, reference=reference).train
-        return train_step.jit_step(fn, state, batch, mesh).lower(state, batch), state, batch
+        return train_step.jit_step(fn, state, batch, mesh).trace(state, batch), state, batch
 
 
 GROUP_PAIRS = ((0, 1), (0, 2), (0, 3))  # an on-policy group: 4 distinct answers, 3 pairs sharing the chosen one
 
 
-def lower_groups(cfg, run, mesh, pairs, pixels, reference):
+def trace_groups(cfg, run, mesh, pairs, pixels, reference):
     """The abstract multi-answer step on the same prompts as on-policy groups (`GROUP_PAIRS`: the prompt of
-    every third pair with 4 answers): lowered, FLOPs counted per pair."""
+    every third pair with 4 answers), traced; and its number of pairs."""
     G = len(pairs) // len(GROUP_PAIRS)
     groups = [packing.Group(p.prompt, [p.chosen, p.rejected, p.chosen[::-1], p.rejected[::-1]], GROUP_PAIRS,
                             p.positions) for p in pairs[:G]]
@@ -237,7 +244,46 @@ def lower_groups(cfg, run, mesh, pairs, pixels, reference):
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
     fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid", beta=0.1,
                                   pair_layout="multi_answer", reference=reference).train
-    return train_step.jit_step(fn, state, batch, mesh).lower(state, batch), G * len(GROUP_PAIRS)
+    return train_step.jit_step(fn, state, batch, mesh).trace(state, batch), G * len(GROUP_PAIRS)
+
+
+def tpu_plan(cfg, pairs, pixels) -> None:
+    """Every variant of the preset compiled by XLA:TPU for `--topology` (`rdpo_jax.compile`): memory per chip
+    and XLA's cost-model time per pair (an estimate, not a measurement), against TRL's step."""
+    from jax.experimental import topologies
+
+    from rdpo_jax.compile import report
+    from rdpo_jax.compile import chips, programs
+
+    name, chip = chips.topology(_TOPOLOGY.value)
+    for key, value in chips.libtpu_env(name).items():
+        os.environ.setdefault(key, value)
+    devices = topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=devices)
+    run = config_lib.RunSettings(param_dtype=jnp.float32, dtype=jnp.bfloat16, remat="full", check_image_tokens=False)
+    B = len(pairs)
+    ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}
+    plain = dataclasses.replace(run, remat="none")  # the model FLOPs: the same step without recomputation
+
+    def trace(settings, v):
+        if v[0] == "multi_answer":
+            return trace_groups(cfg, settings, mesh, pairs, pixels, v[1])
+        return trace_variant(cfg, settings, mesh, pairs, pixels, ref, *v, abstract=True)[0], B
+
+    variants = list(VARIANTS) + [("multi_answer", "model"), ("multi_answer", "precomputed")]
+    per_pair = {}
+    for v in variants:
+        label = (variant_name(*v).strip() if len(v) == 3 else
+                 f"multi_answer  ref={v[1]} (groups of 4 answers, 3 pairs)")
+        t, n = trace(run, v)
+        program = programs.Program("train", label, mesh, t, model=lambda v=v: trace(plain, v)[0], pairs=n)
+        r = report.compile_and_measure(program, chip, chip.hbm_gib)
+        per_pair[label] = r.get("estimated_s", float("nan")) / n
+        print(f"{label}: {n} pairs over {len(devices)} {chip.name} chips; {report.describe(r, chip)}", flush=True)
+    trl = per_pair[variant_name("concat", "model", True).strip()]
+    print(f"| layout, reference | est. ms/pair on {_TOPOLOGY.value} | TRL's step / this |\n|---|---|---|")
+    for label, seconds in per_pair.items():
+        print(f"| {label} | {seconds * 1e3:.2f} | {trl / seconds:.2f}× |")
 
 
 def print_ratios(kind, value):
@@ -274,7 +320,8 @@ def main(argv):
     if _COMPILE_ONLY.value:
         ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}
         t0 = time.perf_counter()
-        lowered, _, _ = lower_variant(cfg, run, mesh, pairs, pixels, ref, "concat", "model", False, abstract=True)
+        traced, _, _ = trace_variant(cfg, run, mesh, pairs, pixels, ref, "concat", "model", False, abstract=True)
+        lowered = traced.lower()
         t1 = time.perf_counter()
         lowered.compile()
         t2 = time.perf_counter()
@@ -283,27 +330,15 @@ def main(argv):
               f"compiled in {t2 - t1:.1f}s, total {t2 - t0:.1f}s")
         return
 
-    if _PRESET.value and _MEMORY.value:
-        run = config_lib.RunSettings(param_dtype=jnp.float32, dtype=jnp.bfloat16, remat="full",
-                                     check_image_tokens=False)
-        mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-        ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}
-        t0 = time.perf_counter()
-        lowered, _, _ = lower_variant(cfg, run, mesh, pairs, pixels, ref, "shared_prefix", "model", False,
-                                      abstract=True)
-        m = lowered.compile().memory_analysis()
-        gib = 2 ** 30
-        print(f"shared_prefix, online reference, {B} pairs over {mesh.devices.size} devices (FSDP), compiled in "
-              f"{time.perf_counter() - t0:.0f}s; per device: arguments {m.argument_size_in_bytes / gib:.2f} GiB, "
-              f"outputs {m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), "
-              f"temporaries {m.temp_size_in_bytes / gib:.2f} GiB")
+    if _TOPOLOGY.value:
+        tpu_plan(cfg, pairs, pixels)
         return
 
     if _PRESET.value:
         ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}
         flops = {}
         for variant in VARIANTS:
-            lowered, _, _ = lower_variant(cfg, run, mesh, pairs, pixels, ref, *variant, abstract=True)
+            lowered = trace_variant(cfg, run, mesh, pairs, pixels, ref, *variant, abstract=True)[0].lower()
             flops[variant_key(*variant)] = lowered.cost_analysis()["flops"] / B
             print(f"{variant_name(*variant)} {flops[variant_key(*variant)] / 1e12:8.2f} TFLOP/pair (lowered)")
         print_ratios("FLOPs", flops.__getitem__)
@@ -311,8 +346,8 @@ def main(argv):
         for variant in VARIANTS[:-1]:
             print(f"FLOPs: TRL's step / {variant_name(*variant).strip()}: {trl / flops[variant_key(*variant)]:.2f}×")
         for reference in ("model", "precomputed"):
-            lowered, n = lower_groups(cfg, run, mesh, pairs, pixels, reference)
-            per_pair = lowered.cost_analysis()["flops"] / n
+            traced, n = trace_groups(cfg, run, mesh, pairs, pixels, reference)
+            per_pair = traced.lower().cost_analysis()["flops"] / n
             print(f"multi_answer  ref={reference:11s} {per_pair / 1e12:8.2f} TFLOP/pair (lowered; groups of 4 answers, "
                   f"3 pairs); TRL's step / this: {trl / per_pair:.2f}×")
         return
@@ -326,8 +361,8 @@ def main(argv):
     runs = {}
     for variant in VARIANTS:
         t0 = time.perf_counter()
-        lowered, state, batch = lower_variant(cfg, run, mesh, pairs, pixels, ref, *variant, abstract=False)
-        compiled = lowered.compile()
+        traced, state, batch = trace_variant(cfg, run, mesh, pairs, pixels, ref, *variant, abstract=False)
+        compiled = traced.lower().compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         state, metrics = compiled(state, batch)

@@ -40,6 +40,7 @@ class Program:
     traced: Any  # `jax.jit(...).trace(*abstract args)`: its jaxpr and its lowering
     model: Callable[[], Any] | None = None  # the same program without remat, traced (model FLOPs), or None
     pairs: int = 0  # preference pairs (or SFT examples) a call trains on at most
+    note: str = ""  # what the figures of a call cover, where that is not the whole call
 
 
 def host_mesh(config, devices) -> jax.sharding.Mesh:
@@ -98,7 +99,8 @@ def build(config, devices, *, hosts: int, names=PROGRAMS, all_buckets: bool = Fa
     mesh = sharding.make_mesh(config_checks.validate(config, num_devices=len(devices), num_processes=hosts),
                               devices=devices)
     setup = train.Setup(config, mesh)
-    options = pipeline.Options.from_config(config)
+    precomputed = config.objective == "dpo" and config.dpo.reference == "precomputed"
+    options = pipeline.Options.from_config(config, reference_fingerprint="abstract" if precomputed else None)
     if kind == "auto":
         kind = options.kind if options.kind == "sft" else ("groups" if options.pair_layout == "multi_answer"
                                                            else "pairs")
@@ -183,4 +185,5 @@ def _sample_program(config, model_config, vision, mesh, prompts: int, n: int) ->
 
     traced = jax.jit(sharding.traced_on(mesh, generate)).trace(params, ids, ids, arrays, keys)
     return Program("sample", f"{rows} prompts of {T} tokens × {n} samples, up to {d.max_answer_len} new tokens "
-                   f"({dtype}) on one host", mesh, traced)
+                   f"({dtype}) on one host", mesh, traced,
+                   note="FLOPs and time: the prefill and one decode step (the decode loop stops when every row has)")

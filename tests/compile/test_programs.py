@@ -5,8 +5,7 @@ import jax
 import pytest
 from absl import flags
 
-from rdpo_jax.compile import __main__ as command
-from rdpo_jax.compile import chips, programs
+from rdpo_jax.compile import chips, programs, report
 from rdpo_jax.configs import smoke
 
 
@@ -35,7 +34,7 @@ def _compile(config, topology, names=("train",), **options):
     devices = _devices(topology)
     built = programs.build(config, devices, hosts=len({d.process_index for d in devices}), names=names, **options)
     chip = chips.topology(topology)[1]
-    return built, [command.report(p, chip, chip.hbm_gib) for p in built]
+    return built, [report.compile_and_measure(p, chip, chip.hbm_gib) for p in built]
 
 
 def test_attention_auto_is_decided_by_the_target_not_the_host(smoke_dir):
@@ -76,8 +75,8 @@ def test_packed_multi_answer_rows_on_v6e(smoke_dir):
     devices = _devices("v6e-4")
     built = programs.build(config, devices, hosts=1, names=("train",), all_buckets=True)
     assert [p.what for p in built] == ["4 rows of 48 tokens", "8 rows of 48 tokens"]  # ⌈8/2⌉ rows, then 8
-    report = command.report(built[0], chips.CHIPS["v6e"], 32)
-    assert report["mosaic_kernels"] > 0 and report["fits"] and report["pairs"] == 4 * 2 * 4
+    measured = report.compile_and_measure(built[0], chips.CHIPS["v6e"], 32)
+    assert measured["mosaic_kernels"] > 0 and measured["fits"] and measured["pairs"] == 4 * 2 * 4
 
 
 def test_two_slices_split_data_between_slices(smoke_dir):

@@ -1,0 +1,124 @@
+"""The shipped 7B TPU configs compiled for their slice, and the variants tried to raise their throughput.
+
+    python benchmarks/tpu_plans.py --model=llava-1.5-7b [--topology=v5p-64] [--variants=base,pairs128,…] [--json=FILE]
+    python benchmarks/tpu_plans.py --model=qwen2.5-vl-7b
+
+Each variant is `rdpo_jax/configs/{llava15,qwen25vl}_7b_tpu.py` with a few fields changed, its train step
+compiled by XLA:TPU for the slice (`rdpo_jax.compile`: libtpu on this CPU host) at one row bucket: memory
+per chip, matmul FLOPs through every loop, XLA's estimated step time (its cost model, not a measurement) and
+the pairs/s and model-FLOPs utilisation that implies. The architecture comes from each model's published
+`config.json` (written here: no weights are read). Layout variants carry their own bucket: a concat row holds
+one answer, a multi-answer row a group's answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from absl import app, flags
+
+from rdpo_jax.compile import report
+from rdpo_jax.compile import chips, programs
+from rdpo_jax.configs import llava15_7b_tpu, qwen25vl_7b_tpu
+
+_MODEL = flags.DEFINE_enum("model", "llava-1.5-7b", ["llava-1.5-7b", "qwen2.5-vl-7b"], "Which shipped config.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-64", "TPU slice (rdpo_jax.compile --topology).")
+_VARIANTS = flags.DEFINE_list("variants", None, "Variants to compile (default: all of the model's).")
+_OUT = flags.DEFINE_string("json", None, "Also write every variant's figures to this file.")
+
+
+def hf_config(model: str):
+    """The model's transformers config: the architecture fields of its published config.json."""
+    import transformers
+
+    if model == "llava-1.5-7b":
+        return transformers.LlavaConfig(
+            vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                               num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                               projection_dim=768, hidden_act="quick_gelu"),
+            text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                             max_position_embeddings=4096, rms_norm_eps=1e-5),
+            image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+            projector_hidden_act="gelu", architectures=["LlavaForConditionalGeneration"])
+    return transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           fullatt_block_indexes=[7, 15, 23, 31], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112),
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False, architectures=["Qwen2_5_VLForConditionalGeneration"])
+
+
+# name -> config fields changed from the shipped config ("data.seq_buckets" is always one bucket here)
+BUCKET = {"llava-1.5-7b": 2048, "qwen2.5-vl-7b": 3072}
+VARIANTS = {
+    "base": {},
+    "pairs128": {"data.batch_size": 128},
+    "pairs256": {"data.batch_size": 256},
+    "pairs512": {"data.batch_size": 512},
+    "dots256": {"data.batch_size": 256, "model.remat": "dots_saveable"},
+    "noremat128": {"data.batch_size": 128, "model.remat": "none"},
+    "precomputed256": {"data.batch_size": 256, "dpo.reference": "precomputed"},
+    "concat256": {"data.batch_size": 256, "dpo.pair_layout": "concat"},
+    "multi_answer64": {"data.batch_size": 64, "dpo.pair_layout": "multi_answer", "data.max_answers_per_group": 4},
+}
+# a concat row holds the prompt and one answer; a multi-answer row a prompt's 4 samples (and up to 4 pairs of them)
+LAYOUT_BUCKET = {"concat": lambda t, answer: t - answer, "multi_answer": lambda t, answer: t + 2 * answer}
+
+
+def variant_config(model: str, folder: str, fields: dict):
+    module = llava15_7b_tpu if model == "llava-1.5-7b" else qwen25vl_7b_tpu
+    config = module.get_config(f"model={folder},data=unused")
+    bucket = BUCKET[model]
+    layout = fields.get("dpo.pair_layout")
+    if layout in LAYOUT_BUCKET:
+        bucket = LAYOUT_BUCKET[layout](bucket, config.data.max_answer_len)
+    with config.unlocked():
+        config.data.eval = ""
+        config.data.seq_buckets = (bucket,)
+        for name, value in fields.items():
+            group, field = name.split(".")
+            config[group][field] = value
+    return config
+
+
+def main(argv):
+    del argv
+    topology, chip = chips.topology(_TOPOLOGY.value)
+    for name, value in chips.libtpu_env(topology).items():
+        os.environ.setdefault(name, value)
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    hosts = len({d.process_index for d in devices})
+    folder = tempfile.mkdtemp()
+    hf_config(_MODEL.value).save_pretrained(folder)
+    rows = []
+    for name in _VARIANTS.value or list(VARIANTS):
+        config = variant_config(_MODEL.value, folder, VARIANTS[name])
+        kind = "groups" if config.dpo.pair_layout == "multi_answer" else "pairs"
+        (program,) = programs.build(config, devices, hosts=hosts, names=("train",), kind=kind)
+        r = report.compile_and_measure(program, chip, chip.hbm_gib)
+        r["variant"] = name
+        rows.append(r)
+        print(f"## {name} {VARIANTS[name]}\n{report.describe(r, chip)}", flush=True)
+        if _OUT.value:
+            with open(_OUT.value, "w") as f:
+                json.dump(rows, f, indent=1)
+    print(f"\n| variant | rows × tokens | pairs | memory per chip (GiB) | est. step (s) | est. pairs/s | est. MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | {r['what']} | {r['pairs']} | does not fit | | | |")
+            continue
+        print(f"| {r['variant']} | {r['what']} | {r['pairs']} | {r['total'] / 2**30:.1f} | {r['estimated_s']:.2f} | "
+              f"{r['pairs'] / r['estimated_s']:.0f} | {100 * r['mfu']:.0f}% |")
+
+
+if __name__ == "__main__":
+    app.run(main)
