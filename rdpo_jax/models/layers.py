@@ -123,13 +123,32 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        # All-gather the table's width first (as FSDP does for every weight it uses): a lookup into a
-        # width-sharded table yields width-sharded activations, which would then need a full reshuffle.
-        table = shard_activation(self.embedding[...], ("vocab", None))
+        table = _gathered(self.embedding[...], self.embedding.get_metadata().get("logical_axes"))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gathered(table: jax.Array, axes) -> jax.Array:
+    """The embedding table with its width all-gathered (as FSDP does for every weight it uses): a lookup
+    into a width-sharded table yields width-sharded activations, which would then need a full reshuffle.
+    Its gradient (the lookup's scatter-add, summed over the batch's devices) is asked for in the table's
+    own shards (`axes`, its logical axes): a plain constraint's transpose would ask for it whole, which XLA
+    then all-reduces in float32 before slicing the shard (twice the bytes of a reduce-scatter)."""
+    return shard_activation(table, ("vocab", None))
+
+
+def _gathered_fwd(table, axes):
+    return _gathered(table, axes), None
+
+
+def _gathered_bwd(axes, _, g):
+    return (g if axes is None else shard_activation(g, axes),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 class LayerNorm(nnx.Module):

@@ -1,13 +1,19 @@
 """Building blocks against transformers' own functions and closed forms."""
 
 import functools
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from rdpo_jax import sharding
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import layers
 
@@ -206,3 +212,28 @@ def test_chunked_head_equals_whole_logits_and_gradients(V, chunk):
     assert any(map(logits_like, saved(whole)))  # the check sees whole logits where they are kept
     if chunk < V:
         assert not any(map(logits_like, saved(chunked))), saved(chunked)
+
+
+def test_embedding_gradient_is_reduce_scattered_into_the_tables_shards():
+    """The lookup gathers the table's width; its gradient (a scatter-add summed over the batch's devices)
+    comes back in the table's FSDP shards without an all-reduce of the whole table, equal to the
+    single-device gradient."""
+    V, D, B, T = 64, 32, 8, 16
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    embed = layers.Embed(V, D, ("vocab", "embed"), param_dtype=jnp.float32, dtype=jnp.float32,
+                         rngs=layers.InitKeys(jax.random.key(0)))
+    ids = jax.random.randint(jax.random.key(1), (B, T), 0, V)
+    graphdef, state = nnx.split(embed)
+
+    def loss(state, ids):
+        return (nnx.merge(graphdef, state)(ids) ** 2 * jnp.arange(D)).sum()
+
+    spec = sharding.variable_spec(embed.embedding, dict(mesh.shape))
+    assert spec == P(None, "fsdp")
+    table = jax.tree.map(lambda _: NamedSharding(mesh, spec), state)
+    grad = jax.jit(sharding.traced_on(mesh, jax.grad(loss)), in_shardings=(table, NamedSharding(mesh, P("fsdp"))),
+                   out_shardings=table)
+    text = grad.lower(state, ids).compile().as_text()
+    assert not re.search(rf"f32\[{V},{D}\][^ ]* all-reduce\(", text), "the whole table's gradient is all-reduced"
+    np.testing.assert_allclose(grad(state, ids)["embedding"][...], jax.grad(loss)(state, ids)["embedding"][...],
+                               rtol=1e-6)
