@@ -57,6 +57,7 @@ from rdpo_jax import optim, packing, sharding, train_step
 from rdpo_jax.data import qwen_vl_images, qwen_vl_positions
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import families, layers
+import presets  # benchmarks/presets.py
 from peak import matmul_peak  # benchmarks/peak.py
 
 _PAIRS = flags.DEFINE_integer("pairs", 4, "Pairs per step.")
@@ -67,7 +68,7 @@ _FREEZE_VISION = flags.DEFINE_bool("freeze_vision", False, "Freeze the vision to
 _TOPOLOGY = flags.DEFINE_string("topology", None, "With --preset: compile every variant for this TPU slice (e.g. "
                                 "v5p-64; libtpu on this host) as the 7B configs train (FSDP over every chip, fp32 "
                                 "master weights, bf16 compute, full remat) and print XLA's estimated time per pair.")
-_PRESET = flags.DEFINE_enum("preset", None, ["llava-1.5-7b", "qwen2.5-vl-7b"],
+_PRESET = flags.DEFINE_enum("preset", None, list(presets.NAMES),
                             "Count FLOPs for a real model's shapes instead of timing.")
 _FAMILY = flags.DEFINE_enum("family", "llava", ["llava", "qwen2_5_vl"], "The timed small model's family.")
 _SCAN = flags.DEFINE_enum("scan_layers", "off", ["off", "on"],
@@ -84,40 +85,23 @@ QWEN_GRID = (1, 48, 48)  # a 672×672 image: 2304 patches of 14 px, 576 merged t
 
 def model_config():
     """(architecture, run settings) of the benchmark model."""
-    if _PRESET.value == "qwen2.5-vl-7b" or (_PRESET.value is None and _FAMILY.value == "qwen2_5_vl"):
-        big = _PRESET.value is not None
-        vision = (dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[7, 15, 23, 31],
-                       out_hidden_size=3584) if big else
-                  dict(depth=2, hidden_size=128, intermediate_size=512, num_heads=4, fullatt_block_indexes=[1],
-                       out_hidden_size=_WIDTH.value))
-        text = (dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, mrope_section=[16, 24, 24]) if big else
-                dict(vocab_size=8192, hidden_size=_WIDTH.value, intermediate_size=int(2.75 * _WIDTH.value),
-                     num_hidden_layers=_LAYERS.value, num_attention_heads=4, num_key_value_heads=2,
-                     mrope_section=[_WIDTH.value // 32, 3 * _WIDTH.value // 64, 3 * _WIDTH.value // 64]))
-        section = text.pop("mrope_section")
+    if _PRESET.value:
+        return config_lib.from_hf(presets.hf_config(_PRESET.value)), config_lib.RunSettings(
+            param_dtype=jnp.bfloat16, check_image_tokens=False, scan_layers=_SCAN.value)
+    if _FAMILY.value == "qwen2_5_vl":
+        w = _WIDTH.value
         hf = transformers.Qwen2_5_VLConfig(
-            vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112),
-            text_config=dict(text, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
-                             rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section)),
-            image_token_id=text["vocab_size"] - 1, video_token_id=text["vocab_size"] - 2,
-            vision_start_token_id=text["vocab_size"] - 3, vision_end_token_id=text["vocab_size"] - 4,
+            vision_config=dict(depth=2, hidden_size=128, intermediate_size=512, num_heads=4, fullatt_block_indexes=[1],
+                               out_hidden_size=w, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                               window_size=112),
+            text_config=dict(vocab_size=8192, hidden_size=w, intermediate_size=int(2.75 * w),
+                             num_hidden_layers=_LAYERS.value, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+                             rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                  mrope_section=[w // 32, 3 * w // 64, 3 * w // 64])),
+            image_token_id=8191, video_token_id=8190, vision_start_token_id=8189, vision_end_token_id=8188,
             tie_word_embeddings=False)
-        dtype = jnp.bfloat16 if big else jnp.float32
-        return config_lib.from_hf(hf), config_lib.RunSettings(param_dtype=dtype, check_image_tokens=False,
-                                                              scan_layers=_SCAN.value)
-    if _PRESET.value == "llava-1.5-7b":  # llava-hf/llava-1.5-7b-hf's config.json, architecture fields
-        hf = transformers.LlavaConfig(
-            vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                               num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
-                               projection_dim=768, hidden_act="quick_gelu"),
-            text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                             max_position_embeddings=4096, rms_norm_eps=1e-5),
-            image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
-            projector_hidden_act="gelu")
-        return config_lib.from_hf(hf), config_lib.RunSettings(param_dtype=jnp.bfloat16, check_image_tokens=False,
-                                                              scan_layers=_SCAN.value)
+        return config_lib.from_hf(hf), config_lib.RunSettings(check_image_tokens=False, scan_layers=_SCAN.value)
     hf = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=512,
                            num_hidden_layers=2, num_attention_heads=4, image_size=336, patch_size=14),

@@ -2,6 +2,7 @@
 
     python benchmarks/tpu_plans.py --model=llava-1.5-7b [--topology=v5p-64] [--variants=base,pairs128,…] [--json=FILE]
     python benchmarks/tpu_plans.py --model=qwen2.5-vl-7b
+    python benchmarks/tpu_plans.py --model=llava-1.5-7b --write_config=/tmp/llava-1.5-7b   # for rdpo_jax.compile
 
 Each variant is `rdpo_jax/configs/{llava15,qwen25vl}_7b_tpu.py` with a few fields changed, its train step
 compiled by XLA:TPU for the slice (`rdpo_jax.compile`: libtpu on this CPU host) at one row bucket: memory
@@ -19,39 +20,16 @@ import tempfile
 
 from absl import app, flags
 
-from rdpo_jax.compile import report
-from rdpo_jax.compile import chips, programs
+from rdpo_jax.compile import chips, programs, report
 from rdpo_jax.configs import llava15_7b_tpu, qwen25vl_7b_tpu
+import presets  # benchmarks/presets.py
 
-_MODEL = flags.DEFINE_enum("model", "llava-1.5-7b", ["llava-1.5-7b", "qwen2.5-vl-7b"], "Which shipped config.")
+_MODEL = flags.DEFINE_enum("model", "llava-1.5-7b", list(presets.NAMES), "Which shipped config.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-64", "TPU slice (rdpo_jax.compile --topology).")
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to compile (default: all of the model's).")
 _OUT = flags.DEFINE_string("json", None, "Also write every variant's figures to this file.")
-
-
-def hf_config(model: str):
-    """The model's transformers config: the architecture fields of its published config.json."""
-    import transformers
-
-    if model == "llava-1.5-7b":
-        return transformers.LlavaConfig(
-            vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                               num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
-                               projection_dim=768, hidden_act="quick_gelu"),
-            text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                             max_position_embeddings=4096, rms_norm_eps=1e-5),
-            image_token_index=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
-            projector_hidden_act="gelu", architectures=["LlavaForConditionalGeneration"])
-    return transformers.Qwen2_5_VLConfig(
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           fullatt_block_indexes=[7, 15, 23, 31], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=112),
-        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=False, architectures=["Qwen2_5_VLForConditionalGeneration"])
+_WRITE = flags.DEFINE_string("write_config", None, "Only write the model's config.json into this folder (for "
+                             "python -m rdpo_jax.compile --config=…:model=FOLDER) and exit.")
 
 
 # name -> config fields changed from the shipped config ("data.seq_buckets" is always one bucket here)
@@ -89,6 +67,9 @@ def variant_config(model: str, folder: str, fields: dict):
 
 def main(argv):
     del argv
+    if _WRITE.value:
+        presets.hf_config(_MODEL.value).save_pretrained(_WRITE.value)
+        return
     topology, chip = chips.topology(_TOPOLOGY.value)
     for name, value in chips.libtpu_env(topology).items():
         os.environ.setdefault(name, value)
@@ -97,7 +78,7 @@ def main(argv):
     devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     hosts = len({d.process_index for d in devices})
     folder = tempfile.mkdtemp()
-    hf_config(_MODEL.value).save_pretrained(folder)
+    presets.hf_config(_MODEL.value).save_pretrained(folder)
     rows = []
     for name in _VARIANTS.value or list(VARIANTS):
         config = variant_config(_MODEL.value, folder, VARIANTS[name])

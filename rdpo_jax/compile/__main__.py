@@ -6,10 +6,11 @@
 The same `--config` (and overrides) as `rdpo_jax.train`; the model folder needs only its `config.json`
 (no weights, no data, no TPU: `libtpu` compiles for the named chips on this host's CPU). For each
 program (`programs.py`) it prints, per chip: XLA's memory analysis (arguments, outputs, temporaries,
-generated code) and their total against the chip's HBM, fits or not with the headroom; the matmul FLOPs
-of one call counted through every loop (`analysis.matmul_flops`: XLA's own count sees a scanned layer
-stack's body once); XLA's cost-model time for the call, scaled by the same ratio, and the model-FLOPs
-utilisation it implies — an estimate of the compiler's cost model, not a measurement; the collectives
+generated code) and their total against the chip's HBM, fits or not with the headroom (a program XLA
+cannot fit at all is reported with XLA's reason); the matmul FLOPs of one call counted through every loop
+(`analysis.matmul_flops`: XLA's own count sees a scanned layer stack's body once); XLA's cost-model time
+for the call — its seconds per FLOP it counts, applied to every FLOP the call does — and the model-FLOPs
+utilisation that implies: an estimate of the compiler's cost model, not a measurement; the collectives
 by kind with their bytes, counted through loops. Exits 1 when a program does not fit.
 
 GPUs have no compile without the device in JAX: `benchmarks/gpu_check.sh` measures on one.

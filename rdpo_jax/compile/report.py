@@ -17,7 +17,7 @@ def compile_and_measure(program, chip: chips.Chip, per_chip_hbm: float, dump: st
     """Compiles `program` and returns its figures per chip (see the module docstring). A program XLA
     cannot fit into HBM (RESOURCE_EXHAUSTED) is reported as not fitting, with XLA's reason."""
     n = program.mesh.devices.size
-    flops, flops_once = analysis.matmul_flops(program.traced.jaxpr)
+    flops = analysis.matmul_flops(program.traced.jaxpr)[0]
     out = dict(program=program.name, what=program.what, chips=n, hbm=int(per_chip_hbm * GIB), pairs=program.pairs,
                matmul_flops=flops / n, note=program.note)
     t0 = time.perf_counter()
@@ -45,8 +45,11 @@ def compile_and_measure(program, chip: chips.Chip, per_chip_hbm: float, dump: st
                fits=total <= out["hbm"], model_flops=model_flops / n, xla_flops=float(cost.get("flops", 0.0)),
                mosaic_kernels=text.count('custom_call_target="tpu_custom_call"'), collectives=analysis.collectives(text))
     xla_seconds = float(cost.get("optimal_seconds", 0.0))
-    if xla_seconds > 0 and flops_once > 0:
-        out["estimated_s"] = xla_seconds * flops / flops_once
+    out.update(xla_seconds=xla_seconds, xla_bytes=float(cost.get("bytes accessed", 0.0)))
+    if xla_seconds > 0 and out["xla_flops"] > 0:
+        # XLA's seconds per FLOP it counts, for every FLOP the program does: its count sees a loop's body
+        # once (our scanned layers and its own collective-matmul loops) and a Mosaic kernel not at all
+        out["estimated_s"] = xla_seconds * flops / n / out["xla_flops"]
         out["mfu"] = out["model_flops"] / (out["estimated_s"] * chip.bf16_tflops * 1e12)
     return out
 
