@@ -97,7 +97,8 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     reduction it names the scalar reducer.
 
     Trip counts come from the while's `known_trip_count` backend config, else from the loop's shape as XLA
-    emits a scan (condition `i < N`, i starting at a constant and the body adding 1: XLA:TPU drops the
+    emits a scan (condition `i < N`, i starting at a constant and the body adding a constant stride, 2 in
+    the collective-matmul loops XLA:TPU writes itself: ⌈(N − i₀) / stride⌉ trips; XLA:TPU drops the
     backend config). A loop matching neither counts once and is named under "unknown_trip_counts"
     {"whiles": [...]}.
 
@@ -117,7 +118,7 @@ def collectives(hlo_text: str) -> dict[str, dict]:
             current = m.group(1)
             comps[current] = []
             entry = current if line.startswith("ENTRY") else entry
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":  # a computation ends; "}}, …" continues a multi-line instruction
             current = None
         elif current is not None and (m := _INSTRUCTION.match(line)):
             instrs[m.group(1)] = _split_instruction(m.group(2))
@@ -247,6 +248,10 @@ def _trip_count(name: str, instrs: dict, roots: dict[str, str]) -> int | None:
     if i is None or init[0] != "tuple" or (limit := constant(limit)) is None or (start := constant(init[1][i])) is None:
         return None
     add = source(step[1][i])
-    if add[0] != "add" or tuple_index(add[1][0]) != i or constant(add[1][1]) != 1:
+    if add[0] != "add" or len(add[1]) != 2:
         return None
-    return max(limit - start, 0)
+    counter_side = [tuple_index(op) == i for op in add[1]]
+    stride = constant(add[1][counter_side.index(True) ^ 1]) if any(counter_side) else None
+    if stride is None or stride < 1:
+        return None
+    return max(-(-(limit - start) // stride), 0)

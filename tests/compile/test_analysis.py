@@ -79,7 +79,8 @@ def test_pallas_kernel_counts_every_grid_step():
 
 # A while with a known trip count (28) holding an all-reduce and a scan-shaped while (i from 0 while i < 3,
 # i + 1) holding an async all-gather; a while whose trip count cannot be read, holding an all-to-all; an
-# async collective-permute; an async-wrapped reduce-scatter inside a `call`, and one as XLA:TPU fuses it. `to_apply` of a reduction names
+# async collective-permute; an async-wrapped reduce-scatter inside a `call`, and one as XLA:TPU fuses it; a
+# loop counting by 2 (XLA:TPU's collective matmul) around an instruction written over two lines. `to_apply` of a reduction names
 # its reducer.
 HLO = """\
 HloModule handwritten, entry_computation_layout={(f32[1024]{0}, bf16[16,64]{1,0})->f32[1024]{0}}
@@ -144,6 +145,24 @@ HloModule handwritten, entry_computation_layout={(f32[1024]{0}, bf16[16,64]{1,0}
   ROOT %t3 = (s32[], s32[], f32[16]{0}) tuple(%next3, %rn, %a2a)
 }
 
+%cond4 (c4: (u32[], f32[4])) -> pred[] {
+  %c4 = (u32[], f32[4]{0}) parameter(0)
+  %c4i = u32[] get-tuple-element(%c4), index=0
+  %sixteen = u32[] constant(16)
+  ROOT %lt4 = pred[] compare(%c4i, %sixteen), direction=LT
+}
+
+%body4 (b4: (u32[], f32[4])) -> (u32[], f32[4]) {
+  %b4 = (u32[], f32[4]{0}) parameter(0)
+  %b4x = f32[4]{0} get-tuple-element(%b4), index=1
+  %b4cp = f32[4]{0} collective-permute(%b4x), source_target_pairs={{0,1},{1,0}}, backend_config={"a":{
+}}, metadata={op_name="a config written over two lines"}
+  %stride = u32[] constant(2)
+  %b4i = u32[] get-tuple-element(%b4), index=0
+  %b4next = u32[] add(%stride, %b4i)
+  ROOT %t4 = (u32[], f32[4]{0}) tuple(%b4next, %b4cp)
+}
+
 %cond3 (c3: (s32[], s32[], f32[16])) -> pred[] {
   %c3 = (s32[], s32[], f32[16]{0}) parameter(0)
   %c3i = s32[] get-tuple-element(%c3), index=0
@@ -187,6 +206,10 @@ ENTRY %main (x: f32[1024], y: bf16[16,64]) -> f32[1024] {
   %x16 = f32[16]{0} slice(%x1), slice={[0:16]}
   %init3 = (s32[], s32[], f32[16]{0}) tuple(%one, %n1, %x16)
   %w3 = (s32[], s32[], f32[16]{0}) while(%init3), condition=%cond3, body=%body3
+  %start4 = u32[] constant(0)
+  %x4 = f32[4]{0} slice(%x1), slice={[0:4]}
+  %init4 = (u32[], f32[4]{0}) tuple(%start4, %x4)
+  %w4 = (u32[], f32[4]{0}) while(%init4), condition=%cond4, body=%body4
   %scattered = f32[256]{0} call(%x1), to_apply=%scatter
   %grad = bf16[64,64]{1,0} broadcast(%y), dimensions={}
   %fused = bf16[16,64]{1,0} fusion(%grad), kind=kCustom, calls=%all-reduce-scatter.1
@@ -199,7 +222,8 @@ def test_collectives_of_handwritten_hlo():
     got = analysis.collectives(HLO)
     assert got["all-reduce"] == {"count": 28, "bytes": 28 * 1024 * 4, "ops": 1}
     assert got["all-gather"] == {"count": 28 * 3, "bytes": 28 * 3 * 64 * 64 * 2, "ops": 1}  # output only
-    assert got["collective-permute"] == {"count": 1, "bytes": 8 * 4, "ops": 1}  # output only
+    # the async one (output only), and 16 / 2 = 8 runs of a collective-matmul loop counting by 2
+    assert got["collective-permute"] == {"count": 1 + 8, "bytes": 8 * 4 + 8 * 4 * 4, "ops": 2}
     # the async-wrapped one, and XLA:TPU's fusion of an all-reduce and this device's slice (its shard's bytes)
     assert got["reduce-scatter"] == {"count": 2, "bytes": 256 * 4 + 16 * 64 * 2, "ops": 2}
     assert got["all-to-all"] == {"count": 1, "bytes": 16 * 4, "ops": 1}
