@@ -6,9 +6,14 @@ slice: 32 chips on 8 hosts (run on every host: see launch/tpu_vm.sh).
 
 (/gcs/b: a Cloud Storage bucket mounted with gcsfuse at the same path on every host.)
 
-Memory per chip (95 GB HBM): fp32 policy + Adam ≈ 7.1B × 12 B / 32 = 2.7 GB, fp32 frozen reference
-7.1B × 4 B / 32 = 0.9 GB, activations of 2 pairs × 2048 tokens with full remat a few GB. Pure FSDP over
-the 32 chips; tensor parallelism is not needed at this size.
+Compiled for v5p-64 by XLA:TPU (`python -m rdpo_jax.compile --config=THIS:model=FOLDER,data=unused
+--topology=v5p-64`, FOLDER holding the model's config.json; 2026-12-07, libtpu 0.0.42.1): the train step
+at its longest bucket (256 rows of 2048 tokens) takes 16.0 GiB per chip of 95 (3.2 GiB of sharded state:
+fp32 policy + Adam + the fp32 reference of the trainable part; 12.7 GiB of temporaries with full remat).
+XLA's cost model puts the step at 5.8 s, 44 pairs/s (an estimate, not a measurement); 8 pairs per chip
+were chosen over 2 (8.1 GiB, 30 pairs/s): more rows per weight all-gather. Less remat costs XLA's model
+more than it saves (dots_saveable: 53 GiB, 34 pairs/s); a precomputed reference gives 62 pairs/s and
+groups data in multi_answer rows (4 answers, 4 pairs) 95 (docs/benchmarks.md, "Compiled for v5p-64").
 """
 
 from rdpo_jax.configs import base
@@ -23,11 +28,11 @@ def get_config(arg: str = ""):
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.init_from = "model"
-    c.total_steps = 2000
+    c.total_steps = 500  # 128k pairs
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.data.train = args["data"]
     c.data.eval = args.get("eval", "")
-    c.data.batch_size = 64  # pairs per step: 2 per chip
+    c.data.batch_size = 256  # pairs per step: 8 per chip
     c.data.seq_buckets = (1024, 1536, 2048)  # 576 image tokens + instruction + both answers
     c.data.max_answer_len = 512
     c.data.workers = 8
@@ -35,11 +40,11 @@ def get_config(arg: str = ""):
     c.dpo.beta = 0.1
     c.dpo.reference = "model"
     c.optim.learning_rate = 5e-7
-    c.optim.warmup_steps = 100
+    c.optim.warmup_steps = 25
     c.optim.grad_clip = 1.0
     c.optim.freeze = "vision_tower/.*"
-    c.checkpoint.every = 200
+    c.checkpoint.every = 50
     c.log.every = 10
-    c.eval.every = 200
+    c.eval.every = 50
     c.distributed.auto = True  # TPU pods: jax.distributed.initialize() finds the coordinator itself
     return c
