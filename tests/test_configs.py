@@ -49,7 +49,7 @@ def qwen7b_folder(tmp_path_factory):
 @pytest.mark.parametrize("module,devices,processes,mesh,per_device,folder,size", [
     (llava15_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "tensor": 1}, 8, "llava7b_folder", (7.0e9, 7.2e9)),
     (llava15_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}, 2, "llava7b_folder", (7.0e9, 7.2e9)),
-    (qwen25vl_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
+    (qwen25vl_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "tensor": 1}, 8, "qwen7b_folder", (8.2e9, 8.4e9)),
     (qwen25vl_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
 ])
 def test_real_scale_configs_plan_sensibly(request, module, devices, processes, mesh, per_device, folder, size):

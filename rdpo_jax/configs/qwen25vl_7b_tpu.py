@@ -9,18 +9,12 @@ Images: any size, each resized within a budget of 512·28·28 pixels (≤ 2048 p
 the processor's own default is 1280·28·28); up to 2 images per record, packed per row into patch buffers
 of 1024, 2048 or 4096 patches. The vision tower is frozen apart from its patch merger (the projector).
 
-Memory per chip (95 GB HBM): fp32 policy + Adam ≈ 8.3B × 12 B / 32 = 3.1 GB, the fp32 reference copy of
-the trainable part (7.6B × 4 B / 32) 0.95 GB; activations of 2 pairs × 3072 tokens with full remat a few
-GB, plus the vision tower's dense window masks: [4096, 4096] float32 scores × 16 heads = 1 GB per row
-for the one block alive under remat (a block-sparse window layout is issue 17's fused attention).
-`python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b` gives the FLOPs per pair of each layout.
-
-Measured without a TPU (`XLA_FLAGS=--xla_force_host_platform_device_count=32 python benchmarks/dpo_step.py
---preset=qwen2.5-vl-7b --memory --pairs=64 --freeze_vision`: this step compiled for 32 CPU devices, 2.7 min):
-arguments 3.67 GiB per device — the sharded state, as planned above. XLA:CPU reports 96.8 GiB of
-temporaries, but that figure does not shrink with the device count (LLaVA-1.5-7B by the same method: 85.5
-GiB on 8 devices, 81.9 GiB on 32): the CPU scheduler keeps whole gathered weights and gradients alive,
-which TPU's does not. The activation figures above are estimates until compiled for the TPU itself.
+Compiled for v5p-64 by XLA:TPU (`python -m rdpo_jax.compile --config=THIS:model=FOLDER,data=unused
+--topology=v5p-64`, FOLDER holding the model's config.json; 2026-12-07, libtpu 0.0.42.1): the train step
+at its longest buckets (256 rows of 3072 tokens, 4096 patches per row) takes 22.6 GiB per chip of 95
+(3.8 GiB of sharded state, 18.8 GiB of temporaries with full remat). XLA's cost model puts the step at
+8.7 s, 29 pairs/s (an estimate, not a measurement); 8 pairs per chip were chosen over 2 (9.8 GiB, 21
+pairs/s). Variants and layouts: docs/benchmarks.md, "Compiled for v5p-64".
 """
 
 from rdpo_jax.configs import base
@@ -35,11 +29,11 @@ def get_config(arg: str = ""):
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.init_from = "model"
-    c.total_steps = 2000
+    c.total_steps = 500  # 128k pairs
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.data.train = args["data"]
     c.data.eval = args.get("eval", "")
-    c.data.batch_size = 64  # pairs per step: 2 per chip
+    c.data.batch_size = 256  # pairs per step: 8 per chip
     c.data.seq_buckets = (1024, 2048, 3072)  # ≤ 2 × 512 image tokens + instruction + both answers
     c.data.max_answer_len = 512
     c.data.max_images = 2
@@ -50,11 +44,11 @@ def get_config(arg: str = ""):
     c.dpo.beta = 0.1
     c.dpo.reference = "model"
     c.optim.learning_rate = 5e-7
-    c.optim.warmup_steps = 100
+    c.optim.warmup_steps = 25
     c.optim.grad_clip = 1.0
     c.optim.freeze = "visual/(patch_embed|blocks)/.*"
-    c.checkpoint.every = 200
+    c.checkpoint.every = 50
     c.log.every = 10
-    c.eval.every = 200
+    c.eval.every = 50
     c.distributed.auto = True  # TPU pods: jax.distributed.initialize() finds the coordinator itself
     return c
