@@ -77,7 +77,7 @@ def _abstract(batch: dict, mesh) -> dict:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
 
 
-def _buckets(config, options, collate, kind: str, hosts: int, all_buckets: bool) -> list[tuple[int, int, int, int]]:
+def _buckets(config, options, collate, kind: str, all_buckets: bool) -> list[tuple[int, int, int, int]]:
     """(rows per host, row length, trained tokens per row, patches) of every train program."""
     local = collate([])["batch"]
     rows = [len(local["valid"])]
@@ -107,7 +107,7 @@ def build(config, devices, *, hosts: int, names=PROGRAMS, all_buckets: bool = Fa
     vision = image_input(config, setup.model_config)
     collate = pipeline.Collate(options, config.data.batch_size // hosts, 0, vision, kind)
     local = collate([])["batch"]
-    buckets = _buckets(config, options, collate, kind, hosts, all_buckets)
+    buckets = _buckets(config, options, collate, kind, all_buckets)
     per_row = options.slots(kind)[0] * options.groups_per_row if options.kind == "pairs" else options.groups_per_row
     out = []
 
