@@ -1,6 +1,7 @@
 """`python -m rdpo_jax.compile` as users run it: a config that cannot fit its slice exits 1 and says why."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,15 +12,19 @@ from tests import runs
 
 def test_a_config_that_does_not_fit_exits_1(smoke_dir, tmp_path):
     pytest.importorskip("libtpu")
+    # the smoke model with a vocabulary of 2^25: 4.3 B parameters of embedding and head, with Adam and the
+    # reference copy ~17 GiB per v5e chip against 16
+    shutil.copytree(f"{smoke_dir}/model", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["text_config"]["vocab_size"] = 2**25
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     out = tmp_path / "plan.json"
-    # 16 rows of 8192 tokens per v5e chip with einsum attention: float32 logits of ~17 GiB against 16 GiB
-    cmd = [sys.executable, "-m", "rdpo_jax.compile", f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir}",
-           "--topology=v5litepod-4", "--programs=train", "--config.data.seq_buckets=(8192,)",
-           "--config.data.batch_size=64", "--config.model.attention=xla", f"--json={out}"]
+    cmd = [sys.executable, "-m", "rdpo_jax.compile", f"--config=rdpo_jax/configs/smoke.py:dir={tmp_path}",
+           "--topology=v5litepod-4", "--programs=train", f"--json={out}"]
     env = dict(runs.env("", devices=1), XLA_FLAGS="--xla_backend_optimization_level=0")
     proc = subprocess.run(cmd, cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "v5litepod-4 = v5e:2x2: 4 TPU v5 lite devices" in proc.stdout
-    assert "DOES NOT FIT" in proc.stdout and "does not fit v5litepod-4: train (64 rows of 8192 tokens)" in proc.stdout
+    assert "DOES NOT FIT" in proc.stdout and "does not fit v5litepod-4: train (8 rows of 48 tokens)" in proc.stdout
     (train,) = json.loads(out.read_text())["programs"]
     assert not train["fits"] and "exceeds available HBM" in train["error"]
