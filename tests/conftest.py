@@ -20,7 +20,7 @@ from tests import tiny_qwen as tiny_qwen_lib  # noqa: E402
 # The longest files, longest first: `make test` hands whole files to two xdist workers in collection order
 # (--no-loadscope-reorder), and a three-minute file handed out last would run alone at the end. Ordered by
 # their seconds in `make test PYTEST_ARGS=--durations=0` (2026-12-06: 208, 162, 118, 112, 93, 90, 81, 72;
-# 2026-12-07: compile/test_programs.py 55; 50; compile/test_command.py 34).
+# 2026-12-07: compile/test_programs.py 33; 29; compile/test_command.py 13).
 SLOW_FIRST = ("test_multihost.py", "test_loop.py", "test_demo.py", "test_chain.py", "test_train.py",
               "test_train_step.py", "test_pipeline.py", "test_restart.py", "test_programs.py", "test_serve.py",
               "test_command.py")
