@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import statistics
 import time
 from unittest import mock
@@ -234,15 +233,9 @@ def trace_groups(cfg, run, mesh, pairs, pixels, reference):
 def tpu_plan(cfg, pairs, pixels) -> None:
     """Every variant of the preset compiled by XLA:TPU for `--topology` (`rdpo_jax.compile`): memory per chip
     and XLA's cost-model time per pair (an estimate, not a measurement), against TRL's step."""
-    from jax.experimental import topologies
+    from rdpo_jax.compile import chips, programs, report
 
-    from rdpo_jax.compile import report
-    from rdpo_jax.compile import chips, programs
-
-    name, chip = chips.topology(_TOPOLOGY.value)
-    for key, value in chips.libtpu_env(name).items():
-        os.environ.setdefault(key, value)
-    devices = topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    _, chip, devices = chips.devices(_TOPOLOGY.value)
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=devices)
     run = config_lib.RunSettings(param_dtype=jnp.float32, dtype=jnp.bfloat16, remat="full", check_image_tokens=False)
     B = len(pairs)

@@ -15,7 +15,6 @@ one answer, a multi-answer row a group's answers.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 
 from absl import app, flags
@@ -70,20 +69,14 @@ def main(argv):
     if _WRITE.value:
         presets.hf_config(_MODEL.value).save_pretrained(_WRITE.value)
         return
-    topology, chip = chips.topology(_TOPOLOGY.value)
-    for name, value in chips.libtpu_env(topology).items():
-        os.environ.setdefault(name, value)
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    hosts = len({d.process_index for d in devices})
+    _, chip, devices = chips.devices(_TOPOLOGY.value)
     folder = tempfile.mkdtemp()
     presets.hf_config(_MODEL.value).save_pretrained(folder)
     rows = []
     for name in _VARIANTS.value or list(VARIANTS):
         config = variant_config(_MODEL.value, folder, VARIANTS[name])
         kind = "groups" if config.dpo.pair_layout == "multi_answer" else "pairs"
-        (program,) = programs.build(config, devices, hosts=hosts, names=("train",), kind=kind)
+        (program,) = programs.build(config, devices, names=("train",), kind=kind)
         r = report.compile_and_measure(program, chip, chip.hbm_gib)
         r["variant"] = name
         rows.append(r)

@@ -36,11 +36,11 @@ def parse_mesh(text: str) -> dict[str, int]:
     return shape
 
 
-def local_mesh(shape: str | dict) -> jax.sharding.Mesh:
-    """`shape` over this process's devices; an FSDP mesh of them if it does not fit (e.g. a pod's
-    training mesh given to a one-host command), said on the console."""
+def local_mesh(shape: str | dict, devices=None) -> jax.sharding.Mesh:
+    """`shape` over this process's devices (or `devices`: one host's); an FSDP mesh of them if it does not
+    fit (e.g. a pod's training mesh given to a one-host command), said on the console."""
     shape = parse_mesh(shape) if isinstance(shape, str) else dict(shape)
-    devices = jax.local_devices()
+    devices = jax.local_devices() if devices is None else list(devices)
     try:
         return sharding.make_mesh(shape, devices=devices)
     except ValueError as e:

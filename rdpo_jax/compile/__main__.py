@@ -19,7 +19,6 @@ GPUs have no compile without the device in JAX: `benchmarks/gpu_check.sh` measur
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags
@@ -46,24 +45,19 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required")
-    try:
-        topology, chip = chips.topology(_TOPOLOGY.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
     unknown = set(_PROGRAMS.value) - set(programs.PROGRAMS)
     if unknown:
         raise app.UsageError(f"--programs: unknown {sorted(unknown)}")
-    for name, value in chips.libtpu_env(topology).items():
-        os.environ.setdefault(name, value)
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=_SLICES.value).devices
+    try:
+        topology, chip, devices = chips.devices(_TOPOLOGY.value, _SLICES.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     per_chip = len(devices) // (chips.chips_in(topology) * _SLICES.value)  # devices per chip (1 but on v4)
-    hosts = len({(getattr(d, "slice_index", 0), d.process_index) for d in devices})
+    hosts = programs.hosts(devices)
     slices = f" × {_SLICES.value} slices" if _SLICES.value > 1 else ""
     print(f"{_TOPOLOGY.value} = {topology}{slices}: {len(devices)} {devices[0].device_kind} devices on {hosts} hosts, "
           f"{chip.hbm_gib / per_chip:g} GiB HBM and {chip.bf16_tflops / per_chip:g} bf16 TFLOP/s each", flush=True)
-    built = programs.build(config, devices, hosts=hosts, names=_PROGRAMS.value, all_buckets=_ALL.value,
+    built = programs.build(config, devices, names=_PROGRAMS.value, all_buckets=_ALL.value,
                            kind=_KIND.value, sample_prompts=_SAMPLE.value, sample_n=_SAMPLE_N.value)
     results = []
     for program in built:

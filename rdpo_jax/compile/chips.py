@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 
@@ -66,6 +67,18 @@ def topology(name: str) -> tuple[str, Chip]:
 
 def chips_in(topology_name: str) -> int:
     return math.prod(int(x) for x in topology_name.split(":")[1].split("x"))
+
+
+def devices(name: str, num_slices: int = 1) -> tuple[str, Chip, list]:
+    """(topology name, chip, the devices of `num_slices` slices of `name`) for compiling on this host: libtpu
+    is started with `libtpu_env` (unless the environment already says otherwise)."""
+    topology_name, chip = topology(name)
+    for key, value in libtpu_env(topology_name).items():
+        os.environ.setdefault(key, value)
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(topology_name=topology_name, platform="tpu", num_slices=num_slices)
+    return topology_name, chip, list(desc.devices)
 
 
 def libtpu_env(topology_name: str) -> dict[str, str]:

@@ -43,15 +43,19 @@ class Program:
     note: str = ""  # what the figures of a call cover, where that is not the whole call
 
 
+def _host(device) -> tuple[int, int]:
+    return getattr(device, "slice_index", 0), device.process_index
+
+
+def hosts(devices) -> int:
+    """The processes (one per host, of every slice) that run on `devices`."""
+    return len({_host(d) for d in devices})
+
+
 def host_mesh(config, devices) -> jax.sharding.Mesh:
-    """The mesh of a one-host command (ref_logps, sample) on the first host's chips: the config's mesh if
-    it fits them, else FSDP over them (as `inference.local_mesh` does)."""
-    first = [d for d in devices if d.process_index == devices[0].process_index
-             and getattr(d, "slice_index", 0) == getattr(devices[0], "slice_index", 0)]
-    try:
-        return sharding.make_mesh(dict(config.mesh), devices=first)
-    except ValueError:
-        return sharding.make_mesh(inference.parse_mesh(inference.DEFAULT_MESH), devices=first)
+    """The mesh of a one-host command (ref_logps, sample) on the first host's chips, as those commands make
+    it (`inference.local_mesh`: the config's mesh if it fits them, else FSDP over them)."""
+    return inference.local_mesh(dict(config.mesh), devices=[d for d in devices if _host(d) == _host(devices[0])])
 
 
 def image_input(config, model_config):
@@ -90,13 +94,14 @@ def _buckets(config, options, collate, kind: str, all_buckets: bool) -> list[tup
     return [(r, t, options.target_width(t, kind), p) for r in rows for t in config.data.seq_buckets for p in patches]
 
 
-def build(config, devices, *, hosts: int, names=PROGRAMS, all_buckets: bool = False, kind: str = "auto",
+def build(config, devices, *, names=PROGRAMS, all_buckets: bool = False, kind: str = "auto",
           sample_prompts: int = 8, sample_n: int = 4) -> list[Program]:
-    """The programs `names` of the run `config` on `devices` (`hosts` processes), traced (not lowered).
+    """The programs `names` of the run `config` on `devices` (one process per host), traced (not lowered).
 
     `kind`: the training data's records, "pairs" or "groups" ("auto": groups for multi_answer rows,
     pairs otherwise; SFT reads sft)."""
-    mesh = sharding.make_mesh(config_checks.validate(config, num_devices=len(devices), num_processes=hosts),
+    processes = hosts(devices)
+    mesh = sharding.make_mesh(config_checks.validate(config, num_devices=len(devices), num_processes=processes),
                               devices=devices)
     setup = train.Setup(config, mesh)
     precomputed = config.objective == "dpo" and config.dpo.reference == "precomputed"
@@ -105,14 +110,14 @@ def build(config, devices, *, hosts: int, names=PROGRAMS, all_buckets: bool = Fa
         kind = options.kind if options.kind == "sft" else ("groups" if options.pair_layout == "multi_answer"
                                                            else "pairs")
     vision = image_input(config, setup.model_config)
-    collate = pipeline.Collate(options, config.data.batch_size // hosts, 0, vision, kind)
+    collate = pipeline.Collate(options, config.data.batch_size // processes, 0, vision, kind)
     local = collate([])["batch"]
     buckets = _buckets(config, options, collate, kind, all_buckets)
     per_row = options.slots(kind)[0] * options.groups_per_row if options.kind == "pairs" else options.groups_per_row
     out = []
 
     def spec(shape, on):
-        return _abstract(train.global_spec(local, *shape, processes=hosts), on)
+        return _abstract(train.global_spec(local, *shape, processes=processes), on)
 
     if "train" in names:
         steps = setup.steps()
@@ -130,12 +135,12 @@ def build(config, devices, *, hosts: int, names=PROGRAMS, all_buckets: bool = Fa
                 model = lambda b=batch: train_step.jit_step(  # noqa: E731
                     unremat.steps().train, unremat.abstract, b, mesh).trace(unremat.abstract, b)
             patches = f", {shape[3]} patches per row" if shape[3] else ""
-            out.append(Program("train", f"{shape[0] * hosts} rows of {shape[1]} tokens{patches}", mesh, traced, model,
-                               pairs=shape[0] * hosts * per_row))
+            out.append(Program("train", f"{shape[0] * processes} rows of {shape[1]} tokens{patches}", mesh, traced,
+                               model, pairs=shape[0] * processes * per_row))
     if "eval" in names and config.data.eval:
         batch = spec(buckets[-1], mesh)
         traced = jax.jit(sharding.traced_on(mesh, setup.steps().eval)).trace(setup.abstract, batch)
-        out.append(Program("eval", f"{buckets[-1][0] * hosts} rows of {buckets[-1][1]} tokens", mesh, traced))
+        out.append(Program("eval", f"{buckets[-1][0] * processes} rows of {buckets[-1][1]} tokens", mesh, traced))
     one_host = host_mesh(config, devices)
     if "ref_logps" in names and options.kind == "pairs":
         run = config_lib.RunSettings.from_config(config)

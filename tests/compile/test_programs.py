@@ -15,10 +15,8 @@ def _flags_parsed(tpu_env):
         flags.FLAGS.mark_as_parsed()
 
 
-def _devices(topology):
-    from jax.experimental import topologies
-
-    return topologies.get_topology_desc(topology_name=chips.topology(topology)[0], platform="tpu").devices
+def _devices(topology, num_slices=1):
+    return chips.devices(topology, num_slices)[2]
 
 
 def _config(folder, **fields):
@@ -32,7 +30,7 @@ def _config(folder, **fields):
 
 def _compile(config, topology, names=("train",), **options):
     devices = _devices(topology)
-    built = programs.build(config, devices, hosts=len({d.process_index for d in devices}), names=names, **options)
+    built = programs.build(config, devices, names=names, **options)
     chip = chips.topology(topology)[1]
     return built, [report.compile_and_measure(p, chip, chip.hbm_gib) for p in built]
 
@@ -41,8 +39,8 @@ def test_attention_auto_is_decided_by_the_target_not_the_host(smoke_dir):
     """The same config traced for TPU chips holds the splash kernel; for this host's CPU devices, einsums."""
     config = _config(smoke_dir)
     assert config.model.attention == "auto"
-    tpu = programs.build(config, _devices("v5p-8"), hosts=1, names=("train",))[0]
-    cpu = programs.build(config, jax.devices()[:4], hosts=1, names=("train",))[0]
+    tpu = programs.build(config, _devices("v5p-8"), names=("train",))[0]
+    cpu = programs.build(config, jax.devices()[:4], names=("train",))[0]
     assert "pallas_call" in str(tpu.traced.jaxpr)
     assert "pallas_call" not in str(cpu.traced.jaxpr)
 
@@ -73,18 +71,17 @@ def test_packed_multi_answer_rows_on_v6e(smoke_dir):
     config = _config(smoke_dir, dpo__pair_layout="multi_answer", data__groups_per_row=2, mesh__fsdp=4,
                      mesh__tensor=1)
     devices = _devices("v6e-4")
-    built = programs.build(config, devices, hosts=1, names=("train",), all_buckets=True)
+    built = programs.build(config, devices, names=("train",), all_buckets=True)
     assert [p.what for p in built] == ["4 rows of 48 tokens", "8 rows of 48 tokens"]  # ⌈8/2⌉ rows, then 8
     measured = report.compile_and_measure(built[0], chips.CHIPS["v6e"], 32)
     assert measured["mosaic_kernels"] > 0 and measured["fits"] and measured["pairs"] == 4 * 2 * 4
 
 
 def test_two_slices_split_data_between_slices(smoke_dir):
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu", num_slices=2).devices
+    devices = _devices("v5p:2x2x1", num_slices=2)
+    assert programs.hosts(devices) == 2  # one host of 4 chips in each slice
     config = _config(smoke_dir, mesh__data=2, mesh__fsdp=4, mesh__tensor=1)
-    (train,) = programs.build(config, devices, hosts=2, names=("train",))
+    (train,) = programs.build(config, devices, names=("train",))
     grid = train.mesh.devices  # [data, fsdp, tensor]: each data index inside one slice
     assert [{d.slice_index for d in grid[i].ravel()} for i in range(2)] == [{0}, {1}]
     assert train.what == "8 rows of 48 tokens"
