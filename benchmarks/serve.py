@@ -34,8 +34,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data_prep import smoke  # noqa: E402
 from rdpo_jax import inference, sampling  # noqa: E402
-from rdpo_jax.data_prep import smoke  # noqa: E402
 
 _CLIENTS = flags.DEFINE_list("clients", ["1", "8", "32"], "Concurrent client counts.")
 _REQUESTS = flags.DEFINE_integer("requests", 64, "Requests per client count and round.")

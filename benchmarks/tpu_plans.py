@@ -4,7 +4,7 @@
     python benchmarks/tpu_plans.py --model=qwen2.5-vl-7b
     python benchmarks/tpu_plans.py --model=llava-1.5-7b --write_config=/tmp/llava-1.5-7b   # for rdpo_jax.compile
 
-Each variant is `rdpo_jax/configs/{llava15,qwen25vl}_7b_tpu.py` with a few fields changed, its train step
+Each variant is `configs/{llava15,qwen25vl}_7b_tpu.py` with a few fields changed, its train step
 compiled by XLA:TPU for the slice (`rdpo_jax.compile`: libtpu on this CPU host) at one row bucket: memory
 per chip, matmul FLOPs through every loop, XLA's estimated step time (its cost model, not a measurement) and
 the pairs/s and model-FLOPs utilisation that implies. The architecture comes from each model's published
@@ -19,8 +19,8 @@ import tempfile
 
 from absl import app, flags
 
+from configs import llava15_7b_tpu, qwen25vl_7b_tpu
 from rdpo_jax.compile import chips, programs, report
-from rdpo_jax.configs import llava15_7b_tpu, qwen25vl_7b_tpu
 import presets  # benchmarks/presets.py
 
 _MODEL = flags.DEFINE_enum("model", "llava-1.5-7b", list(presets.NAMES), "Which shipped config.")

@@ -132,7 +132,7 @@ def _config(work: str, row: str, check: bool = False) -> list[str]:
     data = f"{work}/{'groups' if grouped else 'pairs'}{suffix}"
     # the smallest bucket that holds a row: prompt ≈ 640 tokens, answers ≤ 129
     bucket = {"concat": 832, "shared_prefix": 960, "multi_answer": 1216}[layout]
-    return [f"--config={ROOT}/rdpo_jax/configs/base.py", f"--config.model.path={work}/model",
+    return [f"--config={ROOT}/configs/base.py", f"--config.model.path={work}/model",
             f"--config.data.train={data}", "--config.data.eval=",
             f"--config.data.batch_size={BATCH // 3 if grouped else BATCH}",
             f"--config.data.seq_buckets=({bucket},)", "--config.data.max_answer_len=160",
@@ -238,7 +238,7 @@ def main(argv):
             if f"{row}_pre" not in rows or os.path.exists(f"{work}/{data}_ref.manifest.json"):
                 continue
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "rdpo_jax.data_prep.ref_logps", *_config(work, row, check),
+            subprocess.run([sys.executable, "-m", "data_prep.ref_logps", *_config(work, row, check),
                             f"--pairs={work}/{data}", f"--out={work}", f"--name={data}_ref"],
                            env=_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             print(f"ref_logps over {data}: {time.perf_counter() - t0:.1f} s (whole command)")

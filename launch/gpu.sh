@@ -4,7 +4,7 @@
 #   launch/gpu.sh [options] -- TRAIN_ARGS...
 #
 # One host: one process drives all its GPUs (JAX's single-controller model); the mesh in the config
-# (e.g. rdpo_jax/configs/llava15_7b_gpu.py: fsdp 8) spans them.
+# (e.g. configs/llava15_7b_gpu.py: fsdp 8) spans them.
 # Several hosts: run this script on every host with the same flags and its own --node_rank; process 0's
 # host is the coordinator (jax.distributed). On SLURM, use --slurm instead (srun sets the ranks and
 # jax.distributed.initialize() reads them).
@@ -37,7 +37,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-[[ ${#TRAIN_ARGS[@]} -gt 0 ]] || die "give the trainer's flags after --, e.g. -- --config=rdpo_jax/configs/llava15_7b_gpu.py:data=DIR --workdir=DIR"
+[[ ${#TRAIN_ARGS[@]} -gt 0 ]] || die "give the trainer's flags after --, e.g. -- --config=configs/llava15_7b_gpu.py:data=DIR --workdir=DIR"
 
 ENV=(XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
      "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true${XLA_FLAGS:+ $XLA_FLAGS}")

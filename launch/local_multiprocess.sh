@@ -32,7 +32,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-[[ ${#TRAIN_ARGS[@]} -gt 0 ]] || die "give the trainer's flags after --, e.g. -- --config=rdpo_jax/configs/smoke.py:dir=DIR --workdir=DIR"
+[[ ${#TRAIN_ARGS[@]} -gt 0 ]] || die "give the trainer's flags after --, e.g. -- --config=configs/smoke.py:dir=DIR --workdir=DIR"
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || die "--processes=$N: expected a positive integer"
 if [[ -z "$PORT" ]]; then
   PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

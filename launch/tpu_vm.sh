@@ -101,7 +101,7 @@ mountpoint -q /gcs/$BUCKET || gcsfuse --implicit-dirs $BUCKET /gcs/$BUCKET"
 }
 
 train() {
-  [[ ${#TRAIN_ARGS[@]} -gt 0 ]] || die "train: give the trainer's flags after --, e.g. -- --config=rdpo_jax/configs/llava15_7b_tpu.py --workdir=/gcs/BUCKET/run"
+  [[ ${#TRAIN_ARGS[@]} -gt 0 ]] || die "train: give the trainer's flags after --, e.g. -- --config=configs/llava15_7b_tpu.py --workdir=/gcs/BUCKET/run"
   local cmd="~/rdpo_venv/bin/python -m rdpo_jax.train" a
   for a in "${TRAIN_ARGS[@]}"; do cmd+=" $(quote "$a")"; done
   cmd+=" --config.distributed.auto=True"

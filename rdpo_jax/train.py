@@ -1,4 +1,4 @@
-"""Training entry point: `python -m rdpo_jax.train --config=rdpo_jax/configs/NAME.py[:ARG] --workdir=DIR`.
+"""Training entry point: `python -m rdpo_jax.train --config=configs/NAME.py[:ARG] --workdir=DIR`.
 
 SFT or DPO on a ("data", "fsdp", "tensor") mesh, single- or multi-process. Where the parameters come
 from, in order:
@@ -45,7 +45,7 @@ from rdpo_jax.models import config as model_config
 from rdpo_jax.models import families, hf
 
 KILL_AT_STEP_ENV = "RDPO_TEST_KILL_AT_STEP"  # testing only: SIGKILL after this step once saves are written (loop tests)
-CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (rdpo_jax/configs/NAME.py[:ARG]).",
+CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, resolved config.")
 
@@ -276,7 +276,7 @@ def _check_reference_data(spec: str, options: pipeline.Options) -> None:
     if "ref_chosen_logp" not in first:
         raise config_checks.ConfigError(
             f"config.dpo.reference: 'precomputed', but {source.where(0)} of {spec} has no ref_chosen_logp: "
-            "compute them first (rdpo_jax.data_prep.ref_logps) or use reference='model'")
+            "compute them first (data_prep.ref_logps) or use reference='model'")
     problem = pipeline.reference_mismatch(record, options)
     if problem and problem[0] == "ref_fingerprint":
         raise config_checks.ConfigError(
@@ -316,7 +316,7 @@ def _check_reference(step: int, check: dict, element: dict, local: dict, source)
         f"(the policy: {pc:.4f}, {nc:.0f} tokens), rejected {rr:.4f} (the policy: {pr:.4f}, {nr:.0f} tokens); "
         f"at most {floor} + {per_token}·tokens nats apart before the first update. They were computed by another "
         "model or with other settings, or written into another record: compute them again with "
-        "rdpo_jax.data_prep.ref_logps and this run's config")
+        "data_prep.ref_logps and this run's config")
 
 
 def _pair_name(slot: int, element: dict, local: dict, source) -> str:

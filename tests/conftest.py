@@ -59,9 +59,9 @@ def tiny_qwen(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_dir(tmp_path_factory):
-    """`python -m rdpo_jax.data_prep.smoke` output with 8 pairs (one fixed batch of the smoke config) and 16 SFT
+    """`python -m data_prep.smoke` output with 8 pairs (one fixed batch of the smoke config) and 16 SFT
     examples, the prompt files), built once per session."""
-    from rdpo_jax.data_prep import smoke
+    from data_prep import smoke
 
     out = str(tmp_path_factory.mktemp("smoke"))
     smoke.write_setup(out, pairs=8, sft=16, seed=0)
@@ -70,9 +70,9 @@ def smoke_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen_smoke_dir(tmp_path_factory):
-    """`python -m rdpo_jax.data_prep.smoke --family=qwen2_5_vl` output (8 pairs with 0–2 images of different
+    """`python -m data_prep.smoke --family=qwen2_5_vl` output (8 pairs with 0–2 images of different
     sizes each, 16 SFT examples), built once per session."""
-    from rdpo_jax.data_prep import smoke
+    from data_prep import smoke
 
     out = str(tmp_path_factory.mktemp("qwen_smoke"))
     smoke.write_setup(out, pairs=8, sft=16, seed=0, family="qwen2_5_vl")

@@ -21,7 +21,7 @@ def env(compile_cache: str, devices: int = 8) -> dict:
 
 
 def train_args(smoke_dir: str, workdir: str, *overrides: str, objective: str = "dpo") -> list[str]:
-    return [f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir},objective={objective}", f"--workdir={workdir}", *overrides]
+    return [f"--config=configs/smoke.py:dir={smoke_dir},objective={objective}", f"--workdir={workdir}", *overrides]
 
 
 def train_command(smoke_dir: str, workdir: str, *overrides: str, objective: str = "dpo") -> list[str]:
@@ -55,6 +55,6 @@ def final_params(workdir: str, smoke_dir: str) -> tuple[dict, int]:
 
 def prompts_jsonl(folder, n: int = 6) -> str:
     """`build_rubrics` input: n prompts describing random 24×24 images, with ground truth for the verifier."""
-    from rdpo_jax.data_prep import smoke
+    from data_prep import smoke
 
     return smoke.write_prompts(str(folder), "prompts", n=n, seed=0)

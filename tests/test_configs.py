@@ -7,8 +7,8 @@ import pytest
 import transformers
 from flax import nnx
 
-from rdpo_jax.configs import base, llava15_7b_gpu, llava15_7b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu, smoke
-from rdpo_jax import config_checks, sharding
+from configs import llava15_7b_gpu, llava15_7b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu, smoke
+from rdpo_jax import config_checks, defaults, sharding
 from rdpo_jax.models import families, hf
 
 
@@ -135,7 +135,7 @@ def test_locked_config_rejects_a_typo(smoke_dir, tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "rdpo_jax.train", f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir}",
+    proc = subprocess.run([sys.executable, "-m", "rdpo_jax.train", f"--config=configs/smoke.py:dir={smoke_dir}",
                            "--config.optim.learnin_rate=0.1", f"--workdir={tmp_path}"],
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Did you mean \"learning_rate\" instead of \"learnin_rate\"" in proc.stderr
@@ -143,8 +143,8 @@ def test_locked_config_rejects_a_typo(smoke_dir, tmp_path):
 
 
 def test_base_holds_every_key_with_a_comment():
-    text = open(base.__file__).read()
-    c = base.get_config()
+    text = open(defaults.__file__).read().split("\ndef train()", 1)[1].split("\ndef loop()", 1)[0]
+    c = defaults.train()
     for key in json.loads(c.to_json()):
         assert f"c.{key}" in text, key
     for line in text.splitlines():

@@ -12,7 +12,7 @@ import sys
 
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.demo import world
-from rdpo_jax.configs.loop_demo import ARMS
+from rdpo_jax.demo import ARMS
 from tests import runs
 
 

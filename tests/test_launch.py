@@ -18,7 +18,7 @@ def _dry_run(script, *args, environment=None, expect_rc=0):
     return proc.stdout.splitlines() if expect_rc == 0 else proc.stderr
 
 
-TRAIN = ["--config=rdpo_jax/configs/llava15_7b_tpu.py:data=/gcs/bucket/pairs", "--workdir=/gcs/bucket/run",
+TRAIN = ["--config=configs/llava15_7b_tpu.py:data=/gcs/bucket/pairs", "--workdir=/gcs/bucket/run",
          "--config.data.train=/gcs/bucket/pairs round 2"]
 
 
@@ -35,7 +35,7 @@ def test_tpu_vm_all_stages():
         "mkdir -p ~/rdpo_jax && tar -xzf ~/rdpo_jax-src.tar.gz -C ~/rdpo_jax && python3 -m venv ~/rdpo_venv && "
         "~/rdpo_venv/bin/pip install -q -U pip && ~/rdpo_venv/bin/pip install -q -e \"$HOME/rdpo_jax[tpu]\"'",
         f"gcloud compute tpus tpu-vm ssh rdpo {zone} --worker=all '--command=cd ~/rdpo_jax && "
-        "~/rdpo_venv/bin/python -m rdpo_jax.train --config=rdpo_jax/configs/llava15_7b_tpu.py:data=/gcs/bucket/pairs "
+        "~/rdpo_venv/bin/python -m rdpo_jax.train --config=configs/llava15_7b_tpu.py:data=/gcs/bucket/pairs "
         "--workdir=/gcs/bucket/run '\\''--config.data.train=/gcs/bucket/pairs round 2'\\'' "
         "--config.distributed.auto=True'",
     ]
@@ -82,7 +82,7 @@ def test_tpu_vm_errors(args, message):
 
 
 def test_gpu_one_host_and_multi_node():
-    train = ["--config=rdpo_jax/configs/llava15_7b_gpu.py:data=/data/pairs", "--workdir=/ckpt/run"]
+    train = ["--config=configs/llava15_7b_gpu.py:data=/data/pairs", "--workdir=/ckpt/run"]
     env = "env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true"
     assert _dry_run("gpu.sh", "--dry-run", "--gpus=4", "--", *train) == [
         f"{env} CUDA_VISIBLE_DEVICES=0,1,2,3 python3 -m rdpo_jax.train {' '.join(train)}"]
@@ -99,10 +99,10 @@ def test_gpu_one_host_and_multi_node():
 
 def test_local_multiprocess_commands():
     lines = _dry_run("local_multiprocess.sh", "--dry-run", "--processes=3", "--devices_per_process=2",
-                     "--port=4321", "--python=py", "--", "--config=rdpo_jax/configs/smoke.py:dir=/s", "--workdir=/w")
+                     "--port=4321", "--python=py", "--", "--config=configs/smoke.py:dir=/s", "--workdir=/w")
     assert lines == [
         "env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 py -m rdpo_jax.train "
-        "--config=rdpo_jax/configs/smoke.py:dir=/s --workdir=/w --config.distributed.coordinator=127.0.0.1:4321 "
+        "--config=configs/smoke.py:dir=/s --workdir=/w --config.distributed.coordinator=127.0.0.1:4321 "
         f"--config.distributed.num_processes=3 --config.distributed.process_id={i}" for i in range(3)]
     assert "--processes=0: expected a positive integer" in _dry_run(
         "local_multiprocess.sh", "--processes=0", "--", "--config=c", expect_rc=2)
@@ -112,7 +112,7 @@ def test_local_multiprocess_stops_all_when_one_fails(tmp_path):
     """A process that fails (here: a config that does not exist) fails the script, with its log shown (in a
     log folder the script creates)."""
     proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "--python=" + sys.executable,
-                           f"--log_dir={tmp_path}/logs/new", "--", "--config=rdpo_jax/configs/absent.py", f"--workdir={tmp_path}/w"],
+                           f"--log_dir={tmp_path}/logs/new", "--", "--config=configs/absent.py", f"--workdir={tmp_path}/w"],
                           cwd=runs.ROOT, env=runs.env(str(tmp_path / "cache")), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0

@@ -31,7 +31,7 @@ def _loop(workdir, smoke_dir, *extra):
     """The loop command (runnable from any directory) with the smoke files' folder typed relative to the
     repository: the config's paths are relative."""
     return [sys.executable, "-m", "rdpo_jax.loop",
-            f"--config={runs.ROOT}/rdpo_jax/configs/loop_smoke.py:dir={os.path.relpath(smoke_dir, runs.ROOT)},"
+            f"--config={runs.ROOT}/configs/loop_smoke.py:dir={os.path.relpath(smoke_dir, runs.ROOT)},"
             "reference=initial,ref_logps=1", f"--workdir={workdir}", *extra]
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from rdpo_jax.data_prep import smoke
+from data_prep import smoke
 from rdpo_jax import checkpoint, packing
 from rdpo_jax.data import arrayrecord, image_inputs, pipeline
 from rdpo_jax.models import hf
@@ -84,7 +84,7 @@ def _losses(workdir):
 def test_the_processes_rows_need_different_buckets_in_the_same_step(smoke_dir, data):
     """The data above makes the processes disagree on the bucket in some steps (what the runs below
     must survive), and a 2-process share of each global batch is the 1-process batch's rows."""
-    from rdpo_jax.configs import smoke as smoke_config
+    from configs import smoke as smoke_config
 
     config = smoke_config.get_config(f"dir={smoke_dir}")
     config.data.update(seq_buckets=BUCKETS, max_answer_len=16, on_bad_record="skip")
@@ -218,7 +218,7 @@ def test_packed_rows_two_processes_match_one(smoke_dir, data, tmp_path, compile_
     """data.groups_per_row = 2: each process packs its 4 records into 2 rows of 80 tokens when they fit
     two by two, else 4; processes that disagree on the row count agree on the larger (empty rows) and the
     run equals one process packing all 8."""
-    from rdpo_jax.configs import smoke as smoke_config
+    from configs import smoke as smoke_config
 
     config = smoke_config.get_config(f"dir={smoke_dir}")
     config.data.update(seq_buckets=(80,), max_answer_len=16, on_bad_record="skip", groups_per_row=2)

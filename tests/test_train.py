@@ -136,7 +136,7 @@ def test_resuming_with_the_other_layer_layout_is_refused(smoke_dir, sft_run):
     """sft_run's checkpoints hold stacked (scanned) layers; resuming it per layer would not restore. The
     trainer checks this before it writes anything into the workdir."""
     from rdpo_jax import config_checks, sharding, train
-    from rdpo_jax.configs import smoke
+    from configs import smoke
 
     workdir, _ = sft_run
     config = smoke.get_config(f"dir={smoke_dir},objective=sft")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 # The smoke setup's tokenizer (word level, ChatML template) serves the tiny test models too.
-from rdpo_jax.data_prep.smoke import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL, WORDS, tokenizer  # noqa: F401
+from data_prep.smoke import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL, WORDS, tokenizer  # noqa: F401
 
 VOCAB = 160
 

@@ -1,6 +1,6 @@
 """Compiles every program of a run for a TPU slice, on any machine, and says whether it fits.
 
-    python -m rdpo_jax.compile --config=rdpo_jax/configs/NAME.py[:ARG] --topology=v5p-64 [--num_slices=N]
+    python -m rdpo_jax.compile --config=configs/NAME.py[:ARG] --topology=v5p-64 [--num_slices=N]
         [--config.FIELD=VALUE …] [--programs=train,eval,ref_logps,sample] [--all_buckets] [--json=FILE]
 
 The same `--config` (and overrides) as `rdpo_jax.train`; the model folder needs only its `config.json`

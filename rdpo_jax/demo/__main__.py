@@ -7,11 +7,11 @@ Stages (each a real command in a subprocess, as a TPU user runs them; a finished
 WORKDIR/stages/ and skipped on the next run unless --fresh):
   world       scenes, the trained tokenizer, a tiny LLaVA (or Qwen2.5-VL) HF folder, imperfect SFT data,
               prompt files
-  rubrics     rdpo_jax.data_prep.build_rubrics --generator=rule (train and held-out pools)
-  sft         rdpo_jax.train rdpo_jax/configs/demo.py objective=sft (the warm start = the "base" row)
-  per seed:   rdpo_jax.data_prep.sample → rdpo_jax.data_prep.judge (verifier): the SFT policy's answers,
+  rubrics     data_prep.build_rubrics --generator=rule (train and held-out pools)
+  sft         rdpo_jax.train configs/demo.py objective=sft (the warm start = the "base" row)
+  per seed:   data_prep.sample → data_prep.judge (verifier): the SFT policy's answers,
               shared by every arm's first round
-  per arm:    rdpo_jax.loop (rdpo_jax/configs/loop_demo.py; WORKDIR/seedS/ARM): each round mines pairs
+  per arm:    rdpo_jax.loop (configs/loop_demo.py; WORKDIR/seedS/ARM): each round mines pairs
               with the arm's miner (rubric, or the outcome miner on final-answer correctness), trains
               rdpo_jax.train from the arm's previous policy and evaluates it on the held-out pool; round 2
               on samples and judges the arm's own policy first (--rounds=N). Always called: the loop
@@ -28,11 +28,13 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from absl import app, flags, logging
 
-from rdpo_jax.configs.loop_demo import ARMS
-from rdpo_jax.demo import report, world
+import rdpo_jax
+from rdpo_jax.demo import ARMS, report, world
+
 BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fast variant
     "full": dict(sft_examples=24000, sft_steps=3000, train_prompts=512, heldout_prompts=384, samples=8,
                  dpo_steps=80, max_new_tokens=70, eval_samples=4),
@@ -44,6 +46,15 @@ BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fa
 # The demo's model is tiny: a copy per device decodes faster than parameters split over them (the
 # commands' default, for models that do not fit one device).
 TINY_MODEL_MESH = "--mesh=data=-1"
+
+
+def configs_dir() -> Path:
+    """The checkout's configs/, which the stages' commands load by path (`pip install` does not ship them)."""
+    path = Path(rdpo_jax.__file__).resolve().parents[1] / "configs"
+    if not (path / "loop_demo.py").is_file():
+        raise SystemExit(f"[demo] {path}/loop_demo.py is missing: the demo runs the configs of a checkout; run "
+                         "`python -m rdpo_jax.demo` from the root of a clone of the repository")
+    return path
 
 
 def _define_flags() -> None:
@@ -64,15 +75,16 @@ class Demo:
         self.wd, self.budget, self.family = os.path.abspath(workdir), budget, family
         self.stages = os.path.join(self.wd, "stages")
         os.makedirs(self.stages, exist_ok=True)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.configs = configs_dir()
+        root = self.configs.parent  # the checkout: the stages run there, with its packages first
         # the caller's XLA flags carry on to the stages, with this demo's device count
         xla = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
         self.env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
                         XLA_FLAGS=" ".join([*xla, f"--xla_force_host_platform_device_count={devices}"]),
                         JAX_COMPILATION_CACHE_DIR=os.path.join(self.wd, "jax_cache"),
                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.cwd = root
+                        PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.cwd = str(root)
 
     def stage(self, name: str, fn, *, reuse: bool = True) -> dict:
         """Runs `fn` unless stage `name` finished before (and `reuse`); records its time."""
@@ -123,11 +135,11 @@ class Demo:
 
     def rubrics(self) -> None:
         for name in ("train", "heldout"):
-            self.command("rdpo_jax.data_prep.build_rubrics", f"--input={self.path('world', name + '_prompts.jsonl')}",
+            self.command("data_prep.build_rubrics", f"--input={self.path('world', name + '_prompts.jsonl')}",
                          f"--out={self.path('rubrics')}", f"--name={name}_pool")
 
     def sft(self) -> None:
-        self.command("rdpo_jax.train", f"--config=rdpo_jax/configs/demo.py:dir={self.wd},objective=sft,"
+        self.command("rdpo_jax.train", f"--config={self.configs}/demo.py:dir={self.wd},objective=sft,"
                      f"family={self.family},"
                      f"steps={self.budget['sft_steps']}", f"--workdir={self.path('sft')}")
 
@@ -150,15 +162,15 @@ class Demo:
     def sample_sft(self, seed: int) -> None:
         """The SFT policy's judged answers to the train pool: every arm's first round mines them."""
         b, pool, out = self.budget, self.path("rubrics", "train_pool"), self.path(f"seed{seed}", "round1")
-        self.command("rdpo_jax.data_prep.sample", f"--pool={pool}", f"--model={self.path('sft')}", f"--n={b['samples']}",
+        self.command("data_prep.sample", f"--pool={pool}", f"--model={self.path('sft')}", f"--n={b['samples']}",
                      "--temperature=1.0", f"--max_new_tokens={b['max_new_tokens']}", "--batch_size=32",
                      f"--seed={100 * seed + 1}", f"--out={out}", TINY_MODEL_MESH)
-        self.command("rdpo_jax.data_prep.judge", f"--pool={pool}", f"--samples={out}/samples", "--judge=verifier",
+        self.command("data_prep.judge", f"--pool={pool}", f"--samples={out}/samples", "--judge=verifier",
                      f"--out={out}")
 
     def loop(self, seed: int, arm: str, rounds: int) -> None:
         b = self.budget
-        self.command("rdpo_jax.loop", f"--config=rdpo_jax/configs/loop_demo.py:dir={self.wd},arm={arm},seed={seed},"
+        self.command("rdpo_jax.loop", f"--config={self.configs}/loop_demo.py:dir={self.wd},arm={arm},seed={seed},"
                      f"family={self.family},samples={b['samples']},steps={b['dpo_steps']},tokens={b['max_new_tokens']},"
                      f"eval_samples={b['eval_samples']}",
                      f"--workdir={self.path(f'seed{seed}', arm)}", f"--rounds={rounds}")

@@ -1,16 +1,16 @@
 """Rounds of on-policy rDPO with one resumable command.
 
-    python -m rdpo_jax.loop --config=rdpo_jax/configs/NAME.py[:ARG] --workdir=RUNS [--rounds=N]
+    python -m rdpo_jax.loop --config=configs/NAME.py[:ARG] --workdir=RUNS [--rounds=N]
         [--allow_config_change] [--config.FIELD=VALUE …]
 
 Round 0 builds the rubric pools from prompt files (`data_prep.build_rubrics`; or takes the datasets the
 config names) and evaluates the initial policy. Round r = 1, 2, … then runs, each stage the command a
 user would type, in a subprocess, with its log in RUNS/round_NNN/logs/STAGE.log:
 
-  sample     rdpo_jax.data_prep.sample      the current policy (round r-1's) answers the train pool
-  judge      rdpo_jax.data_prep.judge       criterion-by-criterion verdicts
-  pairs      rdpo_jax.data_prep.make_pairs  the miner's preference pairs (none: the policy stays as it was)
-  ref_logps  rdpo_jax.data_prep.ref_logps   with `ref_logps=True`: the reference's log-likelihoods
+  sample     data_prep.sample      the current policy (round r-1's) answers the train pool
+  judge      data_prep.judge       criterion-by-criterion verdicts
+  pairs      data_prep.make_pairs  the miner's preference pairs (none: the policy stays as it was)
+  ref_logps  data_prep.ref_logps   with `ref_logps=True`: the reference's log-likelihoods
   train      rdpo_jax.train                 DPO from the current policy; reference: that policy
                                             (`reference="previous"`) or the initial one ("initial")
   evaluate   rdpo_jax.evaluate              the new policy on the held-out pool
@@ -205,7 +205,7 @@ class Loop:
                 out = os.path.join(self.wd, "pools")
                 extra = [f"--endpoint={c.pool.endpoint}", f"--model={c.pool.model}"] if c.pool.generator == "openai" else []
                 R.run(f"rubrics_{which}", lambda: (
-                    "rdpo_jax.data_prep.build_rubrics",
+                    "data_prep.build_rubrics",
                     [f"--input={spec}", f"--out={out}", f"--name={which}_pool", f"--generator={c.pool.generator}",
                      f"--chunk_size={c.chunk_size}", *extra],
                     {"prompts": spec}, {"pool": f"{out}/{which}_pool"}), finished=_dataset_written("pool"))
@@ -238,19 +238,19 @@ class Loop:
             judged = c.first_judged
         else:
             R.run("sample", lambda: (
-                "rdpo_jax.data_prep.sample",
+                "data_prep.sample",
                 [f"--pool={pool}", f"--model={policy}", f"--out={out}", "--name=samples",
                  f"--seed={1000 * c.sample.seed + r}", f"--chunk_size={c.chunk_size}", *_flags(c.sample, skip=("seed",))],
                 {"pool": pool, "policy": policy}, {"samples": f"{out}/samples"}), finished=_dataset_written("samples"))
             R.run("judge", lambda: (
-                "rdpo_jax.data_prep.judge",
+                "data_prep.judge",
                 [f"--pool={pool}", f"--samples={out}/samples", f"--out={out}", "--name=judged",
                  f"--chunk_size={c.chunk_size}", *_flags(c.judge)],
                 {"pool": pool, "samples": f"{out}/samples"}, {"judged": f"{out}/judged"}),
                 finished=_dataset_written("judged"))
             judged = f"{out}/judged"
         R.run("pairs", lambda: (
-            "rdpo_jax.data_prep.make_pairs",
+            "data_prep.make_pairs",
             [f"--pool={pool}", f"--judged={judged}", f"--out={out}", "--name=pairs", f"--chunk_size={c.chunk_size}",
              *_flags(c.pairs)],
             {"pool": pool, "judged": judged}, {"pairs": f"{out}/pairs"}), finished=_dataset_written("pairs"))
@@ -270,7 +270,7 @@ class Loop:
         if c.ref_logps:
             config.append("--config.dpo.reference=precomputed")
             R.run("ref_logps", lambda: (
-                "rdpo_jax.data_prep.ref_logps",
+                "data_prep.ref_logps",
                 [*config, f"--config.data.train={out}/pairs", f"--pairs={out}/pairs", f"--out={out}",
                  "--name=pairs_ref", f"--chunk_size={c.chunk_size}"],
                 {"pairs": f"{out}/pairs", **inputs}, {"pairs_ref": f"{out}/pairs_ref"}),
@@ -286,7 +286,7 @@ class Loop:
 
 
 def _define_flags():
-    config_flags.DEFINE_config_file("config", None, "The loop config (rdpo_jax/configs/NAME.py[:ARG]).",
+    config_flags.DEFINE_config_file("config", None, "The loop config (configs/NAME.py[:ARG]).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Everything the loop writes goes here (resumed when it exists).")
     flags.DEFINE_integer("rounds", 0, "Rounds to run in all (0: the config's `rounds`); raise it to continue.")

@@ -19,7 +19,7 @@ def test_a_config_that_does_not_fit_exits_1(smoke_dir, tmp_path):
     config["text_config"]["vocab_size"] = 2**25
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     out = tmp_path / "plan.json"
-    cmd = [sys.executable, "-m", "rdpo_jax.compile", f"--config=rdpo_jax/configs/smoke.py:dir={tmp_path}",
+    cmd = [sys.executable, "-m", "rdpo_jax.compile", f"--config=configs/smoke.py:dir={tmp_path}",
            "--topology=v5litepod-4", "--programs=train", f"--json={out}"]
     env = dict(runs.env("", devices=1), XLA_FLAGS="--xla_backend_optimization_level=0")
     proc = subprocess.run(cmd, cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -5,8 +5,8 @@ import jax
 import pytest
 from absl import flags
 
+from configs import smoke
 from rdpo_jax.compile import chips, programs, report
-from rdpo_jax.configs import smoke
 
 
 @pytest.fixture(autouse=True)

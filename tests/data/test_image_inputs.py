@@ -8,9 +8,9 @@ import pytest
 import transformers
 from PIL import Image
 
+from data_prep import smoke
 from rdpo_jax.data import image_inputs, images, qwen_vl_images, qwen_vl_positions
 from rdpo_jax.data.tokenize import ChatTokenizer
-from rdpo_jax.data_prep import smoke
 from rdpo_jax.models import hf
 
 

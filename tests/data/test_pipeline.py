@@ -588,7 +588,7 @@ def test_the_trainer_refuses_reference_data_stamped_with_another_setting(smoke_d
     """Each of these changes the reference log-likelihoods' bits (the model folder: through its tokenizer,
     chat template and processor): data stamped under one value is refused under another, naming the field."""
     from rdpo_jax import config_checks, train
-    from rdpo_jax.configs import smoke
+    from configs import smoke
 
     config = smoke.get_config(f"dir={smoke_dir}")
     config.dpo.pair_layout = "multi_answer"  # the layout where records share rows (data.groups_per_row)
@@ -607,7 +607,7 @@ def test_reference_data_of_an_older_stamp_is_read_and_refused_naming_the_missing
     """Schema 3 stamped fewer settings: its records still read, and a run with a precomputed reference refuses
     them, naming the first setting their stamp lacks."""
     from rdpo_jax import config_checks, train
-    from rdpo_jax.configs import smoke
+    from configs import smoke
 
     config = smoke.get_config(f"dir={smoke_dir}")
     data = _stamped_pairs(smoke_dir, tmp_path, config)
@@ -619,5 +619,5 @@ def test_reference_data_of_an_older_stamp_is_read_and_refused_naming_the_missing
     assert list(arrayrecord.read(str(tmp_path / "old"))) == old
     options = pipeline.Options.from_config(config, reference_fingerprint=hf.fingerprint(f"{smoke_dir}/model"))
     with pytest.raises(config_checks.ConfigError, match="config.model.attention: not in the settings these reference "
-                       "log-likelihoods were stamped with .older rdpo_jax.data_prep.ref_logps."):
+                       "log-likelihoods were stamped with .older data_prep.ref_logps."):
         train._check_reference_data(str(tmp_path / "old"), options)

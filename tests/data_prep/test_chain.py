@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rdpo_jax.configs import smoke
+from configs import smoke
 from rdpo_jax import config_checks, train
 from rdpo_jax.data import arrayrecord, pipeline, records
 from rdpo_jax.models import hf
@@ -26,21 +26,21 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
     bit; data stamped with other settings is refused, naming the config field. (Restarts of sample, judge
     and make_pairs: test_restart.py.)"""
     cache, out, model = compile_cache, str(tmp_path / "round"), f"{smoke_dir}/model"
-    config = f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir}"
-    _run("rdpo_jax.data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path)}", f"--out={out}", cache=cache)
+    config = f"--config=configs/smoke.py:dir={smoke_dir}"
+    _run("data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path)}", f"--out={out}", cache=cache)
     assert len(list(arrayrecord.read(f"{out}/pool"))) == 6
 
-    log = _run("rdpo_jax.data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
+    log = _run("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
                "--batch_size=4", f"--out={out}", cache=cache)
     assert "samples: 48" in log
     assert len(list(arrayrecord.read(f"{out}/samples"))) == 48
 
-    log = _run("rdpo_jax.data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
+    log = _run("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
     assert "scored: 48" in log
     judged = list(arrayrecord.read(f"{out}/judged"))
     assert all(len(s["scores"]) == 4 and s["judge"] == "verifier" for s in judged)
 
-    log = _run("rdpo_jax.data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
+    log = _run("data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
                "--margin=0.05", cache=cache)
     pairs = list(arrayrecord.read(f"{out}/pairs"))
     assert pairs and f"pairs: {len(pairs)}" in log and "margin histogram" in log
@@ -49,7 +49,7 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
         assert p["chosen"] != p["rejected"] and p["meta"]["miner"] == "rubric"
         assert p["chosen_ids"] and p["rejected_ids"] and p["tokenizer"]  # the sampled ids travel along
 
-    _run("rdpo_jax.data_prep.ref_logps", config, BF16, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
+    _run("data_prep.ref_logps", config, BF16, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
     with_ref = list(arrayrecord.read(f"{out}/pairs_ref"))
     assert len(with_ref) == len(pairs)
     assert {p["ref_fingerprint"] for p in with_ref} == {hf.fingerprint(model)}
@@ -85,7 +85,7 @@ def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path
     (multi-answer rows) → train (precomputed reference, two groups per row) → evaluate → export — on prompts
     with 0, 1 and 2 images of different sizes in one pool."""
     cache, out, model = compile_cache, str(tmp_path / "round"), f"{qwen_smoke_dir}/model"
-    config = f"--config=rdpo_jax/configs/smoke.py:dir={qwen_smoke_dir},family=qwen2_5_vl"
+    config = f"--config=configs/smoke.py:dir={qwen_smoke_dir},family=qwen2_5_vl"
     rng = np.random.default_rng(1)
     os.makedirs(tmp_path / "images")
     with open(tmp_path / "prompts.jsonl", "w") as f:
@@ -98,24 +98,24 @@ def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path
             truth = {"mentions": ["red"], "details": ["circle"], "absent": ["blue"], "max_words": 8}
             f.write(json.dumps({"prompt_id": f"p{i}", "images": paths, "instruction": "describe the image",
                                 "ground_truth": truth}) + "\n")
-    _run("rdpo_jax.data_prep.build_rubrics", f"--input={tmp_path / 'prompts.jsonl'}", f"--out={out}", cache=cache)
+    _run("data_prep.build_rubrics", f"--input={tmp_path / 'prompts.jsonl'}", f"--out={out}", cache=cache)
     assert sorted(len(r["images"]) for r in arrayrecord.read(f"{out}/pool")) == [0, 0, 1, 1, 2, 2]
-    log = _run("rdpo_jax.data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
+    log = _run("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
                "--batch_size=6", f"--out={out}", cache=cache)
     assert "samples: 48" in log
-    _run("rdpo_jax.data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
-    log = _run("rdpo_jax.data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
+    _run("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
+    log = _run("data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
                "--margin=0.05", "--max_pairs=3", "--format=groups", cache=cache)
     groups = list(arrayrecord.read(f"{out}/pairs"))
     n = sum(len(g["pairs"]) for g in groups)
     assert f"groups: {len(groups)}" in log and f"pairs: {n}" in log and n > len(groups)  # some prompts share
     multi = ("--config.dpo.pair_layout=multi_answer", "--config.data.seq_buckets=(128,)")
-    _run("rdpo_jax.data_prep.ref_logps", config, *multi, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
+    _run("data_prep.ref_logps", config, *multi, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
     with_ref = {g["group_id"]: g for g in arrayrecord.read(f"{out}/pairs_ref")}
     assert len(with_ref) == len(groups)
     assert all(p["ref_chosen_logp"] < 0 and p["ref_rejected_logp"] < 0 for g in with_ref.values() for p in g["pairs"])
     # scored two groups per row, every pair's reference log-likelihoods are the same
-    _run("rdpo_jax.data_prep.ref_logps", config, *multi, "--config.data.groups_per_row=2", f"--pairs={out}/pairs",
+    _run("data_prep.ref_logps", config, *multi, "--config.data.groups_per_row=2", f"--pairs={out}/pairs",
          f"--out={out}", "--name=pairs_ref_packed", cache=cache)
     packed = {g["group_id"]: g for g in arrayrecord.read(f"{out}/pairs_ref_packed")}
     assert packed.keys() == with_ref.keys()

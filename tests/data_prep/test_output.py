@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from rdpo_jax.data_prep import common
+from data_prep import common
 from rdpo_jax.data import arrayrecord, records
 
 N = 6  # records per item (a prompt's samples)
@@ -68,7 +68,7 @@ def test_chunks_of_whole_items_and_mark_done(tmp_path):
 def test_a_rerun_writing_another_kind_is_refused(tmp_path):
     """make_pairs --format=groups into the out of a --format=pairs run: an error, not a mixed dataset —
     whether the first run finished (manifest) or was killed (chunks only)."""
-    from rdpo_jax.data_prep import smoke
+    from data_prep import smoke
 
     rng = np.random.default_rng(0)
     for finished in (True, False):
@@ -87,13 +87,13 @@ def test_a_command_with_a_training_config_refuses_the_distributed_flags():
     so it is refused, naming the config's fields."""
     from absl import app, flags
 
-    from rdpo_jax.configs import base
+    from rdpo_jax import defaults
 
     holder = flags.FLAGS["distributed_auto"]
     holder.present = 1
     try:
         with pytest.raises(app.UsageError, match="--config.distributed.coordinator"):
-            common.shard(base.get_config().distributed)
+            common.shard(defaults.train().distributed)
     finally:
         holder.present = 0
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rdpo_jax.data_prep import common, smoke
+from data_prep import common, smoke
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.rubrics import generate
@@ -97,15 +97,15 @@ def chain(smoke_dir, compile_cache, tmp_path_factory):
     _pool(str(tmp))
     # 4 samples a prompt, chunks of ≥ 5 records: a chunk ending at its 5th record would end inside a
     # prompt. Batches of ≤ 3 per image count: [p2, p5], [p0, p1, p3], [p4, p6].
-    sample = ["rdpo_jax.data_prep.sample", f"--pool={pool}", f"--model={model}", "--n=4", "--max_new_tokens=8",
+    sample = ["data_prep.sample", f"--pool={pool}", f"--model={model}", "--n=4", "--max_new_tokens=8",
               "--batch_size=3", "--chunk_size=5", "--name=samples"]
     samples = _complete(sample, ref, [], compile_cache)
     # judged in fixed batches of 4 samples; chunks of one record (committed when the next is added)
-    judge = ["rdpo_jax.data_prep.judge", f"--pool={pool}", "--judge=verifier", "--batch_size=4", "--chunk_size=1",
+    judge = ["data_prep.judge", f"--pool={pool}", "--judge=verifier", "--batch_size=4", "--chunk_size=1",
              "--name=judged", f"--samples={ref}/samples"]
     judged = _complete(judge, ref, [], compile_cache)
     # chunks of ≥ 1 pair (ending at the next prompt)
-    make_pairs = ["rdpo_jax.data_prep.make_pairs", f"--pool={pool}", "--margin=0.05", "--max_pairs=2",
+    make_pairs = ["data_prep.make_pairs", f"--pool={pool}", "--margin=0.05", "--max_pairs=2",
                   "--chunk_size=1", "--name=pairs", f"--judged={ref}/judged"]
     pairs = _complete(make_pairs, ref, [], compile_cache)
     return types.SimpleNamespace(tmp=tmp, model=model, sample=sample, samples=samples, judge=judge, judged=judged,
@@ -113,7 +113,7 @@ def chain(smoke_dir, compile_cache, tmp_path_factory):
 
 
 def test_build_rubrics_sharded_and_killed_writes_the_one_shard_pool(tmp_path, compile_cache):
-    build = ["rdpo_jax.data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path, n=8)}", "--chunk_size=1",
+    build = ["data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path, n=8)}", "--chunk_size=1",
              "--name=pool"]
     pool = _complete(build, str(tmp_path / "one"), [], compile_cache)
     assert len(pool) == 8
@@ -200,7 +200,7 @@ def test_ref_logps_sharded_and_killed_writes_each_record_its_own_values(smoke_di
     criteria = [dict(inputs[0]["rubric"]["criteria"][0], id=f"c{j}") for j in range(5)]  # over max_criteria 4
     bad = dict(inputs[0], pair_id="bad", rubric={"criteria": criteria}, chosen_scores=[1] * 5, rejected_scores=[0] * 5)
     arrayrecord.write(str(tmp_path), "pairs", "pairs", inputs[:5] + [bad] + inputs[5:])
-    ref_logps = ["rdpo_jax.data_prep.ref_logps", f"--config=rdpo_jax/configs/smoke.py:dir={smoke_dir}",
+    ref_logps = ["data_prep.ref_logps", f"--config=configs/smoke.py:dir={smoke_dir}",
                  "--config.dpo.pair_layout=multi_answer", "--config.data.groups_per_row=2",
                  "--config.data.seq_buckets=(96,)", "--config.data.on_bad_record=skip", f"--pairs={tmp_path}/pairs",
                  "--batch_size=3", "--chunk_size=1", "--name=pairs_ref"]

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from rdpo_jax.configs import loop_base, loop_demo, loop_smoke
+from configs import loop_demo, loop_smoke
+from rdpo_jax import defaults
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.loop import rounds
 from rdpo_jax.loop.__main__ import Loop, check_config
@@ -90,7 +91,7 @@ def test_config_paths_resolve_against_the_first_calls_directory(tmp_path, monkey
     base = check_config(wd, c, allow_change=False)
     assert (c.policy, c.first_judged, c.pool.train) == (f"{first}/smoke/model", f"{first}/judged",
                                                         f"{first}/smoke/prompts.jsonl")
-    assert c.train.config == f"{first}/rdpo_jax/configs/smoke.py:dir=smoke"  # the file; its argument is the config's
+    assert c.train.config == f"{first}/configs/smoke.py:dir=smoke"  # the file; its argument is the config's
     assert base == str(first)  # the stages run there
     monkeypatch.chdir(other)
     again = loop_smoke.get_config("dir=smoke")
@@ -139,18 +140,18 @@ def test_a_changed_config_is_refused_naming_the_fields(tmp_path, capsys):
 
 
 # loop config group → the command whose flags it holds (evaluate's `initial` is the loop's own)
-COMMANDS = {"sample": "rdpo_jax/data_prep/sample.py", "judge": "rdpo_jax/data_prep/judge.py",
-            "pairs": "rdpo_jax/data_prep/make_pairs.py", "evaluate": "rdpo_jax/evaluate.py"}
+COMMANDS = {"sample": "data_prep/sample.py", "judge": "data_prep/judge.py",
+            "pairs": "data_prep/make_pairs.py", "evaluate": "rdpo_jax/evaluate.py"}
 
 
 def test_loop_options_are_the_commands_flags_and_each_has_a_comment():
-    c = loop_base.get_config()
+    c = defaults.loop()
     for group, module in COMMANDS.items():
         source = open(os.path.join(ROOT, module)).read()
         for key in c[group]:
             if (group, key) != ("evaluate", "initial"):
                 assert re.search(rf'DEFINE_\w+\(\s*"{key}"', source), f"{group}.{key} is not a flag of {module}"
-    text = open(loop_base.__file__).read()
+    text = open(defaults.__file__).read().split("\ndef loop()", 1)[1]
     for line in text.splitlines():
         if line.strip().startswith("c.") and " = " in line and "ConfigDict()" not in line:
             assert "#" in line, line
@@ -167,4 +168,4 @@ def test_demo_and_smoke_loop_configs():
         loop_demo.get_config("dir=/wd,arm=dpo")
     c = loop_smoke.get_config("dir=/s,reference=initial,ref_logps=1")
     assert c.reference == "initial" and c.ref_logps is True and c.pool.train == "/s/prompts.jsonl"
-    assert sys.modules["rdpo_jax.configs.loop_smoke"].__doc__.count("python -m rdpo_jax.loop") == 1
+    assert sys.modules["configs.loop_smoke"].__doc__.count("python -m rdpo_jax.loop") == 1

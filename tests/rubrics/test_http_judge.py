@@ -282,7 +282,7 @@ def test_judge_command_caches_per_shard_and_passes_max_retry_after(server, tmp_p
     arrayrecord.write(str(tmp_path), "pool", "rubric_pool", pool)
     arrayrecord.write(str(tmp_path), "samples", "samples", samples)
     out = tmp_path / "out"
-    proc = runs.run([sys.executable, "-m", "rdpo_jax.data_prep.judge", f"--pool={tmp_path}/pool",
+    proc = runs.run([sys.executable, "-m", "data_prep.judge", f"--pool={tmp_path}/pool",
                      f"--samples={tmp_path}/samples", "--judge=openai", f"--endpoint={_url(server)}",
                      "--judge_model=judge-vlm", f"--out={out}", "--shard_index=1", "--num_shards=2", "--batch_size=1",
                      "--max_retry_after=0.2"], dict(os.environ, PYTHONPATH=runs.ROOT), timeout=120)

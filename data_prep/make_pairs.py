@@ -1,8 +1,8 @@
 """Mines preference pairs from judged samples, prompt by prompt.
 
-    python -m rdpo_jax.data_prep.make_pairs --pool=DIR/pool --judged=DIR/judged --miner=rubric --out=DIR [--name=pairs]
+    python -m data_prep.make_pairs --pool=DIR/pool --judged=DIR/judged --miner=rubric --out=DIR [--name=pairs]
         [--gate=veto] [--margin=0.1] [--criterion_gap=0] [--max_pairs=2] [--dedup=0.9] [--format=pairs|groups]
-    python -m rdpo_jax.data_prep.make_pairs … --miner=outcome --outcome=correct|holistic|ID   (the baseline)
+    python -m data_prep.make_pairs … --miner=outcome --outcome=correct|holistic|ID   (the baseline)
 
 Output: `pairs` records with the rubric, both answers' raw scores, the miner's metadata and, where the
 samples carry them, both answers' token ids (`chosen_ids`, `rejected_ids`, `tokenizer`); with
@@ -21,7 +21,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from rdpo_jax.data_prep import common
+from data_prep import common
 from rdpo_jax import logs
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.rubrics import aggregate, mining

@@ -1,7 +1,7 @@
 """Builds the rubric pool: one instance-specific rubric per image–instruction pair.
 
-    python -m rdpo_jax.data_prep.build_rubrics --input=prompts.jsonl --generator=rule --out=DIR [--name=pool]
-    python -m rdpo_jax.data_prep.build_rubrics --input=prompts.jsonl --generator=openai \\
+    python -m data_prep.build_rubrics --input=prompts.jsonl --generator=rule --out=DIR [--name=pool]
+    python -m data_prep.build_rubrics --input=prompts.jsonl --generator=openai \\
         --endpoint=http://judge:8000/v1 --model=Qwen/Qwen2.5-VL-72B-Instruct --out=DIR
 
 Input: JSONL, one prompt per line — {"prompt_id", "images": [paths] (or "image"), "instruction" (or chat
@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags
 
-from rdpo_jax.data_prep import common
+from data_prep import common
 from rdpo_jax import logs
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.rubrics import generate

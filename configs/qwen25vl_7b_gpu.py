@@ -1,6 +1,6 @@
 """rDPO of Qwen2.5-VL-7B-Instruct on one host with 8 GPUs (80 GB each, e.g. H100).
 
-    python -m rdpo_jax.train --config=rdpo_jax/configs/qwen25vl_7b_gpu.py:model=/ckpt/Qwen2.5-VL-7B-Instruct,data=/data/pairs \\
+    python -m rdpo_jax.train --config=configs/qwen25vl_7b_gpu.py:model=/ckpt/Qwen2.5-VL-7B-Instruct,data=/data/pairs \\
         --workdir=/runs/rdpo-qwen7b
 
 Images within 512·28·28 pixels each (≤ 512 image tokens), up to 2 per record, patch buffers of 1024, 2048
@@ -13,12 +13,12 @@ micro-batches of 16. (The 32-device CPU compile of qwen25vl_7b_tpu.py puts the s
 per device, ≈ 14.7 GiB over 8; XLA:CPU's temporaries are not a GPU's: see that file.)
 """
 
-from rdpo_jax.configs import base
+from rdpo_jax import defaults
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "rdpo_jax/configs/qwen25vl_7b_gpu.py", required=("model", "data"), optional=("eval",))
-    c = base.get_config()
+    args = defaults.parse_arg(arg, "configs/qwen25vl_7b_gpu.py", required=("model", "data"), optional=("eval",))
+    c = defaults.train()
     c.objective = "dpo"
     c.model.path = args["model"]
     c.model.param_dtype = "float32"

@@ -1,19 +1,19 @@
-"""Tiny CPU smoke run on the files of `python -m rdpo_jax.data_prep.smoke --out=DIR` (well under a minute here).
+"""Tiny CPU smoke run on the files of `python -m data_prep.smoke --out=DIR` (well under a minute here).
 
-    python -m rdpo_jax.data_prep.smoke --out=/tmp/smoke
-    python -m rdpo_jax.train --config=rdpo_jax/configs/smoke.py:dir=/tmp/smoke --workdir=/tmp/run
-    python -m rdpo_jax.train --config=rdpo_jax/configs/smoke.py:dir=/tmp/smoke,objective=sft --workdir=/tmp/run_sft
+    python -m data_prep.smoke --out=/tmp/smoke
+    python -m rdpo_jax.train --config=configs/smoke.py:dir=/tmp/smoke --workdir=/tmp/run
+    python -m rdpo_jax.train --config=configs/smoke.py:dir=/tmp/smoke,objective=sft --workdir=/tmp/run_sft
 
 The argument is `key=value` pairs: dir (required), objective (dpo | sft), family (llava | qwen2_5_vl: the
 family `data_prep.smoke --family` wrote; Qwen2.5-VL records hold 0–2 images of any size).
 """
 
-from rdpo_jax.configs import base
+from rdpo_jax import defaults
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "rdpo_jax/configs/smoke.py", required=("dir",), optional=("objective", "family"))
-    c = base.get_config()
+    args = defaults.parse_arg(arg, "configs/smoke.py", required=("dir",), optional=("objective", "family"))
+    c = defaults.train()
     d = args["dir"]
     c.objective = args.get("objective", "dpo")
     c.model.path = f"{d}/model"

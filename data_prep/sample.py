@@ -1,6 +1,6 @@
 """Samples n answers per prompt of a rubric pool from the current policy (on-policy data for a round).
 
-    python -m rdpo_jax.data_prep.sample --pool=DIR/pool --model=HF_FOLDER_OR_RUN_DIR --n=8 --out=DIR [--name=samples]
+    python -m data_prep.sample --pool=DIR/pool --model=HF_FOLDER_OR_RUN_DIR --n=8 --out=DIR [--name=samples]
 
 The policy is a Hugging Face folder or a training run (its latest checkpoint). Generation runs jitted
 with a KV cache on a mesh of this process's devices (--mesh; parameters split over all of them by
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from rdpo_jax.data_prep import common
+from data_prep import common
 from rdpo_jax import inference, logs, sampling
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.models import config as config_lib

@@ -2,7 +2,7 @@
 M-RoPE, untied head; 8.3B parameters) on a TPU v5p-64 slice: 32 chips on 8 hosts (run on every host: see
 launch/tpu_vm.sh).
 
-    python -m rdpo_jax.train --config=rdpo_jax/configs/qwen25vl_7b_tpu.py:model=/gcs/b/Qwen2.5-VL-7B-Instruct,data=/gcs/b/pairs \\
+    python -m rdpo_jax.train --config=configs/qwen25vl_7b_tpu.py:model=/gcs/b/Qwen2.5-VL-7B-Instruct,data=/gcs/b/pairs \\
         --workdir=/gcs/b/runs/rdpo-qwen7b
 
 Images: any size, each resized within a budget of 512·28·28 pixels (≤ 2048 patches, ≤ 512 image tokens;
@@ -17,12 +17,12 @@ at its longest buckets (256 rows of 3072 tokens, 4096 patches per row) takes 22.
 pairs/s). Variants and layouts: docs/benchmarks.md, "Compiled for v5p-64".
 """
 
-from rdpo_jax.configs import base
+from rdpo_jax import defaults
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "rdpo_jax/configs/qwen25vl_7b_tpu.py", required=("model", "data"), optional=("eval",))
-    c = base.get_config()
+    args = defaults.parse_arg(arg, "configs/qwen25vl_7b_tpu.py", required=("model", "data"), optional=("eval",))
+    c = defaults.train()
     c.objective = "dpo"
     c.model.path = args["model"]
     c.model.param_dtype = "float32"  # fp32 master weights and Adam moments

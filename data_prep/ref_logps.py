@@ -1,6 +1,6 @@
 """Adds reference log-likelihoods to pairs (or groups) records, so the trainer needs no reference model.
 
-    python -m rdpo_jax.data_prep.ref_logps --config=rdpo_jax/configs/NAME.py[:ARG] [--config.FIELD=VALUE …] \\
+    python -m data_prep.ref_logps --config=configs/NAME.py[:ARG] [--config.FIELD=VALUE …] \\
         --pairs=DIR/pairs --out=DIR [--name=pairs_ref] [--batch_size=N]
 
 Takes the training config — the same file and overrides as `python -m rdpo_jax.train` — so the
@@ -27,12 +27,12 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from rdpo_jax.data_prep import common
+from data_prep import common
 from rdpo_jax import checkpoint, inference, logs, packing, train_step
 from rdpo_jax.data import arrayrecord, image_inputs, pipeline, records
 from rdpo_jax.models import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (rdpo_jax/configs/NAME.py[:ARG]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _PAIRS = flags.DEFINE_string("pairs", None, "Pairs (or groups) dataset.", required=True)
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Records per forward (0: the config's data.batch_size; a multiple "

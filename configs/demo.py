@@ -1,8 +1,8 @@
 """The demo's runs (`python -m rdpo_jax.demo` writes the world and calls these): an SFT warm start and
 DPO arms on the pairs of one on-policy round.
 
-    python -m rdpo_jax.train --config=rdpo_jax/configs/demo.py:dir=WD,objective=sft --workdir=WD/sft
-    python -m rdpo_jax.train --config=rdpo_jax/configs/demo.py:dir=WD,objective=dpo,pairs=WD/round1/pairs_rubric,loss=rubric \\
+    python -m rdpo_jax.train --config=configs/demo.py:dir=WD,objective=sft --workdir=WD/sft
+    python -m rdpo_jax.train --config=configs/demo.py:dir=WD,objective=dpo,pairs=WD/round1/pairs_rubric,loss=rubric \\
         --workdir=WD/arm_rubric
 
 Arguments: dir (the demo workdir, required), objective (sft | dpo), pairs (dpo: the pairs dataset; the
@@ -11,13 +11,13 @@ loss (dpo: a loss type), steps (override the step budget), seed, init (dpo: the 
 use as reference; default the SFT run), family (llava | qwen2_5_vl: the world's model family).
 """
 
-from rdpo_jax.configs import base
+from rdpo_jax import defaults
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "rdpo_jax/configs/demo.py", required=("dir",),
-                          optional=("objective", "pairs", "loss", "steps", "seed", "init", "family"))
-    c = base.get_config()
+    args = defaults.parse_arg(arg, "configs/demo.py", required=("dir",),
+                              optional=("objective", "pairs", "loss", "steps", "seed", "init", "family"))
+    c = defaults.train()
     d = args["dir"]
     c.objective = args.get("objective", "sft")
     c.seed = c.data.seed = int(args.get("seed", 0))

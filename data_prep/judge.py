@@ -1,8 +1,8 @@
 """Judges sampled answers criterion by criterion against their prompt's rubric.
 
-    python -m rdpo_jax.data_prep.judge --pool=DIR/pool --samples=DIR/samples --judge=verifier --out=DIR [--name=judged]
-    python -m rdpo_jax.data_prep.judge … --judge=openai --endpoint=http://vllm:8000/v1 --judge_model=NAME [--concurrency=16]
-    python -m rdpo_jax.data_prep.judge … --judge=flax --judge_model=HF_FOLDER
+    python -m data_prep.judge --pool=DIR/pool --samples=DIR/samples --judge=verifier --out=DIR [--name=judged]
+    python -m data_prep.judge … --judge=openai --endpoint=http://vllm:8000/v1 --judge_model=NAME [--concurrency=16]
+    python -m data_prep.judge … --judge=flax --judge_model=HF_FOLDER
 
 Judges: `verifier` (criteria with machine checks, data with ground truth), `openai` (an OpenAI-compatible
 endpoint; a server's Retry-After obeyed up to --max_retry_after seconds; API key from --api_key_env;
@@ -20,7 +20,7 @@ import os
 
 from absl import app, flags
 
-from rdpo_jax.data_prep import common
+from data_prep import common
 from rdpo_jax import logs
 from rdpo_jax.data import arrayrecord, records
 from rdpo_jax.rubrics import factory

@@ -1,6 +1,6 @@
 """The demo's on-policy rounds for one arm and seed (`python -m rdpo_jax.demo` runs one loop per arm):
 
-    python -m rdpo_jax.loop --config=rdpo_jax/configs/loop_demo.py:dir=WD,arm=rubric+rubric --workdir=WD/seed0/rubric+rubric
+    python -m rdpo_jax.loop --config=configs/loop_demo.py:dir=WD,arm=rubric+rubric --workdir=WD/seed0/rubric+rubric
 
 Arguments: dir (the demo workdir, required), arm (outcome+sigmoid | rubric+sigmoid | rubric+rubric: the
 pairs miner and the DPO loss), seed, family (the world's model family), samples (per prompt), steps (DPO
@@ -11,23 +11,22 @@ sample the arm's own policy. Each round trains on from the previous policy, whic
 (iterative DPO); the demo evaluates the SFT policy itself, once.
 """
 
-from rdpo_jax.configs import base, loop_base
+import os
 
-ARMS = {  # name: (pairs miner, DPO loss type)
-    "outcome+sigmoid": ("outcome", "sigmoid"),
-    "rubric+sigmoid": ("rubric", "sigmoid"),
-    "rubric+rubric": ("rubric", "rubric"),
-}
+from rdpo_jax import defaults
+from rdpo_jax.demo import ARMS
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")  # from any working directory
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "rdpo_jax/configs/loop_demo.py", required=("dir", "arm"),
-                          optional=("seed", "family", "samples", "steps", "tokens", "eval_samples"))
+    args = defaults.parse_arg(arg, "configs/loop_demo.py", required=("dir", "arm"),
+                              optional=("seed", "family", "samples", "steps", "tokens", "eval_samples"))
     if args["arm"] not in ARMS:
-        raise ValueError(f"rdpo_jax/configs/loop_demo.py: arm={args['arm']!r} is not one of {list(ARMS)}")
+        raise ValueError(f"configs/loop_demo.py: arm={args['arm']!r} is not one of {list(ARMS)}")
     miner, loss = ARMS[args["arm"]]
     d, seed, tokens = args["dir"], int(args.get("seed", 0)), int(args.get("tokens", 70))
-    c = loop_base.get_config()
+    c = defaults.loop()
     c.rounds = 1
     c.policy = f"{d}/sft"
     c.reference = "previous"
@@ -45,7 +44,7 @@ def get_config(arg: str = ""):
         c.pairs.gate, c.pairs.margin = "veto", 0.1
     else:  # final-answer correctness only
         c.pairs.outcome, c.pairs.margin = "correct", 0.5
-    c.train.config = (f"rdpo_jax/configs/demo.py:dir={d},objective=dpo,family={args.get('family', 'llava')},"
+    c.train.config = (f"{DEMO}:dir={d},objective=dpo,family={args.get('family', 'llava')},"
                       f"loss={loss},steps={args.get('steps', 80)},seed={seed}")
     c.evaluate.initial = False
     c.evaluate.max_new_tokens = tokens

@@ -1,6 +1,6 @@
 """rDPO of a LLaVA-1.5-7B-class model on one host with 8 GPUs (80 GB each, e.g. H100).
 
-    python -m rdpo_jax.train --config=rdpo_jax/configs/llava15_7b_gpu.py:model=/ckpt/llava-1.5-7b-hf,data=/data/pairs \\
+    python -m rdpo_jax.train --config=configs/llava15_7b_gpu.py:model=/ckpt/llava-1.5-7b-hf,data=/data/pairs \\
         --workdir=/runs/rdpo-7b
 
 Memory per GPU: fp32 policy + Adam 7.1B × 12 B / 8 = 10.7 GB, fp32 frozen reference 3.6 GB, activations
@@ -8,12 +8,12 @@ of 2 pairs × 2048 tokens per micro-batch with dots-saveable remat ~20 GB. FSDP 
 per step as 2 accumulated micro-batches of 16.
 """
 
-from rdpo_jax.configs import base
+from rdpo_jax import defaults
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "rdpo_jax/configs/llava15_7b_gpu.py", required=("model", "data"), optional=("eval",))
-    c = base.get_config()
+    args = defaults.parse_arg(arg, "configs/llava15_7b_gpu.py", required=("model", "data"), optional=("eval",))
+    c = defaults.train()
     c.objective = "dpo"
     c.model.path = args["model"]
     c.model.param_dtype = "float32"

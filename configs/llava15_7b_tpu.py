@@ -1,7 +1,7 @@
 """rDPO of a LLaVA-1.5-7B-class model (CLIP ViT-L/336 + Llama-2-7B, 576 image tokens) on a TPU v5p-64
 slice: 32 chips on 8 hosts (run on every host: see launch/tpu_vm.sh).
 
-    python -m rdpo_jax.train --config=rdpo_jax/configs/llava15_7b_tpu.py:model=/gcs/b/llava-1.5-7b-hf,data=/gcs/b/pairs \\
+    python -m rdpo_jax.train --config=configs/llava15_7b_tpu.py:model=/gcs/b/llava-1.5-7b-hf,data=/gcs/b/pairs \\
         --workdir=/gcs/b/runs/rdpo-7b
 
 (/gcs/b: a Cloud Storage bucket mounted with gcsfuse at the same path on every host.)
@@ -16,12 +16,12 @@ more than it saves (dots_saveable: 53 GiB, 34 pairs/s); a precomputed reference 
 groups data in multi_answer rows (4 answers, 4 pairs) 95 (docs/benchmarks.md, "Compiled for v5p-64").
 """
 
-from rdpo_jax.configs import base
+from rdpo_jax import defaults
 
 
 def get_config(arg: str = ""):
-    args = base.parse_arg(arg, "rdpo_jax/configs/llava15_7b_tpu.py", required=("model", "data"), optional=("eval",))
-    c = base.get_config()
+    args = defaults.parse_arg(arg, "configs/llava15_7b_tpu.py", required=("model", "data"), optional=("eval",))
+    c = defaults.train()
     c.objective = "dpo"
     c.model.path = args["model"]
     c.model.param_dtype = "float32"  # fp32 master weights and Adam moments

@@ -1,1 +1,0 @@
-"""Offline dataset commands (`python -m rdpo_jax.data_prep.NAME`): rubric pool, sampling, judging, pair mining."""
