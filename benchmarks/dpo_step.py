@@ -53,7 +53,8 @@ import transformers
 from absl import app, flags
 
 from rdpo_jax import optim, packing, sharding, train_step
-from rdpo_jax.data import qwen_vl_images, qwen_vl_positions
+from rdpo_jax.models.qwen2_5_vl import images as qwen_images
+from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import families, layers
 import presets  # benchmarks/presets.py
@@ -85,7 +86,7 @@ QWEN_GRID = (1, 48, 48)  # a 672×672 image: 2304 patches of 14 px, 576 merged t
 def model_config():
     """(architecture, run settings) of the benchmark model."""
     if _PRESET.value:
-        return config_lib.from_hf(presets.hf_config(_PRESET.value)), config_lib.RunSettings(
+        return families.from_hf(presets.hf_config(_PRESET.value)), config_lib.RunSettings(
             param_dtype=jnp.bfloat16, check_image_tokens=False, scan_layers=_SCAN.value)
     if _FAMILY.value == "qwen2_5_vl":
         w = _WIDTH.value
@@ -100,7 +101,7 @@ def model_config():
                                                   mrope_section=[w // 32, 3 * w // 64, 3 * w // 64])),
             image_token_id=8191, video_token_id=8190, vision_start_token_id=8189, vision_end_token_id=8188,
             tie_word_embeddings=False)
-        return config_lib.from_hf(hf), config_lib.RunSettings(check_image_tokens=False, scan_layers=_SCAN.value)
+        return families.from_hf(hf), config_lib.RunSettings(check_image_tokens=False, scan_layers=_SCAN.value)
     hf = transformers.LlavaConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=512,
                            num_hidden_layers=2, num_attention_heads=4, image_size=336, patch_size=14),
@@ -108,11 +109,11 @@ def model_config():
                          intermediate_size=int(2.75 * _WIDTH.value), num_hidden_layers=_LAYERS.value,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
         image_token_index=8191, vision_feature_layer=-1, vision_feature_select_strategy="full")
-    return config_lib.from_hf(hf), config_lib.RunSettings(scan_layers=_SCAN.value)
+    return families.from_hf(hf), config_lib.RunSettings(scan_layers=_SCAN.value)
 
 
 def is_qwen(cfg) -> bool:
-    return isinstance(cfg, config_lib.QwenVLConfig)
+    return families.of(cfg).model_type == "qwen2_5_vl"
 
 
 def make_pairs(cfg, n, rng):
@@ -123,7 +124,7 @@ def make_pairs(cfg, n, rng):
             prompt = ([1, cfg.vision_start_token_id] + [cfg.image_token_id] * IMAGE + [cfg.vision_end_token_id]
                       + list(rng.integers(2, 8000, PROMPT - 3)))
             types = (np.asarray(prompt) == cfg.image_token_id).astype(np.int32)
-            positions = qwen_vl_positions.rope_index(types, [QWEN_GRID], merge_size=2)[0]
+            positions = qwen_positions.rope_index(types, [QWEN_GRID], merge_size=2)[0]
         else:
             assert cfg.image_seq_len == IMAGE
             prompt, positions = [1] + [cfg.image_token_id] * IMAGE + list(rng.integers(2, 8000, PROMPT - 1)), None
@@ -137,7 +138,7 @@ def image_arrays(cfg, n, rng) -> dict[str, np.ndarray]:
     if not is_qwen(cfg):
         return {"pixel_values": rng.standard_normal((n, 336, 336, 3)).astype(np.float32)}
     patches = QWEN_GRID[1] * QWEN_GRID[2]
-    meta = qwen_vl_images.patch_metadata([QWEN_GRID], 2, patches)
+    meta = qwen_images.patch_metadata([QWEN_GRID], 2, patches)
     return {"patches": rng.standard_normal((n, patches, 3 * 2 * 14 * 14)).astype(np.float32),
             **{f"patch_{k}": np.repeat(meta[k][None], n, 0) for k in ("image", "row", "col")}}
 

@@ -75,8 +75,8 @@ part step_cudnn 150 "$PY" benchmarks/gpu_step.py --attention=cudnn ${GPU_STEP_AR
 # shellcheck disable=SC2086
 part step_xla 150 "$PY" benchmarks/gpu_step.py --attention=xla ${GPU_STEP_ARGS:-}
 part parity 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -n 0 \
-    tests/models/test_llava_parity.py tests/models/test_qwen_vl_parity.py \
-    --deselect tests/models/test_qwen_vl_parity.py::test_sharded_equals_single_device_and_heads_split_whole
+    tests/models/llava/test_parity.py tests/models/qwen2_5_vl/test_parity.py \
+    --deselect tests/models/qwen2_5_vl/test_parity.py::test_sharded_equals_single_device_and_heads_split_whole
 
 echo "===== done in ${SECONDS}s"
 if ((${#failed[@]})); then

@@ -69,7 +69,7 @@ def model_config():
         image_token_index=31999, vision_feature_layer=-1, vision_feature_select_strategy="full")
     run = config_lib.RunSettings(param_dtype=jnp.float32, dtype=config_lib.DTYPES[_DTYPE.value],
                                  attention=_ATTENTION.value, scan_layers="off", check_image_tokens=False)
-    return config_lib.from_hf(hf), run
+    return families.from_hf(hf), run
 
 
 def make_batch(cfg, n: int, rng) -> dict[str, np.ndarray]:

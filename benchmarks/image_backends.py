@@ -1,5 +1,5 @@
 """How much transformers' torchvision image backend for Qwen2-VL-family processors would differ from the PIL
-backend rdpo_jax matches (`data/qwen_vl_images.py`).
+backend rdpo_jax matches (`data/qwen_images.py`).
 
     python benchmarks/image_backends.py
 
@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rdpo_jax.data import qwen_vl_images
+from rdpo_jax.models.qwen2_5_vl import images as qwen_images
 
 
 def main():
     photo = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
-    cfg = qwen_vl_images.QwenImageConfig()
+    cfg = qwen_images.QwenImageConfig()
     std = min(cfg.image_std)
     for size in [(200, 150), (517, 333), (1000, 750), (2000, 1500)]:
         image = photo.resize(size, Image.Resampling.BICUBIC)
-        _, gh, gw = qwen_vl_images.grid(image.height, image.width, cfg)
+        _, gh, gw = qwen_images.grid(image.height, image.width, cfg)
         h, w = gh * cfg.patch_size, gw * cfg.patch_size
         pil = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC)).astype(np.float64)
         x = torch.tensor(np.asarray(image)).permute(2, 0, 1)[None].float()

@@ -69,7 +69,7 @@ def child(kind, folder):
         from flax import nnx
         from rdpo_jax import sharding
         from rdpo_jax.models import config as config_lib
-        from rdpo_jax.models import hf
+        from rdpo_jax.models import families, hf
         mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
         hf.read_config(folder)  # warm the one-time transformers import (seconds) outside the timer
     else:
@@ -107,8 +107,8 @@ def main(argv):
         from rdpo_jax.models import families, hf
         import jax.numpy as jnp
         hf_config = config()
-        model = families.create(config_lib.from_hf(hf_config), config_lib.RunSettings(param_dtype=jnp.bfloat16),
-                             mesh=sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+        model = families.create(families.from_hf(hf_config), config_lib.RunSettings(param_dtype=jnp.bfloat16),
+                                mesh=sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
         files = hf.save_hf(model, folder, hf_config, max_shard_bytes=100 * 2**20)
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
         print(f"wrote {folder}: {len(files) - 2} safetensors shards + index, {size / 2**20:.0f} MiB")

@@ -67,13 +67,14 @@ def synthetic_examples(n: int, rng, pixels: bool) -> list[dict]:
 
 
 def synthetic_batches(examples, per_row: int, pixels: bool) -> list[dict]:
-    from rdpo_jax.data import image_inputs, images, pipeline
+    from rdpo_jax.data import images, pipeline
+    from rdpo_jax.models.llava.inputs import FixedImages
 
     options = pipeline.Options(kind="pairs", seq_buckets=tuple(int(b) for b in _BUCKETS.value),
                                max_answer_len=_MAX_ANSWER.value, max_criteria=1, max_pairs_per_group=PAIRS,
                                max_answers_per_group=PAIRS + 1, pair_layout="multi_answer", groups_per_row=per_row)
-    image_input = image_inputs.FixedImages(images.ImageConfig(height=336, width=336) if pixels else None,
-                                           tokens_per_image=IMAGE, max_images=int(pixels))
+    image_input = FixedImages(images.ImageConfig(height=336, width=336) if pixels else None,
+                              tokens_per_image=IMAGE, max_images=int(pixels))
     collate = pipeline.Collate(options, _BATCH.value, 0, image_input, kind="groups")
     B = _BATCH.value
     return [collate(examples[s:s + B]) for s in range(0, len(examples) - B + 1, B)]

@@ -13,7 +13,7 @@ buckets ×2 apart.
 import numpy as np
 from absl import app, flags
 
-from rdpo_jax.data import qwen_vl_images
+from rdpo_jax.models.qwen2_5_vl import images as qwen_images
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per batch (per process).")
 _BATCHES = flags.DEFINE_integer("batches", 2000, "Batches drawn.")
@@ -27,7 +27,7 @@ BUCKETS = {"one (4096)": (4096,), "powers of 2 (256…4096)": (256, 512, 1024, 2
 
 def main(argv):
     del argv
-    cfg = qwen_vl_images.QwenImageConfig(max_pixels=_MAX_PIXELS.value)
+    cfg = qwen_images.QwenImageConfig(max_pixels=_MAX_PIXELS.value)
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(_BATCHES.value * _BATCH.value):
@@ -37,7 +37,7 @@ def main(argv):
             w, h = SIZES[rng.integers(len(SIZES))]
             if rng.random() < 0.5:
                 w, h = h, w
-            _, gh, gw = qwen_vl_images.grid(h, w, cfg)
+            _, gh, gw = qwen_images.grid(h, w, cfg)
             total += gh * gw
         rows.append(total)
     rows = np.asarray(rows).reshape(_BATCHES.value, _BATCH.value)

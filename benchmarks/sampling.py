@@ -41,7 +41,7 @@ def main(argv):
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=1024),
         image_token_index=3, vision_feature_layer=-1, vision_feature_select_strategy="full")
-    cfg = config_lib.from_hf(hf_cfg)
+    cfg = families.from_hf(hf_cfg)
     folder = os.path.join(tempfile.mkdtemp(), "model")
     hf.save_hf(families.create(cfg, seed=0), folder, hf_cfg)
     model, cfg = hf.load_hf(folder)

@@ -1,12 +1,12 @@
 """Writes a tiny but complete training setup for smoke runs and tests (nothing downloaded).
 
-    python -m rdpo_jax.data_prep.smoke --out=DIR [--family=llava|qwen2_5_vl] [--pairs=32] [--sft=32] [--seed=0]
+    python -m data_prep.smoke --out=DIR [--family=llava|qwen2_5_vl] [--pairs=32] [--sft=32] [--seed=0]
 
 DIR/model      a Hugging Face model folder, a few thousand parameters per layer: config.json, random
                weights (model.safetensors), a word-level tokenizer with a ChatML chat template and the
-               image processor. llava: SigLIP 32 px + Qwen2 with the LlavaProcessor, one image per
-               record. qwen2_5_vl: a Qwen2.5-VL (vision patch 4, window and full attention, M-RoPE) with
-               Qwen2VLImageProcessor, records holding 0, 1 or 2 images of different sizes.
+               image processor: the family's tiny model (`models/<family>/tiny.py`; llava: SigLIP 32 px +
+               Qwen2, one image per record; qwen2_5_vl: vision patch 4, window and full attention, M-RoPE,
+               records holding 0, 1 or 2 images of different sizes).
 DIR/pairs      rubric-scored preference pairs (ArrayRecord + manifest), DIR/pairs_eval held-out pairs
 DIR/sft        SFT examples
 DIR/prompts.jsonl, DIR/heldout_prompts.jsonl   8 and 6 prompts (images in DIR/images) with ground truth,
@@ -23,31 +23,29 @@ import os
 import numpy as np
 from absl import app, flags
 
+from rdpo_jax.models import families
+
 WORDS = ("system user assistant describe the image a an one two three four five red green blue yellow "
          "circle square triangle star small large left right top bottom of in is are there how many what "
          "colour shape and with no yes object objects picture shows").split()
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "<image>"]  # ids 0…5
 IMAGE_TOKEN = SPECIAL.index("<image>")
-# Qwen2-VL's vision tokens, after the words (ids 51…54): an image renders as start, pad, end
-QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_IMAGE_TOKEN = len(SPECIAL) + len(WORDS) + QWEN_VISION.index("<|image_pad|>")
-FAMILIES = ("llava", "qwen2_5_vl")
 _TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
     "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<image>")
-QWEN_CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
 
 
 def tokenizer(family: str = "llava"):
-    """A word-level tokenizer over `WORDS` with ChatML-style special tokens and chat template (and, for
-    qwen2_5_vl, the vision tokens)."""
+    """A word-level tokenizer over `WORDS` with ChatML-style special tokens and chat template, and the
+    family's vision tokens after the words (`tiny.VISION_TOKENS`; qwen2_5_vl: ids 51…54)."""
     import tokenizers
     import transformers
 
-    extra = QWEN_VISION if family == "qwen2_5_vl" else []
+    tiny = families.get(family).tiny
+    extra = list(tiny.VISION_TOKENS)
     vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + extra)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
@@ -56,54 +54,22 @@ def tokenizer(family: str = "llava"):
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
         additional_special_tokens=["<|im_start|>", "<image>", *extra])
-    fast.chat_template = QWEN_CHAT_TEMPLATE if extra else CHAT_TEMPLATE
+    fast.chat_template = _TEMPLATE.replace("IMAGE", tiny.IMAGE_MARKUP)
     return fast
 
 
 def model_config(family: str = "llava", **text):
-    """The smoke model's transformers config; `text`: decoder fields to override (a wider or deeper
-    model for benchmarks, e.g. hidden_size=256)."""
-    import transformers
-
-    if family == "qwen2_5_vl":
-        start = len(SPECIAL) + len(WORDS)
-        return transformers.Qwen2_5_VLConfig(
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
-                               spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
-                               out_hidden_size=64),
-            text_config=dict(vocab_size=start + len(QWEN_VISION), hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-                             rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3])) | text,
-            image_token_id=QWEN_IMAGE_TOKEN, video_token_id=start + 3, vision_start_token_id=start,
-            vision_end_token_id=start + 1, tie_word_embeddings=False)
-    return transformers.LlavaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=dict(model_type="qwen2", vocab_size=len(SPECIAL) + len(WORDS), hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=False) | text,
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    """The smoke model's transformers config (the family's tiny model over `tokenizer(family)`); `text`:
+    decoder fields to override (a wider or deeper model for benchmarks, e.g. hidden_size=256)."""
+    return families.get(family).tiny.hf_config(tokenizer(family), **text)
 
 
 def write_model(folder: str, seed: int = 0, family: str = "llava", **text) -> None:
-    import transformers
-
-    from rdpo_jax.data import qwen_vl_images
-    from rdpo_jax.models import config as config_lib
-    from rdpo_jax.models import families, hf
+    from rdpo_jax.models import hf
 
     hf_config = model_config(family, **text)
-    cfg = config_lib.from_hf(hf_config)
-    hf.save_hf(families.create(cfg, seed=seed), folder, hf_config)
-    if family == "qwen2_5_vl":
-        qwen_vl_images.save_processor(folder, tokenizer(family))
-        return
-    processor = transformers.LlavaProcessor(
-        image_processor=transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}),
-        tokenizer=tokenizer(), patch_size=8, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
-        image_token="<image>", num_additional_image_tokens=0)
-    processor.save_pretrained(folder)
+    hf.save_hf(families.create(families.from_hf(hf_config), seed=seed), folder, hf_config)
+    families.get(family).tiny.save_processor(folder, tokenizer(family))
 
 
 def _png(rng, size=(24, 24)) -> bytes:
@@ -124,10 +90,7 @@ def _messages(rng, images: int = 1) -> list[dict]:
 
 
 def _images(rng, family: str) -> list[bytes]:
-    """llava: one 24×24 image; qwen2_5_vl: 0, 1 or 2 images with sides of 8…48 pixels."""
-    if family == "llava":
-        return [_png(rng)]
-    return [_png(rng, tuple(rng.integers(8, 49, 2))) for _ in range(int(rng.choice([0, 1, 1, 2])))]
+    return families.get(family).tiny.smoke_images(rng, _png)
 
 
 def pair(rng, i: int, family: str = "llava") -> dict:
@@ -191,7 +154,7 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (required).")
 _PAIRS = flags.DEFINE_integer("pairs", 32, "Training pairs.")
 _SFT = flags.DEFINE_integer("sft", 32, "SFT examples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and data.")
-_FAMILY = flags.DEFINE_enum("family", "llava", FAMILIES, "The model family.")
+_FAMILY = flags.DEFINE_enum("family", "llava", list(families.FAMILIES), "The model family.")
 
 
 def main(argv):

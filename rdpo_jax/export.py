@@ -28,7 +28,7 @@ from absl import app, flags, logging
 
 from rdpo_jax import checkpoint, sharding
 from rdpo_jax.models import config as model_config
-from rdpo_jax.models import hf
+from rdpo_jax.models import families, hf
 
 # Files of the base model folder that are not copied: the weights and config we write ourselves.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -88,7 +88,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(run_config, workdir=workdir, step=step, dtype=dtype, base=folder,
                                metrics=_last_metrics(workdir, step),
-                               architecture=model_config.ARCHITECTURES[hf_config.model_type]))
+                               architecture=families.get(hf_config.model_type).architecture))
         files.append("README.md")
         if os.path.exists(out):
             shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)

@@ -51,7 +51,7 @@ def local_mesh(shape: str | dict, devices=None) -> jax.sharding.Mesh:
 @dataclasses.dataclass(frozen=True)
 class Policy:
     model: Any  # the Flax model, parameters placed on `mesh`
-    config: config_lib.LlavaConfig | config_lib.QwenVLConfig
+    config: object  # the family's architecture config (`models.families.from_hf`)
     folder: str  # the HF folder holding the architecture, tokenizer and processor
     step: int | None  # the checkpoint step of a run, None for an HF folder
     tokenizer: ChatTokenizer

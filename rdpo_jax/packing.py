@@ -14,7 +14,7 @@ twice. Keeping a pair's rows adjacent keeps them on one device when rows are sha
 `[prompt][answer]` with branch 1.
 
 M-RoPE families (Qwen2.5-VL) carry positions int32[R, 3, T]: the prompt's (t, h, w) rows as
-`qwen_vl_positions.rope_index` gives them (`Pair.positions`), and every answer counting on from the
+`models/qwen2_5_vl/positions.rope_index` gives them (`Pair.positions`), and every answer counting on from the
 prompt's largest position + 1 on all three rows (in the shared-prefix row both answers start there, as
 two separate forwards would); 1D positions are the case where the prompt counts 0 … P−1.
 

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rdpo_jax import checkpoint, config_checks, logs, optim, sharding, train_step
-from rdpo_jax.data import arrayrecord, image_inputs, pipeline, records
+from rdpo_jax.data import arrayrecord, image_inputs, patches, pipeline, records
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import config as model_config
 from rdpo_jax.models import families, hf
@@ -354,7 +354,7 @@ def global_spec(local: dict, records: int, seq_len: int, target_len: int, num_pa
             shape[-1] = seq_len
         if k in ("targets", "target_index", "target_branch"):
             shape[-1] = target_len
-        if k in image_inputs.PATCH_KEYS:
+        if k in patches.KEYS:
             shape[1] = num_patches
         return jax.ShapeDtypeStruct(tuple(shape), v.dtype)
     return {k: spec(k, v) for k, v in local.items()}

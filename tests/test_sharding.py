@@ -57,7 +57,7 @@ def _tiny_params(vocab: int = tiny.VOCAB):
     """The nnx.Param state of the abstract tiny CLIP + Llama (GQA 8/2, head_dim 8) with `vocab` tokens."""
     hf = tiny.hf_config("clip_llama")
     hf.text_config.vocab_size = vocab
-    return nnx.state(families.abstract_model(config_lib.from_hf(hf)), nnx.Param)
+    return nnx.state(families.abstract_model(families.from_hf(hf)), nnx.Param)
 
 
 def test_overview_tables_every_parameter_and_names_the_dims_left_whole():

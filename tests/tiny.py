@@ -6,42 +6,11 @@ import numpy as np
 
 # The smoke setup's tokenizer (word level, ChatML template) serves the tiny test models too.
 from data_prep.smoke import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL, WORDS, tokenizer  # noqa: F401
+from rdpo_jax.models.llava import tiny as llava_tiny
 
 VOCAB = 160
 
-_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-               num_attention_heads=4, image_size=32, patch_size=8)
-_CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-             num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu")
-_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512)
-
-CONFIGS = {
-    # SigLIP + Qwen2 (qkv bias), last layer, all patches, untied, GQA 4/2.
-    "siglip_qwen2": dict(
-        vision_config=_SIGLIP, text_config=dict(_TEXT, model_type="qwen2", rope_theta=1e6),
-        vision_feature_layer=-1, vision_feature_select_strategy="full"),
-    # CLIP (class token, pre-layernorm, quick_gelu) + Llama with llama3 RoPE scaling, GQA 8/2,
-    # vision_feature_layer=-2 and the `default` strategy (class token dropped).
-    "clip_llama": dict(
-        vision_config=_CLIP,
-        text_config=dict(_TEXT, model_type="llama", num_attention_heads=8, num_key_value_heads=2,
-                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                           high_freq_factor=4.0, original_max_position_embeddings=64)),
-        vision_feature_layer=-2, vision_feature_select_strategy="default"),
-    # SigLIP + Qwen3 (q/k norm, head_dim ≠ hidden/heads), tied embeddings, two feature layers concatenated.
-    "siglip_qwen3": dict(
-        vision_config=_SIGLIP,
-        text_config=dict(_TEXT, model_type="qwen3", head_dim=32, tie_word_embeddings=True),
-        vision_feature_layer=[-3, -1], vision_feature_select_strategy="full", tie_word_embeddings=True),
-    # CLIP + Llama with linear RoPE scaling, attention and MLP biases, tied embeddings; features straight
-    # from the embeddings (-4 = index 0 of 3 layers: no encoder layer runs).
-    "clip_llama_tied": dict(
-        vision_config=_CLIP,
-        text_config=dict(_TEXT, model_type="llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                         rope_scaling=dict(rope_type="linear", factor=2.0)),
-        vision_feature_layer=-4, vision_feature_select_strategy="default", tie_word_embeddings=True),
-}
+CONFIGS = llava_tiny.PARITY  # every tower, decoder, feature-layer and tying option LLaVA reads
 
 
 def hf_config(name: str):
@@ -93,9 +62,9 @@ def build(name: str, folder: str):
 def inputs(name: str, *, batch: int = 3, length: int = 40, images_per_row: int = 1, seed: int = 0):
     """Random token ids with image placeholders, a padding mask (row 1 right-padded, row 2 left-padded)
     and NHWC images. Returns dict(input_ids, attention_mask, pixel_values)."""
-    from rdpo_jax.models import config as config_lib
+    from rdpo_jax.models import families
 
-    cfg = config_lib.from_hf(hf_config(name))
+    cfg = families.from_hf(hf_config(name))
     rng = np.random.default_rng(seed)
     F = cfg.image_seq_len
     ids = rng.integers(IMAGE_TOKEN + 1, VOCAB, (batch, length))

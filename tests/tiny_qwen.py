@@ -1,21 +1,16 @@
-"""Tiny random transformers Qwen2.5-VL models (no downloads) and packed inputs for parity tests.
-
-Configs from ../shared/QWEN_VL.md §5: both attention kinds run (full-attention blocks 1 and 3 of 4),
-windows of 2×2 merged tokens, M-RoPE sections [2, 3, 3].
-"""
+"""Tiny random transformers Qwen2.5-VL models (no downloads; the family's parity config,
+`models/qwen2_5_vl/tiny.py`) and packed inputs for parity tests."""
 
 from __future__ import annotations
 
 import numpy as np
 
-VOCAB = 160
-IMAGE, VIDEO, VISION_START, VISION_END = 150, 151, 152, 153
-VISION = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, patch_size=4, spatial_merge_size=2,
-              temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1, 3], out_hidden_size=64,
-              tokens_per_second=2)
-TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]))
+from rdpo_jax.models.qwen2_5_vl import tiny as qwen_tiny
+
+VISION, TEXT = qwen_tiny.PARITY_VISION, qwen_tiny.PARITY_TEXT
+VOCAB = TEXT["vocab_size"]
+IMAGE, VIDEO, VISION_START, VISION_END = (qwen_tiny.PARITY_TOKENS[k] for k in (
+    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
 PATCH_DIM = 3 * 2 * 4 * 4
 MERGE = 2
 
@@ -23,9 +18,8 @@ MERGE = 2
 def hf_config(tied: bool):
     import transformers
 
-    return transformers.Qwen2_5_VLConfig(vision_config=VISION, text_config=TEXT, image_token_id=IMAGE,
-                                         video_token_id=VIDEO, vision_start_token_id=VISION_START,
-                                         vision_end_token_id=VISION_END, tie_word_embeddings=tied)
+    return transformers.Qwen2_5_VLConfig(vision_config=VISION, text_config=TEXT, **qwen_tiny.PARITY_TOKENS,
+                                         tie_word_embeddings=tied)
 
 
 def build(tied: bool, folder: str):
@@ -87,24 +81,24 @@ def inputs(rows=ROWS, *, length: int = 64, buffer: int = 192, seed: int = 0):
 
 def ours(batch: dict, vision_cfg):
     """Our model's inputs: QwenImages (one buffer per row) and 3D positions int32[B, 3, T]."""
-    from rdpo_jax.data import qwen_vl_positions
-    from rdpo_jax.data import qwen_vl_images
-    from rdpo_jax.models.qwen_vl import QwenImages
+    from rdpo_jax.models.qwen2_5_vl import images as qwen_images
+    from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
+    from rdpo_jax.models.qwen2_5_vl.model import QwenImages
 
     B, N = len(batch["grids"]), batch["buffer"]
     buf = np.zeros((B, N, PATCH_DIM), np.float32)
     meta = {k: np.zeros((B, N), np.int32) for k in ("image", "row", "col")}
     positions = np.zeros((B, 3, batch["input_ids"].shape[1]), np.int32)
     for b, (grids, pats) in enumerate(zip(batch["grids"], batch["patches"])):
-        m = qwen_vl_images.patch_metadata(grids, vision_cfg.merge_size, N)
+        m = qwen_images.patch_metadata(grids, vision_cfg.merge_size, N)
         for k in meta:
             meta[k][b] = m[k]
         if pats:
             flat = np.concatenate(pats)
             buf[b, :len(flat)] = flat
         types = (batch["input_ids"][b] == IMAGE).astype(np.int32)
-        positions[b], _ = qwen_vl_positions.rope_index(types, grids, merge_size=MERGE,
-                                                       valid=batch["attention_mask"][b] > 0)
+        positions[b], _ = qwen_positions.rope_index(types, grids, merge_size=MERGE,
+                                                    valid=batch["attention_mask"][b] > 0)
     return QwenImages(buf, meta["image"], meta["row"], meta["col"]), positions
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from rdpo_jax import config_checks, inference, packing, sampling, sharding, train, train_step
-from rdpo_jax.data import image_inputs, images, pipeline, qwen_vl_images
+from rdpo_jax.data import image_inputs, patches, pipeline
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import families
 
@@ -65,15 +65,8 @@ def image_input(config, model_config):
         return image_inputs.from_config(config, model_config)
     except FileNotFoundError:
         d = config.data
-        if isinstance(model_config, config_lib.QwenVLConfig):
-            v = model_config.vision
-            found = qwen_vl_images.QwenImageConfig(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                                                   merge_size=v.merge_size)
-            return image_inputs.QwenPatches(found if d.max_images else None, image_token_id=model_config.image_token_id,
-                                            max_images=d.max_images, patch_buckets=tuple(d.patch_buckets))
-        size = model_config.vision.image_size
-        return image_inputs.FixedImages(images.ImageConfig(height=size, width=size) if d.max_images else None,
-                                        tokens_per_image=model_config.image_seq_len, max_images=d.max_images)
+        return image_inputs.for_model(model_config, None, max_images=d.max_images, max_pixels=d.max_pixels,
+                                      patch_buckets=tuple(d.patch_buckets))
 
 
 def _abstract(batch: dict, mesh) -> dict:
@@ -172,7 +165,7 @@ def _sample_program(config, model_config, vision, mesh, prompts: int, n: int) ->
     T = max(64, (d.seq_buckets[-1] - d.max_answer_len) // 64 * 64)
     arrays, _ = vision.collate([None] * rows, slots=d.max_images)
     if "patches" in arrays:
-        arrays = image_inputs.pad_patches(arrays, max(d.patch_buckets))
+        arrays = patches.pad(arrays, max(d.patch_buckets))
     if vision.mrope:
         arrays["positions"] = np.zeros((rows, 3, T), np.int32)
     shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))

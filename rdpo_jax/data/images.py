@@ -20,7 +20,34 @@ FAMILIES = ("SiglipImageProcessor", "CLIPImageProcessor")
 
 
 class ImageError(ValueError):
-    """Image bytes that cannot be decoded."""
+    """Image bytes that cannot be decoded; `index`, when set, is the image's place in its record."""
+
+    index: int | None = None
+
+
+class ImageBudgetError(ValueError):
+    """A row's images do not fit the configured budget; `reason` is the pipeline's skip reason
+    ("image_count": more than data.max_images; "image_budget": more patches than the largest bucket)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_all(blobs, preprocess, max_images: int) -> list:
+    """`preprocess(blob)` of each of a record's images: ImageBudgetError if there are more than
+    `max_images`, an ImageError whose `index` names the image that fails."""
+    if len(blobs) > max_images:
+        raise ImageBudgetError(f"{len(blobs)} images, more than data.max_images={max_images}", "image_count")
+    out = []
+    for i, blob in enumerate(blobs):
+        try:
+            out.append(preprocess(blob))
+        except (ImageError, ValueError) as e:
+            error = ImageError(str(e))
+            error.index = i
+            raise error from None
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

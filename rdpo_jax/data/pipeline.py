@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from rdpo_jax import packing
-from rdpo_jax.data import image_inputs, images, records
+from rdpo_jax.data import image_inputs, images, patches, records
 from rdpo_jax.data.tokenize import TOKENIZER_FILES, ChatTokenizer, TemplateError
 
 SKIP_REASONS = ("corrupt", "schema", "bad_image", "image_count", "image_budget", "empty_answer", "identical_answers",
@@ -202,7 +202,7 @@ class Prepare(grain.transforms.Map):
         except images.ImageError as e:
             field = "images" if getattr(e, "index", None) is None else f"images[{e.index}]"
             raise records.RecordError(where, field, str(e), reason="bad_image") from None
-        except image_inputs.ImageBudgetError as e:
+        except images.ImageBudgetError as e:
             raise records.RecordError(where, "images", str(e), reason=e.reason) from None
         messages = record["messages"]
         fields, texts, ids, pairs = _answers(record, self.kind)
@@ -561,7 +561,7 @@ def agree_shapes(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndar
 
         shape = np.max(multihost_utils.process_allgather(shape), axis=0)
     batch = packing.pad_rows(batch, int(shape[0]), pad_id, target_len=int(shape[1]))
-    return _add_rows(image_inputs.pad_patches(batch, int(shape[2])), int(shape[3]), pad_id)
+    return _add_rows(patches.pad(batch, int(shape[2])), int(shape[3]), pad_id)
 
 
 def _add_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -569,7 +569,7 @@ def _add_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str,
     extra = rows - len(batch["valid"])
     if not extra:
         return batch
-    fill = {**packing.pad_values(pad_id), **image_inputs.PATCH_PAD}
+    fill = {**packing.pad_values(pad_id), **patches.PAD}
     return {k: np.concatenate([v, np.full((extra, *v.shape[1:]), fill.get(k, 0), v.dtype)]) for k, v in batch.items()}
 
 

@@ -34,6 +34,7 @@ from absl import app, flags, logging
 
 import rdpo_jax
 from rdpo_jax.demo import ARMS, report, world
+from rdpo_jax.models import families
 
 BUDGETS = {  # the full demo (≤ 10 minutes on 2 cores) and the test suite's fast variant
     "full": dict(sft_examples=24000, sft_steps=3000, train_prompts=512, heldout_prompts=384, samples=8,
@@ -66,7 +67,7 @@ def _define_flags() -> None:
                          "(shared by the arms); each later round samples the arm's own policy and trains on from it.")
     flags.DEFINE_bool("fresh", False, "Delete the workdir first instead of reusing finished stages.")
     flags.DEFINE_integer("devices", 2, "Simulated CPU devices for the commands (data parallel).")
-    flags.DEFINE_enum("family", "llava", world.FAMILIES, "The policy's model family (same widths either way).")
+    flags.DEFINE_enum("family", "llava", list(families.FAMILIES), "The policy's model family (same widths either way).")
     flags.DEFINE_integer("sft_steps", None, "SFT warm-start steps (default: the budget's).")
 
 

@@ -11,7 +11,7 @@ the one asked about?), and then give a one-word final answer (their rubric: the 
 and the final answer; the outcome miner sees only the latter). Each comparison sits next to the word it
 compares: with a bare "yes" after the object, the demo's policy compared shapes but never colours.
 Ground truth is written in the keys `rubrics.generate.rule_rubric` understands, so the rubric pool comes
-from the ordinary `rdpo_jax.data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
+from the ordinary `data_prep.build_rubrics --generator=rule` and the judge is the ordinary verifier.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import json
 import os
 
 import numpy as np
+
+from rdpo_jax.models import families
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 50, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40)}
@@ -33,10 +35,7 @@ MARKER = "answer :"  # a short answer's final answer follows it (the verifier re
 IMAGE_SIZE = 48
 MAX_OBJECTS = 3  # of the 4 grid cells
 PATCH = 12  # 2×2 vision patches per grid cell (16 image tokens): each patch sees a quarter of an object
-# Qwen2.5-VL: patches of 12 px merged 2×2, so again one image token per grid cell
-QWEN_PATCH = 12
-QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-FAMILIES = ("llava", "qwen2_5_vl")
+# (Qwen2.5-VL: patches of 12 px merged 2×2, so again one image token per grid cell)
 # Kinds of mistakes in the imperfect share of the SFT answers (describe: each with this weight).
 MISTAKES = ("hallucinate", "omit", "recolour", "miscount")
 
@@ -293,7 +292,6 @@ _TEMPLATE = (
     "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<image>")
-QWEN_CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
 
 
 def corpus(seed: int = 0, n: int = 3000) -> list[str]:
@@ -310,8 +308,8 @@ def corpus(seed: int = 0, n: int = 3000) -> list[str]:
 
 def train_tokenizer(texts: list[str], family: str = "llava"):
     """A word-level tokenizer trained with `tokenizers` on the world's texts, as an HF tokenizer with a
-    ChatML-style chat template (the end-of-turn token is the end of sequence); qwen2_5_vl adds the vision
-    tokens and renders an image as start, pad, end."""
+    ChatML-style chat template (the end-of-turn token is the end of sequence), with the family's vision
+    tokens and image markup (`tiny.VISION_TOKENS`, `tiny.IMAGE_MARKUP`)."""
     import tokenizers
     import transformers
 
@@ -319,58 +317,29 @@ def train_tokenizer(texts: list[str], family: str = "llava"):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     # no cleanup: "blue ." must decode to "blue .", which re-tokenizes to its ids ("blue." is one unknown word)
     tok.decoder = tokenizers.decoders.WordPiece(cleanup=False)
-    extra = QWEN_VISION if family == "qwen2_5_vl" else []
+    tiny = families.get(family).tiny
+    extra = list(tiny.VISION_TOKENS)
     tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=SPECIAL + extra,
                                                                         min_frequency=1))
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
         additional_special_tokens=["<|im_start|>", "<image>", *extra])
-    fast.chat_template = QWEN_CHAT_TEMPLATE if extra else CHAT_TEMPLATE
+    fast.chat_template = _TEMPLATE.replace("IMAGE", tiny.IMAGE_MARKUP)
     return fast
 
 
 def write_model(folder: str, *, seed: int = 0, family: str = "llava") -> None:
-    """The demo's base model as a Hugging Face folder: a tiny SigLIP + Qwen2 LLaVA, or a tiny Qwen2.5-VL
-    of the same widths (random weights), the trained tokenizer and the family's processor."""
-    import transformers
-
-    from rdpo_jax.models import config as config_lib
-    from rdpo_jax.models import families, hf
+    """The demo's base model as a Hugging Face folder: the family's tiny model 128 wide and 3 deep (a
+    SigLIP + Qwen2 LLaVA, or a Qwen2.5-VL of the same widths; random weights, tied embeddings) whose
+    images are 48 px in 12 px patches, the trained tokenizer and the family's processor."""
+    from rdpo_jax.models import hf
 
     tokenizer = train_tokenizer(corpus(), family)
-    if family == "qwen2_5_vl":
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VISION}
-        hf_config = transformers.Qwen2_5_VLConfig(
-            vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=QWEN_PATCH,
-                               spatial_merge_size=2, temporal_patch_size=2, window_size=2 * 2 * QWEN_PATCH,
-                               fullatt_block_indexes=[1], out_hidden_size=128),
-            text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                             bos_token_id=None, eos_token_id=None,
-                             rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 6, 6])),
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-            tie_word_embeddings=True)
-        hf.save_hf(families.create(config_lib.from_hf(hf_config), seed=seed), folder, hf_config)
-        from rdpo_jax.data import qwen_vl_images
-
-        qwen_vl_images.save_processor(folder, tokenizer, patch_size=QWEN_PATCH, pixels=IMAGE_SIZE * IMAGE_SIZE)
-        return
-    hf_config = transformers.LlavaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="full")
-    cfg = config_lib.from_hf(hf_config)
-    hf.save_hf(families.create(cfg, seed=seed), folder, hf_config)
-    processor = transformers.LlavaProcessor(
-        image_processor=transformers.SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
-        image_token="<image>", num_additional_image_tokens=0)
-    processor.save_pretrained(folder)
+    tiny = families.get(family).tiny
+    size = dict(image_size=IMAGE_SIZE, patch_size=PATCH)
+    hf_config = tiny.hf_config(tokenizer, width=128, depth=3, tied=True, **size)
+    hf.save_hf(families.create(families.from_hf(hf_config), seed=seed), folder, hf_config)
+    tiny.save_processor(folder, tokenizer, **size)
 
 
 def write_sft(out: str, name: str, *, n: int, seed: int, imperfect_share: float) -> dict:
@@ -392,7 +361,7 @@ def write_sft(out: str, name: str, *, n: int, seed: int, imperfect_share: float)
 
 
 def write_prompts(folder: str, name: str, *, n: int, seed: int, open_share: float = len(OPEN_KINDS) / len(KINDS)) -> str:
-    """`n` prompts (image files + NAME.jsonl with ground truth) for `rdpo_jax.data_prep.build_rubrics`:
+    """`n` prompts (image files + NAME.jsonl with ground truth) for `data_prep.build_rubrics`:
     `open_share` of them open questions (describe and list in turn), the rest the short kinds in turn."""
     rng = np.random.default_rng(seed)
     short = [k for k in KINDS if k not in OPEN_KINDS]

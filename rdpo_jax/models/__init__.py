@@ -1,11 +1,17 @@
-"""Flax NNX vision-language models and their Hugging Face IO.
+"""Flax NNX vision-language models and their Hugging Face IO: the shared layers, the family registry,
+and a folder per family.
 
-  config.py           architecture configs read from a transformers config.json; RunSettings
-  layers.py           linear, norms, attention, RoPE, remat policies
-  vision.py           SigLIP / CLIP vision towers
+  families.py         the registry: which family a config.json is, `from_hf`, `create`, `abstract_model`
+  vlm.py              what every family's model shares (feature splicing, LM head) and `Family`, what a
+                      family folder provides
+  config.py           the shared architecture configs (text decoder, SigLIP/CLIP tower); RunSettings
+  layers.py           linear, norms, attention, RoPE / M-RoPE, remat policies, layer scan
   text.py             Llama / Qwen2 / Qwen3 decoder
-  llava.py            the composition, image-feature splicing, `create`
+  vision.py           SigLIP / CLIP vision towers
+  splash.py           the TPU splash-attention kernel with a layout's mask
   hf.py               `load_hf` / `save_hf`
   safetensors_io.py   memory-mapped reader, streaming sharded writer
-  qwen_vision.py      the Qwen2.5-VL vision tower (packed patch buffer, window/full attention masks)
+  llava/              LLaVA: config, model, image inputs, tiny configs
+  qwen2_5_vl/         Qwen2.5-VL: config, model, vision tower, image preprocessing, 3D positions, image
+                      inputs, tiny configs
 """

@@ -1,10 +1,12 @@
-"""Model configuration: the architecture as read from a Hugging Face `config.json`, and how to run it.
+"""What every family's configuration shares: the text decoder's and the SigLIP/CLIP tower's architecture
+as read from a Hugging Face `config.json`, and how a model runs (`RunSettings`).
 
 transformers parses and normalizes the JSON (defaults, the v4 `rope_theta`/`rope_scaling` and v5
-`rope_parameters` forms); we read the architecture from it into frozen dataclasses and reject what we do
-not implement with an error that names the field. An architecture config holds the architecture only
-(two runs of one model compare equal); how a run executes it — dtypes, rematerialization, run-time
-checks — is `RunSettings`, passed beside it.
+`rope_parameters` forms); each family (`models/<family>/config.py`) reads its architecture from it into
+frozen dataclasses with `text_from_hf`, `vision_from_hf` and `require`, and rejects what we do not
+implement with an error that names the field. An architecture config holds the architecture only (two
+runs of one model compare equal); how a run executes it — dtypes, rematerialization, run-time checks —
+is `RunSettings`, passed beside it.
 """
 
 from __future__ import annotations
@@ -13,14 +15,8 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 TEXT_FAMILIES = ("llama", "qwen2", "qwen3")
-# model_type of a text config inside a multimodal one -> the decoder family it is
-TEXT_ALIASES = {"qwen2_5_vl_text": "qwen2"}
-# model_type -> the transformers class (config.json's `architectures`, what vLLM picks the model by)
-ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-MODEL_TYPES = tuple(ARCHITECTURES)
 VISION_FAMILIES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 SCAN_AUTO_LAYERS = 16  # scan_layers="auto" scans decoders at least this deep
@@ -126,95 +122,16 @@ class RunSettings:
                    attention=m.attention, scan_layers=m.scan_layers, check_image_tokens=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class LlavaConfig:
-    """The architecture of a LLaVA-style model."""
-    vision: VisionConfig
-    text: TextConfig
-    image_token_id: int
-    projector_hidden_act: str
-    projector_bias: bool
-    vision_feature_layer: int | tuple[int, ...]
-    vision_feature_select_strategy: str  # "default" drops the first token, "full" keeps all
-    tie_word_embeddings: bool
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        """Indices into the vision tower's hidden states (0 = embeddings), made non-negative."""
-        layers = self.vision_feature_layer
-        layers = (layers,) if isinstance(layers, int) else layers
-        n = self.vision.num_layers + 1
-        return tuple(i % n for i in layers)
-
-    @property
-    def image_seq_len(self) -> int:
-        """Number of placeholder tokens (= projected features) per image."""
-        return self.vision.num_positions - (self.vision_feature_select_strategy == "default")
-
-    @property
-    def projector_in(self) -> int:
-        return self.vision.hidden_size * len(self.feature_layers)
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenVisionConfig:
-    """The Qwen2.5-VL vision tower (`models/qwen_vision.py`)."""
-    depth: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int  # spatial_merge_size
-    window_size: int  # in pixels
-    fullatt_block_indexes: tuple[int, ...]
-    out_hidden_size: int
-    in_channels: int = 3
-    hidden_act: str = "silu"
-    rope_theta: float = 10000.0
-
-    @classmethod
-    def from_hf(cls, vc) -> QwenVisionConfig:
-        """A `transformers.Qwen2_5_VLVisionConfig`."""
-        rope = dict(getattr(vc, "rope_parameters", None) or {})
-        return cls(depth=vc.depth, hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
-                   num_heads=vc.num_heads, patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
-                   merge_size=vc.spatial_merge_size, window_size=vc.window_size,
-                   fullatt_block_indexes=tuple(vc.fullatt_block_indexes), out_hidden_size=vc.out_hidden_size,
-                   in_channels=vc.in_channels, hidden_act=vc.hidden_act, rope_theta=rope.get("rope_theta", 10000.0))
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def window_tokens(self) -> int:
-        """A window's side in merged tokens (transformers: window_size // merge // patch)."""
-        return self.window_size // self.merge_size // self.patch_size
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenVLConfig:
-    """The architecture of a Qwen2.5-VL model (`models/qwen_vl.py`)."""
-    vision: QwenVisionConfig
-    text: TextConfig
-    image_token_id: int
-    video_token_id: int
-    vision_start_token_id: int
-    vision_end_token_id: int
-    tie_word_embeddings: bool
-
-
-def _require(cond: bool, field: str, msg: str):
+def require(cond: bool, field: str, msg: str):
     if not cond:
         raise UnsupportedConfigError(f"config.json: {field}: {msg}")
 
 
-def _vision_from_hf(vc) -> VisionConfig:
+def vision_from_hf(vc) -> VisionConfig:
     family = VISION_FAMILIES.get(vc.model_type)
-    _require(family is not None, "vision_config.model_type",
+    require(family is not None, "vision_config.model_type",
              f"{vc.model_type!r} is not supported; supported: {sorted(VISION_FAMILIES)}")
-    _require(vc.hidden_size % vc.num_attention_heads == 0, "vision_config.hidden_size",
+    require(vc.hidden_size % vc.num_attention_heads == 0, "vision_config.hidden_size",
              f"{vc.hidden_size} is not divisible by num_attention_heads={vc.num_attention_heads}")
     return VisionConfig(
         family=family, hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
@@ -229,9 +146,9 @@ def _rope_from_hf(tc) -> tuple[tuple[str, Any], ...]:
         params = dict(getattr(tc, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(tc, "rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
-    _require(kind in ROPE_TYPES, "text_config.rope_parameters.rope_type",
+    require(kind in ROPE_TYPES, "text_config.rope_parameters.rope_type",
              f"{kind!r} is not supported; supported: {ROPE_TYPES}")
-    _require(params.get("partial_rotary_factor", 1.0) == 1.0, "text_config.rope_parameters.partial_rotary_factor",
+    require(params.get("partial_rotary_factor", 1.0) == 1.0, "text_config.rope_parameters.partial_rotary_factor",
              "only 1.0 (full rotary) is supported")
     params["rope_type"] = kind
     params.pop("type", None)
@@ -241,20 +158,22 @@ def _rope_from_hf(tc) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
-def _text_from_hf(tc) -> TextConfig:
-    family = TEXT_ALIASES.get(tc.model_type, tc.model_type)
-    _require(family in TEXT_FAMILIES, "text_config.model_type",
-             f"{family!r} is not supported; supported: {list(TEXT_FAMILIES)}")
+def text_from_hf(tc, *, family: str | None = None, mrope: bool = False) -> TextConfig:
+    """A transformers text config; `family`: the decoder it is when its `model_type` does not say (the text
+    config inside a Qwen2.5-VL is "qwen2_5_vl_text", a Qwen2); `mrope`: read its M-RoPE sections."""
+    family = family or tc.model_type
+    require(family in TEXT_FAMILIES, "text_config.model_type",
+            f"{family!r} is not supported; supported: {list(TEXT_FAMILIES)}")
     if family in ("qwen2", "qwen3"):
-        _require(not getattr(tc, "use_sliding_window", False), "text_config.use_sliding_window",
-                 "sliding-window attention is not supported")
+        require(not getattr(tc, "use_sliding_window", False), "text_config.use_sliding_window",
+                "sliding-window attention is not supported")
     layer_types = getattr(tc, "layer_types", None) or []
-    _require(all(t == "full_attention" for t in layer_types), "text_config.layer_types",
-             f"only full_attention layers are supported, got {sorted(set(layer_types))}")
+    require(all(t == "full_attention" for t in layer_types), "text_config.layer_types",
+            f"only full_attention layers are supported, got {sorted(set(layer_types))}")
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     num_kv = tc.num_key_value_heads or tc.num_attention_heads
-    _require(tc.num_attention_heads % num_kv == 0, "text_config.num_key_value_heads",
-             f"{num_kv} does not divide num_attention_heads={tc.num_attention_heads}")
+    require(tc.num_attention_heads % num_kv == 0, "text_config.num_key_value_heads",
+            f"{num_kv} does not divide num_attention_heads={tc.num_attention_heads}")
     attention_bias = bool(getattr(tc, "attention_bias", False))
     return TextConfig(
         family=family, vocab_size=tc.vocab_size, hidden_size=tc.hidden_size,
@@ -264,63 +183,11 @@ def _text_from_hf(tc) -> TextConfig:
         qkv_bias=True if family == "qwen2" else attention_bias,
         o_bias=False if family == "qwen2" else attention_bias,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)), qk_norm=family == "qwen3",
-        rope=_rope_from_hf(tc), mrope_section=_mrope_section(tc, head_dim))
+        rope=_rope_from_hf(tc), mrope_section=_mrope_section(tc, head_dim) if mrope else ())
 
 
 def _mrope_section(tc, head_dim: int) -> tuple[int, ...]:
-    if tc.model_type not in TEXT_ALIASES:
-        return ()
     section = tuple(int(n) for n in (getattr(tc, "rope_parameters", None) or {}).get("mrope_section", (16, 24, 24)))
-    _require(len(section) == 3 and sum(section) == head_dim // 2, "text_config.rope_parameters.mrope_section",
-             f"{list(section)} must be three chunks summing to head_dim/2 = {head_dim // 2}")
+    require(len(section) == 3 and sum(section) == head_dim // 2, "text_config.rope_parameters.mrope_section",
+            f"{list(section)} must be three chunks summing to head_dim/2 = {head_dim // 2}")
     return section
-
-
-def from_hf(hf) -> LlavaConfig | QwenVLConfig:
-    """Reads a transformers config (or a `config.json` dict) of a supported `model_type` into our
-    architecture config: `LlavaConfig` or `QwenVLConfig`."""
-    import transformers  # heavy import, only where configs are read
-
-    model_type = hf.get("model_type") if isinstance(hf, dict) else hf.model_type
-    _require(model_type in MODEL_TYPES, "model_type", f"{model_type!r} is not supported; supported: {list(MODEL_TYPES)}")
-    if isinstance(hf, dict):
-        hf = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in hf.items() if k != "model_type"})
-    return _llava_from_hf(hf) if model_type == "llava" else _qwen_vl_from_hf(hf)
-
-
-def _llava_from_hf(hf) -> LlavaConfig:
-    vision, text = _vision_from_hf(hf.vision_config), _text_from_hf(hf.text_config)
-    layer = hf.vision_feature_layer
-    layer = int(layer) if isinstance(layer, (int, np.integer)) else tuple(int(i) for i in layer)
-    for i in (layer,) if isinstance(layer, int) else layer:
-        _require(-(vision.num_layers + 1) <= i <= vision.num_layers, "vision_feature_layer",
-                 f"{i} is out of range for a vision tower with {vision.num_layers} layers")
-    _require(hf.vision_feature_select_strategy in ("default", "full"), "vision_feature_select_strategy",
-             f"{hf.vision_feature_select_strategy!r} is not 'default' or 'full'")
-    return LlavaConfig(
-        vision=vision, text=text, image_token_id=int(hf.image_token_id),
-        projector_hidden_act=hf.projector_hidden_act,
-        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
-        vision_feature_layer=layer, vision_feature_select_strategy=hf.vision_feature_select_strategy,
-        tie_word_embeddings=bool(hf.tie_word_embeddings))
-
-
-def _qwen_vl_from_hf(hf) -> QwenVLConfig:
-    vc = hf.vision_config
-    rope = dict(getattr(vc, "rope_parameters", None) or {})
-    _require(rope.get("rope_type", "axial") == "axial", "vision_config.rope_parameters.rope_type",
-             f"{rope.get('rope_type')!r} is not supported; supported: ['axial']")
-    _require(vc.hidden_size % vc.num_heads == 0 and (vc.hidden_size // vc.num_heads) % 4 == 0,
-             "vision_config.num_heads", f"hidden_size {vc.hidden_size} / num_heads {vc.num_heads} must be a "
-             "head_dim divisible by 4 (2D rotary embedding)")
-    for i in vc.fullatt_block_indexes:
-        _require(0 <= i < vc.depth, "vision_config.fullatt_block_indexes", f"{i} is outside the depth {vc.depth}")
-    _require(vc.hidden_act in ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu"), "vision_config.hidden_act",
-             f"{vc.hidden_act!r} is not supported")
-    vision, text = QwenVisionConfig.from_hf(vc), _text_from_hf(hf.text_config)
-    _require(vision.out_hidden_size == text.hidden_size, "vision_config.out_hidden_size",
-             f"{vision.out_hidden_size} must equal the text hidden_size {text.hidden_size}")
-    return QwenVLConfig(vision=vision, text=text, image_token_id=int(hf.image_token_id),
-                        video_token_id=int(hf.video_token_id), vision_start_token_id=int(hf.vision_start_token_id),
-                        vision_end_token_id=int(hf.vision_end_token_id),
-                        tie_word_embeddings=bool(hf.tie_word_embeddings))

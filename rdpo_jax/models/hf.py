@@ -1,9 +1,9 @@
 """Hugging Face checkpoints in and out: `config.json` + safetensors, in the layouts transformers reads.
 
-Parameter names mirror transformers' module names (see the families, `llava.py` and `qwen_vl.py`); a name
-differs only in its leaf (`kernel`/`scale`/`embedding` for `weight`) and in the prefix each on-disk
-layout uses. Each family lists its prefixes (`HF_READ`: every layout we read → our canonical name,
-`HF_WRITE`: the Hub layout we write):
+Parameter names mirror transformers' module names (see each family's `model.py`); a name differs only in
+its leaf (`kernel`/`scale`/`embedding` for `weight`) and in the prefix each on-disk layout uses. Each
+family lists its prefixes (`Family.hf_read`: every layout we read → our canonical name, `hf_write`: the
+Hub layout we write):
 
   LLaVA — canonical         llava-hf Hub / transformers 4.x      transformers ≥ 4.52 in memory
   language_model.X          language_model.model.X               model.language_model.X
@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from rdpo_jax import sharding
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import families, safetensors_io
-from rdpo_jax.models.vlm import VisionLanguageModel
+from rdpo_jax.models.vlm import Family, VisionLanguageModel
 
 _LOAD_THREADS = 4  # tensors read concurrently by load_hf; host memory holds at most this many
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -51,8 +51,8 @@ class CheckpointMismatchError(ValueError):
     """The tensors in a checkpoint folder do not match the model its config.json describes."""
 
 
-def canonical_name(disk_name: str, family: type[VisionLanguageModel]) -> str:
-    for pattern, repl in family.HF_READ:
+def canonical_name(disk_name: str, family: Family) -> str:
+    for pattern, repl in family.hf_read:
         disk_name = re.sub(pattern, repl, disk_name, count=1)
     return disk_name
 
@@ -85,8 +85,8 @@ def _layer_shape(variable: nnx.Variable) -> tuple[int, ...]:
     return shape[1:] if _is_stacked(variable) else shape
 
 
-def disk_name(canonical: str, family: type[VisionLanguageModel]) -> str:
-    for prefix, repl in family.HF_WRITE:
+def disk_name(canonical: str, family: Family) -> str:
+    for prefix, repl in family.hf_write:
         if canonical.startswith(prefix):
             return repl + canonical[len(prefix):]
     raise ValueError(f"no on-disk prefix for {canonical!r}")
@@ -149,26 +149,27 @@ def read_hf_config(path: str):
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face model folder?)")
     with open(file) as f:
         raw = json.load(f)
-    if raw.get("model_type") not in config_lib.MODEL_TYPES:
-        raise config_lib.UnsupportedConfigError(
-            f"{file}: model_type: {raw.get('model_type')!r} is not supported; supported: {list(config_lib.MODEL_TYPES)}")
+    try:
+        families.get(raw.get("model_type"))
+    except config_lib.UnsupportedConfigError as e:
+        raise config_lib.UnsupportedConfigError(f"{file}: {e}") from None
     try:
         return transformers.AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, TypeError) as e:
         raise config_lib.UnsupportedConfigError(f"{file}: transformers cannot parse it: {e}") from e
 
 
-def read_config(path: str) -> config_lib.LlavaConfig | config_lib.QwenVLConfig:
+def read_config(path: str):
     """Reads `path/config.json` into the architecture config of its family."""
     hf_config = read_hf_config(path)
     try:
-        return config_lib.from_hf(hf_config)
+        return families.from_hf(hf_config)
     except config_lib.UnsupportedConfigError as e:
         raise config_lib.UnsupportedConfigError(f"{os.path.join(path, 'config.json')}: {e}") from None
 
 
 def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *,
-            mesh: jax.sharding.Mesh | None = None) -> tuple[VisionLanguageModel, config_lib.LlavaConfig]:
+            mesh: jax.sharding.Mesh | None = None) -> tuple[VisionLanguageModel, object]:
     """Loads a Hugging Face model folder of a supported family, tensor by tensor, straight into the target
     shardings.
 
@@ -190,7 +191,7 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
       UnsupportedConfigError: a config field names an architecture or option not implemented.
     """
     cfg = read_config(path)
-    family = families.model_class(cfg)
+    family = families.of(cfg)
     graphdef, state = nnx.split(families.abstract_model(cfg, run))
     reader = safetensors_io.Reader(path)
 
@@ -295,9 +296,10 @@ def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max
     """
     if isinstance(hf_config, str):
         hf_config = read_hf_config(hf_config)
-    if config_lib.from_hf(hf_config) != model.config:
+    if families.from_hf(hf_config) != model.config:
         raise ValueError("save_hf: hf_config describes another architecture than the model")
     dtype = np.dtype(model.run.param_dtype if dtype is None else dtype)
+    family = families.of(model)
     specs = []
     for p, variable in _params(nnx.state(model)):
         array, names = variable.get_value(), hf_names(p, variable)
@@ -313,7 +315,7 @@ def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max
 
         shape = _torch_shape(p, _layer_shape(variable))
         for i, name in enumerate(names):
-            specs.append(safetensors_io.TensorSpec(disk_name(name, type(model)), dtype, shape,
+            specs.append(safetensors_io.TensorSpec(disk_name(name, family), dtype, shape,
                                                    functools.partial(value, layer=i if stacked else None)))
     specs.sort(key=lambda s: s.name)
     if jax.process_index() != 0:
@@ -322,7 +324,7 @@ def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max
         return []
     os.makedirs(path, exist_ok=True)
     hf = hf_config.__class__.from_dict(hf_config.to_dict())
-    hf.architectures = [config_lib.ARCHITECTURES[hf.model_type]]
+    hf.architectures = [family.architecture]
     hf.dtype = dtype.name
     hf.text_config.dtype = dtype.name
     hf.vision_config.dtype = dtype.name

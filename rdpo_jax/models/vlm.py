@@ -1,7 +1,7 @@
 """What every vision-language family shares: image features spliced over placeholder tokens, the text
 decoder, the (tied or separate) LM head.
 
-A family (`llava.py`, `qwen_vl.py`) subclasses `VisionLanguageModel`: it builds `language_model` (a
+A family's model (`llava/model.py`, `qwen2_5_vl/model.py`) subclasses `VisionLanguageModel`: it builds `language_model` (a
 `TextDecoder`), optionally `lm_head`, its vision side, and implements `image_features(images)`, where
 `images` is the family's image input (LLaVA: pixels; Qwen2.5-VL: a packed patch buffer with metadata)
 and `images_of(batch)`, which picks it from a batch dict. Features come with a per-row count, so that
@@ -10,6 +10,11 @@ encode a pair's images once for both rows of the concat layout.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -122,3 +127,34 @@ def _check_image_tokens(is_image: jax.Array, expected: jax.Array, enabled: bool)
         jax.debug.callback(check, *stats)
     else:
         check(*stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a family folder (`models/<family>/`) provides; `models/families.py` registers it.
+
+    model_type: config.json's `model_type` it reads.
+    architecture: the transformers class its checkpoints name (config.json's `architectures`; vLLM picks
+      the model by it).
+    config: the family's frozen architecture config type; from_hf: a transformers config -> one (an
+      UnsupportedConfigError naming the field for what it does not implement).
+    model: the `VisionLanguageModel` subclass, built as `model(config, run, rngs=…)`.
+    image_input: `(config, processor dict | None, where, *, max_images, max_pixels, patch_buckets)` -> the
+      host-side image adapter (`data/image_inputs.py` lists its protocol); `processor` None: the
+      architecture's image shapes.
+    hf_read: (pattern, replacement) regexes from every on-disk layout's tensor names to ours, in order,
+      each applied at most once; hf_write: (our prefix, the Hub's prefix) for what we write (`models/hf.py`).
+    tiny: the tiny models the tests, the smoke setup and the demo build: `VISION_TOKENS` (special tokens
+      beyond "<image>"), `IMAGE_MARKUP` (the chat template's text for one image), `hf_config(tokenizer, *,
+      width, depth, image_size, patch_size, tied, **text)`, `save_processor(folder, tokenizer, *,
+      image_size, patch_size)`, `smoke_images(rng, png)`.
+    """
+    model_type: str
+    architecture: str
+    config: type
+    from_hf: Callable[[Any], Any]
+    model: type[VisionLanguageModel]
+    image_input: Callable[..., Any]
+    hf_read: tuple[tuple[str, str], ...]
+    hf_write: tuple[tuple[str, str], ...]
+    tiny: ModuleType

@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from rdpo_jax.data import image_inputs, images
+from rdpo_jax.data import images
 from rdpo_jax.data.tokenize import TemplateError
 from rdpo_jax.serve import engine as engine_lib
 
@@ -236,7 +236,7 @@ def parse(body: Any, state: State) -> tuple[engine_lib.Request, dict]:
     policy = state.engine.policy
     try:
         prepared = policy.image_input.prepare(blobs)
-    except image_inputs.ImageBudgetError as e:
+    except images.ImageBudgetError as e:
         raise APIError(413 if e.reason == "image_budget" else 400, f"messages: {e}", "messages") from None
     except images.ImageError as e:
         raise APIError(400, f"messages: image {getattr(e, 'index', '?')}: {e}", "messages") from None

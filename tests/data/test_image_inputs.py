@@ -9,7 +9,9 @@ import transformers
 from PIL import Image
 
 from data_prep import smoke
-from rdpo_jax.data import image_inputs, images, qwen_vl_images, qwen_vl_positions
+from rdpo_jax.data import image_inputs, images, patches
+from rdpo_jax.models.qwen2_5_vl import images as qwen_images
+from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import hf
 
@@ -58,7 +60,7 @@ def test_qwen_prompt_equals_the_processor(qwen):
                                                                                        (1, 2, 2)]
     np.testing.assert_array_equal(prepared["patches"], theirs["pixel_values"])
     positions = adapter.positions(np.asarray(ours), prepared)
-    expected, _ = qwen_vl_positions.rope_index((np.asarray(ours) == cfg.image_token_id).astype(int),
+    expected, _ = qwen_positions.rope_index((np.asarray(ours) == cfg.image_token_id).astype(int),
                                                prepared["grids"], merge_size=2)
     np.testing.assert_array_equal(positions, expected)
 
@@ -74,13 +76,13 @@ def test_qwen_patch_buffers_buckets_and_budgets(qwen):
     arrays, _ = adapter.collate([small, large])
     assert arrays["patches"].shape[1] == 288
     np.testing.assert_array_equal(arrays["patch_image"][1, :244], [0] * 144 + [1] * 100)
-    meta = qwen_vl_images.patch_metadata(large["grids"], 2, 288)
+    meta = qwen_images.patch_metadata(large["grids"], 2, 288)
     np.testing.assert_array_equal(arrays["patch_row"][1], meta["row"])
-    padded = image_inputs.pad_patches(arrays, 320)
+    padded = patches.pad(arrays, 320)
     assert padded["patches"].shape[1] == 320 and (padded["patch_image"][:, 288:] == -1).all()
-    with pytest.raises(image_inputs.ImageBudgetError, match="432 patches .* exceed the largest patch bucket, 288"):
+    with pytest.raises(images.ImageBudgetError, match="432 patches .* exceed the largest patch bucket, 288"):
         adapter.prepare([_png(48, 48)] * 3)
-    with pytest.raises(image_inputs.ImageBudgetError, match="4 images, more than data.max_images=3"):
+    with pytest.raises(images.ImageBudgetError, match="4 images, more than data.max_images=3"):
         adapter.prepare([_png(8, 8)] * 4)
     # records sharing a row: their images one after another, as one record holding them all
     merged = image_inputs.merge([small, None, large])

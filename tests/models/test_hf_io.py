@@ -215,7 +215,7 @@ def test_image_placeholder_mismatch_raises_eager_and_jit(tiny_llava):
 
 def test_create_is_born_sharded_and_round_trips(tmp_path):
     hf_config = tiny.hf_config("siglip_qwen3")
-    cfg = config_lib.from_hf(hf_config)
+    cfg = families.from_hf(hf_config)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = families.create(cfg, mesh=mesh, seed=1)
     kernel = model.language_model.layers[0].mlp.gate_proj.kernel.get_value()

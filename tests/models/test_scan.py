@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from rdpo_jax import sampling, sharding
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import hf, layers, safetensors_io
+from rdpo_jax.models import families, hf, layers, safetensors_io
 from tests import tiny
 
 ON = config_lib.RunSettings(scan_layers="on")
@@ -118,7 +118,7 @@ def test_scanned_round_trip_is_exact_and_the_stacked_axis_is_whole(tiny_llava, t
     source = {}
     for f in (f for f in os.listdir(folder) if f.endswith(".safetensors")):
         source.update(safetensors.numpy.load_file(os.path.join(folder, f)))
-    family = type(model)
+    family = families.of(model)
     source = {hf.canonical_name(k, family): v for k, v in source.items()}
     assert {hf.canonical_name(k, family) for k in written} == set(source)
     for k, v in written.items():

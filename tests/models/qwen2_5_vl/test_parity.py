@@ -14,7 +14,7 @@ import transformers
 from flax import nnx
 
 from rdpo_jax import packing
-from rdpo_jax.data import qwen_vl_positions
+from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, safetensors_io
 from tests import tiny_qwen as tq
@@ -58,7 +58,7 @@ def test_shared_prefix_row_equals_two_transformers_forwards(tiny_qwen):
                                 max_answer_len=8)
     P = len(prompt)
     types = (np.asarray(prompt) == tq.IMAGE).astype(np.int32)
-    prompt_pos, _ = qwen_vl_positions.rope_index(types, batch["grids"][0], merge_size=tq.MERGE)
+    prompt_pos, _ = qwen_positions.rope_index(types, batch["grids"][0], merge_size=tq.MERGE)
     positions = np.zeros((1, 3, 64), np.int32)
     positions[0, :, :P] = prompt_pos
     start = prompt_pos.max() + 1

@@ -10,10 +10,10 @@ import torch
 import transformers
 from flax import nnx
 
-from rdpo_jax.data import qwen_vl_images as qi
-from rdpo_jax.models import config as config_lib
+from rdpo_jax.models.qwen2_5_vl import images as qi
+from rdpo_jax.models.qwen2_5_vl.config import QwenVisionConfig
 from rdpo_jax.models import hf, layers
-from rdpo_jax.models import qwen_vision as qv
+from rdpo_jax.models.qwen2_5_vl import vision as qv
 
 HF_CONFIG = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, patch_size=4, spatial_merge_size=2,
                  temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1, 3], out_hidden_size=64,
@@ -30,7 +30,7 @@ def towers():
     with torch.no_grad():  # random biases and norm scales too, so that every parameter matters
         for p in theirs.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    cfg = config_lib.QwenVisionConfig.from_hf(hf_cfg)
+    cfg = QwenVisionConfig.from_hf(hf_cfg)
     ours = qv.QwenVisionTower(cfg, rngs=layers.InitKeys(jax.random.key(0)))
     weights = {k: v.numpy() for k, v in theirs.state_dict().items()}
     for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)):

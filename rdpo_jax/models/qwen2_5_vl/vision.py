@@ -1,6 +1,6 @@
 """The Qwen2.5-VL vision tower, as transformers' `Qwen2_5_VisionTransformerPretrainedModel`.
 
-Input: per batch row, the patch rows of `data/qwen_vl_images.py` (float[N, C·T·P·P], merge-block-major) of
+Input: per batch row, the patch rows of `images.py` (float[N, C·T·P·P], merge-block-major) of
 the row's images packed into one buffer, with per-patch metadata — which image (−1: padding) and the
 patch's row and column in its image's grid. Window and image membership are attention masks built from that
 metadata inside the program (transformers permutes patches into windows and splits the sequence on the
@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from rdpo_jax.models import layers
-from rdpo_jax.models.config import QwenVisionConfig
 from rdpo_jax.models.layers import Linear, RMSNorm
+from rdpo_jax.models.qwen2_5_vl.config import QwenVisionConfig
 from rdpo_jax.sharding import shard_activation
 
 EPS = 1e-6  # transformers hard-codes the vision RMSNorm eps (it is not read from the config)

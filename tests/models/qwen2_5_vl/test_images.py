@@ -11,7 +11,7 @@ import pytest
 import transformers
 from PIL import Image, ImageOps
 
-from rdpo_jax.data import qwen_vl_images as qi
+from rdpo_jax.models.qwen2_5_vl import images as qi
 
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 

@@ -1,7 +1,7 @@
 """The LLaVA composition: vision tower → MLP projector → image features spliced into the text sequence.
 
 Matches transformers' `LlavaForConditionalGeneration`. The attribute tree mirrors transformers' module
-names so that `models/hf.py` maps weights by renaming leaves only.
+names so that `models/hf.py` maps weights by renaming leaves and prefixes only (`HF_READ`, `HF_WRITE`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rdpo_jax.models import layers
-from rdpo_jax.models.config import LlavaConfig, RunSettings
+from rdpo_jax.models.config import RunSettings
 from rdpo_jax.models.layers import Linear
+from rdpo_jax.models.llava.config import LlavaConfig
 from rdpo_jax.models.text import TextDecoder
 from rdpo_jax.models.vision import VisionTower
 from rdpo_jax.models.vlm import Features, VisionLanguageModel
+
+# Checkpoint names (`models/hf.py`): on-disk patterns -> canonical, applied in order, each at most once
+# (llava-hf Hub / transformers 4.x, and the ≥ 4.52 in-memory names), and the Hub prefixes we write.
+HF_READ = (
+    (r"^model\.language_model\.", "language_model."),
+    (r"^language_model\.model\.", "language_model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^vision_tower\.vision_model\.", "vision_tower."),
+)
+HF_WRITE = (("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+            ("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector."))
 
 
 class Projector(nnx.Module):
@@ -36,19 +50,6 @@ class Llava(VisionLanguageModel):
     """LLaVA: `images` = pixels float32[B, H, W, 3] or float32[B, N, H, W, 3] (N images per row, filling
     the row's placeholders in order), NHWC and normalized as the HF image processor does; the batch
     field is `pixel_values`. Every image gives `config.image_seq_len` features. See `VisionLanguageModel`."""
-
-    # Checkpoint names (`models/hf.py`): on-disk patterns -> canonical, applied in order, each at most once
-    # (llava-hf Hub / transformers 4.x, and the ≥ 4.52 in-memory names), and the Hub prefixes we write.
-    HF_READ = (
-        (r"^model\.language_model\.", "language_model."),
-        (r"^language_model\.model\.", "language_model."),
-        (r"^language_model\.lm_head\.", "lm_head."),
-        (r"^model\.vision_tower\.", "vision_tower."),
-        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-        (r"^vision_tower\.vision_model\.", "vision_tower."),
-    )
-    HF_WRITE = (("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                ("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector."))
 
     def __init__(self, cfg: LlavaConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
         self.vision_tower = VisionTower(cfg.vision, param_dtype=run.param_dtype, dtype=run.dtype,

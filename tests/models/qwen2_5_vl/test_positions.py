@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from rdpo_jax.data import qwen_vl_positions as qp
+from rdpo_jax.models.qwen2_5_vl import positions as qp
 
 IMAGE, START, END = 150, 152, 153
 

@@ -3,9 +3,9 @@ merged patch features spliced over the `<|image_pad|>` placeholders of a Qwen2 d
 
 Images are any size: per batch row the patches of the row's images are packed into one buffer (a static
 length per bucket) with per-patch metadata (`QwenImages`), so rows hold different numbers of image
-tokens. Rows with images need their 3D positions (`data/qwen_vl_positions.rope_index`); text-only rows
-may pass 1D positions. Attribute names follow transformers 5's modules (`visual`, `language_model`,
-`lm_head`) so that `models/hf.py` maps weights by renaming leaves and prefixes only.
+tokens. Rows with images need their 3D positions (`positions.rope_index`); text-only rows may pass 1D
+positions. Attribute names follow transformers 5's modules (`visual`, `language_model`, `lm_head`) so
+that `models/hf.py` maps weights by renaming leaves and prefixes only (`HF_READ`, `HF_WRITE`).
 """
 
 from __future__ import annotations
@@ -16,17 +16,23 @@ import jax
 import jax.numpy as jnp
 
 from rdpo_jax.models import layers
-from rdpo_jax.models.config import QwenVLConfig, RunSettings
+from rdpo_jax.models.config import RunSettings
 from rdpo_jax.models.layers import Linear
-from rdpo_jax.models.qwen_vision import QwenVisionTower
+from rdpo_jax.models.qwen2_5_vl.config import QwenVLConfig
+from rdpo_jax.models.qwen2_5_vl.vision import QwenVisionTower
 from rdpo_jax.models.text import TextDecoder
 from rdpo_jax.models.vlm import Features, VisionLanguageModel
 
+# Checkpoint names (`models/hf.py`): the Hub's `visual.*`/`model.*` and transformers 5's own
+# `model.visual.*`/`model.language_model.*` read; the Hub layout written.
+HF_READ = ((r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "language_model."),
+           (r"^model\.", "language_model."))
+HF_WRITE = (("visual.", "visual."), ("language_model.", "model."), ("lm_head.", "lm_head."))
 BATCH_KEYS = ("patches", "patch_image", "patch_row", "patch_col")  # QwenImages' fields in a batch dict
 
 
 class QwenImages(NamedTuple):
-    """A row's images as one patch buffer (`data.qwen_vl_images.patch_metadata` builds the metadata)."""
+    """A row's images as one patch buffer (`images.patch_metadata` builds the metadata)."""
     patches: jax.Array  # float32[B, N, C·T·P·P], merge-block-major per image, padding at the end
     image: jax.Array  # int32[B, N]: the patch's image within its row (in placeholder order), −1 = padding
     row: jax.Array  # int32[B, N]: the patch's row in its image's patch grid
@@ -36,12 +42,6 @@ class QwenImages(NamedTuple):
 class QwenVL(VisionLanguageModel):
     """Qwen2.5-VL: `images` = `QwenImages`; every image of grid (1, h, w) gives h·w/4 features, written over
     its placeholders in order. See `VisionLanguageModel`."""
-
-    # Checkpoint names (`models/hf.py`): the Hub's `visual.*`/`model.*` and transformers 5's own
-    # `model.visual.*`/`model.language_model.*` read; the Hub layout written.
-    HF_READ = ((r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "language_model."),
-               (r"^model\.", "language_model."))
-    HF_WRITE = (("visual.", "visual."), ("language_model.", "model."), ("lm_head.", "lm_head."))
 
     def __init__(self, cfg: QwenVLConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
         kw = dict(param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)
@@ -68,5 +68,5 @@ class QwenVL(VisionLanguageModel):
     def hidden_states(self, input_ids, features: Features | None, attention_mask=None, positions=None) -> jax.Array:
         if positions is None and features is not None:
             raise ValueError("Qwen2.5-VL rows with images need their 3D positions int32[B, 3, T] "
-                             "(rdpo_jax.data.qwen_vl_positions.rope_index)")
+                             "(rdpo_jax.models.qwen2_5_vl.positions.rope_index)")
         return super().hidden_states(input_ids, features, attention_mask, positions)
