@@ -93,7 +93,7 @@ class Options:
 
     @classmethod
     def from_config(cls, config, *, reference_fingerprint: str | None = None) -> Options:
-        """The options of a training config (`rdpo_jax/configs/*.py`). With `reference_fingerprint` (a run with
+        """The options of a training config (`configs/*.py`). With `reference_fingerprint` (a run with
         `dpo.reference="precomputed"`), records must carry reference log-likelihoods of that model,
         stamped with this config's `reference_settings`."""
         d, dpo = config.data, config.objective == "dpo"
@@ -197,13 +197,6 @@ class Prepare(grain.transforms.Map):
 
     def _prepare(self, record: dict, where: str) -> dict:
         o = self.options
-        try:
-            prepared = self.image_input.prepare(record["images"])
-        except images.ImageError as e:
-            field = "images" if getattr(e, "index", None) is None else f"images[{e.index}]"
-            raise records.RecordError(where, field, str(e), reason="bad_image") from None
-        except images.ImageBudgetError as e:
-            raise records.RecordError(where, "images", str(e), reason=e.reason) from None
         messages = record["messages"]
         fields, texts, ids, pairs = _answers(record, self.kind)
         max_pairs, max_answers = o.slots(self.kind)
@@ -212,22 +205,26 @@ class Prepare(grain.transforms.Map):
                                       f"data.max_pairs_per_group={max_pairs} / max_answers_per_group={max_answers}",
                                       reason="group_too_large")
         try:
-            prompt = self.tokenizer.prompt(messages, prepared["tokens"] if prepared else [])
+            prompt = self.tokenizer.encode(messages, record["images"], self.image_input)
             if ids is not None and record.get("tokenizer") == self.tokenizer.fingerprint:
                 answers = ids  # the ids the policy sampled, exactly
             else:  # text only, or ids of another tokenizer: cut from the whole conversation's tokens
                 answers = [self.tokenizer.answer(messages, t) for t in texts]
+        except images.ImageError as e:
+            field = "images" if getattr(e, "index", None) is None else f"images[{e.index}]"
+            raise records.RecordError(where, field, str(e), reason="bad_image") from None
+        except images.ImageBudgetError as e:
+            raise records.RecordError(where, "images", str(e), reason=e.reason) from None
         except TemplateError as e:
             raise records.RecordError(where, "messages", str(e), reason="template") from None
         for field, a in zip(fields, answers):
             if self.tokenizer.image_token_id in a:
                 raise records.RecordError(where, field, "holds the image token", reason="template")
-        if len(prompt) > o.max_prompt_len(len(answers)):
-            raise records.RecordError(where, "messages", f"prompt of {len(prompt)} tokens (image tokens included) "
-                                      f"exceeds {o.max_prompt_len(len(answers))}; prompts are never truncated",
-                                      reason="prompt_too_long")
-        example = {"prompt": np.asarray(prompt, np.int32), "images": prepared,
-                   "positions": self.image_input.positions(prompt, prepared),
+        if len(prompt.ids) > o.max_prompt_len(len(answers)):
+            raise records.RecordError(where, "messages", f"prompt of {len(prompt.ids)} tokens (image tokens "
+                                      f"included) exceeds {o.max_prompt_len(len(answers))}; prompts are never "
+                                      "truncated", reason="prompt_too_long")
+        example = {"prompt": prompt.ids, "images": prompt.images, "positions": prompt.positions,
                    "answers": [np.asarray(a, np.int32) for a in answers]}
         if o.kind == "pairs":
             example["pairs"] = pairs
@@ -299,15 +296,15 @@ def reference_mismatch(record: dict, options: Options) -> tuple[str, str] | None
     stamped = record.get("ref_settings")
     if stamped is None:
         return "ref_settings", ("missing: these reference log-likelihoods carry no settings stamp (written by an "
-                                "older rdpo_jax.data_prep.ref_logps); compute them again with the training config")
+                                "older data_prep.ref_logps); compute them again with the training config")
     for field, value in options.reference_settings:
         if field not in stamped:
             return "ref_settings", (f"config.{field}: not in the settings these reference log-likelihoods were "
-                                    "stamped with (older rdpo_jax.data_prep.ref_logps); compute them again with "
+                                    "stamped with (older data_prep.ref_logps); compute them again with "
                                     "this run's config")
         if stamped[field] != value:
             return "ref_settings", (f"config.{field}: the reference log-likelihoods were computed with "
-                                    f"{stamped[field]!r}, this run uses {value!r}; run rdpo_jax.data_prep.ref_logps "
+                                    f"{stamped[field]!r}, this run uses {value!r}; run data_prep.ref_logps "
                                     "with this run's config")
     return None
 

@@ -1,4 +1,4 @@
-"""Chat-template tokenization: prompt ids (image placeholders expanded) and answer ids (ending the turn).
+"""Chat-template tokenization: prompts (image placeholders expanded) and answer ids (ending the turn).
 
 The model folder's tokenizer renders the conversation with its chat template (the processor's
 `chat_template.jinja`/`.json` when the tokenizer has none). The prompt is the conversation rendered with
@@ -7,7 +7,8 @@ adds after that prompt, up to and including the end-of-turn token (trailing whit
 i-th image placeholder token in the prompt expands to as many copies as image i has features (LLaVA: a
 fixed count; Qwen2.5-VL: h·w/4 of its patch grid, between the template's vision start/end tokens), as
 the HF processors do, so the model's image features fill them one to one. Only answer tokens are
-trained.
+trained. `ChatTokenizer.encode` is the one way a conversation and its images become a model's prompt
+(`Prompt`): training records, the offline sampler and the server all call it.
 
 Answer ids are cut out of the whole conversation's tokens, never tokenized alone: a text tokenized alone
 is tokenized as the start of a text, and tokenizers treat starts specially (Llama-2's normalizer prepends
@@ -17,11 +18,15 @@ prompt). The ids trained are thus the ids the model produces after the prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
+
+import numpy as np
 
 PLACEHOLDER = "image"  # the part type that renders as the image token
 
@@ -36,25 +41,45 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prompt:
+    """A conversation as the model reads it.
+
+    ids: int32[P], the chat template rendered with the generation prompt, placeholders expanded.
+    images: the images as the family's adapter prepared them (`image_input.prepare`), None without images.
+    positions: int32[3, P] for M-RoPE families (`image_input.positions`), None where positions count tokens.
+    """
+    ids: np.ndarray
+    images: dict | None
+    positions: np.ndarray | None
+
+
 class ChatTokenizer:
-    """Picklable (the tokenizer loads lazily in each worker process)."""
+    """Picklable (the tokenizer loads lazily in each worker process) and safe to share between threads (the
+    server's request handlers and its engine): every call into the HF tokenizer holds one lock, since a fast
+    tokenizer used by two threads at once fails ("Already borrowed")."""
 
     def __init__(self, model_folder: str, *, image_token_id: int):
         self.folder, self.image_token_id = model_folder, image_token_id
         self._tok = None
+        self._lock = threading.RLock()
 
     def __getstate__(self):
-        return {**self.__dict__, "_tok": None}
+        return {**self.__dict__, "_tok": None, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.RLock())
 
     @property
     def tokenizer(self):
-        if self._tok is None:
-            import transformers
+        with self._lock:
+            if self._tok is None:
+                import transformers
 
-            tok = transformers.AutoTokenizer.from_pretrained(self.folder)
-            if not tok.chat_template:
-                tok.chat_template = _processor_template(self.folder)
-            self._tok = tok
+                tok = transformers.AutoTokenizer.from_pretrained(self.folder)
+                if not tok.chat_template:
+                    tok.chat_template = _processor_template(self.folder)
+                self._tok = tok
         return self._tok
 
     @property
@@ -68,10 +93,19 @@ class ChatTokenizer:
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
+    def encode(self, messages: list[dict], images: Sequence[bytes], image_input) -> Prompt:
+        """The prompt of `messages` and their images' bytes for a family's image adapter (`image_input`:
+        preprocessing, placeholders per image, positions). Raises the adapter's image errors
+        (`images.ImageError`, `images.ImageBudgetError`) and TemplateError, for the caller to report."""
+        prepared = image_input.prepare(images)
+        ids = np.asarray(self.prompt(messages, prepared["tokens"] if prepared else []), np.int32)
+        return Prompt(ids, prepared, image_input.positions(ids, prepared))
+
     def prompt(self, messages: list[dict], image_tokens: Sequence[int]) -> list[int]:
         """Token ids of the prompt, the i-th image placeholder expanded to `image_tokens[i]` copies;
         checks one placeholder per image."""
-        ids = self._ids(self._render(messages, True))
+        with self._lock:
+            ids = self._ids(self._render(messages, True))
         found = ids.count(self.image_token_id)
         if found != len(image_tokens):
             raise TemplateError(f"the rendered prompt holds {found} image tokens for {len(image_tokens)} images "
@@ -92,7 +126,8 @@ class ChatTokenizer:
         whole: when the answer characters it takes are whitespace they are dropped, else a TemplateError
         is raised, since no ids continue the prompt's ids and spell the answer.
         """
-        ids = self._answer_ids(messages, answer)
+        with self._lock:
+            ids = self._answer_ids(messages, answer)
         if self.image_token_id in ids:
             raise TemplateError("the answer contains the image token")
         return ids
@@ -114,10 +149,16 @@ class ChatTokenizer:
                 ids.append(token)
         return ids
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of generated ids, special tokens skipped."""
+        with self._lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def stop_ids(self) -> tuple[int, ...]:
         """The ids generation stops on, sorted: the tokenizer's eos, the eos id(s) of the folder's
         generation_config.json, and the chat template's end-of-turn token."""
-        ids = {self.tokenizer.eos_token_id, self._end_of_turn()}
+        with self._lock:
+            ids = {self.tokenizer.eos_token_id, self._end_of_turn()}
         path = os.path.join(self.folder, "generation_config.json")
         if os.path.exists(path):
             with open(path) as f:
