@@ -5,8 +5,8 @@ offline sampler (`sampling.answer`, what `data_prep.sample` runs) on the same mo
 
 The smoke model's tokenizer and chat template with a wider decoder (Qwen2 4 layers × 256, SigLIP tower
 of 16 image tokens) and random weights, saved once as a Hugging Face folder. Every request is one
-text-only prompt of ~30 tokens, greedy, exactly --new_tokens tokens (`ignore_eos`; the offline sampler
-gets no stop ids), so both sides generate the same tokens. The server runs in its own process on this
+text-only prompt of ~30 tokens, greedy, exactly --new_tokens tokens (`ignore_eos`, on both sides), so
+both sides generate the same tokens. The server runs in its own process on this
 machine's one CPU device; the clients are threads of this process sending plain HTTP (urllib, not the
 openai client, whose overhead would be charged to the server on these two cores). Per round: the
 offline sampler on --max_batch prompts at a time, then each client count; a warm-up first (the server's
@@ -90,8 +90,7 @@ def main(argv):
                 time.sleep(0.2)
         policy = inference.load(folder, mesh="data=1")
         prompts = _prompts(_REQUESTS.value)
-        cfg = sampling.SamplingConfig(max_new_tokens=_NEW.value, temperature=0.0, pad_id=policy.tokenizer.pad_id,
-                                      suppress_ids=(policy.config.image_token_id,))  # no stop ids: every token
+        cfg = policy.sampling_config(max_new_tokens=_NEW.value, temperature=0.0, ignore_eos=True)
         records = [{"messages": m, "images": []} for m in prompts]
         B = _MAX_BATCH.value
 

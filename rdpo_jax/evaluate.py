@@ -4,7 +4,7 @@
     python -m rdpo_jax.evaluate --model=runs/sft,runs/dpo --out=eval/sft,eval/dpo --pool=…  # one process
     python -m rdpo_jax.evaluate --model=exports/dpo --pool=… --judge=openai --endpoint=… --judge_model=…
 
-Answers every prompt of a rubric pool greedily (the sampler of `rdpo_jax.data_prep.sample`: stopping at the
+Answers every prompt of a rubric pool greedily (the sampler of `data_prep.sample`: stopping at the
 tokenizer's stop ids, never emitting the image token; prompts with and without images alike), judges the
 answers criterion by criterion (verifier, OpenAI-compatible endpoint or local Flax judge) and reports:
 

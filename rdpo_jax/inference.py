@@ -1,5 +1,5 @@
-"""A model ready to answer prompts: what `rdpo_jax.data_prep.sample`, `rdpo_jax.evaluate`, `rdpo_jax.data_prep.ref_logps`
-and the local Flax judge start from.
+"""A model ready to answer prompts: what `data_prep.sample`, `rdpo_jax.evaluate`, `data_prep.ref_logps`, the
+local Flax judge and the server start from.
 
 `load(source, mesh=…)` reads a Hugging Face folder or a training run (its latest checkpoint) straight
 onto a mesh of this process's devices — FSDP over all of them by default, so that a model larger than
@@ -10,6 +10,7 @@ folder. Placeholders are checked on the host by the tokenizer, so the compiled p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -62,8 +63,12 @@ class Policy:
         """Sampling settings (`options`: max_new_tokens, temperature, …) that stop at every stop id of
         the tokenizer (eos, the generation config's eos ids, the template's end of turn) and never emit
         the image placeholder (training would splice an image into it)."""
-        return sampling.SamplingConfig(stop_ids=self.tokenizer.stop_ids(), pad_id=self.tokenizer.pad_id,
-                                       suppress_ids=(self.config.image_token_id,), **options)
+        return sampling.SamplingConfig(**self._model_ids, **options)
+
+    @functools.cached_property
+    def _model_ids(self) -> dict:  # read once: the server asks per request
+        return {"stop_ids": self.tokenizer.stop_ids(), "pad_id": self.tokenizer.pad_id,
+                "suppress_ids": (self.config.image_token_id,)}
 
 
 def load(source: str, *, mesh: str | dict | jax.sharding.Mesh = DEFAULT_MESH, run: config_lib.RunSettings | None = None,

@@ -1,12 +1,15 @@
 """Generation: greedy equals transformers' generate token for token (with and without images); sampling
-is reproducible and per row (a row's samples depend on its own key only); filters, stop tokens and
-several samples per prompt behave."""
+is reproducible and per row (a row's samples depend on its own key only); the per-step choice (suppression,
+greedy and drawn rows, top-k, top-p, key folding, penalties) equals its closed form on fixed logits; the
+decode loop run in chunks (as the server runs it) equals it run whole; settings are checked when made;
+filters, stop tokens and several samples per prompt behave."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from rdpo_jax import sampling, sharding
 from rdpo_jax.models import hf
@@ -105,12 +108,12 @@ def test_stop_tokens_end_rows_and_pad_the_rest(tiny_llava):
 def test_filters_against_numpy():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((3, 20)).astype(np.float32)
-    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), sampling.SamplingConfig(1, temperature=0.5, top_k=5)))
+    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), 0.5, top_k=5))
     for row, orig in zip(out, logits):
         kept = np.isfinite(row)
         assert kept.sum() == 5 and set(np.flatnonzero(kept)) == set(np.argsort(-orig)[:5])
         np.testing.assert_allclose(row[kept], orig[kept] / 0.5, rtol=1e-6)
-    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), sampling.SamplingConfig(1, top_p=0.6)))
+    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), 1.0, top_p=0.6))
     for row, orig in zip(out, logits):
         p = np.exp(orig - orig.max())
         p /= p.sum()
@@ -119,9 +122,131 @@ def test_filters_against_numpy():
         assert set(np.flatnonzero(np.isfinite(row))) == set(order[:n])
 
 
+def _state(logits, settings, keys, step=3, **extra):
+    """The decode state `pick` reads: fixed logits float32[R, V] and the rows' settings."""
+    return {"logits": jnp.asarray(logits), **sampling.row_settings(settings), "keys": keys, "step": jnp.int32(step),
+            **extra}
+
+
+def test_pick_equals_its_closed_form_on_fixed_logits():
+    """One batch of a greedy row, a top-p row so small only the best token survives, and a row drawn at
+    temperature 0.7 without filters: the greedy rows take the argmax once the suppressed id (the best one)
+    is gone; the drawn row's token is jax's categorical draw with fold_in(its key, step) from its logits / 0.7,
+    the suppressed id removed; with top-k 2, every draw is one of the two best allowed tokens."""
+    rng = np.random.default_rng(0)
+    V = 12
+    logits = rng.standard_normal((3, V)).astype(np.float32)
+    best = logits.argmax(axis=1)
+    logits[:, 5] = logits.max(axis=1) + 3.0  # the suppressed id would win every row
+    base = dict(max_new_tokens=4, suppress_ids=(5,))
+    settings = [sampling.SamplingConfig(temperature=0.0, **base), sampling.SamplingConfig(top_p=1e-6, **base),
+                sampling.SamplingConfig(temperature=0.7, **base)]
+    variant = sampling.Variant.of(settings)
+    assert (variant.sample, variant.top_k, variant.top_p, variant.penalize) == (True, 0, True, False)
+    allowed = np.where(np.arange(V) == 5, -np.inf, logits)
+    for step in range(4):
+        keys = jax.random.split(jax.random.key(step), 3)
+        token = np.asarray(sampling.pick(_state(logits, settings, keys, step), variant))
+        assert token[:2].tolist() == best[:2].tolist()
+        draw = jax.random.categorical(jax.random.fold_in(keys[2], step), jnp.asarray(allowed[2]) / np.float32(0.7))
+        assert token[2] == int(draw)
+    top2 = [set(np.argsort(-row)[:2]) for row in allowed]
+    drawn = [sampling.SamplingConfig(temperature=1.5, top_k=2, **base)] * 3
+    seen = [set() for _ in range(3)]
+    for step in range(32):
+        token = sampling.pick(_state(logits, drawn, jax.random.split(jax.random.key(0), 3), step),
+                              sampling.Variant.of(drawn))
+        for r, t in enumerate(np.asarray(token).tolist()):
+            seen[r].add(t)
+    assert seen == top2
+
+
+def test_penalties_equal_their_closed_form():
+    """repetition (prompt or generated tokens: positive logits divided, negative ones multiplied), then
+    frequency (per generated occurrence) and presence (once per generated token), per row; a neutral row's
+    logits are exact."""
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((2, 10)).astype(np.float32)
+    seen = rng.random((2, 10)) < 0.3
+    counts = rng.integers(0, 3, (2, 10)).astype(np.int32)
+    settings = [sampling.SamplingConfig(1, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5),
+                sampling.SamplingConfig(1)]
+    out = np.asarray(sampling.penalize_logits(jnp.asarray(logits), _state(logits, settings, None, seen=seen,
+                                                                           counts=counts)))
+    hit = seen[0] | (counts[0] > 0)
+    want = np.where(hit, np.where(logits[0] > 0, logits[0] / 1.5, logits[0] * 1.5), logits[0])
+    want = want - 0.25 * counts[0] - 0.5 * (counts[0] > 0)
+    np.testing.assert_allclose(out[0], want, rtol=1e-6)
+    np.testing.assert_array_equal(out[1], logits[1])
+
+
+def test_settings_are_checked_once_when_made():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+                dict(num_samples=0), dict(repetition_penalty=0.0), dict(temperature=float("nan")),
+                dict(presence_penalty=float("inf"))):
+        with pytest.raises(ValueError, match="expected"):
+            sampling.SamplingConfig(**{"max_new_tokens": 4, **bad})
+    with pytest.raises(ValueError, match="cannot share a batch"):
+        sampling.Variant.of([sampling.SamplingConfig(4, stop_ids=(2,)), sampling.SamplingConfig(4, stop_ids=(3,))])
+    # a greedy row's top_k does not matter: it shares a batch with drawn rows of another top_k
+    assert sampling.Variant.of([sampling.SamplingConfig(4, temperature=0.0, top_k=5),
+                                sampling.SamplingConfig(4, top_k=2)]).top_k == 2
+
+
+def test_decode_in_chunks_equals_decode_at_once(tiny_llava):
+    """The server's way (`decode` chunk after chunk of 3 steps) and the offline way (one `decode` of every
+    step) give every row the same tokens and counts, in one batch of rows with different settings (greedy,
+    drawn with and without top-p, penalized, shorter max_new_tokens, ignoring the stop id). A greedy row is
+    `generate`'s greedy answer up to and including the stop id, then padding; the row ignoring the stop
+    decodes all its tokens; every row ends at its max_new_tokens or just after a stop id."""
+    folder, _ = tiny_llava("siglip_qwen2")
+    model, cfg = hf.load_hf(folder)
+    ids, mask, pixels = _prompts(cfg)
+    free, _ = sampling.generate(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels), jax.random.key(0),
+                                sampling.SamplingConfig(max_new_tokens=8, temperature=0.0))
+    free = np.asarray(free)
+    stop = int(free[1, 3])  # greedy prompt 1 emits it at step 3
+    first = free[1].tolist().index(stop)
+    base = dict(stop_ids=(stop,), pad_id=-1)
+    settings = [sampling.SamplingConfig(8, temperature=0.0, **base),  # prompt 0
+                sampling.SamplingConfig(5, temperature=1.0, top_p=0.9, **base),
+                sampling.SamplingConfig(8, temperature=0.0, repetition_penalty=1.5, presence_penalty=0.5, **base),
+                sampling.SamplingConfig(8, temperature=0.0, **base),  # prompt 1
+                sampling.SamplingConfig(8, temperature=0.0, ignore_eos=True, **base),
+                sampling.SamplingConfig(8, temperature=1.0, **base)]
+    variant = sampling.Variant.of(settings)
+    T, M = ids.shape[1], 8
+    begin = nnx.jit(sampling.begin, static_argnames=("length", "repeat", "penalize"))
+    decode = nnx.jit(sampling.decode, static_argnames=("variant", "steps", "prompt_len"))
+
+    def run(steps):
+        state = begin(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels), None, T + M,
+                      sampling.row_settings(settings), jax.random.split(jax.random.key(1), 6), repeat=3,
+                      penalize=variant.penalize)
+        out = []
+        for _ in range(-(-M // steps)):
+            state, tokens = decode(model, state, variant, steps=steps, prompt_len=T)
+            out.append(np.asarray(tokens))
+        return np.concatenate(out, axis=1)[:, :M], np.asarray(state["count"])
+
+    whole, count = run(M)
+    chunked, chunked_count = run(3)
+    np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(chunked_count, count)
+    np.testing.assert_array_equal(whole[0, :count[0]], free[0, :count[0]])
+    assert count[3] == first + 1 and whole[3, :count[3]].tolist() == free[1, :first + 1].tolist()
+    assert count[4] == 8 and whole[4].tolist() == free[1].tolist()  # past the stop id it emits
+    assert count[1] <= 5
+    for r, s in enumerate(settings):
+        row = whole[r, :count[r]].tolist()
+        assert count[r] == s.max_new_tokens or (row[-1] == stop and not s.ignore_eos), (r, row)
+        assert stop not in row[:-1] or s.ignore_eos, (r, row)
+        assert np.all(whole[r, count[r]:] == -1)
+
+
 def test_each_row_draws_from_its_own_key(tiny_llava):
     """A prompt's samples follow its keys (`row_keys`: its pool index, the sample number), wherever it sits
-    in the batch and whatever else is in it: what makes a resumed `rdpo_jax.data_prep.sample` equal a fresh one."""
+    in the batch and whatever else is in it: what makes a resumed `data_prep.sample` equal a fresh one."""
     folder, _ = tiny_llava("siglip_qwen2")
     model, cfg = hf.load_hf(folder)
     ids, mask, pixels = _prompts(cfg, 1)

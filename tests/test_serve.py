@@ -122,9 +122,9 @@ def test_greedy_answers_equal_data_prep_sample_and_the_judge_scores_through_the_
     random model writes no valid verdict, so each is counted unscorable with its reason, after re-asks)."""
     out, model, env = str(tmp_path / "round"), f"{smoke_dir}/model", runs.env(compile_cache)
     command = [sys.executable, "-m"]
-    runs.run(command + ["rdpo_jax.data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path, 4)}",
+    runs.run(command + ["data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path, 4)}",
                         f"--out={out}"], env)
-    runs.run(command + ["rdpo_jax.data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=1",
+    runs.run(command + ["data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=1",
                         "--temperature=0", "--max_new_tokens=10", "--batch_size=4", f"--out={out}"], env)
     samples = {s["prompt_id"]: s for s in arrayrecord.read(f"{out}/samples")}
     pool = list(arrayrecord.read(f"{out}/pool"))
@@ -138,7 +138,7 @@ def test_greedy_answers_equal_data_prep_sample_and_the_judge_scores_through_the_
         assert reply.choices[0].finish_reason == ("stop" if len(want["response_ids"]) < 10 else "length")
 
     before = _get(served.url + "/health")[1]["rows"]
-    log = runs.run(command + ["rdpo_jax.data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples",
+    log = runs.run(command + ["data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples",
                               f"--out={out}", "--judge=openai", f"--endpoint={served.url}/v1", "--judge_model=model",
                               "--max_tokens=8", "--concurrency=4"], env).stdout
     judged = list(arrayrecord.read(f"{out}/judged"))
@@ -247,6 +247,9 @@ def test_server_basics_models_routes_and_loading(served):
     status, reply, _ = _post(served.url + "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
                                                                   b'"temperature": NaN}')
     assert status == 400 and "NaN" in reply["error"]["message"]  # Python's json would let NaN through every bound
+    status, reply, _ = _post(served.url + "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                                  b'"repetition_penalty": 1e400}')
+    assert status == 400 and reply["error"]["param"] == "repetition_penalty"  # 1e400 parses as inf, no bound catches
     status, reply, _ = _get(served.url + "/v1/nothing")
     assert status == 404 and reply["error"]["code"] == 404
     with pytest.raises(openai.BadRequestError, match="temperature"):
@@ -496,41 +499,55 @@ def test_busy_server_answers_429_oversized_images_413_and_sigterm_finishes_reque
 
 
 
-def test_engine_decodes_qwen_rows_with_images_like_the_sampler_and_a_bad_row_fails_alone(qwen_smoke_dir):
+def test_engine_decodes_qwen_rows_with_images_as_transformers_generate_and_a_bad_row_fails_alone(qwen_smoke_dir):
     """The engine on Qwen2.5-VL (M-RoPE positions, patch buffers; 0, 1 and 2 images of different sizes per
-    prompt, in one batch): greedy answers equal `sampling.answer`'s, the image tokens counted. A request the
-    API would have refused (a seed that is no integer) in the same batch gets its error and the others their
-    answers, in that one batch."""
+    prompt, in one batch): each greedy answer is transformers' greedy `generate` of its prompt alone (stopping
+    at the stop ids, never the image token), the image tokens counted. A request the API would have refused
+    (a seed that is no integer) in the same batch gets its error and the others their answers, in that one
+    batch."""
     import queue
 
-    import jax
+    import torch
+    import transformers
 
-    from rdpo_jax import inference, sampling
+    from rdpo_jax import inference
     from rdpo_jax.serve import engine as engine_lib
 
     policy = inference.load(f"{qwen_smoke_dir}/model")
     records = [{"messages": p["messages"], "images": p["images"]} for p in arrayrecord.read(f"{qwen_smoke_dir}/pairs")]
     assert {len(r["images"]) for r in records[:7]} == {0, 1, 2}
-    want = sampling.answer(policy, records, policy.sampling_config(max_new_tokens=8, temperature=0.0),
-                           jax.random.key(0))
+    settings = policy.sampling_config(max_new_tokens=8, temperature=0.0)
+    prompts = [policy.tokenizer.encode(r["messages"], r["images"], policy.image_input) for r in records[:7]]
+    theirs = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{qwen_smoke_dir}/model",
+                                                                             attn_implementation="eager")
+    want = []
+    for prompt in prompts:
+        ids = torch.tensor(prompt.ids[None], dtype=torch.long)
+        kw = {}
+        if prompt.images:
+            kw = dict(pixel_values=torch.tensor(prompt.images["patches"]),
+                      image_grid_thw=torch.tensor(prompt.images["grids"]))
+        with torch.no_grad():
+            out = theirs.generate(input_ids=ids, mm_token_type_ids=(ids == policy.config.image_token_id).long(),
+                                  max_new_tokens=8, do_sample=False, eos_token_id=list(settings.stop_ids),
+                                  pad_token_id=settings.pad_id, bad_words_ids=[[policy.config.image_token_id]], **kw)
+        generated = out[0, ids.shape[1]:].tolist()
+        ends = [k for k, t in enumerate(generated) if t in settings.stop_ids]
+        want.append(generated[:ends[0] + 1] if ends else generated)
     served = engine_lib.Engine(policy, max_batch=8)
     served.start()
     events = [queue.Queue() for _ in range(8)]
-    requests = []
-    for r, q in zip(records[:7], events):
-        prepared = policy.image_input.prepare(r["images"])
-        prompt = policy.tokenizer.prompt(r["messages"], prepared["tokens"] if prepared else [])
-        requests.append(engine_lib.Request(prompt=prompt, images=prepared, max_tokens=8, temperature=0.0, emit=q.put))
-    requests.insert(3, engine_lib.Request(prompt=requests[0].prompt, images=requests[0].images, max_tokens=8,
-                                          seed=0.5, emit=events[7].put))
+    requests = [engine_lib.Request(prompt=p, sampling=settings, emit=q.put) for p, q in zip(prompts, events)]
+    requests.insert(3, engine_lib.Request(prompt=prompts[0], sampling=settings, seed=0.5, emit=events[7].put))
     try:
         for request in requests:  # all prepared first, so that they arrive within one batch's wait
             served.submit(request)
-        for q, [(text, ids, _)] in zip(events, want[:7]):
+        for q, ids in zip(events, want):
             got, event = "", q.get(timeout=120)
             while event[0] == "delta":
                 got, event = got + event[2], q.get(timeout=120)
-            assert event[0] == "done" and got.strip() == text and event[3] == len(ids)
+            body = ids[:-1] if ids and ids[-1] in settings.stop_ids else ids
+            assert event[0] == "done" and got == policy.tokenizer.decode(body) and event[3] == len(ids)
         error = events[7].get(timeout=10)
         assert error[0] == "error" and "TypeError" in error[1], error
     finally:

@@ -21,6 +21,7 @@ from absl import app, flags
 from PIL import Image
 
 from rdpo_jax import inference
+from rdpo_jax.data.tokenize import Prompt
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.serve import api, engine, parsing
 
@@ -62,16 +63,15 @@ def model_max_len(folder: str) -> int:
     return 4096
 
 
-def warmup_prompts(policy) -> list[tuple[list[int], dict | None]]:
+def warmup_prompts(policy) -> list[Prompt]:
     """What `--warmup` compiles for: a short text prompt and, if the model reads images, one with a small image."""
     text = {"type": "text", "text": "Describe the image."}
-    prompts = [(policy.tokenizer.prompt([{"role": "user", "content": [text]}], []), None)]
+    prompts = [policy.tokenizer.encode([{"role": "user", "content": [text]}], [], policy.image_input)]
     if policy.image_input.max_images:
         buffer = io.BytesIO()
         Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "PNG")
-        prepared = policy.image_input.prepare([buffer.getvalue()])
-        prompts.append((policy.tokenizer.prompt([{"role": "user", "content": [{"type": "image"}, text]}],
-                                                prepared["tokens"]), prepared))
+        prompts.append(policy.tokenizer.encode([{"role": "user", "content": [{"type": "image"}, text]}],
+                                               [buffer.getvalue()], policy.image_input))
     return prompts
 
 

@@ -148,8 +148,8 @@ def create_app(state: State, on_startup=None, on_shutdown=None) -> Starlette:
 
 
 def _usage(request: engine_lib.Request, completion: int) -> dict:
-    return {"prompt_tokens": len(request.prompt), "completion_tokens": completion,
-            "total_tokens": len(request.prompt) + completion}
+    return {"prompt_tokens": len(request.prompt.ids), "completion_tokens": completion,
+            "total_tokens": len(request.prompt.ids) + completion}
 
 
 async def _stream(request, events, meta, include_usage):

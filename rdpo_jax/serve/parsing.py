@@ -14,6 +14,7 @@ import binascii
 import dataclasses
 import io
 import json
+import math
 import os
 import stat
 import time
@@ -84,6 +85,8 @@ def _number(body: dict, key: str, default, low, high, *, integer=False, low_open
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise APIError(400, f"{key}: expected {'an integer' if integer else 'a number'}, got {json.dumps(value)}", key)
+    if isinstance(value, float) and not math.isfinite(value):  # JSON has no Infinity, but 1e400 parses as one
+        raise APIError(400, f"{key}: {value} is not a finite number", key)
     if value < low or (low_open and value == low) or (high is not None and value > high):
         bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else '∞'}]"
         raise APIError(400, f"{key}: {value} is outside {bounds}", key)
@@ -218,12 +221,12 @@ def parse(body: Any, state: State) -> tuple[engine_lib.Request, dict]:
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "stop: expected a non-empty string or a list of at most 4 of them", "stop")
-    sampling = {"temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-                "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)),
-                # OpenAI's ranges; vLLM's repetition_penalty is any positive factor
-                "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2.0, 2.0)),
-                "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2.0, 2.0)),
-                "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 0.0, None, low_open=True))}
+    fields = {"temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+              "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)),
+              # OpenAI's ranges; vLLM's repetition_penalty is any positive factor
+              "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2.0, 2.0)),
+              "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2.0, 2.0)),
+              "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 0.0, None, low_open=True))}
     n = _number(body, "n", 1, 1, state.max_n, integer=True)
     seed = _number(body, "seed", None, *INT64, integer=True)
     ignore_eos = body.get("ignore_eos", False)
@@ -235,17 +238,14 @@ def parse(body: Any, state: State) -> tuple[engine_lib.Request, dict]:
     messages, blobs = _messages(body, state)
     policy = state.engine.policy
     try:
-        prepared = policy.image_input.prepare(blobs)
+        prompt = policy.tokenizer.encode(messages, blobs, policy.image_input)
     except images.ImageBudgetError as e:
         raise APIError(413 if e.reason == "image_budget" else 400, f"messages: {e}", "messages") from None
     except images.ImageError as e:
         raise APIError(400, f"messages: image {getattr(e, 'index', '?')}: {e}", "messages") from None
-    try:
-        with state.engine.lock:
-            prompt = policy.tokenizer.prompt(messages, prepared["tokens"] if prepared else [])
     except TemplateError as e:
         raise APIError(400, f"messages: {e}", "messages") from None
-    limit, used = state.max_model_len, len(prompt)
+    limit, used = state.max_model_len, len(prompt.ids)
     if used >= limit:  # vLLM's checks and words, so clients that parse them keep working
         raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your request has "
                             f"{used} input tokens. Please reduce the length of the input messages.", "messages")
@@ -255,6 +255,6 @@ def parse(body: Any, state: State) -> tuple[engine_lib.Request, dict]:
         raise APIError(400, f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
                             f"maximum context length is {limit} tokens and your request has {used} input tokens "
                             f"({max_tokens} > {limit} - {used}).", key)
-    request = engine_lib.Request(prompt=prompt, images=prepared, max_tokens=max_tokens, n=n, seed=seed,
-                                 stop=tuple(stop), ignore_eos=ignore_eos, stream=stream, **sampling)
+    settings = policy.sampling_config(max_new_tokens=max_tokens, num_samples=n, ignore_eos=ignore_eos, **fields)
+    request = engine_lib.Request(prompt=prompt, sampling=settings, seed=seed, stop=tuple(stop), stream=stream)
     return request, {"stream": stream, "include_usage": bool(options.get("include_usage"))}
