@@ -9,13 +9,10 @@ before the next. A served answer is thus the offline answer for the same prompt 
 
 Prompts are left-padded (int32[B, T] with a 1/0 mask) and their positions count real tokens only (as
 transformers' `generate` does), so every row's last prompt token sits at index T−1 and all rows decode
-in lockstep. `SamplingConfig` holds one prompt's settings, checked when made. Rows with different
-settings share a batch: the decode state holds them per row (`row_settings`), and a compiled program
-specializes only on the batch's `Variant` (whether any row draws, top-k, any top-p, penalties, the stop,
-suppressed and pad ids). Each step: penalties (OpenAI's presence and frequency on generated tokens,
-vLLM's repetition on prompt and generated ones), suppressed ids at −inf, then greedy rows (temperature
-0) take the argmax and drawn rows sample after temperature, top-k, top-p (transformers' order). A row
-ends after a stop id (unless it ignores them) or at its max_new_tokens; later slots hold the pad id.
+in lockstep. Rows with different settings (`SamplingConfig`) share a batch: the decode state holds them
+per row, and a compiled program specializes only on the batch's `Variant`. Each step (`pick`):
+penalties, suppressed ids at −inf, then greedy rows (temperature 0) take the argmax and the others draw
+after temperature, top-k, top-p (transformers' order).
 
 Randomness is per row: row r draws its step-i token with fold_in(keys[r], i), so a row's samples depend
 on its own key only, not on the other rows of the batch. `row_keys` derives the keys from a prompt's
@@ -209,11 +206,11 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, images, key: 
 def begin(model, prompt_ids: jax.Array, prompt_mask: jax.Array, images, positions: jax.Array | None, length: int,
           settings: dict, keys: jax.Array, *, live: jax.Array | None = None, repeat: int = 1,
           penalize: bool = False) -> dict:
-    """The decode state of a batch: `prefill` of its prompts (see `generate`) into a cache of `length` slots,
-    each prompt's state copied `repeat` times (rows b·n … b·n+n−1 of prompt b), with the rows' `settings`
-    (`row_settings`), PRNG `keys` [R], done bool[R] (rows not `live` are done from the start), count int32[R] (tokens
-    generated) and step; with `penalize`, also each row's prompt tokens (seen bool[R, V]) and generated-token
-    counts (counts int32[R, V])."""
+    """The decode state of a batch: `prefill` of its prompts (see `generate`) into a cache of `length`
+    slots, each prompt's state copied `repeat` times (rows b·n … b·n+n−1 of prompt b), with the rows'
+    `settings` (`row_settings`), PRNG `keys` [R], done bool[R] (rows not `live` are done from the start),
+    count int32[R] (tokens generated) and step; with `penalize`, also each row's prompt tokens (seen
+    bool[R, V]) and generated-token counts (counts int32[R, V])."""
     state = prefill(model, prompt_ids, prompt_mask, images, positions, length)
     if penalize:
         B, V = state["logits"].shape
