@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rdpo_jax.data import arrayrecord, image_inputs, pipeline  # noqa: E402
 from rdpo_jax.models import hf  # noqa: E402
 from rdpo_jax.data.tokenize import ChatTokenizer  # noqa: E402
-from tests import tiny  # noqa: E402  (the tiny tokenizer and chat template of the test suite)
+from data_prep import smoke  # noqa: E402  (the smoke setup's words and tokenizer)
+from rdpo_jax import testing  # noqa: E402
 
 _RECORDS = flags.DEFINE_integer("records", 256, "Records in the dataset.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Grain worker processes.")
@@ -45,7 +46,7 @@ def _jpeg(rng) -> bytes:
 
 
 def _words(rng, n):
-    return " ".join(rng.choice(tiny.WORDS, n))
+    return " ".join(rng.choice(smoke.WORDS, n))
 
 
 def main(argv):
@@ -56,7 +57,7 @@ def main(argv):
     data = os.path.join(folder, "pairs")
     if not os.path.exists(data + arrayrecord.MANIFEST_SUFFIX):
         os.makedirs(folder, exist_ok=True)
-        tiny.tokenizer().save_pretrained(folder)
+        smoke.tokenizer().save_pretrained(folder)
         transformers.SiglipImageProcessorPil(size={"height": 384, "width": 384}).save_pretrained(folder)
         rng = np.random.default_rng(0)
         rubric = {"criteria": [{"id": f"c{j}", "text": "criterion", "kind": "essential" if j < 2 else "additional",
@@ -68,7 +69,7 @@ def main(argv):
                         chosen_scores=[1] * 6, rejected_scores=[0] * 6, meta={}) for i in range(_RECORDS.value))
         arrayrecord.write(folder, "pairs", "pairs", records, num_shards=4)
     options = pipeline.Options(kind="pairs", seq_buckets=(1024,), max_answer_len=160, max_criteria=8)
-    tok = ChatTokenizer(folder, image_token_id=tiny.IMAGE_TOKEN)
+    tok = ChatTokenizer(folder, image_token_id=testing.IMAGE_TOKEN)
     ds = pipeline.make_dataset(arrayrecord.Source(data), options, tok,
                                image_inputs.for_model(hf.read_config(folder), folder, max_images=1),
                                global_batch_size=_BATCH.value, seed=0, num_epochs=None, process_index=0,

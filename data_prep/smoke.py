@@ -17,67 +17,29 @@ component with real files, not to learn anything.
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 from absl import app, flags
 
+from rdpo_jax import testing
 from rdpo_jax.models import families
 
 WORDS = ("system user assistant describe the image a an one two three four five red green blue yellow "
          "circle square triangle star small large left right top bottom of in is are there how many what "
          "colour shape and with no yes object objects picture shows").split()
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "<image>"]  # ids 0…5
-IMAGE_TOKEN = SPECIAL.index("<image>")
-_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<image>")
 
 
 def tokenizer(family: str = "llava"):
-    """A word-level tokenizer over `WORDS` with ChatML-style special tokens and chat template, and the
-    family's vision tokens after the words (`tiny.VISION_TOKENS`; qwen2_5_vl: ids 51…54)."""
-    import tokenizers
-    import transformers
-
-    tiny = families.get(family).tiny
-    extra = list(tiny.VISION_TOKENS)
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + extra)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    # no cleanup: "blue ." must decode to "blue .", which re-tokenizes to its ids ("blue." is one unknown word)
-    tok.decoder = tokenizers.decoders.WordPiece(cleanup=False)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
-        additional_special_tokens=["<|im_start|>", "<image>", *extra])
-    fast.chat_template = _TEMPLATE.replace("IMAGE", tiny.IMAGE_MARKUP)
-    return fast
-
-
-def model_config(family: str = "llava", **text):
-    """The smoke model's transformers config (the family's tiny model over `tokenizer(family)`); `text`:
-    decoder fields to override (a wider or deeper model for benchmarks, e.g. hidden_size=256)."""
-    return families.get(family).tiny.hf_config(tokenizer(family), **text)
+    """The word-level tokenizer over `WORDS` (ChatML, `testing.tokenizer`); the family's vision tokens
+    follow the words (qwen2_5_vl: ids 51…54)."""
+    return testing.tokenizer(WORDS, family=family)
 
 
 def write_model(folder: str, seed: int = 0, family: str = "llava", **text) -> None:
-    from rdpo_jax.models import hf
-
-    hf_config = model_config(family, **text)
-    hf.save_hf(families.create(families.from_hf(hf_config), seed=seed), folder, hf_config)
-    families.get(family).tiny.save_processor(folder, tokenizer(family))
-
-
-def _png(rng, size=(24, 24)) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    """DIR/model (the module doc); `text`: decoder fields to override (a wider or deeper model for
+    benchmarks, e.g. hidden_size=256)."""
+    testing.write_model(folder, tokenizer(family), family=family, seed=seed, **text)
 
 
 def _words(rng, n: int) -> str:
@@ -90,7 +52,7 @@ def _messages(rng, images: int = 1) -> list[dict]:
 
 
 def _images(rng, family: str) -> list[bytes]:
-    return families.get(family).tiny.smoke_images(rng, _png)
+    return families.get(family).tiny.smoke_images(rng, testing.png)
 
 
 def pair(rng, i: int, family: str = "llava") -> dict:

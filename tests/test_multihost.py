@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data_prep import smoke
-from rdpo_jax import checkpoint, packing
+from rdpo_jax import checkpoint, packing, testing
 from rdpo_jax.data import arrayrecord, image_inputs, pipeline
 from rdpo_jax.models import hf
 from rdpo_jax.data.tokenize import ChatTokenizer
@@ -89,7 +89,7 @@ def test_the_processes_rows_need_different_buckets_in_the_same_step(smoke_dir, d
     config = smoke_config.get_config(f"dir={smoke_dir}")
     config.data.update(seq_buckets=BUCKETS, max_answer_len=16, on_bad_record="skip")
     options = pipeline.Options.from_config(config)
-    tok = ChatTokenizer(f"{smoke_dir}/model", image_token_id=smoke.IMAGE_TOKEN)
+    tok = ChatTokenizer(f"{smoke_dir}/model", image_token_id=testing.IMAGE_TOKEN)
 
     def dataset(p, n):
         return pipeline.make_dataset(arrayrecord.Source(f"{data}/pairs"), options, tok,
@@ -223,7 +223,7 @@ def test_packed_rows_two_processes_match_one(smoke_dir, data, tmp_path, compile_
     config = smoke_config.get_config(f"dir={smoke_dir}")
     config.data.update(seq_buckets=(80,), max_answer_len=16, on_bad_record="skip", groups_per_row=2)
     config.dpo.pair_layout = "multi_answer"
-    tok = ChatTokenizer(f"{smoke_dir}/model", image_token_id=smoke.IMAGE_TOKEN)
+    tok = ChatTokenizer(f"{smoke_dir}/model", image_token_id=testing.IMAGE_TOKEN)
     shares = [pipeline.make_dataset(arrayrecord.Source(f"{data}/pairs"), pipeline.Options.from_config(config), tok,
                                     image_inputs.from_config(config, hf.read_config(f"{smoke_dir}/model")),
                                     global_batch_size=8, seed=0, process_index=p, process_count=2) for p in (0, 1)]

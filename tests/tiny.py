@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-# The smoke setup's tokenizer (word level, ChatML template) serves the tiny test models too.
-from data_prep.smoke import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL, WORDS, tokenizer  # noqa: F401
+from data_prep import smoke
+from rdpo_jax import testing
 from rdpo_jax.models.llava import tiny as llava_tiny
 
+# The parity configs' vocabulary and image token; the smoke setup's tokenizer (word level, ChatML) fits in it.
 VOCAB = 160
+IMAGE_TOKEN = testing.IMAGE_TOKEN
+SPECIAL, WORDS = testing.SPECIAL, smoke.WORDS
 
 CONFIGS = llava_tiny.PARITY  # every tower, decoder, feature-layer and tying option LLaVA reads
 
@@ -33,8 +36,8 @@ def processor(name: str):
                                                              crop_size={"height": v.image_size, "width": v.image_size})
         extra = 1
     return transformers.LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer(), patch_size=v.patch_size,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor, tokenizer=smoke.tokenizer(), patch_size=v.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, chat_template=testing.CHAT_TEMPLATE,
         image_token="<image>", num_additional_image_tokens=extra)
 
 

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from rdpo_jax.models import families
+from rdpo_jax import testing
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 50, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40)}
@@ -283,16 +283,7 @@ def messages(instruction: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
 
 
-# ----- Files: tokenizer and model folder, SFT data, prompt files for build_rubrics -----
-
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<s>", "<image>"]
-_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CHAT_TEMPLATE = _TEMPLATE.replace("IMAGE", "<image>")
-
+# ----- Files: model folder, SFT data, prompt files for build_rubrics -----
 
 def corpus(seed: int = 0, n: int = 3000) -> list[str]:
     """Texts covering the world's vocabulary: every question and answer form, correct and imperfect."""
@@ -306,40 +297,13 @@ def corpus(seed: int = 0, n: int = 3000) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: list[str], family: str = "llava"):
-    """A word-level tokenizer trained with `tokenizers` on the world's texts, as an HF tokenizer with a
-    ChatML-style chat template (the end-of-turn token is the end of sequence), with the family's vision
-    tokens and image markup (`tiny.VISION_TOKENS`, `tiny.IMAGE_MARKUP`)."""
-    import tokenizers
-    import transformers
-
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    # no cleanup: "blue ." must decode to "blue .", which re-tokenizes to its ids ("blue." is one unknown word)
-    tok.decoder = tokenizers.decoders.WordPiece(cleanup=False)
-    tiny = families.get(family).tiny
-    extra = list(tiny.VISION_TOKENS)
-    tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(special_tokens=SPECIAL + extra,
-                                                                        min_frequency=1))
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<s>",
-        additional_special_tokens=["<|im_start|>", "<image>", *extra])
-    fast.chat_template = _TEMPLATE.replace("IMAGE", tiny.IMAGE_MARKUP)
-    return fast
-
-
 def write_model(folder: str, *, seed: int = 0, family: str = "llava") -> None:
     """The demo's base model as a Hugging Face folder: the family's tiny model 128 wide and 3 deep (a
     SigLIP + Qwen2 LLaVA, or a Qwen2.5-VL of the same widths; random weights, tied embeddings) whose
-    images are 48 px in 12 px patches, the trained tokenizer and the family's processor."""
-    from rdpo_jax.models import hf
-
-    tokenizer = train_tokenizer(corpus(), family)
-    tiny = families.get(family).tiny
-    size = dict(image_size=IMAGE_SIZE, patch_size=PATCH)
-    hf_config = tiny.hf_config(tokenizer, width=128, depth=3, tied=True, **size)
-    hf.save_hf(families.create(families.from_hf(hf_config), seed=seed), folder, hf_config)
-    tiny.save_processor(folder, tokenizer, **size)
+    images are 48 px in 12 px patches, a word-level tokenizer trained on `corpus()` and the family's
+    processor."""
+    testing.write_model(folder, testing.tokenizer(texts=corpus(), family=family), family=family, seed=seed,
+                        images=dict(image_size=IMAGE_SIZE, patch_size=PATCH), width=128, depth=3, tied=True)
 
 
 def write_sft(out: str, name: str, *, n: int, seed: int, imperfect_share: float) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import transformers
 from PIL import Image
 
+from rdpo_jax import testing
 from rdpo_jax.data import images
 
 SIGLIP = dict(size={"height": 384, "width": 384})
@@ -73,8 +74,6 @@ def test_exif_orientation_is_honoured():
 @pytest.mark.parametrize("data", [b"", b"not an image at all", None])
 def test_undecodable_bytes(data):
     if data is None:  # a truncated PNG
-        buf = io.BytesIO()
-        Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(buf, format="PNG")
-        data = buf.getvalue()[:-40]
+        data = testing.png(np.random.default_rng(0), (64, 64))[:-40]
     with pytest.raises(images.ImageError, match="cannot decode image"):
         images.load_and_preprocess(data, images.ImageConfig(height=8, width=8))

@@ -1,22 +1,18 @@
 """Record kinds: round trips through sharded ArrayRecord files, and one validation error per bad case."""
 
 import copy
-import io
 import json
 
 import msgpack
 import numpy as np
 import pytest
-from PIL import Image
 
+from rdpo_jax import testing
 from rdpo_jax.data import arrayrecord, records
 
 
-def png(seed=0, size=(12, 10)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+def png(seed=0) -> bytes:
+    return testing.png(np.random.default_rng(seed), (12, 10))
 
 
 RUBRIC = {"criteria": [

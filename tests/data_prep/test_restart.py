@@ -6,7 +6,6 @@ output, record for record; sample is killed and rerun as one shard, and run as t
 alongside prompts with an image. The one-shard outputs of the chain (pool → samples → judged → pairs) are
 made once and shared."""
 
-import io
 import json
 import os
 import signal
@@ -17,9 +16,9 @@ import types
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from data_prep import common, smoke
+from data_prep import common
+from rdpo_jax import testing
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.rubrics import generate
@@ -34,14 +33,13 @@ def _pool(folder: str) -> None:
     colours = ["red", "green", "blue", "yellow"]
     pool = []
     for i in range(7):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+        image = testing.png(rng)
         text_only = f"p{i}" in TEXT_ONLY
         # additional criteria only: random answers still differ in reward, so most prompts get pairs
         truth = {"details": [colours[i % 4], "circle"], "absent": [colours[(i + 1) % 4]], "max_words": 6}
         text = "describe the image"
         content = text if text_only else [{"type": "image"}, {"type": "text", "text": text}]
-        pool.append(dict(prompt_id=f"p{i}", images=[] if text_only else [buf.getvalue()],
+        pool.append(dict(prompt_id=f"p{i}", images=[] if text_only else [image],
                          messages=[{"role": "user", "content": content}], rubric=generate.rule_rubric(truth)))
     arrayrecord.write(folder, "pool", "rubric_pool", pool)
 
@@ -129,12 +127,12 @@ def test_sample_killed_and_rerun_writes_what_an_uninterrupted_run_writes(chain, 
     assert len(samples) == 28 and {s["prompt_id"] for s in samples} >= set(TEXT_ONLY)
     assert _complete(chain.sample, str(chain.tmp / "killed"), [18, 10], compile_cache) == samples
 
-    tok = ChatTokenizer(chain.model, image_token_id=smoke.IMAGE_TOKEN)
+    tok = ChatTokenizer(chain.model, image_token_id=testing.IMAGE_TOKEN)
     assert {s["sampler"]["tokenizer"] for s in samples} == {tok.fingerprint}
     for s in samples:  # the text is the ids decoded; a sample that stopped ends with a stop id
         assert s["response"] == tok.tokenizer.decode(s["response_ids"], skip_special_tokens=True).strip()
         assert len(s["response_ids"]) == 8 or s["response_ids"][-1] in tok.stop_ids()
-        assert smoke.IMAGE_TOKEN not in s["response_ids"]  # never sampled: training would splice an image in
+        assert testing.IMAGE_TOKEN not in s["response_ids"]  # never sampled: training would splice an image in
 
 
 def _free_port() -> int:
@@ -182,7 +180,7 @@ def test_make_pairs_sharded_and_killed_writes_the_one_shard_pairs(chain, compile
     merged = _shards_then_merged(chain.make_pairs, str(chain.tmp / "pairs2"), [second[0], len(rest)], compile_cache)
     assert merged == _by_id(pairs)
     by_id = {s["sample_id"]: s for s in chain.samples}
-    tok = ChatTokenizer(chain.model, image_token_id=smoke.IMAGE_TOKEN)
+    tok = ChatTokenizer(chain.model, image_token_id=testing.IMAGE_TOKEN)
     for p in pairs:
         assert p["chosen_ids"] == by_id[p["meta"]["chosen_sample"]]["response_ids"]
         assert p["rejected_ids"] == by_id[p["meta"]["rejected_sample"]]["response_ids"]

@@ -1,7 +1,6 @@
 """The OpenAI-compatible judge against a real HTTP server on 127.0.0.1 that scripts answers and faults."""
 
 import http.server
-import io
 import json
 import logging
 import os
@@ -12,8 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from rdpo_jax import testing
 from rdpo_jax.data import arrayrecord
 from rdpo_jax.rubrics import http as http_judge
 from rdpo_jax.rubrics import prompt as judge_prompt
@@ -26,9 +25,7 @@ RUBRIC = {"criteria": [
 
 
 def _png():
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return testing.png(np.random.default_rng(0), (4, 4))
 
 
 class Scripted(http.server.BaseHTTPRequestHandler):

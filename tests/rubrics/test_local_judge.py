@@ -1,14 +1,12 @@
 """The local Flax judge: the rubric prompt through the model's chat template, greedy replies, strict parsing."""
 
-import io
 import json
 import shutil
 
 import jax
 import numpy as np
-from PIL import Image
 
-from rdpo_jax import inference, sampling
+from rdpo_jax import inference, sampling, testing
 from rdpo_jax.rubrics.judge import Item
 from rdpo_jax.rubrics.local import FlaxJudge
 from rdpo_jax.rubrics.prompt import judge_messages
@@ -18,9 +16,7 @@ RUBRIC = {"criteria": [{"id": "colour", "text": "names the red circle", "kind": 
 
 
 def _png():
-    buf = io.BytesIO()
-    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return testing.png(np.random.default_rng(0), (20, 20))
 
 
 def test_flax_judge_prompts_decodes_and_parses_strictly(smoke_dir):
