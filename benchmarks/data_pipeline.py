@@ -24,8 +24,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from rdpo_jax.data import arrayrecord, image_inputs, pipeline  # noqa: E402
-from rdpo_jax.models import hf  # noqa: E402
+from rdpo_jax.data import arrayrecord, pipeline  # noqa: E402
+from rdpo_jax.models import hf, image_inputs  # noqa: E402
 from rdpo_jax.data.tokenize import ChatTokenizer  # noqa: E402
 from data_prep import smoke  # noqa: E402  (the smoke setup's words and tokenizer)
 from rdpo_jax import testing  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv):
     for _ in range(_REPEATS.value):
         it = pipeline.make_iterator(ds, workers=_WORKERS.value)
         first = next(it)
-        assert first["batch"]["pixel_values"].shape == (_BATCH.value, 1, 384, 384, 3)
+        assert first["batch"].images["pixel_values"].shape == (_BATCH.value, 1, 384, 384, 3)
         t0 = time.perf_counter()
         examples = sum(int(next(it)["stats"]["examples"]) for _ in range(n_batches - 1))
         rates.append(examples / (time.perf_counter() - t0))

@@ -52,7 +52,7 @@ import optax
 import transformers
 from absl import app, flags
 
-from rdpo_jax import optim, packing, sharding, train_step
+from rdpo_jax import logps, optim, packing, sharding, train_step
 from rdpo_jax.models.qwen2_5_vl import images as qwen_images
 from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
 from rdpo_jax.models import config as config_lib
@@ -128,8 +128,8 @@ def make_pairs(cfg, n, rng):
         else:
             assert cfg.image_seq_len == IMAGE
             prompt, positions = [1] + [cfg.image_token_id] * IMAGE + list(rng.integers(2, 8000, PROMPT - 1)), None
-        pairs.append(packing.Pair(prompt, list(rng.integers(2, 8000, ANSWER)), list(rng.integers(2, 8000, ANSWER)),
-                                  positions))
+        pairs.append(packing.Group(prompt, [list(rng.integers(2, 8000, ANSWER)), list(rng.integers(2, 8000, ANSWER))],
+                                   positions=positions))
     return pairs
 
 
@@ -144,31 +144,30 @@ def image_arrays(cfg, n, rng) -> dict[str, np.ndarray]:
 
 
 def trl_pair_logps(model, batch, *, layout):
-    """`packing.pair_logps` as TRL's `concatenated_forward` computes it: every row encodes its own copy of
+    """`logps.pair_logps` as TRL's `concatenated_forward` computes it: every row encodes its own copy of
     the pair's images (the concat layout's rows share nothing), and the LM head runs at all positions."""
-    images = model.images_of(batch)
+    images = model.images_of(batch.images)
     copies = packing.rows_per_pair(layout)
     features = None if images is None else model.image_features(
         jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), images))
-    logps, branch = full_sequence_token_logps(model, batch, features), batch["target_branch"]
+    token_logps, branch = full_sequence_token_logps(model, batch, features), batch.target_branch
 
     def per_pair(x):
         return x.reshape(-1, copies).sum(1)
 
-    return {f"{name}_logp": per_pair(jnp.where(branch == b, logps, 0.0).sum(-1))
+    return {f"{name}_logp": per_pair(jnp.where(branch == b, token_logps, 0.0).sum(-1))
             for name, b in (("chosen", packing.CHOSEN), ("rejected", packing.REJECTED))} | {
         f"{name}_count": per_pair((branch == b).sum(-1).astype(jnp.float32))
         for name, b in (("chosen", packing.CHOSEN), ("rejected", packing.REJECTED))}
 
 
 def full_sequence_token_logps(model, batch, features):
-    """`packing.token_logps` with the LM head and log-softmax at all T positions (TRL's default)."""
-    hidden = model.hidden_states(batch["input_ids"], features, packing.attention_mask(batch["branch_ids"]),
-                                 batch["positions"])
-    logps = jax.nn.log_softmax(model.logits(hidden), axis=-1)  # float32[R, T, V]
-    logps = jnp.take_along_axis(logps, batch["target_index"][..., None], axis=1)
-    picked = jnp.take_along_axis(logps, batch["targets"][..., None], axis=-1)[..., 0]
-    return jnp.where(batch["target_branch"] > 0, picked, 0.0)
+    """`logps.token_logps` with the LM head and log-softmax at all T positions (TRL's default)."""
+    hidden = model.hidden_states(batch.input_ids, features, logps.attention_mask(batch.branch_ids), batch.positions)
+    all_logps = jax.nn.log_softmax(model.logits(hidden), axis=-1)  # float32[R, T, V]
+    all_logps = jnp.take_along_axis(all_logps, batch.target_index[..., None], axis=1)
+    picked = jnp.take_along_axis(all_logps, batch.targets[..., None], axis=-1)[..., 0]
+    return jnp.where(batch.target_branch > 0, picked, 0.0)
 
 
 VARIANTS = [("concat", "model", False), ("concat", "precomputed", False), ("shared_prefix", "model", False),
@@ -186,17 +185,18 @@ def trace_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
     freeze = ((r"visual/(patch_embed|blocks)/.*" if is_qwen(cfg) else "vision_tower/.*",)
               if _FREEZE_VISION.value else ())
     seq_len = IMAGE + PROMPT + (2 * ANSWER if layout == "shared_prefix" else ANSWER)
-    batch, _ = packing.pack_pairs(pairs, layout=layout, seq_len=seq_len, max_answer_len=ANSWER, mrope=is_qwen(cfg))
-    batch.update(pixels, valid=np.ones(B, np.float32))
+    batch, _ = packing.pack(pairs, layout=layout, seq_len=seq_len, max_answer_len=ANSWER, mrope=is_qwen(cfg),
+                            images=pixels)
     if reference == "precomputed":
-        batch.update(ref_chosen_logp=ref["chosen_logp"], ref_rejected_logp=ref["rejected_logp"])
-    shardings = train_step.batch_shardings(batch, mesh)
-    anchor_forward = mock.patch.object(packing, "pair_logps", trl_pair_logps)
+        batch = batch.replace(ref_chosen_logp=ref["chosen_logp"].reshape(B, 1),
+                              ref_rejected_logp=ref["rejected_logp"].reshape(B, 1))
+    shardings = batch.shardings(mesh)
+    anchor_forward = mock.patch.object(logps, "pair_logps", trl_pair_logps)
     with anchor_forward if full_logits else contextlib.nullcontext():
         if abstract:
             graphdef, state = train_step.abstract_state(cfg, run, optimizer, mesh, freeze=freeze,
                                                         reference=reference == "model")
-            batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+            batch = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), batch, shardings)
         else:
             graphdef, state = train_step.init_state(families.create(cfg, run, mesh=mesh, seed=0), optimizer, freeze=freeze,
                                                     reference=reference == "model")
@@ -213,19 +213,17 @@ def trace_groups(cfg, run, mesh, pairs, pixels, reference):
     """The abstract multi-answer step on the same prompts as on-policy groups (`GROUP_PAIRS`: the prompt of
     every third pair with 4 answers), traced; and its number of pairs."""
     G = len(pairs) // len(GROUP_PAIRS)
-    groups = [packing.Group(p.prompt, [p.chosen, p.rejected, p.chosen[::-1], p.rejected[::-1]], GROUP_PAIRS,
-                            p.positions) for p in pairs[:G]]
-    batch, _ = packing.pack_groups(groups, seq_len=IMAGE + PROMPT + 4 * ANSWER, max_answer_len=ANSWER, max_answers=4,
-                                   max_pairs=len(GROUP_PAIRS), mrope=is_qwen(cfg))
-    batch.update({k: v[:G] for k, v in pixels.items()}, valid=np.ones((G, len(GROUP_PAIRS)), np.float32))
-    if reference == "precomputed":
-        batch.update(ref_chosen_logp=np.zeros((G, 3), np.float32), ref_rejected_logp=np.zeros((G, 3), np.float32))
+    groups = [packing.Group(p.prompt, [*p.answers, p.answers[0][::-1], p.answers[1][::-1]], GROUP_PAIRS, p.positions,
+                            {k: np.zeros(len(GROUP_PAIRS), np.float32) for k in ("ref_chosen_logp", "ref_rejected_logp")
+                             if reference == "precomputed"}) for p in pairs[:G]]
+    batch, _ = packing.pack(groups, layout="multi_answer", seq_len=IMAGE + PROMPT + 4 * ANSWER, max_answer_len=ANSWER,
+                            max_answers=4, max_pairs=len(GROUP_PAIRS), mrope=is_qwen(cfg),
+                            images={k: v[:G] for k, v in pixels.items()})
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
     freeze = ((r"visual/(patch_embed|blocks)/.*" if is_qwen(cfg) else "vision_tower/.*",)
               if _FREEZE_VISION.value else ())
     graphdef, state = train_step.abstract_state(cfg, run, optimizer, mesh, freeze=freeze, reference=reference == "model")
-    shardings = train_step.batch_shardings(batch, mesh)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+    batch = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), batch, batch.shardings(mesh))
     fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid", beta=0.1,
                                   pair_layout="multi_answer", reference=reference).train
     return train_step.jit_step(fn, state, batch, mesh).trace(state, batch), G * len(GROUP_PAIRS)
@@ -331,10 +329,9 @@ def main(argv):
         return
 
     base_model = families.create(cfg, run, mesh=mesh, seed=0)
-    shared_batch, _ = packing.pack_pairs(pairs, layout="shared_prefix", seq_len=IMAGE + PROMPT + 2 * ANSWER,
-                                         max_answer_len=ANSWER, mrope=is_qwen(cfg))
-    shared_batch.update(pixels)
-    ref = jax.jit(lambda b: packing.pair_logps(base_model, b, layout="shared_prefix"))(shared_batch)
+    shared_batch, _ = packing.pack(pairs, layout="shared_prefix", seq_len=IMAGE + PROMPT + 2 * ANSWER,
+                                   max_answer_len=ANSWER, mrope=is_qwen(cfg), images=pixels)
+    ref = jax.jit(lambda b: logps.pair_logps(base_model, b, layout="shared_prefix"))(shared_batch)
     ref = {k: np.asarray(v) for k, v in ref.items()}
     runs = {}
     for variant in VARIANTS:

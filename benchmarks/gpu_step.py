@@ -35,7 +35,8 @@ import optax
 import transformers
 from absl import app, flags
 
-from rdpo_jax import optim, packing, sharding, train_step
+from rdpo_jax import logps, optim, packing, sharding, train_step
+from rdpo_jax.batch import Batch
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import families
 from peak import matmul_peak  # benchmarks/peak.py
@@ -72,19 +73,21 @@ def model_config():
     return families.from_hf(hf), run
 
 
-def make_batch(cfg, n: int, rng) -> dict[str, np.ndarray]:
+def make_batch(cfg, n: int, rng) -> Batch:
     """n shared-prefix pairs with one image each, random pixels, tokens and rubric scores."""
     assert cfg.image_seq_len == IMAGE
-    pairs = [packing.Pair([1] + [cfg.image_token_id] * IMAGE + list(rng.integers(2, 8000, PROMPT - 1)),
-                          list(rng.integers(2, 8000, ANSWER)), list(rng.integers(2, 8000, ANSWER)))
-             for _ in range(n)]
-    batch, _ = packing.pack_pairs(pairs, layout="shared_prefix", seq_len=IMAGE + PROMPT + 2 * ANSWER,
-                                  max_answer_len=ANSWER)
-    ones = np.ones((n, CRITERIA), np.float32)
-    return batch | dict(pixel_values=rng.standard_normal((n, 336, 336, 3)).astype(np.float32),
-                        valid=np.ones(n, np.float32), chosen_scores=rng.uniform(size=(n, CRITERIA)).astype(np.float32),
-                        rejected_scores=rng.uniform(size=(n, CRITERIA)).astype(np.float32),
-                        criterion_weights=ones, criterion_mask=ones, essential_mask=(ones * [1, 1, 0, 0]))
+    pairs = [([1] + [cfg.image_token_id] * IMAGE + list(rng.integers(2, 8000, PROMPT - 1)),
+              [list(rng.integers(2, 8000, ANSWER)), list(rng.integers(2, 8000, ANSWER))]) for _ in range(n)]
+    pixels = rng.standard_normal((n, 336, 336, 3)).astype(np.float32)
+    ones = np.ones((n, 1, CRITERIA), np.float32)
+    rubric = dict(chosen_scores=rng.uniform(size=(n, 1, CRITERIA)).astype(np.float32),
+                  rejected_scores=rng.uniform(size=(n, 1, CRITERIA)).astype(np.float32),
+                  criterion_weights=ones, criterion_mask=ones, essential_mask=(ones * [1, 1, 0, 0]).astype(np.float32))
+    groups = [packing.Group(prompt, answers, fields={k: v[i] for k, v in rubric.items()})
+              for i, (prompt, answers) in enumerate(pairs)]
+    batch, _ = packing.pack(groups, layout="shared_prefix", seq_len=IMAGE + PROMPT + 2 * ANSWER, max_answer_len=ANSWER,
+                            images={"pixel_values": pixels})
+    return batch
 
 
 def model_flops(cfg, batch) -> float:
@@ -94,15 +97,15 @@ def model_flops(cfg, batch) -> float:
     the projector, the decoder over every real token (projections and MLP; attention's two products over
     the keys each query may see under the shared-prefix mask) and the LM head over the answer tokens only."""
     v, t = cfg.vision, cfg.text
-    images, n = len(batch["valid"]), v.num_patches
+    images, n = len(batch.valid), v.num_patches
     vision = images * (2 * n * 3 * v.patch_size ** 2 * v.hidden_size + v.num_layers * (
         2 * n * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size) + 4 * n * n * v.hidden_size))
     projector = images * n * 2 * (cfg.projector_in * t.hidden_size + t.hidden_size ** 2)
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    tokens = int((batch["branch_ids"] >= 0).sum())
-    visible = int(np.asarray(packing.attention_mask(jnp.asarray(batch["branch_ids"]))).sum())
+    tokens = int((batch.branch_ids >= 0).sum())
+    visible = int(np.asarray(logps.attention_mask(jnp.asarray(batch.branch_ids))).sum())
     layer = 2 * tokens * (t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size) + 4 * q * visible
-    head = 2 * int((batch["target_branch"] > 0).sum()) * t.hidden_size * t.vocab_size
+    head = 2 * int((batch.target_branch > 0).sum()) * t.hidden_size * t.vocab_size
     return 4 * (vision + projector + t.num_layers * layer + head)
 
 
@@ -136,7 +139,7 @@ def main(argv):
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
     t0 = time.perf_counter()
     graphdef, state = train_step.init_state(families.create(cfg, run, mesh=mesh, seed=0), optimizer, reference=True)
-    device_batch = jax.device_put(batch, train_step.batch_shardings(batch, mesh))
+    device_batch = jax.device_put(batch, batch.shardings(mesh))
     fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type=_LOSS.value,
                                   beta=0.1, pair_layout="shared_prefix", reference="model").train
     t1 = time.perf_counter()

@@ -27,7 +27,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dpo_step  # noqa: E402  (the benchmark model, its prompts and images; its flags --family, --width, --layers)
 
-from rdpo_jax import optim, packing, sharding, train_step  # noqa: E402
+from rdpo_jax import logps, optim, packing, sharding, train_step  # noqa: E402
 from rdpo_jax.models import families  # noqa: E402
 
 _GROUPS = flags.DEFINE_integer("groups", 2, "Prompt groups per step (3 pairs each).")
@@ -48,13 +48,12 @@ def batches(cfg, groups, pixels) -> dict[str, dict]:
     shared-prefix batch and slot p of row g in the multi-answer one."""
     qwen = dpo_step.is_qwen(cfg)
     prompt = len(groups[0].prompt)
-    multi, _ = packing.pack_groups(groups, seq_len=prompt + ANSWERS * A, max_answer_len=A, max_answers=ANSWERS,
-                                   max_pairs=len(PAIRS), mrope=qwen)
-    multi.update(pixels, valid=np.ones((len(groups), len(PAIRS)), np.float32))
-    pairs = [packing.Pair(g.prompt, g.answers[c], g.answers[r], g.positions) for g in groups for c, r in g.pairs]
-    shared, _ = packing.pack_pairs(pairs, layout="shared_prefix", seq_len=prompt + 2 * A, max_answer_len=A, mrope=qwen)
-    shared.update({k: np.repeat(v, len(PAIRS), axis=0) for k, v in pixels.items()},
-                  valid=np.ones(len(pairs), np.float32))
+    multi, _ = packing.pack(groups, layout="multi_answer", seq_len=prompt + ANSWERS * A, max_answer_len=A,
+                            max_answers=ANSWERS, max_pairs=len(PAIRS), mrope=qwen, images=pixels)
+    pairs = [packing.Group(g.prompt, [g.answers[c], g.answers[r]], positions=g.positions)
+             for g in groups for c, r in g.pairs]
+    shared, _ = packing.pack(pairs, layout="shared_prefix", seq_len=prompt + 2 * A, max_answer_len=A, mrope=qwen,
+                             images={k: np.repeat(v, len(PAIRS), axis=0) for k, v in pixels.items()})
     return {"shared_prefix": shared, "multi_answer": multi}
 
 
@@ -69,22 +68,22 @@ def main(argv):
     n_pairs = G * len(PAIRS)
     print(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind}; {G} groups × {len(PAIRS)} pairs "
           f"({ANSWERS} distinct {A}-token answers per prompt of {len(groups[0].prompt)} tokens); rows: "
-          + ", ".join(f"{k} {v['input_ids'].shape}" for k, v in data.items()))
+          + ", ".join(f"{k} {v.input_ids.shape}" for k, v in data.items()))
 
     base = families.create(cfg, run, mesh=mesh, seed=0)
-    ref = jax.jit(lambda b: packing.pair_logps(base, b, layout="shared_prefix"))(data["shared_prefix"])
+    ref = jax.jit(lambda b: logps.pair_logps(base, b, layout="shared_prefix"))(data["shared_prefix"])
     ref_c, ref_r = np.asarray(ref["chosen_logp"]), np.asarray(ref["rejected_logp"])
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
     runs = {}
     for layout in ("shared_prefix", "multi_answer"):
         for reference in ("model", "precomputed"):
-            batch = dict(data[layout])
+            batch = data[layout]
             if reference == "precomputed":
-                shape = batch["valid"].shape
-                batch.update(ref_chosen_logp=ref_c.reshape(shape), ref_rejected_logp=ref_r.reshape(shape))
+                shape = batch.valid.shape
+                batch = batch.replace(ref_chosen_logp=ref_c.reshape(shape), ref_rejected_logp=ref_r.reshape(shape))
             graphdef, state = train_step.init_state(families.create(cfg, run, mesh=mesh, seed=0), optimizer,
                                                     reference=reference == "model")
-            batch = jax.device_put(batch, train_step.batch_shardings(batch, mesh))
+            batch = jax.device_put(batch, batch.shardings(mesh))
             fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid",
                                           beta=0.1, pair_layout=layout, reference=reference).train
             t0 = time.perf_counter()

@@ -47,7 +47,7 @@ IMAGE, PAIRS = 576, 3
 
 def synthetic_examples(n: int, rng, pixels: bool) -> list[dict]:
     """Prepared examples (what the pipeline's `Prepare` gives `Collate`) of the synthetic mix."""
-    from rdpo_jax import packing
+    from rdpo_jax.batch import RUBRIC_KEYS
 
     def length(median, low, high):
         return int(np.clip(rng.lognormal(np.log(median), 0.6), low, high))
@@ -61,7 +61,7 @@ def synthetic_examples(n: int, rng, pixels: bool) -> list[dict]:
                   if pixels else None)
         ex = {"prompt": prompt, "answers": answers, "pairs": [(0, j + 1) for j in range(pairs)], "images": images,
               "positions": None, "index": i}
-        ex.update({k: np.zeros((pairs, 1), np.float32) for k in packing.RUBRIC_KEYS})
+        ex.update({k: np.zeros((pairs, 1), np.float32) for k in RUBRIC_KEYS})
         out.append(ex)
     return out
 
@@ -81,9 +81,9 @@ def synthetic_batches(examples, per_row: int, pixels: bool) -> list[dict]:
 
 
 def dataset_batches(per_row: int) -> list[dict]:
-    from rdpo_jax.data import arrayrecord, image_inputs, pipeline
+    from rdpo_jax.data import arrayrecord, pipeline
     from rdpo_jax.data.tokenize import ChatTokenizer
-    from rdpo_jax.models import hf
+    from rdpo_jax.models import hf, image_inputs
 
     config = _CONFIG.value.copy_and_resolve_references()
     config.data.groups_per_row = per_row
@@ -100,11 +100,11 @@ def dataset_batches(per_row: int) -> list[dict]:
 
 
 def report(per_row: int, elements: list[dict]) -> dict:
-    tokens = sum(int((e["batch"]["branch_ids"] >= 0).sum()) for e in elements)
-    slots = sum(e["batch"]["branch_ids"].size for e in elements)
+    tokens = sum(int((e["batch"].branch_ids >= 0).sum()) for e in elements)
+    slots = sum(e["batch"].branch_ids.size for e in elements)
     pairs = sum(int(e["stats"]["examples"]) for e in elements)  # pairs (DPO) or examples (SFT)
-    shapes = sorted({e["batch"]["input_ids"].shape for e in elements})
-    what = "examples" if "chosen_scores" not in elements[0]["batch"] else "pairs"
+    shapes = sorted({e["batch"].input_ids.shape for e in elements})
+    what = "examples" if elements[0]["batch"].chosen_scores is None else "pairs"
     print(f"groups_per_row={per_row}: {len(elements)} batches, row shapes {shapes}; {pairs} {what}, {tokens} tokens "
           f"in {slots} row slots: padding {1 - tokens / slots:.1%}, {slots / pairs:.0f} slots per {what[:-1]}")
     return {"slots": slots, "pairs": pairs}
@@ -128,13 +128,13 @@ def time_steps(batches: dict[int, list[dict]]) -> None:
     for k, elements in batches.items():
         for e in elements:
             b = e["batch"]
-            key = tuple((name, v.shape) for name, v in sorted(b.items()))
+            key = b.sizes()
             if key not in compiled:
                 t0 = time.perf_counter()
                 compiled[key] = train_step.jit_step(fn, state, b, mesh).lower(state, b).compile()
-                print(f"  compiled rows {b['input_ids'].shape} in {time.perf_counter() - t0:.1f}s", flush=True)
+                print(f"  compiled rows {b.input_ids.shape} in {time.perf_counter() - t0:.1f}s", flush=True)
             e["step"] = compiled[key]
-            e["device"] = jax.device_put(b, train_step.batch_shardings(b, mesh))
+            e["device"] = jax.device_put(b, b.shardings(mesh))
     losses = {}
     for r in range(_ROUNDS.value + 1):  # round 0 warms every program up
         for k, elements in batches.items():
@@ -149,7 +149,7 @@ def time_steps(batches: dict[int, list[dict]]) -> None:
                 print(f"  pass {r}, groups_per_row={k}: {times[k][-1]:.1f} s", flush=True)
     base = statistics.median(times[min(times)])
     for k, t in times.items():
-        pairs = sum(int(e["batch"]["valid"].sum()) for e in batches[k])
+        pairs = sum(int(e["batch"].valid.sum()) for e in batches[k])
         print(f"groups_per_row={k}: {pairs / statistics.median(t):.3f} pairs/s (median of {len(t)} passes, "
               f"{min(t):.1f} … {max(t):.1f} s), {base / statistics.median(t):.2f}× groups_per_row={min(times)}")
 

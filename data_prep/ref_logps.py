@@ -28,9 +28,10 @@ from flax import nnx
 from ml_collections import config_flags
 
 from data_prep import common
-from rdpo_jax import checkpoint, inference, logs, packing, train_step
-from rdpo_jax.data import arrayrecord, image_inputs, pipeline, records
+from rdpo_jax import checkpoint, inference, logps, logs
+from rdpo_jax.data import arrayrecord, pipeline, records
 from rdpo_jax.models import config as config_lib
+from rdpo_jax.models import image_inputs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -74,16 +75,16 @@ def main(argv):
     counts = collections.Counter(already_done=sum(len(positions(b)) for b in mine if b < start))
     todo = dataset[start::num_shards]
     layout = config.dpo.pair_layout
-    forward = nnx.jit(lambda m, b: packing.pair_logps(m, b, layout=layout))
+    forward = nnx.jit(lambda m, b: logps.pair_logps(m, b, layout=layout))
     mesh = policy.mesh
     with jax.set_mesh(mesh):
         for b, element in zip(range(start, len(dataset), num_shards),
                               logs.bar(todo, desc="ref_logps", unit="batch", total=len(todo))):
             batch = element["batch"]
-            global_batch = pipeline.to_global(batch, train_step.batch_shardings(batch, mesh))
-            logps = jax.device_get(forward(policy.model, global_batch))
+            global_batch = pipeline.to_global(batch, batch.shardings(mesh))
+            values = jax.device_get(forward(policy.model, global_batch))
             index = element["index"].reshape(len(element["index"]), -1)  # [rows, records per row]
-            slots = {k: logps[k].reshape(len(index), index.shape[1], -1) for k in ("chosen_logp", "rejected_logp")}
+            slots = {k: values[k].reshape(len(index), index.shape[1], -1) for k in ("chosen_logp", "rejected_logp")}
             where = {int(i): rs for rs, i in np.ndenumerate(index) if i >= 0}  # source position → (row, segment)
             for i in sorted(where):  # in input order, whatever rows the batch packed them into
                 record = records.decode(source[i][1], kind, source.where(i))

@@ -1,4 +1,5 @@
-"""Token layouts for preference pairs and SFT examples, and the log-likelihood gathers over them.
+"""Token layouts for preference pairs and SFT examples: the host half of packing, prompt groups → a
+`batch.Batch` (`logps.py` is the in-jit half: the mask and the log-likelihood gathers).
 
 Shared-prefix layout (one row per pair) — the image and prompt are encoded once:
 
@@ -44,23 +45,22 @@ Every layout names its trained tokens the same way: `targets` int32[R, A] (the a
 the same branch, the last prompt token for an answer's first token) and `target_branch` int32[R, A]
 (1 chosen/answer, 2 rejected — the answer's branch in a multi-answer row —, 0 padding). Only those
 A ≪ T positions go through the LM head.
+
+Every example is a `Group` (a pair is a group of one pair, an SFT example one of one answer and no pair)
+and `pack` is the one function that turns them into a batch: its unit is a group (or a row of groups),
+whose P pair slots hold the per-pair fields and `valid` ([U, P], see `batch.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from rdpo_jax.batch import Batch, blank
+
 LAYOUTS = ("shared_prefix", "concat", "multi_answer")
-ROW_KEYS = ("input_ids", "positions", "branch_ids", "targets", "target_index", "target_branch")
-# a DPO batch's per-pair rubric arrays float32[B, K] (K = data.max_criteria), which the rubric loss reads
-RUBRIC_KEYS = ("chosen_scores", "rejected_scores", "criterion_weights", "criterion_mask", "essential_mask")
-# a multi-answer batch's pairs per row: the answers' branches int32[R, P] (0 = no pair in that slot)
-GROUP_KEYS = ("pair_chosen", "pair_rejected")
 PAD_BRANCH, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
 
@@ -69,12 +69,17 @@ class PromptTooLongError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Pair:
-    """Token ids of one preference pair (the prompt includes the image placeholder tokens)."""
+class Group:
+    """One prompt (token ids, image placeholders included) with its answers and the preference pairs
+    among them, (chosen, rejected) indexes into `answers`: a pair is `Group(prompt, [chosen, rejected])`,
+    an SFT example `Group(prompt, [answer], ())`. `fields`: per-pair arrays [n_pairs, …] (rubric scores,
+    reference log-likelihoods) for the batch's pair slots; `valid` False: a padding example."""
     prompt: Sequence[int]
-    chosen: Sequence[int]
-    rejected: Sequence[int]
+    answers: Sequence[Sequence[int]]
+    pairs: Sequence[tuple[int, int]] = ((0, 1),)
     positions: np.ndarray | None = None  # the prompt's M-RoPE positions int[3, P]; None = 0 … P−1
+    fields: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    valid: bool = True
 
 
 def _fill_row(out: dict, r: int, prompt, answers: Sequence[tuple[int, Sequence[int]]], positions=None,
@@ -107,50 +112,6 @@ def _fill_row(out: dict, r: int, prompt, answers: Sequence[tuple[int, Sequence[i
     return t, a
 
 
-def _empty(rows: int, seq_len: int, answer_len: int, pad_id: int, mrope: bool) -> dict[str, np.ndarray]:
-    answer_len = min(answer_len, seq_len - 1)  # a row holds at most seq_len − 1 answer tokens
-    return {
-        "input_ids": np.full((rows, seq_len), pad_id, np.int32),
-        "positions": np.zeros((rows, 3, seq_len) if mrope else (rows, seq_len), np.int32),
-        "branch_ids": np.full((rows, seq_len), PAD_BRANCH, np.int32),
-        "targets": np.zeros((rows, answer_len), np.int32),
-        "target_index": np.zeros((rows, answer_len), np.int32),
-        "target_branch": np.zeros((rows, answer_len), np.int32),
-    }
-
-
-def pad_values(pad_id: int) -> dict[str, int]:
-    """What a padding token holds in each per-token row array (every other batch array pads with 0)."""
-    return {"input_ids": pad_id, "positions": 0, "branch_ids": PAD_BRANCH, "segment_ids": -1}
-
-
-def pad_rows(batch: dict[str, np.ndarray], seq_len: int, pad_id: int = 0,
-             target_len: int | None = None) -> dict[str, np.ndarray]:
-    """A packed batch with its rows padded at the end to `seq_len` (as `_empty` pads: pad_id, position 0,
-    branch −1) and its trained-token arrays to `target_len` (default: as they are; padding targets are
-    branch 0). Returns `batch` if it already has both lengths."""
-    T, A = batch["input_ids"].shape[1], batch["targets"].shape[1]
-    target_len = A if target_len is None else target_len
-    if seq_len < T or target_len < A:
-        raise ValueError(f"cannot pad rows of {T} tokens and {A} targets to {seq_len} and {target_len}")
-    if (seq_len, target_len) == (T, A):
-        return batch
-    fill = pad_values(pad_id)
-    width = {k: seq_len - T if k in fill else target_len - A if k in ROW_KEYS else 0 for k in batch}
-    return {k: np.pad(v, ((0, 0),) * (v.ndim - 1) + ((0, width[k]),), constant_values=fill.get(k, 0)) if width[k] else v
-            for k, v in batch.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-    """One prompt with several answers and the preference pairs among them, (chosen, rejected) indexes
-    into `answers`."""
-    prompt: Sequence[int]
-    answers: Sequence[Sequence[int]]
-    pairs: Sequence[tuple[int, int]]
-    positions: np.ndarray | None = None  # as `Pair.positions`
-
-
 def _share(lengths: Sequence[int], room: int) -> list[int]:
     """Token budgets for answers of these lengths in `room` tokens: as much as fits, the shorter answers
     whole and the longer cut to equal shares of what remains."""
@@ -163,17 +124,6 @@ def _share(lengths: Sequence[int], room: int) -> list[int]:
     return budgets
 
 
-def _segment_rows(out: dict, rows, count: int, per_row: int, what: str) -> list:
-    """The rows' record indexes (default: one record per row) checked against `per_row`; with `rows`
-    given, `out` gets `segment_ids` (−1 padding) for records sharing rows."""
-    if rows is None:
-        return [[i] for i in range(count)]
-    if any(len(r) > per_row for r in rows):
-        raise ValueError(f"rows of {max(map(len, rows))} {what}, more than {what}_per_row={per_row}")
-    out["segment_ids"] = np.full(out["input_ids"].shape, -1, np.int32)
-    return rows
-
-
 def _truncate(answer: Sequence[int], budget: int, stats: dict) -> list[int]:
     answer = list(answer)
     if len(answer) > budget:
@@ -183,108 +133,140 @@ def _truncate(answer: Sequence[int], budget: int, stats: dict) -> list[int]:
     return answer
 
 
-def pack_pairs(pairs: Sequence[Pair], *, layout: str, seq_len: int, max_answer_len: int, pad_id: int = 0,
-               mrope: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Packs B pairs into the chosen layout (host side, numpy).
+def pack(groups: Sequence[Group], *, layout: str, seq_len: int, max_answer_len: int, max_pairs: int = 1,
+         max_answers: int = 2, pad_id: int = 0, mrope: bool = False, rows: Sequence[Sequence[int]] | None = None,
+         groups_per_row: int = 1, images: dict | None = None) -> tuple[Batch, dict[str, int]]:
+    """Packs prompt groups into a batch of `layout` ("sft" or one of `LAYOUTS`; host side, numpy).
 
-    Row length `seq_len` must hold prompt + chosen + rejected (shared_prefix) or prompt + the longer
-    answer (concat) once each answer is cut to `max_answer_len` tokens (at its end, counted in stats).
+    A unit is one group, or with `rows` (each row's groups, at most `groups_per_row`, as `plan_rows` gives
+    them; SFT and multi_answer) one row of groups as segments: positions restart at 0, nothing attends
+    across segments, answers are numbered on after the previous segment's, and the batch has `segment_ids`
+    (−1 padding). Each answer is cut to `max_answer_len` tokens and to the room its row leaves (shared
+    prefix: the shorter answer keeps what it can, up to half; multi_answer: `_share`), counted in stats.
 
-    Returns:
-      (batch, stats). batch: input_ids, positions, branch_ids int32[R, seq_len] (positions int32[R, 3,
-      seq_len] with `mrope`, the prompts' from `Pair.positions`); targets, target_index,
-      target_branch int32[R, A] with R = B (shared_prefix, multi_answer) or 2B (concat), A = 2·max_answer_len
-      resp. max_answer_len, at most seq_len − 1 (the most answer tokens a row holds: the LM head's width
-      follows the bucket); multi_answer adds `pack_groups`' pair arrays (one pair per row). stats:
-      truncated_answers, truncated_tokens.
+    A unit has P = groups_per_row · max_pairs pair slots (SFT: 1), slot s·max_pairs + j holding pair j of
+    segment s; `valid` [U, P] marks the slots of valid groups' pairs, and the groups' `fields` fill them
+    (zero elsewhere). Rows: shared_prefix P per group, concat 2P (rows 2i, 2i+1: pair i's chosen and
+    rejected), an unused slot repeating the group's first pair cut to one token per answer; multi_answer and
+    SFT one per unit, with `pair_chosen`, `pair_rejected` [U, P] naming multi_answer's answer branches (0 in
+    unused slots). Trained tokens per row A: every answer a row holds at its longest (2·max_answer_len
+    shared_prefix, max_answers · max_answer_len multi_answer, per segment), at most seq_len − 1. `images`:
+    the units' image arrays (the family adapter's collate). Positions int32[R, 3, T] with `mrope`.
 
-    Raises:
-      PromptTooLongError: a prompt leaves no room for its answers (naming the pair).
-    """
-    if layout == "multi_answer":  # each pair a group of its two answers
-        groups = [Group(p.prompt, [p.chosen, p.rejected], [(0, 1)], p.positions) for p in pairs]
-        return pack_groups(groups, seq_len=seq_len, max_answer_len=max_answer_len, max_answers=2, max_pairs=1,
-                           pad_id=pad_id, mrope=mrope)
-    B = len(pairs)
-    shared = rows_per_pair(layout) == 1
-    stats = {"truncated_answers": 0, "truncated_tokens": 0}
-    answer_len = 2 * max_answer_len if shared else max_answer_len
-    out = _empty(B if shared else 2 * B, seq_len, answer_len, pad_id, mrope)
-    for i, pair in enumerate(pairs):
-        P = len(pair.prompt)
-        if P == 0:
-            raise PromptTooLongError(f"pair {i}: empty prompt (the first answer token needs a predecessor)")
-        room = seq_len - P
-        c, r = (min(len(a), max_answer_len, room) for a in (pair.chosen, pair.rejected))
-        if shared and c + r > room:  # share the row: the shorter answer keeps what it can, up to half
-            c = room - r if r <= room // 2 else c if c <= room // 2 else room // 2
-            r = min(r, room - c)
-        chosen, rejected = _truncate(pair.chosen, c, stats), _truncate(pair.rejected, r, stats)
-        if not chosen or not rejected:
-            raise PromptTooLongError(
-                f"pair {i}: prompt of {P} tokens leaves {room} of {seq_len} for the answers "
-                f"(chosen {len(pair.chosen)}, rejected {len(pair.rejected)} tokens)")
-        if shared:
-            _fill_row(out, i, pair.prompt, [(CHOSEN, chosen), (REJECTED, rejected)], pair.positions)
-        else:
-            _fill_row(out, 2 * i, pair.prompt, [(CHOSEN, chosen)], pair.positions)
-            _fill_row(out, 2 * i + 1, pair.prompt, [(REJECTED, rejected)], pair.positions)
-    return out, stats
-
-
-def pack_groups(groups: Sequence[Group], *, seq_len: int, max_answer_len: int, max_answers: int, max_pairs: int,
-                pad_id: int = 0, mrope: bool = False, rows: Sequence[Sequence[int]] | None = None,
-                groups_per_row: int = 1) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Packs prompt groups as multi-answer rows `[prompt][a1]…[am]` (host side, numpy), one group per row,
-    or several one after another (`rows`: the groups of each row, at most `groups_per_row`; see
-    `plan_rows`), each its own segment: positions restart at 0 and nothing attends across segments.
-
-    Each answer is cut to `max_answer_len` tokens, and all of a group's answers to the room its row leaves
-    (`_share`: the shorter whole, the longer to equal shares), counted in stats. A group has at most
-    `max_answers` answers and `max_pairs` pairs.
-
-    Returns:
-      (batch, stats): the row keys as in `pack_pairs` (with `rows`, also `segment_ids` int32[R, seq_len],
-      −1 padding), with R = len(rows) (default len(groups)) and A = groups_per_row · max_answers · max_answer_len (at
-      most seq_len − 1); pair_chosen, pair_rejected int32[R, groups_per_row · max_pairs] (branches, 0 in
-      unused slots): segment s of a row holds pair slots [s·max_pairs, (s+1)·max_pairs), and its answers
-      the branches after those of the segments before it.
+    Returns (batch, stats: truncated_answers, truncated_tokens).
 
     Raises:
-      PromptTooLongError: a prompt leaves less than a token per answer; ValueError: a group breaks a limit
-      or a pair names an answer it does not have.
+      PromptTooLongError: a prompt leaves no room for its answers (naming the pair or group);
+      ValueError: a group breaks a limit or a pair names an answer it does not have.
     """
+    if layout != "sft":
+        rows_per_pair(layout)
+    if rows is not None and layout not in ("sft", "multi_answer"):
+        raise ValueError(f"{layout} rows hold one group each")
+    units = [[i] for i in range(len(groups))] if rows is None else rows
+    if any(len(r) > groups_per_row for r in units):
+        raise ValueError(f"rows of {max(map(len, units))} groups, more than groups_per_row={groups_per_row}")
+    sft, per_unit = layout == "sft", 1 if layout in ("sft", "multi_answer") else max_pairs * rows_per_pair(layout)
+    slots = 1 if sft else groups_per_row * max_pairs
+    answers = {"sft": 1, "shared_prefix": 2, "concat": 1, "multi_answer": max_answers}[layout]
+    R, A = len(units) * per_unit, min(groups_per_row * answers * max_answer_len, seq_len - 1)
+    out = {"input_ids": blank("input_ids", (R, seq_len), pad_id),
+           "positions": blank("positions", (R, 3, seq_len) if mrope else (R, seq_len)),
+           **{k: blank(k, (R, seq_len)) for k in ("branch_ids",) + (("segment_ids",) if rows is not None else ())},
+           **{k: blank(k, (R, A)) for k in ("targets", "target_index", "target_branch")},
+           "valid": blank("valid", (len(units), slots))}
+    if layout == "multi_answer":
+        out.update(pair_chosen=blank("pair_chosen", (len(units), slots)),
+                   pair_rejected=blank("pair_rejected", (len(units), slots)))
+    for name, x in groups[0].fields.items() if groups and not sft else ():
+        out[name] = np.zeros((len(units), slots, *x.shape[1:]), x.dtype)
     stats = {"truncated_answers": 0, "truncated_tokens": 0}
-    out = _empty(len(groups) if rows is None else len(rows), seq_len, groups_per_row * max_answers * max_answer_len,
-                 pad_id, mrope)
-    rows = _segment_rows(out, rows, len(groups), groups_per_row, "groups")
-    slots = groups_per_row * max_pairs
-    out["pair_chosen"] = np.zeros((len(rows), slots), np.int32)
-    out["pair_rejected"] = np.zeros((len(rows), slots), np.int32)
-    for r, members in enumerate(rows):
+    for u, members in enumerate(units):
         start, branch = (0, 0), 0
         for s, i in enumerate(members):
             g = groups[i]
-            m, P = len(g.answers), len(g.prompt)
-            if not 0 < m <= max_answers or not 0 < len(g.pairs) <= max_pairs:
-                raise ValueError(f"group {i}: {m} answers and {len(g.pairs)} pairs (allowed: 1…{max_answers} "
-                                 f"answers, 1…{max_pairs} pairs)")
-            if any(not (0 <= c < m and 0 <= x < m) or c == x for c, x in g.pairs):
-                raise ValueError(f"group {i}: pairs {list(g.pairs)} must name two different answers of {m}")
-            room = seq_len - start[0] - P
-            if P == 0 or room < m:
-                raise PromptTooLongError(f"group {i}: prompt of {P} tokens leaves {room} of {seq_len} for {m} answers")
-            budgets = _share([min(len(a), max_answer_len) for a in g.answers], room)
-            answers = [_truncate(a, n, stats) for a, n in zip(g.answers, budgets)]
-            if not all(answers):
-                raise PromptTooLongError(f"group {i}: an empty answer (each answer needs a token)")
-            start = _fill_row(out, r, g.prompt, [(branch + k + 1, a) for k, a in enumerate(answers)], g.positions,
-                              start, s)
-            for j, (c, x) in enumerate(g.pairs):
-                out["pair_chosen"][r, s * max_pairs + j] = branch + c + 1
-                out["pair_rejected"][r, s * max_pairs + j] = branch + x + 1
-            branch += m
-    return out, stats
+            if not sft:
+                _check_pairs(g, i, max_pairs, max_answers if layout == "multi_answer" else len(g.answers))
+                out["valid"][u, s * max_pairs:s * max_pairs + len(g.pairs)] = g.valid
+                for name in groups[0].fields:
+                    out[name][u, s * max_pairs:s * max_pairs + len(g.pairs)] = g.fields[name]
+            elif g.valid:
+                out["valid"][u, 0] = 1.0
+            if sft:
+                start = _pack_answer(out, u, start, s, i, g, max_answer_len, stats)
+            elif layout == "multi_answer":
+                start = _pack_group(out, u, start, s, i, g, branch, max_pairs, max_answer_len, stats)
+                branch += len(g.answers)
+            else:
+                for j in range(max_pairs):
+                    _pack_pair(out, u * max_pairs + j, i * max_pairs + j, g, j, layout, max_answer_len, stats)
+    return Batch(**out, images=images or {}, pad_id=pad_id), stats
+
+
+def _check_pairs(g: Group, i: int, max_pairs: int, max_answers: int) -> None:
+    m = len(g.answers)
+    if not 0 < m <= max_answers or not 0 < len(g.pairs) <= max_pairs:
+        raise ValueError(f"group {i}: {m} answers and {len(g.pairs)} pairs (allowed: 1…{max_answers} "
+                         f"answers, 1…{max_pairs} pairs)")
+    if any(not (0 <= c < m and 0 <= x < m) or c == x for c, x in g.pairs):
+        raise ValueError(f"group {i}: pairs {list(g.pairs)} must name two different answers of {m}")
+
+
+def _pack_pair(out: dict, p: int, name: int, g: Group, j: int, layout: str, max_answer_len: int,
+               stats: dict) -> None:
+    """Pair slot j of a group as pair row p (shared_prefix) or rows 2p, 2p+1 (concat); an unused slot
+    repeats the first pair cut to one token per answer."""
+    c, x = g.pairs[j] if j < len(g.pairs) else g.pairs[0]
+    chosen, rejected = g.answers[c], g.answers[x]
+    if j >= len(g.pairs):
+        chosen, rejected = chosen[:1], rejected[:1]
+    seq_len, P = out["input_ids"].shape[1], len(g.prompt)
+    if P == 0:
+        raise PromptTooLongError(f"pair {name}: empty prompt (the first answer token needs a predecessor)")
+    room = seq_len - P
+    c, r = (min(len(a), max_answer_len, room) for a in (chosen, rejected))
+    shared = layout == "shared_prefix"
+    if shared and c + r > room:  # share the row: the shorter answer keeps what it can, up to half
+        c = room - r if r <= room // 2 else c if c <= room // 2 else room // 2
+        r = min(r, room - c)
+    cut_c, cut_r = _truncate(chosen, c, stats), _truncate(rejected, r, stats)
+    if not cut_c or not cut_r:
+        raise PromptTooLongError(f"pair {name}: prompt of {P} tokens leaves {room} of {seq_len} for the answers "
+                                 f"(chosen {len(chosen)}, rejected {len(rejected)} tokens)")
+    if shared:
+        _fill_row(out, p, g.prompt, [(CHOSEN, cut_c), (REJECTED, cut_r)], g.positions)
+    else:
+        _fill_row(out, 2 * p, g.prompt, [(CHOSEN, cut_c)], g.positions)
+        _fill_row(out, 2 * p + 1, g.prompt, [(REJECTED, cut_r)], g.positions)
+
+
+def _pack_group(out: dict, r: int, start: tuple[int, int], s: int, i: int, g: Group, branch: int, max_pairs: int,
+                max_answer_len: int, stats: dict) -> tuple[int, int]:
+    """Group i as segment s of multi-answer row r from `start`, its answers branches branch+1, …"""
+    m, P = len(g.answers), len(g.prompt)
+    room = out["input_ids"].shape[1] - start[0] - P
+    if P == 0 or room < m:
+        raise PromptTooLongError(f"group {i}: prompt of {P} tokens leaves {room} of {out['input_ids'].shape[1]} "
+                                 f"for {m} answers")
+    budgets = _share([min(len(a), max_answer_len) for a in g.answers], room)
+    answers = [_truncate(a, n, stats) for a, n in zip(g.answers, budgets)]
+    if not all(answers):
+        raise PromptTooLongError(f"group {i}: an empty answer (each answer needs a token)")
+    for j, (c, x) in enumerate(g.pairs):
+        out["pair_chosen"][r, s * max_pairs + j] = branch + c + 1
+        out["pair_rejected"][r, s * max_pairs + j] = branch + x + 1
+    return _fill_row(out, r, g.prompt, [(branch + k + 1, a) for k, a in enumerate(answers)], g.positions, start, s)
+
+
+def _pack_answer(out: dict, r: int, start: tuple[int, int], s: int, i: int, g: Group, max_answer_len: int,
+                 stats: dict) -> tuple[int, int]:
+    """SFT example i as segment s of row r from `start` (branch 1)."""
+    room = out["input_ids"].shape[1] - start[0] - len(g.prompt)
+    if not len(g.prompt) or room < 1:
+        raise PromptTooLongError(f"example {i}: prompt of {len(g.prompt)} tokens does not fit "
+                                 f"{out['input_ids'].shape[1] - start[0]}")
+    answer = _truncate(g.answers[0], min(max_answer_len, room), stats)
+    return _fill_row(out, r, g.prompt, [(CHOSEN, answer)], g.positions, start, s)
 
 
 def plan_rows(lengths: Sequence[int], *, seq_len: int, rows: int, groups_per_row: int,
@@ -307,107 +289,9 @@ def plan_rows(lengths: Sequence[int], *, seq_len: int, rows: int, groups_per_row
     return plan
 
 
-def pack_sft(examples: Sequence[tuple], *, seq_len: int, max_answer_len: int, pad_id: int = 0,
-             mrope: bool = False, rows: Sequence[Sequence[int]] | None = None,
-             examples_per_row: int = 1) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Packs (prompt, answer) or (prompt, answer, prompt positions) examples as `[prompt][answer]` rows
-    (branch 1); see `pack_pairs`. With `rows` (each row's examples, at most `examples_per_row`, as
-    `plan_rows` gives them) several examples share a row as segments, as in `pack_groups`, and the batch
-    has `segment_ids`; the trained-token width is then examples_per_row · max_answer_len (≤ seq_len − 1)."""
-    stats = {"truncated_answers": 0, "truncated_tokens": 0}
-    out = _empty(len(examples) if rows is None else len(rows), seq_len, examples_per_row * max_answer_len, pad_id,
-                 mrope)
-    rows = _segment_rows(out, rows, len(examples), examples_per_row, "examples")
-    for r, members in enumerate(rows):
-        start = (0, 0)
-        for s, i in enumerate(members):
-            prompt, answer, *positions = examples[i]
-            room = seq_len - start[0] - len(prompt)
-            if not len(prompt) or room < 1:
-                raise PromptTooLongError(f"example {i}: prompt of {len(prompt)} tokens does not fit "
-                                         f"{seq_len - start[0]}")
-            answer = _truncate(answer, min(max_answer_len, room), stats)
-            start = _fill_row(out, r, prompt, [(CHOSEN, answer)], positions[0] if positions else None, start, s)
-    return out, stats
-
-
 def rows_per_pair(layout: str) -> int:
     """Rows per pair (concat 2, shared_prefix 1); multi_answer rows hold groups: 1 row per group, whose
     per-pair arrays are [R, P, …]."""
     if layout not in LAYOUTS:
         raise ValueError(f"pair_layout {layout!r} is not one of {LAYOUTS}")
     return 2 if layout == "concat" else 1
-
-
-# ----- inside jit -----
-
-def attention_mask(branch_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """bool[R, T, T] from branch ids int32[R, T] (the mask in the module docstring) and, for rows packing
-    several groups, their segment ids int32[R, T] (no attention across segments)."""
-    T = branch_ids.shape[1]
-    valid = branch_ids >= 0
-    causal = jnp.tril(jnp.ones((T, T), bool))[None]
-    q, k = branch_ids[:, :, None], branch_ids[:, None, :]
-    mask = causal & valid[:, :, None] & (k >= 0) & ((k == PROMPT) | (k == q))
-    if segment_ids is not None:
-        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    return mask
-
-
-def token_logps(model, batch: dict, features=None) -> jax.Array:
-    """Log-probabilities float32[R, A] of the target tokens (0 at padding), from one forward per row.
-
-    `features`: the rows' image features (`model.image_features`), one entry per row; default: those of
-    the batch's images (`model.images_of(batch)`).
-    """
-    if features is None:
-        images = model.images_of(batch)
-        features = None if images is None else model.image_features(images)
-    mask = attention_mask(batch["branch_ids"], batch.get("segment_ids"))
-    hidden = model.hidden_states(batch["input_ids"], features, mask, batch["positions"])
-    hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)  # [R, A, D]
-    logps = model.target_logps(hidden, batch["targets"])  # the head in vocabulary chunks
-    return jnp.where(batch["target_branch"] > 0, logps, 0.0)
-
-
-def pair_logps(model, batch: dict, *, layout: str) -> dict[str, jax.Array]:
-    """Summed log-likelihoods and token counts of both answers of B pairs, float32[B] each.
-
-    The batch's images (one entry per pair) are encoded once per pair; the concat layout reuses a pair's
-    features for both its rows.
-    """
-    if layout == "multi_answer":
-        return _group_pair_logps(model, batch)
-    copies = rows_per_pair(layout)
-    images = model.images_of(batch)
-    features = None if images is None else model.image_features(images)
-    rows = batch["input_ids"].shape[0]
-    if features is not None and rows > len(features[1]):  # a record's rows (its pairs, their copies) are adjacent
-        features = jax.tree.map(lambda x: jnp.repeat(x, rows // len(features[1]), axis=0), features)
-    logps = token_logps(model, batch, features)
-    branch = batch["target_branch"]
-
-    def per_pair(x):  # rows -> pairs: concat rows 2i and 2i+1 belong to pair i
-        return x.reshape(-1, copies).sum(1)
-
-    return {
-        "chosen_logp": per_pair(jnp.where(branch == CHOSEN, logps, 0.0).sum(-1)),
-        "rejected_logp": per_pair(jnp.where(branch == REJECTED, logps, 0.0).sum(-1)),
-        "chosen_count": per_pair((branch == CHOSEN).sum(-1).astype(jnp.float32)),
-        "rejected_count": per_pair((branch == REJECTED).sum(-1).astype(jnp.float32)),
-    }
-
-
-def _group_pair_logps(model, batch: dict) -> dict[str, jax.Array]:
-    """`pair_logps` of multi-answer rows: float32[R·P] each, pair slot p of row r at r·P + p (0 for an
-    unused slot)."""
-    logps = token_logps(model, batch)  # [R, A]
-    branch = batch["target_branch"][:, None, :]  # [R, 1, A]
-
-    def per_pair(key):
-        hit = (branch == batch[key][..., None]) & (batch[key][..., None] > 0)  # [R, P, A]
-        return (jnp.where(hit, logps[:, None], 0.0).sum(-1).reshape(-1),
-                hit.sum(-1).astype(jnp.float32).reshape(-1))
-
-    (c, cc), (r, rc) = per_pair("pair_chosen"), per_pair("pair_rejected")
-    return {"chosen_logp": c, "rejected_logp": r, "chosen_count": cc, "rejected_count": rc}

@@ -39,10 +39,10 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rdpo_jax import checkpoint, config_checks, logs, optim, sharding, train_step
-from rdpo_jax.data import arrayrecord, image_inputs, patches, pipeline, records
+from rdpo_jax.data import arrayrecord, pipeline, records
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import config as model_config
-from rdpo_jax.models import families, hf
+from rdpo_jax.models import families, hf, image_inputs
 
 KILL_AT_STEP_ENV = "RDPO_TEST_KILL_AT_STEP"  # testing only: SIGKILL after this step once saves are written (loop tests)
 CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (configs/NAME.py[:ARG]).",
@@ -126,10 +126,10 @@ def main(argv):
     compiled, batch_shardings = {}, {}
 
     def compile_for(shape: tuple[int, int, int, int]):
-        """The step for a batch of `_shape` shape (rows, row length, trained tokens per row, patches)."""
+        """The step for a batch of these `Batch.sizes()` (units, row length, trained tokens per row, patches)."""
         if shape not in compiled:
-            spec = global_spec(first["batch"], *shape)
-            batch_shardings[shape] = train_step.batch_shardings(spec, mesh)
+            spec = first["batch"].global_shapes(*shape, processes=jax.process_count())
+            batch_shardings[shape] = spec.shardings(mesh)
             t0, hits = time.perf_counter(), cache_hits["n"]
             compiled[shape] = train_step.jit_step(steps.train, setup.abstract, spec, mesh).lower(
                 setup.abstract, spec).compile()
@@ -137,7 +137,7 @@ def main(argv):
             flops = (compiled[shape].cost_analysis() or {}).get("flops", 0.0)  # XLA's count, per device
             cached = " (from the compilation cache)" if cache_hits["n"] > hits else ""
             patches = f" and {shape[3]} patches" if shape[3] else ""
-            _print(f"compiled the {config.objective} step for {spec['input_ids'].shape[0]} rows of {shape[1]} "
+            _print(f"compiled the {config.objective} step for {spec.input_ids.shape[0]} rows of {shape[1]} "
                    f"tokens{patches} in "
                    f"{time.perf_counter() - t0:.1f}s{cached}; memory per device: arguments "
                    f"{_mib(m.argument_size_in_bytes)}, outputs {_mib(m.output_size_in_bytes)}, temporaries "
@@ -147,8 +147,8 @@ def main(argv):
 
     # every row bucket up front with the largest patch bucket (the most memory each can take); smaller
     # patch buckets compile when a batch first needs them
-    largest_patches = max(config.data.patch_buckets) if "patches" in first["batch"] else 0
-    rows = len(first["batch"]["valid"])  # packed batches needing more rows compile when they come
+    largest_patches = max(config.data.patch_buckets) if "patches" in first["batch"].images else 0
+    rows = len(first["batch"].valid)  # packed batches needing more rows compile when they come
     for seq_len in config.data.seq_buckets:
         width = options.target_width(seq_len, pipeline.source_kind(source, options))
         compile_for((rows, seq_len, width, largest_patches))
@@ -156,7 +156,7 @@ def main(argv):
     if config.data.eval:
         eval_data = pipeline.make_dataset(_source(config.data.eval, options, "data.eval"), options, tokenizer, image_input,
                                           global_batch_size=config.data.batch_size, seed=0, num_epochs=1)
-        evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, steps.eval)), eval_data, mesh, tokenizer.pad_id,
+        evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, steps.eval)), eval_data, mesh,
                                config.eval.batches)
 
     # ----- Train -----
@@ -174,8 +174,8 @@ def main(argv):
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV) or 0)
     while step < config.total_steps:
         element = element or next(iterator)
-        local = pipeline.agree_shapes(element["batch"], tokenizer.pad_id)
-        step_fn, shardings = compile_for(_shape(local))
+        local = pipeline.agree_shapes(element["batch"])
+        step_fn, shardings = compile_for(local.sizes())
         profiler.before(step + 1)
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
             state, metrics = step_fn(state, pipeline.to_global(local, shardings))
@@ -321,7 +321,7 @@ def _check_reference(step: int, check: dict, element: dict, local: dict, source)
 
 def _pair_name(slot: int, element: dict, local: dict, source) -> str:
     """'pair PAIR_ID (FILE[INDEX])' for a flat pair slot of the global batch's `valid` [units, slots]."""
-    units, slots = local["valid"].shape[0], int(np.prod(local["valid"].shape[1:]))
+    units, slots = local.valid.shape
     index = np.asarray(element["index"]).reshape(len(element["index"]), -1)
     index = np.concatenate([index, np.full((units - len(index), index.shape[1]), -1, index.dtype)])
     if jax.process_count() > 1:  # the global batch holds the processes' rows in process order
@@ -333,31 +333,6 @@ def _pair_name(slot: int, element: dict, local: dict, source) -> str:
     if source.kind == "groups":
         record = records.pairs_of_group(record)[pair]
     return f"pair {record.get('pair_id')!r} ({source.where(i)})"
-
-
-def _shape(batch: dict) -> tuple[int, int, int, int]:
-    """(records or packed rows, row length, trained tokens per row, patch buffer length or 0) of a local
-    batch: what selects its compiled step."""
-    return (len(batch["valid"]), batch["input_ids"].shape[1], batch["targets"].shape[1],
-            batch["patches"].shape[1] if "patches" in batch else 0)
-
-
-def global_spec(local: dict, records: int, seq_len: int, target_len: int, num_patches: int = 0, *,
-                processes: int | None = None) -> dict:
-    """The global batch's shapes for `_shape` (of a local batch) from one local batch of any shape, over
-    `processes` processes (default: this run's)."""
-    processes = jax.process_count() if processes is None else processes
-
-    def spec(k, v):
-        shape = [v.shape[0] // len(local["valid"]) * records * processes, *v.shape[1:]]
-        if k in ("input_ids", "positions", "branch_ids", "segment_ids"):
-            shape[-1] = seq_len
-        if k in ("targets", "target_index", "target_branch"):
-            shape[-1] = target_len
-        if k in patches.KEYS:
-            shape[1] = num_patches
-        return jax.ShapeDtypeStruct(tuple(shape), v.dtype)
-    return {k: spec(k, v) for k, v in local.items()}
 
 
 def _check_layer_layout(workdir: str, setup: Setup) -> None:
@@ -481,11 +456,11 @@ class _Window:
         """`batch`: this process's part of the batch the step ran (padded to the agreed shapes)."""
         self.steps.append((step, metrics, element["index"]))
         self.data["examples"] += int(element["stats"]["examples"])
-        self.data["tokens"] += int((batch["branch_ids"] >= 0).sum())
-        self.data["token_slots"] += batch["branch_ids"].size
-        if "patch_image" in batch:  # how much of the patch buffers is padding
-            self.data["patches"] = self.data.get("patches", 0) + int((batch["patch_image"] >= 0).sum())
-            self.data["patch_slots"] = self.data.get("patch_slots", 0) + batch["patch_image"].size
+        self.data["tokens"] += int((batch.branch_ids >= 0).sum())
+        self.data["token_slots"] += batch.branch_ids.size
+        if "patch_image" in batch.images:  # how much of the patch buffers is padding
+            self.data["patches"] = self.data.get("patches", 0) + int((batch.images["patch_image"] >= 0).sum())
+            self.data["patch_slots"] = self.data.get("patch_slots", 0) + batch.images["patch_image"].size
         for k, v in element["stats"].items():
             if k.startswith("skipped/") or k.startswith("truncated"):
                 self.counts[k] = self.counts.get(k, 0) + int(v)
@@ -569,16 +544,16 @@ class _Evaluator:
     data, built once. Every process runs the same number of steps (the pass is padded to whole global
     batches) with the same row length per step."""
 
-    def __init__(self, eval_step, dataset, mesh, pad_id: int, max_batches: int):
-        self.eval_step, self.dataset, self.mesh, self.pad_id = eval_step, dataset, mesh, pad_id
+    def __init__(self, eval_step, dataset, mesh, max_batches: int):
+        self.eval_step, self.dataset, self.mesh = eval_step, dataset, mesh
         self.batches = min(max_batches, len(dataset))
 
     def __call__(self, state) -> dict[str, float]:
         sums: dict[str, list[float]] = {}
         for i in range(self.batches):
-            local = pipeline.agree_shapes(self.dataset[i]["batch"], self.pad_id)
-            spec = global_spec(local, *_shape(local))
-            batch = pipeline.to_global(local, train_step.batch_shardings(spec, self.mesh))
+            local = pipeline.agree_shapes(self.dataset[i]["batch"])
+            spec = local.global_shapes(*local.sizes(), processes=jax.process_count())
+            batch = pipeline.to_global(local, spec.shardings(self.mesh))
             with jax.profiler.StepTraceAnnotation("eval", step_num=i):
                 out = jax.device_get(self.eval_step(state, batch))
             for name, (s, n) in out.items():

@@ -6,19 +6,7 @@ trainable parameters (the frozen ones are shared with the policy). Losses are (s
 gradient accumulation scans over micro-batches and divides the summed gradients by the total count, so
 an accumulated step equals the full-batch step.
 
-Batch fields (numpy/jax arrays; B records — pairs, prompt groups or examples —, R rows, see `packing.py`):
-  input_ids, positions, branch_ids int32[R, T]; targets, target_index, target_branch int32[R, A]
-  pixel_values float32[B, H, W, 3] or [B, N, H, W, 3] (absent for text-only data): images per record
-  valid float32[B] (0 for padding pairs/examples)
-  DPO only: chosen_scores, rejected_scores, criterion_weights, criterion_mask, essential_mask float32[B, K]
-  (optional; `rubric` needs the scores), ref_chosen_logp, ref_rejected_logp float32[B] (summed, for
-  `reference="precomputed"`).
-  Grouped records (`groups` data) carry P pair slots each: every per-pair field (valid included) is
-  [B, P, …], and pair slot p of record b is pair b·P + p. Rows: B (multi_answer: pair_chosen, pair_rejected
-  int32[B, P] name the slots' answers), B·P (shared_prefix) or 2·B·P (concat); a record's rows are adjacent,
-  so a batch shards and accumulates by records. Packed multi-answer rows (`data.groups_per_row` = k) hold
-  up to k records each, as segments (`segment_ids` int32[R, T]): the row is then the unit, with k·P pair
-  slots and its records' images (`valid`, per-pair fields [R, k·P, …]).
+The batch is a `batch.Batch` (its fields, axes and units are documented there).
 """
 
 from __future__ import annotations
@@ -33,7 +21,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rdpo_jax import losses, optim, packing, sharding
+from rdpo_jax import logps, losses, optim, packing, sharding
+from rdpo_jax.batch import RUBRIC_KEYS, Batch
 from rdpo_jax.models import families
 
 REFERENCES = ("model", "precomputed", "none")
@@ -124,33 +113,15 @@ def _mesh_of(params) -> Mesh:
 
 # ----- micro-batching -----
 
-def split_micro(batch: dict, accum: int) -> dict:
-    """[B, …] → [accum, B/accum, …] over the batch's B records (`valid`'s leading dimension; a field with
-    k·B entries, e.g. the rows of concat pairs or of grouped records, moves k at a time); micro-batch i
-    takes records i, i+accum, … so that, with B sharded in contiguous blocks over devices, every
-    micro-batch stays spread over all devices (no transfer)."""
-    B = batch["valid"].shape[0]
-    if B % accum:
-        raise ValueError(f"batch of {B} is not divisible by accum_steps={accum}")
-
-    def split(key, x):
-        per = x.shape[0] // B
-        if per * B != x.shape[0]:
-            raise ValueError(f"batch field {key!r} has {x.shape[0]} entries for {B} records")
-        x = x.reshape(B // accum, accum, per, *x.shape[1:])
-        return jnp.moveaxis(x, 1, 0).reshape(accum, (B // accum) * per, *x.shape[3:])
-
-    return {k: split(k, v) for k, v in batch.items()}
-
-
-def _accumulate(loss_fn: Callable, params, batch: dict, accum: int):
-    """`loss_fn(params, batch) -> (loss sum, (sums, per_pair))`: Σ over micro-batches of (grad of the loss
-    sum, sums), and `per_pair` (arrays shaped like the batch's `valid`) back in the batch's record order."""
+def _accumulate(loss_fn: Callable, params, batch: Batch, accum: int):
+    """`loss_fn(params, batch) -> (loss sum, (sums, per_pair))`: Σ over micro-batches (`Batch.split_micro`)
+    of (grad of the loss sum, sums), and `per_pair` (arrays shaped like the batch's `valid`) back in the
+    batch's unit order."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum == 1:
         grads, (sums, per_pair) = grad_fn(params, batch)
         return grads, sums, per_pair
-    micro = split_micro(batch, accum)
+    micro = batch.split_micro(accum)
 
     def body(carry, mb):
         grads, (sums, per_pair) = grad_fn(params, mb)
@@ -159,7 +130,7 @@ def _accumulate(loss_fn: Callable, params, batch: dict, accum: int):
     first = jax.tree.map(lambda x: x[0], micro)
     grads, (sums, _) = jax.eval_shape(grad_fn, params, first)
     (grads, sums), per_pair = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, (grads, sums)), micro)
-    # [accum, B/accum, …] → [B, …]: micro-batch i held records i, i+accum, … (split_micro)
+    # [accum, U/accum, …] → [U, …]: micro-batch i held units i, i+accum, … (split_micro)
     per_pair = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:]), per_pair)
     return grads, sums, per_pair
 
@@ -211,7 +182,7 @@ def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoot
              pair_layout: str = "shared_prefix", reference: str = "model", pair_values: bool = False) -> Callable:
     """The DPO objective over a batch of pairs (any loss type of `losses.py`, any layout). With
     `pair_values`, the aux also holds every pair slot's policy log-likelihoods and answer token counts
-    ({chosen_logp, rejected_logp, chosen_count, rejected_count}: float32 shaped like `batch["valid"]`)."""
+    ({chosen_logp, rejected_logp, chosen_count, rejected_count}: float32 shaped like `batch.valid`)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {REFERENCES}")
     if loss_type not in losses.LOSS_TYPES:
@@ -221,65 +192,61 @@ def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoot
     def normalize(logp, count):
         return logp / jnp.maximum(count, 1.0) if length_norm else logp
 
-    def per_pair(batch, key, ndim=1):  # multi-answer rows carry their pairs' fields as [R, P, …]: as pairs
-        x = batch.get(key)
-        return x.reshape(-1, *x.shape[2:]) if x is not None and x.ndim > ndim else x
-
-    def loss_fn(params, frozen, ref_params, batch):
-        out = packing.pair_logps(nnx.merge(graphdef, params, frozen), batch, layout=pair_layout)
+    def loss_fn(params, frozen, ref_params, batch: Batch):
+        out = logps.pair_logps(nnx.merge(graphdef, params, frozen), batch, layout=pair_layout)  # [U·P] each
         if reference == "model":
-            ref = packing.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, layout=pair_layout)
+            ref = logps.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, layout=pair_layout)
             ref_c, ref_r = jax.lax.stop_gradient((ref["chosen_logp"], ref["rejected_logp"]))
         elif reference == "precomputed":
-            ref_c, ref_r = per_pair(batch, "ref_chosen_logp"), per_pair(batch, "ref_rejected_logp")
+            ref_c, ref_r = batch.per_pair(batch.ref_chosen_logp), batch.per_pair(batch.ref_rejected_logp)
         else:
             ref_c = ref_r = jnp.zeros_like(out["chosen_logp"])
         cc, rc = out["chosen_count"], out["rejected_count"]
         loss, metrics = losses.preference_loss(
             normalize(out["chosen_logp"], cc), normalize(out["rejected_logp"], rc),
             normalize(ref_c, cc), normalize(ref_r, rc), loss_type=loss_type, beta=beta,
-            label_smoothing=label_smoothing, gamma=gamma, **{k: per_pair(batch, k, 2) for k in packing.RUBRIC_KEYS})
+            label_smoothing=label_smoothing, gamma=gamma, **{k: batch.per_pair(getattr(batch, k)) for k in RUBRIC_KEYS})
         if sft_weight:
             nll = losses.token_nll(out["chosen_logp"], cc)
             loss = loss + sft_weight * nll
             metrics["sft_nll"] = nll
-        valid = per_pair(batch, "valid")
+        valid = batch.per_pair(batch.valid)
         aux = (valid.sum(), _masked_sums(metrics, valid))
         if pair_values:
-            aux += ({k: out[k].reshape(batch["valid"].shape) for k in PAIR_VALUES},)
+            aux += ({k: out[k].reshape(batch.valid.shape) for k in PAIR_VALUES},)
         return (loss * valid).sum(), aux
 
     return loss_fn
 
 
 def sft_loss(graphdef: nnx.GraphDef) -> Callable:
-    """Token-mean negative log-likelihood of the answers over the batch."""
+    """Token-mean negative log-likelihood of the answers over the batch (a unit is one row: valid [R, 1])."""
 
-    def loss_fn(params, frozen, ref_params, batch):
+    def loss_fn(params, frozen, ref_params, batch: Batch):
         del ref_params
-        logps = packing.token_logps(nnx.merge(graphdef, params, frozen), batch)
-        tokens = (batch["target_branch"] > 0) * batch["valid"][:, None]
-        return -(logps * tokens).sum(), (tokens.sum(), {})
+        token_logps = logps.token_logps(nnx.merge(graphdef, params, frozen), batch)
+        tokens = (batch.target_branch > 0) * batch.valid
+        return -(token_logps * tokens).sum(), (tokens.sum(), {})
 
     return loss_fn
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-              accum_steps: int = 1) -> Callable[[TrainState, dict], tuple]:
+              accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple]:
     """The pure `step(state, batch) -> (state, metrics)` for an objective (jit it with `jit_step`).
 
     When the loss reports its pairs' log-likelihoods (`dpo_loss(pair_values=True)`) and the batch carries
     precomputed reference ones, `metrics["reference_check"]` compares them (`reference_check`): at a
     run's first step, before any update, they must agree when the reference is the initial policy."""
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: Batch):
         def per_params(params, b):
             loss_sum, (count, metric_sums, *per_pair) = loss_fn(params, state.frozen, state.ref_params, b)
             return loss_sum, ((loss_sum, count, metric_sums), per_pair[0] if per_pair else {})
 
         grads, (loss_sum, count, metric_sums), per_pair = _accumulate(per_params, state.params, batch, accum_steps)
         state, metrics = _update(state, optimizer, schedule, grads, loss_sum, count, metric_sums)
-        if per_pair and "ref_chosen_logp" in batch:
+        if per_pair and batch.ref_chosen_logp is not None:
             metrics["reference_check"] = reference_check(per_pair, batch)
         return state, metrics
 
@@ -295,27 +262,27 @@ PAIR_VALUES = ("chosen_logp", "rejected_logp", "chosen_count", "rejected_count")
 REFERENCE_TOLERANCE = (0.25, 0.02)
 
 
-def reference_check(per_pair: dict, batch: dict) -> dict[str, jax.Array]:
+def reference_check(per_pair: dict, batch: Batch) -> dict[str, jax.Array]:
     """The valid pair slot whose policy log-likelihoods (`per_pair`, see `dpo_loss`) are furthest from
     the batch's precomputed reference ones, in units of `REFERENCE_TOLERANCE` (the larger of chosen and
     rejected): {ratio: float32[] (> 1: beyond the tolerance; −1: no valid pair), slot: int32[] (flat index
     into `valid`), policy, reference, tokens: float32[2] (chosen, rejected)}."""
     policy = jnp.stack([per_pair["chosen_logp"], per_pair["rejected_logp"]]).reshape(2, -1)
-    reference = jnp.stack([batch["ref_chosen_logp"], batch["ref_rejected_logp"]]).reshape(2, -1).astype(jnp.float32)
+    reference = jnp.stack([batch.ref_chosen_logp, batch.ref_rejected_logp]).reshape(2, -1).astype(jnp.float32)
     tokens = jnp.stack([per_pair["chosen_count"], per_pair["rejected_count"]]).reshape(2, -1)
     floor, per_token = REFERENCE_TOLERANCE
     ratio = (jnp.abs(policy - reference) / (floor + per_token * tokens)).max(0)
     # a NaN reference is the non-finite guard's to report
-    ratio = jnp.where((batch["valid"].reshape(-1) > 0) & jnp.isfinite(ratio), ratio, -1.0)
+    ratio = jnp.where((batch.valid.reshape(-1) > 0) & jnp.isfinite(ratio), ratio, -1.0)
     slot = jnp.argmax(ratio)
     return {"ratio": ratio[slot], "slot": slot.astype(jnp.int32), "policy": policy[:, slot],
             "reference": reference[:, slot], "tokens": tokens[:, slot]}
 
 
-def make_eval_step(loss_fn: Callable) -> Callable[[TrainState, dict], dict]:
+def make_eval_step(loss_fn: Callable) -> Callable[[TrainState, Batch], dict]:
     """`eval_step(state, batch) -> {name: (sum, count)}` for held-out batches (the host adds them up)."""
 
-    def eval_step(state: TrainState, batch: dict):
+    def eval_step(state: TrainState, batch: Batch):
         loss_sum, (count, metric_sums, *_) = loss_fn(state.params, state.frozen, state.ref_params, batch)
         return {"loss": (loss_sum, count), **metric_sums}
 
@@ -323,8 +290,8 @@ def make_eval_step(loss_fn: Callable) -> Callable[[TrainState, dict], dict]:
 
 
 class Steps(NamedTuple):
-    train: Callable[[TrainState, dict], tuple]  # step(state, batch) -> (state, metrics)
-    eval: Callable[[TrainState, dict], dict]  # eval_step(state, batch) -> {name: (sum, count)}
+    train: Callable[[TrainState, Batch], tuple]  # step(state, batch) -> (state, metrics)
+    eval: Callable[[TrainState, Batch], dict]  # eval_step(state, batch) -> {name: (sum, count)}
 
 
 def make_dpo_step(graphdef, optimizer, schedule, *, accum_steps: int = 1, **loss_options) -> Steps:
@@ -342,17 +309,9 @@ def make_sft_step(graphdef, optimizer, schedule, *, accum_steps: int = 1) -> Ste
 
 # ----- jit with explicit shardings -----
 
-def batch_shardings(batch: dict, mesh: Mesh) -> dict[str, NamedSharding]:
-    """Leading (example/row) dimension over the batch mesh axes ("data", "fsdp"); the rest replicated."""
-    def one(x):
-        axes = ("batch",) + (None,) * (x.ndim - 1)
-        return NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, dict(mesh.shape)))
-    return {k: one(v) for k, v in batch.items()}
-
-
-def jit_step(step_fn: Callable, state: TrainState, batch: dict, mesh: Mesh) -> Any:
+def jit_step(step_fn: Callable, state: TrainState, batch: Batch, mesh: Mesh) -> Any:
     """`jax.jit` with the state donated and explicit in/out shardings (state keeps its shardings), traced
     on `mesh` so that the model's activation constraints apply."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(sharding.traced_on(mesh, step_fn), in_shardings=(state_sh, batch_shardings(batch, mesh)),
+    return jax.jit(sharding.traced_on(mesh, step_fn), in_shardings=(state_sh, batch.shardings(mesh)),
                    out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from data_prep import smoke
-from rdpo_jax import checkpoint, packing, testing
-from rdpo_jax.data import arrayrecord, image_inputs, pipeline
-from rdpo_jax.models import hf
+from rdpo_jax import checkpoint, testing
+from rdpo_jax.data import arrayrecord, pipeline
 from rdpo_jax.data.tokenize import ChatTokenizer
+from rdpo_jax.models import hf, image_inputs
 from tests import runs
 
 STEPS = 12  # 40 records, batches of 8: two and a half epochs
@@ -98,14 +98,14 @@ def test_the_processes_rows_need_different_buckets_in_the_same_step(smoke_dir, d
                                      process_index=p, process_count=n)
 
     shares, whole = [dataset(p, 2) for p in (0, 1)], dataset(0, 1)
-    lengths = [[shares[p][s]["batch"]["input_ids"].shape[1] for p in (0, 1)] for s in range(STEPS)]
+    lengths = [[shares[p][s]["batch"].input_ids.shape[1] for p in (0, 1)] for s in range(STEPS)]
     assert any(a != b for a, b in lengths), lengths
     for s in range(STEPS):
         agreed = max(lengths[s])
-        assert whole[s]["batch"]["input_ids"].shape[1] == agreed
-        joined = np.concatenate([packing.pad_rows(shares[p][s]["batch"], agreed, tok.pad_id)["input_ids"]
-                                 for p in (0, 1)])
-        np.testing.assert_array_equal(joined, whole[s]["batch"]["input_ids"])
+        assert whole[s]["batch"].input_ids.shape[1] == agreed
+        parts = [shares[p][s]["batch"] for p in (0, 1)]
+        joined = np.concatenate([b.pad(len(b.valid), agreed, b.targets.shape[1]).input_ids for b in parts])
+        np.testing.assert_array_equal(joined, whole[s]["batch"].input_ids)
 
 
 def test_two_processes_match_one(smoke_dir, one_process, two_processes):
@@ -227,7 +227,7 @@ def test_packed_rows_two_processes_match_one(smoke_dir, data, tmp_path, compile_
     shares = [pipeline.make_dataset(arrayrecord.Source(f"{data}/pairs"), pipeline.Options.from_config(config), tok,
                                     image_inputs.from_config(config, hf.read_config(f"{smoke_dir}/model")),
                                     global_batch_size=8, seed=0, process_index=p, process_count=2) for p in (0, 1)]
-    rows = [[shares[p][s]["batch"]["input_ids"].shape for p in (0, 1)] for s in range(4)]
+    rows = [[shares[p][s]["batch"].input_ids.shape for p in (0, 1)] for s in range(4)]
     assert any(a[0] != b[0] for a, b in rows) and any(a == b == (2, 80) for a, b in rows), rows
 
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

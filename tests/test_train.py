@@ -152,6 +152,8 @@ def test_resuming_with_the_other_layer_layout_is_refused(smoke_dir, sft_run):
 def test_reference_check_names_the_pair_of_its_slot(tmp_path):
     """The reference check's pair slot (flat, over the batch's `valid`) back to the record and pair it
     holds, for one pair per record, groups of P pairs, and rows packing k groups (slots k·P per row)."""
+    from types import SimpleNamespace
+
     from rdpo_jax import train
     from rdpo_jax.data import arrayrecord
     from tests.data.test_records import examples
@@ -161,9 +163,10 @@ def test_reference_check_names_the_pair_of_its_slot(tmp_path):
     pairs, groups = (arrayrecord.Source(str(tmp_path / kind)) for kind in ("pairs", "groups"))
 
     def name(slot, index, valid_shape, source):
-        return train._pair_name(slot, {"index": np.asarray(index)}, {"valid": np.zeros(valid_shape)}, source)
+        return train._pair_name(slot, {"index": np.asarray(index)}, SimpleNamespace(valid=np.zeros(valid_shape)),
+                                source)
 
-    assert name(2, [4, 6, 1, -1], (4,), pairs) == f"pair 'pair1' ({pairs.where(1)})"
+    assert name(2, [4, 6, 1, -1], (4, 1), pairs) == f"pair 'pair1' ({pairs.where(1)})"
     assert name(3, [4, 6, 1, -1], (4, 2), groups) == f"pair 'pair6b' ({groups.where(6)})"  # record 1, pair 1
     # rows of two groups of two pairs; a third row added empty to agree with another process's row count
     assert name(6, [[3, 5], [7, 2]], (3, 4), groups) == f"pair 'pair2a' ({groups.where(2)})"  # row 1, group 1, pair 0

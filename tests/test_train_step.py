@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rdpo_jax import optim, packing, sharding, train_step
+from rdpo_jax import logps, optim, packing, sharding, train_step
 from rdpo_jax.models import hf
 from rdpo_jax.models.config import RunSettings
 from tests import tiny
@@ -23,29 +23,29 @@ B, K = 8, 4
 def _batch(cfg, layout="shared_prefix", seed=0):
     rng = np.random.default_rng(seed)
     F = cfg.image_seq_len
-    pairs = [packing.Pair([7 + i] + [tiny.IMAGE_TOKEN] * F + list(rng.integers(6, tiny.VOCAB, 1 + i % 3)),
-                          list(rng.integers(6, tiny.VOCAB, 2 + i % 4)), list(rng.integers(6, tiny.VOCAB, 5 - i % 3)))
+    pairs = [([7 + i] + [tiny.IMAGE_TOKEN] * F + list(rng.integers(6, tiny.VOCAB, 1 + i % 3)),
+              [list(rng.integers(6, tiny.VOCAB, 2 + i % 4)), list(rng.integers(6, tiny.VOCAB, 5 - i % 3))])
              for i in range(B)]
-    batch, _ = packing.pack_pairs(pairs, layout=layout, seq_len=F + 14, max_answer_len=6)
-    batch["pixel_values"] = rng.standard_normal((B, 32, 32, 3)).astype(np.float32)
-    batch["valid"] = np.ones(B, np.float32)
-    batch["valid"][-1] = 0  # a padding pair: must not count
-    batch["chosen_scores"] = rng.integers(0, 2, (B, K)).astype(np.float32)
-    batch["rejected_scores"] = rng.integers(0, 2, (B, K)).astype(np.float32)
-    batch["criterion_weights"] = rng.uniform(0.5, 2, (B, K)).astype(np.float32)
-    batch["criterion_mask"] = np.ones((B, K), np.float32)
-    batch["essential_mask"] = (np.arange(K) < 2).astype(np.float32)[None].repeat(B, 0)
+    pixels = rng.standard_normal((B, 32, 32, 3)).astype(np.float32)
+    rubric = {"chosen_scores": rng.integers(0, 2, (B, K)).astype(np.float32),
+              "rejected_scores": rng.integers(0, 2, (B, K)).astype(np.float32),
+              "criterion_weights": rng.uniform(0.5, 2, (B, K)).astype(np.float32),
+              "criterion_mask": np.ones((B, K), np.float32),
+              "essential_mask": (np.arange(K) < 2).astype(np.float32)[None].repeat(B, 0)}
+    groups = [packing.Group(prompt, answers, fields={k: v[i:i + 1] for k, v in rubric.items()},
+                            valid=i < B - 1)  # the last a padding pair: must not count
+              for i, (prompt, answers) in enumerate(pairs)]
+    batch, _ = packing.pack(groups, layout=layout, seq_len=F + 14, max_answer_len=6, images={"pixel_values": pixels})
     return batch
 
 
 def _sft_batch(cfg, seed=0):
     rng = np.random.default_rng(seed)
     F = cfg.image_seq_len
-    examples = [([3] + [tiny.IMAGE_TOKEN] * F + [9] * (1 + i % 2), list(rng.integers(6, tiny.VOCAB, 2 + i % 5)))
-                for i in range(B)]
-    batch, _ = packing.pack_sft(examples, seq_len=F + 9, max_answer_len=7)
-    batch["pixel_values"] = rng.standard_normal((B, 32, 32, 3)).astype(np.float32)
-    batch["valid"] = np.ones(B, np.float32)
+    examples = [packing.Group([3] + [tiny.IMAGE_TOKEN] * F + [9] * (1 + i % 2),
+                              [list(rng.integers(6, tiny.VOCAB, 2 + i % 5))], ()) for i in range(B)]
+    batch, _ = packing.pack(examples, layout="sft", seq_len=F + 9, max_answer_len=7,
+                            images={"pixel_values": rng.standard_normal((B, 32, 32, 3)).astype(np.float32)})
     return batch
 
 
@@ -157,9 +157,8 @@ def test_sharded_step_equals_single_device(tiny_llava, mesh1, capfd):
 
 def _off_reference(batch):
     """Precomputed reference log-likelihoods far from the policy's, so that z (and its sign) is robust."""
-    batch["ref_chosen_logp"] = np.full(B, -3.0, np.float32)
-    batch["ref_rejected_logp"] = np.full(B, -40.0, np.float32)
-    return batch
+    return batch.replace(ref_chosen_logp=np.full((B, 1), -3.0, np.float32),
+                         ref_rejected_logp=np.full((B, 1), -40.0, np.float32))
 
 
 def _delta(p0, state):
@@ -191,9 +190,8 @@ def test_online_reference_equals_precomputed(tiny_llava, mesh1):
     p0, online, m_online = _run(folder, mesh1, batch, loss_type="rubric", beta=0.1)
     # at step 0 the policy is the reference: z = 0 and the rubric loss is log 2
     assert m_online["loss"] == pytest.approx(np.log(2), rel=1e-5) and online.ref_params is not None
-    ref = packing.pair_logps(model, batch, layout="shared_prefix")
-    batch["ref_chosen_logp"] = np.asarray(ref["chosen_logp"])
-    batch["ref_rejected_logp"] = np.asarray(ref["rejected_logp"])
+    ref = logps.pair_logps(model, batch, layout="shared_prefix")
+    batch = batch.replace(**{f"ref_{k}": np.asarray(ref[k]).reshape(B, 1) for k in ("chosen_logp", "rejected_logp")})
     _, pre, m_pre = _run(folder, mesh1, batch, loss_type="rubric", beta=0.1, reference="precomputed")
     assert pre.ref_params is None
     # the step's own check of the precomputed values: the policy's at step 0, far within the tolerance
@@ -255,7 +253,7 @@ def test_a_batch_without_valid_pairs_updates_nothing(tiny_llava, mesh1, capsys):
     folder, _ = tiny_llava(NAME)
     model, cfg = hf.load_hf(folder, mesh=mesh1)
     full = _off_reference(_batch(cfg))
-    empty = {**full, "valid": np.zeros(B, np.float32)}
+    empty = full.replace(valid=np.zeros((B, 1), np.float32))
     adamw = optim.make_optimizer(learning_rate=1e-2, weight_decay=0.1)
     graphdef, state = train_step.init_state(model, adamw)
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
@@ -281,7 +279,7 @@ def test_nonfinite_update_is_skipped(tiny_llava, mesh1):
     folder, _ = tiny_llava(NAME)
     _, cfg = hf.load_hf(folder)
     batch = _off_reference(_batch(cfg))
-    batch["ref_chosen_logp"][2] = np.nan  # one poisoned pair makes the loss and every gradient NaN
+    batch.ref_chosen_logp[2] = np.nan  # one poisoned pair makes the loss and every gradient NaN
     adam = optim.make_optimizer(learning_rate=1e-2)
     p0, state, metrics = _run(folder, mesh1, batch, optimizer=adam, loss_type="sigmoid", beta=0.1,
                               reference="precomputed")
@@ -297,8 +295,8 @@ def test_logged_lr_is_the_rate_applied_after_a_skipped_step(tiny_llava, mesh1):
     folder, _ = tiny_llava(NAME)
     _, cfg = hf.load_hf(folder)
     clean = _off_reference(_batch(cfg))
-    poisoned = {k: v.copy() for k, v in clean.items()}
-    poisoned["ref_chosen_logp"][2] = np.nan
+    poisoned = jax.tree.map(np.copy, clean)
+    poisoned.ref_chosen_logp[2] = np.nan
     schedule = optim.learning_rate_schedule(learning_rate=1e-2, schedule="linear", warmup_steps=4, total_steps=8)
     model, _ = hf.load_hf(folder, mesh=mesh1)
     adam = optim.make_optimizer(learning_rate=schedule)

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rdpo_jax import config_checks, inference, packing, sampling, sharding, train, train_step
-from rdpo_jax.data import image_inputs, patches, pipeline
+from rdpo_jax import config_checks, inference, logps, sampling, sharding, train, train_step
+from rdpo_jax.batch import Batch
+from rdpo_jax.data import patches, pipeline
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import families
+from rdpo_jax.models import families, image_inputs
 
 PROGRAMS = ("train", "eval", "ref_logps", "sample")
 
@@ -69,20 +70,19 @@ def image_input(config, model_config):
                                       patch_buckets=tuple(d.patch_buckets))
 
 
-def _abstract(batch: dict, mesh) -> dict:
-    shardings = train_step.batch_shardings(batch, mesh)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+def _abstract(batch: Batch, mesh) -> Batch:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, batch.shardings(mesh))
 
 
 def _buckets(config, options, collate, kind: str, all_buckets: bool) -> list[tuple[int, int, int, int]]:
     """(rows per host, row length, trained tokens per row, patches) of every train program."""
     local = collate([])["batch"]
-    rows = [len(local["valid"])]
+    rows = [len(local.valid)]
     if options.groups_per_row > 1 and all_buckets:  # packed rows: ⌈B/k⌉, 2⌈B/k⌉, … B
         B, k = collate.batch_size, options.groups_per_row
         rows = sorted({min(B, -(-B // k) * j) for j in range(1, k + 1)})
     patches = [0]
-    if "patches" in local:
+    if "patches" in local.images:
         patches = list(config.data.patch_buckets) if all_buckets else [max(config.data.patch_buckets)]
     return [(r, t, options.target_width(t, kind), p) for r in rows for t in config.data.seq_buckets for p in patches]
 
@@ -110,7 +110,7 @@ def build(config, devices, *, names=PROGRAMS, all_buckets: bool = False, kind: s
     out = []
 
     def spec(shape, on):
-        return _abstract(train.global_spec(local, *shape, processes=processes), on)
+        return _abstract(local.global_shapes(*shape, processes=processes), on)
 
     if "train" in names:
         steps = setup.steps()
@@ -140,11 +140,11 @@ def build(config, devices, *, names=PROGRAMS, all_buckets: bool = False, kind: s
         graphdef = nnx.graphdef(families.abstract_model(setup.model_config, run))
         params = train_step.abstract_params(setup.model_config, run, one_host)
         whole = pipeline.Collate(options, config.data.batch_size, 0, vision, kind)([])["batch"]
-        shape = (len(whole["valid"]),) + buckets[-1][1:]
-        batch = _abstract(train.global_spec(whole, *shape, processes=1), one_host)
+        shape = (len(whole.valid),) + buckets[-1][1:]
+        batch = _abstract(whole.global_shapes(*shape), one_host)
         layout = config.dpo.pair_layout
-        forward = sharding.traced_on(one_host, lambda p, b: packing.pair_logps(nnx.merge(graphdef, p), b,
-                                                                               layout=layout))
+        forward = sharding.traced_on(one_host, lambda p, b: logps.pair_logps(nnx.merge(graphdef, p), b,
+                                                                             layout=layout))
         out.append(Program("ref_logps", f"{shape[0]} rows of {shape[1]} tokens on one host", one_host,
                            jax.jit(forward).trace(params, batch)))
     if "sample" in names:

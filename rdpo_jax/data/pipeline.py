@@ -6,14 +6,14 @@
     processes → `agree_shapes` (every process pads to the longest buckets any process needs) →
     `to_global`
 
-Images go through the model family's `image_inputs` adapter: it preprocesses each record's images,
+Images go through the model family's image adapter (`models/image_inputs.py`): it preprocesses each record's images,
 says how many placeholder tokens each becomes (the tokenizer expands the template's image token to
 that many) and, for M-RoPE families, the prompt's 3D positions; a batch's images become the arrays the
 model reads (LLaVA: pixels [B, N, H, W, 3]; Qwen2.5-VL: a patch buffer per row from a patch bucket).
 Records may hold 0 … `max_images` images.
 
 DPO reads `pairs` records (one pair each) or `groups` records (a prompt's pairs together, up to
-`max_pairs_per_group` pair slots per record: per-pair fields [B, P, …], see `train_step.py`); a record is
+`max_pairs_per_group` pair slots per record: per-pair fields [B, P, …], see `batch.py`); a record is
 the unit of batching, shuffling, sharding and resuming either way, and the loss averages over the pairs
 present. With `data.groups_per_row` > 1 (SFT, multi_answer rows) a process's records of a batch share rows,
 a row then being the unit of the step (sharding, micro-batches): see `Collate`. Packing is per process, so
@@ -44,7 +44,8 @@ import jax
 import numpy as np
 
 from rdpo_jax import packing
-from rdpo_jax.data import image_inputs, images, patches, records
+from rdpo_jax.batch import RUBRIC_KEYS, Batch
+from rdpo_jax.data import images, records
 from rdpo_jax.data.tokenize import TOKENIZER_FILES, ChatTokenizer, TemplateError
 
 SKIP_REASONS = ("corrupt", "schema", "bad_image", "image_count", "image_budget", "empty_answer", "identical_answers",
@@ -232,7 +233,7 @@ class Prepare(grain.transforms.Map):
         return example
 
     def _rubric(self, record: dict, where: str) -> dict:
-        """The record's rubric arrays float32[n_pairs, K] (`packing.RUBRIC_KEYS`) and, for a precomputed
+        """The record's rubric arrays float32[n_pairs, K] (`batch.RUBRIC_KEYS`) and, for a precomputed
         reference, ref_chosen_logp / ref_rejected_logp float32[n_pairs]."""
         o = self.options
         criteria = record["rubric"]["criteria"]
@@ -241,7 +242,7 @@ class Prepare(grain.transforms.Map):
                                       f"max_criteria={o.max_criteria}", reason="too_many_criteria")
         group = records.pairs_of_group(record) if "answers" in record else [record]
         K, n, N = o.max_criteria, len(criteria), len(group)
-        out = {name: np.zeros((N, K), np.float32) for name in packing.RUBRIC_KEYS}
+        out = {name: np.zeros((N, K), np.float32) for name in RUBRIC_KEYS}
         essential = np.array([c["kind"] == "essential" for c in criteria], np.float32)
         kind_weight = np.where(essential > 0, o.essential_weight, o.additional_weight)
         for j, pair in enumerate(group):
@@ -310,15 +311,15 @@ def reference_mismatch(record: dict, options: Options) -> tuple[str, str] | None
 
 
 class Collate:
-    """Prepared examples → {"batch": arrays for the step, "stats": counts, "index": source index per record
-    (−1 for padding)} (picklable). Records of a `groups` source carry P pair slots each (per-pair fields
-    [B, P, …], see `train_step.py`); a shared-prefix or concat batch then holds P pair rows per record, an
-    unused slot repeating the record's first pair cut to one token per answer (valid 0).
+    """Prepared examples → {"batch": a `batch.Batch`, "stats": counts, "index": source index per record
+    (−1 for padding)} (picklable): every record a `packing.Group` (a skipped or missing one a padding
+    group, valid 0), packed by `packing.pack` into the smallest bucket that holds them, with the family
+    adapter's image arrays. A record is the batch's unit, with P pair slots (`max_pairs_per_group` for
+    `groups` records, 1 for pairs records and SFT).
 
     With `groups_per_row` = k > 1 (SFT, multi_answer), the B records share R rows of T tokens (`_packed`):
     of R in ⌈B/k⌉, 2⌈B/k⌉, … B and T in the buckets, the fewest row slots R·T that hold them; a row is then
-    the batch's unit (its per-pair fields [R, k·P, …], its images those of its records in order, `index`
-    int64[R, k])."""
+    the batch's unit (k·P pair slots, its images those of its records in order, `index` int64[R, k])."""
 
     def __init__(self, options: Options, batch_size: int, pad_id: int, image_input, kind: str | None = None):
         self.options, self.batch_size, self.pad_id, self.image_input = options, batch_size, pad_id, image_input
@@ -327,63 +328,52 @@ class Collate:
     def __call__(self, examples: Sequence[dict]) -> dict:
         o = self.options
         stats = {f"skipped/{r}": 0 for r in SKIP_REASONS}
-        valid = np.zeros(self.batch_size, np.float32)
         index = np.full(self.batch_size, -1, np.int64)
-        filler = self._filler()
-        rows = []
+        groups, prepared = [], []  # the records as groups, and their images as the family adapter prepared them
         for i in range(self.batch_size):
             ex = examples[i] if i < len(examples) else {"pad": True}
             if "skip" in ex:
                 stats[f"skipped/{ex['skip']}"] += 1
-                ex = filler
-            elif "pad" in ex:
-                ex = filler
-            else:
-                valid[i], index[i] = 1.0, ex["index"]
-            rows.append(ex)
+            if "skip" in ex or "pad" in ex:
+                groups.append(self._filler())
+                prepared.append(None)
+                continue
+            index[i] = ex["index"]
+            groups.append(packing.Group(ex["prompt"], ex["answers"], ex.get("pairs", ()), ex["positions"],
+                                        {k: ex[k] for k in self._fields()}))
+            prepared.append(ex["images"])
+        layout, (P, M) = ("sft", (1, 1)) if o.kind == "sft" else (o.pair_layout, o.slots(self.kind))
         if o.groups_per_row > 1:
-            return self._packed(rows, valid, index, stats)
-        need = max(self._row_len(r) for r in rows)
+            return self._packed(groups, prepared, index, stats, layout, P, M)
+        need = max(self._row_len(g) for g in groups)
         seq_len = next((b for b in o.seq_buckets if b >= need), o.seq_buckets[-1])  # else answers shrink to fit
-        mrope = self.image_input.mrope
-        if o.kind == "pairs":
-            batch, trunc = self._pack_pairs(rows, seq_len)
-            P = o.slots(self.kind)[0]
-            used = np.array([[j < len(r["pairs"]) for j in range(P)] for r in rows], np.float32)
-            names = packing.RUBRIC_KEYS + (("ref_chosen_logp", "ref_rejected_logp") if o.require_reference else ())
-            for name in names:
-                batch[name] = np.stack([_slots(r[name], P) for r in rows])
-            valid = valid[:, None] * used
-            if self.kind != "groups":  # pairs records: one pair each, per-pair fields [B, …]
-                batch = {k: v[:, 0] if k in names else v for k, v in batch.items()}
-                valid = valid[:, 0]
-        else:
-            batch, trunc = packing.pack_sft([(r["prompt"], r["answers"][0], r["positions"]) for r in rows],
-                                            seq_len=seq_len, max_answer_len=o.max_answer_len, pad_id=self.pad_id,
-                                            mrope=mrope)
-        return self._finish(batch, [r["images"] for r in rows], valid, index, stats, trunc)
+        arrays, image_stats = self.image_input.collate(prepared)
+        batch, trunc = packing.pack(groups, layout=layout, seq_len=seq_len, max_answer_len=o.max_answer_len,
+                                    max_pairs=P, max_answers=M, pad_id=self.pad_id, mrope=self.image_input.mrope,
+                                    images=arrays)
+        return self._element(batch, index, {**stats, **trunc, **image_stats})
 
-    def _finish(self, batch: dict, row_images: list, valid: np.ndarray, index: np.ndarray, stats: dict,
-                truncation: dict, slots: int | None = None, examples: int | None = None) -> dict:
-        """The collated element: the rows' images (`slots` per row) and `valid` added to the batch, counts
-        (`examples`: the records trained, default valid's sum)."""
-        image_arrays, image_stats = self.image_input.collate(row_images, slots=slots)
-        batch.update(image_arrays)
-        batch["valid"] = valid
-        stats.update(truncation)
-        stats.update(image_stats)
-        stats["examples"] = int(valid.sum()) if examples is None else examples
+    def _fields(self) -> tuple[str, ...]:
+        """The per-pair fields records carry into the batch."""
+        if self.options.kind == "sft":
+            return ()
+        return RUBRIC_KEYS + (("ref_chosen_logp", "ref_rejected_logp") if self.options.require_reference else ())
+
+    @staticmethod
+    def _element(batch: Batch, index: np.ndarray, stats: dict, examples: int | None = None) -> dict:
+        """The collated element, with counts (`examples`: the records trained, default valid's sum)."""
+        stats["examples"] = int(batch.valid.sum()) if examples is None else examples
         return {"batch": batch, "stats": {k: np.int64(v) for k, v in stats.items()}, "index": index}
 
-    def _packed(self, examples: list[dict], valid: np.ndarray, index: np.ndarray, stats: dict) -> dict:
+    def _packed(self, groups: list, prepared: list, index: np.ndarray, stats: dict, layout: str, P: int,
+                M: int) -> dict:
         """The batch of `groups_per_row` > 1: the valid records packed into rows (padding records dropped) by
         `packing.plan_rows`, in the row count and bucket of fewest row slots that hold them (ties: the
         shorter rows, whose attention costs less)."""
-        o, k, B = self.options, self.options.groups_per_row, len(examples)
-        P, M = o.slots(self.kind) if o.kind == "pairs" else (0, 0)
-        real = [i for i in range(B) if valid[i]]
-        lengths = [min(self._row_len(examples[i]), o.seq_buckets[-1]) for i in real]  # a longer one rows alone
-        patches = [len((examples[i]["images"] or {}).get("patches", ())) for i in real]
+        o, k, B = self.options, self.options.groups_per_row, len(groups)
+        real = [i for i in range(B) if index[i] >= 0]
+        lengths = [min(self._row_len(groups[i]), o.seq_buckets[-1]) for i in real]  # a longer one rows alone
+        patches = [len((prepared[i] or {}).get("patches", ())) for i in real]
         max_patches = getattr(self.image_input, "buckets", (0,))[-1]
         step = -(-B // k)
         best = None  # the fewest row slots (then the shorter rows) of ⌈B/k⌉, 2⌈B/k⌉, … rows × the buckets
@@ -399,80 +389,38 @@ class Collate:
             raise AssertionError(f"records of {lengths} tokens do not fit {B} rows of {o.seq_buckets[-1]}")
         rows, seq_len, plan = best
         plan = [[real[g] for g in members] for members in plan]
-        images = [image_inputs.merge([examples[i]["images"] for i in members]) for members in plan]
-        slots = k * self.image_input.max_images
+        arrays, image_stats = self.image_input.collate(
+            [images.merge([prepared[i] for i in members]) for members in plan],
+            slots=k * self.image_input.max_images)
         row_index = np.full((rows, k), -1, np.int64)
         for r, members in enumerate(plan):
             row_index[r, :len(members)] = index[members]
-        if o.kind == "sft":  # a row is valid if it holds an example; the loss counts their tokens
-            batch, trunc = packing.pack_sft([(ex["prompt"], ex["answers"][0], ex["positions"]) for ex in examples],
-                                            seq_len=seq_len, max_answer_len=o.max_answer_len, pad_id=self.pad_id,
-                                            mrope=self.image_input.mrope, rows=plan, examples_per_row=k)
-            row_valid = np.array([float(bool(m)) for m in plan], np.float32)
-            return self._finish(batch, images, row_valid, row_index, stats, trunc, slots=slots, examples=len(real))
-        groups = [packing.Group(ex["prompt"], ex["answers"], ex["pairs"], ex["positions"]) for ex in examples]
-        batch, trunc = packing.pack_groups(groups, seq_len=seq_len, max_answer_len=o.max_answer_len, max_answers=M,
-                                           max_pairs=P, pad_id=self.pad_id, mrope=self.image_input.mrope, rows=plan,
-                                           groups_per_row=k)
-        names = packing.RUBRIC_KEYS + (("ref_chosen_logp", "ref_rejected_logp") if o.require_reference else ())
-        for name in names:
-            field = examples[0][name]
-            batch[name] = np.zeros((rows, k * P, *field.shape[1:]), field.dtype)
-        batch_valid = np.zeros((rows, k * P), np.float32)
-        for r, members in enumerate(plan):
-            for s, i in enumerate(members):
-                ex, pair_slots = examples[i], slice(s * P, (s + 1) * P)
-                for name in names:
-                    batch[name][r, pair_slots] = _slots(ex[name], P)
-                batch_valid[r, s * P:s * P + len(ex["pairs"])] = 1.0
-        return self._finish(batch, images, batch_valid, row_index, stats, trunc, slots=slots)
+        batch, trunc = packing.pack(groups, layout=layout, seq_len=seq_len, max_answer_len=o.max_answer_len,
+                                    max_pairs=P, max_answers=M, pad_id=self.pad_id, mrope=self.image_input.mrope,
+                                    rows=plan, groups_per_row=k, images=arrays)
+        # SFT counts its examples (a row's valid is whether it holds any), DPO its valid pairs
+        return self._element(batch, row_index, {**stats, **trunc, **image_stats},
+                             examples=len(real) if layout == "sft" else None)
 
-    def _pack_pairs(self, rows: list[dict], seq_len: int):
-        o, mrope = self.options, self.image_input.mrope
-        P, M = o.slots(self.kind)
-        if o.pair_layout == "multi_answer":
-            groups = [packing.Group(r["prompt"], r["answers"], r["pairs"], r["positions"]) for r in rows]
-            return packing.pack_groups(groups, seq_len=seq_len, max_answer_len=o.max_answer_len, max_answers=M,
-                                       max_pairs=P, pad_id=self.pad_id, mrope=mrope)
-        pairs = []
-        for r in rows:
-            for j in range(P):
-                c, rej = r["pairs"][j] if j < len(r["pairs"]) else r["pairs"][0]
-                chosen, rejected = r["answers"][c], r["answers"][rej]
-                if j >= len(r["pairs"]):  # an unused slot: the cheapest row with the record's prompt and images
-                    chosen, rejected = chosen[:1], rejected[:1]
-                pairs.append(packing.Pair(r["prompt"], chosen, rejected, r["positions"]))
-        return packing.pack_pairs(pairs, layout=o.pair_layout, seq_len=seq_len, max_answer_len=o.max_answer_len,
-                                  pad_id=self.pad_id, mrope=mrope)
-
-    def _row_len(self, example: dict) -> int:
-        """Tokens the example's longest row needs once its answers are cut to max_answer_len."""
+    def _row_len(self, group: packing.Group) -> int:
+        """Tokens the group's longest row needs once its answers are cut to max_answer_len."""
         o = self.options
-        lengths = [min(len(a), o.max_answer_len) for a in example["answers"]]
+        lengths = [min(len(a), o.max_answer_len) for a in group.answers]
         if o.kind == "sft" or o.pair_layout == "concat":
-            return len(example["prompt"]) + max(lengths)
+            return len(group.prompt) + max(lengths)
         if o.pair_layout == "multi_answer":
-            return len(example["prompt"]) + sum(lengths)
-        return len(example["prompt"]) + max(lengths[c] + lengths[r] for c, r in example["pairs"])
+            return len(group.prompt) + sum(lengths)
+        return len(group.prompt) + max(lengths[c] + lengths[r] for c, r in group.pairs)
 
-    def _filler(self) -> dict:
-        """A padding example: a one-token prompt without images, one-token answers, zero rubric."""
-        o = self.options
+    def _filler(self) -> packing.Group:
+        """A padding example: a one-token prompt without images, one-token answers, zero per-pair fields."""
         prompt = np.array([self.pad_id], np.int32)
-        ex = {"prompt": prompt, "images": None, "positions": self.image_input.positions(prompt, None)}
-        one = np.array([self.pad_id], np.int32)
-        if o.kind == "sft":
-            return {**ex, "answers": [one]}
-        ex.update(answers=[one, one], pairs=[(0, 1)])
-        for name in packing.RUBRIC_KEYS:
-            ex[name] = np.zeros((1, o.max_criteria), np.float32)
-        ex["ref_chosen_logp"] = ex["ref_rejected_logp"] = np.zeros(1, np.float32)
-        return ex
-
-
-def _slots(x: np.ndarray, P: int) -> np.ndarray:
-    """A record's per-pair array [n, …] zero-padded to its P pair slots."""
-    return np.concatenate([x, np.zeros((P - len(x), *x.shape[1:]), x.dtype)]) if len(x) < P else x
+        positions = self.image_input.positions(prompt, None)
+        if self.options.kind == "sft":
+            return packing.Group(prompt, [prompt], (), positions, valid=False)
+        fields = {k: np.zeros((1, *(self.options.max_criteria,) * (k in RUBRIC_KEYS)), np.float32)
+                  for k in self._fields()}
+        return packing.Group(prompt, [prompt, prompt], ((0, 1),), positions, fields, valid=False)
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -516,7 +464,7 @@ def make_dataset(source, options: Options, tokenizer: ChatTokenizer, image_input
 
     The records of global batch s depend on (seed, s) only; process p of n gets its rows
     [p·B/n, (p+1)·B/n). `num_epochs=None` repeats forever (reshuffled each epoch); `seed=None` keeps
-    the source order. `image_input`: the model family's adapter (`image_inputs.for_model`)."""
+    the source order. `image_input`: the model family's adapter (`models.image_inputs.for_model`)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     local_batch = global_batch_size // process_count
@@ -541,35 +489,23 @@ def make_iterator(dataset: grain.MapDataset, *, workers: int = 0, buffer_size: i
     return iter(ds)
 
 
-def agree_shapes(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    """Pads this process's rows to the longest row length (bucket), its trained-token arrays to the widest
-    (the width follows the bucket), and its patch buffers to the largest patch bucket, of any process in
-    this step.
+def agree_shapes(batch: Batch) -> Batch:
+    """Pads this process's batch to the most units, the longest row length (bucket), the widest trained-token
+    arrays (the width follows the bucket) and the largest patch bucket of any process in this step.
 
     Each process packs its rows into the smallest buckets they fit; one compiled program runs over the
     global array, so all processes must use the same shapes. Because a bucket is the smallest that fits
     the longest row, the largest bucket over processes is the one a single process holding the whole
     global batch picks, and padding a row further changes nothing in it: every process count gives the
     same batch. One small all-gather per step (multi-process runs only)."""
-    shape = np.array([batch["input_ids"].shape[1], batch["targets"].shape[1],
-                      batch["patches"].shape[1] if "patches" in batch else 0, len(batch["valid"])], np.int32)
+    sizes = np.array(batch.sizes(), np.int32)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        shape = np.max(multihost_utils.process_allgather(shape), axis=0)
-    batch = packing.pad_rows(batch, int(shape[0]), pad_id, target_len=int(shape[1]))
-    return _add_rows(patches.pad(batch, int(shape[2])), int(shape[3]), pad_id)
+        sizes = np.max(multihost_utils.process_allgather(sizes), axis=0)
+    return batch.pad(*(int(n) for n in sizes))
 
 
-def _add_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
-    """A packed batch grown to `rows` rows by empty ones (all padding, valid 0)."""
-    extra = rows - len(batch["valid"])
-    if not extra:
-        return batch
-    fill = {**packing.pad_values(pad_id), **patches.PAD}
-    return {k: np.concatenate([v, np.full((extra, *v.shape[1:]), fill.get(k, 0), v.dtype)]) for k, v in batch.items()}
-
-
-def to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
-    """This process's rows → global arrays sharded over the batch axes (every process calls this)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+def to_global(batch: Batch, shardings: Batch) -> Batch:
+    """This process's units → global arrays sharded over the batch axes (every process calls this)."""
+    return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, x), shardings, batch)

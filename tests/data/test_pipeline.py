@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rdpo_jax import packing
-from rdpo_jax.data import arrayrecord, image_inputs, images, pipeline, records
+from rdpo_jax import logps, packing
+from rdpo_jax.data import arrayrecord, images, pipeline, records
 from rdpo_jax.data.tokenize import ChatTokenizer
-from rdpo_jax.models import hf
+from rdpo_jax.models import hf, image_inputs
 from tests import tiny
 
 NAME = "siglip_qwen2"
@@ -78,9 +78,9 @@ def test_batch_contents(model_folder, tmp_path):
     ds = _dataset(model_folder, data, require_reference=True)
     element = ds[0]
     batch, stats, index = element["batch"], element["stats"], element["index"]
-    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] in (32, 48)
-    assert batch["pixel_values"].shape == (4, 1, 32, 32, 3) and batch["pixel_values"].dtype == np.float32
-    assert batch["chosen_scores"].shape == (4, 4) and np.all(batch["valid"] == 1)
+    assert batch.input_ids.shape[0] == 4 and batch.input_ids.shape[1] in (32, 48)
+    assert batch.images["pixel_values"].shape == (4, 1, 32, 32, 3) and batch.images["pixel_values"].dtype == np.float32
+    assert batch.chosen_scores.shape == (4, 1, 4) and np.all(batch.valid == 1)
     assert stats["examples"] == 4 and stats["skipped/corrupt"] == 0
     cfg = hf.read_config(model_folder)
     tok = ChatTokenizer(model_folder, image_token_id=cfg.image_token_id)
@@ -88,17 +88,17 @@ def test_batch_contents(model_folder, tmp_path):
     for row, i in enumerate(index):
         record = records.decode(source[int(i)][1], "pairs", "x")
         prompt = tok.prompt(record["messages"], [cfg.image_seq_len])
-        np.testing.assert_array_equal(batch["input_ids"][row, :len(prompt)], prompt)
+        np.testing.assert_array_equal(batch.input_ids[row, :len(prompt)], prompt)
         chosen = tok.answer(record["messages"], record["chosen"])[:8]
-        np.testing.assert_array_equal(batch["targets"][row][batch["target_branch"][row] == 1], chosen)
+        np.testing.assert_array_equal(batch.targets[row][batch.target_branch[row] == 1], chosen)
         expected = images.load_and_preprocess(record["images"][0], images.image_config(model_folder))
-        np.testing.assert_array_equal(batch["pixel_values"][row, 0], expected)
+        np.testing.assert_array_equal(batch.images["pixel_values"][row, 0], expected)
         n = len(record["rubric"]["criteria"])
-        np.testing.assert_allclose(batch["chosen_scores"][row, :n],
+        np.testing.assert_allclose(batch.chosen_scores[row, 0, :n],
                                    records.normalized_scores(record["rubric"], record["chosen_scores"]))
-        assert batch["criterion_mask"][row].sum() == n
-        assert batch["ref_chosen_logp"][row] == record["ref_chosen_logp"]
-        assert np.all(batch["branch_ids"][row, :len(prompt)] == packing.PROMPT)
+        assert batch.criterion_mask[row].sum() == n
+        assert batch.ref_chosen_logp[row] == record["ref_chosen_logp"]
+        assert np.all(batch.branch_ids[row, :len(prompt)] == packing.PROMPT)
 
 
 def _all_indices(ds):
@@ -113,7 +113,7 @@ def test_deterministic_and_reshuffled_per_epoch(model_folder, tmp_path):
     assert order == _all_indices(b)
     assert sorted(order[:12]) == sorted(order[12:]) == list(range(12)) and order[:12] != order[12:]
     assert order != _all_indices(_dataset(model_folder, data, seed=4, epochs=2))
-    np.testing.assert_array_equal(a[1]["batch"]["input_ids"], b[1]["batch"]["input_ids"])
+    np.testing.assert_array_equal(a[1]["batch"].input_ids, b[1]["batch"].input_ids)
 
 
 def test_processes_read_disjoint_records(model_folder, tmp_path):
@@ -144,7 +144,7 @@ def test_a_finite_pass_gives_every_process_the_same_number_of_batches(model_fold
     data = write_pairs(tmp_path, n=10)  # batches of 4 over 2 processes: the third global batch holds 2 records
     parts = [list(_dataset(model_folder, data, batch=4, process=(p, 2))) for p in (0, 1)]
     assert [len(p) for p in parts] == [3, 3]  # else the process with fewer would wait for the other forever
-    assert [e["batch"]["valid"].tolist() for e in parts[1]] == [[1, 1], [1, 1], [0, 0]]
+    assert [e["batch"].valid.tolist() for e in parts[1]] == [[[1], [1]], [[1], [1]], [[0], [0]]]
     assert [e["stats"]["examples"] for e in parts[0]] == [2, 2, 2]
     seen = [int(i) for p in parts for e in p for i in e["index"] if i >= 0]
     assert sorted(seen) == list(range(10))
@@ -192,7 +192,7 @@ def test_bad_records_are_counted_when_skipping(model_folder, tmp_path):
     assert {k.removeprefix("skipped/"): int(v) for k, v in stats.items() if k.startswith("skipped/") and v} == {
         "identical_answers": 1, "bad_image": 1, "prompt_too_long": 1, "scores_mismatch": 1, "schema": 1,
         "corrupt": 1}
-    assert stats["examples"] == 2 and element["batch"]["valid"].sum() == 2
+    assert stats["examples"] == 2 and element["batch"].valid.sum() == 2
     assert sorted(int(i) for i in element["index"] if i >= 0) == [0, 7]
 
 
@@ -208,11 +208,11 @@ def test_bad_record_errors_name_file_index_and_field(model_folder, tmp_path, bad
 
 def test_length_buckets_and_truncation(model_folder, tmp_path):
     data = write_pairs(tmp_path, n=16)
-    lengths = {e["batch"]["input_ids"].shape[1] for e in _dataset(model_folder, data, batch=1, seq_buckets=(35, 48))}
+    lengths = {e["batch"].input_ids.shape[1] for e in _dataset(model_folder, data, batch=1, seq_buckets=(35, 48))}
     assert lengths == {35, 48}  # short batches use the short bucket (rows here need 31…41 tokens)
     e = _dataset(model_folder, data, batch=16, max_answer_len=2)[0]
     assert e["stats"]["truncated_answers"] > 0
-    assert (e["batch"]["target_branch"] == 1).sum(1).max() == 2
+    assert (e["batch"].target_branch == 1).sum(1).max() == 2
 
 
 def test_sft_and_concat_layouts(model_folder, tmp_path):
@@ -221,11 +221,11 @@ def test_sft_and_concat_layouts(model_folder, tmp_path):
                 "text": _text(rng, 3)}]}], answer=_text(rng, 4 + i)) for i in range(5)]
     arrayrecord.write(str(tmp_path), "sft", "sft", sft)
     e = _dataset(model_folder, str(tmp_path / "sft"), kind="sft", batch=4)[1]  # the last, padded batch
-    assert e["batch"]["valid"].tolist() == [1, 0, 0, 0] and e["stats"]["examples"] == 1
-    assert "chosen_scores" not in e["batch"]
+    assert e["batch"].valid.tolist() == [[1], [0], [0], [0]] and e["stats"]["examples"] == 1
+    assert e["batch"].chosen_scores is None
     data = write_pairs(tmp_path, n=4)
     c = _dataset(model_folder, data, pair_layout="concat", batch=4)[0]["batch"]
-    assert c["input_ids"].shape[0] == 8 and c["valid"].shape == (4,)
+    assert c.input_ids.shape[0] == 8 and c.valid.shape == (4, 1)
 
 
 def test_tfds_builder_to_data_source_to_pipeline(model_folder, tmp_path):
@@ -263,10 +263,10 @@ def test_batches_feed_the_dpo_step_as_global_arrays(model_folder, tmp_path):
     data = write_pairs(tmp_path, n=8)
     element = _dataset(model_folder, data, batch=8, require_reference=True)[0]
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    shardings = train_step.batch_shardings(element["batch"], mesh)
+    shardings = element["batch"].shardings(mesh)
     batch = pipeline.to_global(element["batch"], shardings)
-    assert batch["input_ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
-    assert batch["pixel_values"].addressable_shards[0].data.shape[0] == 1
+    assert batch.input_ids.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    assert batch.images["pixel_values"].addressable_shards[0].data.shape[0] == 1
     model, _ = hf.load_hf(model_folder, mesh=mesh)
     optimizer = optax.sgd(0.0)
     graphdef, state = train_step.init_state(model, optimizer)
@@ -289,7 +289,7 @@ def test_sampled_token_ids_are_trained_as_they_are(model_folder, tmp_path):
     element = _dataset(model_folder, str(tmp_path / "pairs"), batch=2, seed=None)[0]
     batch = element["batch"]
     rows = {int(i): r for r, i in enumerate(element["index"])}
-    trained = lambda row, branch: batch["targets"][row][batch["target_branch"][row] == branch].tolist()  # noqa
+    trained = lambda row, branch: batch.targets[row][batch.target_branch[row] == branch].tolist()  # noqa
     assert trained(rows[0], 1) == sampled[0] and trained(rows[0], 2) == sampled[1]
     assert trained(rows[1], 1) == tok.answer(other["messages"], other["chosen"])[:8]
 
@@ -309,10 +309,10 @@ def test_llava_records_with_different_image_counts(model_folder, tmp_path):
     element = _dataset(model_folder, str(tmp_path / "pairs"), seed=None, max_images=2, seq_buckets=(64,),
                        on_bad_record="skip")[0]
     batch = element["batch"]
-    assert batch["pixel_values"].shape == (4, 2, 32, 32, 3) and batch["num_images"].tolist() == [0, 1, 2, 0]
-    counts = (batch["input_ids"] == cfg.image_token_id).sum(1)
+    assert batch.images["pixel_values"].shape == (4, 2, 32, 32, 3) and batch.images["num_images"].tolist() == [0, 1, 2, 0]
+    counts = (batch.input_ids == cfg.image_token_id).sum(1)
     assert counts.tolist() == [0, cfg.image_seq_len, 2 * cfg.image_seq_len, 0]
-    assert element["stats"]["skipped/image_count"] == 1 and batch["valid"].tolist() == [1, 1, 1, 0]
+    assert element["stats"]["skipped/image_count"] == 1 and batch.valid.tolist() == [[1], [1], [1], [0]]
 
 
 @pytest.mark.parametrize("layout", packing.LAYOUTS)
@@ -335,9 +335,9 @@ def test_qwen_batches_equal_transformers_forwards(qwen_smoke_dir, layout):
                                     global_batch_size=8, seed=None, num_epochs=1, process_index=0,
                                     process_count=1)[0]
     batch = element["batch"]
-    assert batch["positions"].shape == (batch["input_ids"].shape[0], 3, batch["input_ids"].shape[1])
+    assert batch.positions.shape == (batch.input_ids.shape[0], 3, batch.input_ids.shape[1])
     model, _ = hf.load_hf(folder)
-    ours = nnx.jit(lambda m, b: packing.pair_logps(m, b, layout=layout))(model, jax.tree.map(np.asarray, batch))
+    ours = nnx.jit(lambda m, b: logps.pair_logps(m, b, layout=layout))(model, batch)
     theirs = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager")
     source = arrayrecord.Source(f"{qwen_smoke_dir}/pairs")
     counts = set()
@@ -355,8 +355,8 @@ def test_qwen_batches_equal_transformers_forwards(qwen_smoke_dir, layout):
                           image_grid_thw=torch.tensor(prepared["grids"]))
             with torch.no_grad():
                 logits = theirs(input_ids=ids, mm_token_type_ids=(ids == cfg.image_token_id).long(), **kw).logits[0]
-            logps = torch.log_softmax(logits.double(), -1)[len(prompt) - 1:-1].gather(1, torch.tensor(answer)[:, None])
-            assert float(ours[f"{key}_logp"][row]) == pytest.approx(float(logps.sum()), abs=2e-4), (row, key)
+            theirs_logps = torch.log_softmax(logits.double(), -1)[len(prompt) - 1:-1].gather(1, torch.tensor(answer)[:, None])
+            assert float(ours[f"{key}_logp"][row]) == pytest.approx(float(theirs_logps.sum()), abs=2e-4), (row, key)
     assert counts == {0, 1, 2}
 
 
@@ -412,30 +412,31 @@ def test_groups_train_as_their_pairs_in_every_layout(model_folder, tmp_path, lay
     grouped = _dataset(model_folder, groups, batch=6, seed=None, **opts)[0]
     single = _dataset(model_folder, pairs, batch=n, seed=None, **opts)[0]
     g, s = grouped["batch"], single["batch"]
-    assert g["valid"].shape == (6, 3) and g["chosen_scores"].shape == (6, 3, 4) and g["valid"].sum() == n
+    assert g.valid.shape == (6, 3) and g.chosen_scores.shape == (6, 3, 4) and g.valid.sum() == n
     rows = {"shared_prefix": 18, "concat": 36, "multi_answer": 6}[layout]
-    assert g["input_ids"].shape[0] == rows and g["pixel_values"].shape[0] == 6
+    assert g.input_ids.shape[0] == rows and g.images["pixel_values"].shape[0] == 6
     assert grouped["stats"]["truncated_answers"] == single["stats"]["truncated_answers"] == 0
-    slot = g["valid"].reshape(-1) > 0
+    slot = g.valid.reshape(-1) > 0
     for key in ("chosen_scores", "criterion_weights", "ref_chosen_logp", "ref_rejected_logp"):
-        np.testing.assert_array_equal(g[key].reshape(18, -1)[slot].squeeze(), s[key], err_msg=key)
+        np.testing.assert_array_equal(getattr(g, key).reshape(18, -1)[slot].squeeze(), getattr(s, key).squeeze(1),
+                                      err_msg=key)
 
     model, _ = hf.load_hf(model_folder)
     graphdef, params = nnx.split(model)
     loss_fn = train_step.dpo_loss(graphdef, loss_type="rubric", beta=0.5, gamma=0.1, sft_weight=0.1,
                                   pair_layout=layout, reference="precomputed")
-    logps = jax.jit(lambda p, b: packing.pair_logps(nnx.merge(graphdef, p), b, layout=layout))
+    pair_logps = jax.jit(lambda p, b: logps.pair_logps(nnx.merge(graphdef, p), b, layout=layout))
     grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, {}, None, b), has_aux=True))
-    for key, value in logps(params, s).items():
-        np.testing.assert_allclose(np.asarray(logps(params, g)[key])[slot], value, atol=1e-5, rtol=0, err_msg=key)
+    for key, value in pair_logps(params, s).items():
+        np.testing.assert_allclose(np.asarray(pair_logps(params, g)[key])[slot], value, atol=1e-5, rtol=0, err_msg=key)
     (g_grad, (g_count, _)), (s_grad, (s_count, _)) = grad(params, g), grad(params, s)
     assert float(g_count) == float(s_count) == n
 
     assert _rel(g_grad, s_grad) < 1e-5
     if layout != "shared_prefix":  # accumulation reads the layouts alike (rows per record from the shapes)
         return
-    halves = train_step.split_micro(g, 2)
-    assert halves["input_ids"].shape[:2] == (2, rows // 2) and halves["valid"].shape == (2, 3, 3)
+    halves = g.split_micro(2)
+    assert halves.input_ids.shape[:2] == (2, rows // 2) and halves.valid.shape == (2, 3, 3)
     summed = jax.tree.map(jnp.add, *(grad(params, jax.tree.map(lambda x, i=i: x[i], halves))[0] for i in (0, 1)))
     assert _rel(summed, g_grad) < 1e-5
 
@@ -448,8 +449,8 @@ def test_groups_over_processes_and_their_limits(model_folder, tmp_path):
     one = _dataset(model_folder, groups, batch=4, **opts)[1]
     two = [_dataset(model_folder, groups, batch=4, process=(p, 2), **opts)[1] for p in (0, 1)]
     np.testing.assert_array_equal(np.concatenate([t["index"] for t in two]), one["index"])
-    for key, value in one["batch"].items():
-        np.testing.assert_array_equal(np.concatenate([t["batch"][key] for t in two]), value, err_msg=key)
+    for key, value in one["batch"].arrays().items():
+        np.testing.assert_array_equal(np.concatenate([getattr(t["batch"], key) for t in two]), value, err_msg=key)
 
     small = dict(opts, max_pairs_per_group=2, epochs=1, seed=None)
     skipped = list(_dataset(model_folder, groups, batch=4, on_bad_record="skip", **small))
@@ -478,25 +479,27 @@ def test_groups_sharing_rows_train_as_their_pairs(model_folder, tmp_path):
     alone = _dataset(model_folder, groups, batch=6, seed=None, seq_buckets=(64, 128), **opts)[0]
     packed = _dataset(model_folder, groups, batch=6, seed=None, seq_buckets=(64, 128), groups_per_row=3, **opts)[0]
     p, index = packed["batch"], packed["index"]
-    assert p["input_ids"].shape == (2, 128) and index.shape == (2, 3) and sorted(index.ravel()) == list(range(6))
-    assert p["valid"].shape == (2, 9) and p["valid"].sum() == n and p["pixel_values"].shape[:2] == (2, 3)
-    np.testing.assert_array_equal(p["num_images"], [3, 3])
+    assert p.input_ids.shape == (2, 128) and index.shape == (2, 3) and sorted(index.ravel()) == list(range(6))
+    assert p.valid.shape == (2, 9) and p.valid.sum() == n and p.images["pixel_values"].shape[:2] == (2, 3)
+    np.testing.assert_array_equal(p.images["num_images"], [3, 3])
     assert packed["stats"]["truncated_answers"] == 0 and int(packed["stats"]["examples"]) == n
     # 243 tokens in 2 × 128 instead of 6 × 64
-    share = lambda b: 1 - (b["branch_ids"] >= 0).sum() / b["branch_ids"].size  # noqa: E731
+    share = lambda b: 1 - (b.branch_ids >= 0).sum() / b.branch_ids.size  # noqa: E731
     assert share(p) < share(alone["batch"]) - 0.2, (share(p), share(alone["batch"]))
     # the pair slots in source order: record index[r, s]'s pairs at slots [3s, 3s + its pairs)
     order = sorted((int(i), r, 3 * s + j) for (r, s), i in np.ndenumerate(index)
                    for j in range(len(group_record(int(i))["pairs"])))
     where = np.array([r * 9 + slot for _, r, slot in order])
     for key in ("chosen_scores", "ref_chosen_logp", "ref_rejected_logp"):
-        np.testing.assert_array_equal(p[key].reshape(18, -1)[where].squeeze(), single[key], err_msg=key)
+        np.testing.assert_array_equal(getattr(p, key).reshape(18, -1)[where].squeeze(), getattr(single, key).squeeze(1),
+                                      err_msg=key)
 
     model, _ = hf.load_hf(model_folder)
     graphdef, params = nnx.split(model)
-    logps = {layout: jax.jit(lambda q, b, layout=layout: packing.pair_logps(nnx.merge(graphdef, q), b, layout=layout))
-             for layout in ("multi_answer", "shared_prefix")}
-    got, want = logps["multi_answer"](params, p), logps["shared_prefix"](params, single)
+    pair_logps = {layout: jax.jit(lambda q, b, layout=layout: logps.pair_logps(nnx.merge(graphdef, q), b,
+                                                                               layout=layout))
+                  for layout in ("multi_answer", "shared_prefix")}
+    got, want = pair_logps["multi_answer"](params, p), pair_logps["shared_prefix"](params, single)
     for key, value in want.items():
         np.testing.assert_allclose(np.asarray(got[key])[where], value, atol=1e-5, rtol=0, err_msg=key)
     loss_fn = {layout: train_step.dpo_loss(graphdef, loss_type="sigmoid", beta=0.5, pair_layout=layout,
@@ -505,20 +508,20 @@ def test_groups_sharing_rows_train_as_their_pairs(model_folder, tmp_path):
 
     g_grad, s_grad = grad["multi_answer"](params, p)[0], grad["shared_prefix"](params, single)[0]
     assert _rel(g_grad, s_grad) < 1e-5
-    halves = train_step.split_micro(p, 2)
-    assert halves["input_ids"].shape == (2, 1, 128) and halves["pixel_values"].shape[:3] == (2, 1, 3)
+    halves = p.split_micro(2)
+    assert halves.input_ids.shape == (2, 1, 128) and halves.images["pixel_values"].shape[:3] == (2, 1, 3)
     summed = jax.tree.map(jnp.add, *(grad["multi_answer"](params, jax.tree.map(lambda x, i=i: x[i], halves))[0]
                                      for i in (0, 1)))
     assert _rel(summed, g_grad) < 1e-5
 
     # records of 31 … 47 tokens (243 in all) do not fit 2 rows of 100: 4 of them (not 6, one record each)
     tight = _dataset(model_folder, groups, batch=6, seed=None, seq_buckets=(100,), groups_per_row=3, **opts)[0]
-    assert tight["batch"]["input_ids"].shape == (4, 100) and tight["batch"]["valid"].sum() == n
+    assert tight["batch"].input_ids.shape == (4, 100) and tight["batch"].valid.sum() == n
     assert sorted(i for i in tight["index"].ravel() if i >= 0) == list(range(6))
     # processes with different row counts agree on the larger (empty rows, valid 0)
-    grown = pipeline._add_rows(p, 4, pad_id=0)
-    assert grown["input_ids"].shape == (4, 128) and grown["valid"][2:].sum() == 0
-    assert (grown["branch_ids"][2:] == -1).all() and (grown["num_images"][2:] == 0).all()
+    grown = p.pad(4, *p.sizes()[1:])
+    assert grown.input_ids.shape == (4, 128) and grown.valid[2:].sum() == 0
+    assert (grown.branch_ids[2:] == -1).all() and (grown.images["num_images"][2:] == 0).all()
     with pytest.raises(ValueError, match="groups_per_row 2: rows pack several records only in SFT and in DPO's"):
         pipeline.Options(kind="pairs", seq_buckets=(64,), max_answer_len=8, groups_per_row=2)
 
@@ -539,17 +542,18 @@ def test_sft_examples_sharing_rows_train_as_alone(model_folder, tmp_path):
     alone = _dataset(model_folder, str(tmp_path / "sft"), **opts)[0]
     packed = _dataset(model_folder, str(tmp_path / "sft"), groups_per_row=3, **opts)[0]
     a, p = alone["batch"], packed["batch"]
-    assert p["input_ids"].shape == (2, 96) and packed["index"].shape == (2, 3) and p["valid"].tolist() == [1, 1]
-    assert int(packed["stats"]["examples"]) == 6 and p["num_images"].tolist() == [3, 3]
-    assert (p["branch_ids"] >= 0).sum() == (a["branch_ids"] >= 0).sum()  # the same tokens, in 2 rows, not 6
+    assert p.input_ids.shape == (2, 96) and packed["index"].shape == (2, 3) and p.valid.tolist() == [[1], [1]]
+    assert int(packed["stats"]["examples"]) == 6 and p.images["num_images"].tolist() == [3, 3]
+    assert (p.branch_ids >= 0).sum() == (a.branch_ids >= 0).sum()  # the same tokens, in 2 rows, not 6
 
     model, _ = hf.load_hf(model_folder)
     graphdef, params = nnx.split(model)
-    logps = jax.jit(lambda q, b: packing.token_logps(nnx.merge(graphdef, q), b))
+    token_logps = jax.jit(lambda q, b: logps.token_logps(nnx.merge(graphdef, q), b))
 
     def per_example(b, index):  # {source index: its answer's summed log-likelihood}
-        lp, seg = np.asarray(logps(params, b)), b.get("segment_ids", np.zeros_like(b["input_ids"]))
-        return {int(i): lp[r][(b["target_branch"][r] > 0) & (seg[r][b["target_index"][r]] == s)].sum()
+        lp = np.asarray(token_logps(params, b))
+        seg = np.zeros_like(b.input_ids) if b.segment_ids is None else b.segment_ids
+        return {int(i): lp[r][(b.target_branch[r] > 0) & (seg[r][b.target_index[r]] == s)].sum()
                 for (r, s), i in np.ndenumerate(index) if i >= 0}
 
     want, got = per_example(a, alone["index"][:, None]), per_example(p, packed["index"])

@@ -46,8 +46,9 @@ def test_answer_ends_with_end_of_turn_and_is_the_only_trained_part(folder):
     words = ["yes", "there", "is", "a", "red", "circle"]
     assert answer == [tiny.WORDS.index(w) + len(tiny.SPECIAL) for w in words] + [2]  # <|im_end|> = 2
     prompt = tok.prompt(MESSAGES, [16])
-    batch, _ = packing.pack_sft([(prompt, answer)], seq_len=len(prompt) + 10, max_answer_len=10)
-    trained = batch["targets"][0][batch["target_branch"][0] > 0]
+    batch, _ = packing.pack([packing.Group(prompt, [answer], ())], layout="sft", seq_len=len(prompt) + 10,
+                            max_answer_len=10)
+    trained = batch.targets[0][batch.target_branch[0] > 0]
     np.testing.assert_array_equal(trained, answer)  # the loss sees the answer and its end of turn, nothing else
     # the prompt + answer ids are what the chat template renders for the whole conversation
     full = tok.tokenizer.apply_chat_template(MESSAGES + [{"role": "assistant", "content": " ".join(words)}],

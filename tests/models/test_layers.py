@@ -79,7 +79,7 @@ def test_causal_attention_by_query_blocks_equals_one_dense_product(monkeypatch):
     on every token row."""
     import jax
 
-    from rdpo_jax import packing
+    from rdpo_jax import logps
 
     length = 29
     branches = np.full((3, length), -1)
@@ -87,7 +87,7 @@ def test_causal_attention_by_query_blocks_equals_one_dense_product(monkeypatch):
     branches[1, :] = np.repeat([0, 1], -(-length // 2))[:length]
     branches[2, :5] = 0
     branches = jnp.asarray(branches)
-    mask = packing.attention_mask(branches) & jnp.tril(jnp.ones((length, length), bool))
+    mask = logps.attention_mask(branches) & jnp.tril(jnp.ones((length, length), bool))
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((3, length, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((3, length, 2, 8)), jnp.float32) for _ in range(2))
@@ -114,10 +114,10 @@ def test_fused_attention_call_equals_the_xla_path_on_branch_masks():
     rows that attend (padding rows differ by design: they see themselves)."""
     import jax
 
-    from rdpo_jax import packing
+    from rdpo_jax import logps
 
     branches = jnp.array([[0, 0, 0, 1, 1, 2, 2, 2, -1, -1], [0, 0, 1, 2, 2, 3, 3, 3, 3, -1]])
-    mask = packing.attention_mask(branches)
+    mask = logps.attention_mask(branches)
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.standard_normal((2, 10, 6, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((2, 10, 3, 8)), jnp.float32) for _ in range(2))

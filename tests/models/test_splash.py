@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdpo_jax import packing, sharding
+from rdpo_jax import logps, sharding
 from rdpo_jax.models import layers
 
 # Two packed rows of 150 tokens (not a multiple of the kernel's 128-token blocks): a shared-prefix pair
@@ -22,7 +22,7 @@ def _inputs(heads, kv_heads, seed=0):
     q = jnp.asarray(rng.standard_normal((2, 150, heads, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((2, 150, kv_heads, 16)), jnp.float32) for _ in range(2))
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * (BRANCHES >= 0)[..., None, None]
-    mask = packing.attention_mask(jnp.asarray(BRANCHES), jnp.asarray(SEGMENTS))
+    mask = logps.attention_mask(jnp.asarray(BRANCHES), jnp.asarray(SEGMENTS))
     return q, k, v, w, mask
 
 

@@ -13,7 +13,7 @@ import pytest
 import transformers
 from flax import nnx
 
-from rdpo_jax import packing
+from rdpo_jax import logps, packing
 from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, safetensors_io
@@ -54,8 +54,8 @@ def test_shared_prefix_row_equals_two_transformers_forwards(tiny_qwen):
     batch = tq.inputs([([3, (1, 6, 10), 2, (1, 4, 4), 4], "right")], length=40)
     prompt = batch["input_ids"][0, :batch["attention_mask"][0].sum()].tolist()
     chosen, rejected = rng.integers(0, tq.IMAGE, 7).tolist(), rng.integers(0, tq.IMAGE, 5).tolist()
-    row, _ = packing.pack_pairs([packing.Pair(prompt, chosen, rejected)], layout="shared_prefix", seq_len=64,
-                                max_answer_len=8)
+    row, _ = packing.pack([packing.Group(prompt, [chosen, rejected])], layout="shared_prefix", seq_len=64,
+                          max_answer_len=8)
     P = len(prompt)
     types = (np.asarray(prompt) == tq.IMAGE).astype(np.int32)
     prompt_pos, _ = qwen_positions.rope_index(types, batch["grids"][0], merge_size=tq.MERGE)
@@ -65,8 +65,8 @@ def test_shared_prefix_row_equals_two_transformers_forwards(tiny_qwen):
     positions[0, :, P:P + 7] = start + np.arange(7)
     positions[0, :, P + 7:P + 12] = start + np.arange(5)
     images, _ = tq.ours(batch, cfg.vision)
-    mask = packing.attention_mask(jnp.asarray(row["branch_ids"]))
-    logits = np.asarray(model(jnp.asarray(row["input_ids"]), images, mask, jnp.asarray(positions)))[0]
+    mask = logps.attention_mask(jnp.asarray(row.branch_ids))
+    logits = np.asarray(model(jnp.asarray(row.input_ids), images, mask, jnp.asarray(positions)))[0]
     for answer, offset in ((chosen, P), (rejected, P + 7)):
         separate = tq.inputs([([3, (1, 6, 10), 2, (1, 4, 4), 4], "right")], length=P + len(answer))
         separate["input_ids"][0, P:] = answer
