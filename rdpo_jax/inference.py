@@ -16,9 +16,10 @@ from typing import Any
 import jax
 
 from rdpo_jax import checkpoint, sampling, sharding
-from rdpo_jax.data import image_inputs, images
+from rdpo_jax.data import images
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import config as config_lib
+from rdpo_jax.models import image_inputs
 
 DEFAULT_MESH = "fsdp=-1"
 MAX_PROMPT_IMAGES = 16  # images one prompt may hold

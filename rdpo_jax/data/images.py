@@ -1,4 +1,5 @@
-"""Image decoding and preprocessing equal to Hugging Face's SigLIP / CLIP image processors (PIL path).
+"""Images on the host: decoding, the budget errors and helpers every family's image adapter shares
+(`load_all`, `merge`), and preprocessing equal to Hugging Face's SigLIP / CLIP image processors (PIL path):
 
 decode (EXIF orientation applied) → RGB (transparency composited on white) → resize (exact size, or
 shortest edge keeping the aspect ratio) → center crop → rescale → normalize → float32[H, W, 3] (NHWC).
@@ -12,6 +13,7 @@ import dataclasses
 import io
 import json
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -176,3 +178,13 @@ def rescale_and_normalize(x: np.ndarray, cfg) -> np.ndarray:
 
 def load_and_preprocess(data: bytes, cfg: ImageConfig) -> np.ndarray:
     return preprocess(decode_image(data), cfg)
+
+
+def merge(prepared: Sequence[dict | None]) -> dict | None:
+    """The images of several records' `prepare` outputs as one row's, in order (None if none has any):
+    arrays concatenated, per-image lists joined."""
+    present = [p for p in prepared if p is not None]
+    if not present:
+        return None
+    return {k: np.concatenate([p[k] for p in present]) if isinstance(v, np.ndarray) else [x for p in present for x in p[k]]
+            for k, v in present[0].items()}

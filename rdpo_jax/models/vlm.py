@@ -140,7 +140,7 @@ class Family:
       UnsupportedConfigError naming the field for what it does not implement).
     model: the `VisionLanguageModel` subclass, built as `model(config, run, rngs=…)`.
     image_input: `(config, processor dict | None, where, *, max_images, max_pixels, patch_buckets)` -> the
-      host-side image adapter (`data/image_inputs.py` lists its protocol); `processor` None: the
+      host-side image adapter (`models/image_inputs.py` lists its protocol); `processor` None: the
       architecture's image shapes.
     hf_read: (pattern, replacement) regexes from every on-disk layout's tensor names to ours, in order,
       each applied at most once; hf_write: (our prefix, the Hub's prefix) for what we write (`models/hf.py`).

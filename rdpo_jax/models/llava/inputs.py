@@ -1,7 +1,7 @@
 """LLaVA's images in a batch: every image resized/cropped to one size (`data/images.py`, the SigLIP / CLIP
 processors), `tokens_per_image` placeholders each. A batch holds `pixel_values` float32[B, N, H, W, 3] with
 N = `max_images` (a row with fewer images is filled with blank ones, encoded and never spliced) and
-`num_images` int32[B]. The adapter protocol is `data/image_inputs.py`'s."""
+`num_images` int32[B]. The adapter protocol is `models/image_inputs.py`'s."""
 
 from __future__ import annotations
 

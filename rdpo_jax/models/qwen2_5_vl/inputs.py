@@ -2,7 +2,7 @@
 h·w/m² placeholders for a (1, h, w) patch grid. A batch holds one patch buffer per row (`data/patches.py`),
 the row's images one after another; N is the smallest of `patch_buckets` that holds the batch's fullest
 row, so a handful of programs serve every mix of image sizes. The prompt's positions are 3D (M-RoPE,
-`positions.rope_index`). The adapter protocol is `data/image_inputs.py`'s."""
+`positions.rope_index`). The adapter protocol is `models/image_inputs.py`'s."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""How a model family's images become batch arrays (host side, numpy; picklable for Grain workers).
+"""Which image adapter a model takes: how a model family's images become batch arrays (host side, numpy;
+picklable for Grain workers).
 
 Each family's folder has its adapter (`models/llava/inputs.py`: one fixed size per image;
 `models/qwen2_5_vl/inputs.py`: any size, in patch buffers), which provides:
@@ -12,14 +13,13 @@ Each family's folder has its adapter (`models/llava/inputs.py`: one fixed size p
                           model's `images_of` reads
 
 Rows may hold different numbers of images (0, 1, 2, … up to `max_images`); `None` is a row without images
-(text-only records and the pipeline's padding rows); `merge` joins several records' for a row they share.
+(text-only records and the pipeline's padding rows); `data.images.merge` joins several records' for a row
+they share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import numpy as np
 
 from rdpo_jax.data import images
 from rdpo_jax.models import families
@@ -42,13 +42,3 @@ def from_config(config, model_config):
     d = config.data
     return for_model(model_config, config.model.path, max_images=d.max_images, max_pixels=d.max_pixels,
                      patch_buckets=tuple(d.patch_buckets))
-
-
-def merge(prepared: Sequence[dict | None]) -> dict | None:
-    """The images of several records' `prepare` outputs as one row's, in order (None if none has any):
-    arrays concatenated, per-image lists joined."""
-    present = [p for p in prepared if p is not None]
-    if not present:
-        return None
-    return {k: np.concatenate([p[k] for p in present]) if isinstance(v, np.ndarray) else [x for p in present for x in p[k]]
-            for k, v in present[0].items()}

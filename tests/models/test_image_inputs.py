@@ -9,11 +9,11 @@ import transformers
 from PIL import Image
 
 from data_prep import smoke
-from rdpo_jax.data import image_inputs, images, patches
+from rdpo_jax.data import images, patches
+from rdpo_jax.data.tokenize import ChatTokenizer
+from rdpo_jax.models import hf, image_inputs
 from rdpo_jax.models.qwen2_5_vl import images as qwen_images
 from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
-from rdpo_jax.data.tokenize import ChatTokenizer
-from rdpo_jax.models import hf
 
 
 def _png(h, w, seed=0):
@@ -85,12 +85,12 @@ def test_qwen_patch_buffers_buckets_and_budgets(qwen):
     with pytest.raises(images.ImageBudgetError, match="4 images, more than data.max_images=3"):
         adapter.prepare([_png(8, 8)] * 4)
     # records sharing a row: their images one after another, as one record holding them all
-    merged = image_inputs.merge([small, None, large])
+    merged = images.merge([small, None, large])
     assert merged["grids"] == small["grids"] + large["grids"] and merged["tokens"] == small["tokens"] + large["tokens"]
     together = adapter.collate([merged])[0]
     np.testing.assert_array_equal(together["patch_image"][0, :260], [0] * 16 + [1] * 144 + [2] * 100)
     np.testing.assert_array_equal(together["patches"][0, 16:260], large["patches"])
-    assert image_inputs.merge([None, None]) is None
+    assert images.merge([None, None]) is None
     # a pixel budget: a 48×48 image shrinks to at most 16·16 pixels (smart_resize), as the processor's
     budget = image_inputs.for_model(qwen[1], qwen[0], max_images=1, max_pixels=16 * 16, patch_buckets=(64,))
     assert budget.prepare([_png(48, 48)])["grids"] == [(1, 4, 4)]
