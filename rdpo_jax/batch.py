@@ -14,7 +14,12 @@ its rows are adjacent, so a unit never straddles devices. Axes:
 
 Per-pair fields are [U, P, …] in every layout; pair slot p of unit u is pair u·P + p of the flat [U·P]
 arrays `logps.pair_logps` returns. `images` holds the family adapter's arrays (`models/<family>/inputs.py`:
-what the model's `images_of` reads), each [U, …]; patch buffers (`data/patches.py`) pad their patch axis.
+what the model's `images_of` reads), each [U, …]; patch buffers (below) pad their patch axis.
+
+Patch buffers are how the any-resolution families (Qwen2.5-VL and those built on its pipeline) carry a
+unit's images: its patches one after another in a buffer of a bucketed length N, with per-patch metadata
+(`patch_image`: the image within the unit, −1 = padding; `patch_row`, `patch_col`: the patch's place in
+its image's grid).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from rdpo_jax import sharding
-from rdpo_jax.data import patches
 
 PAD_ID = "pad_id"  # a field padded with the batch's pad token id
+PATCH_KEYS = ("patches", "patch_image", "patch_row", "patch_col")  # float32[U, N, C·T·P·P], then int32[U, N] each
+PATCH_PAD = {"patch_image": -1}  # what a padding patch holds besides zeros
+DEFAULT_PATCH_BUCKETS = (256, 1024, 4096, 16384)
 
 
 def _field(*axes, pad: Any = 0, dtype=np.int32, optional: bool = False):
@@ -91,7 +98,7 @@ class Batch:
         return self.replace(
             **{f.name: grow(x, _shape(x, f.metadata["axes"], self.valid.shape[0], *sizes), self._fill(f))
                for f in FIELDS if (x := getattr(self, f.name)) is not None},
-            images={k: grow(x, _image_shape(k, x, self.valid.shape[0], *sizes), patches.PAD.get(k, 0))
+            images={k: grow(x, _image_shape(k, x, self.valid.shape[0], *sizes), PATCH_PAD.get(k, 0))
                     for k, x in self.images.items()})
 
     def _fill(self, f: dataclasses.Field):
@@ -145,7 +152,7 @@ def _shape(x, axes: tuple, units: int, new_units: int, seq_len: int, target_len:
 def _image_shape(key: str, x, units: int, new_units: int, _, __, num_patches: int) -> tuple[int, ...]:
     """An image array's shape: [U, …], a patch buffer's [U, N, …] with N = `num_patches` (0: as it is)."""
     shape = [new_units, *x.shape[1:]]
-    if key in patches.KEYS and num_patches:
+    if key in PATCH_KEYS and num_patches:
         shape[1] = num_patches
     return tuple(shape)
 
@@ -154,3 +161,17 @@ def blank(name: str, shape: tuple[int, ...], pad_id: int = 0) -> np.ndarray:
     """A field's array of `shape` holding its pad value (what packing fills in)."""
     f = next(f for f in FIELDS if f.name == name)
     return np.full(shape, pad_id if f.metadata["pad"] == PAD_ID else f.metadata["pad"], f.metadata["dtype"])
+
+
+def pad_patches(images: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """A batch's patch buffers padded at the end to `length` patches (padding: image −1)."""
+    if "patches" not in images or images["patches"].shape[1] == length:
+        return images
+    extra = length - images["patches"].shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad patch buffers of {images['patches'].shape[1]} to {length}")
+    out = dict(images)
+    out["patches"] = np.pad(images["patches"], ((0, 0), (0, extra), (0, 0)))
+    for key in PATCH_KEYS[1:]:
+        out[key] = np.pad(images[key], ((0, 0), (0, extra)), constant_values=PATCH_PAD.get(key, 0))
+    return out

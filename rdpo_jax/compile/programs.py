@@ -25,8 +25,8 @@ import numpy as np
 from flax import nnx
 
 from rdpo_jax import config_checks, inference, logps, sampling, sharding, train, train_step
-from rdpo_jax.batch import Batch
-from rdpo_jax.data import patches, pipeline
+from rdpo_jax.batch import Batch, pad_patches
+from rdpo_jax.data import pipeline
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import families, image_inputs
 
@@ -165,7 +165,7 @@ def _sample_program(config, model_config, vision, mesh, prompts: int, n: int) ->
     T = max(64, (d.seq_buckets[-1] - d.max_answer_len) // 64 * 64)
     arrays, _ = vision.collate([None] * rows, slots=d.max_images)
     if "patches" in arrays:
-        arrays = patches.pad(arrays, max(d.patch_buckets))
+        arrays = pad_patches(arrays, max(d.patch_buckets))
     if vision.mrope:
         arrays["positions"] = np.zeros((rows, 3, T), np.int32)
     shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))

@@ -30,7 +30,7 @@ def for_model(model_config, folder: str | None, *, max_images: int, max_pixels: 
     """The adapter of a model (its architecture config) whose image processor config is in `folder` (read
     only if `max_images` > 0; `folder` None: the architecture's image shapes, all an ahead-of-time compile
     needs). `max_pixels` overrides the folder's pixel budget per image (any-resolution families);
-    `patch_buckets`: the patch buffer lengths (`data/patches.py`'s default if None)."""
+    `patch_buckets`: the patch buffer lengths (`batch.DEFAULT_PATCH_BUCKETS` if None)."""
     processor, where = images.processor_dict(folder) if max_images and folder is not None else (None, "")
     return families.of(model_config).image_input(model_config, processor, where, max_images=max_images,
                                                  max_pixels=max_pixels, patch_buckets=patch_buckets)

@@ -9,7 +9,8 @@ import transformers
 from PIL import Image
 
 from data_prep import smoke
-from rdpo_jax.data import images, patches
+from rdpo_jax import batch
+from rdpo_jax.data import images
 from rdpo_jax.data.tokenize import ChatTokenizer
 from rdpo_jax.models import hf, image_inputs
 from rdpo_jax.models.qwen2_5_vl import images as qwen_images
@@ -78,7 +79,7 @@ def test_qwen_patch_buffers_buckets_and_budgets(qwen):
     np.testing.assert_array_equal(arrays["patch_image"][1, :244], [0] * 144 + [1] * 100)
     meta = qwen_images.patch_metadata(large["grids"], 2, 288)
     np.testing.assert_array_equal(arrays["patch_row"][1], meta["row"])
-    padded = patches.pad(arrays, 320)
+    padded = batch.pad_patches(arrays, 320)
     assert padded["patches"].shape[1] == 320 and (padded["patch_image"][:, 288:] == -1).all()
     with pytest.raises(images.ImageBudgetError, match="432 patches .* exceed the largest patch bucket, 288"):
         adapter.prepare([_png(48, 48)] * 3)

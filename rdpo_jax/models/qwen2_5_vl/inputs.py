@@ -1,5 +1,5 @@
 """Qwen2.5-VL's images in a batch: any size, resized within the pixel budget (`images.smart_resize`),
-h·w/m² placeholders for a (1, h, w) patch grid. A batch holds one patch buffer per row (`data/patches.py`),
+h·w/m² placeholders for a (1, h, w) patch grid. A batch holds one patch buffer per row (`rdpo_jax/batch.py`),
 the row's images one after another; N is the smallest of `patch_buckets` that holds the batch's fullest
 row, so a handful of programs serve every mix of image sizes. The prompt's positions are 3D (M-RoPE,
 `positions.rope_index`). The adapter protocol is `models/image_inputs.py`'s."""
@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rdpo_jax.data import images, patches
+from rdpo_jax import batch
+from rdpo_jax.data import images
 from rdpo_jax.models.qwen2_5_vl import images as qwen_images
 from rdpo_jax.models.qwen2_5_vl import positions
 
@@ -59,8 +60,8 @@ class QwenPatches:
         need = max((len(r["patches"]) for r in rows if r is not None), default=0)
         n = next(b for b in self.buckets if b >= need)
         out = {"patches": np.zeros((len(rows), n, self.config.patch_dim), np.float32),
-               **{k: np.zeros((len(rows), n), np.int32) for k in patches.KEYS[1:]}}
-        out["patch_image"][:] = patches.PAD["patch_image"]
+               **{k: np.zeros((len(rows), n), np.int32) for k in batch.PATCH_KEYS[1:]}}
+        out["patch_image"][:] = batch.PATCH_PAD["patch_image"]
         for b, r in enumerate(rows):
             if r is None:
                 continue
@@ -85,4 +86,4 @@ def image_input(cfg, processor: dict | None, where: str, *, max_images: int, max
     elif max_images:
         config = qwen_images.QwenImageConfig.from_hf(processor, where, max_pixels=max_pixels)
     return QwenPatches(config, image_token_id=cfg.image_token_id, max_images=max_images,
-                       patch_buckets=patch_buckets or patches.DEFAULT_BUCKETS)
+                       patch_buckets=patch_buckets or batch.DEFAULT_PATCH_BUCKETS)
