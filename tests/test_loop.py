@@ -25,6 +25,8 @@ from rdpo_jax.models import hf
 from tests import runs
 
 ROUND_STAGES = ["sample", "judge", "pairs", "ref_logps", "train", "evaluate"]
+MODULES = {"sample": "data_prep.sample", "judge": "data_prep.judge", "pairs": "data_prep.make_pairs",
+           "ref_logps": "data_prep.ref_logps", "train": "rdpo_jax.train", "evaluate": "rdpo_jax.evaluate"}
 
 
 def _loop(workdir, smoke_dir, *extra):
@@ -92,7 +94,7 @@ def test_two_rounds_end_to_end(loops, smoke_dir, tmp_path):
         assert m["status"] == "done" and list(m["stages"]) == ROUND_STAGES
         for name, st in m["stages"].items():
             assert st["status"] == "done" and st["attempts"] == 1, (r, name)
-            assert st["module"].startswith("rdpo_jax.") and os.path.exists(st["log"])
+            assert st["module"] == MODULES[name] and os.path.exists(st["log"])
             assert set(st["input_fingerprints"]) == set(st["inputs"]) and set(st["output_fingerprints"]) == set(st["outputs"])
             assert "missing" not in st["input_fingerprints"].values()
         # each round samples the policy the previous one trained, and trains on from it

@@ -87,7 +87,8 @@ def test_config_paths_resolve_against_the_first_calls_directory(tmp_path, monkey
     other.mkdir()
     monkeypatch.chdir(first)
     c = loop_smoke.get_config("dir=smoke")
-    c.first_judged = "judged"
+    assert c.train.config == f"{os.path.dirname(loop_smoke.__file__)}/smoke.py:dir=smoke"  # beside it, from anywhere
+    c.first_judged, c.train.config = "judged", "configs/smoke.py:dir=smoke"  # typed relative
     base = check_config(wd, c, allow_change=False)
     assert (c.policy, c.first_judged, c.pool.train) == (f"{first}/smoke/model", f"{first}/judged",
                                                         f"{first}/smoke/prompts.jsonl")
@@ -95,7 +96,7 @@ def test_config_paths_resolve_against_the_first_calls_directory(tmp_path, monkey
     assert base == str(first)  # the stages run there
     monkeypatch.chdir(other)
     again = loop_smoke.get_config("dir=smoke")
-    again.first_judged = "judged"
+    again.first_judged, again.train.config = "judged", "configs/smoke.py:dir=smoke"
     base = check_config(wd, again, allow_change=False)
     assert again.policy == c.policy and again.train.config == c.train.config and base == str(first)
     record = json.load(open(os.path.join(wd, "loop_config.json")))
