@@ -371,9 +371,9 @@ def test_sampled_ids_train_unchanged(tiny_llava, tmp_path, kind):
     batch = pipeline.make_dataset(arrayrecord.Source(str(tmp_path / "pairs")), options, tok, image_input,
                                   global_batch_size=1, seed=None, num_epochs=1, process_index=0,
                                   process_count=1)[0]["batch"]
-    targets, branch = batch["targets"][0], batch["target_branch"][0]
+    targets, branch = batch.targets[0], batch.target_branch[0]
     assert targets[branch == 1].tolist() == chosen and targets[branch == 2].tolist() == rejected
-    np.testing.assert_array_equal(batch["input_ids"][0, :len(tok.prompt(prompt["messages"], [cfg.image_seq_len]))],
+    np.testing.assert_array_equal(batch.input_ids[0, :len(tok.prompt(prompt["messages"], [cfg.image_seq_len]))],
                                   tok.prompt(prompt["messages"], [cfg.image_seq_len]))  # after the very prompt they were sampled from
 
 
