@@ -194,15 +194,15 @@ def trace_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
     anchor_forward = mock.patch.object(logps, "pair_logps", trl_pair_logps)
     with anchor_forward if full_logits else contextlib.nullcontext():
         if abstract:
-            graphdef, state = train_step.abstract_state(cfg, run, optimizer, mesh, freeze=freeze,
-                                                        reference=reference == "model")
+            graphdef, state = train_step.abstract_state(families.abstract_model(cfg, run), optimizer, mesh,
+                                                        freeze=freeze, reference=reference == "model")
             batch = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), batch, shardings)
         else:
             graphdef, state = train_step.init_state(families.create(cfg, run, mesh=mesh, seed=0), optimizer, freeze=freeze,
                                                     reference=reference == "model")
             batch = jax.device_put(batch, shardings)
-        fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid",
-                                      beta=0.1, pair_layout=layout, reference=reference).train
+        fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), train_step.DPOSettings(
+            loss_type="sigmoid", beta=0.1, pair_layout=layout, reference=reference)).train
         return train_step.jit_step(fn, state, batch, mesh).trace(state, batch), state, batch
 
 
@@ -222,10 +222,11 @@ def trace_groups(cfg, run, mesh, pairs, pixels, reference):
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
     freeze = ((r"visual/(patch_embed|blocks)/.*" if is_qwen(cfg) else "vision_tower/.*",)
               if _FREEZE_VISION.value else ())
-    graphdef, state = train_step.abstract_state(cfg, run, optimizer, mesh, freeze=freeze, reference=reference == "model")
+    graphdef, state = train_step.abstract_state(families.abstract_model(cfg, run), optimizer, mesh, freeze=freeze,
+                                                reference=reference == "model")
     batch = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), batch, batch.shardings(mesh))
-    fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid", beta=0.1,
-                                  pair_layout="multi_answer", reference=reference).train
+    fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), train_step.DPOSettings(
+        loss_type="sigmoid", beta=0.1, pair_layout="multi_answer", reference=reference)).train
     return train_step.jit_step(fn, state, batch, mesh).trace(state, batch), G * len(GROUP_PAIRS)
 
 

@@ -140,8 +140,8 @@ def main(argv):
     t0 = time.perf_counter()
     graphdef, state = train_step.init_state(families.create(cfg, run, mesh=mesh, seed=0), optimizer, reference=True)
     device_batch = jax.device_put(batch, batch.shardings(mesh))
-    fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type=_LOSS.value,
-                                  beta=0.1, pair_layout="shared_prefix", reference="model").train
+    fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5),
+                                  train_step.DPOSettings(loss_type=_LOSS.value, beta=0.1)).train
     t1 = time.perf_counter()
     lowered = train_step.jit_step(fn, state, device_batch, mesh).lower(state, device_batch)
     t2 = time.perf_counter()

@@ -84,8 +84,8 @@ def main(argv):
             graphdef, state = train_step.init_state(families.create(cfg, run, mesh=mesh, seed=0), optimizer,
                                                     reference=reference == "model")
             batch = jax.device_put(batch, batch.shardings(mesh))
-            fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid",
-                                          beta=0.1, pair_layout=layout, reference=reference).train
+            fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), train_step.DPOSettings(
+                loss_type="sigmoid", beta=0.1, pair_layout=layout, reference=reference)).train
             t0 = time.perf_counter()
             compiled = train_step.jit_step(fn, state, batch, mesh).lower(state, batch).compile()
             compile_s = time.perf_counter() - t0

@@ -122,8 +122,8 @@ def time_steps(batches: dict[int, list[dict]]) -> None:
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
     graphdef, state = train_step.init_state(families.create(cfg, run, mesh=mesh, seed=0), optimizer, reference=True)
-    fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), loss_type="sigmoid", beta=0.1,
-                                  pair_layout="multi_answer", reference="model").train
+    fn = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(1e-5), train_step.DPOSettings(
+        loss_type="sigmoid", beta=0.1, pair_layout="multi_answer")).train
     compiled, times = {}, {k: [] for k in batches}
     for k, elements in batches.items():
         for e in elements:

@@ -72,6 +72,9 @@ class Checkpointer:
         self.manager.close()
 
 
+CONFIG_FILE = "config.json"  # a run's resolved training config, written by the trainer at its start
+
+
 def is_run_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "checkpoints"))
 
@@ -84,10 +87,60 @@ def saved_steps(run_dir: str) -> list[int]:
     return sorted(ocp.path.step.checkpoint_steps(directory))  # a read-only manager warns three times
 
 
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """A training run's directory (its checkpoints in PATH/checkpoints), its config.json read once
+    (`RunDir.open`): what export, loading, the loop and a resumed run ask of a run."""
+
+    path: str  # absolute
+    config: dict  # the resolved training config (config.json)
+    model_path: str  # the Hugging Face folder it trained from (model.path): architecture, tokenizer, processor
+
+    @classmethod
+    def open(cls, path: str) -> RunDir:
+        path = os.path.abspath(path)
+        file = os.path.join(path, CONFIG_FILE)
+        try:
+            with open(file) as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{file}: missing (the trainer writes it at start; is this a run directory?)") \
+                from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+        return cls(path, config, config["model"]["path"])
+
+    @classmethod
+    def resumable(cls, path: str) -> RunDir | None:
+        """The run in `path` when a restart there resumes it (a complete checkpoint and its config.json),
+        else None."""
+        if not saved_steps(path) or not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            return None
+        return cls.open(path)
+
+    @property
+    def scan_layers(self) -> str:
+        """The layer layout of its checkpoints (`model.scan_layers`; "off" for runs older than the field)."""
+        return self.config["model"].get("scan_layers", "off")
+
+    def steps(self) -> list[int]:
+        """Its complete checkpoint steps, oldest first (read each time: a running trainer adds them)."""
+        return saved_steps(self.path)
+
+
+def write_config(workdir: str, config_json: str) -> None:
+    """WORKDIR/config.json, replaced whole (a reader never sees half of it)."""
+    os.makedirs(workdir, exist_ok=True)
+    file = os.path.join(workdir, CONFIG_FILE)
+    with open(file + ".tmp", "w") as f:
+        f.write(config_json)
+    os.replace(file + ".tmp", file)
+
+
 def restore_params(run_dir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
-    """The parameters (trainable and frozen, merged) of a run's checkpoint at `step` (default: the
-    latest), placed on the shardings of `abstract_params` (a nested dict of ShapeDtypeStruct with
-    `.sharding`) and cast to its dtypes. Returns (params, step). Neither optimizer state nor reference
+    """Every parameter of a run's checkpoint at `step` (default: the latest), trainable or frozen there,
+    in the tree of `abstract_params` (a nested dict of ShapeDtypeStruct with `.sharding`), placed on its
+    shardings and cast to its dtypes. Returns (params, step). Neither optimizer state nor reference
     is read."""
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     steps = saved_steps(run_dir)
@@ -111,24 +164,22 @@ def restore_params(run_dir: str, abstract_params: dict, step: int | None = None)
                                               target[part])
         restored = reader.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                                     partial_restore=True))
-    merged = _merge(restored.get("params") or {}, restored.get("frozen") or {})
-    return jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(merged, kp, run_dir), abstract_params), step
+    # each parameter is in the saving run's `params` or `frozen` (its freeze patterns): looked up by its path
+    saved_leaves = {optim.path_str(kp): x for part in ("params", "frozen")
+                    for kp, x in jax.tree_util.tree_flatten_with_path(restored.get(part) or {})[0]}
+
+    def find(kp, _):
+        name = optim.path_str(kp)
+        if name not in saved_leaves:
+            raise ValueError(f"{run_dir}: parameter {name} is in one model but not the other (a different "
+                             "architecture, or model.scan_layers: stacked vs per-layer parameters?)")
+        return saved_leaves[name]
+
+    return jax.tree_util.tree_map_with_path(find, abstract_params), step
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if k in out and isinstance(v, dict) else v
-    return out
-
-
-def run_model_path(run_dir: str) -> str:
-    """The Hugging Face folder (architecture, tokenizer, processor) a run was configured with."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return json.load(f)["model"]["path"]
-
-
-def load_model(source: str, run=None, *, mesh=None, step: int | None = None, model_path: str | None = None):
+def load_model(source: str | RunDir, run=None, *, mesh=None, step: int | None = None,
+               model_path: str | None = None):
     """A model from a Hugging Face folder or from a run's checkpoint at `step` (default: the latest;
     its parameters on the architecture of the run's model.path, or of `model_path` when given), with
     `run` (`RunSettings`: dtypes, remat, placeholder check; default float32) on `mesh` (default: the
@@ -140,21 +191,21 @@ def load_model(source: str, run=None, *, mesh=None, step: int | None = None, mod
     from rdpo_jax.models import families, hf
 
     run = run or config_lib.RunSettings()
-    if not is_run_dir(source):
+    if not isinstance(source, RunDir) and not is_run_dir(source):
         model, cfg = hf.load_hf(source, run, mesh=mesh)
         return model, cfg, source, None
-    folder = model_path or run_model_path(source)
+    run_dir = source if isinstance(source, RunDir) else RunDir.open(source)
+    folder = model_path or run_dir.model_path
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{source}: the run's model folder {folder!r} (model.path in its config.json) "
+        raise FileNotFoundError(f"{run_dir.path}: the run's model folder {folder!r} (model.path in its config.json) "
                                 "has no config.json; pass the folder explicitly (export: --model_path)")
     cfg = hf.read_config(folder)
     # the checkpoint holds the parameters in the run's layer layout (stacked when its layers were scanned)
-    with open(os.path.join(source, "config.json")) as f:
-        run = dataclasses.replace(run, scan_layers=json.load(f)["model"].get("scan_layers", "off"))
+    abstract = families.abstract_model(cfg, dataclasses.replace(run, scan_layers=run_dir.scan_layers))
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
-    params, step = restore_params(source, train_step.abstract_params(cfg, run, mesh), step)
-    return nnx.merge(nnx.graphdef(families.abstract_model(cfg, run)), params), cfg, folder, step
+    params, step = restore_params(run_dir.path, train_step.abstract_params(abstract, mesh), step)
+    return nnx.merge(nnx.graphdef(abstract), params), cfg, folder, step
 
 
 def reference_model(config) -> str:

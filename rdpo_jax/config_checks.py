@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from rdpo_jax import losses, packing, sharding, train_step
+from rdpo_jax import sharding, train_step
 from rdpo_jax.models import config as model_config
 
 
@@ -40,6 +40,14 @@ def multipliers(text: str, field: str) -> tuple[tuple[str, float], ...]:
             raise ConfigError(f"config.{field}: {item!r} is not REGEX=MULTIPLIER") from None
         _check(bool(sep), field, f"{item!r} is not REGEX=MULTIPLIER")
     return tuple(out)
+
+
+def dpo_settings(c) -> train_step.DPOSettings:
+    """`c.dpo` as the settings the DPO step takes (`train_step.DPOSettings`, which checks them)."""
+    try:
+        return train_step.DPOSettings.from_config(c.dpo)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
@@ -77,16 +85,7 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
     _check(c.checkpoint.every > 0 and c.checkpoint.keep > 0, "checkpoint", "every and keep must be positive")
     _check(c.log.every > 0, "log.every", "must be positive")
     if c.objective == "dpo":
-        _check(c.dpo.loss_type in losses.LOSS_TYPES, "dpo.loss_type",
-               f"{c.dpo.loss_type!r} is not one of {losses.LOSS_TYPES}")
-        _check(c.dpo.reference in train_step.REFERENCES, "dpo.reference",
-               f"{c.dpo.reference!r} is not one of {train_step.REFERENCES}")
-        _check(c.dpo.pair_layout in packing.LAYOUTS, "dpo.pair_layout",
-               f"{c.dpo.pair_layout!r} is not one of {packing.LAYOUTS}")
-        _check(c.dpo.beta > 0, "dpo.beta", "must be positive")
-        _check(c.dpo.loss_type != "ipo" or c.dpo.length_norm, "dpo.length_norm",
-               "loss_type 'ipo' expects length-normalized log-likelihoods: set dpo.length_norm=True")
-        _check(0 <= c.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+        dpo_settings(c)
         _check(not (c.dpo.reference == "precomputed" and c.init_from == "scratch"), "dpo.reference",
                "precomputed reference log-likelihoods cannot come from a model initialized from scratch")
         _check(not c.dpo.reference_from or os.path.exists(c.dpo.reference_from), "dpo.reference_from",

@@ -60,9 +60,9 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
         raise FileNotFoundError(f"--workdir={workdir}: not a training run (no checkpoints/ directory)")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
         raise FileExistsError(f"--out={out} exists and is not empty; pass --overwrite to replace it")
-    run_config = _run_config(workdir)
-    dtype = dtype or run_config.get("model", {}).get("param_dtype", "float32")
-    steps = checkpoint.saved_steps(workdir)
+    run = checkpoint.RunDir.open(workdir)
+    dtype = dtype or run.config["model"].get("param_dtype", "float32")
+    steps = run.steps()
     if not steps:
         raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint to export")
     if step is not None and step not in steps:
@@ -70,7 +70,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     model, _, folder, step = checkpoint.load_model(
-        workdir, model_config.RunSettings(param_dtype=model_config.DTYPES[dtype]), mesh=mesh, step=step,
+        run, model_config.RunSettings(param_dtype=model_config.DTYPES[dtype]), mesh=mesh, step=step,
         model_path=model_path)
     hf_config = hf.read_hf_config(folder)
     primary = jax.process_index() == 0
@@ -86,7 +86,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
         files += _copy_tokenizer_files(folder, staging)
         files.append(_write_generation_config(folder, hf_config, staging))
         with open(os.path.join(staging, "README.md"), "w") as f:
-            f.write(model_card(run_config, workdir=workdir, step=step, dtype=dtype, base=folder,
+            f.write(model_card(run.config, workdir=workdir, step=step, dtype=dtype, base=folder,
                                metrics=_last_metrics(workdir, step),
                                architecture=families.get(hf_config.model_type).architecture))
         files.append("README.md")
@@ -98,17 +98,6 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"step": step, "dtype": dtype, "files": sorted(files), "model_path": folder}
-
-
-def _run_config(workdir: str) -> dict:
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (the trainer writes it at start; is this a run directory?)")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def _copy_tokenizer_files(base: str, out: str) -> list[str]:

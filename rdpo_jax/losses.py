@@ -51,10 +51,9 @@ def preference_loss(
     Args:
       policy_chosen, policy_rejected, ref_chosen, ref_rejected: float32[B] log-likelihoods (`ipo` expects
         length-normalized ones, i.e. token means).
-      loss_type: one of `LOSS_TYPES`.
-      beta: inverse temperature β > 0.
-      label_smoothing: ε for `cdpo` and `robust` (0 ≤ ε < 0.5).
-      gamma: per-criterion margin γ ≥ 0 for `rubric`.
+      loss_type, beta, label_smoothing, gamma: a `train_step.DPOSettings`' fields (checked there):
+        one of `LOSS_TYPES`; the inverse temperature β > 0; ε of `cdpo` and `robust` (0 ≤ ε < 0.5);
+        the per-criterion margin γ ≥ 0 of `rubric`.
       chosen_scores, rejected_scores: float32[B, K] criterion scores in [0, 1] (required by `rubric`;
         when given to any type, the rubric metrics are reported).
       criterion_weights: float32[B, K] weights w_k > 0 (default 1).
@@ -65,12 +64,8 @@ def preference_loss(
     Returns:
       (loss float32[B], metrics dict of float32[B]) — metric names follow TRL (`rewards/chosen`, …).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
     if loss_type == "rubric" and (chosen_scores is None or rejected_scores is None):
         raise ValueError("loss_type 'rubric' needs chosen_scores and rejected_scores (float32[B, K])")
-    if loss_type in ("cdpo", "robust") and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for {loss_type!r}, got {label_smoothing}")
 
     chosen_reward = policy_chosen - ref_chosen
     rejected_reward = policy_rejected - ref_rejected

@@ -25,7 +25,6 @@ values: the data was computed by another model or with other settings, or writte
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import threading
@@ -53,135 +52,58 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 def main(argv):
     del argv
     config, workdir = CONFIG.value, _WORKDIR.value
-    if config is None or not workdir:
-        raise app.UsageError("--config and --workdir are required")
-    if "://" in workdir:
-        raise app.UsageError(f"--workdir={workdir}: expected a filesystem path (metrics, logs and checkpoints are "
-                             "written with file APIs); mount the bucket with gcsfuse (launch/tpu_vm.sh mount) and "
-                             "pass the mounted path")
-    if not flags.FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
-        logging.set_verbosity(logging.WARNING)
-
-    cache = compile_cache_dir(config.checkpoint.compile_cache, workdir, os.environ)
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-    cache_hits = _count_cache_hits()
+    _check_flags(config, workdir)
+    cache_hits = _use_compile_cache(config, workdir)
 
     # ----- Devices and mesh -----
     sharding.init_distributed(config.distributed)
     mesh = sharding.make_mesh(config_checks.validate(config, num_devices=jax.device_count(),
                                                      num_processes=jax.process_count()))
-    primary = jax.process_index() == 0
 
     # ----- Model, optimizer, the abstract train state -----
     setup = Setup(config, mesh)
-    _check_layer_layout(workdir, setup)
-    if jax.process_count() > 1:  # every process has read the old config.json before the primary replaces it
-        multihost_utils.sync_global_devices("rdpo_jax.train: layer layout checked")
-    if primary:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    setup.claim(workdir)  # the layer layout checked against the run resumed; config.json written
 
     # ----- Data: global batch s is a pure function of (data.seed, s) -----
-    dpo = config.objective == "dpo"
-    fingerprint = None
-    if dpo and config.dpo.reference == "precomputed":
-        fingerprint = checkpoint.fingerprint(checkpoint.reference_model(config))
-    options = pipeline.Options.from_config(config, reference_fingerprint=fingerprint)
-    if fingerprint is not None:
-        _check_reference_data(config.data.train, options)
-    tokenizer = ChatTokenizer(config.model.path, image_token_id=setup.model_config.image_token_id)
-    image_input = image_inputs.from_config(config, setup.model_config)
-    source = _source(config.data.train, options)
-    if len(source) == 0:
-        raise config_checks.ConfigError(f"config.data.train: {config.data.train} holds no records: nothing to train on")
-    dataset = pipeline.make_dataset(source, options, tokenizer, image_input, global_batch_size=config.data.batch_size,
-                                    seed=config.data.seed)
+    data = _Data(config, setup)
 
     # ----- State: this workdir's checkpoint, else init_from -----
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                            keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    latest = checkpointer.latest_step()
-    t0 = time.perf_counter()
-    if latest is not None:
-        state, origin = checkpointer.restore(latest, setup.abstract), f"checkpoint {latest} of {workdir}"
-    else:
-        state, origin = setup.initial_state()
-    jax.block_until_ready(state)
-    restore_s = time.perf_counter() - t0
+    state = setup.restore_or_init(checkpointer, workdir)
     start = int(state.step)
-    iterator = pipeline.make_iterator(dataset[start:], workers=config.data.workers, buffer_size=config.data.buffer)
-    n_params = sum(x.size for x in jax.tree.leaves((state.params, state.frozen)))
-    trainable = sum(x.size for x in jax.tree.leaves(state.params))
-    _print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
-           f"{jax.process_count()} process(es); {n_params:,} parameters ({trainable:,} trainable); "
-           f"state from {origin} in {restore_s:.1f}s; step {start}/{config.total_steps}")
+    iterator = pipeline.make_iterator(data.dataset[start:], workers=config.data.workers, buffer_size=config.data.buffer)
     setup.report_sharding(workdir)
 
     # ----- Compile: one program per (row length, patch buffer) bucket, memory analysis -----
     steps = setup.steps()
     first = next(iterator)
-    compiled, batch_shardings = {}, {}
-
-    def compile_for(shape: tuple[int, int, int, int]):
-        """The step for a batch of these `Batch.sizes()` (units, row length, trained tokens per row, patches)."""
-        if shape not in compiled:
-            spec = first["batch"].global_shapes(*shape, processes=jax.process_count())
-            batch_shardings[shape] = spec.shardings(mesh)
-            t0, hits = time.perf_counter(), cache_hits["n"]
-            compiled[shape] = train_step.jit_step(steps.train, setup.abstract, spec, mesh).lower(
-                setup.abstract, spec).compile()
-            m = compiled[shape].memory_analysis()
-            flops = (compiled[shape].cost_analysis() or {}).get("flops", 0.0)  # XLA's count, per device
-            cached = " (from the compilation cache)" if cache_hits["n"] > hits else ""
-            patches = f" and {shape[3]} patches" if shape[3] else ""
-            _print(f"compiled the {config.objective} step for {spec.input_ids.shape[0]} rows of {shape[1]} "
-                   f"tokens{patches} in "
-                   f"{time.perf_counter() - t0:.1f}s{cached}; memory per device: arguments "
-                   f"{_mib(m.argument_size_in_bytes)}, outputs {_mib(m.output_size_in_bytes)}, temporaries "
-                   f"{_mib(m.temp_size_in_bytes)}, aliased {_mib(m.alias_size_in_bytes)}; XLA counts "
-                   f"{flops / 1e9:.1f} GFLOP per device and step")
-        return compiled[shape], batch_shardings[shape]
-
-    # every row bucket up front with the largest patch bucket (the most memory each can take); smaller
-    # patch buckets compile when a batch first needs them
-    largest_patches = max(config.data.patch_buckets) if "patches" in first["batch"].images else 0
-    rows = len(first["batch"].valid)  # packed batches needing more rows compile when they come
-    for seq_len in config.data.seq_buckets:
-        width = options.target_width(seq_len, pipeline.source_kind(source, options))
-        compile_for((rows, seq_len, width, largest_patches))
+    compiled = _Compiled(setup, steps.train, first["batch"], cache_hits)
+    compiled.every_row_bucket(data)
     evaluator = None
     if config.data.eval:
-        eval_data = pipeline.make_dataset(_source(config.data.eval, options, "data.eval"), options, tokenizer, image_input,
-                                          global_batch_size=config.data.batch_size, seed=0, num_epochs=1)
-        evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, steps.eval)), eval_data, mesh,
+        evaluator = _Evaluator(jax.jit(sharding.traced_on(mesh, steps.eval)), data.eval_dataset(), mesh,
                                config.eval.batches)
 
     # ----- Train -----
-    checking = dpo and config.dpo.reference == "precomputed" and start == 0 and _reference_is_initial(config)
+    checking = start == 0 and setup.precomputed_reference and _reference_is_initial(config)
     logger = logs.MetricLogger(workdir, total_steps=config.total_steps, start_step=start,
                                tensorboard=config.log.tensorboard)
-    preempted = threading.Event()
-    if jax.process_count() == 1:
-        # Multi-process runs leave SIGTERM to JAX's preemption service (installed by jax.distributed.initialize),
-        # which agrees on one step for every process to save at; a Python handler would replace it.
-        signal.signal(signal.SIGTERM, lambda *_: preempted.set())
-    window = _Window(config.optim.max_nonfinite, source)
+    preempted = _on_sigterm()
+    window = _Window(config.optim.max_nonfinite, data.source)
     profiler = _Profiler(config.log.profile_steps, os.path.join(workdir, "profile"))
     step, element = start, first
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV) or 0)
     while step < config.total_steps:
         element = element or next(iterator)
         local = pipeline.agree_shapes(element["batch"])
-        step_fn, shardings = compile_for(local.sizes())
+        step_fn, shardings = compiled(local.sizes())
         profiler.before(step + 1)
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
             state, metrics = step_fn(state, pipeline.to_global(local, shardings))
         step += 1
         if checking:  # until a batch with a valid pair was compared (an empty step updates nothing)
-            checking = _check_reference(step, metrics["reference_check"], element, local, source)
+            checking = _check_reference(step, metrics["reference_check"], element, local, data.source)
         window.add(step, metrics, element, local)  # device arrays: fetched when the window is written
         profiler.after(step, metrics)
         element = None
@@ -218,6 +140,27 @@ def _print(text: str) -> None:
         print(text, flush=True)
 
 
+def _check_flags(config, workdir: str) -> None:
+    """--config and --workdir given, the workdir a filesystem path; orbax and grain quiet (they log every
+    save at INFO) unless --verbosity says otherwise."""
+    if config is None or not workdir:
+        raise app.UsageError("--config and --workdir are required")
+    if "://" in workdir:
+        raise app.UsageError(f"--workdir={workdir}: expected a filesystem path (metrics, logs and checkpoints are "
+                             "written with file APIs); mount the bucket with gcsfuse (launch/tpu_vm.sh mount) and "
+                             "pass the mounted path")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def _use_compile_cache(config, workdir: str) -> dict[str, int]:
+    """Points JAX at the persistent compilation cache (`compile_cache_dir`); returns the count of its hits."""
+    cache = compile_cache_dir(config.checkpoint.compile_cache, workdir, os.environ)
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+    return _count_cache_hits()
+
+
 def compile_cache_dir(setting: str, workdir: str, environ) -> str | None:
     """The persistent compilation cache folder: JAX_COMPILATION_CACHE_DIR if set (JAX reads it itself),
     else `checkpoint.compile_cache` ("workdir" = WORKDIR/compile_cache, a folder, or "" = off)."""
@@ -242,6 +185,16 @@ def _count_cache_hits() -> dict[str, int]:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def _on_sigterm() -> threading.Event:
+    """An event SIGTERM sets. Multi-process runs leave SIGTERM to JAX's preemption service (installed by
+    jax.distributed.initialize), which agrees on one step for every process to save at; a Python handler
+    would replace it."""
+    preempted = threading.Event()
+    if jax.process_count() == 1:
+        signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+    return preempted
 
 
 def _stop_requested(preempted: threading.Event, step: int) -> bool:
@@ -338,28 +291,26 @@ def _pair_name(slot: int, element: dict, local: dict, source) -> str:
 def _check_layer_layout(workdir: str, setup: Setup) -> None:
     """Refuses to resume a run whose checkpoints hold the other layer layout: `model.scan_layers` decides
     whether layers' parameters are stacked or one per layer."""
-    file = os.path.join(workdir, "config.json")
-    if not os.path.exists(file) or not checkpoint.saved_steps(workdir):
-        return
-    with open(file) as f:
-        saved = json.load(f).get("model", {}).get("scan_layers", "off")
-    if saved == setup.run.scan_layers:
+    resumed = checkpoint.RunDir.resumable(workdir)
+    if resumed is None or resumed.scan_layers == setup.run.scan_layers:
         return
 
-    def param_paths(run):
-        return {p for p, _ in nnx.to_flat_state(nnx.state(families.abstract_model(setup.model_config, run), nnx.Param))}
+    def param_paths(model):
+        return {p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
-    if param_paths(dataclasses.replace(setup.run, scan_layers=saved)) != param_paths(setup.run):
+    saved = families.abstract_model(setup.model_config, dataclasses.replace(setup.run, scan_layers=resumed.scan_layers))
+    if param_paths(saved) != param_paths(setup.abstract_model):
         raise config_checks.ConfigError(
             f"config.model.scan_layers: {setup.run.scan_layers!r}, but the checkpoints in {workdir} were written with "
-            f"{saved!r} (the other layer layout: stacked vs per-layer parameters); resume with "
-            f"--config.model.scan_layers={saved}")
+            f"{resumed.scan_layers!r} (the other layer layout: stacked vs per-layer parameters); resume with "
+            f"--config.model.scan_layers={resumed.scan_layers}")
 
 
 class Setup:
-    """The model side of a run, built once from the config: architecture and run settings, optimizer and
-    schedule, frozen patterns, and the abstract train state (shapes and target shardings on `mesh`) that
-    restores, loads and fresh inits all fill."""
+    """The model side of a run, built once from the config: architecture and run settings, the DPO settings,
+    optimizer and schedule, frozen patterns, the abstract model (shapes, dtypes, logical axes) and the
+    abstract train state (shapes and target shardings on `mesh`) that restores, loads and fresh inits all
+    fill."""
 
     def __init__(self, config, mesh):
         self.config, self.mesh = config, mesh
@@ -373,9 +324,43 @@ class Setup:
         self.optimizer = optim.make_optimizer(
             learning_rate=self.schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
             grad_clip=o.grad_clip, lr_multipliers=config_checks.multipliers(o.lr_multipliers, "optim.lr_multipliers"))
-        online_reference = config.objective == "dpo" and config.dpo.reference == "model"
+        self.dpo = config_checks.dpo_settings(config) if config.objective == "dpo" else None
+        self.abstract_model = families.abstract_model(self.model_config, self.run)
         self.graphdef, self.abstract = train_step.abstract_state(
-            self.model_config, self.run, self.optimizer, mesh, freeze=self.freeze, reference=online_reference)
+            self.abstract_model, self.optimizer, mesh, freeze=self.freeze,
+            reference=self.dpo is not None and self.dpo.reference == "model")
+
+    @property
+    def precomputed_reference(self) -> bool:
+        """Whether the reference log-likelihoods come with the data (`dpo.reference="precomputed"`)."""
+        return self.dpo is not None and self.dpo.reference == "precomputed"
+
+    def claim(self, workdir: str) -> None:
+        """Makes `workdir` this run's: refuses to resume checkpoints of the other layer layout, then, once
+        every process has read the old config.json, the primary writes this config there."""
+        _check_layer_layout(workdir, self)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("rdpo_jax.train: layer layout checked")
+        if jax.process_index() == 0:
+            checkpoint.write_config(workdir, self.config.to_json_best_effort(indent=2))
+
+    def restore_or_init(self, checkpointer: checkpoint.Checkpointer, workdir: str) -> train_step.TrainState:
+        """The state to start from: the latest checkpoint of `checkpointer` (this workdir's), else
+        `initial_state`; says where it came from and in how long, over which mesh."""
+        latest = checkpointer.latest_step()
+        t0 = time.perf_counter()
+        if latest is not None:
+            state, origin = checkpointer.restore(latest, self.abstract), f"checkpoint {latest} of {workdir}"
+        else:
+            state, origin = self.initial_state()
+        jax.block_until_ready(state)
+        restore_s = time.perf_counter() - t0
+        n_params = sum(x.size for x in jax.tree.leaves((state.params, state.frozen)))
+        trainable = sum(x.size for x in jax.tree.leaves(state.params))
+        _print(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+               f"{jax.process_count()} process(es); {n_params:,} parameters ({trainable:,} trainable); "
+               f"state from {origin} in {restore_s:.1f}s; step {int(state.step)}/{self.config.total_steps}")
+        return state
 
     def initial_state(self):
         """The state of a run without a checkpoint: the parameters of `init_from` ("model": model.path's
@@ -401,8 +386,7 @@ class Setup:
             model = families.create(self.model_config, self.run, mesh=self.mesh, seed=config.seed)
             return nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"a fresh init (seed {config.seed})"
         if checkpoint.is_run_dir(source):
-            params, step = checkpoint.restore_params(source, train_step.abstract_params(self.model_config, self.run,
-                                                                                         self.mesh))
+            params, step = checkpoint.restore_params(source, train_step.abstract_params(self.abstract_model, self.mesh))
             return params, f"the parameters of {source} (step {step})"
         path = config.model.path if source == "model" else source
         model, loaded = hf.load_hf(path, self.run, mesh=self.mesh)
@@ -413,25 +397,94 @@ class Setup:
 
     def steps(self) -> train_step.Steps:
         c = self.config
-        if c.objective == "sft":
+        if self.dpo is None:
             return train_step.make_sft_step(self.graphdef, self.optimizer, self.schedule, accum_steps=c.accum_steps)
-        d = c.dpo
-        return train_step.make_dpo_step(
-            self.graphdef, self.optimizer, self.schedule, accum_steps=c.accum_steps, loss_type=d.loss_type,
-            beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma, length_norm=d.length_norm,
-            sft_weight=d.sft_weight, pair_layout=d.pair_layout, reference=d.reference)
+        return train_step.make_dpo_step(self.graphdef, self.optimizer, self.schedule, self.dpo,
+                                        accum_steps=c.accum_steps)
 
     def report_sharding(self, workdir: str) -> None:
         """Every parameter's shape, dtype and sharding to WORKDIR/parameters.txt; a console line for each
         dimension the mesh could have split but did not (it stays whole on every device)."""
-        table, unsplit = sharding.overview(nnx.state(families.abstract_model(self.model_config, self.run), nnx.Param),
-                                           self.mesh)
+        table, unsplit = sharding.overview(nnx.state(self.abstract_model, nnx.Param), self.mesh)
         if jax.process_index() != 0:
             return
         with open(os.path.join(workdir, "parameters.txt"), "w") as f:
             f.write("\n".join(table) + "\n")
         for line in unsplit:
             print(f"not sharded: {line}", flush=True)
+
+
+class _Data:
+    """The training data, opened once: the source (records of a kind the objective trains), the pipeline's
+    options, tokenizer and image inputs, and the dataset of global batches. With precomputed reference
+    log-likelihoods, the first record is checked against this run's reference before anything compiles."""
+
+    def __init__(self, config, setup: Setup):
+        self.config = config
+        fingerprint = None
+        if setup.precomputed_reference:
+            fingerprint = checkpoint.fingerprint(checkpoint.reference_model(config))
+        self.options = pipeline.Options.from_config(config, reference_fingerprint=fingerprint)
+        if fingerprint is not None:
+            _check_reference_data(config.data.train, self.options)
+        self.tokenizer = ChatTokenizer(config.model.path, image_token_id=setup.model_config.image_token_id)
+        self.image_input = image_inputs.from_config(config, setup.model_config)
+        self.source = _source(config.data.train, self.options)
+        if len(self.source) == 0:
+            raise config_checks.ConfigError(f"config.data.train: {config.data.train} holds no records: nothing to "
+                                            "train on")
+        self.dataset = pipeline.make_dataset(self.source, self.options, self.tokenizer, self.image_input,
+                                             global_batch_size=config.data.batch_size, seed=config.data.seed)
+
+    def target_width(self, seq_len: int) -> int:
+        """Trained tokens per row of a batch of rows of `seq_len` tokens."""
+        return self.options.target_width(seq_len, pipeline.source_kind(self.source, self.options))
+
+    def eval_dataset(self):
+        """One fixed pass (seed 0) over `data.eval`, in global batches."""
+        c = self.config
+        return pipeline.make_dataset(_source(c.data.eval, self.options, "data.eval"), self.options, self.tokenizer,
+                                     self.image_input, global_batch_size=c.data.batch_size, seed=0, num_epochs=1)
+
+
+class _Compiled:
+    """The train step compiled for each batch shape (`Batch.sizes()`: units, row length, trained tokens per
+    row, patches) as batches first need it, with the shardings of such a batch; each compile printed with
+    its time and memory analysis. `batch`: a batch of this process's, the template of the others."""
+
+    def __init__(self, setup: Setup, step_fn, batch, cache_hits: dict[str, int]):
+        self.setup, self.step_fn, self.batch, self.cache_hits = setup, step_fn, batch, cache_hits
+        self.programs: dict[tuple[int, int, int, int], tuple] = {}
+
+    def __call__(self, shape: tuple[int, int, int, int]):
+        """(the compiled step, the batch's shardings) for batches of `shape`."""
+        if shape not in self.programs:
+            setup = self.setup
+            spec = self.batch.global_shapes(*shape, processes=jax.process_count())
+            t0, hits = time.perf_counter(), self.cache_hits["n"]
+            compiled = train_step.jit_step(self.step_fn, setup.abstract, spec, setup.mesh).lower(
+                setup.abstract, spec).compile()
+            m = compiled.memory_analysis()
+            flops = (compiled.cost_analysis() or {}).get("flops", 0.0)  # XLA's count, per device
+            cached = " (from the compilation cache)" if self.cache_hits["n"] > hits else ""
+            patches = f" and {shape[3]} patches" if shape[3] else ""
+            _print(f"compiled the {setup.config.objective} step for {spec.input_ids.shape[0]} rows of {shape[1]} "
+                   f"tokens{patches} in "
+                   f"{time.perf_counter() - t0:.1f}s{cached}; memory per device: arguments "
+                   f"{_mib(m.argument_size_in_bytes)}, outputs {_mib(m.output_size_in_bytes)}, temporaries "
+                   f"{_mib(m.temp_size_in_bytes)}, aliased {_mib(m.alias_size_in_bytes)}; XLA counts "
+                   f"{flops / 1e9:.1f} GFLOP per device and step")
+            self.programs[shape] = compiled, spec.shardings(setup.mesh)
+        return self.programs[shape]
+
+    def every_row_bucket(self, data: _Data) -> None:
+        """Every row bucket up front, with the largest patch bucket (the most memory each can take); smaller
+        patch buckets, and packed batches needing more rows, compile when a batch first needs them."""
+        d = self.setup.config.data
+        largest_patches = max(d.patch_buckets) if "patches" in self.batch.images else 0
+        rows = len(self.batch.valid)
+        for seq_len in d.seq_buckets:
+            self((rows, seq_len, data.target_width(seq_len), largest_patches))
 
 
 def _itstime(step: int, every: int, total_steps: int) -> bool:

@@ -11,6 +11,7 @@ The batch is a `batch.Batch` (its fields, axes and units are documented there).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,21 +39,23 @@ class TrainState:
     nonfinite: jax.Array  # int32[]: consecutive steps so far whose loss or gradients were not finite
 
 
-def abstract_params(model_config, run, mesh: Mesh) -> dict:
-    """Every parameter of the model (trainable and frozen) as a ShapeDtypeStruct carrying its target
-    sharding on `mesh`, in a nested dict: the target of parameter restores and loads."""
-    state = nnx.state(families.abstract_model(model_config, run), nnx.Param)
+def abstract_params(model: nnx.Module, mesh: Mesh) -> dict:
+    """Every parameter of `model` (an abstract model, `families.abstract_model`; trainable and frozen) as a
+    ShapeDtypeStruct carrying its target sharding on `mesh`, in a nested dict: the target of parameter
+    restores and loads."""
+    state = nnx.state(model, nnx.Param)
     shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state),
                         shardings)
 
 
-def abstract_state(model_config, run, optimizer: optax.GradientTransformation, mesh: Mesh, *, freeze=(),
+def abstract_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh, *, freeze=(),
                    reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
-    """The TrainState as ShapeDtypeStructs carrying their target shardings on `mesh` (no memory): the
-    target of checkpoint restores and of `new_state`. `run`: the model's `RunSettings`."""
-    graphdef, params, frozen = optim.split_params(families.abstract_model(model_config, run), freeze)
-    full = abstract_params(model_config, run, mesh)
+    """The TrainState of `model` (an abstract model, `families.abstract_model`) as ShapeDtypeStructs
+    carrying their target shardings on `mesh` (no memory): the target of checkpoint restores and of
+    `new_state`."""
+    graphdef, params, frozen = optim.split_params(model, freeze)
+    full = abstract_params(model, mesh)
 
     def place(tree):
         return jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(full, kp, "model"), tree)
@@ -100,7 +103,8 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, fr
                reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     """`new_state` of a (sharded) model on the mesh its parameters live on."""
     mesh = _mesh_of(nnx.state(model, nnx.Param))
-    graphdef, abstract = abstract_state(model.config, model.run, optimizer, mesh, freeze=freeze, reference=reference)
+    graphdef, abstract = abstract_state(families.abstract_model(model.config, model.run), optimizer, mesh,
+                                        freeze=freeze, reference=reference)
     return graphdef, new_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer, abstract)
 
 
@@ -177,38 +181,66 @@ def _update(state: TrainState, optimizer, schedule, grads, loss_sum, count, metr
 
 # ----- objectives: loss_fn(params, frozen, ref_params, batch) -> (loss sum, (count, metric sums)) -----
 
-def dpo_loss(graphdef: nnx.GraphDef, *, loss_type: str, beta: float, label_smoothing: float = 0.0,
-             gamma: float = 0.0, length_norm: bool = False, sft_weight: float = 0.0,
-             pair_layout: str = "shared_prefix", reference: str = "model", pair_values: bool = False) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class DPOSettings:
+    """The DPO options of a run (`config.dpo` but `reference_from`, a path the trainer loads), checked when
+    made: `from_config` builds it once; `dpo_loss` and `make_dpo_step` take it whole."""
+
+    loss_type: str  # one of `losses.LOSS_TYPES`
+    beta: float  # inverse temperature β > 0
+    label_smoothing: float = 0.0  # ε of cdpo / robust, in [0, 0.5)
+    gamma: float = 0.0  # per-criterion margin γ of the rubric loss
+    length_norm: bool = False  # token-mean log-likelihoods instead of sums (ipo expects them)
+    sft_weight: float = 0.0  # α·(token-mean NLL of the chosen answer) added to every pair's loss
+    pair_layout: str = "shared_prefix"  # one of `packing.LAYOUTS`
+    reference: str = "model"  # one of `REFERENCES`
+
+    def __post_init__(self):
+        for field, ok, message in (
+                ("loss_type", self.loss_type in losses.LOSS_TYPES,
+                 f"{self.loss_type!r} is not one of {losses.LOSS_TYPES}"),
+                ("reference", self.reference in REFERENCES, f"{self.reference!r} is not one of {REFERENCES}"),
+                ("pair_layout", self.pair_layout in packing.LAYOUTS,
+                 f"{self.pair_layout!r} is not one of {packing.LAYOUTS}"),
+                ("beta", self.beta > 0, "must be positive"),
+                ("length_norm", self.loss_type != "ipo" or self.length_norm,
+                 "loss_type 'ipo' expects length-normalized log-likelihoods: set dpo.length_norm=True"),
+                ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)")):
+            if not ok:
+                raise ValueError(f"config.dpo.{field}: {message}")
+
+    @classmethod
+    def from_config(cls, dpo) -> DPOSettings:
+        """From a training config's `dpo` section."""
+        return cls(**{f.name: dpo[f.name] for f in dataclasses.fields(cls)})
+
+
+def dpo_loss(graphdef: nnx.GraphDef, dpo: DPOSettings, *, pair_values: bool = False) -> Callable:
     """The DPO objective over a batch of pairs (any loss type of `losses.py`, any layout). With
     `pair_values`, the aux also holds every pair slot's policy log-likelihoods and answer token counts
     ({chosen_logp, rejected_logp, chosen_count, rejected_count}: float32 shaped like `batch.valid`)."""
-    if reference not in REFERENCES:
-        raise ValueError(f"reference {reference!r} is not one of {REFERENCES}")
-    if loss_type not in losses.LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not one of {losses.LOSS_TYPES}")
-    packing.rows_per_pair(pair_layout)
 
     def normalize(logp, count):
-        return logp / jnp.maximum(count, 1.0) if length_norm else logp
+        return logp / jnp.maximum(count, 1.0) if dpo.length_norm else logp
 
     def loss_fn(params, frozen, ref_params, batch: Batch):
-        out = logps.pair_logps(nnx.merge(graphdef, params, frozen), batch, layout=pair_layout)  # [U·P] each
-        if reference == "model":
-            ref = logps.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, layout=pair_layout)
+        out = logps.pair_logps(nnx.merge(graphdef, params, frozen), batch, layout=dpo.pair_layout)  # [U·P] each
+        if dpo.reference == "model":
+            ref = logps.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, layout=dpo.pair_layout)
             ref_c, ref_r = jax.lax.stop_gradient((ref["chosen_logp"], ref["rejected_logp"]))
-        elif reference == "precomputed":
+        elif dpo.reference == "precomputed":
             ref_c, ref_r = batch.per_pair(batch.ref_chosen_logp), batch.per_pair(batch.ref_rejected_logp)
         else:
             ref_c = ref_r = jnp.zeros_like(out["chosen_logp"])
         cc, rc = out["chosen_count"], out["rejected_count"]
         loss, metrics = losses.preference_loss(
             normalize(out["chosen_logp"], cc), normalize(out["rejected_logp"], rc),
-            normalize(ref_c, cc), normalize(ref_r, rc), loss_type=loss_type, beta=beta,
-            label_smoothing=label_smoothing, gamma=gamma, **{k: batch.per_pair(getattr(batch, k)) for k in RUBRIC_KEYS})
-        if sft_weight:
+            normalize(ref_c, cc), normalize(ref_r, rc), loss_type=dpo.loss_type, beta=dpo.beta,
+            label_smoothing=dpo.label_smoothing, gamma=dpo.gamma,
+            **{k: batch.per_pair(getattr(batch, k)) for k in RUBRIC_KEYS})
+        if dpo.sft_weight:
             nll = losses.token_nll(out["chosen_logp"], cc)
-            loss = loss + sft_weight * nll
+            loss = loss + dpo.sft_weight * nll
             metrics["sft_nll"] = nll
         valid = batch.per_pair(batch.valid)
         aux = (valid.sum(), _masked_sums(metrics, valid))
@@ -294,10 +326,10 @@ class Steps(NamedTuple):
     eval: Callable[[TrainState, Batch], dict]  # eval_step(state, batch) -> {name: (sum, count)}
 
 
-def make_dpo_step(graphdef, optimizer, schedule, *, accum_steps: int = 1, **loss_options) -> Steps:
-    """The DPO train and held-out steps; `loss_options` are those of `dpo_loss` (a precomputed reference
-    is checked against the policy's own log-likelihoods: `reference_check`)."""
-    loss_fn = dpo_loss(graphdef, pair_values=loss_options.get("reference") == "precomputed", **loss_options)
+def make_dpo_step(graphdef, optimizer, schedule, dpo: DPOSettings, *, accum_steps: int = 1) -> Steps:
+    """The DPO train and held-out steps (a precomputed reference is checked against the policy's own
+    log-likelihoods: `reference_check`)."""
+    loss_fn = dpo_loss(graphdef, dpo, pair_values=dpo.reference == "precomputed")
     return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps), make_eval_step(loss_fn))
 
 

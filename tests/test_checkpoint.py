@@ -10,7 +10,6 @@ from flax import nnx
 
 from rdpo_jax import checkpoint, optim, sharding, train_step
 from rdpo_jax.models import families, hf
-from rdpo_jax.models.config import RunSettings
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +17,7 @@ def saved(smoke_dir, tmp_path_factory):
     cfg = hf.read_config(f"{smoke_dir}/model")
     optimizer = optim.make_optimizer(learning_rate=1e-3, weight_decay=0.1)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
-    _, abstract = train_step.abstract_state(cfg, RunSettings(), optimizer, mesh, freeze=("vision_tower/.*",),
+    _, abstract = train_step.abstract_state(families.abstract_model(cfg), optimizer, mesh, freeze=("vision_tower/.*",),
                                             reference=True)
     params = nnx.to_pure_dict(nnx.state(families.create(cfg, mesh=mesh, seed=3), nnx.Param))
     state = train_step.new_state(params, optimizer, abstract)
@@ -38,7 +37,7 @@ def _equal(a, b):
 def test_restore_onto_another_mesh_shape(saved):
     cfg, optimizer, state, run = saved
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})  # saved as 2×4, restored as 4×2
-    _, abstract = train_step.abstract_state(cfg, RunSettings(), optimizer, mesh, freeze=("vision_tower/.*",),
+    _, abstract = train_step.abstract_state(families.abstract_model(cfg), optimizer, mesh, freeze=("vision_tower/.*",),
                                             reference=True)
     ck = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=3)
     restored = ck.restore(ck.latest_step(), abstract)
@@ -63,7 +62,7 @@ def test_incomplete_save_is_ignored(saved, tmp_path):
 def test_restore_params_only_from_another_run(saved):
     cfg, _, state, run = saved
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    abstract = train_step.abstract_params(cfg, RunSettings(), mesh)  # no optimizer, no freezing: params only
+    abstract = train_step.abstract_params(families.abstract_model(cfg), mesh)  # no optimizer, no freezing: params only
     params, step = checkpoint.restore_params(run, abstract)
     assert step == 5
     _equal(params["language_model"], state.params["language_model"])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdpo_jax import losses
+from rdpo_jax import losses, train_step
 
 B, K = 6, 5
 
@@ -174,13 +174,14 @@ def test_stable_at_extreme_margins(loss_type):
 
 
 def test_errors_are_clear():
+    """The settings are checked once, when made (`train_step.DPOSettings`); the loss checks its inputs."""
     x = jnp.zeros(2)
-    with pytest.raises(ValueError, match="loss_type 'dpo' is not one of"):
-        losses.preference_loss(x, x, x, x, loss_type="dpo", beta=0.1)
+    with pytest.raises(ValueError, match="loss_type: 'dpo' is not one of"):
+        train_step.DPOSettings(loss_type="dpo", beta=0.1)
     with pytest.raises(ValueError, match="'rubric' needs chosen_scores and rejected_scores"):
         losses.preference_loss(x, x, x, x, loss_type="rubric", beta=0.1)
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
-        losses.preference_loss(x, x, x, x, loss_type="robust", beta=0.1, label_smoothing=0.5)
+    with pytest.raises(ValueError, match=r"label_smoothing: must be in \[0, 0.5\)"):
+        train_step.DPOSettings(loss_type="robust", beta=0.1, label_smoothing=0.5)
 
 
 def test_token_nll():

@@ -279,8 +279,8 @@ def test_multi_answer_rows_equal_one_pair_rows_in_logps_and_gradients(tiny_llava
         layout = "shared_prefix" if name == "shared_prefix" else "multi_answer"
         graphdef = splash_graph if name == "packed_splash" else nnx.graphdef(model)
         pair_logps = jax.jit(lambda p, b, layout=layout: logps.pair_logps(nnx.merge(graphdef, p), b, layout=layout))
-        loss_fn = train_step.dpo_loss(graphdef, loss_type="sigmoid", beta=0.5, sft_weight=0.1, pair_layout=layout,
-                                      reference="precomputed")
+        loss_fn = train_step.dpo_loss(graphdef, train_step.DPOSettings(loss_type="sigmoid", beta=0.5, sft_weight=0.1,
+                                                                       pair_layout=layout, reference="precomputed"))
         grad = jax.jit(jax.grad(lambda p, b: (lambda s, aux: s / aux[0])(*loss_fn(p, {}, None, b))))
         out[name] = (pair_logps(params, batch), grad(params, batch))
     s_logps, s_grad = out["shared_prefix"]

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from rdpo_jax import logps, optim, packing, sharding, train_step
-from rdpo_jax.models import hf
+from rdpo_jax.models import families, hf
 from rdpo_jax.models.config import RunSettings
 from tests import tiny
 
@@ -58,7 +58,9 @@ def _run(folder, mesh, batch, *, optimizer=None, steps=1, freeze=(), objective="
     graphdef, state = train_step.init_state(model, optimizer, freeze=freeze, reference=reference)
     params0 = jax.tree.map(np.asarray, state.params)
     if objective == "dpo":
-        fn = train_step.make_dpo_step(graphdef, optimizer, schedule, **kw).train
+        accum_steps = kw.pop("accum_steps", 1)
+        fn = train_step.make_dpo_step(graphdef, optimizer, schedule, train_step.DPOSettings(**kw),
+                                      accum_steps=accum_steps).train
     else:
         fn = train_step.make_sft_step(graphdef, optimizer, schedule, **kw).train
     step = train_step.jit_step(fn, state, batch, mesh)
@@ -207,8 +209,8 @@ def test_reference_from_another_model(tiny_llava, mesh1):
     model, _ = hf.load_hf(folder, mesh=mesh1)
     optimizer = optax.sgd(1.0)
     freeze = (re.compile("vision_tower/.*"),)
-    graphdef, abstract = train_step.abstract_state(model.config, model.run, optimizer, mesh1, freeze=freeze,
-                                                   reference=True)
+    graphdef, abstract = train_step.abstract_state(families.abstract_model(model.config, model.run), optimizer, mesh1,
+                                                   freeze=freeze, reference=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     other = jax.tree.map(lambda x: x, params)
     other["language_model"] = jax.tree.map(lambda x: x + 1.0, params["language_model"])
@@ -257,8 +259,8 @@ def test_a_batch_without_valid_pairs_updates_nothing(tiny_llava, mesh1, capsys):
     adamw = optim.make_optimizer(learning_rate=1e-2, weight_decay=0.1)
     graphdef, state = train_step.init_state(model, adamw)
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    fn = train_step.make_dpo_step(graphdef, adamw, optax.constant_schedule(1e-2), loss_type="sigmoid", beta=0.1,
-                                  reference="precomputed").train
+    fn = train_step.make_dpo_step(graphdef, adamw, optax.constant_schedule(1e-2),
+                                  train_step.DPOSettings(loss_type="sigmoid", beta=0.1, reference="precomputed")).train
     step = train_step.jit_step(fn, state, full, mesh1)
     window = train._Window(max_nonfinite=2, source=None)
     state, metrics = step(state, empty)
@@ -301,7 +303,8 @@ def test_logged_lr_is_the_rate_applied_after_a_skipped_step(tiny_llava, mesh1):
     model, _ = hf.load_hf(folder, mesh=mesh1)
     adam = optim.make_optimizer(learning_rate=schedule)
     graphdef, state = train_step.init_state(model, adam)
-    fn = train_step.make_dpo_step(graphdef, adam, schedule, loss_type="sigmoid", beta=0.1, reference="precomputed").train
+    fn = train_step.make_dpo_step(graphdef, adam, schedule,
+                                  train_step.DPOSettings(loss_type="sigmoid", beta=0.1, reference="precomputed")).train
     step = train_step.jit_step(fn, state, clean, mesh1)
     lrs = []
     for batch in (clean, poisoned, clean):

@@ -97,8 +97,8 @@ def build(config, devices, *, names=PROGRAMS, all_buckets: bool = False, kind: s
     mesh = sharding.make_mesh(config_checks.validate(config, num_devices=len(devices), num_processes=processes),
                               devices=devices)
     setup = train.Setup(config, mesh)
-    precomputed = config.objective == "dpo" and config.dpo.reference == "precomputed"
-    options = pipeline.Options.from_config(config, reference_fingerprint="abstract" if precomputed else None)
+    options = pipeline.Options.from_config(config,
+                                           reference_fingerprint="abstract" if setup.precomputed_reference else None)
     if kind == "auto":
         kind = options.kind if options.kind == "sft" else ("groups" if options.pair_layout == "multi_answer"
                                                            else "pairs")
@@ -135,14 +135,13 @@ def build(config, devices, *, names=PROGRAMS, all_buckets: bool = False, kind: s
         traced = jax.jit(sharding.traced_on(mesh, setup.steps().eval)).trace(setup.abstract, batch)
         out.append(Program("eval", f"{buckets[-1][0] * processes} rows of {buckets[-1][1]} tokens", mesh, traced))
     one_host = host_mesh(config, devices)
-    if "ref_logps" in names and options.kind == "pairs":
-        run = config_lib.RunSettings.from_config(config)
-        graphdef = nnx.graphdef(families.abstract_model(setup.model_config, run))
-        params = train_step.abstract_params(setup.model_config, run, one_host)
+    if "ref_logps" in names and options.kind == "pairs":  # the run's model, its parameters on one host
+        graphdef = nnx.graphdef(setup.abstract_model)
+        params = train_step.abstract_params(setup.abstract_model, one_host)
         whole = pipeline.Collate(options, config.data.batch_size, 0, vision, kind)([])["batch"]
         shape = (len(whole.valid),) + buckets[-1][1:]
         batch = _abstract(whole.global_shapes(*shape), one_host)
-        layout = config.dpo.pair_layout
+        layout = setup.dpo.pair_layout
         forward = sharding.traced_on(one_host, lambda p, b: logps.pair_logps(nnx.merge(graphdef, p), b,
                                                                              layout=layout))
         out.append(Program("ref_logps", f"{shape[0]} rows of {shape[1]} tokens on one host", one_host,
@@ -159,8 +158,8 @@ def _sample_program(config, model_config, vision, mesh, prompts: int, n: int) ->
     dtype = config.model.dtype
     run = config_lib.RunSettings.from_config(config)
     run = dataclasses.replace(run, param_dtype=jnp.dtype(dtype), remat="none", check_image_tokens=False)
-    graphdef = nnx.graphdef(families.abstract_model(model_config, run))
-    params = train_step.abstract_params(model_config, run, mesh)
+    model = families.abstract_model(model_config, run)  # the compute dtype's parameters, no remat
+    graphdef, params = nnx.graphdef(model), train_step.abstract_params(model, mesh)
     rows = prompts + -prompts % mesh.devices.size
     T = max(64, (d.seq_buckets[-1] - d.max_answer_len) // 64 * 64)
     arrays, _ = vision.collate([None] * rows, slots=d.max_images)

@@ -132,10 +132,9 @@ def _train_finished(st: dict) -> str | None:
     """A training run is finished when its latest checkpoint is its last step (SIGTERM saves and exits 0)."""
     from rdpo_jax import checkpoint
 
-    run = st["outputs"]["run"]
-    with open(os.path.join(run, "config.json")) as f:
-        total = json.load(f)["total_steps"]
-    steps = checkpoint.saved_steps(run)
+    run = checkpoint.RunDir.open(st["outputs"]["run"])
+    total = run.config["total_steps"]
+    steps = run.steps()
     last = steps[-1] if steps else 0
     return None if last == total else f"stopped at step {last} of {total} (preempted?)"
 
