@@ -1,9 +1,15 @@
-"""Running the real commands (`python -m rdpo_jax.train`, launch scripts) in subprocesses from tests."""
+"""Running the real commands (`python -m rdpo_jax.train`, launch scripts) from tests: in subprocesses, or
+in the test process where a test is about what a command computes, not about its process (`call`)."""
 
+import contextlib
+import io
 import json
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +38,61 @@ def run(cmd: list[str], environment: dict, timeout: int = 300) -> subprocess.Com
     proc = subprocess.run(cmd, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def call(module: str, *args: str) -> str:
+    """`python -m MODULE ARGS` in this process (its `__main__` block run by runpy); returns what it printed.
+    A child pays seconds for the interpreter, the JAX and transformers imports and the compile cache before
+    the command starts; this pays none. Commands define their absl flags as they start, and several share
+    names (--out, --config, --distributed_auto), so the other commands' flags (data_prep.*, rdpo_jax.*; for a
+    data_prep command not data_prep.common, the library its shared flags come from) are set aside for the call, and afterwards everything is put back as it was: those flags, the
+    flags' parse state, the working directory (the repository's during the call, as `run`'s), the SIGTERM
+    handler and the compile cache folder (which a command may set for its process)."""
+    import jax
+    from absl import flags
+
+    values = flags.FLAGS
+    library = "data_prep.common" if module.startswith("data_prep.") else None
+    aside = {name: _drop(values, defined) for name, defined in values.flags_by_module_dict().items()
+             if name.startswith(("data_prep.", "rdpo_jax.")) and name != library}
+    parsed, sigterm, cache = values.is_parsed(), signal.getsignal(signal.SIGTERM), jax.config.jax_compilation_cache_dir
+    # absl files a __main__ module's flags under sys.argv[0]; ml_collections reads --config.* from sys.argv
+    argv, sys.argv = sys.argv, [module, *args]
+    cwd, out = os.getcwd(), io.StringIO()
+    os.chdir(ROOT)  # where `run` starts commands: configs/NAME.py paths are relative to the repository
+    try:
+        values.unparse_flags()
+        with contextlib.redirect_stdout(out), warnings.catch_warnings():
+            # the module may be imported already (as a library); a second copy runs as __main__, as intended
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+            runpy.run_module(module, run_name="__main__")
+    except SystemExit as exit:  # app.run ends with sys.exit(main(argv))
+        if exit.code not in (None, 0):
+            raise
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+        values.unparse_flags()
+        _drop(values, values.flags_by_module_dict().get(module, []))
+        _drop(values, [values[name] for name in values if "." in name])  # --config.FIELD, made by each parse
+        for name, defined in aside.items():
+            for flag in defined:
+                values[flag.name] = flag
+                values.register_flag_by_module(name, flag)
+        if parsed:
+            values.mark_as_parsed()
+        signal.signal(signal.SIGTERM, sigterm)
+        jax.config.update("jax_compilation_cache_dir", cache)
+    return out.getvalue()
+
+
+def _drop(values, defined: list) -> list:
+    """Removes these flags from `values`; returns them."""
+    defined = list(defined)  # absl removes each from the module's list, which may be this one
+    for flag in defined:
+        if flag.name in values and values[flag.name] is flag:
+            delattr(values, flag.name)
+    return defined
 
 
 def metrics(workdir: str) -> list[dict]:

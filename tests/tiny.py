@@ -11,7 +11,6 @@ from rdpo_jax.models.llava import tiny as llava_tiny
 # The parity configs' vocabulary and image token; the smoke setup's tokenizer (word level, ChatML) fits in it.
 VOCAB = 160
 IMAGE_TOKEN = testing.IMAGE_TOKEN
-SPECIAL, WORDS = testing.SPECIAL, smoke.WORDS
 
 CONFIGS = llava_tiny.PARITY  # every tower, decoder, feature-layer and tying option LLaVA reads
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rdpo_jax import packing
+from data_prep import smoke
+from rdpo_jax import packing, testing
 from rdpo_jax.data.tokenize import ChatTokenizer, TemplateError
 from tests import tiny, tokenizers
 
@@ -37,14 +38,14 @@ def test_prompt_matches_processor_apply_chat_template(folder):
     ids = _tok(folder).prompt(MESSAGES, [16])
     assert ids == list(expected)
     assert ids.count(tiny.IMAGE_TOKEN) == 16  # the placeholder expands to the model's image tokens
-    assert ids[-2:] == [1, tiny.WORDS.index("assistant") + len(tiny.SPECIAL)]  # "<|im_start|>assistant"
+    assert ids[-2:] == [1, smoke.WORDS.index("assistant") + len(testing.SPECIAL)]  # "<|im_start|>assistant"
 
 
 def test_answer_ends_with_end_of_turn_and_is_the_only_trained_part(folder):
     tok = _tok(folder)
     answer = tok.answer(MESSAGES, "yes there is a red circle")
     words = ["yes", "there", "is", "a", "red", "circle"]
-    assert answer == [tiny.WORDS.index(w) + len(tiny.SPECIAL) for w in words] + [2]  # <|im_end|> = 2
+    assert answer == [smoke.WORDS.index(w) + len(testing.SPECIAL) for w in words] + [2]  # <|im_end|> = 2
     prompt = tok.prompt(MESSAGES, [16])
     batch, _ = packing.pack([packing.Group(prompt, [answer], ())], layout="sft", seq_len=len(prompt) + 10,
                             max_answer_len=10)

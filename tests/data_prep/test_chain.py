@@ -1,9 +1,9 @@
 """The round's commands in order on a tiny model — build_rubrics → sample → judge → make_pairs →
-ref_logps → train — as a user runs them (subprocesses)."""
+ref_logps → train — with a user's command lines, run in the test process (`runs.call`; each command's
+process — restarts, kills, shards — is tested in test_restart.py, test_train.py, test_export.py)."""
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,31 +17,27 @@ from tests import runs
 
 BF16 = "--config.model.dtype=bfloat16"
 
-def _run(*args, cache):
-    return runs.run([sys.executable, "-m", *args], runs.env(cache)).stdout
-
-
-def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_path, compile_cache):
+def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_path):
     """…and, with bfloat16 compute, precomputed reference log-likelihoods equal the online reference's to the
     bit; data stamped with other settings is refused, naming the config field. (Restarts of sample, judge
     and make_pairs: test_restart.py.)"""
-    cache, out, model = compile_cache, str(tmp_path / "round"), f"{smoke_dir}/model"
+    out, model = str(tmp_path / "round"), f"{smoke_dir}/model"
     config = f"--config=configs/smoke.py:dir={smoke_dir}"
-    _run("data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path)}", f"--out={out}", cache=cache)
+    runs.call("data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path)}", f"--out={out}")
     assert len(list(arrayrecord.read(f"{out}/pool"))) == 6
 
-    log = _run("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
-               "--batch_size=4", f"--out={out}", cache=cache)
+    log = runs.call("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
+               "--batch_size=4", f"--out={out}")
     assert "samples: 48" in log
     assert len(list(arrayrecord.read(f"{out}/samples"))) == 48
 
-    log = _run("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
+    log = runs.call("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}")
     assert "scored: 48" in log
     judged = list(arrayrecord.read(f"{out}/judged"))
     assert all(len(s["scores"]) == 4 and s["judge"] == "verifier" for s in judged)
 
-    log = _run("data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
-               "--margin=0.05", cache=cache)
+    log = runs.call("data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
+               "--margin=0.05")
     pairs = list(arrayrecord.read(f"{out}/pairs"))
     assert pairs and f"pairs: {len(pairs)}" in log and "margin histogram" in log
     for p in pairs:
@@ -49,7 +45,7 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
         assert p["chosen"] != p["rejected"] and p["meta"]["miner"] == "rubric"
         assert p["chosen_ids"] and p["rejected_ids"] and p["tokenizer"]  # the sampled ids travel along
 
-    _run("data_prep.ref_logps", config, BF16, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
+    runs.call("data_prep.ref_logps", config, BF16, f"--pairs={out}/pairs", f"--out={out}")
     with_ref = list(arrayrecord.read(f"{out}/pairs_ref"))
     assert len(with_ref) == len(pairs)
     assert {p["ref_fingerprint"] for p in with_ref} == {hf.fingerprint(model)}
@@ -58,10 +54,10 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
     assert set(with_ref[0]["ref_settings"]) == set(pipeline.REFERENCE_SETTINGS)
 
     pre, online = str(tmp_path / "precomputed"), str(tmp_path / "online")
-    _run("rdpo_jax.train", config, f"--workdir={pre}", BF16, f"--config.data.train={out}/pairs_ref",
-         "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=3", cache=cache)
-    _run("rdpo_jax.train", config, f"--workdir={online}", BF16, f"--config.data.train={out}/pairs",
-         "--config.data.eval=", "--config.total_steps=1", cache=cache)
+    runs.call("rdpo_jax.train", config, f"--workdir={pre}", BF16, f"--config.data.train={out}/pairs_ref",
+         "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=3")
+    runs.call("rdpo_jax.train", config, f"--workdir={online}", BF16, f"--config.data.train={out}/pairs",
+         "--config.data.eval=", "--config.total_steps=1")
     a, b = ([json.loads(line) for line in open(f"{w}/metrics.jsonl")] for w in (pre, online))
     # the precomputed reference is this very model: at step 0 the margin is 0 and the loss log 2, in
     # bfloat16 too, and every first-step metric is the online reference's to the bit
@@ -80,11 +76,11 @@ def test_round_of_commands_produces_pairs_the_trainer_trains_on(smoke_dir, tmp_p
         pipeline.Prepare(arrayrecord.Source(f"{out}/pairs_ref"), options, None, None)._rubric(with_ref[0], "rec 0")
 
 
-def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path, compile_cache):
+def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path):
     """Qwen2.5-VL through every command of a round — sample → judge → make_pairs (prompt groups) → ref_logps
     (multi-answer rows) → train (precomputed reference, two groups per row) → evaluate → export — on prompts
     with 0, 1 and 2 images of different sizes in one pool."""
-    cache, out, model = compile_cache, str(tmp_path / "round"), f"{qwen_smoke_dir}/model"
+    out, model = str(tmp_path / "round"), f"{qwen_smoke_dir}/model"
     config = f"--config=configs/smoke.py:dir={qwen_smoke_dir},family=qwen2_5_vl"
     rng = np.random.default_rng(1)
     os.makedirs(tmp_path / "images")
@@ -98,25 +94,25 @@ def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path
             truth = {"mentions": ["red"], "details": ["circle"], "absent": ["blue"], "max_words": 8}
             f.write(json.dumps({"prompt_id": f"p{i}", "images": paths, "instruction": "describe the image",
                                 "ground_truth": truth}) + "\n")
-    _run("data_prep.build_rubrics", f"--input={tmp_path / 'prompts.jsonl'}", f"--out={out}", cache=cache)
+    runs.call("data_prep.build_rubrics", f"--input={tmp_path / 'prompts.jsonl'}", f"--out={out}")
     assert sorted(len(r["images"]) for r in arrayrecord.read(f"{out}/pool")) == [0, 0, 1, 1, 2, 2]
-    log = _run("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
-               "--batch_size=6", f"--out={out}", cache=cache)
+    log = runs.call("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=8", "--max_new_tokens=10",
+               "--batch_size=6", f"--out={out}")
     assert "samples: 48" in log
-    _run("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}", cache=cache)
-    log = _run("data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
-               "--margin=0.05", "--max_pairs=3", "--format=groups", cache=cache)
+    runs.call("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}")
+    log = runs.call("data_prep.make_pairs", f"--pool={out}/pool", f"--judged={out}/judged", f"--out={out}",
+               "--margin=0.05", "--max_pairs=3", "--format=groups")
     groups = list(arrayrecord.read(f"{out}/pairs"))
     n = sum(len(g["pairs"]) for g in groups)
     assert f"groups: {len(groups)}" in log and f"pairs: {n}" in log and n > len(groups)  # some prompts share
     multi = ("--config.dpo.pair_layout=multi_answer", "--config.data.seq_buckets=(128,)")
-    _run("data_prep.ref_logps", config, *multi, f"--pairs={out}/pairs", f"--out={out}", cache=cache)
+    runs.call("data_prep.ref_logps", config, *multi, f"--pairs={out}/pairs", f"--out={out}")
     with_ref = {g["group_id"]: g for g in arrayrecord.read(f"{out}/pairs_ref")}
     assert len(with_ref) == len(groups)
     assert all(p["ref_chosen_logp"] < 0 and p["ref_rejected_logp"] < 0 for g in with_ref.values() for p in g["pairs"])
     # scored two groups per row, every pair's reference log-likelihoods are the same
-    _run("data_prep.ref_logps", config, *multi, "--config.data.groups_per_row=2", f"--pairs={out}/pairs",
-         f"--out={out}", "--name=pairs_ref_packed", cache=cache)
+    runs.call("data_prep.ref_logps", config, *multi, "--config.data.groups_per_row=2", f"--pairs={out}/pairs",
+         f"--out={out}", "--name=pairs_ref_packed")
     packed = {g["group_id"]: g for g in arrayrecord.read(f"{out}/pairs_ref_packed")}
     assert packed.keys() == with_ref.keys()
     for key, g in packed.items():
@@ -124,9 +120,9 @@ def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path
             assert p["ref_chosen_logp"] == pytest.approx(q["ref_chosen_logp"], abs=1e-4)
             assert p["ref_rejected_logp"] == pytest.approx(q["ref_rejected_logp"], abs=1e-4)
     run = str(tmp_path / "run")
-    log = _run("rdpo_jax.train", config, *multi, f"--workdir={run}", f"--config.data.train={out}/pairs_ref_packed",
+    log = runs.call("rdpo_jax.train", config, *multi, f"--workdir={run}", f"--config.data.train={out}/pairs_ref_packed",
                "--config.data.eval=", "--config.dpo.reference=precomputed", "--config.total_steps=2",
-               "--config.data.groups_per_row=2", cache=cache)
+               "--config.data.groups_per_row=2")
     assert "compiled the dpo step for 4 rows of 128 tokens" in log  # 8 groups in 4 rows
     metrics = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
     # the reference is the initial policy, scored as training packs (two groups per row: patch buffers, 3D
@@ -134,10 +130,10 @@ def test_qwen_round_of_commands_with_mixed_image_counts(qwen_smoke_dir, tmp_path
     # and its loss log 2
     assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-5) and 0 < metrics[0]["token_padding"] < 1
     assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-5) and 0 < metrics[0]["patch_padding"] < 1
-    log = _run("rdpo_jax.evaluate", f"--model={run}", f"--pool={out}/pool", f"--out={tmp_path / 'eval'}",
-               "--max_new_tokens=6", cache=cache)
+    log = runs.call("rdpo_jax.evaluate", f"--model={run}", f"--pool={out}/pool", f"--out={tmp_path / 'eval'}",
+               "--max_new_tokens=6")
     assert len(open(tmp_path / "eval" / "answers.jsonl").readlines()) == 6
-    _run("rdpo_jax.export", f"--workdir={run}", f"--out={tmp_path / 'hf'}", cache=cache)
+    runs.call("rdpo_jax.export", f"--workdir={run}", f"--out={tmp_path / 'hf'}")
     import transformers
 
     loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf"),
