@@ -271,8 +271,8 @@ def test_batches_feed_the_dpo_step_as_global_arrays(model_folder, tmp_path):
     model, _ = hf.load_hf(model_folder, mesh=mesh)
     optimizer = optax.sgd(0.0)
     graphdef, state = train_step.init_state(model, optimizer)
-    step = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(0.0), loss_type="rubric", beta=0.1,
-                                    reference="precomputed").train
+    step = train_step.make_dpo_step(graphdef, optimizer, optax.constant_schedule(0.0),
+                                    train_step.DPOSettings(loss_type="rubric", beta=0.1, reference="precomputed")).train
     _, metrics = train_step.jit_step(step, state, element["batch"], mesh)(state, batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["count"]) == 8
 
@@ -424,8 +424,8 @@ def test_groups_train_as_their_pairs_in_every_layout(model_folder, tmp_path, lay
 
     model, _ = hf.load_hf(model_folder)
     graphdef, params = nnx.split(model)
-    loss_fn = train_step.dpo_loss(graphdef, loss_type="rubric", beta=0.5, gamma=0.1, sft_weight=0.1,
-                                  pair_layout=layout, reference="precomputed")
+    loss_fn = train_step.dpo_loss(graphdef, train_step.DPOSettings(loss_type="rubric", beta=0.5, gamma=0.1, sft_weight=0.1,
+                                                                   pair_layout=layout, reference="precomputed"))
     pair_logps = jax.jit(lambda p, b: logps.pair_logps(nnx.merge(graphdef, p), b, layout=layout))
     grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, {}, None, b), has_aux=True))
     for key, value in pair_logps(params, s).items():
@@ -503,8 +503,9 @@ def test_groups_sharing_rows_train_as_their_pairs(model_folder, tmp_path):
     got, want = pair_logps["multi_answer"](params, p), pair_logps["shared_prefix"](params, single)
     for key, value in want.items():
         np.testing.assert_allclose(np.asarray(got[key])[where], value, atol=1e-5, rtol=0, err_msg=key)
-    loss_fn = {layout: train_step.dpo_loss(graphdef, loss_type="sigmoid", beta=0.5, pair_layout=layout,
-                                           reference="precomputed") for layout in ("multi_answer", "shared_prefix")}
+    loss_fn = {layout: train_step.dpo_loss(graphdef, train_step.DPOSettings(loss_type="sigmoid", beta=0.5, pair_layout=layout,
+                                                                            reference="precomputed"))
+               for layout in ("multi_answer", "shared_prefix")}
     grad = {k: jax.jit(jax.grad(lambda q, b, f=f: f(q, {}, None, b), has_aux=True)) for k, f in loss_fn.items()}
 
     g_grad, s_grad = grad["multi_answer"](params, p)[0], grad["shared_prefix"](params, single)[0]
