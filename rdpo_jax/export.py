@@ -162,7 +162,7 @@ def _last_metrics(workdir: str, step: int) -> dict:
 
 
 def model_card(run: dict, *, workdir: str, step: int, dtype: str, base: str, metrics: dict,
-               architecture: str = "LlavaForConditionalGeneration") -> str:
+               architecture: str) -> str:
     """A README.md with the Hub's front matter, the training summary, metrics and a usage snippet."""
     get = lambda *keys: _get(run, keys)  # noqa: E731
     objective = get("objective")

@@ -12,12 +12,13 @@ IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"  # what the chat te
 def hf_config(tokenizer, *, width: int = 64, depth: int = 2, image_size: int | None = None, patch_size: int = 4,
               tied: bool = False, **text):
     """A Qwen2.5-VL over `tokenizer`'s vocabulary: decoder `width` wide (4 heads; M-RoPE sections scaled
-    to the head) and `depth` deep; the tower half as wide, two blocks (the second full attention), windows
+    to the head; a `hidden_size` in `text` is the width) and `depth` deep; the tower half as wide, two blocks (the second full attention), windows
     of 2×2 merged tokens. `text`: decoder fields to override. (`image_size` is the processor's.)"""
     import transformers
 
     del image_size
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    width = text.pop("hidden_size", width)  # the tower's output must be the decoder's width
     half = width // 4 // 2  # half the head_dim
     return transformers.Qwen2_5_VLConfig(
         vision_config=dict(depth=2, hidden_size=width // 2, intermediate_size=width, num_heads=4, patch_size=patch_size,
