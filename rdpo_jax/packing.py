@@ -159,8 +159,6 @@ def pack(groups: Sequence[Group], *, layout: str, seq_len: int, max_answer_len: 
       PromptTooLongError: a prompt leaves no room for its answers (naming the pair or group);
       ValueError: a group breaks a limit or a pair names an answer it does not have.
     """
-    if layout != "sft":
-        rows_per_pair(layout)
     if rows is not None and layout not in ("sft", "multi_answer"):
         raise ValueError(f"{layout} rows hold one group each")
     units = [[i] for i in range(len(groups))] if rows is None else rows

@@ -83,7 +83,6 @@ class Options:
             raise ValueError(f"on_bad_record {self.on_bad_record!r} is not one of {ON_BAD_RECORD}")
         if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
             raise ValueError(f"seq_buckets must be increasing, got {self.seq_buckets}")
-        packing.rows_per_pair(self.pair_layout)
         if self.max_pairs_per_group < 1 or self.max_answers_per_group < 0:
             raise ValueError(f"max_pairs_per_group {self.max_pairs_per_group} must be ≥ 1 and max_answers_per_group "
                              f"{self.max_answers_per_group} ≥ 0")
