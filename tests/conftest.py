@@ -81,8 +81,13 @@ def qwen_smoke_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory):
-    """A persistent JAX compilation cache shared by the commands tests run in subprocesses."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
+    """A persistent JAX compilation cache shared by the commands tests run in subprocesses, and by both
+    xdist workers (their base directories' parent is the session's): a program one worker's commands
+    compiled, the other's read. `runs.env` turns on JAX's file lock around the cache's reads and writes."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

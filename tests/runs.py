@@ -25,6 +25,7 @@ def env(compile_cache: str, devices: int = 8, *, optimize: bool = False) -> dict
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}{fast}",
                 JAX_PLATFORMS="cpu", PYTHONFAULTHANDLER="1",
                 JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),  # a size limit makes JAX lock the cache's files
                 PYTHONPATH=ROOT)
 
 
