@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def env(compile_cache: str, devices: int = 8, *, optimize: bool = False) -> dict:
     """The test environment for a child process: CPU, `devices` simulated devices, a shared compile cache,
     and XLA's LLVM optimisation off as in the test process (conftest.py) unless `optimize`: the
-    multi-process tests keep it on, because with it off two processes resumed from a preemption were not
-    bitwise equal to an uninterrupted pair (1e-7 apart). A child that crashes (a segfault was seen once in
+    multi-process runs compared bitwise keep it on, because with it off two processes resumed from a
+    preemption were not bitwise equal to an uninterrupted pair (1e-7 apart). A child that crashes (a segfault was seen once in
     a trainer) prints every thread's Python stack (faulthandler) at the end of its stderr, which `run`
     shows."""
     fast = "" if optimize else " --xla_backend_optimization_level=0"

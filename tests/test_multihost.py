@@ -61,7 +61,7 @@ def _args(smoke_dir, data, workdir, *extra):
 def one_process(smoke_dir, data, tmp_path_factory, compile_cache):
     workdir = str(tmp_path_factory.mktemp("one") / "run")
     runs.run([sys.executable, "-m", "rdpo_jax.train", *_args(smoke_dir, data, workdir)],
-             runs.env(compile_cache, devices=4, optimize=True))
+             runs.env(compile_cache, devices=4))  # compared within tolerances: LLVM's optimisation may stay off
     return workdir
 
 
@@ -236,9 +236,9 @@ def test_packed_rows_two_processes_match_one(smoke_dir, data, tmp_path, compile_
         kept = [a for a in _args(smoke_dir, data, workdir) if not a.startswith("--config.data.seq_buckets")]
         return kept + list(PACKED)
 
-    runs.run([sys.executable, "-m", "rdpo_jax.train", *args(one)], runs.env(compile_cache, devices=4, optimize=True))
+    runs.run([sys.executable, "-m", "rdpo_jax.train", *args(one)], runs.env(compile_cache, devices=4))
     proc = runs.run(["bash", "launch/local_multiprocess.sh", "--processes=2", "--devices_per_process=2",
-                     f"--python={sys.executable}", f"--log_dir={tmp_path}", "--", *args(two)], runs.env(compile_cache, optimize=True))
+                     f"--python={sys.executable}", f"--log_dir={tmp_path}", "--", *args(two)], runs.env(compile_cache))
     assert "all 2 processes finished" in proc.stdout
     ls, lm = _losses(one), _losses(two)
     assert sorted(ls) == sorted(lm) == list(range(1, 5))
