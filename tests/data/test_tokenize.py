@@ -190,3 +190,141 @@ def test_fingerprint_names_the_tokenizer_files(kinds, tmp_path):
     (copy / "chat_template.jinja").write_text(tokenizers.TEMPLATES["qwen2"].replace("\n", " "))
     tok = ChatTokenizer(str(copy), image_token_id=tokenizers.IMAGE_TOKEN)  # read once per object
     assert tok.fingerprint != fingerprints["qwen2"]  # the template changes the ids
+
+
+# --- a think block in the generation prompt: every consumer sees the same prompt ids ---------------------
+# Qwen3.5 (thinking off) ends the generation prompt with an empty think block and renders assistant turns
+# with it; Qwen3-VL-Thinking opens a think block the answer closes (its reasoning, "</think>", the reply).
+# `<think>` / `</think>` are added tokens that are not special, as in Qwen's tokenizers (decoding keeps them).
+
+_CONTENT = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+            "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}"
+            "{% endif %}{% endfor %}{% endif %}")
+THINK_TEMPLATES = {
+    "empty_think": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                   "<think>\n\n</think>\n\n{% endif %}" + _CONTENT + "<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}",
+    # the answered (last) turn splits its content at "</think>" into reasoning and reply, as Qwen3's does
+    "open_think": "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}{% set c = m['content'] %}"
+                  "{% set r = '' %}{% if '</think>' in c %}{% set r = c.split('</think>')[0].split('<think>')[-1] %}"
+                  "{% set c = c.split('</think>')[-1].lstrip('\\n') %}{% endif %}<|im_start|>assistant\n<think>\n"
+                  "{{ r.strip('\\n') }}\n</think>\n\n{{ c }}<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n"
+                  + _CONTENT + "<|im_end|>\n{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
+}
+THINK_PROMPT_END = {"empty_think": ["assistant", "<think>", "</think>"], "open_think": ["assistant", "<think>"]}
+# (chosen, rejected) as the policy writes them after each template's prompt; their tokens + end of turn are
+# the answer ids
+THINK_ANSWERS = {"empty_think": ("yes there is a red circle", "no"),
+                 "open_think": ("a red circle </think> yes there is", "</think> no")}
+THINK_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a red circle"}]}]
+
+
+@pytest.fixture(scope="module")
+def think_folders(tmp_path_factory):
+    """{template: a tiny Qwen2.5-VL's folder (config, processor, word-level tokenizer with that template)}."""
+    from rdpo_jax.models.qwen2_5_vl import tiny as qwen_tiny
+
+    out = {}
+    for name, template in THINK_TEMPLATES.items():
+        tok = testing.tokenizer(["user", "assistant", "yes", "no", "is", "there", "a", "red", "circle"],
+                                family="qwen2_5_vl")
+        tok.add_tokens(["<think>", "</think>"])
+        tok.chat_template = template
+        folder = str(tmp_path_factory.mktemp(name))
+        qwen_tiny.hf_config(tok).save_pretrained(folder)
+        qwen_tiny.save_processor(folder, tok)  # writes the tokenizer and its template too
+        out[name] = folder
+    return out
+
+
+def _think_tok(folder):
+    from rdpo_jax.models import hf
+
+    return ChatTokenizer(folder, image_token_id=hf.read_config(folder).image_token_id)
+
+
+def _token_ids(tok, text):
+    return tok.tokenizer.convert_tokens_to_ids(text.split())
+
+
+@pytest.mark.parametrize("template", THINK_TEMPLATES)
+def test_think_block_ends_the_prompt_and_stays_out_of_the_answer(think_folders, template):
+    tok = _think_tok(think_folders[template])
+    hf = tok.tokenizer
+    prompt = tok.prompt(THINK_MESSAGES, [4])
+    end = THINK_PROMPT_END[template]
+    assert hf.convert_ids_to_tokens(prompt[-len(end):]) == end
+    assert prompt.count(tok.image_token_id) == 4
+    eot = hf.convert_tokens_to_ids("<|im_end|>")
+    assert tok.stop_ids() == (eot,)
+    for text in THINK_ANSWERS[template]:
+        answer = tok.answer(THINK_MESSAGES, text)
+        assert answer == _token_ids(tok, text) + [eot]  # what the model writes after the prompt, and the end of turn
+        assert hf.decode(answer, skip_special_tokens=True) == text  # the sampler's text of those ids
+    if template == "empty_think":  # the think block is the prompt's, never trained
+        think = set(hf.convert_tokens_to_ids(["<think>", "</think>"]))
+        assert not think & set(tok.answer(THINK_MESSAGES, THINK_ANSWERS[template][0]))
+    else:  # a reply without reasoning: the template closes the think block, which the model must write
+        assert tok.answer(THINK_MESSAGES, "yes") == _token_ids(tok, "</think> yes") + [eot]
+
+
+@pytest.mark.parametrize("template", THINK_TEMPLATES)
+def test_trainer_ref_logps_sampler_and_judge_see_the_same_prompt_ids(think_folders, template, tmp_path):
+    """The trainer and ref_logps build batches with `pipeline.make_dataset` over the config's model folder
+    (tokenizer, image adapter, options); the sampler and the Flax judge encode and left-pad prompts
+    (`sampling.answer` → `ChatTokenizer.encode`, `sampling.collate`). Their rows start (the sampler's end)
+    with the same prompt ids and positions, and records with the sampler's ids train what text-only ones do."""
+    from configs import smoke as smoke_config
+    from rdpo_jax import inference, sampling
+    from rdpo_jax.data import arrayrecord, pipeline
+    from rdpo_jax.models import hf as hf_lib
+    from rdpo_jax.models import image_inputs
+    from rdpo_jax.rubrics.judge import Item
+    from rdpo_jax.rubrics.prompt import judge_messages
+
+    folder = think_folders[template]
+    config = smoke_config.get_config(f"dir={tmp_path},family=qwen2_5_vl")
+    config.model.path = folder
+    config.data.seq_buckets, config.data.max_images = (64,), 1
+    model_config = hf_lib.read_config(folder)
+    tok = ChatTokenizer(config.model.path, image_token_id=model_config.image_token_id)  # train._Data's, load's
+    image_input = image_inputs.from_config(config, model_config)
+    prompt = tok.encode(THINK_MESSAGES, [testing.png(np.random.default_rng(0), (16, 16))], image_input)
+    end = tok.tokenizer.convert_tokens_to_ids(THINK_PROMPT_END[template])
+    assert list(prompt.ids[-len(end):]) == end and prompt.positions.shape == (3, len(prompt.ids))
+
+    chosen, rejected = THINK_ANSWERS[template]
+    rubric = {"criteria": [{"id": "c0", "text": "says yes", "kind": "essential", "weight": 1.0, "scale": "binary"}]}
+    record = dict(prompt_id="p", images=[testing.png(np.random.default_rng(0), (16, 16))], messages=THINK_MESSAGES,
+                  chosen=chosen, rejected=rejected, rubric=rubric, chosen_scores=[1], rejected_scores=[0], meta={})
+    eot = tok.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    sampled = dict(chosen_ids=_token_ids(tok, chosen) + [eot], rejected_ids=_token_ids(tok, rejected) + [eot],
+                   tokenizer=tok.fingerprint)  # as data_prep.sample generated and make_pairs kept them
+    arrayrecord.write(str(tmp_path), "pairs", "pairs", [{**record, "pair_id": "text"},
+                                                        {**record, "pair_id": "ids", **sampled}])
+    source = arrayrecord.Source(str(tmp_path / "pairs"))
+    options = pipeline.Options.from_config(config)
+    P = len(prompt.ids)
+    for seed, epochs in ((None, 1), (config.data.seed, None)):  # ref_logps's pass, the trainer's
+        batch = pipeline.make_dataset(source, options, tok, image_input, global_batch_size=2, seed=seed,
+                                      num_epochs=epochs, process_index=0, process_count=1)[0]["batch"]
+        assert batch.valid.tolist() == [[1.0], [1.0]]
+        for row in range(2):
+            np.testing.assert_array_equal(batch.input_ids[row, :P], prompt.ids)
+            np.testing.assert_array_equal(batch.positions[row, :, :P], prompt.positions)
+            assert (batch.branch_ids[row, :P] == 0).all() and batch.branch_ids[row, P] == 1
+            trained = batch.targets[row][batch.target_branch[row] > 0]
+            np.testing.assert_array_equal(trained, sampled["chosen_ids"] + sampled["rejected_ids"])
+        np.testing.assert_array_equal(batch.input_ids[0], batch.input_ids[1])  # text-only = the sampler's ids
+
+    policy = inference.Policy(None, model_config, folder, None, tok, image_input, None)  # what collate reads
+    item = Item("s", THINK_MESSAGES, record["images"], rubric, chosen)
+    judge_prompt = tok.encode(judge_messages(item), item.images, image_input)  # FlaxJudge → sampling.answer
+    assert list(judge_prompt.ids[-len(end):]) == end
+    length = 128
+    ids, mask, arrays = sampling.collate(policy, [prompt, judge_prompt], length)
+    for row, p in enumerate((prompt, judge_prompt)):
+        np.testing.assert_array_equal(ids[row, length - len(p.ids):], p.ids)
+        assert mask[row].sum() == len(p.ids)
+        np.testing.assert_array_equal(arrays["positions"][row, :, length - len(p.ids):], p.positions)
