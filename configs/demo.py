@@ -8,10 +8,11 @@ DPO arms on the pairs of one on-policy round.
 Arguments: dir (the demo workdir, required), objective (sft | dpo), pairs (dpo: the pairs dataset; the
 demo's loop sets data.train instead),
 loss (dpo: a loss type), steps (override the step budget), seed, init (dpo: the policy to start from and
-use as reference; default the SFT run), family (llava | qwen2_5_vl: the world's model family).
+use as reference; default the SFT run), family (a `models/families.py` model type: the world's model family).
 """
 
 from rdpo_jax import defaults
+from rdpo_jax.models import families
 
 
 def get_config(arg: str = ""):
@@ -54,9 +55,6 @@ def get_config(arg: str = ""):
         c.dpo.sft_weight = 1.0  # without it, 80 steps at 1e-4 cost the SFT policy up to half its essential pass
         c.optim.learning_rate = 1e-4  # 5e-4 degenerates (repetitions); 3e-5 barely moves the policy
         c.optim.warmup_steps = 5
-    if args.get("family", "llava") == "qwen2_5_vl":  # vision start/end around each example's 4 image tokens
-        c.data.seq_buckets = tuple(b + 2 * c.data.groups_per_row for b in c.data.seq_buckets)
-        # a 48×48 image: 4×4 patches of 12 px; an SFT row holds up to 4 images
-        c.data.patch_buckets = (64,) if c.objective == "sft" else (16,)
+    families.get(args.get("family", "llava")).tiny.demo_config(c)
     c.checkpoint.every = c.total_steps
     return c

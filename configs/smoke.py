@@ -4,11 +4,12 @@
     python -m rdpo_jax.train --config=configs/smoke.py:dir=/tmp/smoke --workdir=/tmp/run
     python -m rdpo_jax.train --config=configs/smoke.py:dir=/tmp/smoke,objective=sft --workdir=/tmp/run_sft
 
-The argument is `key=value` pairs: dir (required), objective (dpo | sft), family (llava | qwen2_5_vl: the
-family `data_prep.smoke --family` wrote; Qwen2.5-VL records hold 0–2 images of any size).
+The argument is `key=value` pairs: dir (required), objective (dpo | sft), family (llava | qwen2_5_vl |
+qwen3_vl: the family `data_prep.smoke --family` wrote; Qwen-VL records hold 0–2 images of any size).
 """
 
 from rdpo_jax import defaults
+from rdpo_jax.models import families
 
 
 def get_config(arg: str = ""):
@@ -30,14 +31,7 @@ def get_config(arg: str = ""):
     c.dpo.beta = 0.5
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 1
-    c.optim.freeze = "vision_tower/.*"
-    c.optim.lr_multipliers = "multi_modal_projector/.*=2"
-    if args.get("family", "llava") == "qwen2_5_vl":
-        c.data.seq_buckets = (64, 128)
-        c.data.max_images = 2
-        c.data.patch_buckets = (64, 288)  # two images of at most 12×12 patches
-        c.optim.freeze = "visual/(patch_embed|blocks)/.*"
-        c.optim.lr_multipliers = "visual/merger/.*=2"
+    families.get(args.get("family", "llava")).tiny.smoke_config(c)  # the tower frozen, the family's records
     c.checkpoint.every = 2
     c.checkpoint.keep = 2
     c.log.every = 1

@@ -1,12 +1,13 @@
 """Writes a tiny but complete training setup for smoke runs and tests (nothing downloaded).
 
-    python -m data_prep.smoke --out=DIR [--family=llava|qwen2_5_vl] [--pairs=32] [--sft=32] [--seed=0]
+    python -m data_prep.smoke --out=DIR [--family=llava|qwen2_5_vl|qwen3_vl] [--pairs=32] [--sft=32] [--seed=0]
 
 DIR/model      a Hugging Face model folder, a few thousand parameters per layer: config.json, random
                weights (model.safetensors), a word-level tokenizer with a ChatML chat template and the
                image processor: the family's tiny model (`models/<family>/tiny.py`; llava: SigLIP 32 px +
                Qwen2, one image per record; qwen2_5_vl: vision patch 4, window and full attention, M-RoPE,
-               records holding 0, 1 or 2 images of different sizes).
+               records holding 0, 1 or 2 images of different sizes; qwen3_vl: the same records, a tower with learned
+               positions and DeepStack, interleaved M-RoPE).
 DIR/pairs      rubric-scored preference pairs (ArrayRecord + manifest), DIR/pairs_eval held-out pairs
 DIR/sft        SFT examples
 DIR/prompts.jsonl, DIR/heldout_prompts.jsonl   8 and 6 prompts (images in DIR/images) with ground truth,
@@ -32,7 +33,7 @@ WORDS = ("system user assistant describe the image a an one two three four five 
 
 def tokenizer(family: str = "llava"):
     """The word-level tokenizer over `WORDS` (ChatML, `testing.tokenizer`); the family's vision tokens
-    follow the words (qwen2_5_vl: ids 51…54)."""
+    follow the words (Qwen-VL: ids 51…54)."""
     return testing.tokenizer(WORDS, family=family)
 
 

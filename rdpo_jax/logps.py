@@ -56,8 +56,8 @@ def pair_logps(model, batch: Batch, *, layout: str) -> dict[str, jax.Array]:
     images = model.images_of(batch.images)
     features = None if images is None else model.image_features(images)
     rows = batch.input_ids.shape[0]
-    if features is not None and rows > len(features[1]):  # a unit's rows (its pairs, their copies) are adjacent
-        features = jax.tree.map(lambda x: jnp.repeat(x, rows // len(features[1]), axis=0), features)
+    if features is not None and rows > len(features.counts):  # a unit's rows (its pairs, their copies) are adjacent
+        features = jax.tree.map(lambda x: jnp.repeat(x, rows // len(features.counts), axis=0), features)
     logps = token_logps(model, batch, features)
     branch = batch.target_branch
 

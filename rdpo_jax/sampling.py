@@ -266,10 +266,10 @@ def prefill(model, prompt_ids: jax.Array, prompt_mask: jax.Array, images, positi
     lm = model.language_model
     if positions is None:
         positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    x = model.embed(prompt_ids, None if images is None else model.image_features(images))
+    features = None if images is None else model.image_features(images)
     valid = jnp.concatenate([prompt_mask > 0, jnp.zeros((B, length - T), bool)], axis=1)
     mask = jnp.tril(jnp.ones((T, length), bool), 0)[None] & valid[:, None, :]
-    hidden, cache = lm(x, mask, positions, (lm.init_cache(B, length, x.dtype), 0))
+    hidden, cache = model.decode(prompt_ids, features, mask, positions, (lm.init_cache(B, length, model.run.dtype), 0))
     return {"cache": cache, "logits": model.logits(hidden[:, -1]), "valid": valid,
             "position": positions.reshape(B, -1).max(axis=1)}
 

@@ -1,35 +1,42 @@
-"""Tiny random transformers Qwen2.5-VL models (no downloads; the family's parity config,
-`models/qwen2_5_vl/tiny.py`) and packed inputs for parity tests."""
+"""Tiny random transformers Qwen2.5-VL and Qwen3-VL models (no downloads; each family's parity config,
+`models/<family>/tiny.py`) and packed inputs for parity tests (the two share tokens, patches and
+positions)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from rdpo_jax.models.qwen2_5_vl import tiny as qwen_tiny
+from rdpo_jax.models.qwen3_vl import tiny as qwen3_tiny
 
-VISION, TEXT = qwen_tiny.PARITY_VISION, qwen_tiny.PARITY_TEXT
-VOCAB = TEXT["vocab_size"]
+VOCAB = qwen_tiny.PARITY_TEXT["vocab_size"]
 IMAGE, VIDEO, VISION_START, VISION_END = (qwen_tiny.PARITY_TOKENS[k] for k in (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
 PATCH_DIM = 3 * 2 * 4 * 4
 MERGE = 2
 
 
-def hf_config(tied: bool):
+# per family: (transformers config class, model class, the family's tiny module)
+CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", qwen_tiny),
+           "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", qwen3_tiny)}
+
+
+def hf_config(tied: bool, family: str = "qwen2_5_vl"):
     import transformers
 
-    return transformers.Qwen2_5_VLConfig(vision_config=VISION, text_config=TEXT, **qwen_tiny.PARITY_TOKENS,
-                                         tie_word_embeddings=tied)
+    config, _, t = CLASSES[family]
+    return getattr(transformers, config)(vision_config=t.PARITY_VISION, text_config=t.PARITY_TEXT,
+                                         **t.PARITY_TOKENS, tie_word_embeddings=tied)
 
 
-def build(tied: bool, folder: str):
-    """Builds, randomizes (norm scales and biases too) and saves a tiny Qwen2.5-VL; returns (folder,
-    torch model in eval mode, fp32, eager attention)."""
+def build(tied: bool, folder: str, family: str = "qwen2_5_vl"):
+    """Builds, randomizes (norm scales and biases too) and saves a tiny model of the family; returns
+    (folder, torch model in eval mode, fp32, eager attention)."""
     import torch
     import transformers
 
     torch.manual_seed(7 + tied)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(hf_config(tied)).eval()
+    model = getattr(transformers, CLASSES[family][1])(hf_config(tied, family)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and "norm" in name or name.endswith("ln_q.weight"):

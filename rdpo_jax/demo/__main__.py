@@ -1,7 +1,7 @@
 """`make demo`: the whole rDPO loop on a CPU, on a world where the truth is known.
 
     python -m rdpo_jax.demo [--workdir=demo_workdir] [--budget=full|tiny] [--seeds=1] [--rounds=1] [--fresh]
-        [--family=llava|qwen2_5_vl] [--sft_steps=N]
+        [--family=llava|qwen2_5_vl|qwen3_vl] [--sft_steps=N]
 
 Stages (each a real command in a subprocess, as a TPU user runs them; a finished stage is recorded in
 WORKDIR/stages/ and skipped on the next run unless --fresh):

@@ -69,9 +69,10 @@ class TextConfig:
     mlp_bias: bool
     qk_norm: bool
     rope: tuple[tuple[str, Any], ...]  # sorted items of the normalized rope parameters (without mrope_section)
-    # M-RoPE (Qwen2-VL family): head_dim/2 frequencies split in contiguous chunks of these sizes, chunk i
-    # rotating by position row i % 3 (t, h, w); () = 1D RoPE
+    # M-RoPE (Qwen2-VL family): head_dim/2 frequencies rotating by position rows t, h, w in sections of these
+    # sizes, contiguous or interleaved (Qwen3-VL): `layers.mrope_rows`; () = 1D RoPE
     mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,15 +153,17 @@ def _rope_from_hf(tc) -> tuple[tuple[str, Any], ...]:
              "only 1.0 (full rotary) is supported")
     params["rope_type"] = kind
     params.pop("type", None)
-    params.pop("mrope_section", None)  # TextConfig.mrope_section
+    params.pop("mrope_section", None)  # TextConfig.mrope_section and mrope_interleaved
+    params.pop("mrope_interleaved", None)
     if kind == "yarn" and params.get("factor") is None:
         params["factor"] = tc.max_position_embeddings / params["original_max_position_embeddings"]
     return tuple(sorted(params.items()))
 
 
-def text_from_hf(tc, *, family: str | None = None, mrope: bool = False) -> TextConfig:
+def text_from_hf(tc, *, family: str | None = None, mrope: str | None = None) -> TextConfig:
     """A transformers text config; `family`: the decoder it is when its `model_type` does not say (the text
-    config inside a Qwen2.5-VL is "qwen2_5_vl_text", a Qwen2); `mrope`: read its M-RoPE sections."""
+    config inside a Qwen2.5-VL is "qwen2_5_vl_text", a Qwen2); `mrope`: "contiguous" or "interleaved" to
+    read its M-RoPE sections (None: 1D RoPE)."""
     family = family or tc.model_type
     require(family in TEXT_FAMILIES, "text_config.model_type",
             f"{family!r} is not supported; supported: {list(TEXT_FAMILIES)}")
@@ -183,11 +186,14 @@ def text_from_hf(tc, *, family: str | None = None, mrope: bool = False) -> TextC
         qkv_bias=True if family == "qwen2" else attention_bias,
         o_bias=False if family == "qwen2" else attention_bias,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)), qk_norm=family == "qwen3",
-        rope=_rope_from_hf(tc), mrope_section=_mrope_section(tc, head_dim) if mrope else ())
+        rope=_rope_from_hf(tc), mrope_section=_mrope_section(tc, head_dim, mrope) if mrope else (),
+        mrope_interleaved=mrope == "interleaved")
 
 
-def _mrope_section(tc, head_dim: int) -> tuple[int, ...]:
-    section = tuple(int(n) for n in (getattr(tc, "rope_parameters", None) or {}).get("mrope_section", (16, 24, 24)))
+def _mrope_section(tc, head_dim: int, kind: str) -> tuple[int, ...]:
+    require(kind in ("contiguous", "interleaved"), "text_config.rope_parameters", f"M-RoPE kind {kind!r}")
+    default = (24, 20, 20) if kind == "interleaved" else (16, 24, 24)  # transformers' defaults per class
+    section = tuple(int(n) for n in (getattr(tc, "rope_parameters", None) or {}).get("mrope_section", default))
     require(len(section) == 3 and sum(section) == head_dim // 2, "text_config.rope_parameters.mrope_section",
             f"{list(section)} must be three chunks summing to head_dim/2 = {head_dim // 2}")
     return section

@@ -422,21 +422,33 @@ def _yarn(dim: int, base: float, rope: dict) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
+def mrope_rows(section: Sequence[int], interleaved: bool = False) -> tuple[int, ...]:
+    """Per frequency (H/2 of them) the M-RoPE position row it rotates by: 0 t, 1 h, 2 w.
+
+    Contiguous (Qwen2-VL, Qwen2.5-VL: `Qwen2_5_VLRotaryEmbedding`): chunks of `section` sizes, chunk i on
+    row i % 3. Interleaved (Qwen3-VL: `Qwen3VLTextRotaryEmbedding`): frequency f is h where f % 3 == 1 and
+    f < 3·section[1], w where f % 3 == 2 and f < 3·section[2], else t."""
+    if not interleaved:
+        return tuple(int(r) for r in np.concatenate([np.full(n, i % 3) for i, n in enumerate(section)]))
+    f = np.arange(sum(section))
+    rows = np.where((f % 3 == 1) & (f < 3 * section[1]), 1, 0)
+    return tuple(int(r) for r in np.where((f % 3 == 2) & (f < 3 * section[2]), 2, rows))
+
+
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, scale: float, dtype,
-                 mrope_section: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
+                 mrope: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
     """cos, sin float[B, T, H] for integer positions (angles in float32).
 
-    positions: int[B, T] (1D RoPE), or int[B, 3, T] (t, h, w) rows for M-RoPE, where the H/2 frequencies
-    split in contiguous chunks of `mrope_section` and chunk i rotates by row i % 3 (transformers'
-    `Qwen2_5_VLRotaryEmbedding`); 1D positions with a section are three equal rows (text-only rows).
+    positions: int[B, T] (1D RoPE), or int[B, 3, T] (t, h, w) rows for M-RoPE, where `mrope` gives per
+    frequency the row it rotates by (`mrope_rows`); 1D positions with M-RoPE are three equal rows
+    (text-only rows).
     """
     positions = positions.astype(jnp.float32)
-    if mrope_section:
+    if mrope:
         if positions.ndim == 2:
             positions = positions[:, None]
-        row = np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)])  # per frequency
-        positions = jnp.moveaxis(jnp.broadcast_to(positions, (positions.shape[0], 3, positions.shape[-1]))[:, row],
-                                 1, -1)  # [B, T, H/2]
+        positions = jnp.moveaxis(jnp.broadcast_to(positions, (positions.shape[0], 3, positions.shape[-1]))[
+            :, np.asarray(mrope)], 1, -1)  # [B, T, H/2]
     else:
         positions = positions[..., None]
     angles = positions * jnp.asarray(inv_freq)

@@ -106,36 +106,47 @@ class TextDecoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, dict(cfg.rope))
         self.inv_freq = tuple(self.inv_freq.tolist())  # hashable static metadata, not a parameter
-        self.mrope_section = cfg.mrope_section
+        self.mrope = layers.mrope_rows(cfg.mrope_section, cfg.mrope_interleaved) if cfg.mrope_section else ()
         self.remat, self.dtype = remat, dtype
 
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, cache=None, after_layer=None):
         """Input embeddings float[B, T, D] -> final hidden states float[B, T, D]; positions int[B, T], or
         int[B, 3, T] for M-RoPE (see `layers.rope_cos_sin`).
 
         `cache` (sampling): (per-layer list of (k, v) float[B, S, K, H], write index); returns
         (hidden, new per-layer list) then. See `Attention`.
+        `after_layer(i, x) -> x`: runs on each layer's output (i the layer's index: an int, or a traced int32
+        scalar when the layers are scanned), e.g. Qwen3-VL's DeepStack features added to the first layers' image positions.
         """
-        cos, sin = layers.rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype, self.mrope_section)
+        cos, sin = layers.rope_cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype, self.mrope)
         x = shard_activation(x, ACT)
+        hook = after_layer or (lambda i, x: x)
+        index = jnp.arange(self.num_layers, dtype=jnp.int32)
         if cache is not None:
-            kvs, index = cache
+            kvs, slot = cache
             if self.scan:  # (k, v) float[L, B, S, K, H]: each layer's slice in, its updated slice out
-                x, kvs = layers.scan(self.layers, lambda layer, x, kv: layer(x, mask, cos, sin, (*kv, index)), x, kvs)
+                def body(layer, x, inputs):
+                    kv, i = inputs
+                    x, kv = layer(x, mask, cos, sin, (*kv, slot))
+                    return hook(i, x), kv
+
+                x, kvs = layers.scan(self.layers, body, x, (kvs, index))
                 return self.norm(x), kvs
             new = []
-            for layer, (k, v) in zip(self.layers, kvs):
-                x, kv = layer(x, mask, cos, sin, (k, v, index))
+            for i, (layer, (k, v)) in enumerate(zip(self.layers, kvs)):
+                x, kv = layer(x, mask, cos, sin, (k, v, slot))
+                x = hook(i, x)
                 new.append(kv)
             return self.norm(x), new
         T = x.shape[1]
         mask = mask & jnp.tril(jnp.ones((T, T), bool))  # a decoder: no query sees a later key, whatever the layout
         if self.scan:
-            x, _ = layers.scan(self.layers, lambda layer, x, _: (layer(x, mask, cos, sin), None), x, remat=self.remat)
+            x, _ = layers.scan(self.layers, lambda layer, x, i: (hook(i, layer(x, mask, cos, sin)), None), x, index,
+                               remat=self.remat)
             return self.norm(x)
         run = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat)
-        for layer in self.layers:
-            x = run(layer, x, mask, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = hook(i, run(layer, x, mask, cos, sin))
         return self.norm(x)
 
     def init_cache(self, batch: int, length: int, dtype):

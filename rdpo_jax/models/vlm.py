@@ -6,7 +6,9 @@ A family's model (`llava/model.py`, `qwen2_5_vl/model.py`) subclasses `VisionLan
 `images` is the family's image input (LLaVA: pixels; Qwen2.5-VL: a packed patch buffer with metadata)
 and `images_of(batch)`, which picks it from a batch dict. Features come with a per-row count, so that
 rows may hold different numbers of image tokens; computing them apart from the decoder lets callers
-encode a pair's images once for both rows of the concat layout.
+encode a pair's images once for both rows of the concat layout. A family whose decoder reads image
+features again after its first layers (Qwen3-VL's DeepStack) returns them as `Features.deepstack`, and
+`decode` adds them there.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,12 @@ class ImageTokenMismatchError(ValueError):
     """The image placeholders of a row do not match the image features given for it."""
 
 
-Features = tuple[jax.Array, jax.Array]  # (float[B, F, D] features in placeholder order, int32[B] valid counts)
+class Features(NamedTuple):
+    """A batch's image features, every leaf batch-major (rows repeat with `jnp.repeat(…, axis=0)`)."""
+    feats: jax.Array  # float[B, F, D] in placeholder order
+    counts: jax.Array  # int32[B]: the row's valid features
+    # float[B, K, F, D]: added to the hidden states at the placeholders after decoder layers 0…K−1
+    deepstack: jax.Array | None = None
 
 
 class VisionLanguageModel(nnx.Module):
@@ -63,22 +70,39 @@ class VisionLanguageModel(nnx.Module):
         if features is None:
             _check_image_tokens(is_image, jnp.zeros(input_ids.shape[0], jnp.int32), self.run.check_image_tokens)
             return x
-        feats, counts = features
-        feats = sharding.shard_activation(feats.astype(x.dtype), ACT)
-        _check_image_tokens(is_image, counts, self.run.check_image_tokens)
-        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
-        spliced = jnp.take_along_axis(feats, index[..., None], axis=1)
-        return jnp.where(is_image[..., None], spliced, x)
+        feats = sharding.shard_activation(features.feats.astype(x.dtype), ACT)
+        _check_image_tokens(is_image, features.counts, self.run.check_image_tokens)
+        return jnp.where(is_image[..., None], _splice(feats, is_image), x)
+
+    def decode(self, input_ids, features: Features | None, mask: jax.Array, positions: jax.Array, cache=None):
+        """The decoder over `embed`'s output (see `TextDecoder.__call__` for mask, positions and cache),
+        with the features' DeepStack levels added after the first layers at the placeholders."""
+        after_layer = None
+        if features is not None and features.deepstack is not None:
+            is_image = input_ids == self.config.image_token_id
+            levels = features.deepstack.shape[1]
+
+            def after_layer(i, x):  # layer i < levels adds level i (one program for every layer when scanned)
+                if isinstance(i, int) and i >= levels:
+                    return x
+                level = jax.lax.dynamic_index_in_dim(features.deepstack, jnp.minimum(i, levels - 1), 1, False)
+                add = is_image & (i < levels)
+                return x + jnp.where(add[..., None], _splice(level.astype(x.dtype), is_image), 0)
+
+        return self.language_model(self.embed(input_ids, features), mask, positions, cache, after_layer)
 
     def hidden_states(self, input_ids, features: Features | None, attention_mask=None, positions=None) -> jax.Array:
         """Final-norm hidden states float[B, T, D] (before the LM head) from `image_features`' output."""
         B, T = input_ids.shape
+        if positions is None and features is not None and self.config.text.mrope_section:
+            raise ValueError("rows with images need their 3D M-RoPE positions int32[B, 3, T] "
+                             "(rdpo_jax.models.qwen2_5_vl.positions.rope_index)")
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), jnp.int32)
         mask = attention_mask if attention_mask.ndim == 3 else layers.causal_mask(attention_mask)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        return self.language_model(self.embed(input_ids, features), mask.astype(bool), positions)
+        return self.decode(input_ids, features, mask.astype(bool), positions)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: float[..., D] -> float32[..., V]."""
@@ -104,6 +128,12 @@ class VisionLanguageModel(nnx.Module):
     def __call__(self, input_ids, images=None, attention_mask=None, positions=None) -> jax.Array:
         features = None if images is None else self.image_features(images)
         return self.logits(self.hidden_states(input_ids, features, attention_mask, positions))
+
+
+def _splice(feats: jax.Array, is_image: jax.Array) -> jax.Array:
+    """float[B, T, D]: at the n-th placeholder of a row its n-th feature of float[B, F, D] (elsewhere any)."""
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
+    return jnp.take_along_axis(feats, index[..., None], axis=1)
 
 
 def _check_image_tokens(is_image: jax.Array, expected: jax.Array, enabled: bool):
@@ -147,7 +177,8 @@ class Family:
     tiny: the tiny models the tests, the smoke setup and the demo build: `VISION_TOKENS` (special tokens
       beyond "<image>"), `IMAGE_MARKUP` (the chat template's text for one image), `hf_config(tokenizer, *,
       width, depth, image_size, patch_size, tied, **text)`, `save_processor(folder, tokenizer, *,
-      image_size, patch_size)`, `smoke_images(rng, png)`.
+      image_size, patch_size)`, `smoke_images(rng, png)`, and `smoke_config(c)` / `demo_config(c)`, the
+      family's settings in `configs/smoke.py` / `configs/demo.py`.
     """
     model_type: str
     architecture: str

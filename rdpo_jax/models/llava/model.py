@@ -88,5 +88,5 @@ class Llava(VisionLanguageModel):
         F = feats.shape[1]
         feats = feats.reshape(B, N * F, feats.shape[2])
         if num_images is None:
-            return feats, jnp.full((B,), N * F, jnp.int32)
-        return feats, (num_images * F).astype(jnp.int32)
+            return Features(feats, jnp.full((B,), N * F, jnp.int32))
+        return Features(feats, (num_images * F).astype(jnp.int32))

@@ -75,3 +75,14 @@ PARITY = {
                          rope_scaling=dict(rope_type="linear", factor=2.0)),
         vision_feature_layer=-4, vision_feature_select_strategy="default", tie_word_embeddings=True),
 }
+
+
+def smoke_config(c) -> None:
+    """`configs/smoke.py`'s settings for this family (one image per record): the tower frozen, the projector
+    at twice the learning rate."""
+    c.optim.freeze = "vision_tower/.*"
+    c.optim.lr_multipliers = "multi_modal_projector/.*=2"
+
+
+def demo_config(c) -> None:
+    """`configs/demo.py`'s settings for this family: its defaults."""

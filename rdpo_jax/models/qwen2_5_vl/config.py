@@ -69,7 +69,7 @@ def from_hf(hf) -> QwenVLConfig:
     require(vc.hidden_act in ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu"), "vision_config.hidden_act",
             f"{vc.hidden_act!r} is not supported")
     # the text config inside is "qwen2_5_vl_text": a Qwen2 decoder with M-RoPE
-    vision, text = QwenVisionConfig.from_hf(vc), text_from_hf(hf.text_config, family="qwen2", mrope=True)
+    vision, text = QwenVisionConfig.from_hf(vc), text_from_hf(hf.text_config, family="qwen2", mrope="contiguous")
     require(vision.out_hidden_size == text.hidden_size, "vision_config.out_hidden_size",
             f"{vision.out_hidden_size} must equal the text hidden_size {text.hidden_size}")
     return QwenVLConfig(vision=vision, text=text, image_token_id=int(hf.image_token_id),

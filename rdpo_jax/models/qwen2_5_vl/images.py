@@ -149,9 +149,9 @@ def load_and_preprocess(data: bytes, cfg: QwenImageConfig) -> tuple[np.ndarray, 
     return preprocess(images.decode_image(data), cfg)
 
 
-def save_processor(folder: str, tok, *, patch_size: int = 4, pixels: tuple[int, int] | int = (8 * 8, 48 * 48)
-                   ) -> None:
-    """Writes the files of a Qwen2_5_VLProcessor with patches of `patch_size` (merged 2×2) to `folder`:
+def save_processor(folder: str, tok, *, patch_size: int = 4, pixels: tuple[int, int] | int = (8 * 8, 48 * 48),
+                   processor_class: str = "Qwen2_5_VLProcessor") -> None:
+    """Writes the files of a `processor_class` (Qwen2_5_VLProcessor, Qwen3VLProcessor) with patches of `patch_size` (merged 2×2) to `folder`:
     preprocessor_config.json, the tokenizer `tok` and its chat template.
     `pixels`: the (min, max) pixel budget per image, or one area (every image resized to it). (transformers
     5.23 builds that processor only with torchvision installed, for its video processor; the processor's
@@ -168,7 +168,7 @@ def save_processor(folder: str, tok, *, patch_size: int = 4, pixels: tuple[int, 
     path = os.path.join(folder, "preprocessor_config.json")
     with open(path) as f:
         d = json.load(f)
-    d["processor_class"] = "Qwen2_5_VLProcessor"
+    d["processor_class"] = processor_class
     with open(path, "w") as f:
         json.dump(d, f, indent=2)
     tok.save_pretrained(folder)

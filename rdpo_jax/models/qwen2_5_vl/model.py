@@ -38,6 +38,11 @@ class QwenImages(NamedTuple):
     row: jax.Array  # int32[B, N]: the patch's row in its image's patch grid
     col: jax.Array  # int32[B, N]
 
+    @classmethod
+    def from_batch(cls, batch: dict) -> QwenImages | None:
+        """The fields from a batch dict (`BATCH_KEYS`), None when it holds no patches."""
+        return cls(*(batch[k] for k in BATCH_KEYS)) if "patches" in batch else None
+
 
 class QwenVL(VisionLanguageModel):
     """Qwen2.5-VL: `images` = `QwenImages`; every image of grid (1, h, w) gives h·w/4 features, written over
@@ -53,20 +58,10 @@ class QwenVL(VisionLanguageModel):
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False, **kw)
         self.config, self.run = cfg, run
 
-    @staticmethod
-    def images_of(batch: dict) -> QwenImages | None:
-        if "patches" not in batch:
-            return None
-        return QwenImages(*(batch[k] for k in BATCH_KEYS))
+    images_of = staticmethod(QwenImages.from_batch)
 
     def image_features(self, images: QwenImages) -> Features:
         """(features float[B, N/4, D] in patch order, counts int32[B] = the row's real patches / 4)."""
         feats = self.visual(images.patches, images.image, images.row, images.col)
         group = self.config.vision.merge_size ** 2
-        return feats, ((images.image >= 0).sum(axis=1) // group).astype(jnp.int32)
-
-    def hidden_states(self, input_ids, features: Features | None, attention_mask=None, positions=None) -> jax.Array:
-        if positions is None and features is not None:
-            raise ValueError("Qwen2.5-VL rows with images need their 3D positions int32[B, 3, T] "
-                             "(rdpo_jax.models.qwen2_5_vl.positions.rope_index)")
-        return super().hidden_states(input_ids, features, attention_mask, positions)
+        return Features(feats, ((images.image >= 0).sum(axis=1) // group).astype(jnp.int32))

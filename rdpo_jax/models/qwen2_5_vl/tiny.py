@@ -34,18 +34,36 @@ def hf_config(tokenizer, *, width: int = 64, depth: int = 2, image_size: int | N
         tie_word_embeddings=tied)
 
 
-def save_processor(folder: str, tokenizer, *, image_size: int | None = None, patch_size: int = 4) -> None:
-    """The Qwen2.5-VL processor files in `folder`: patches of `patch_size` merged 2×2, every image resized
-    to about `image_size`² pixels, or (None) kept within 8²…48² pixels."""
+def save_processor(folder: str, tokenizer, *, image_size: int | None = None, patch_size: int = 4,
+                   processor_class: str = "Qwen2_5_VLProcessor") -> None:
+    """The processor files in `folder`: patches of `patch_size` merged 2×2, every image resized to about
+    `image_size`² pixels, or (None) kept within 8²…48² pixels."""
     from rdpo_jax.models.qwen2_5_vl import images
 
     pixels = image_size * image_size if image_size else (8 * 8, 48 * 48)
-    images.save_processor(folder, tokenizer, patch_size=patch_size, pixels=pixels)
+    images.save_processor(folder, tokenizer, patch_size=patch_size, pixels=pixels, processor_class=processor_class)
 
 
 def smoke_images(rng, png) -> list[bytes]:
     """A smoke record's images: 0, 1 or 2 with sides of 8…48 pixels (`png(rng, size)` draws one)."""
     return [png(rng, tuple(rng.integers(8, 49, 2))) for _ in range(int(rng.choice([0, 1, 1, 2])))]
+
+
+def smoke_config(c) -> None:
+    """`configs/smoke.py`'s settings for this family's records (0–2 images of up to 12×12 patches): the
+    tower but its mergers frozen, the mergers at twice the learning rate."""
+    c.data.seq_buckets = (64, 128)
+    c.data.max_images = 2
+    c.data.patch_buckets = (64, 288)  # two images of at most 12×12 patches
+    c.optim.freeze = "visual/(patch_embed|pos_embed|blocks)/.*"
+    c.optim.lr_multipliers = "visual/(merger|deepstack_merger_list)/.*=2"
+
+
+def demo_config(c) -> None:
+    """`configs/demo.py`'s settings for this family: rows longer by the vision start/end tokens around each
+    example's 4 image tokens; patch buffers for a 48×48 image (4×4 patches of 12 px), up to 4 in an SFT row."""
+    c.data.seq_buckets = tuple(b + 2 * c.data.groups_per_row for b in c.data.seq_buckets)
+    c.data.patch_buckets = (64,) if c.objective == "sft" else (16,)
 
 
 # The parity config (transformers `Qwen2_5_VLConfig` fields; ../shared/QWEN_VL.md §5) over a 160-token

@@ -96,14 +96,26 @@ class PatchEmbed(nnx.Module):
     kept as float[C, T, P, P, D] (the Conv3d's [D, C, T, P, P] with the output last, as `hf.py` maps
     kernels), used as its [C·T·P·P, D] reshape."""
 
-    def __init__(self, cfg: QwenVisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
+    def __init__(self, cfg: QwenVisionConfig, *, param_dtype, dtype, rngs: layers.InitKeys, bias: bool = False):
         shape = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size, cfg.hidden_size)
         self.kernel = layers.param(rngs, layers._normal, shape, param_dtype, (None, None, None, None, "embed"))
+        self.bias = layers.param(rngs, layers._zeros, (cfg.hidden_size,), param_dtype, ("embed",)) if bias else None
         self.dtype = dtype
 
     def __call__(self, patches: jax.Array) -> jax.Array:
         kernel = self.kernel[...].reshape(-1, self.kernel.shape[-1])
-        return jnp.dot(patches.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.dot(patches.astype(self.dtype), kernel.astype(self.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def rotary(row: jax.Array, col: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float32[B, N, head_dim] of the towers' 2D RoPE: head_dim/4 frequencies (over head_dim/2) for
+    the patch's row and for its column, concatenated, then duplicated (transformers' "axial" rope)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(0, half, 2, dtype=np.float32) / half))
+    angles = jnp.concatenate([row[..., None] * inv_freq, col[..., None] * inv_freq], -1).astype(jnp.float32)
+    angles = jnp.concatenate([angles, angles], -1)
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 class QwenVisionTower(nnx.Module):
@@ -135,12 +147,7 @@ class QwenVisionTower(nnx.Module):
     def __call__(self, patches: jax.Array, image: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
         cfg = self.config
         full, windowed = self.masks(image, row, col)
-        # 2D RoPE: head_dim/4 frequencies (over head_dim/2) for the row and for the column, then duplicated
-        half = cfg.head_dim // 2
-        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, half, 2, dtype=np.float32) / half))
-        angles = jnp.concatenate([row[..., None] * inv_freq, col[..., None] * inv_freq], -1).astype(jnp.float32)
-        angles = jnp.concatenate([angles, angles], -1)
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        cos, sin = rotary(row, col, cfg.head_dim, cfg.rope_theta)
         x = self.patch_embed["proj"](patches)
         if self.scan:  # each block picks its mask by a per-block flag
             is_full = jnp.isin(jnp.arange(cfg.depth), jnp.asarray(cfg.fullatt_block_indexes, jnp.int32))

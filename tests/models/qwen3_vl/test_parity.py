@@ -1,0 +1,180 @@
+"""Qwen3-VL equals transformers' `Qwen3VLForConditionalGeneration` (fp32, eager attention, ≤ 1e-4 on
+logits): rows with one, two and three images of different sizes, a text-only row, left and right padding,
+tied and untied heads, decoder layers looped and scanned (DeepStack inside the scan); the resampled
+position table equals transformers' taps; a shared-prefix row equals separate forwards; greedy decoding
+equals `generate`; `save_hf` → `from_pretrained` with no missing or unexpected keys; sharded equals one
+device."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from rdpo_jax import logps, packing, sampling, sharding
+from rdpo_jax.models import config as config_lib
+from rdpo_jax.models import hf, safetensors_io
+from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
+from rdpo_jax.models.qwen3_vl import vision
+from tests import tiny_qwen as tq
+
+ATOL = 1e-4
+MIXES = [tq.ROWS, [([4, (1, 12, 4), 3], "left"), ([9], "left"), ([1, (1, 4, 4), 1, (1, 8, 8), 2], "right"),
+                   ([2, (1, 6, 6), 30], "right")]]
+
+
+def _forward(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, ids, images, mask, pos: nnx.merge(graphdef, s)(ids, images, mask, pos)), state
+
+
+@pytest.mark.parametrize("tied, scan", [(False, "off"), (True, "on")], ids=["untied-looped", "tied-scanned"])
+def test_logits_equal_transformers(tiny_qwen3, tied, scan):
+    folder, theirs = tiny_qwen3(tied)
+    model, cfg = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers=scan))
+    assert cfg.tie_word_embeddings == tied and hasattr(model, "lm_head") != tied
+    assert cfg.vision.deepstack_visual_indexes == (0, 2) and cfg.text.mrope_interleaved
+    forward, state = _forward(model)
+    for seed, rows in enumerate(MIXES):
+        batch = tq.inputs(rows, seed=seed)
+        images, positions = tq.ours(batch, cfg.vision)
+        got = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
+        expected = tq.torch_logits(theirs, batch)
+        valid = batch["attention_mask"].astype(bool)
+        np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=ATOL)
+    assert forward._cache_size() == 1  # every mix of image sizes runs the same program
+
+
+def test_position_taps_equal_transformers():
+    """The bilinear taps into the position table, per patch of a packed buffer, equal transformers'
+    `get_vision_interpolation_indices_and_weights` for the same grids (square, tall, wide, 2×2)."""
+    from transformers import vision_utils
+
+    from rdpo_jax.models.qwen2_5_vl import images as qwen_images
+
+    grids, side, N = [(1, 6, 10), (1, 12, 4), (1, 2, 2), (1, 8, 8)], 4, 256
+    meta = qwen_images.patch_metadata(grids, 2, N)
+    indices, weights = vision.position_taps(*(jnp.asarray(meta[k])[None] for k in ("image", "row", "col")), side,
+                                            N // 4)
+    want_i, want_w = vision_utils.get_vision_interpolation_indices_and_weights(
+        torch.tensor(grids), side, mode="bilinear", align_corners=True, spatial_merge_size=2)
+    real = sum(h * w for _, h, w in grids)
+    np.testing.assert_array_equal(np.asarray(indices[0, :real]), want_i.numpy())
+    np.testing.assert_array_equal(np.asarray(weights[0, :real]), want_w.numpy())
+
+
+def test_shared_prefix_row_equals_two_transformers_forwards(tiny_qwen3):
+    """One row [prompt with two images][chosen][rejected] with the branch mask of `packing`: DeepStack adds
+    only at the prompt's placeholders, and both answers' logits equal separate transformers forwards."""
+    folder, theirs = tiny_qwen3(False)
+    model, cfg = hf.load_hf(folder)
+    rng = np.random.default_rng(3)
+    pieces = [3, (1, 6, 10), 2, (1, 4, 4), 4]
+    batch = tq.inputs([(pieces, "right")], length=40)
+    prompt = batch["input_ids"][0, :batch["attention_mask"][0].sum()].tolist()
+    chosen, rejected = rng.integers(0, tq.IMAGE, 7).tolist(), rng.integers(0, tq.IMAGE, 5).tolist()
+    row, _ = packing.pack([packing.Group(prompt, [chosen, rejected])], layout="shared_prefix", seq_len=64,
+                          max_answer_len=8)
+    P = len(prompt)
+    types = (np.asarray(prompt) == tq.IMAGE).astype(np.int32)
+    prompt_pos, _ = qwen_positions.rope_index(types, batch["grids"][0], merge_size=tq.MERGE)
+    positions = np.zeros((1, 3, 64), np.int32)
+    positions[0, :, :P] = prompt_pos
+    start = prompt_pos.max() + 1
+    positions[0, :, P:P + 7] = start + np.arange(7)
+    positions[0, :, P + 7:P + 12] = start + np.arange(5)
+    images, _ = tq.ours(batch, cfg.vision)
+    mask = logps.attention_mask(jnp.asarray(row.branch_ids))
+    logits = np.asarray(model(jnp.asarray(row.input_ids), images, mask, jnp.asarray(positions)))[0]
+    for answer, offset in ((chosen, P), (rejected, P + 7)):
+        separate = tq.inputs([(pieces, "right")], length=P + len(answer))
+        separate["input_ids"][0, P:] = answer
+        separate["attention_mask"][0, P:] = 1
+        expected = tq.torch_logits(theirs, separate)[0]
+        np.testing.assert_allclose(logits[offset:offset + len(answer) - 1], expected[P:P + len(answer) - 1],
+                                   rtol=0, atol=ATOL)
+        np.testing.assert_allclose(logits[P - 1], expected[P - 1], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("scan", ["off", "on"])
+def test_greedy_matches_transformers_generate(tiny_qwen3, scan):
+    """Left-padded prompts with two, one and no images: DeepStack in the prefill (looped and scanned
+    layers, a KV cache), decode positions at the prompt's largest + 1 + step."""
+    folder, torch_model = tiny_qwen3(False)
+    model, cfg = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers=scan))
+    rows = [([3, (1, 6, 10), 2, (1, 4, 4), 4], "left"), ([5, (1, 8, 8), 7], "left"), ([11], "left")]
+    batch = tq.inputs(rows, length=48)
+    images, positions = tq.ours(batch, cfg.vision)
+    sc = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0)
+    tokens, _ = sampling.generate(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                                  images, jax.random.key(0), sc, positions=jnp.asarray(positions))
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    pixels = np.concatenate([p for row in batch["patches"] for p in row])
+    with torch.no_grad():
+        ref = torch_model.generate(
+            input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+            pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor([g for r in batch["grids"] for g in r]),
+            mm_token_type_ids=(ids == tq.IMAGE).long(), max_new_tokens=10, do_sample=False, eos_token_id=None,
+            pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(tokens), ref[:, ids.shape[1]:].numpy())
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_save_hf_loads_in_transformers_with_same_logits(tiny_qwen3, tmp_path, tied):
+    folder, theirs = tiny_qwen3(tied)
+    model, _ = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers="on"))
+    hf.save_hf(model, str(tmp_path), folder)
+    keys = safetensors_io.Reader(str(tmp_path)).keys()
+    assert set(keys) == set(safetensors_io.Reader(folder).keys()) - ({"lm_head.weight"} if tied else set())
+    assert json.load(open(tmp_path / "config.json"))["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    reloaded, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        str(tmp_path), output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    batch = tq.inputs()
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(tq.torch_logits(reloaded.eval(), batch)[valid], tq.torch_logits(theirs, batch)[valid],
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c["vision_config"].update(deepstack_visual_indexes=[1, 7]), "vision_config.deepstack_visual_indexes"),
+    (lambda c: c["vision_config"].update(deepstack_visual_indexes=[2, 0]), "vision_config.deepstack_visual_indexes"),
+    (lambda c: c["vision_config"].update(num_position_embeddings=15), "vision_config.num_position_embeddings"),
+    (lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[4, 2, 1]),
+     "text_config.rope_parameters.mrope_section"),
+    (lambda c: c["vision_config"].update(out_hidden_size=32), "vision_config.out_hidden_size"),
+])
+def test_unsupported_config_is_named(tiny_qwen3, tmp_path, edit, field):
+    folder, _ = tiny_qwen3(False)
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    edit(raw)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(config_lib.UnsupportedConfigError, match=rf"config\.json: .*{field}"):
+        hf.read_config(str(tmp_path))
+
+
+def test_sharded_equals_single_device(tiny_qwen3):
+    """On a (data 2, fsdp 2, tensor 2) mesh, layers scanned, the logits equal one device's."""
+    folder, _ = tiny_qwen3(False)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    run = config_lib.RunSettings(scan_layers="on")
+    single, cfg = hf.load_hf(folder, run=run)
+    sharded, _ = hf.load_hf(folder, run=run, mesh=mesh)
+    batch = tq.inputs()
+    images, positions = tq.ours(batch, cfg.vision)
+    forward, state = _forward(single)
+    expected = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
+    forward, state = _forward(sharded)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
+    with jax.set_mesh(mesh):
+        got = np.asarray(sharding.traced_on(mesh, forward)(state, *args))
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=2e-5)
