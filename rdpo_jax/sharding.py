@@ -43,6 +43,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
+    "expert": None,  # a MoE's stacked experts (`models/moe.py`): each device holds every expert's slice …
+    "expert_embed": "fsdp",  # … of the model width over fsdp
+    "expert_mlp": "tensor",  # … and of the expert's hidden width over tensor
     "norm": None,
     "patch": None,
     "position": None,

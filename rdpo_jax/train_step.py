@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdpo_jax import logps, losses, optim, packing, sharding
 from rdpo_jax.batch import RUBRIC_KEYS, Batch
-from rdpo_jax.models import families
+from rdpo_jax.models import families, moe
 
 REFERENCES = ("model", "precomputed", "none")
 
@@ -224,7 +224,8 @@ def dpo_loss(graphdef: nnx.GraphDef, dpo: DPOSettings, *, pair_values: bool = Fa
         return logp / jnp.maximum(count, 1.0) if dpo.length_norm else logp
 
     def loss_fn(params, frozen, ref_params, batch: Batch):
-        out = logps.pair_logps(nnx.merge(graphdef, params, frozen), batch, layout=dpo.pair_layout)  # [U·P] each
+        policy = _policy(graphdef, params, frozen)
+        out = logps.pair_logps(policy, batch, layout=dpo.pair_layout)  # [U·P] each
         if dpo.reference == "model":
             ref = logps.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, layout=dpo.pair_layout)
             ref_c, ref_r = jax.lax.stop_gradient((ref["chosen_logp"], ref["rejected_logp"]))
@@ -243,10 +244,11 @@ def dpo_loss(graphdef: nnx.GraphDef, dpo: DPOSettings, *, pair_values: bool = Fa
             loss = loss + dpo.sft_weight * nll
             metrics["sft_nll"] = nll
         valid = batch.per_pair(batch.valid)
-        aux = (valid.sum(), _masked_sums(metrics, valid))
+        balance, moe_metrics = _load_balancing(policy, valid.sum())
+        aux = (valid.sum(), _masked_sums(metrics, valid) | moe_metrics)
         if pair_values:
             aux += ({k: out[k].reshape(batch.valid.shape) for k in PAIR_VALUES},)
-        return (loss * valid).sum(), aux
+        return (loss * valid).sum() + balance, aux
 
     return loss_fn
 
@@ -256,11 +258,38 @@ def sft_loss(graphdef: nnx.GraphDef) -> Callable:
 
     def loss_fn(params, frozen, ref_params, batch: Batch):
         del ref_params
-        token_logps = logps.token_logps(nnx.merge(graphdef, params, frozen), batch)
+        policy = _policy(graphdef, params, frozen)
+        token_logps = logps.token_logps(policy, batch)
         tokens = (batch.target_branch > 0) * batch.valid
-        return -(token_logps * tokens).sum(), (tokens.sum(), {})
+        balance, moe_metrics = _load_balancing(policy, tokens.sum())
+        return -(token_logps * tokens).sum() + balance, (tokens.sum(), moe_metrics)
 
     return loss_fn
+
+
+def _policy(graphdef: nnx.GraphDef, params, frozen):
+    """The trained model, its MoE routers (if any) recording their statistics for `_load_balancing`."""
+    model = nnx.merge(graphdef, params, frozen)
+    if model.config.text.moe:
+        model.set_attributes(record_router=True)
+    return model
+
+
+def _load_balancing(policy, count: jax.Array) -> tuple[jax.Array, dict]:
+    """The MoE load-balancing term of a loss sum over `count` units — coefficient × transformers' aux loss
+    over this forward's real tokens, × count, so that dividing by the batch's count adds coefficient ×
+    aux loss (accumulated: the micro-batches' count-weighted mean) — and its metrics: `moe/aux_loss` and
+    `moe/load/{e}`, expert e's share of the top-k assignments × E (1 = an even load). (0, {}) for a dense
+    model."""
+    cfg = policy.config.text.moe
+    if cfg is None:
+        return jnp.zeros((), jnp.float32), {}
+    stats = sum(jax.tree.leaves(nnx.pop(policy, nnx.Intermediate)))  # [3, E], summed over forwards
+    value = moe.aux_loss(stats)
+    load = stats[0] / jnp.maximum(stats[0].sum(), 1.0) * cfg.num_experts
+    metrics = {"moe/aux_loss": (value * count, count)}
+    metrics |= {f"moe/load/{e}": (load[e] * count, count) for e in range(cfg.num_experts)}
+    return cfg.aux_loss_coef * value * count, metrics
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,

@@ -8,6 +8,7 @@ import numpy as np
 
 from rdpo_jax.models.qwen2_5_vl import tiny as qwen_tiny
 from rdpo_jax.models.qwen3_vl import tiny as qwen3_tiny
+from rdpo_jax.models.qwen3_vl_moe import tiny as qwen3_moe_tiny
 
 VOCAB = qwen_tiny.PARITY_TEXT["vocab_size"]
 IMAGE, VIDEO, VISION_START, VISION_END = (qwen_tiny.PARITY_TOKENS[k] for k in (
@@ -18,28 +19,32 @@ MERGE = 2
 
 # per family: (transformers config class, model class, the family's tiny module)
 CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", qwen_tiny),
-           "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", qwen3_tiny)}
+           "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", qwen3_tiny),
+           "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", qwen3_moe_tiny)}
 
 
-def hf_config(tied: bool, family: str = "qwen2_5_vl"):
+def hf_config(tied: bool, family: str = "qwen2_5_vl", **text):
     import transformers
 
     config, _, t = CLASSES[family]
-    return getattr(transformers, config)(vision_config=t.PARITY_VISION, text_config=t.PARITY_TEXT,
+    return getattr(transformers, config)(vision_config=t.PARITY_VISION, text_config=t.PARITY_TEXT | text,
                                          **t.PARITY_TOKENS, tie_word_embeddings=tied)
 
 
-def build(tied: bool, folder: str, family: str = "qwen2_5_vl"):
-    """Builds, randomizes (norm scales and biases too) and saves a tiny model of the family; returns
-    (folder, torch model in eval mode, fp32, eager attention)."""
+def build(tied: bool, folder: str, family: str = "qwen2_5_vl", **text):
+    """Builds, randomizes (norm scales and biases too; MoE routers 4× larger, so that no token's top-k is
+    a near tie) and saves a tiny model of the family (`text`: decoder fields over its parity config);
+    returns (folder, torch model in eval mode, fp32, eager attention)."""
     import torch
     import transformers
 
     torch.manual_seed(7 + tied)
-    model = getattr(transformers, CLASSES[family][1])(hf_config(tied, family)).eval()
+    model = getattr(transformers, CLASSES[family][1])(hf_config(tied, family, **text)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name or name.endswith("ln_q.weight"):
+            if name.endswith("mlp.gate.weight"):
+                p.copy_(0.6 * torch.randn_like(p))
+            elif p.ndim == 1 and "norm" in name or name.endswith("ln_q.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))

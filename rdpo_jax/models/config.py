@@ -53,6 +53,17 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Sparse MoE feed-forward blocks (`models/moe.py`): a router picks `top_k` of `num_experts` SwiGLU
+    experts per token, their outputs weighted by the renormalized router probabilities."""
+    num_experts: int
+    top_k: int  # num_experts_per_tok
+    intermediate_size: int  # moe_intermediate_size, per expert
+    layers: tuple[int, ...]  # the decoder layers whose MLP is sparse (the others are dense)
+    aux_loss_coef: float  # router_aux_loss_coef: the load-balancing loss's weight in training
+
+
+@dataclasses.dataclass(frozen=True)
 class TextConfig:
     family: str  # "llama" | "qwen2" | "qwen3"
     vocab_size: int
@@ -73,6 +84,7 @@ class TextConfig:
     # sizes, contiguous or interleaved (Qwen3-VL): `layers.mrope_rows`; () = 1D RoPE
     mrope_section: tuple[int, ...] = ()
     mrope_interleaved: bool = False
+    moe: MoEConfig | None = None  # sparse MLPs (Qwen3-VL-MoE); None = every MLP dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +199,25 @@ def text_from_hf(tc, *, family: str | None = None, mrope: str | None = None) -> 
         o_bias=False if family == "qwen2" else attention_bias,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)), qk_norm=family == "qwen3",
         rope=_rope_from_hf(tc), mrope_section=_mrope_section(tc, head_dim, mrope) if mrope else (),
-        mrope_interleaved=mrope == "interleaved")
+        mrope_interleaved=mrope == "interleaved", moe=_moe_from_hf(tc))
+
+
+def _moe_from_hf(tc) -> MoEConfig | None:
+    """The MoE fields of a Qwen-MoE text config (`num_experts` > 0), else None. A layer is sparse unless
+    it is in `mlp_only_layers` or (i + 1) is no multiple of `decoder_sparse_step`, as transformers builds it."""
+    num = getattr(tc, "num_experts", 0) or 0
+    if not num:
+        return None
+    k, inter, d = tc.num_experts_per_tok, tc.moe_intermediate_size, tc.hidden_size
+    require(0 < k <= num, "text_config.num_experts_per_tok", f"{k} must be in 1…num_experts={num}")
+    # Expert weights are stored [E, in, out] on the Hub and [E, out, in] by transformers 5: told apart by
+    # shape, as transformers does, which square ones would not allow.
+    require(inter != d and 2 * inter != d, "text_config.moe_intermediate_size",
+            f"{inter} (or twice it) equals hidden_size {d}: the two expert weight layouts are then indistinguishable")
+    only, step = set(getattr(tc, "mlp_only_layers", None) or ()), getattr(tc, "decoder_sparse_step", 1) or 1
+    layers = tuple(i for i in range(tc.num_hidden_layers) if i not in only and (i + 1) % step == 0)
+    return MoEConfig(num_experts=num, top_k=k, intermediate_size=inter, layers=layers,
+                     aux_loss_coef=float(getattr(tc, "router_aux_loss_coef", 0.0) or 0.0))
 
 
 def _mrope_section(tc, head_dim: int, kind: str) -> tuple[int, ...]:

@@ -8,11 +8,12 @@ import jax
 from flax import nnx
 
 from rdpo_jax import sharding
-from rdpo_jax.models import layers, llava, qwen2_5_vl, qwen3_vl
+from rdpo_jax.models import layers, llava, qwen2_5_vl, qwen3_vl, qwen3_vl_moe
 from rdpo_jax.models.config import RunSettings, UnsupportedConfigError
 from rdpo_jax.models.vlm import Family, VisionLanguageModel
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, qwen2_5_vl.FAMILY, qwen3_vl.FAMILY)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, qwen2_5_vl.FAMILY, qwen3_vl.FAMILY,
+                                                                 qwen3_vl_moe.FAMILY)}
 
 
 def get(model_type: str) -> Family:
@@ -25,7 +26,7 @@ def get(model_type: str) -> Family:
 def of(cfg) -> Family:
     """The family of an architecture config (what `from_hf` returned) or of a model."""
     for family in FAMILIES.values():
-        if type(cfg) is family.config or isinstance(cfg, family.model):
+        if type(cfg) in (family.config, family.model):  # exact types: a family may subclass another's
             return family
     raise TypeError(f"{type(cfg).__name__} is not the architecture config of a registered family")
 

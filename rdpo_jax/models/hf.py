@@ -45,6 +45,9 @@ _LOAD_THREADS = 4  # tensors read concurrently by load_hf; host memory holds at 
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # convolution kernels, PyTorch -> ours (the output channels last): OIHW -> HWIO, [O, C, T, P, P] -> [C, T, P, P, O]
 _TO_OURS = {4: (2, 3, 1, 0), 5: (1, 2, 3, 4, 0)}
+# a MoE's stacked experts (`models/moe.py`): [E, in, out] here and on the Hub, [E, out, in] as transformers 5
+# saves them; read either by shape (the config refuses shapes that would be both)
+_EXPERT_LEAVES = ("gate_up_proj", "down_proj")
 
 
 class CheckpointMismatchError(ValueError):
@@ -99,7 +102,15 @@ def _to_ours(path: tuple, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndar
         if len(shape) == 3:
             return tensor.T.reshape(shape)
         return tensor.T if tensor.ndim == 2 else tensor.transpose(*_TO_OURS[tensor.ndim])
+    if _is_transposed_experts(path, tensor.shape, shape):
+        return tensor.transpose(0, 2, 1)
     return tensor.reshape(shape) if tensor.ndim != len(shape) else tensor
+
+
+def _is_transposed_experts(path: tuple, disk: tuple[int, ...], ours: tuple[int, ...]) -> bool:
+    """Stacked expert weights on disk as transformers 5 saves them, [E, out, in]."""
+    return (path[-1] in _EXPERT_LEAVES and len(ours) == 3 and tuple(disk) != tuple(ours)
+            and tuple(disk) == (ours[0], ours[2], ours[1]))
 
 
 def _to_torch(path: tuple, array: np.ndarray) -> np.ndarray:
@@ -212,7 +223,8 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
     for p, v in params:
         want = _torch_shape(p, _layer_shape(v))
         for name in names[p]:
-            if name in by_canonical and (got := reader.shape(by_canonical[name])) != want:
+            got = reader.shape(by_canonical[name]) if name in by_canonical else want
+            if got != want and not _is_transposed_experts(p, got, want):
                 bad_shapes.append(f"{by_canonical[name]}: expected shape {want}, found {got}")
     if missing or unexpected or bad_shapes:
         raise CheckpointMismatchError(_mismatch_message(path, missing, unexpected, bad_shapes))

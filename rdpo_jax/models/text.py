@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rdpo_jax.models import layers
-from rdpo_jax.models.config import TextConfig
+from rdpo_jax.models import layers, moe
+from rdpo_jax.models.config import TextConfig, UnsupportedConfigError
 from rdpo_jax.models.layers import Embed, Linear, RMSNorm
 from rdpo_jax.sharding import shard_activation
 
@@ -77,19 +77,23 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto"):
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto",
+                 sparse: bool = False):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, attention=attention, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, **kw)
+        self.mlp = moe.SparseMoE(cfg.hidden_size, cfg.moe, cfg.hidden_act, **kw) if sparse else MLP(cfg, **kw)
+        self.sparse = sparse
 
     def __call__(self, x, mask, cos, sin, cache=None):
+        """-> (x, this call's (k, v) with a cache else None, the router's (probs, chosen) if sparse else None)."""
         attn = self.self_attn(self.input_layernorm(x), mask, cos, sin, cache)
         attn, kv = attn if cache is not None else (attn, None)
         x = x + attn
-        x = shard_activation(x + self.mlp(self.post_attention_layernorm(x)), ACT)
-        return x if cache is None else (x, kv)
+        h, routing = self.mlp(self.post_attention_layernorm(x)) if self.sparse else (
+            self.mlp(self.post_attention_layernorm(x)), None)
+        return shard_activation(x + h, ACT), kv, routing
 
 
 class TextDecoder(nnx.Module):
@@ -99,10 +103,19 @@ class TextDecoder(nnx.Module):
                  attention: str = "auto", scan: bool = False):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-        stack = [DecoderLayer(cfg, attention=attention, **kw) for _ in range(cfg.num_layers)]
+        sparse = [cfg.moe is not None and i in cfg.moe.layers for i in range(cfg.num_layers)]
+        if scan and len(set(sparse)) > 1:
+            raise UnsupportedConfigError(
+                f"scanned decoder layers must all be alike, but layers {[i for i, s in enumerate(sparse) if not s]} "
+                "are dense and the others sparse (text_config.mlp_only_layers, decoder_sparse_step): set "
+                "model.scan_layers=off")
+        stack = [DecoderLayer(cfg, attention=attention, sparse=s, **kw) for s in sparse]
         # scan: one DecoderLayer whose parameters are stacked [num_layers, …] (`layers.stack`), else a list
         self.layers = layers.stack(stack) if scan else nnx.List(stack)
-        self.scan, self.num_layers = scan, cfg.num_layers
+        self.scan, self.num_layers, self.moe = scan, cfg.num_layers, cfg.moe
+        # Set by the trainer (`nnx.Module.set_attributes`): forwards without a cache sow the routers'
+        # `moe.router_stats`, summed over the sparse layers, as nnx.Intermediate "router_stats".
+        self.record_router = False
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, dict(cfg.rope))
         self.inv_freq = tuple(self.inv_freq.tolist())  # hashable static metadata, not a parameter
@@ -127,26 +140,41 @@ class TextDecoder(nnx.Module):
             if self.scan:  # (k, v) float[L, B, S, K, H]: each layer's slice in, its updated slice out
                 def body(layer, x, inputs):
                     kv, i = inputs
-                    x, kv = layer(x, mask, cos, sin, (*kv, slot))
+                    x, kv, _ = layer(x, mask, cos, sin, (*kv, slot))
                     return hook(i, x), kv
 
                 x, kvs = layers.scan(self.layers, body, x, (kvs, index))
                 return self.norm(x), kvs
             new = []
             for i, (layer, (k, v)) in enumerate(zip(self.layers, kvs)):
-                x, kv = layer(x, mask, cos, sin, (k, v, slot))
+                x, kv, _ = layer(x, mask, cos, sin, (k, v, slot))
                 x = hook(i, x)
                 new.append(kv)
             return self.norm(x), new
         T = x.shape[1]
         mask = mask & jnp.tril(jnp.ones((T, T), bool))  # a decoder: no query sees a later key, whatever the layout
+        valid = jnp.diagonal(mask, axis1=1, axis2=2).reshape(-1)  # a real token sees itself; padding nothing
+        E = self.moe.num_experts if self.moe else 0
+
+        def stats(routing):  # float[3, E] of one layer (`moe.router_stats`), in the router's float32 or wider
+            return jnp.zeros((3, E), layers.wide(self.dtype)) if routing is None else moe.router_stats(
+                *routing, valid, E)
+
         if self.scan:
-            x, _ = layers.scan(self.layers, lambda layer, x, i: (hook(i, layer(x, mask, cos, sin)), None), x, index,
-                               remat=self.remat)
-            return self.norm(x)
-        run = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat)
-        for i, layer in enumerate(self.layers):
-            x = hook(i, run(layer, x, mask, cos, sin))
+            def body(layer, carry, i):
+                x, total = carry
+                x, _, routing = layer(x, mask, cos, sin)
+                return (hook(i, x), total + stats(routing)), None
+
+            (x, total), _ = layers.scan(self.layers, body, (x, stats(None)), index, remat=self.remat)
+        else:
+            run = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat)
+            total = stats(None)
+            for i, layer in enumerate(self.layers):
+                x, _, routing = run(layer, x, mask, cos, sin)
+                x, total = hook(i, x), total + stats(routing)
+        if self.moe and self.record_router:
+            self.sow(nnx.Intermediate, "router_stats", total)
         return self.norm(x)
 
     def init_cache(self, batch: int, length: int, dtype):

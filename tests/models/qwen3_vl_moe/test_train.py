@@ -1,0 +1,62 @@
+"""The MoE train step: the routers' load-balancing loss joins the DPO loss with the config's coefficient
+(`moe/aux_loss` and per-expert `moe/load/{e}` logged), and the sharded step equals the single-device step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rdpo_jax import optim, packing, sharding, train_step
+from rdpo_jax.models import hf
+from rdpo_jax.models.config import RunSettings
+from tests import tiny_qwen as tq
+
+
+def _batch(pairs=8, seed=0):
+    """Text-only pairs in shared-prefix rows (the vision side is the dense family's, tested there)."""
+    rng = np.random.default_rng(seed)
+    groups = [packing.Group(list(rng.integers(0, tq.IMAGE, 4 + i % 3)),
+                            [list(rng.integers(0, tq.IMAGE, 2 + i % 4)), list(rng.integers(0, tq.IMAGE, 5 - i % 3))],
+                            valid=i < pairs - 1) for i in range(pairs)]
+    batch, _ = packing.pack(groups, layout="shared_prefix", seq_len=20, max_answer_len=6)
+    return batch
+
+
+def _run(folder, mesh, batch, steps=2):
+    model, cfg = hf.load_hf(folder, RunSettings(param_dtype=jnp.float64), mesh=mesh)
+    adamw = optim.make_optimizer(learning_rate=1e-2, weight_decay=0.1, grad_clip=1.0)
+    graphdef, state = train_step.init_state(model, adamw, reference=True)
+    fn = train_step.make_dpo_step(graphdef, adamw, optim.optax.constant_schedule(1.0),
+                                  train_step.DPOSettings(loss_type="sigmoid", beta=0.1)).train
+    step = train_step.jit_step(fn, state, batch, mesh)
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0})
+    return cfg, state, history
+
+
+def test_aux_loss_joins_the_loss_and_sharded_equals_single(tiny_qwen3_moe):
+    folder, _ = tiny_qwen3_moe("sparse")
+    batch = _batch()
+    mesh1 = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with jax.enable_x64(True):
+        cfg, single, m_single = _run(folder, mesh1, batch)
+        _, sharded, m_sharded = _run(folder, mesh8, batch)
+    moe = cfg.text.moe
+    first = m_single[0]
+    # at step 1 the policy is its reference: the DPO loss is log 2, the rest the load-balancing term
+    assert first["moe/aux_loss"] > 1.0  # E · Σ load·probability ≥ 1 (= 1 only for a perfectly even router)
+    assert first["loss"] == pytest.approx(np.log(2) + moe.aux_loss_coef * first["moe/aux_loss"], rel=1e-12)
+    loads = [first[f"moe/load/{e}"] for e in range(moe.num_experts)]
+    assert sum(loads) == pytest.approx(moe.num_experts) and max(loads) > 1.0  # shares × E: mean 1
+    experts = sharded.params["language_model"]["layers"][1]["mlp"]["experts"]["gate_up_proj"]
+    assert experts.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+    for step, (a, b) in enumerate(zip(m_single, m_sharded)):
+        for key in a:
+            if step == 0 and key == "rewards/accuracies":
+                continue  # margins of ±1e-17 around the reference: their sign is rounding
+            assert b[key] == pytest.approx(a[key], rel=1e-10, abs=1e-12), key

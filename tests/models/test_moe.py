@@ -1,0 +1,64 @@
+"""The sparse MoE block (`models/moe.py`): its sorted, grouped dispatch equals a dense all-experts
+computation, and compiled for a TPU its FLOPs per token follow top-k, not the number of experts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.experimental import topologies
+
+from rdpo_jax import sharding
+from rdpo_jax.models import layers, moe
+from rdpo_jax.models.config import MoEConfig
+
+
+def _block(experts: int, top_k: int, dim: int = 64, inter: int = 40, dtype=jnp.float32):
+    cfg = MoEConfig(num_experts=experts, top_k=top_k, intermediate_size=inter, layers=(0,), aux_loss_coef=0.0)
+    return moe.SparseMoE(dim, cfg, "silu", param_dtype=dtype, dtype=dtype, rngs=layers.InitKeys(jax.random.key(0)))
+
+
+def test_dispatch_equals_every_expert_weighted_densely():
+    block = _block(6, 3)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 64))
+    got, (probs, chosen) = block(x)
+    top = jnp.take_along_axis(probs, chosen, -1)
+    gate = jnp.zeros_like(probs).at[jnp.arange(18)[:, None], chosen].set(top / top.sum(-1, keepdims=True))
+    w1, w2 = block.experts.gate_up_proj[...], block.experts.down_proj[...]
+    g, u = jnp.split(jnp.einsum("nd,edf->enf", x.reshape(18, 64), w1), 2, -1)
+    every = jnp.einsum("enf,efd->end", jax.nn.silu(g) * u, w2)  # [E, N, D]
+    np.testing.assert_allclose(np.asarray(got).reshape(18, 64), np.asarray(jnp.einsum("ne,end->nd", gate, every)),
+                               rtol=1e-5, atol=1e-6)
+    # a token's probabilities sum to 1 and its k experts are distinct
+    np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, rtol=1e-6)
+    assert all(len(set(r)) == 3 for r in np.asarray(chosen).tolist())
+
+
+def _tpu_flops(experts: int, top_k: int) -> float:
+    """XLA:TPU's FLOP count of one block's forward and backward (parameters' gradients) over 4096 tokens
+    (compiled, not run)."""
+    block = _block(experts, top_k, dim=512, inter=768, dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(block)
+    device = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices[0]
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+    one = jax.sharding.SingleDeviceSharding(device)
+
+    def loss(params, x):
+        return nnx.merge(graphdef, params)(x)[0].astype(jnp.float32).sum()
+
+    x = jax.ShapeDtypeStruct((4, 1024, 512), jnp.bfloat16)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    with jax.set_mesh(mesh):  # a TPU target: the megablox kernels
+        lowered = jax.jit(jax.grad(loss), in_shardings=(one, one), out_shardings=one).lower(abstract, x)
+    return lowered.compile().cost_analysis()["flops"]
+
+
+def test_tpu_flops_follow_top_k_not_the_number_of_experts():
+    """8 experts at top-2 and 64 at top-4 compile (megablox forward and backward) to the expert matmuls of
+    2 and 4 experts per token: the weights' gradient included (ragged_dot's is dense over every expert on
+    TPU), only the router's D·E per token grows with E."""
+    f8, f64 = _tpu_flops(8, 2), _tpu_flops(64, 4)
+    # per assignment, matmuls of D·I at 2 FLOPs each: forward 3 (gate, up, down), the weights' gradients 3,
+    # the activations' gradient 1 (down's; the block's input is no parameter)
+    expert = 2 * 512 * 768 * 7 * 4096
+    assert f8 == pytest.approx(2 * expert, rel=0.05) and f64 == pytest.approx(4 * expert, rel=0.05)
