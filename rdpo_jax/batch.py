@@ -115,7 +115,7 @@ class Batch:
             images={k: jax.ShapeDtypeStruct(_image_shape(k, x, U, *sizes), x.dtype) for k, x in self.images.items()})
 
     def shardings(self, mesh: Mesh) -> Batch:
-        """Every array's leading axis (units or rows) over the batch mesh axes ("data", "fsdp"); the rest
+        """Every array's leading axis (units or rows) over the batch mesh axes (`sharding.BATCH_AXES`); the rest
         replicated."""
         def one(x):
             axes = ("batch",) + (None,) * (len(x.shape) - 1)

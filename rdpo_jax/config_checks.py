@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -99,13 +100,13 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
         mesh = sharding.mesh_sizes(dict(c.mesh), num_devices)
     except ValueError as e:
         raise ConfigError(f"config.mesh: {e}") from None
-    replicas = mesh["data"] * mesh["fsdp"]  # the batch is split over these
+    replicas = math.prod(mesh[a] for a in sharding.BATCH_AXES)  # the batch is split over these
     B = c.data.batch_size
     _check(B % num_processes == 0, "data.batch_size", f"{B} is not divisible by the {num_processes} processes")
     _check(B % c.accum_steps == 0, "data.batch_size", f"{B} is not divisible by accum_steps={c.accum_steps}")
     micro = B // c.accum_steps
     _check(micro % replicas == 0, "data.batch_size",
-           f"micro-batches of {micro} (batch_size / accum_steps) are not divisible by data × fsdp = {replicas} "
+           f"micro-batches of {micro} (batch_size / accum_steps) are not divisible by data × fsdp × expert = {replicas} "
            f"(mesh {mesh})")
     k = c.data.groups_per_row
     _check(k == 1 or c.objective == "sft" or c.dpo.pair_layout == "multi_answer", "data.groups_per_row",
@@ -117,5 +118,5 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
         _check(local % k == 0 and rows % c.accum_steps == 0 and (rows // c.accum_steps) % replicas == 0,
                "data.groups_per_row", f"{k}: batch_size {B} over {num_processes} processes gives {local} records per "
                f"process; with {k} per row the {rows} rows must split into accum_steps={c.accum_steps} micro-batches "
-               f"divisible by data × fsdp = {replicas}")
+               f"divisible by data × fsdp × expert = {replicas}")
     return mesh

@@ -49,6 +49,7 @@ def train() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
     c.mesh.fsdp = 1  # parameters and optimizer state sharded along this axis
+    c.mesh.expert = 1  # a MoE's experts split along this axis (data parallel for the rest)
     c.mesh.tensor = 1  # heads, MLP width and vocabulary split along this axis
 
     c.data = ml_collections.ConfigDict()

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rdpo_jax import sharding
 from rdpo_jax.data.tokenize import Prompt
 
 
@@ -315,10 +316,10 @@ def collate(policy, prompts: Sequence[Prompt], length: int):
 
 def to_devices(mesh, rows: int, *arrays):
     """Host arrays (pytrees of equal leading size) padded to `rows` rows rounded up to a multiple of the
-    mesh's devices (padding rows repeat the last row) and split over data × fsdp."""
+    mesh's devices (padding rows repeat the last row) and split over the batch axes (`sharding.BATCH_AXES`)."""
     total = rows + -rows % mesh.devices.size
     arrays = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], total - len(x), 0)]), arrays)
-    return jax.device_put(arrays, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+    return jax.device_put(arrays, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES)))
 
 
 def answer(policy, prompts: list[dict], cfg: SamplingConfig, keys: jax.Array, *,

@@ -2,10 +2,12 @@
 
 Every parameter carries `logical_axes` metadata (e.g. `("embed", "mlp")`); activations are constrained
 with logical names too. `RULES` turns a logical name into mesh axes of the mesh
-`("data", "fsdp", "tensor")`:
+`("data", "fsdp", "expert", "tensor")`:
 
   data    pure data parallelism (parameters replicated along it),
   fsdp    data parallelism with parameters and optimizer state sharded along it (ZeRO-3 style),
+  expert  data parallelism whose devices split a MoE's experts between them (`models/moe.py` moves each
+          token to its experts' devices and back by all-to-all); other parameters replicated along it,
   tensor  Megatron-style tensor parallelism over heads, MLP width and vocabulary.
 
 A dimension whose size is not divisible by its mesh axes falls back to replication on those axes (a
@@ -25,12 +27,13 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes batch rows are split over
 
 # Logical name -> mesh axis, tuple of mesh axes, or None (replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_AXES,
     "seq": None,
     "act_embed": None,
     "act_heads": "tensor",
@@ -43,9 +46,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
-    "expert": None,  # a MoE's stacked experts (`models/moe.py`): each device holds every expert's slice …
-    "expert_embed": "fsdp",  # … of the model width over fsdp
-    "expert_mlp": "tensor",  # … and of the expert's hidden width over tensor
+    "expert": "expert",  # a MoE's stacked experts (`models/moe.py`) split over the expert axis, …
+    "expert_embed": "fsdp",  # … their model width over fsdp, …
+    "expert_mlp": None,  # … their hidden width whole (each expert's SwiGLU runs on one device)
     "norm": None,
     "patch": None,
     "position": None,
@@ -54,9 +57,10 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def mesh_sizes(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> dict[str, int]:
-    """Axis sizes of the `("data", "fsdp", "tensor")` mesh for `num_devices` devices.
+    """Axis sizes of the `MESH_AXES` mesh for `num_devices` devices.
 
-    `shape` maps axes to sizes (`{"data": -1, "fsdp": 4, "tensor": 2}`) or lists the three sizes; one
+    `shape` maps axes to sizes (`{"data": -1, "fsdp": 4, "tensor": 2}`; axes left out have size 1) or lists
+    the four sizes; one
     size may be -1: it takes all the devices left over. Raises ValueError if the mesh does not use
     exactly `num_devices` devices.
     """
@@ -96,7 +100,7 @@ def init_distributed(d) -> None:
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the `("data", "fsdp", "tensor")` mesh (Auto axes) over `devices` (default: all); see
+    """Builds the `MESH_AXES` mesh (Auto axes) over `devices` (default: all); see
     `mesh_sizes` for `shape`. Devices of several slices (Multislice) split "data" between slices."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_sizes(shape, len(devices))
@@ -105,8 +109,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
         if sizes["data"] % slices:
             raise ValueError(f"mesh: {slices} slices need a data axis that is a multiple of {slices}, got "
                              f"{sizes['data']}")
-        inner = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
-        grid = mesh_utils.create_hybrid_device_mesh(inner, (slices, 1, 1), devices=devices)
+        inner = (sizes["data"] // slices, sizes["fsdp"], sizes["expert"], sizes["tensor"])
+        grid = mesh_utils.create_hybrid_device_mesh(inner, (slices, 1, 1, 1), devices=devices)
         return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)

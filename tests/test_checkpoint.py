@@ -42,7 +42,7 @@ def test_restore_onto_another_mesh_shape(saved):
     ck = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=3)
     restored = ck.restore(ck.latest_step(), abstract)
     kernel = restored.params["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
-    assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
     assert kernel.addressable_shards[0].data.shape == (64 // 4, 128 // 2)
     _equal(restored, state)
     ck.close()

@@ -47,10 +47,10 @@ def qwen7b_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("module,devices,processes,mesh,per_device,folder,size", [
-    (llava15_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "tensor": 1}, 8, "llava7b_folder", (7.0e9, 7.2e9)),
-    (llava15_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}, 2, "llava7b_folder", (7.0e9, 7.2e9)),
-    (qwen25vl_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "tensor": 1}, 8, "qwen7b_folder", (8.2e9, 8.4e9)),
-    (qwen25vl_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
+    (llava15_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "llava7b_folder", (7.0e9, 7.2e9)),
+    (llava15_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "llava7b_folder", (7.0e9, 7.2e9)),
+    (qwen25vl_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "qwen7b_folder", (8.2e9, 8.4e9)),
+    (qwen25vl_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
 ])
 def test_real_scale_configs_plan_sensibly(request, module, devices, processes, mesh, per_device, folder, size):
     folder = request.getfixturevalue(folder)
@@ -85,7 +85,7 @@ def _valid(smoke_dir):
 
 
 CASES = [  # (edit, message)
-    (lambda c: c.data.update(batch_size=6), "micro-batches of 6 .* not divisible by data × fsdp = 4"),
+    (lambda c: c.data.update(batch_size=6), "micro-batches of 6 .* not divisible by data × fsdp × expert = 4"),
     (lambda c: c.update(accum_steps=3), "8 is not divisible by accum_steps=3"),
     (lambda c: c.mesh.update(fsdp=16), "config.mesh: .* 8 devices are not divisible"),
     (lambda c: c.mesh.update(data=4, fsdp=4), "needs 32 devices, but 8 are available"),
@@ -103,7 +103,7 @@ CASES = [  # (edit, message)
                                                 "in DPO's multi_answer layout"),
     (lambda c: (c.data.update(groups_per_row=4), c.dpo.update(pair_layout="multi_answer")),
      "config.data.groups_per_row: 4: .* the 2 rows must split into accum_steps=1 micro-batches divisible by data × "
-     "fsdp = 4"),
+     "fsdp × expert = 4"),
 ]
 
 

@@ -16,9 +16,9 @@ from tests import tiny
 
 def test_make_mesh_fills_minus_one_and_uses_auto_axes():
     mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 2})
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    assert dict(sharding.make_mesh([1, 8, 1]).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(sharding.make_mesh([1, 8, 1, 1]).shape) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
 
 
 @pytest.mark.parametrize("shape,match", [
@@ -79,7 +79,7 @@ def test_overview_tables_every_parameter_and_names_the_dims_left_whole():
     assert rows["language_model.layers.1.self_attn.q_proj.kernel"][-1] == "P('fsdp', 'tensor')"
     n = sum(v.get_value().size for _, v in flat)
     assert table[-1].startswith(f"{len(flat)} arrays, {n:,} parameters, ")
-    assert table[-1].endswith("per device on data=1 × fsdp=2 × tensor=4)")
+    assert table[-1].endswith("per device on data=1 × fsdp=2 × expert=1 × tensor=4)")
 
     assert [w.split(":")[0] for w in warnings] == [
         "language_model.embed_tokens.embedding dim 0",

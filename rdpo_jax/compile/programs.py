@@ -167,7 +167,7 @@ def _sample_program(config, model_config, vision, mesh, prompts: int, n: int) ->
         arrays = pad_patches(arrays, max(d.patch_buckets))
     if vision.mrope:
         arrays["positions"] = np.zeros((rows, 3, T), np.int32)
-    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
     cfg = sampling.SamplingConfig(max_new_tokens=d.max_answer_len, num_samples=n, stop_ids=(0,),
                                   suppress_ids=(model_config.image_token_id,))
     ids = jax.ShapeDtypeStruct((rows, T), jnp.int32, sharding=shard)

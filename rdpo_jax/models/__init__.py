@@ -6,7 +6,8 @@ and a folder per family.
                       family folder provides
   config.py           the shared architecture configs (text decoder, SigLIP/CLIP tower); RunSettings
   layers.py           linear, norms, attention, RoPE / M-RoPE, remat policies, layer scan
-  text.py             Llama / Qwen2 / Qwen3 decoder
+  text.py             Llama / Qwen2 / Qwen3 decoder (dense or with sparse MoE layers)
+  moe.py              sparse mixture-of-experts blocks: router, grouped-matmul dispatch, expert parallelism
   vision.py           SigLIP / CLIP vision towers
   splash.py           the TPU splash-attention kernel with a layout's mask
   hf.py               `load_hf` / `save_hf`
@@ -14,4 +15,6 @@ and a folder per family.
   llava/              LLaVA: config, model, image inputs, tiny configs
   qwen2_5_vl/         Qwen2.5-VL: config, model, vision tower, image preprocessing, 3D positions, image
                       inputs, tiny configs
+  qwen3_vl/           Qwen3-VL: config, model (DeepStack), vision tower (resampled positions), tiny configs
+  qwen3_vl_moe/       Qwen3-VL-MoE: Qwen3-VL with sparse decoder MLPs
 """

@@ -146,13 +146,14 @@ def _gathered_fwd(table, axes):
 
 
 def _gathered_bwd(axes, _, g):
-    # Only where the batch's devices are the FSDP devices ("data" of size 1, the FSDP plans): their rows then
+    # Only where the batch's devices are the FSDP devices ("data" and "expert" of size 1): their rows then
     # move in one all-to-all. Across data replicas XLA finds no cheap path from batch rows to table shards
     # and would gather the rows whole (it says so: "involuntary full rematerialization"), so there the
     # gradient stays as the forward constraint's transpose makes it. Tensor-parallel devices hold the same
     # rows: the vocabulary stays whole.
     mesh = jax.sharding.get_abstract_mesh()
-    if axes is None or mesh.empty or dict(zip(mesh.axis_names, mesh.axis_sizes)).get("data", 1) != 1:
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    if axes is None or mesh.empty or sizes.get("data", 1) != 1 or sizes.get("expert", 1) != 1:
         return (shard_activation(g, ("vocab", None)),)  # the forward constraint's own transpose
     return (shard_activation(g, tuple(None if a == "vocab" else a for a in axes)),)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from rdpo_jax.models import layers
 from rdpo_jax.models.config import MoEConfig
@@ -37,11 +38,13 @@ class Experts(nnx.Module):
                                       ("expert", "expert_mlp", "expert_embed"))
         self.act, self.dtype = layers.activation(act), dtype
 
-    def __call__(self, x: jax.Array, sizes: jax.Array) -> jax.Array:
-        """x float[N, D], rows grouped by expert (`sizes` int32[E] rows each, in expert order) -> float[N, D]."""
-        gate_up = grouped_matmul(x.astype(self.dtype), self.gate_up_proj[...].astype(self.dtype), sizes)
+    def run(self, x: jax.Array, gate_up: jax.Array, down: jax.Array, sizes: jax.Array) -> jax.Array:
+        """x float[N, D], rows grouped by expert (`sizes` int32[G] rows each, in expert order), through the
+        experts' weights `gate_up` float[G, D, 2I], `down` float[G, I, D] (this module's, or a device's
+        share of them) -> float[N, D]."""
+        gate_up = grouped_matmul(x.astype(self.dtype), gate_up.astype(self.dtype), sizes)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        return grouped_matmul(self.act(gate) * up, self.down_proj[...].astype(self.dtype), sizes)
+        return grouped_matmul(self.act(gate) * up, down.astype(self.dtype), sizes)
 
 
 TILE = 128  # megablox's tile side
@@ -78,13 +81,61 @@ class SparseMoE(nnx.Module):
         probs = jax.nn.softmax(logits.astype(layers.wide(logits.dtype)), axis=-1)
         top, chosen = jax.lax.top_k(probs, self.top_k)
         weights = (top / top.sum(-1, keepdims=True)).astype(logits.dtype)
-        flat = chosen.reshape(-1)  # [N·k]: token n's assignments at n·k … n·k + k − 1
-        order = jnp.argsort(flat, stable=True)
-        sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-        token = order // self.top_k
-        out = self.experts(tokens[token], sizes) * weights.reshape(-1)[order][:, None]
-        y = jnp.zeros_like(out, shape=(B * T, D)).at[token].add(out)
-        return shard_activation(y.reshape(B, T, D).astype(x.dtype), ("batch", "seq", "act_embed")), (probs, chosen)
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1) > 1:
+            y = self._expert_parallel(x, chosen.reshape(B, T, -1), weights.reshape(B, T, -1))
+        else:
+            y = _dispatch(tokens, chosen, weights, self.experts.gate_up_proj[...], self.experts.down_proj[...],
+                          self.experts).reshape(B, T, D)
+        return shard_activation(y.astype(x.dtype), ("batch", "seq", "act_embed")), (probs, chosen)
+
+    def _expert_parallel(self, x, chosen, weights):
+        """The block over the mesh's "expert" axis (`jax.shard_map`, every axis manual): each device routes
+        its own rows' tokens; an all-to-all sends each (token, expert) assignment to the device holding
+        that expert, which runs its experts (their FSDP shards all-gathered) over what it received, and a
+        second all-to-all brings the outputs back. Dropless: a device reserves room for all of its
+        assignments going to any one device (n·k rows per destination), so nothing is ever cut."""
+        batch = PartitionSpec(sharding.BATCH_AXES)
+        experts = self.experts
+
+        def local(x, chosen, weights, gate_up, down):
+            ep, n = jax.lax.axis_size("expert"), x.shape[0] * x.shape[1]
+            gate_up = jax.lax.all_gather(gate_up, "fsdp", axis=1, tiled=True)  # [E/ep, D, 2I]
+            down = jax.lax.all_gather(down, "fsdp", axis=2, tiled=True)  # [E/ep, I, D]
+            per_device = gate_up.shape[0]
+            flat = chosen.reshape(-1)  # [n·k]
+            dest, local_expert = flat // per_device, flat % per_device
+            slot = (jnp.cumsum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), axis=0)[jnp.arange(flat.size), dest] - 1)
+            tokens = x.reshape(n, -1)[jnp.arange(flat.size) // self.top_k]
+            capacity = flat.size
+            send = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[dest, slot].set(tokens)
+            ids = jnp.full((ep, capacity), per_device, jnp.int32).at[dest, slot].set(local_expert)
+            got = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True).reshape(ep * capacity, -1)
+            got_ids = jax.lax.all_to_all(ids, "expert", 0, 0, tiled=True).reshape(-1)  # per_device: an empty slot
+            out = _dispatch(got, got_ids[:, None], jnp.ones((got_ids.size, 1), x.dtype), gate_up, down, experts,
+                            groups=per_device)
+            back = jax.lax.all_to_all(out.reshape(ep, capacity, -1), "expert", 0, 0, tiled=True)
+            y = back[dest, slot] * weights.reshape(-1, 1)
+            return y.reshape(*chosen.shape, -1).sum(axis=-2)
+
+        specs = (batch, batch, batch, PartitionSpec("expert", "fsdp", None), PartitionSpec("expert", None, "fsdp"))
+        return jax.shard_map(local, in_specs=specs, out_specs=batch)(
+            x, chosen, weights, experts.gate_up_proj[...], experts.down_proj[...])
+
+
+def _dispatch(tokens, chosen, weights, gate_up, down, experts: Experts, groups: int | None = None):
+    """Σ_j weights[n, j] · expert chosen[n, j](tokens[n]) for tokens float[N, D], chosen int32[N, k]:
+    assignments sorted by expert into contiguous groups for the grouped matmuls. Ids ≥ `groups` (default
+    the number of experts) are empty slots: sorted last, outside every group, they give 0."""
+    groups = gate_up.shape[0] if groups is None else groups
+    k = chosen.shape[1]
+    flat = chosen.reshape(-1)  # [N·k]: token n's assignments at n·k … n·k + k − 1
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.zeros(groups, jnp.int32).at[flat].add(1, mode="drop")
+    token = order // k
+    rows = experts.run(tokens[token], gate_up, down, sizes)
+    rows = jnp.where((jnp.arange(flat.size) < sizes.sum())[:, None], rows, 0) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros_like(rows, shape=tokens.shape).at[token].add(rows)
 
 
 def router_stats(probs: jax.Array, chosen: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:

@@ -1,5 +1,6 @@
 """The MoE train step: the routers' load-balancing loss joins the DPO loss with the config's coefficient
-(`moe/aux_loss` and per-expert `moe/load/{e}` logged), and the sharded step equals the single-device step."""
+(`moe/aux_loss` and per-expert `moe/load/{e}` logged), and the sharded step — data/fsdp/tensor, and with
+the experts split over an expert axis (tokens moved by all-to-all) — equals the single-device step."""
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +42,11 @@ def test_aux_loss_joins_the_loss_and_sharded_equals_single(tiny_qwen3_moe):
     batch = _batch()
     mesh1 = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh_ep = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})  # 2 of the 4 experts per device
     with jax.enable_x64(True):
         cfg, single, m_single = _run(folder, mesh1, batch)
         _, sharded, m_sharded = _run(folder, mesh8, batch)
+        _, ep, m_ep = _run(folder, mesh_ep, batch)
     moe = cfg.text.moe
     first = m_single[0]
     # at step 1 the policy is its reference: the DPO loss is log 2, the rest the load-balancing term
@@ -51,12 +54,14 @@ def test_aux_loss_joins_the_loss_and_sharded_equals_single(tiny_qwen3_moe):
     assert first["loss"] == pytest.approx(np.log(2) + moe.aux_loss_coef * first["moe/aux_loss"], rel=1e-12)
     loads = [first[f"moe/load/{e}"] for e in range(moe.num_experts)]
     assert sum(loads) == pytest.approx(moe.num_experts) and max(loads) > 1.0  # shares × E: mean 1
-    experts = sharded.params["language_model"]["layers"][1]["mlp"]["experts"]["gate_up_proj"]
-    assert experts.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
-    for step, (a, b) in enumerate(zip(m_single, m_sharded)):
-        for key in a:
-            if step == 0 and key == "rewards/accuracies":
-                continue  # margins of ±1e-17 around the reference: their sign is rounding
-            assert b[key] == pytest.approx(a[key], rel=1e-10, abs=1e-12), key
+    experts = ep.params["language_model"]["layers"][1]["mlp"]["experts"]["gate_up_proj"]
+    assert experts.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", None)
+    assert experts.addressable_shards[0].data.shape == (2, 32, 48)
+    for other, m_other in ((sharded, m_sharded), (ep, m_ep)):
+        for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(other.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+        for step, (a, b) in enumerate(zip(m_single, m_other)):
+            for key in a:
+                if step == 0 and key == "rewards/accuracies":
+                    continue  # margins of ±1e-17 around the reference: their sign is rounding
+                assert b[key] == pytest.approx(a[key], rel=1e-10, abs=1e-12), key
