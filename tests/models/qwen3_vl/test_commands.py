@@ -65,13 +65,18 @@ def test_flax_judge_with_a_qwen3_model(qwen3_smoke_dir):
 def test_engine_decodes_as_transformers_generate(qwen3_smoke_dir):
     """The server's engine on prompts with 0, 1 and 2 images of different sizes in one batch: each greedy
     answer is transformers' greedy `generate` of its prompt alone (stopping at the stop ids)."""
-    policy = inference.load(f"{qwen3_smoke_dir}/model")
-    records = list(arrayrecord.read(f"{qwen3_smoke_dir}/pairs"))[:6]
+    engine_equals_generate(qwen3_smoke_dir)
+
+
+def engine_equals_generate(smoke_dir: str):
+    """The test above for the smoke setup in `smoke_dir` (its model's transformers class from config.json)."""
+    policy = inference.load(f"{smoke_dir}/model")
+    records = list(arrayrecord.read(f"{smoke_dir}/pairs"))[:6]
     assert {len(r["images"]) for r in records} == {0, 1, 2}
     settings = policy.sampling_config(max_new_tokens=8, temperature=0.0)
     prompts = [policy.tokenizer.encode(r["messages"], r["images"], policy.image_input) for r in records]
-    theirs = transformers.Qwen3VLForConditionalGeneration.from_pretrained(f"{qwen3_smoke_dir}/model",
-                                                                          attn_implementation="eager")
+    theirs = transformers.AutoModelForImageTextToText.from_pretrained(f"{smoke_dir}/model",
+                                                                      attn_implementation="eager")
     want = []
     for prompt in prompts:
         ids = torch.tensor(prompt.ids[None], dtype=torch.long)

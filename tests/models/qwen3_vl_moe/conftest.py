@@ -17,3 +17,13 @@ def tiny_qwen3_moe(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_smoke_dir(tmp_path_factory):
+    """`python -m data_prep.smoke --family=qwen3_vl_moe` output, built once per session."""
+    from data_prep import smoke
+
+    out = str(tmp_path_factory.mktemp("qwen3_moe_smoke"))
+    smoke.write_setup(out, pairs=8, sft=16, seed=0, family="qwen3_vl_moe")
+    return out
