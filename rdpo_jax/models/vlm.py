@@ -86,6 +86,7 @@ class VisionLanguageModel(nnx.Module):
                 if isinstance(i, int) and i >= levels:
                     return x
                 level = jax.lax.dynamic_index_in_dim(features.deepstack, jnp.minimum(i, levels - 1), 1, False)
+                level = sharding.shard_activation(level, ACT)
                 add = is_image & (i < levels)
                 return x + jnp.where(add[..., None], _splice(level.astype(x.dtype), is_image), 0)
 

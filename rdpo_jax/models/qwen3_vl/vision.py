@@ -18,6 +18,7 @@ from rdpo_jax.models import layers
 from rdpo_jax.models.layers import Embed, LayerNorm, Linear
 from rdpo_jax.models.qwen2_5_vl.vision import PatchEmbed, VisionAttention, rotary
 from rdpo_jax.models.qwen3_vl.config import Qwen3VisionConfig
+from rdpo_jax.sharding import shard_activation
 
 EPS = 1e-6  # transformers hard-codes the tower's LayerNorm eps
 
@@ -112,7 +113,9 @@ class Qwen3VisionTower(nnx.Module):
         cos, sin = rotary(row, col, cfg.head_dim, cfg.rope_theta)
         x = self.patch_embed["proj"](patches)
         indices, weights = position_taps(image, row, col, cfg.position_side, patches.shape[1] // cfg.merge_size ** 2)
-        table = self.pos_embed.embedding[...]
+        # whole on every device (2304 × 1152 at most): a lookup into a width-sharded table gives width-sharded
+        # rows, which XLA could only reshard to the batch's rows by gathering them whole
+        table = shard_activation(self.pos_embed.embedding[...], (None, None))
         x = x + (jnp.take(table, indices, axis=0) * weights[..., None].astype(table.dtype)).sum(-2).astype(x.dtype)
         levels = cfg.deepstack_visual_indexes
         if self.scan:  # the DeepStack blocks' outputs kept in a carry: one program for every block
@@ -123,7 +126,7 @@ class Qwen3VisionTower(nnx.Module):
                 x = block(x, mask, cos, sin)
                 return (x, jnp.where((at == i)[:, None, None, None], x[None], kept)), None
 
-            kept = jnp.zeros((len(levels), *x.shape), x.dtype)
+            kept = shard_activation(jnp.zeros((len(levels), *x.shape), x.dtype), (None, "batch", None, "act_embed"))
             (x, kept), _ = layers.scan(self.blocks, body, (x, kept), jnp.arange(cfg.depth, dtype=jnp.int32),
                                        remat=self.remat)
             kept = list(kept)
@@ -134,4 +137,6 @@ class Qwen3VisionTower(nnx.Module):
                 if i in levels:  # increasing (`config.vision_from_hf`)
                     kept.append(x)
         deepstack = [merger(h) for merger, h in zip(self.deepstack_merger_list, kept)]
-        return self.merger(x), jnp.stack(deepstack, axis=1) if deepstack else None
+        deepstack = shard_activation(jnp.stack(deepstack, axis=1), ("batch", None, None, "act_embed")) if deepstack \
+            else None
+        return self.merger(x), deepstack
