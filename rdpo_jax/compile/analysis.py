@@ -28,8 +28,10 @@ def matmul_flops(jaxpr: core.ClosedJaxpr | core.Jaxpr) -> tuple[float, float]:
       while       cond and body once in both counts: the trip count is not in the jaxpr;
       cond        the most expensive branch;
       shard_map   the per-device body × the devices it runs on (the sizes of `newly_manual_axes`);
-      pallas_call the kernel × the grid size (a dynamic grid dimension counts 1): a block-sparse kernel
-                  (splash attention) counts every block as computed, an upper bound.
+      pallas_call the kernel's `cost_estimate` FLOPs where it gives one (megablox's grouped matmuls);
+                  else the kernel × the grid size (a dynamic grid dimension counts 1): a block-sparse
+                  kernel (splash attention) counts every block as computed, an upper bound.
+      ragged_dot_general  2 · rows · contraction · output width: each row meets one group's weights.
 
     Returns:
       (FLOPs per execution, FLOPs with every scan body counted once). The second is what XLA's
@@ -50,6 +52,16 @@ def _eqn_flops(eqn: core.JaxprEqn) -> tuple[float, float]:
         (lhs_contract, _), _ = params["dimension_numbers"]
         lhs = eqn.invars[0].aval.shape
         flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        return flops, flops
+    if name == "ragged_dot_general":  # each row meets one group's weights: the work of a plain matmul
+        (lhs_contract, _), _ = params["ragged_dot_dimension_numbers"].dot_dimension_numbers
+        lhs = eqn.invars[0].aval.shape
+        flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        if len(eqn.outvars[0].aval.shape) > len(lhs) - len(lhs_contract) + 1:  # the weights' gradient [G, K, N]
+            flops /= eqn.outvars[0].aval.shape[0]  # rows contracted once each, not once per group
+        return flops, flops
+    if name == "pallas_call" and getattr(params.get("cost_estimate"), "flops", 0):
+        flops = float(params["cost_estimate"].flops)  # the kernel's own count (megablox: the rows' work)
         return flops, flops
     if name == "conv_general_dilated":
         rhs = eqn.invars[1].aval.shape  # each output element contracts (in features / groups) × window

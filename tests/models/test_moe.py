@@ -9,6 +9,7 @@ from flax import nnx
 from jax.experimental import topologies
 
 from rdpo_jax import sharding
+from rdpo_jax.compile import analysis
 from rdpo_jax.models import layers, moe
 from rdpo_jax.models.config import MoEConfig
 
@@ -50,15 +51,31 @@ def _tpu_flops(experts: int, top_k: int) -> float:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     with jax.set_mesh(mesh):  # a TPU target: the megablox kernels
         lowered = jax.jit(jax.grad(loss), in_shardings=(one, one), out_shardings=one).lower(abstract, x)
-    return lowered.compile().cost_analysis()["flops"]
+        counted, _ = analysis.matmul_flops(jax.make_jaxpr(jax.grad(loss))(abstract, x))
+    return lowered.compile().cost_analysis()["flops"], counted
 
 
 def test_tpu_flops_follow_top_k_not_the_number_of_experts():
     """64 experts at top-4 compile (megablox forward and backward) to the expert matmuls of 4 experts per
     token, the weights' gradient included (ragged_dot's is dense over every expert on TPU: 16× that);
     only the router's D·E per token depends on E."""
-    flops = _tpu_flops(64, 4)
+    flops, counted = _tpu_flops(64, 4)
     # per assignment, matmuls of D·I at 2 FLOPs each: forward 3 (gate, up, down), the weights' gradients 3,
     # the activations' gradient 1 (down's; the block's input is no parameter)
     expert = 2 * 256 * 384 * 7 * 2048
     assert flops == pytest.approx(4 * expert, rel=0.05)
+    # the compile report's count, from the kernels' own estimates: an upper bound (megablox's backward
+    # computes the block input's gradient, which XLA then drops), far from the 16× of every expert
+    assert 4 * expert <= counted <= 1.35 * 4 * expert
+
+
+def test_flop_count_of_ragged_dot_is_the_rows_work():
+    """`compile.analysis.matmul_flops` counts the CPU path's grouped matmuls (`ragged_dot`, forward and both
+    gradients) as the rows' work: a block at top-3 of 6 experts is 3 experts' SwiGLU per token."""
+    block = _block(6, 3)
+    graphdef, params = nnx.split(block)
+    x = jnp.ones((2, 9, 64))
+    counted, _ = analysis.matmul_flops(jax.make_jaxpr(jax.grad(
+        lambda p, x: nnx.merge(graphdef, p)(x)[0].sum(), argnums=(0, 1)))(params, x))
+    router = 2 * 18 * 64 * 6 * 3  # forward, and both gradients
+    assert counted == 2 * 64 * 40 * 3 * 18 * 3 * 3 + router  # 3 matmuls × 3 passes × 3 experts × 18 tokens
