@@ -4,7 +4,7 @@
         [--freeze_vision] [--query_block=128] [--scan_layers=off|on]
     python benchmarks/dpo_step.py --compile_only --layers=32 --scan_layers=on   # compile time against depth
     python benchmarks/dpo_step.py --preset=llava-1.5-7b    # FLOPs only: lowered, never compiled or run
-    python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b   # the same for Qwen2.5-VL-7B
+    python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b   # the same for Qwen2.5-VL-7B (and --preset=qwen3-vl-8b)
     python benchmarks/dpo_step.py --preset=llava-1.5-7b --topology=v5p-64 --pairs=96   # XLA:TPU's estimates
 
 Model: a LLaVA with a SigLIP tower at 336 px / patch 14 (576 image tokens; width 128, 2 layers), or a
@@ -22,13 +22,16 @@ Each variant's floating-point operations per pair, as XLA counts them in the com
 `--preset=llava-1.5-7b` counts the same five steps for LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px,
 576 image tokens; Llama 7B, 32 × 4096, vocab 32064; bfloat16), `--preset=qwen2.5-vl-7b` for
 Qwen2.5-VL-7B's (the 32-block ViT at 672×672 px: 2304 patches, 576 image tokens; Qwen2 7B, 28 × 3584,
-vocab 152064; bfloat16), without memory: the state is abstract and
+vocab 152064; bfloat16), `--preset=qwen3-vl-8b` for Qwen3-VL-8B's (the 27-block ViT with DeepStack at
+768×768 px: 2304 patches of 16 px, 576 image tokens; Qwen3 8B, 36 × 4096, vocab 151936; bfloat16) — any
+preset of `presets.py`, through its family's own image adapter — without memory: the state is abstract and
 each step is only lowered, so the count is XLA's for the unoptimized program. It is the ceiling on the
 time ratios for a compute-bound accelerator at that scale. With `--topology=SLICE` every variant (and
 multi-answer groups) is compiled by XLA:TPU for that slice as the 7B configs train — FSDP over every chip,
 fp32 master weights, bf16 compute, full remat (`rdpo_jax.compile`) — and XLA's cost-model time per pair
 (an estimate, not a measurement) is printed with its ratio to TRL's step; --pairs must split into the chips
-(96 on 32: concat rows 192, groups 32).
+(96 on 32: concat rows 192, groups 32). Every run prints the model's parameters, in total and those a
+token runs through (equal for a dense model; a mixture of experts' routed share is less).
 
 Both layouts send only answer positions through the LM head, and both encode a pair's images once (the
 concat layout reuses the features for its two rows). A fifth variant times the concat layout the way
@@ -41,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import math
 import statistics
 import time
 from unittest import mock
@@ -51,12 +56,12 @@ import numpy as np
 import optax
 import transformers
 from absl import app, flags
+from flax import nnx
+from PIL import Image
 
 from rdpo_jax import logps, optim, packing, sharding, train_step
-from rdpo_jax.models.qwen2_5_vl import images as qwen_images
-from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
 from rdpo_jax.models import config as config_lib
-from rdpo_jax.models import families, layers
+from rdpo_jax.models import families, image_inputs, layers
 import presets  # benchmarks/presets.py
 from peak import matmul_peak  # benchmarks/peak.py
 
@@ -80,7 +85,8 @@ _QUERY_BLOCK = flags.DEFINE_integer("query_block", layers.QUERY_BLOCK,
                                     "Causal attention's query block (layers.QUERY_BLOCK); 0 = one dense product.")
 
 IMAGE, PROMPT, ANSWER = 576, 64, 128
-QWEN_GRID = (1, 48, 48)  # a 672×672 image: 2304 patches of 14 px, 576 merged tokens
+# The vision tower's trunk, in every family (LLaVA's tower; the Qwen-VL towers but their mergers)
+FREEZE_VISION = r"(vision_tower|visual/(patch_embed|pos_embed|blocks))/.*"
 
 
 def model_config():
@@ -112,35 +118,42 @@ def model_config():
     return families.from_hf(hf), config_lib.RunSettings(scan_layers=_SCAN.value)
 
 
-def is_qwen(cfg) -> bool:
-    return families.of(cfg).model_type == "qwen2_5_vl"
+def image_input(cfg, rng):
+    """The family's image adapter (its architecture's image shapes) and one image prepared by it that gives
+    IMAGE placeholders: for any-resolution families (patch buffers and M-RoPE) a square of √IMAGE merged
+    tokens a side (Qwen2.5-VL 672 px, Qwen3-VL 768 px: 2304 patches, 4 a token); fixed-size ones resize."""
+    adapter = image_inputs.for_model(cfg, None, max_images=1, patch_buckets=(4 * IMAGE,))
+    side = math.isqrt(IMAGE) * adapter.config.factor if adapter.mrope else adapter.config.output_size[0]
+    png = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(png, "PNG")
+    prepared = adapter.prepare([png.getvalue()])
+    assert prepared["tokens"] == [IMAGE], prepared["tokens"]
+    return adapter, prepared
 
 
-def make_pairs(cfg, n, rng):
-    """n pairs with a 576-token image (Qwen2.5-VL: between vision start and end, with 3D positions)."""
+def make_pairs(cfg, n, rng, adapter, prepared):
+    """n pairs with the IMAGE-token image after BOS (positions: the adapter's, 3D for M-RoPE families)."""
     pairs = []
     for _ in range(n):
-        if is_qwen(cfg):
-            prompt = ([1, cfg.vision_start_token_id] + [cfg.image_token_id] * IMAGE + [cfg.vision_end_token_id]
-                      + list(rng.integers(2, 8000, PROMPT - 3)))
-            types = (np.asarray(prompt) == cfg.image_token_id).astype(np.int32)
-            positions = qwen_positions.rope_index(types, [QWEN_GRID], merge_size=2)[0]
-        else:
-            assert cfg.image_seq_len == IMAGE
-            prompt, positions = [1] + [cfg.image_token_id] * IMAGE + list(rng.integers(2, 8000, PROMPT - 1)), None
+        prompt = [1] + [cfg.image_token_id] * IMAGE + list(rng.integers(2, 8000, PROMPT - 1))
         pairs.append(packing.Group(prompt, [list(rng.integers(2, 8000, ANSWER)), list(rng.integers(2, 8000, ANSWER))],
-                                   positions=positions))
+                                   positions=adapter.positions(np.asarray(prompt), prepared)))
     return pairs
 
 
-def image_arrays(cfg, n, rng) -> dict[str, np.ndarray]:
-    """The batch's image fields for n pairs (one image each)."""
-    if not is_qwen(cfg):
-        return {"pixel_values": rng.standard_normal((n, 336, 336, 3)).astype(np.float32)}
-    patches = QWEN_GRID[1] * QWEN_GRID[2]
-    meta = qwen_images.patch_metadata([QWEN_GRID], 2, patches)
-    return {"patches": rng.standard_normal((n, patches, 3 * 2 * 14 * 14)).astype(np.float32),
-            **{f"patch_{k}": np.repeat(meta[k][None], n, 0) for k in ("image", "row", "col")}}
+def parameter_counts(model) -> tuple[dict[str, int], int]:
+    """(parameters per top-level module, those a token runs through). A dense model runs all of them;
+    routed experts (parameters with an "expert" logical axis of E experts) count k/E of theirs, k the
+    router's top-k (`config.text.moe.top_k`)."""
+    per_module, active = {}, 0
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        size = math.prod(variable.get_value().shape)
+        per_module[str(path[0])] = per_module.get(str(path[0]), 0) + size
+        axes = variable.get_metadata().get("logical_axes") or ()
+        if "expert" in axes:
+            size = size * model.config.text.moe.top_k // variable.get_value().shape[axes.index("expert")]
+        active += size
+    return per_module, active
 
 
 def trl_pair_logps(model, batch, *, layout):
@@ -182,11 +195,10 @@ def trace_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
     """(traced step, state, device batch) of one variant; abstract = shapes only (no memory, no run)."""
     B = len(pairs)
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
-    freeze = ((r"visual/(patch_embed|blocks)/.*" if is_qwen(cfg) else "vision_tower/.*",)
-              if _FREEZE_VISION.value else ())
+    freeze = (FREEZE_VISION,) if _FREEZE_VISION.value else ()
     seq_len = IMAGE + PROMPT + (2 * ANSWER if layout == "shared_prefix" else ANSWER)
-    batch, _ = packing.pack(pairs, layout=layout, seq_len=seq_len, max_answer_len=ANSWER, mrope=is_qwen(cfg),
-                            images=pixels)
+    batch, _ = packing.pack(pairs, layout=layout, seq_len=seq_len, max_answer_len=ANSWER,
+                            mrope=bool(cfg.text.mrope_section), images=pixels)
     if reference == "precomputed":
         batch = batch.replace(ref_chosen_logp=ref["chosen_logp"].reshape(B, 1),
                               ref_rejected_logp=ref["rejected_logp"].reshape(B, 1))
@@ -217,11 +229,10 @@ def trace_groups(cfg, run, mesh, pairs, pixels, reference):
                             {k: np.zeros(len(GROUP_PAIRS), np.float32) for k in ("ref_chosen_logp", "ref_rejected_logp")
                              if reference == "precomputed"}) for p in pairs[:G]]
     batch, _ = packing.pack(groups, layout="multi_answer", seq_len=IMAGE + PROMPT + 4 * ANSWER, max_answer_len=ANSWER,
-                            max_answers=4, max_pairs=len(GROUP_PAIRS), mrope=is_qwen(cfg),
+                            max_answers=4, max_pairs=len(GROUP_PAIRS), mrope=bool(cfg.text.mrope_section),
                             images={k: v[:G] for k, v in pixels.items()})
     optimizer = optim.make_optimizer(learning_rate=1e-5, weight_decay=0.0)
-    freeze = ((r"visual/(patch_embed|blocks)/.*" if is_qwen(cfg) else "vision_tower/.*",)
-              if _FREEZE_VISION.value else ())
+    freeze = (FREEZE_VISION,) if _FREEZE_VISION.value else ()
     graphdef, state = train_step.abstract_state(families.abstract_model(cfg, run), optimizer, mesh, freeze=freeze,
                                                 reference=reference == "model")
     batch = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), batch, batch.shardings(mesh))
@@ -284,13 +295,15 @@ def main(argv):
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rng = np.random.default_rng(0)
     B = _PAIRS.value
-    pairs = make_pairs(cfg, B, rng)
-    pixels = image_arrays(cfg, B, rng)
-    n_params = sum(x.size for x in jax.tree.leaves(optim.split_params(families.abstract_model(cfg, run))[1]))
-    text = cfg.text
-    print(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind}; model {n_params / 1e6:.1f}M params "
-          f"(decoder {text.num_layers}×{text.hidden_size}, vision "
-          f"{cfg.vision.depth if is_qwen(cfg) else cfg.vision.num_layers}×{cfg.vision.hidden_size}); "
+    adapter, prepared = image_input(cfg, rng)
+    pairs = make_pairs(cfg, B, rng, adapter, prepared)
+    pixels = adapter.collate([prepared] * B)[0]
+    per_module, active = parameter_counts(families.abstract_model(cfg, run))
+    total, text = sum(per_module.values()), cfg.text
+    print(f"devices: {jax.device_count()} × {jax.devices()[0].device_kind}; model {total / 1e6:.1f}M params in "
+          f"total, {active / 1e6:.1f}M active per token ("
+          + ", ".join(f"{name} {n / 1e6:.1f}M" for name, n in per_module.items())
+          + f"; decoder {text.num_layers}×{text.hidden_size}); "
           f"{B} pairs/step, prompt {IMAGE}+{PROMPT}, answers {ANSWER}+{ANSWER}; "
           f"vision tower {'frozen' if _FREEZE_VISION.value else 'trained'}")
 
@@ -331,7 +344,7 @@ def main(argv):
 
     base_model = families.create(cfg, run, mesh=mesh, seed=0)
     shared_batch, _ = packing.pack(pairs, layout="shared_prefix", seq_len=IMAGE + PROMPT + 2 * ANSWER,
-                                   max_answer_len=ANSWER, mrope=is_qwen(cfg), images=pixels)
+                                   max_answer_len=ANSWER, mrope=bool(cfg.text.mrope_section), images=pixels)
     ref = jax.jit(lambda b: logps.pair_logps(base_model, b, layout="shared_prefix"))(shared_batch)
     ref = {k: np.asarray(v) for k, v in ref.items()}
     runs = {}

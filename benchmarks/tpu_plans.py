@@ -1,11 +1,11 @@
-"""The shipped 7B TPU configs compiled for their slice, and the variants tried to raise their throughput.
+"""The shipped TPU configs (7B, 8B) compiled for their slice, and the variants tried to raise their throughput.
 
     python benchmarks/tpu_plans.py --model=llava-1.5-7b [--topology=v5p-64] [--variants=base,pairs128,…] [--json=FILE]
-    python benchmarks/tpu_plans.py --model=qwen2.5-vl-7b
+    python benchmarks/tpu_plans.py --model=qwen2.5-vl-7b      # or --model=qwen3-vl-8b
     python benchmarks/tpu_plans.py --model=llava-1.5-7b --write_config=/tmp/llava-1.5-7b   # for rdpo_jax.compile
 
-Each variant is `configs/{llava15,qwen25vl}_7b_tpu.py` with a few fields changed, its train step
-compiled by XLA:TPU for the slice (`rdpo_jax.compile`: libtpu on this CPU host) at one row bucket: memory
+Each variant is the model's shipped TPU config (`CONFIGS`) with a few fields changed, its train step
+compiled by XLA:TPU for the slice (`rdpo_jax.compile`: libtpu on this CPU host) at its longest row bucket: memory
 per chip, matmul FLOPs through every loop, XLA's estimated step time (its cost model, not a measurement) and
 the pairs/s and model-FLOPs utilisation that implies. The architecture comes from each model's published
 `config.json` (written here: no weights are read). Layout variants carry their own bucket: a concat row holds
@@ -19,11 +19,14 @@ import tempfile
 
 from absl import app, flags
 
-from configs import llava15_7b_tpu, qwen25vl_7b_tpu
+from configs import llava15_7b_tpu, qwen25vl_7b_tpu, qwen3vl_8b_tpu
 from rdpo_jax.compile import chips, programs, report
 import presets  # benchmarks/presets.py
 
-_MODEL = flags.DEFINE_enum("model", "llava-1.5-7b", list(presets.NAMES), "Which shipped config.")
+# preset (its architecture) -> the shipped TPU config sized for it
+CONFIGS = {"llava-1.5-7b": llava15_7b_tpu, "qwen2.5-vl-7b": qwen25vl_7b_tpu, "qwen3-vl-8b": qwen3vl_8b_tpu}
+
+_MODEL = flags.DEFINE_enum("model", "llava-1.5-7b", list(CONFIGS), "Which shipped config.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-64", "TPU slice (rdpo_jax.compile --topology).")
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to compile (default: all of the model's).")
 _OUT = flags.DEFINE_string("json", None, "Also write every variant's figures to this file.")
@@ -31,8 +34,7 @@ _WRITE = flags.DEFINE_string("write_config", None, "Only write the model's confi
                              "python -m rdpo_jax.compile --config=…:model=FOLDER) and exit.")
 
 
-# name -> config fields changed from the shipped config ("data.seq_buckets" is always one bucket here)
-BUCKET = {"llava-1.5-7b": 2048, "qwen2.5-vl-7b": 3072}
+# name -> config fields changed from the shipped config ("data.seq_buckets" is always its longest bucket here)
 VARIANTS = {
     "base": {},
     "pairs128": {"data.batch_size": 128},
@@ -49,9 +51,8 @@ LAYOUT_BUCKET = {"concat": lambda t, answer: t - answer, "multi_answer": lambda 
 
 
 def variant_config(model: str, folder: str, fields: dict):
-    module = llava15_7b_tpu if model == "llava-1.5-7b" else qwen25vl_7b_tpu
-    config = module.get_config(f"model={folder},data=unused")
-    bucket = BUCKET[model]
+    config = CONFIGS[model].get_config(f"model={folder},data=unused")
+    bucket = config.data.seq_buckets[-1]
     layout = fields.get("dpo.pair_layout")
     if layout in LAYOUT_BUCKET:
         bucket = LAYOUT_BUCKET[layout](bucket, config.data.max_answer_len)
@@ -89,6 +90,10 @@ def main(argv):
     for r in rows:
         if "error" in r:
             print(f"| {r['variant']} | {r['what']} | {r['pairs']} | does not fit | | | |")
+            continue
+        if "estimated_s" not in r:  # XLA's cost model gave no usable time (e.g. negative: docs/benchmarks.md)
+            print(f"| {r['variant']} | {r['what']} | {r['pairs']} | {r['total'] / 2**30:.1f} | none (XLA: "
+                  f"{r['xla_seconds']:.2f} s) | | |")
             continue
         print(f"| {r['variant']} | {r['what']} | {r['pairs']} | {r['total'] / 2**30:.1f} | {r['estimated_s']:.2f} | "
               f"{r['pairs'] / r['estimated_s']:.0f} | {100 * r['mfu']:.0f}% |")
