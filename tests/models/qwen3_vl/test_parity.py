@@ -59,8 +59,7 @@ def test_position_taps_equal_transformers():
 
     grids, side, N = [(1, 6, 10), (1, 12, 4), (1, 2, 2), (1, 8, 8)], 4, 256
     meta = qwen_images.patch_metadata(grids, 2, N)
-    indices, weights = vision.position_taps(*(jnp.asarray(meta[k])[None] for k in ("image", "row", "col")), side,
-                                            N // 4)
+    indices, weights = vision.position_taps(*(jnp.asarray(meta[k])[None] for k in ("image", "row", "col")), side)
     want_i, want_w = vision_utils.get_vision_interpolation_indices_and_weights(
         torch.tensor(grids), side, mode="bilinear", align_corners=True, spatial_merge_size=2)
     real = sum(h * w for _, h, w in grids)
