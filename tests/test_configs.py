@@ -7,7 +7,8 @@ import pytest
 import transformers
 from flax import nnx
 
-from configs import llava15_7b_gpu, llava15_7b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu, smoke
+from configs import (llava15_7b_gpu, llava15_7b_tpu, qwen3vl_8b_gpu, qwen3vl_8b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu,
+                     smoke)
 from rdpo_jax import config_checks, defaults, sharding
 from rdpo_jax.models import families, hf
 
@@ -46,11 +47,23 @@ def qwen7b_folder(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def qwen3_8b_folder(tmp_path_factory):
+    """config.json of Qwen3-VL-8B-Instruct (`benchmarks/presets.py`), no weights."""
+    from benchmarks import presets
+
+    folder = tmp_path_factory.mktemp("qwen3_8b")
+    presets.hf_config("qwen3-vl-8b").save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("module,devices,processes,mesh,per_device,folder,size", [
     (llava15_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "llava7b_folder", (7.0e9, 7.2e9)),
     (llava15_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "llava7b_folder", (7.0e9, 7.2e9)),
     (qwen25vl_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "qwen7b_folder", (8.2e9, 8.4e9)),
     (qwen25vl_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
+    (qwen3vl_8b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "qwen3_8b_folder", (8.7e9, 8.85e9)),
+    (qwen3vl_8b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "qwen3_8b_folder", (8.7e9, 8.85e9)),
 ])
 def test_real_scale_configs_plan_sensibly(request, module, devices, processes, mesh, per_device, folder, size):
     folder = request.getfixturevalue(folder)
