@@ -44,27 +44,12 @@ def test_greedy_matches_transformers_generate(tiny_llava, name):
 
 
 def test_qwen_greedy_matches_transformers_generate(tiny_qwen):
-    """Qwen2.5-VL, left-padded prompts with two, one and no images of different sizes: 3D prompt
-    positions, decode positions at the prompt's largest + 1 + step (transformers' rope_deltas)."""
+    """Qwen2.5-VL (`tiny_qwen.check_greedy`)."""
     from tests import tiny_qwen as tq
 
-    folder, torch_model = tiny_qwen(False)
+    folder, theirs = tiny_qwen(False)
     model, cfg = hf.load_hf(folder)
-    rows = [([3, (1, 6, 10), 2, (1, 4, 4), 4], "left"), ([5, (1, 8, 8), 7], "left"), ([11], "left")]
-    batch = tq.inputs(rows, length=48)
-    images, positions = tq.ours(batch, cfg.vision)
-    sc = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0)
-    tokens, _ = sampling.generate(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                                  images, jax.random.key(0), sc, positions=jnp.asarray(positions))
-    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
-    pixels = np.concatenate([p for row in batch["patches"] for p in row])
-    with torch.no_grad():
-        ref = torch_model.generate(
-            input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
-            pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor([g for r in batch["grids"] for g in r]),
-            mm_token_type_ids=(ids == tq.IMAGE).long(), max_new_tokens=10, do_sample=False, eos_token_id=None,
-            pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(tokens), ref[:, ids.shape[1]:].numpy())
+    tq.check_greedy(model, cfg, theirs)
 
 
 def test_sampling_is_reproducible_and_sharded_equals_single(tiny_llava):

@@ -125,3 +125,67 @@ def torch_logits(model, batch: dict) -> np.ndarray:
                     pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids),
                     mm_token_type_ids=(ids == IMAGE).long())
     return out.logits.float().numpy()
+
+
+def check_shared_prefix_row(model, cfg, theirs, atol: float = 1e-4):
+    """One row [prompt with two images][chosen][rejected], both answers at the prompt's max position + 1 on
+    all three axes, the branch mask of `packing`: its answers' logits equal two separate transformers
+    forwards."""
+    import jax.numpy as jnp
+
+    from rdpo_jax import logps, packing
+    from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
+
+    rng = np.random.default_rng(3)
+    pieces = [3, (1, 6, 10), 2, (1, 4, 4), 4]
+    batch = inputs([(pieces, "right")], length=40)
+    prompt = batch["input_ids"][0, :batch["attention_mask"][0].sum()].tolist()
+    chosen, rejected = rng.integers(0, IMAGE, 7).tolist(), rng.integers(0, IMAGE, 5).tolist()
+    row, _ = packing.pack([packing.Group(prompt, [chosen, rejected])], layout="shared_prefix", seq_len=64,
+                          max_answer_len=8)
+    P = len(prompt)
+    prompt_pos, _ = qwen_positions.rope_index((np.asarray(prompt) == IMAGE).astype(np.int32), batch["grids"][0],
+                                              merge_size=MERGE)
+    positions = np.zeros((1, 3, 64), np.int32)
+    positions[0, :, :P] = prompt_pos
+    start = prompt_pos.max() + 1
+    positions[0, :, P:P + 7] = start + np.arange(7)
+    positions[0, :, P + 7:P + 12] = start + np.arange(5)
+    images, _ = ours(batch, cfg.vision)
+    mask = logps.attention_mask(jnp.asarray(row.branch_ids))
+    logits = np.asarray(model(jnp.asarray(row.input_ids), images, mask, jnp.asarray(positions)))[0]
+    for answer, offset in ((chosen, P), (rejected, P + 7)):
+        separate = inputs([(pieces, "right")], length=P + len(answer))
+        separate["input_ids"][0, P:] = answer
+        separate["attention_mask"][0, P:] = 1
+        expected = torch_logits(theirs, separate)[0]
+        np.testing.assert_allclose(logits[offset:offset + len(answer) - 1], expected[P:P + len(answer) - 1],
+                                   rtol=0, atol=atol)
+        np.testing.assert_allclose(logits[P - 1], expected[P - 1], rtol=0, atol=atol)  # the first answer token
+
+
+def check_greedy(model, cfg, theirs):
+    """Left-padded prompts with two, one and no images of different sizes: `sampling.generate`'s greedy
+    tokens equal transformers' `generate` (3D prompt positions, decode positions at the prompt's largest
+    + 1 + step, transformers' rope_deltas)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from rdpo_jax import sampling
+
+    rows = [([3, (1, 6, 10), 2, (1, 4, 4), 4], "left"), ([5, (1, 8, 8), 7], "left"), ([11], "left")]
+    batch = inputs(rows, length=48)
+    images, positions = ours(batch, cfg.vision)
+    tokens, _ = sampling.generate(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                                  images, jax.random.key(0), sampling.SamplingConfig(max_new_tokens=10, temperature=0.0),
+                                  positions=jnp.asarray(positions))
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    with torch.no_grad():
+        ref = theirs.generate(
+            input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+            pixel_values=torch.tensor(np.concatenate([p for r in batch["patches"] for p in r])),
+            image_grid_thw=torch.tensor([g for r in batch["grids"] for g in r]),
+            mm_token_type_ids=(ids == IMAGE).long(), max_new_tokens=10, do_sample=False, eos_token_id=None,
+            pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(tokens), ref[:, ids.shape[1]:].numpy())

@@ -48,10 +48,12 @@ class QwenVL(VisionLanguageModel):
     """Qwen2.5-VL: `images` = `QwenImages`; every image of grid (1, h, w) gives h·w/4 features, written over
     its placeholders in order. See `VisionLanguageModel`."""
 
+    tower = QwenVisionTower  # the vision tower's class (Qwen3-VL subclasses with its own)
+
     def __init__(self, cfg: QwenVLConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
         kw = dict(param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)
-        self.visual = QwenVisionTower(cfg.vision, remat=run.remat, attention=run.attention,
-                                      scan=run.scan(cfg.vision.depth), **kw)
+        self.visual = self.tower(cfg.vision, remat=run.remat, attention=run.attention,
+                                 scan=run.scan(cfg.vision.depth), **kw)
         self.language_model = TextDecoder(cfg.text, remat=run.remat, attention=run.attention,
                                           scan=run.scan(cfg.text.num_layers), **kw)
         if not cfg.tie_word_embeddings:
@@ -62,6 +64,8 @@ class QwenVL(VisionLanguageModel):
 
     def image_features(self, images: QwenImages) -> Features:
         """(features float[B, N/4, D] in patch order, counts int32[B] = the row's real patches / 4)."""
-        feats = self.visual(images.patches, images.image, images.row, images.col)
-        group = self.config.vision.merge_size ** 2
-        return Features(feats, ((images.image >= 0).sum(axis=1) // group).astype(jnp.int32))
+        return Features(self.visual(images.patches, images.image, images.row, images.col), self.counts(images))
+
+    def counts(self, images: QwenImages) -> jax.Array:
+        """int32[B]: each row's image features, its real patches / merge²."""
+        return ((images.image >= 0).sum(axis=1) // self.config.vision.merge_size ** 2).astype(jnp.int32)

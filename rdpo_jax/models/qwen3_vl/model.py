@@ -9,17 +9,9 @@ Images, patch buffers and 3D positions are Qwen2.5-VL's (`QwenImages`, `qwen2_5_
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from rdpo_jax.models import layers
-from rdpo_jax.models.config import RunSettings
-from rdpo_jax.models.layers import Linear
-from rdpo_jax.models.qwen2_5_vl.model import QwenImages
-from rdpo_jax.models.qwen3_vl.config import Qwen3VLConfig
+from rdpo_jax.models.qwen2_5_vl.model import QwenImages, QwenVL
 from rdpo_jax.models.qwen3_vl.vision import Qwen3VisionTower
-from rdpo_jax.models.text import TextDecoder
-from rdpo_jax.models.vlm import Features, VisionLanguageModel
+from rdpo_jax.models.vlm import Features
 
 # Checkpoint names (`models/hf.py`): the Hub and transformers 5 both keep `model.visual.*`,
 # `model.language_model.*` and `lm_head.*`.
@@ -27,25 +19,14 @@ HF_READ = ((r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "lang
 HF_WRITE = (("visual.", "model.visual."), ("language_model.", "model.language_model."), ("lm_head.", "lm_head."))
 
 
-class Qwen3VL(VisionLanguageModel):
+class Qwen3VL(QwenVL):
     """Qwen3-VL: `images` = `QwenImages`; every image of grid (1, h, w) gives h·w/4 features, written over
     its placeholders in order, and as many per DeepStack level. See `VisionLanguageModel`."""
 
-    def __init__(self, cfg: Qwen3VLConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
-        kw = dict(param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)
-        self.visual = Qwen3VisionTower(cfg.vision, remat=run.remat, attention=run.attention,
-                                       scan=run.scan(cfg.vision.depth), **kw)
-        self.language_model = TextDecoder(cfg.text, remat=run.remat, attention=run.attention,
-                                          scan=run.scan(cfg.text.num_layers), **kw)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False, **kw)
-        self.config, self.run = cfg, run
-
-    images_of = staticmethod(QwenImages.from_batch)
+    tower = Qwen3VisionTower
 
     def image_features(self, images: QwenImages) -> Features:
         """Features float[B, N/4, D] in patch order, counts int32[B] (the row's real patches / 4), and the
         DeepStack levels float[B, K, N/4, D]."""
         feats, deepstack = self.visual(images.patches, images.image, images.row, images.col)
-        counts = ((images.image >= 0).sum(axis=1) // self.config.vision.merge_size ** 2).astype(jnp.int32)
-        return Features(feats, counts, deepstack)
+        return Features(feats, self.counts(images), deepstack)

@@ -7,14 +7,11 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
 from flax import nnx
 
-from rdpo_jax import logps, packing
-from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, safetensors_io
 from tests import tiny_qwen as tq
@@ -46,35 +43,9 @@ def test_logits_equal_transformers(tiny_qwen, tied):
 
 
 def test_shared_prefix_row_equals_two_transformers_forwards(tiny_qwen):
-    """One row [prompt with two images][chosen][rejected], both answers at the prompt's max position + 1 on
-    all three axes, the branch mask of `packing`: its answer log-likelihoods equal two separate forwards."""
     folder, theirs = tiny_qwen(False)
     model, cfg = hf.load_hf(folder)
-    rng = np.random.default_rng(3)
-    batch = tq.inputs([([3, (1, 6, 10), 2, (1, 4, 4), 4], "right")], length=40)
-    prompt = batch["input_ids"][0, :batch["attention_mask"][0].sum()].tolist()
-    chosen, rejected = rng.integers(0, tq.IMAGE, 7).tolist(), rng.integers(0, tq.IMAGE, 5).tolist()
-    row, _ = packing.pack([packing.Group(prompt, [chosen, rejected])], layout="shared_prefix", seq_len=64,
-                          max_answer_len=8)
-    P = len(prompt)
-    types = (np.asarray(prompt) == tq.IMAGE).astype(np.int32)
-    prompt_pos, _ = qwen_positions.rope_index(types, batch["grids"][0], merge_size=tq.MERGE)
-    positions = np.zeros((1, 3, 64), np.int32)
-    positions[0, :, :P] = prompt_pos
-    start = prompt_pos.max() + 1
-    positions[0, :, P:P + 7] = start + np.arange(7)
-    positions[0, :, P + 7:P + 12] = start + np.arange(5)
-    images, _ = tq.ours(batch, cfg.vision)
-    mask = logps.attention_mask(jnp.asarray(row.branch_ids))
-    logits = np.asarray(model(jnp.asarray(row.input_ids), images, mask, jnp.asarray(positions)))[0]
-    for answer, offset in ((chosen, P), (rejected, P + 7)):
-        separate = tq.inputs([([3, (1, 6, 10), 2, (1, 4, 4), 4], "right")], length=P + len(answer))
-        separate["input_ids"][0, P:] = answer
-        separate["attention_mask"][0, P:] = 1
-        expected = tq.torch_logits(theirs, separate)[0]
-        np.testing.assert_allclose(logits[offset:offset + len(answer) - 1], expected[P:P + len(answer) - 1],
-                                   rtol=0, atol=ATOL)
-        np.testing.assert_allclose(logits[P - 1], expected[P - 1], rtol=0, atol=ATOL)  # the first answer token
+    tq.check_shared_prefix_row(model, cfg, theirs, ATOL)
 
 
 def test_reads_the_transformers5_layout(tiny_qwen, tmp_path):

@@ -16,10 +16,9 @@ import torch
 import transformers
 from flax import nnx
 
-from rdpo_jax import logps, packing, sampling, sharding
+from rdpo_jax import sharding
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, safetensors_io
-from rdpo_jax.models.qwen2_5_vl import positions as qwen_positions
 from rdpo_jax.models.qwen3_vl import vision
 from tests import tiny_qwen as tq
 
@@ -68,59 +67,18 @@ def test_position_taps_equal_transformers():
 
 
 def test_shared_prefix_row_equals_two_transformers_forwards(tiny_qwen3):
-    """One row [prompt with two images][chosen][rejected] with the branch mask of `packing`: DeepStack adds
-    only at the prompt's placeholders, and both answers' logits equal separate transformers forwards."""
+    """DeepStack adds only at the prompt's placeholders: both answers equal separate transformers forwards."""
     folder, theirs = tiny_qwen3(False)
     model, cfg = hf.load_hf(folder)
-    rng = np.random.default_rng(3)
-    pieces = [3, (1, 6, 10), 2, (1, 4, 4), 4]
-    batch = tq.inputs([(pieces, "right")], length=40)
-    prompt = batch["input_ids"][0, :batch["attention_mask"][0].sum()].tolist()
-    chosen, rejected = rng.integers(0, tq.IMAGE, 7).tolist(), rng.integers(0, tq.IMAGE, 5).tolist()
-    row, _ = packing.pack([packing.Group(prompt, [chosen, rejected])], layout="shared_prefix", seq_len=64,
-                          max_answer_len=8)
-    P = len(prompt)
-    types = (np.asarray(prompt) == tq.IMAGE).astype(np.int32)
-    prompt_pos, _ = qwen_positions.rope_index(types, batch["grids"][0], merge_size=tq.MERGE)
-    positions = np.zeros((1, 3, 64), np.int32)
-    positions[0, :, :P] = prompt_pos
-    start = prompt_pos.max() + 1
-    positions[0, :, P:P + 7] = start + np.arange(7)
-    positions[0, :, P + 7:P + 12] = start + np.arange(5)
-    images, _ = tq.ours(batch, cfg.vision)
-    mask = logps.attention_mask(jnp.asarray(row.branch_ids))
-    logits = np.asarray(model(jnp.asarray(row.input_ids), images, mask, jnp.asarray(positions)))[0]
-    for answer, offset in ((chosen, P), (rejected, P + 7)):
-        separate = tq.inputs([(pieces, "right")], length=P + len(answer))
-        separate["input_ids"][0, P:] = answer
-        separate["attention_mask"][0, P:] = 1
-        expected = tq.torch_logits(theirs, separate)[0]
-        np.testing.assert_allclose(logits[offset:offset + len(answer) - 1], expected[P:P + len(answer) - 1],
-                                   rtol=0, atol=ATOL)
-        np.testing.assert_allclose(logits[P - 1], expected[P - 1], rtol=0, atol=ATOL)
+    tq.check_shared_prefix_row(model, cfg, theirs, ATOL)
 
 
 @pytest.mark.parametrize("scan", ["off", "on"])
 def test_greedy_matches_transformers_generate(tiny_qwen3, scan):
-    """Left-padded prompts with two, one and no images: DeepStack in the prefill (looped and scanned
-    layers, a KV cache), decode positions at the prompt's largest + 1 + step."""
-    folder, torch_model = tiny_qwen3(False)
+    """DeepStack in the prefill (looped and scanned layers, a KV cache)."""
+    folder, theirs = tiny_qwen3(False)
     model, cfg = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers=scan))
-    rows = [([3, (1, 6, 10), 2, (1, 4, 4), 4], "left"), ([5, (1, 8, 8), 7], "left"), ([11], "left")]
-    batch = tq.inputs(rows, length=48)
-    images, positions = tq.ours(batch, cfg.vision)
-    sc = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0)
-    tokens, _ = sampling.generate(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                                  images, jax.random.key(0), sc, positions=jnp.asarray(positions))
-    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
-    pixels = np.concatenate([p for row in batch["patches"] for p in row])
-    with torch.no_grad():
-        ref = torch_model.generate(
-            input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
-            pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor([g for r in batch["grids"] for g in r]),
-            mm_token_type_ids=(ids == tq.IMAGE).long(), max_new_tokens=10, do_sample=False, eos_token_id=None,
-            pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(tokens), ref[:, ids.shape[1]:].numpy())
+    tq.check_greedy(model, cfg, theirs)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

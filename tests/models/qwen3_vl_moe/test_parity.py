@@ -13,7 +13,6 @@ import torch
 import transformers
 from flax import nnx
 
-from rdpo_jax import sampling
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, moe, safetensors_io
 from tests import tiny_qwen as tq
@@ -92,23 +91,9 @@ def test_load_balancing_loss_equals_transformers(tiny_qwen3_moe, scan):
 
 
 def test_greedy_matches_transformers_generate(tiny_qwen3_moe):
-    folder, torch_model = tiny_qwen3_moe("sparse")
+    folder, theirs = tiny_qwen3_moe("sparse")
     model, cfg = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers="on"))
-    batch = tq.inputs([([3, (1, 6, 10), 2, (1, 4, 4), 4], "left"), ([5, (1, 8, 8), 7], "left"), ([11], "left")],
-                      length=48)
-    images, positions = tq.ours(batch, cfg.vision)
-    tokens, _ = sampling.generate(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                                  images, jax.random.key(0), sampling.SamplingConfig(max_new_tokens=10, temperature=0.0),
-                                  positions=jnp.asarray(positions))
-    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
-    with torch.no_grad():
-        ref = torch_model.generate(
-            input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
-            pixel_values=torch.tensor(np.concatenate([p for r in batch["patches"] for p in r])),
-            image_grid_thw=torch.tensor([g for r in batch["grids"] for g in r]),
-            mm_token_type_ids=(ids == tq.IMAGE).long(), max_new_tokens=10, do_sample=False, eos_token_id=None,
-            pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(tokens), ref[:, ids.shape[1]:].numpy())
+    tq.check_greedy(model, cfg, theirs)
 
 
 def test_reads_transformers5_experts_writes_the_hubs(tiny_qwen3_moe, tmp_path):
