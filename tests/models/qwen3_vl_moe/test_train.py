@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdpo_jax import optim, packing, sharding, train_step
+from rdpo_jax import logps, optim, packing, sharding, train_step
 from rdpo_jax.models import hf
 from rdpo_jax.models.config import RunSettings
 from tests import tiny_qwen as tq
@@ -65,3 +65,22 @@ def test_aux_loss_joins_the_loss_and_sharded_equals_single(tiny_qwen3_moe):
                 if step == 0 and key == "rewards/accuracies":
                     continue  # margins of ±1e-17 around the reference: their sign is rounding
                 assert b[key] == pytest.approx(a[key], rel=1e-10, abs=1e-12), key
+
+
+def test_sft_loss_is_the_token_mean_nll_plus_the_load_balancing_term(tiny_qwen3_moe):
+    folder, _ = tiny_qwen3_moe("sparse")
+    rng = np.random.default_rng(1)
+    groups = [packing.Group(list(rng.integers(0, tq.IMAGE, 3 + i % 3)), [list(rng.integers(0, tq.IMAGE, 2 + i % 4))])
+              for i in range(8)]
+    batch, _ = packing.pack(groups, layout="sft", seq_len=12, max_answer_len=6)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    model, cfg = hf.load_hf(folder, mesh=mesh)
+    sgd = optim.optax.sgd(0.0)
+    graphdef, state = train_step.init_state(model, sgd, reference=False)
+    fn = train_step.make_sft_step(graphdef, sgd, optim.optax.constant_schedule(0.0)).train
+    _, metrics = train_step.jit_step(fn, state, batch, mesh)(state, batch)
+    tokens = np.asarray((batch.target_branch > 0) * batch.valid)
+    nll = -float((np.asarray(logps.token_logps(model, batch)) * tokens).sum() / tokens.sum())
+    assert float(metrics["moe/aux_loss"]) > 1.0
+    assert float(metrics["loss"]) == pytest.approx(nll + cfg.text.moe.aux_loss_coef * float(metrics["moe/aux_loss"]),
+                                                   rel=1e-5)
