@@ -4,7 +4,7 @@
         [--freeze_vision] [--query_block=128] [--scan_layers=off|on]
     python benchmarks/dpo_step.py --compile_only --layers=32 --scan_layers=on   # compile time against depth
     python benchmarks/dpo_step.py --preset=llava-1.5-7b    # FLOPs only: lowered, never compiled or run
-    python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b   # the same for Qwen2.5-VL-7B (and --preset=qwen3-vl-8b)
+    python benchmarks/dpo_step.py --preset=qwen2.5-vl-7b   # the same for Qwen2.5-VL-7B (qwen3-vl-8b, qwen3-vl-30b-a3b)
     python benchmarks/dpo_step.py --preset=llava-1.5-7b --topology=v5p-64 --pairs=96   # XLA:TPU's estimates
 
 Model: a LLaVA with a SigLIP tower at 336 px / patch 14 (576 image tokens; width 128, 2 layers), or a
@@ -23,9 +23,12 @@ Each variant's floating-point operations per pair, as XLA counts them in the com
 576 image tokens; Llama 7B, 32 × 4096, vocab 32064; bfloat16), `--preset=qwen2.5-vl-7b` for
 Qwen2.5-VL-7B's (the 32-block ViT at 672×672 px: 2304 patches, 576 image tokens; Qwen2 7B, 28 × 3584,
 vocab 152064; bfloat16), `--preset=qwen3-vl-8b` for Qwen3-VL-8B's (the 27-block ViT with DeepStack at
-768×768 px: 2304 patches of 16 px, 576 image tokens; Qwen3 8B, 36 × 4096, vocab 151936; bfloat16) — any
-preset of `presets.py`, through its family's own image adapter — without memory: the state is abstract and
-each step is only lowered, so the count is XLA's for the unoptimized program. It is the ceiling on the
+768×768 px: 2304 patches of 16 px, 576 image tokens; Qwen3 8B, 36 × 4096, vocab 151936; bfloat16),
+`--preset=qwen3-vl-30b-a3b` for Qwen3-VL-30B-A3B's (that tower into a 48-layer MoE decoder, 2048 wide, 8 of
+128 experts per token) — any preset of `presets.py`, through its family's own image adapter — without
+memory: the state is abstract and each step is only lowered, so the count is XLA's for the unoptimized
+program, printed beside the matmul FLOPs from the jaxpr (`analysis.matmul_flops`), which count a MoE's
+grouped matmuls as the rows' work where XLA counts every expert's (`preset_flops`). It is the ceiling on the
 time ratios for a compute-bound accelerator at that scale. With `--topology=SLICE` every variant (and
 multi-answer groups) is compiled by XLA:TPU for that slice as the 7B configs train — FSDP over every chip,
 fp32 master weights, bf16 compute, full remat (`rdpo_jax.compile`) — and XLA's cost-model time per pair
@@ -60,6 +63,7 @@ from flax import nnx
 from PIL import Image
 
 from rdpo_jax import logps, optim, packing, sharding, train_step
+from rdpo_jax.compile import analysis
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import families, image_inputs, layers
 import presets  # benchmarks/presets.py
@@ -221,6 +225,14 @@ def trace_variant(cfg, run, mesh, pairs, pixels, ref, layout, reference, full_lo
 GROUP_PAIRS = ((0, 1), (0, 2), (0, 3))  # an on-policy group: 4 distinct answers, 3 pairs sharing the chosen one
 
 
+def preset_flops(traced, pairs: int) -> tuple[float, float]:
+    """(XLA's FLOPs per pair for the lowered step, its matmul FLOPs per pair from the jaxpr). XLA counts a
+    `ragged_dot` (a MoE's grouped matmuls off TPU) forward as a dense product with every group, E× its
+    work; `analysis.matmul_flops` counts each row against its own expert only (and every scan body × its
+    length)."""
+    return traced.lower().cost_analysis()["flops"] / pairs, analysis.matmul_flops(traced.jaxpr)[0] / pairs
+
+
 def trace_groups(cfg, run, mesh, pairs, pixels, reference):
     """The abstract multi-answer step on the same prompts as on-policy groups (`GROUP_PAIRS`: the prompt of
     every third pair with 4 answers), traced; and its number of pairs."""
@@ -328,18 +340,23 @@ def main(argv):
         ref = {"chosen_logp": np.zeros(B, np.float32), "rejected_logp": np.zeros(B, np.float32)}
         flops = {}
         for variant in VARIANTS:
-            lowered = trace_variant(cfg, run, mesh, pairs, pixels, ref, *variant, abstract=True)[0].lower()
-            flops[variant_key(*variant)] = lowered.cost_analysis()["flops"] / B
-            print(f"{variant_name(*variant)} {flops[variant_key(*variant)] / 1e12:8.2f} TFLOP/pair (lowered)")
-        print_ratios("FLOPs", flops.__getitem__)
+            traced = trace_variant(cfg, run, mesh, pairs, pixels, ref, *variant, abstract=True)[0]
+            flops[variant_key(*variant)] = per_pair = preset_flops(traced, B)
+            print(f"{variant_name(*variant)} {per_pair[0] / 1e12:8.2f} TFLOP/pair (lowered), matmuls "
+                  f"{per_pair[1] / 1e12:.2f}")
+        for i, kind in enumerate(("FLOPs", "matmul FLOPs")):
+            print_ratios(kind, lambda key: flops[key][i])
         trl = flops[("concat", "model", "full_logits")]
         for variant in VARIANTS[:-1]:
-            print(f"FLOPs: TRL's step / {variant_name(*variant).strip()}: {trl / flops[variant_key(*variant)]:.2f}×")
+            f = flops[variant_key(*variant)]
+            print(f"FLOPs: TRL's step / {variant_name(*variant).strip()}: {trl[0] / f[0]:.2f}×, matmuls "
+                  f"{trl[1] / f[1]:.2f}×")
         for reference in ("model", "precomputed"):
             traced, n = trace_groups(cfg, run, mesh, pairs, pixels, reference)
-            per_pair = traced.lower().cost_analysis()["flops"] / n
-            print(f"multi_answer  ref={reference:11s} {per_pair / 1e12:8.2f} TFLOP/pair (lowered; groups of 4 answers, "
-                  f"3 pairs); TRL's step / this: {trl / per_pair:.2f}×")
+            f = preset_flops(traced, n)
+            print(f"multi_answer  ref={reference:11s} {f[0] / 1e12:8.2f} TFLOP/pair (lowered; groups of 4 answers, "
+                  f"3 pairs), matmuls {f[1] / 1e12:.2f}; TRL's step / this: {trl[0] / f[0]:.2f}×, matmuls "
+                  f"{trl[1] / f[1]:.2f}×")
         return
 
     base_model = families.create(cfg, run, mesh=mesh, seed=0)

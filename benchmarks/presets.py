@@ -1,6 +1,7 @@
 """The architectures of the models the benchmarks and the shipped TPU configs are sized for, as transformers
-configs: the architecture fields of llava-hf/llava-1.5-7b-hf's, Qwen/Qwen2.5-VL-7B-Instruct's and
-Qwen/Qwen3-VL-8B-Instruct's config.json (no weights are read). A preset is one entry of `PRESETS`."""
+configs: the architecture fields of llava-hf/llava-1.5-7b-hf's, Qwen/Qwen2.5-VL-7B-Instruct's,
+Qwen/Qwen3-VL-8B-Instruct's and Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (no weights are read). A preset
+is one entry of `PRESETS`."""
 
 from functools import partial
 
@@ -40,6 +41,20 @@ PRESETS = {
                                               mrope_interleaved=True)),
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
         tie_word_embeddings=False, architectures=["Qwen3VLForConditionalGeneration"]),
+    "qwen3-vl-30b-a3b": partial(  # Qwen3-VL-8B's tower into a 48-layer decoder of 128 experts, 8 per token
+        transformers.Qwen3VLMoeConfig,
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048,
+                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+                           hidden_act="gelu_pytorch_tanh"),
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                         num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+                         router_aux_loss_coef=0.001, num_hidden_layers=48, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=262144,
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
+                                              mrope_interleaved=True)),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False, architectures=["Qwen3VLMoeForConditionalGeneration"]),
 }
 NAMES = tuple(PRESETS)
 

@@ -12,11 +12,10 @@ three DeepStack mergers, the projectors into the decoder).
 
 Compiled for v5p-64 by XLA:TPU (`python -m rdpo_jax.compile --config=THIS:model=FOLDER,data=unused
 --topology=v5p-64`, FOLDER holding the model's config.json; 2026-12-07, libtpu 0.0.42.1): the train step
-at its longest buckets (256 rows of 3072 tokens, 4096 patches per row) takes 23.5 GiB per chip of 95
-(4.1 GiB of sharded state, 19.2 GiB of temporaries with full remat). XLA's cost model puts the step at
-12.65 s, 20 pairs/s (an estimate, not a measurement; XLA prices the tower's two scalar scatters, the
-per-image grid extents, at −2 s each, which are added back: docs/benchmarks.md, "Qwen3-VL-8B on v5p-64").
-8 pairs per chip as for Qwen2.5-VL-7B, with 71 GiB to spare.
+at its longest buckets (256 rows of 3072 tokens, 4096 patches per row) takes 25.6 GiB per chip of 95
+(4.1 GiB of sharded state, 21.3 GiB of temporaries with full remat). XLA's cost model puts the step at
+10.84 s, 23.6 pairs/s, 35% MFU (an estimate, not a measurement: docs/benchmarks.md, "Qwen3-VL-8B on
+v5p-64"). 8 pairs per chip as for Qwen2.5-VL-7B, with 69 GiB to spare.
 """
 
 from rdpo_jax import defaults

@@ -7,8 +7,8 @@ import pytest
 import transformers
 from flax import nnx
 
-from configs import (llava15_7b_gpu, llava15_7b_tpu, qwen3vl_8b_gpu, qwen3vl_8b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu,
-                     smoke)
+from configs import (llava15_7b_gpu, llava15_7b_tpu, qwen3vl_8b_gpu, qwen3vl_8b_tpu, qwen3vl_30b_a3b_gpu,
+                     qwen3vl_30b_a3b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu, smoke)
 from rdpo_jax import config_checks, defaults, sharding
 from rdpo_jax.models import families, hf
 
@@ -57,6 +57,16 @@ def qwen3_8b_folder(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def qwen3_30b_a3b_folder(tmp_path_factory):
+    """config.json of Qwen3-VL-30B-A3B-Instruct (`benchmarks/presets.py`), no weights."""
+    from benchmarks import presets
+
+    folder = tmp_path_factory.mktemp("qwen3_30b_a3b")
+    presets.hf_config("qwen3-vl-30b-a3b").save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("module,devices,processes,mesh,per_device,folder,size", [
     (llava15_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "llava7b_folder", (7.0e9, 7.2e9)),
     (llava15_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "llava7b_folder", (7.0e9, 7.2e9)),
@@ -64,25 +74,33 @@ def qwen3_8b_folder(tmp_path_factory):
     (qwen25vl_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
     (qwen3vl_8b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "qwen3_8b_folder", (8.7e9, 8.85e9)),
     (qwen3vl_8b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "qwen3_8b_folder", (8.7e9, 8.85e9)),
+    (qwen3vl_30b_a3b_tpu, 32, 8, {"data": 1, "fsdp": 8, "expert": 4, "tensor": 1}, 8, "qwen3_30b_a3b_folder",
+     (31.0e9, 31.2e9)),
+    (qwen3vl_30b_a3b_gpu, 8, 1, {"data": 1, "fsdp": 4, "expert": 2, "tensor": 1}, 1, "qwen3_30b_a3b_folder",
+     (31.0e9, 31.2e9)),
 ])
 def test_real_scale_configs_plan_sensibly(request, module, devices, processes, mesh, per_device, folder, size):
     folder = request.getfixturevalue(folder)
     c = module.get_config(f"model={folder},data=/data/pairs")
     assert config_checks.validate(c, num_devices=devices, num_processes=processes) == mesh
     micro = c.data.batch_size // c.accum_steps
-    assert micro // (mesh["data"] * mesh["fsdp"]) == per_device  # pairs per device per micro-batch
+    assert micro // (mesh["data"] * mesh["fsdp"] * mesh["expert"]) == per_device  # pairs per device per micro-batch
     model_cfg = hf.read_config(folder)
     params = nnx.to_flat_state(nnx.state(families.abstract_model(model_cfg), nnx.Param))
     n = sum(v.get_value().size for _, v in params)
     assert size[0] < n < size[1]
-    # every weight matrix is split over all devices: per-device bytes ≈ total / devices
-    per_device = 0
+    # every weight is split as far as its axes go: a MoE's experts over fsdp × expert, the rest over
+    # fsdp × tensor (replicated along expert, which is data parallelism for them); with data = 1 and no
+    # experts that is total / devices
+    per_device, experts = 0, 0
     for _, v in params:
         shape = v.get_value().shape
         spec = sharding.variable_spec(v, mesh)
         shards = math.prod(mesh[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes))
         per_device += math.prod(shape) / shards
-    assert per_device < 1.01 * n / devices
+        experts += math.prod(shape) if "expert" in (v.get_metadata().get("logical_axes") or ()) else 0
+    bound = (n - experts) / (mesh["fsdp"] * mesh["tensor"]) + experts / (mesh["fsdp"] * mesh["expert"])
+    assert per_device < 1.01 * bound
 
 
 def test_smoke_config_and_arguments(smoke_dir):
