@@ -130,7 +130,7 @@ def test_sharded_equals_single_device(tiny_qwen3, capfd):
     forward, state = _forward(single)
     expected = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
     forward, state = _forward(sharded)
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
     args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
     with jax.set_mesh(mesh):
         got = np.asarray(sharding.traced_on(mesh, forward)(state, *args))
