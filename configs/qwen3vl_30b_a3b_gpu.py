@@ -15,7 +15,7 @@ the fp32 gradients 4 B more while the update runs: 497 GB in all, 62 GB per GPU 
 activation. The mesh is fsdp 4 × expert 2 (each GPU holds 64 of the 128 experts, their width over fsdp,
 and a quarter of every other weight; tokens reach their experts by all-to-all): experts 28.99B × 16 B / 8
 = 58.0 GB, the rest 2.08B × 16 B / 4 = 8.3 GB, 66.3 GB. An online reference would add its fp32 copy of
-the trained part (4 B a parameter: +15 GB) — 81 GB before activations, over the 80. With the reference's
+the trained part (4 B a parameter: +16.6 GB) — 83 GB before activations, over the 80. With the reference's
 log-likelihoods precomputed (`data_prep.ref_logps`, one forward of the frozen model over the data) what
 is left is ~13 GB for the activations of 1 pair × 3072 tokens per GPU with full remat, the per-layer
 all-gathered weights and the all-to-all buffers, and one vision block's attention scores over a row's

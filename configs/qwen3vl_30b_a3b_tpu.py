@@ -7,17 +7,21 @@ runs through) on a TPU v5p-64 slice: 32 chips on 8 hosts (run on every host: see
 
 Images as configs/qwen3vl_8b_tpu.py: each within 512·32·32 pixels (≤ 2048 patches of 16 px, ≤ 512 image
 tokens), up to 2 per record, patch buffers of 1024, 2048 or 4096 per row; the tower frozen apart from its
-four mergers. The mesh is fsdp 8 × expert 4: batch rows over all 32 chips, each chip holding 32 of the 128
-experts (their width over fsdp) and an eighth of every other weight.
+four mergers. The mesh is fsdp 16 × expert 2: batch rows over all 32 chips; each chip holds 64 of the 128
+experts, their width over fsdp (1/32 of the experts' weights), and a sixteenth of every other weight.
 
 Compiled for v5p-64 by XLA:TPU (`python -m rdpo_jax.compile --config=THIS:model=FOLDER,data=unused
---topology=v5p-64`; 2026-12-07, libtpu 0.0.42.1), the train step at its longest buckets (256 rows of 3072
-tokens, 4096 patches per row) — with moe._expert_parallel's shard_map at check_vma=False, without which
-megablox's kernels do not trace inside it (docs/benchmarks.md, "Qwen3-VL-30B-A3B on v5p-64") — takes
-54.3 GiB per chip of 95 (17.0 GiB of sharded state, 37.2 GiB of temporaries with full remat). XLA's cost
-model gives it a negative time (−37.5 s: the MoE's scalar scatter-adds), so no estimate; the all-to-alls
-move 1152 GiB per chip per step (the dropless reservation: every chip sends 4 × its 196608 token
-assignments per all-to-all, 3 GiB, 8 times per layer).
+--topology=v5p-64`; 2026-12-07, libtpu 0.0.42.1, rdpo_jax at c23d54f) at its longest buckets (256 rows of
+3072 tokens, 4096 patches per row) — with moe._expert_parallel's shard_map at check_vma=False, without
+which megablox's kernels do not trace inside it (docs/benchmarks.md, "Qwen3-VL-30B-A3B on v5p-64"): 45.9
+GiB per chip of 95 (15.3 GiB of sharded state, 30.4 GiB of temporaries with full remat). XLA's cost
+model gives the step a negative time: it prices scatter-adds of scalars at −2 s each (the MoE's group
+sizes and router counts, each megablox call's group metadata, the router's top-k gradient). With each
+one's 2 s added back it puts the step at 15.8 s, 16.2 pairs/s, 18% MFU (11.4 s, 22.4 pairs/s with the
+grouped matmuls charged their real rows, not the dropless buffer's): an estimate, not a measurement, no
+faster per pair than the dense 8B (configs/qwen3vl_8b_tpu.py). The all-to-alls move 576 GiB per chip per
+step (the dropless reservation: each chip sends 2 × its 196608 token assignments, 1.5 GiB, 8 times a
+layer); fsdp 8 × expert 4 takes 54.3 GiB and moves 1152 GiB.
 """
 
 from rdpo_jax import defaults
@@ -33,7 +37,7 @@ def get_config(arg: str = ""):
     c.model.remat = "full"
     c.init_from = "model"
     c.total_steps = 500  # 128k pairs
-    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, 8, 4, 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, 16, 2, 1  # expert 2: half the all-to-all bytes of 4
     c.data.train = args["data"]
     c.data.eval = args.get("eval", "")
     c.data.batch_size = 256  # pairs per step: 8 per chip

@@ -74,7 +74,7 @@ def qwen3_30b_a3b_folder(tmp_path_factory):
     (qwen25vl_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "qwen7b_folder", (8.2e9, 8.4e9)),
     (qwen3vl_8b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "qwen3_8b_folder", (8.7e9, 8.85e9)),
     (qwen3vl_8b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "qwen3_8b_folder", (8.7e9, 8.85e9)),
-    (qwen3vl_30b_a3b_tpu, 32, 8, {"data": 1, "fsdp": 8, "expert": 4, "tensor": 1}, 8, "qwen3_30b_a3b_folder",
+    (qwen3vl_30b_a3b_tpu, 32, 8, {"data": 1, "fsdp": 16, "expert": 2, "tensor": 1}, 8, "qwen3_30b_a3b_folder",
      (31.0e9, 31.2e9)),
     (qwen3vl_30b_a3b_gpu, 8, 1, {"data": 1, "fsdp": 4, "expert": 2, "tensor": 1}, 1, "qwen3_30b_a3b_folder",
      (31.0e9, 31.2e9)),
