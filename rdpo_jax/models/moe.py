@@ -79,7 +79,10 @@ class SparseMoE(nnx.Module):
         tokens = x.reshape(B * T, D)
         logits = self.gate(tokens)
         probs = jax.nn.softmax(logits.astype(layers.wide(logits.dtype)), axis=-1)
-        top, chosen = jax.lax.top_k(probs, self.top_k)
+        _, chosen = jax.lax.top_k(jax.lax.stop_gradient(probs), self.top_k)
+        # the chosen probabilities by a one-hot product, whose gradient is dense: top_k's and a gather's are
+        # scatter-adds of scalars, which XLA:TPU's cost model prices at -2 s each
+        top = (jax.nn.one_hot(chosen, self.num_experts, dtype=probs.dtype) * probs[:, None, :]).sum(-1)
         weights = (top / top.sum(-1, keepdims=True)).astype(logits.dtype)
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1) > 1:
@@ -119,7 +122,8 @@ class SparseMoE(nnx.Module):
             return y.reshape(*chosen.shape, -1).sum(axis=-2)
 
         specs = (batch, batch, batch, PartitionSpec("expert", "fsdp", None), PartitionSpec("expert", None, "fsdp"))
-        return jax.shard_map(local, in_specs=specs, out_specs=batch)(
+        # check_vma off: Pallas' megablox kernels (a TPU target) declare outputs without varying-axes types
+        return jax.shard_map(local, in_specs=specs, out_specs=batch, check_vma=False)(
             x, chosen, weights, experts.gate_up_proj[...], experts.down_proj[...])
 
 
@@ -131,7 +135,7 @@ def _dispatch(tokens, chosen, weights, gate_up, down, experts: Experts, groups: 
     k = chosen.shape[1]
     flat = chosen.reshape(-1)  # [N·k]: token n's assignments at n·k … n·k + k − 1
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.zeros(groups, jnp.int32).at[flat].add(1, mode="drop")
+    sizes = jax.nn.one_hot(flat, groups, dtype=jnp.int32).sum(0)  # ids ≥ groups: all-zero rows
     token = order // k
     rows = experts.run(tokens[token], gate_up, down, sizes)
     rows = jnp.where((jnp.arange(flat.size) < sizes.sum())[:, None], rows, 0) * weights.reshape(-1)[order][:, None]
@@ -143,7 +147,7 @@ def router_stats(probs: jax.Array, chosen: jax.Array, valid: jax.Array, num_expe
     bool[N]), per expert its top-k assignments, its summed router probabilities, and (row 2, every entry)
     the number of real tokens — summed over layers and forwards, they give `aux_loss` and the load."""
     w = valid.astype(probs.dtype)
-    counts = jnp.zeros(num_experts, probs.dtype).at[chosen.reshape(-1)].add(jnp.repeat(w, chosen.shape[1]))
+    counts = (jax.nn.one_hot(chosen, num_experts, dtype=probs.dtype) * w[:, None, None]).sum((0, 1))
     return jnp.stack([counts, (probs * w[:, None]).sum(0), jnp.full(num_experts, w.sum())])
 
 
