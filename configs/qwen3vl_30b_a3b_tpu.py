@@ -12,8 +12,8 @@ experts, their width over fsdp (1/32 of the experts' weights), and a sixteenth o
 
 Compiled for v5p-64 by XLA:TPU (`python -m rdpo_jax.compile --config=THIS:model=FOLDER,data=unused
 --topology=v5p-64`; 2026-12-07, libtpu 0.0.42.1, rdpo_jax at c23d54f) at its longest buckets (256 rows of
-3072 tokens, 4096 patches per row) — with moe._expert_parallel's shard_map at check_vma=False, without
-which megablox's kernels do not trace inside it (docs/benchmarks.md, "Qwen3-VL-30B-A3B on v5p-64"): 45.9
+3072 tokens, 4096 patches per row) — with moe._expert_parallel's shard_map at check_vma=False and the
+MoE's scalar scatters gone, as the code has them since (docs/benchmarks.md, "Qwen3-VL-30B-A3B on v5p-64"): 45.9
 GiB per chip of 95 (15.3 GiB of sharded state, 30.4 GiB of temporaries with full remat). XLA's cost
 model gives the step a negative time: it prices scatter-adds of scalars at −2 s each (the MoE's group
 sizes and router counts, each megablox call's group metadata, the router's top-k gradient). With each
