@@ -1,5 +1,7 @@
-"""The real command, `python -m rdpo_jax.train`, in subprocesses: smoke runs, resume after SIGKILL and
-SIGTERM (bitwise), and the non-finite guard (multi-process runs: test_multihost.py)."""
+"""The real command, `python -m rdpo_jax.train`: resume after SIGKILL and SIGTERM (bitwise) in subprocesses;
+the DPO smoke run, the uninterrupted run resumes are compared with, the non-finite guard and the refusal of
+empty data in the test process (`runs.call`: what the command computes and says, not its process);
+multi-process runs: test_multihost.py."""
 
 import json
 import os
@@ -17,13 +19,15 @@ from tests import runs
 
 def test_dpo_smoke_loss_goes_down(smoke_dir, tmp_path, compile_cache):
     workdir = str(tmp_path / "run")
-    proc = runs.run(runs.train_command(smoke_dir, workdir, "--config.total_steps=40", "--config.checkpoint.every=20",
-                         "--config.log.every=1", "--config.log.profile_steps=(3, 4)"), runs.env(compile_cache))
-    assert "compiled the dpo step" in proc.stdout and "temporaries" in proc.stdout
+    out = runs.call("rdpo_jax.train", *runs.train_args(smoke_dir, workdir, "--config.total_steps=40",
+                                                       "--config.checkpoint.every=20", "--config.log.every=1",
+                                                       "--config.log.profile_steps=(3, 4)"),
+                    compile_cache=compile_cache)
+    assert "compiled the dpo step" in out and "temporaries" in out
     # what was sharded: every parameter in parameters.txt; the smoke vocabulary (51) does not split over tensor=2
     table = open(os.path.join(workdir, "parameters.txt")).read()
     assert "language_model.embed_tokens.embedding" in table and "P('fsdp'" in table
-    assert "not sharded: language_model.embed_tokens.embedding dim 0: vocab → tensor=2, size 51" in proc.stdout
+    assert "not sharded: language_model.embed_tokens.embedding dim 0: vocab → tensor=2, size 51" in out
     traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files]
     assert any(f.endswith(".xplane.pb") for f in traces), traces
     records = [r for r in runs.metrics(workdir) if "loss" in r]
@@ -41,10 +45,10 @@ def test_dpo_smoke_loss_goes_down(smoke_dir, tmp_path, compile_cache):
 
 
 def test_sft_smoke(smoke_dir, sft_run):
-    workdir, proc = sft_run
+    workdir, out = sft_run
     records = [r for r in runs.metrics(workdir) if "loss" in r]
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
-    assert "compiled the sft step for 4 rows of 80 tokens" in proc.stdout  # 8 examples, two per row
+    assert "compiled the sft step for 4 rows of 80 tokens" in out  # 8 examples, two per row
     _, step = runs.final_params(workdir, smoke_dir)
     assert step == 6
 
@@ -68,8 +72,8 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(smoke_dir, tmp_pa
     args = ("--config.total_steps=12", "--config.checkpoint.every=3", "--config.log.every=1",
             "--config.data.eval=", "--config.checkpoint.async_save=True")
     env = runs.env(compile_cache)
-    straight = str(tmp_path / "straight")
-    runs.run(runs.train_command(smoke_dir, straight, *args), env)
+    straight = str(tmp_path / "straight")  # the uninterrupted run in this process; the children load its step
+    runs.call("rdpo_jax.train", *runs.train_args(smoke_dir, straight, *args), compile_cache=compile_cache)
 
     resumed = str(tmp_path / "resumed")
     ckpts = os.path.join(resumed, "checkpoints")
@@ -104,14 +108,13 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(smoke_dir, tmp_pa
 def test_nonfinite_streak_stops_the_run(smoke_dir, tmp_path, compile_cache):
     workdir = str(tmp_path / "nan")
     # a learning rate of 1e30 makes the first update blow the weights up; every later loss is non-finite
-    proc = subprocess.run(runs.train_command(smoke_dir, workdir, "--config.optim.learning_rate=1e30",
-                                   "--config.optim.grad_clip=0", "--config.optim.max_nonfinite=2",
-                                   "--config.total_steps=10", "--config.optim.warmup_steps=0",
-                                   "--config.optim.schedule=constant"),
-                          cwd=runs.ROOT, env=runs.env(compile_cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "2 consecutive steps with a non-finite loss or gradients" in proc.stderr
-    assert "pairs-0000" in proc.stderr  # the batch's records are named
+    with pytest.raises(SystemExit, match="2 consecutive steps with a non-finite loss or gradients") as stopped:
+        runs.call("rdpo_jax.train", *runs.train_args(smoke_dir, workdir, "--config.optim.learning_rate=1e30",
+                                                     "--config.optim.grad_clip=0", "--config.optim.max_nonfinite=2",
+                                                     "--config.total_steps=10", "--config.optim.warmup_steps=0",
+                                                     "--config.optim.schedule=constant"),
+                  compile_cache=compile_cache)
+    assert "pairs-0000" in str(stopped.value)  # the batch's records are named
 
 
 def test_compile_cache_folder(tmp_path):
@@ -122,14 +125,15 @@ def test_compile_cache_folder(tmp_path):
     assert compile_cache_dir("workdir", workdir, {"JAX_COMPILATION_CACHE_DIR": "/env"}) == "/env"
 
 
-def test_empty_training_data_is_refused_by_name(smoke_dir, tmp_path, compile_cache):
+def test_empty_training_data_is_refused_by_name(smoke_dir, tmp_path):
+    from rdpo_jax import config_checks
     from rdpo_jax.data import arrayrecord
 
     arrayrecord.write(str(tmp_path), "empty", "pairs", [])
-    proc = subprocess.run(runs.train_command(smoke_dir, str(tmp_path / "run"), f"--config.data.train={tmp_path}/empty"),
-                          cwd=runs.ROOT, env=runs.env(compile_cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert f"config.data.train: {tmp_path}/empty holds no records: nothing to train on" in proc.stderr
+    with pytest.raises(config_checks.ConfigError) as refused:
+        runs.call("rdpo_jax.train", *runs.train_args(smoke_dir, str(tmp_path / "run"),
+                                                     f"--config.data.train={tmp_path}/empty"))
+    assert f"config.data.train: {tmp_path}/empty holds no records: nothing to train on" in str(refused.value)
 
 
 def test_resuming_with_the_other_layer_layout_is_refused(smoke_dir, sft_run):
