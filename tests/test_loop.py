@@ -166,9 +166,10 @@ def test_killed_during_round_two_resumes_to_the_same_table(loops, smoke_dir, tmp
 
 def test_trainer_refuses_reference_values_of_another_record(loops, smoke_dir, tmp_path, compile_cache):
     """Round 1's pairs with their (correct) reference log-likelihoods, two records' values swapped and
-    everything else as written (fingerprint, settings stamp): the trainer, whose reference is its initial
-    policy, compares the first batch with its own log-likelihoods and stops, naming the pair and both values."""
-    a, _, env, _, _ = loops
+    everything else as written (fingerprint, settings stamp): the trainer (in the test process, `runs.call`),
+    whose reference is its initial policy, compares the first batch with its own log-likelihoods and stops,
+    naming the pair and both values."""
+    a, _, _, _, _ = loops
     pairs = list(arrayrecord.read(f"{a}/round_001/pairs_ref"))[:8]  # one batch of the smoke config
     i, j = max(itertools.combinations(range(len(pairs)), 2),
                key=lambda ij: abs(pairs[ij[0]]["ref_chosen_logp"] - pairs[ij[1]]["ref_chosen_logp"]))
@@ -176,14 +177,14 @@ def test_trainer_refuses_reference_values_of_another_record(loops, smoke_dir, tm
     assert abs(values[pairs[i]["pair_id"]] - values[pairs[j]["pair_id"]]) > 0.5  # beyond 0.25 + 0.02 n, n ≤ 8
     pairs[i]["ref_chosen_logp"], pairs[j]["ref_chosen_logp"] = pairs[j]["ref_chosen_logp"], pairs[i]["ref_chosen_logp"]
     arrayrecord.write(str(tmp_path), "swapped", "pairs", pairs)
-    train = runs.train_command(smoke_dir, str(tmp_path / "run"), f"--config.data.train={tmp_path}/swapped",
-                               "--config.dpo.reference=precomputed", "--config.data.eval=", "--config.total_steps=4")
-    proc = subprocess.run(train, cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
+    train = runs.train_args(smoke_dir, str(tmp_path / "run"), f"--config.data.train={tmp_path}/swapped",
+                            "--config.dpo.reference=precomputed", "--config.data.eval=", "--config.total_steps=4")
+    with pytest.raises(SystemExit) as stopped:  # the step the loop's training compiled, from the cache
+        runs.call("rdpo_jax.train", *train, compile_cache=compile_cache)
     found = re.search(r"stopping at step 1: pair '(.+?)' \(.*swapped.*\) carries reference log-likelihoods that are "
                       r"not this run's initial policy's, which is its reference: chosen (\S+) \(the policy: (\S+), "
-                      r"\d+ tokens\)", proc.stderr)
-    assert found, proc.stderr[-3000:]
+                      r"\d+ tokens\)", str(stopped.value))
+    assert found, str(stopped.value)
     named, written, policy = found[1], float(found[2]), float(found[3])
     assert named in (pairs[i]["pair_id"], pairs[j]["pair_id"])
     other = pairs[j]["pair_id"] if named == pairs[i]["pair_id"] else pairs[i]["pair_id"]
