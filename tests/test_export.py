@@ -3,7 +3,6 @@ loads with no missing or unexpected keys and the same logits, with its tokenizer
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -97,9 +96,9 @@ def test_load_hf_reads_the_export_exactly(exported):
 def test_command_exports_an_earlier_step_in_bf16_shards(sft_run, compile_cache, tmp_path):
     workdir, _ = sft_run
     out = str(tmp_path / "step4")
-    proc = runs.run([sys.executable, "-m", "rdpo_jax.export", f"--workdir={workdir}", "--step=4", f"--out={out}",
-                     "--dtype=bfloat16", "--max_shard_size=200KB"], runs.env(compile_cache))
-    assert f"exported {workdir} step 4 as bfloat16" in proc.stdout
+    log = runs.call("rdpo_jax.export", f"--workdir={workdir}", "--step=4", f"--out={out}", "--dtype=bfloat16",
+                    "--max_shard_size=200KB", compile_cache=compile_cache)  # the command, in this process
+    assert f"exported {workdir} step 4 as bfloat16" in log
     with open(os.path.join(out, safetensors_io.INDEX_FILE)) as f:
         index = json.load(f)
     shards = sorted(set(index["weight_map"].values()))
