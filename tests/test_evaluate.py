@@ -118,14 +118,14 @@ def test_sampled_answers(tmp_path, model_and_pool):
         evaluate.evaluate(folder, pool_path, str(tmp_path / "d"), judge=VerifierJudge(), samples=2, temperature=0.0)
 
 
-def test_command_refuses_sampling_without_temperature(tmp_path):
-    """The flags are checked before any model is loaded: the error names both values."""
-    import subprocess
-    import sys
+def test_command_refuses_sampling_without_temperature(tmp_path, capsys):
+    """The flags are checked before any model is loaded: the error names both values (the command, in this
+    process)."""
+    from tests import runs
 
-    proc = subprocess.run([sys.executable, "-m", "rdpo_jax.evaluate", f"--model={tmp_path}/none",
-                           f"--pool={tmp_path}/none", f"--out={tmp_path}/out", "--samples=2", "--temperature=0"],
-                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode != 0
-    assert "samples=2, temperature=0.0: sampled answers need samples ≥ 1 and a temperature > 0" in proc.stderr
+    with pytest.raises(SystemExit) as refused:
+        runs.call("rdpo_jax.evaluate", f"--model={tmp_path}/none", f"--pool={tmp_path}/none", f"--out={tmp_path}/out",
+                  "--samples=2", "--temperature=0")
+    refusal = "samples=2, temperature=0.0: sampled answers need samples ≥ 1 and a temperature > 0"
+    assert refused.value.code != 0 and refusal in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
