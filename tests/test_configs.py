@@ -162,14 +162,12 @@ def test_precomputed_reference_absent_from_data(smoke_dir):
 
 def test_locked_config_rejects_a_typo(smoke_dir, tmp_path):
     import os
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "rdpo_jax.train", f"--config=configs/smoke.py:dir={smoke_dir}",
-                           "--config.optim.learnin_rate=0.1", f"--workdir={tmp_path}"],
-                          cwd=root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Did you mean \"learning_rate\" instead of \"learnin_rate\"" in proc.stderr
+    from tests import runs
+
+    with pytest.raises(AttributeError, match="Did you mean \"learning_rate\" instead of \"learnin_rate\""):
+        runs.call("rdpo_jax.train", f"--config=configs/smoke.py:dir={smoke_dir}", "--config.optim.learnin_rate=0.1",
+                  f"--workdir={tmp_path}")  # the command, in this process
     assert not os.listdir(tmp_path)  # nothing ran
 
 
