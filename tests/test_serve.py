@@ -119,13 +119,12 @@ def test_greedy_answers_equal_data_prep_sample_and_the_judge_scores_through_the_
                                                                                       compile_cache):
     """Greedy answers over HTTP are `data_prep.sample`'s for the same pool prompts (text and token counts),
     and `data_prep.judge --judge=openai` pointed at the server judges every sample through it (the tiny
-    random model writes no valid verdict, so each is counted unscorable with its reason, after re-asks)."""
-    out, model, env = str(tmp_path / "round"), f"{smoke_dir}/model", runs.env(compile_cache)
-    command = [sys.executable, "-m"]
-    runs.run(command + ["data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path, 4)}",
-                        f"--out={out}"], env)
-    runs.run(command + ["data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=1",
-                        "--temperature=0", "--max_new_tokens=10", "--batch_size=4", f"--out={out}"], env)
+    random model writes no valid verdict, so each is counted unscorable with its reason, after re-asks). The
+    commands run in the test process (`runs.call`: the devices and XLA flags of the server's process)."""
+    out, model = str(tmp_path / "round"), f"{smoke_dir}/model"
+    runs.call("data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path, 4)}", f"--out={out}")
+    runs.call("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=1", "--temperature=0",
+              "--max_new_tokens=10", "--batch_size=4", f"--out={out}", compile_cache=compile_cache)
     samples = {s["prompt_id"]: s for s in arrayrecord.read(f"{out}/samples")}
     pool = list(arrayrecord.read(f"{out}/pool"))
     assert len(samples) == len(pool) == 4 and all(p["images"] for p in pool)
@@ -138,9 +137,9 @@ def test_greedy_answers_equal_data_prep_sample_and_the_judge_scores_through_the_
         assert reply.choices[0].finish_reason == ("stop" if len(want["response_ids"]) < 10 else "length")
 
     before = _get(served.url + "/health")[1]["rows"]
-    log = runs.run(command + ["data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples",
-                              f"--out={out}", "--judge=openai", f"--endpoint={served.url}/v1", "--judge_model=model",
-                              "--max_tokens=8", "--concurrency=4"], env).stdout
+    log = runs.call("data_prep.judge", f"--pool={out}/pool", f"--samples={out}/samples", f"--out={out}",
+                    "--judge=openai", f"--endpoint={served.url}/v1", "--judge_model=model", "--max_tokens=8",
+                    "--concurrency=4")
     judged = list(arrayrecord.read(f"{out}/judged"))
     assert len(judged) == 4 and all(j["judge"] == "openai:model" and j["unscorable"] for j in judged), judged
     assert "unscorable: 4" in log
