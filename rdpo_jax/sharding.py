@@ -331,6 +331,12 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+def axis_size(name: str) -> int:
+    """The size of mesh axis `name` in the mesh being traced on (1 without a mesh or without that axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1)
+
+
 def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical names when tracing under a mesh (`jax.set_mesh`,
     or `traced_on`); without one it returns `x` unchanged."""

@@ -151,9 +151,8 @@ def _gathered_bwd(axes, _, g):
     # and would gather the rows whole (it says so: "involuntary full rematerialization"), so there the
     # gradient stays as the forward constraint's transpose makes it. Tensor-parallel devices hold the same
     # rows: the vocabulary stays whole.
-    mesh = jax.sharding.get_abstract_mesh()
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    if axes is None or mesh.empty or sizes.get("data", 1) != 1 or sizes.get("expert", 1) != 1:
+    if axes is None or jax.sharding.get_abstract_mesh().empty or sharding.axis_size("data") != 1 \
+            or sharding.axis_size("expert") != 1:
         return (shard_activation(g, ("vocab", None)),)  # the forward constraint's own transpose
     return (shard_activation(g, tuple(None if a == "vocab" else a for a in axes)),)
 

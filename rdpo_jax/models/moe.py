@@ -5,8 +5,7 @@ sum to 1. Tokens are dispatched dropless by sorting their k (token, expert) assi
 running each expert's SwiGLU over its contiguous group as grouped matmuls (`grouped_matmul`: on TPU
 Pallas' megablox kernels, whose FLOPs forward and backward are those of the k experts each token uses,
 not of all E; elsewhere `jax.lax.ragged_dot`, which XLA:CPU lowers densely, E× the work: fine for the
-tests' tiny models). The weighted outputs are summed back
-per token by a scatter-add.
+tests' tiny models). The weighted outputs are summed back per token by a scatter-add.
 
 Experts are stacked weights: `experts.gate_up_proj` float[E, D, 2I] (gate columns first) and
 `experts.down_proj` float[E, I, D] — the Hub's layout ([E, in, out]); transformers 5 keeps [E, out, in]
@@ -23,10 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from rdpo_jax import sharding
 from rdpo_jax.models import layers
 from rdpo_jax.models.config import MoEConfig
 from rdpo_jax.models.layers import Linear
-from rdpo_jax import sharding
 from rdpo_jax.sharding import shard_activation
 
 
@@ -84,8 +83,7 @@ class SparseMoE(nnx.Module):
         # scatter-adds of scalars, which XLA:TPU's cost model prices at -2 s each
         top = (jax.nn.one_hot(chosen, self.num_experts, dtype=probs.dtype) * probs[:, None, :]).sum(-1)
         weights = (top / top.sum(-1, keepdims=True)).astype(logits.dtype)
-        mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1) > 1:
+        if sharding.axis_size("expert") > 1:
             y = self._expert_parallel(x, chosen.reshape(B, T, -1), weights.reshape(B, T, -1))
         else:
             y = _dispatch(tokens, chosen, weights, self.experts.gate_up_proj[...], self.experts.down_proj[...],

@@ -72,7 +72,7 @@ class VisionLanguageModel(nnx.Module):
             return x
         feats = sharding.shard_activation(features.feats.astype(x.dtype), ACT)
         _check_image_tokens(is_image, features.counts, self.run.check_image_tokens)
-        return jnp.where(is_image[..., None], _splice(feats, is_image), x)
+        return jnp.where(is_image[..., None], _splice(feats, _placeholder_index(is_image, feats.shape[1])), x)
 
     def decode(self, input_ids, features: Features | None, mask: jax.Array, positions: jax.Array, cache=None):
         """The decoder over `embed`'s output (see `TextDecoder.__call__` for mask, positions and cache),
@@ -81,6 +81,7 @@ class VisionLanguageModel(nnx.Module):
         if features is not None and features.deepstack is not None:
             is_image = input_ids == self.config.image_token_id
             levels = features.deepstack.shape[1]
+            index = _placeholder_index(is_image, features.deepstack.shape[2])  # once, not per layer
 
             def after_layer(i, x):  # layer i < levels adds level i (one program for every layer when scanned)
                 if isinstance(i, int) and i >= levels:
@@ -88,7 +89,7 @@ class VisionLanguageModel(nnx.Module):
                 level = jax.lax.dynamic_index_in_dim(features.deepstack, jnp.minimum(i, levels - 1), 1, False)
                 level = sharding.shard_activation(level, ACT)
                 add = is_image & (i < levels)
-                return x + jnp.where(add[..., None], _splice(level.astype(x.dtype), is_image), 0)
+                return x + jnp.where(add[..., None], _splice(level.astype(x.dtype), index), 0)
 
         return self.language_model(self.embed(input_ids, features), mask, positions, cache, after_layer)
 
@@ -131,9 +132,13 @@ class VisionLanguageModel(nnx.Module):
         return self.logits(self.hidden_states(input_ids, features, attention_mask, positions))
 
 
-def _splice(feats: jax.Array, is_image: jax.Array) -> jax.Array:
-    """float[B, T, D]: at the n-th placeholder of a row its n-th feature of float[B, F, D] (elsewhere any)."""
-    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
+def _placeholder_index(is_image: jax.Array, num_features: int) -> jax.Array:
+    """int32[B, T]: at the n-th placeholder of a row, n (elsewhere a valid index of no meaning)."""
+    return jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, num_features - 1)
+
+
+def _splice(feats: jax.Array, index: jax.Array) -> jax.Array:
+    """float[B, T, D]: each position's feature of float[B, F, D] by `_placeholder_index`."""
     return jnp.take_along_axis(feats, index[..., None], axis=1)
 
 
