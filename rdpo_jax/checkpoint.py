@@ -45,11 +45,15 @@ _register_array_handler()
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    """`frozen=False` (LoRA runs): the state's frozen parameters — the base, which `base.json` names — are
+    neither written nor read; a restored state's `frozen` is {} until the caller loads the base again."""
+
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True, frozen: bool = True):
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                enable_async_checkpointing=async_save, create=True)
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE,))
+        self.frozen = frozen
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -59,10 +63,14 @@ class Checkpointer:
         multi-process run: Orbax asks JAX) and not saved yet; returns whether a save started."""
         if step in self.manager.all_steps():
             return False
+        if not self.frozen:
+            state = state.replace(frozen={})
         return self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state)}), force=force)
 
     def restore(self, step: int, abstract_state):
-        """Restores the state onto `abstract_state`'s shardings."""
+        """Restores the state onto `abstract_state`'s shardings (its `frozen` left {} with `frozen=False`)."""
+        if not self.frozen:
+            abstract_state = abstract_state.replace(frozen={})
         return self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
 
     def wait(self) -> None:
@@ -119,6 +127,19 @@ class RunDir:
         return cls.open(path)
 
     @property
+    def lora(self):
+        """Its adapters' settings (`lora.LoRASettings`), or None for a full fine-tuning run."""
+        from rdpo_jax.models.lora import LoRASettings
+
+        section = self.config.get("lora") or {}
+        return LoRASettings.from_config(_Section(section)) if section.get("rank") else None
+
+    def base(self) -> dict:
+        """A LoRA run's base (`base.json`): {"source": HF folder or run directory, "step": a run's step or None,
+        "identity": …}."""
+        return read_base(self.path)
+
+    @property
     def scan_layers(self) -> str:
         """The layer layout of its checkpoints (`model.scan_layers`; "off" for runs older than the field)."""
         return self.config["model"].get("scan_layers", "off")
@@ -126,6 +147,45 @@ class RunDir:
     def steps(self) -> list[int]:
         """Its complete checkpoint steps, oldest first (read each time: a running trainer adds them)."""
         return saved_steps(self.path)
+
+
+class _Section(dict):
+    """A config.json section read like an ml_collections ConfigDict (attribute access)."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+BASE_FILE = "base.json"  # a LoRA run's base model: its adapters mean nothing on another
+
+
+def base_identity(source: str, step: int | None) -> dict:
+    """What names a LoRA run's base: an HF folder's config.json and weight files' names and sizes, or a run
+    directory and its step (cheap to check at every resume, unlike a content hash of the weights)."""
+    source = os.path.abspath(source)
+    if is_run_dir(source):
+        return {"source": source, "step": step}
+    files = {name: os.path.getsize(os.path.join(source, name)) for name in sorted(os.listdir(source))
+             if name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json"))}
+    return {"source": source, "step": None, "files": files}
+
+
+def write_base(workdir: str, identity: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    file = os.path.join(workdir, BASE_FILE)
+    with open(file + ".tmp", "w") as f:
+        json.dump(identity, f, indent=2)
+    os.replace(file + ".tmp", file)
+
+
+def read_base(workdir: str) -> dict:
+    file = os.path.join(os.path.abspath(workdir), BASE_FILE)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: missing (a LoRA run writes it at its start: it names the base model)") \
+            from None
 
 
 def write_config(workdir: str, config_json: str) -> None:
@@ -179,16 +239,19 @@ def restore_params(run_dir: str, abstract_params: dict, step: int | None = None)
 
 
 def load_model(source: str | RunDir, run=None, *, mesh=None, step: int | None = None,
-               model_path: str | None = None):
+               model_path: str | None = None, merge: bool = True):
     """A model from a Hugging Face folder or from a run's checkpoint at `step` (default: the latest;
     its parameters on the architecture of the run's model.path, or of `model_path` when given), with
     `run` (`RunSettings`: dtypes, remat, placeholder check; default float32) on `mesh` (default: the
-    first local device). Returns (model, model_config, model_folder, step or None)."""
+    first local device). Returns (model, model_config, model_folder, step or None).
+
+    A LoRA run's model is its base (loaded as `run` says: float, never quantized) with its adapters
+    folded in (`lora.merge`), or with `merge=False` the adapters kept apart on the base."""
     from flax import nnx
 
     from rdpo_jax import sharding, train_step
     from rdpo_jax.models import config as config_lib
-    from rdpo_jax.models import families, hf
+    from rdpo_jax.models import families, hf, lora
 
     run = run or config_lib.RunSettings()
     if not isinstance(source, RunDir) and not is_run_dir(source):
@@ -199,13 +262,23 @@ def load_model(source: str | RunDir, run=None, *, mesh=None, step: int | None = 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{run_dir.path}: the run's model folder {folder!r} (model.path in its config.json) "
                                 "has no config.json; pass the folder explicitly (export: --model_path)")
-    cfg = hf.read_config(folder)
-    # the checkpoint holds the parameters in the run's layer layout (stacked when its layers were scanned)
-    abstract = families.abstract_model(cfg, dataclasses.replace(run, scan_layers=run_dir.scan_layers))
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    settings = run_dir.lora
+    if settings is not None:
+        base = run_dir.base()
+        model, cfg, _, _ = load_model(base["source"], dataclasses.replace(run, lora=None, scan_layers=run_dir.scan_layers),
+                                      mesh=mesh, step=base["step"], model_path=folder)
+        model = families.adapt(model, dataclasses.replace(settings, quantize=""))
+        adapters, step = restore_params(run_dir.path, train_step.abstract_params(model, mesh, nnx.LoRAParam), step)
+        nnx.update(model, adapters)
+        return (lora.merge(model) if merge else model), cfg, folder, step
+    cfg = hf.read_config(folder)
+    # the checkpoint holds the parameters in the run's layer layout (stacked when its layers were scanned)
+    abstract = families.abstract_model(cfg, dataclasses.replace(run, scan_layers=run_dir.scan_layers, lora=None))
     params, step = restore_params(run_dir.path, train_step.abstract_params(abstract, mesh), step)
-    return nnx.merge(nnx.graphdef(abstract), params), cfg, folder, step
+    model = nnx.merge(nnx.graphdef(abstract), params)
+    return (model if run.lora is None else families.adapt(model, run.lora)), cfg, folder, step
 
 
 def reference_model(config) -> str:
@@ -224,6 +297,7 @@ def fingerprint(source: str) -> str:
     from rdpo_jax.models import hf
 
     if is_run_dir(source):
-        step = Checkpointer(os.path.join(source, "checkpoints"), every=1, keep=1).latest_step()
+        steps = saved_steps(source)
+        step = steps[-1] if steps else None
         return "run:" + hashlib.sha256(f"{os.path.abspath(source)}:{step}".encode()).hexdigest()[:32]
     return hf.fingerprint(source)

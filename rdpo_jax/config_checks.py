@@ -51,6 +51,16 @@ def dpo_settings(c) -> train_step.DPOSettings:
         raise ConfigError(str(e)) from None
 
 
+def lora_settings(c):
+    """`c.lora` as `lora.LoRASettings` (None: no adapters), checked."""
+    from rdpo_jax.models.lora import LoRASettings
+
+    try:
+        return LoRASettings.from_config(c.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
     """Raises ConfigError for the first problem; returns the mesh sizes."""
     _check(c.objective in ("sft", "dpo"), "objective", f"{c.objective!r} is not 'sft' or 'dpo'")
@@ -60,12 +70,18 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
     for field in ("param_dtype", "dtype"):  # names first, so a typo gets the list of dtypes
         _check(c.model[field] in model_config.DTYPES, f"model.{field}",
                f"{c.model[field]!r} is not one of {sorted(model_config.DTYPES)}")
+    lora = lora_settings(c)
     # bfloat16 has 8 bits of mantissa: an Adam step of lr 1e-6 on a weight near 1 is 2^-20 of it and rounds
-    # to nothing. Train float32 master weights; `model.dtype` casts them for the matmuls inside the step.
-    _check(c.model.param_dtype == "float32", "model.param_dtype",
+    # to nothing. Train float32 master weights; `model.dtype` casts them for the matmuls inside the step. A
+    # LoRA run's base is frozen (its adapters are float32 whatever the base): it may be stored in bfloat16.
+    _check(c.model.param_dtype == "float32" or lora is not None, "model.param_dtype",
            f"{c.model.param_dtype!r}: training keeps float32 parameters (the master copy Adam updates; bfloat16 "
            "weights and moments round small updates away); for bfloat16 matmuls set model.dtype='bfloat16', "
-           "and export bfloat16 weights with `python -m rdpo_jax.export --dtype=bfloat16`")
+           "and export bfloat16 weights with `python -m rdpo_jax.export --dtype=bfloat16` (a LoRA run, "
+           "lora.rank > 0, may keep its frozen base in bfloat16)")
+    if lora is not None:
+        _check(c.init_from != "scratch", "init_from", "'scratch' with lora.rank > 0: adapters train on a base "
+               "model; give one (\"model\", an HF folder or a run's workdir)")
     _check(c.model.remat in model_config.REMAT_POLICIES, "model.remat",
            f"{c.model.remat!r} is not one of {model_config.REMAT_POLICIES}")
     _check(c.model.vocab_chunk >= 0, "model.vocab_chunk",
@@ -93,6 +109,14 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
                f"{c.dpo.reference_from!r} is not an existing HF folder or run workdir")
         _check(not c.dpo.reference_from or c.dpo.reference != "none", "dpo.reference_from",
                "is set, but dpo.reference is 'none': there is no reference to load")
+        _check(c.dpo.reference != "base" or lora is not None, "dpo.reference",
+               "'base' is the frozen base under a LoRA run's adapters: set lora.rank > 0, or use 'model'")
+        _check(c.dpo.reference != "base" or not c.dpo.reference_from, "dpo.reference_from",
+               "is set, but dpo.reference is 'base' (the run's own base): use reference='precomputed' "
+               "(data_prep.ref_logps) for another reference model")
+        _check(lora is None or c.dpo.reference != "model" or not c.dpo.reference_from, "dpo.reference_from",
+               "a LoRA run's online reference is its own base or adapters; for another model use "
+               "reference='precomputed' (data_prep.ref_logps)")
     patterns(c.optim.freeze, "optim.freeze")
     multipliers(c.optim.lr_multipliers, "optim.lr_multipliers")
 

@@ -35,7 +35,7 @@ def train() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF folder with config.json, tokenizer and processor (weights optional)
-    c.model.param_dtype = "float32"  # training needs float32 (master weights); bfloat16 is refused with a reason
+    c.model.param_dtype = "float32"  # float32 master weights; bfloat16 only for a LoRA run's frozen base
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters are cast inside the step)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable"
     c.model.vocab_chunk = 16384  # LM head columns at a time over answer tokens (0 = all); memory, not results
@@ -45,6 +45,19 @@ def train() -> ml_collections.ConfigDict:
     # Where the first parameters come from when the workdir has no checkpoint: "model" (the weights in
     # model.path), "scratch" (fresh init from `seed`), or a path: an HF folder or another run's workdir.
     c.init_from = "model"  # see the comment above
+
+    # Low-rank adapters (LoRA) on a frozen base: only the adapters train, checkpoints hold only them, and
+    # dpo.reference="base" takes the reference from the base with the adapters off (no copy). models/lora.py
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # adapter rank r (0: full fine-tuning, no adapters)
+    c.lora.alpha = 16.0  # adapters add (alpha / r) · x A B
+    c.lora.dropout = 0.0  # dropout on the adapters' input in training steps (projections only, not stacked experts)
+    # Adapted weights: comma-separated regexes over weight paths, e.g. add "visual/merger/.*/kernel" for Qwen's
+    # merger; "" = the decoder's attention and MLP projections, a MoE's experts (one adapter each), shared expert
+    c.lora.targets = ""  # see the comment above
+    c.lora.quantize = ""  # QLoRA: "" (the base in model.param_dtype) | "int8" | "nf4" (4-bit NormalFloat)
+    c.lora.quantize_targets = ""  # regexes of the weights stored quantized ("" = as targets' default)
+    c.lora.block = 64  # weights per quantization scale (along the input dimension)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
@@ -80,7 +93,7 @@ def train() -> ml_collections.ConfigDict:
     c.dpo.length_norm = False  # token-mean log-likelihoods instead of sums (set for ipo)
     c.dpo.sft_weight = 0.0  # α·(token-mean NLL of the chosen answer) added to every pair's loss
     c.dpo.pair_layout = "shared_prefix"  # "shared_prefix" | "concat" | "multi_answer" (packing.py)
-    c.dpo.reference = "model"  # "model" (frozen copy, same jit) | "precomputed" (in the data) | "none"
+    c.dpo.reference = "model"  # "model" (frozen copy, same jit) | "base" (LoRA: adapters off) | "precomputed" | "none"
     # The reference model: "" (the run's initial parameters, init_from), or an HF folder or a run's workdir
     # (iterative DPO against the first policy while training on from the last round's)
     c.dpo.reference_from = ""  # see the comment above

@@ -42,8 +42,9 @@ def _matches(patterns: Sequence[str], path: str) -> bool:
     return any(re.fullmatch(p, path) for p in patterns)
 
 
-def split_params(model: nnx.Module, freeze: Sequence[str] = ()) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, trainable, frozen): the model's parameters as two plain nested dicts of arrays.
+def split_params(model: nnx.Module, freeze: Sequence[str] = (), trainable=nnx.Param) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, trainable, frozen): the model's parameters as two plain nested dicts of arrays; only
+    parameters of the `trainable` type train (`nnx.LoRAParam`: a LoRA run's adapters), less `freeze`.
 
     `nnx.merge(graphdef, trainable, frozen)` rebuilds the model. A regex that matches nothing is an
     error (a typo would otherwise silently train what the user meant to freeze).
@@ -52,7 +53,7 @@ def split_params(model: nnx.Module, freeze: Sequence[str] = ()) -> tuple[nnx.Gra
     for pattern in freeze:
         if not any(re.fullmatch(pattern, p) for p in paths):
             raise ValueError(f"freeze pattern {pattern!r} matches no parameter (paths look like {paths[0]!r})")
-    is_trainable = nnx.All(nnx.Param, lambda path, _: not _matches(freeze, path_str(path)))
+    is_trainable = nnx.All(trainable, lambda path, _: not _matches(freeze, path_str(path)))
     graphdef, trainable, frozen = nnx.split(model, is_trainable, ...)
     return graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
 

@@ -194,6 +194,14 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, variable_spec(variable, dict(mesh.shape)))
 
 
+def mesh_of(tree) -> Mesh:
+    """The mesh the arrays of `tree` live on (a one-device mesh for arrays without a NamedSharding)."""
+    shard = jax.tree.leaves(tree)[0].sharding
+    if isinstance(shard, NamedSharding):
+        return shard.mesh
+    return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=list(shard.device_set))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh | None) -> nnx.State:
     """NamedShardings for every variable of an (abstract) NNX state; `None` leaves without a mesh."""
     return jax.tree.map(lambda v: None if mesh is None else variable_sharding(v, mesh), state,

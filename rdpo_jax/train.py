@@ -69,7 +69,8 @@ def main(argv):
 
     # ----- State: this workdir's checkpoint, else init_from -----
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
-                                           keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+                                           keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                           frozen=setup.run.lora is None)  # a LoRA run's base is not saved
     state = setup.restore_or_init(checkpointer, workdir)
     start = int(state.step)
     iterator = pipeline.make_iterator(data.dataset[start:], workers=config.data.workers, buffer_size=config.data.buffer)
@@ -351,8 +352,13 @@ class Setup:
         t0 = time.perf_counter()
         if latest is not None:
             state, origin = checkpointer.restore(latest, self.abstract), f"checkpoint {latest} of {workdir}"
+            if self.run.lora is not None:  # the adapters were saved, not the base they sit on
+                base = self._resumed_base(workdir)
+                params, _, _ = self._adapted(base["source"], "init_from", base["step"])
+                state = train_step.with_frozen(state, params, self.abstract)
+                origin += f" on the base {base['source']}"
         else:
-            state, origin = self.initial_state()
+            state, origin = self.initial_state(workdir)
         jax.block_until_ready(state)
         restore_s = time.perf_counter() - t0
         n_params = sum(x.size for x in jax.tree.leaves((state.params, state.frozen)))
@@ -362,13 +368,19 @@ class Setup:
                f"state from {origin} in {restore_s:.1f}s; step {int(state.step)}/{self.config.total_steps}")
         return state
 
-    def initial_state(self):
+    def initial_state(self, workdir: str):
         """The state of a run without a checkpoint: the parameters of `init_from` ("model": model.path's
         weights, an HF folder, another run's latest checkpoint, or "scratch": a fresh init from `seed`), a
-        fresh optimizer and, for an online reference, its copy (of `dpo.reference_from` when set). Returns
-        (state, where the parameters came from)."""
+        fresh optimizer and, for an online reference, its copy (of `dpo.reference_from` when set). A LoRA
+        run's base is `init_from` (a LoRA run there merged: the loop's rounds stack) with fresh adapters,
+        named in WORKDIR/base.json. Returns (state, where the parameters came from)."""
         config = self.config
-        params, origin = self._parameters(config.init_from, "init_from")
+        if self.run.lora is not None:
+            params, origin, identity = self._adapted(config.init_from, "init_from")
+            if jax.process_index() == 0:
+                checkpoint.write_base(workdir, identity)
+        else:
+            params, origin = self._parameters(config.init_from, "init_from")
         reference = None
         if self.abstract.ref_params is not None and config.dpo.reference_from:
             reference, ref_origin = self._parameters(config.dpo.reference_from, "dpo.reference_from")
@@ -395,12 +407,39 @@ class Setup:
                                             f"model.path {config.model.path}")
         return nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"the Hugging Face weights in {path}"
 
+    def _adapted(self, source: str, field: str, step: int | None = None) -> tuple[dict, str, dict]:
+        """Every parameter of the base `source` ("model", an HF folder, or a run's workdir at `step`, default
+        its latest) with fresh adapters (from `seed`), a phrase naming it, and its `checkpoint.base_identity`."""
+        config = self.config
+        path = config.model.path if source == "model" else source
+        model, cfg, _, step = checkpoint.load_model(path, dataclasses.replace(self.run, lora=None), mesh=self.mesh,
+                                                    step=step, model_path=config.model.path)
+        if cfg != self.model_config:
+            raise config_checks.ConfigError(f"config.{field}: {path} holds a different architecture than "
+                                            f"model.path {config.model.path}")
+        model = families.adapt(model, self.run.lora, seed=config.seed)
+        at = "" if step is None else f" (step {step})"
+        return (nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"the base {path}{at} with fresh rank-"
+                f"{self.run.lora.rank} adapters", checkpoint.base_identity(path, step))
+
+    def _resumed_base(self, workdir: str) -> dict:
+        """The base a resumed LoRA run started on (WORKDIR/base.json), checked to be unchanged."""
+        base = checkpoint.read_base(workdir)
+        now = checkpoint.base_identity(base["source"], base["step"])
+        if now != base:
+            raise config_checks.ConfigError(
+                f"{workdir}: its adapters were trained on {base['source']} as {base}, but that is now {now}: "
+                "restore the base model, or start a new run")
+        return base
+
     def steps(self) -> train_step.Steps:
         c = self.config
+        dropout_seed = c.seed if self.run.lora is not None and self.run.lora.dropout else None
         if self.dpo is None:
-            return train_step.make_sft_step(self.graphdef, self.optimizer, self.schedule, accum_steps=c.accum_steps)
+            return train_step.make_sft_step(self.graphdef, self.optimizer, self.schedule, accum_steps=c.accum_steps,
+                                            dropout_seed=dropout_seed)
         return train_step.make_dpo_step(self.graphdef, self.optimizer, self.schedule, self.dpo,
-                                        accum_steps=c.accum_steps)
+                                        accum_steps=c.accum_steps, dropout_seed=dropout_seed)
 
     def report_sharding(self, workdir: str) -> None:
         """Every parameter's shape, dtype and sharding to WORKDIR/parameters.txt; a console line for each

@@ -24,9 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rdpo_jax import logps, losses, optim, packing, sharding
 from rdpo_jax.batch import RUBRIC_KEYS, Batch
-from rdpo_jax.models import families, moe
+from rdpo_jax.models import families, lora, moe
 
-REFERENCES = ("model", "precomputed", "none")
+REFERENCES = ("model", "base", "precomputed", "none")
 
 
 @flax.struct.dataclass
@@ -39,11 +39,11 @@ class TrainState:
     nonfinite: jax.Array  # int32[]: consecutive steps so far whose loss or gradients were not finite
 
 
-def abstract_params(model: nnx.Module, mesh: Mesh) -> dict:
-    """Every parameter of `model` (an abstract model, `families.abstract_model`; trainable and frozen) as a
-    ShapeDtypeStruct carrying its target sharding on `mesh`, in a nested dict: the target of parameter
-    restores and loads."""
-    state = nnx.state(model, nnx.Param)
+def abstract_params(model: nnx.Module, mesh: Mesh, kind=nnx.Param) -> dict:
+    """Every parameter of `model` (an abstract model, `families.abstract_model`; trainable and frozen; or
+    those of `kind`, e.g. `nnx.LoRAParam`) as a ShapeDtypeStruct carrying its target sharding on `mesh`, in
+    a nested dict: the target of parameter restores and loads."""
+    state = nnx.state(model, kind)
     shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state),
                         shardings)
@@ -53,8 +53,10 @@ def abstract_state(model: nnx.Module, optimizer: optax.GradientTransformation, m
                    reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     """The TrainState of `model` (an abstract model, `families.abstract_model`) as ShapeDtypeStructs
     carrying their target shardings on `mesh` (no memory): the target of checkpoint restores and of
-    `new_state`."""
-    graphdef, params, frozen = optim.split_params(model, freeze)
+    `new_state`. A model with adapters (`models/lora.py`) trains those only: every other parameter is
+    frozen."""
+    lora = any(True for _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+    graphdef, params, frozen = optim.split_params(model, freeze, nnx.LoRAParam if lora else nnx.Param)
     full = abstract_params(model, mesh)
 
     def place(tree):
@@ -99,41 +101,42 @@ def new_state(params: dict, optimizer: optax.GradientTransformation, abstract: T
     return jax.jit(build, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(params, reference)
 
 
+def with_frozen(state: TrainState, params: dict, abstract: TrainState) -> TrainState:
+    """`state` (restored without its frozen parameters: a LoRA run's) with them taken from `params` (every
+    parameter of the model), placed as `abstract` places them."""
+    frozen = jax.tree_util.tree_map_with_path(lambda kp, _: optim.tree_get(params, kp, "model"), abstract.frozen)
+    return state.replace(frozen=jax.device_put(frozen, jax.tree.map(lambda x: x.sharding, abstract.frozen)))
+
+
 def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, freeze=(),
                reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     """`new_state` of a (sharded) model on the mesh its parameters live on."""
-    mesh = _mesh_of(nnx.state(model, nnx.Param))
+    mesh = sharding.mesh_of(nnx.state(model, nnx.Param))
     graphdef, abstract = abstract_state(families.abstract_model(model.config, model.run), optimizer, mesh,
                                         freeze=freeze, reference=reference)
     return graphdef, new_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer, abstract)
 
 
-def _mesh_of(params) -> Mesh:
-    shard = jax.tree.leaves(params)[0].sharding
-    if isinstance(shard, NamedSharding):
-        return shard.mesh
-    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=list(shard.device_set))
-
-
 # ----- micro-batching -----
 
 def _accumulate(loss_fn: Callable, params, batch: Batch, accum: int):
-    """`loss_fn(params, batch) -> (loss sum, (sums, per_pair))`: Σ over micro-batches (`Batch.split_micro`)
-    of (grad of the loss sum, sums), and `per_pair` (arrays shaped like the batch's `valid`) back in the
-    batch's unit order."""
+    """`loss_fn(params, batch, i) -> (loss sum, (sums, per_pair))` (i: the micro-batch's index): Σ over
+    micro-batches (`Batch.split_micro`) of (grad of the loss sum, sums), and `per_pair` (arrays shaped like
+    the batch's `valid`) back in the batch's unit order."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum == 1:
-        grads, (sums, per_pair) = grad_fn(params, batch)
+        grads, (sums, per_pair) = grad_fn(params, batch, jnp.uint32(0))
         return grads, sums, per_pair
     micro = batch.split_micro(accum)
 
-    def body(carry, mb):
-        grads, (sums, per_pair) = grad_fn(params, mb)
+    def body(carry, inputs):
+        grads, (sums, per_pair) = grad_fn(params, *inputs)
         return jax.tree.map(jnp.add, carry, (grads, sums)), per_pair
 
     first = jax.tree.map(lambda x: x[0], micro)
-    grads, (sums, _) = jax.eval_shape(grad_fn, params, first)
-    (grads, sums), per_pair = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, (grads, sums)), micro)
+    grads, (sums, _) = jax.eval_shape(grad_fn, params, first, jnp.uint32(0))
+    (grads, sums), per_pair = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, (grads, sums)),
+                                           (micro, jnp.arange(accum, dtype=jnp.uint32)))
     # [accum, U/accum, …] → [U, …]: micro-batch i held units i, i+accum, … (split_micro)
     per_pair = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:]), per_pair)
     return grads, sums, per_pair
@@ -226,8 +229,10 @@ def dpo_loss(graphdef: nnx.GraphDef, dpo: DPOSettings, *, pair_values: bool = Fa
     def loss_fn(params, frozen, ref_params, batch: Batch):
         policy = _policy(graphdef, params, frozen)
         out = logps.pair_logps(policy, batch, layout=dpo.pair_layout)  # [U·P] each
-        if dpo.reference == "model":
-            ref = logps.pair_logps(nnx.merge(graphdef, ref_params, frozen), batch, layout=dpo.pair_layout)
+        if dpo.reference in ("model", "base"):
+            with lora.dropout_key(None):  # the reference is deterministic
+                ref = logps.pair_logps(_reference(graphdef, params, frozen, ref_params, dpo.reference), batch,
+                                       layout=dpo.pair_layout)
             ref_c, ref_r = jax.lax.stop_gradient((ref["chosen_logp"], ref["rejected_logp"]))
         elif dpo.reference == "precomputed":
             ref_c, ref_r = batch.per_pair(batch.ref_chosen_logp), batch.per_pair(batch.ref_rejected_logp)
@@ -275,6 +280,18 @@ def _policy(graphdef: nnx.GraphDef, params, frozen):
     return model
 
 
+def _reference(graphdef: nnx.GraphDef, params, frozen, ref_params, kind: str):
+    """The reference model: "model", the reference copy of the trainable parameters with the frozen ones;
+    "base", the policy with its adapters switched off (the frozen base itself: no copy)."""
+    if kind == "model":
+        return nnx.merge(graphdef, ref_params, frozen)
+    model = nnx.merge(graphdef, params, frozen)
+    if not nnx.state(model, nnx.LoRAParam):
+        raise ValueError("dpo.reference='base' is the base under a LoRA run's adapters, but the model has none")
+    model.set_attributes(lora_on=False, raise_if_not_found=False)
+    return model
+
+
 def _load_balancing(policy, count: jax.Array) -> tuple[jax.Array, dict]:
     """The MoE load-balancing term of a loss sum over `count` units — coefficient × transformers' aux loss
     over this forward's real tokens, × count, so that dividing by the batch's count adds coefficient ×
@@ -293,16 +310,21 @@ def _load_balancing(policy, count: jax.Array) -> tuple[jax.Array, dict]:
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-              accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple]:
+              accum_steps: int = 1, dropout_seed: int | None = None) -> Callable[[TrainState, Batch], tuple]:
     """The pure `step(state, batch) -> (state, metrics)` for an objective (jit it with `jit_step`).
 
     When the loss reports its pairs' log-likelihoods (`dpo_loss(pair_values=True)`) and the batch carries
     precomputed reference ones, `metrics["reference_check"]` compares them (`reference_check`): at a
-    run's first step, before any update, they must agree when the reference is the initial policy."""
+    run's first step, before any update, they must agree when the reference is the initial policy.
+    `dropout_seed`: the adapters' dropout (`lora.dropout`) draws from (seed, step, micro-batch), so that
+    a resumed run draws what the uninterrupted one did."""
 
     def step(state: TrainState, batch: Batch):
-        def per_params(params, b):
-            loss_sum, (count, metric_sums, *per_pair) = loss_fn(params, state.frozen, state.ref_params, b)
+        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+
+        def per_params(params, b, i):
+            with lora.dropout_key(None if key is None else jax.random.fold_in(key, i)):
+                loss_sum, (count, metric_sums, *per_pair) = loss_fn(params, state.frozen, state.ref_params, b)
             return loss_sum, ((loss_sum, count, metric_sums), per_pair[0] if per_pair else {})
 
         grads, (loss_sum, count, metric_sums), per_pair = _accumulate(per_params, state.params, batch, accum_steps)
@@ -355,17 +377,20 @@ class Steps(NamedTuple):
     eval: Callable[[TrainState, Batch], dict]  # eval_step(state, batch) -> {name: (sum, count)}
 
 
-def make_dpo_step(graphdef, optimizer, schedule, dpo: DPOSettings, *, accum_steps: int = 1) -> Steps:
+def make_dpo_step(graphdef, optimizer, schedule, dpo: DPOSettings, *, accum_steps: int = 1,
+                  dropout_seed: int | None = None) -> Steps:
     """The DPO train and held-out steps (a precomputed reference is checked against the policy's own
     log-likelihoods: `reference_check`)."""
     loss_fn = dpo_loss(graphdef, dpo, pair_values=dpo.reference == "precomputed")
-    return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps), make_eval_step(loss_fn))
+    return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps, dropout_seed=dropout_seed),
+                 make_eval_step(loss_fn))
 
 
-def make_sft_step(graphdef, optimizer, schedule, *, accum_steps: int = 1) -> Steps:
+def make_sft_step(graphdef, optimizer, schedule, *, accum_steps: int = 1, dropout_seed: int | None = None) -> Steps:
     """The SFT train and held-out steps."""
     loss_fn = sft_loss(graphdef)
-    return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps), make_eval_step(loss_fn))
+    return Steps(make_step(loss_fn, optimizer, schedule, accum_steps=accum_steps, dropout_seed=dropout_seed),
+                 make_eval_step(loss_fn))
 
 
 # ----- jit with explicit shardings -----

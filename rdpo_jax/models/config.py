@@ -16,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from rdpo_jax.models.lora import LoRASettings
+
 TEXT_FAMILIES = ("llama", "qwen2", "qwen3")
 VISION_FAMILIES = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -109,6 +111,8 @@ class RunSettings:
     # Decoder layers with stacked parameters run by one `jax.lax.scan` (compiled once whatever the depth):
     # "on", "off", or "auto": on for decoders of at least SCAN_AUTO_LAYERS layers.
     scan_layers: str = "auto"
+    # Low-rank adapters on the frozen base, which may be stored quantized (`models/lora.py`); None = none
+    lora: LoRASettings | None = None
 
     def scan(self, num_layers: int) -> bool:
         """Whether a stack of `num_layers` layers is scanned."""
@@ -128,11 +132,12 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, config) -> RunSettings:
-        """A run config's `model.param_dtype`, `dtype`, `remat`, `vocab_chunk`, `attention` and `scan_layers`; placeholders
+        """A run config's `model.param_dtype`, `dtype`, `remat`, `vocab_chunk`, `attention`, `scan_layers` and `lora`; placeholders
         are checked on the host (ChatTokenizer), so that the compiled programs stay cacheable."""
         m = config.model
         return cls(param_dtype=DTYPES[m.param_dtype], dtype=DTYPES[m.dtype], remat=m.remat, vocab_chunk=m.vocab_chunk,
-                   attention=m.attention, scan_layers=m.scan_layers, check_image_tokens=False)
+                   attention=m.attention, scan_layers=m.scan_layers, check_image_tokens=False,
+                   lora=LoRASettings.from_config(config.lora) if "lora" in config else None)
 
 
 def require(cond: bool, field: str, msg: str):

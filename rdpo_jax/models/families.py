@@ -4,11 +4,13 @@ config is, how to read one, how to build a model. Adding a family is its folder 
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 from flax import nnx
 
 from rdpo_jax import sharding
-from rdpo_jax.models import layers, llava, qwen2_5_vl, qwen3_vl, qwen3_vl_moe
+from rdpo_jax.models import layers, llava, lora, qwen2_5_vl, qwen3_vl, qwen3_vl_moe
 from rdpo_jax.models.config import RunSettings, UnsupportedConfigError
 from rdpo_jax.models.vlm import Family, VisionLanguageModel
 
@@ -43,17 +45,36 @@ def from_hf(hf):
     return family.from_hf(hf)
 
 
+def _build(cfg, run: RunSettings, key: jax.Array) -> VisionLanguageModel:
+    """The family's model with `run.lora`'s adapters (and quantized base) attached."""
+    rngs = layers.InitKeys(key)
+    model = of(cfg).model(cfg, run, rngs=rngs)
+    return model if run.lora is None else lora.attach(model, run.lora, rngs)
+
+
 def abstract_model(cfg, run: RunSettings = RunSettings()) -> VisionLanguageModel:
     """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
-    cls = of(cfg).model
-    return nnx.eval_shape(lambda: cls(cfg, run, rngs=layers.InitKeys(jax.random.key(0))))
+    return nnx.eval_shape(lambda: _build(cfg, run, jax.random.key(0)))
 
 
 def create(cfg, run: RunSettings = RunSettings(), *, mesh: jax.sharding.Mesh | None = None,
            seed: int = 0) -> VisionLanguageModel:
     """A freshly initialized model whose parameters are born sharded on `mesh` (never whole on one host)."""
-    cls = of(cfg).model
     graphdef, abstract_state = nnx.split(abstract_model(cfg, run))
     shardings = sharding.state_shardings(abstract_state, mesh)
-    init = jax.jit(lambda key: nnx.state(cls(cfg, run, rngs=layers.InitKeys(key))), out_shardings=shardings)
+    init = jax.jit(lambda key: nnx.state(_build(cfg, run, key)), out_shardings=shardings)
     return nnx.merge(graphdef, init(jax.random.key(seed)))
+
+
+def adapt(model: VisionLanguageModel, settings: lora.LoRASettings, *, seed: int = 0) -> VisionLanguageModel:
+    """A loaded base model with adapters attached (and its base quantized) on the mesh its parameters live
+    on, in one jit that consumes the base's state (its float weights are freed as codes replace them)."""
+    graphdef, state = nnx.split(model)
+    target = nnx.eval_shape(lambda: lora.attach(nnx.merge(graphdef, state), settings, layers.InitKeys(jax.random.key(0))))
+    target_graphdef, target_state = nnx.split(target)
+    mesh = sharding.mesh_of(state)
+    init = jax.jit(lambda state, key: nnx.state(lora.attach(nnx.merge(graphdef, state), settings, layers.InitKeys(key))),
+                   out_shardings=sharding.state_shardings(target_state, mesh), donate_argnums=0)
+    with warnings.catch_warnings():  # quantized weights' float buffers are donated to be freed, not reused
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        return nnx.merge(target_graphdef, init(state, jax.random.key(seed)))

@@ -24,6 +24,7 @@ We write the Hub layouts, which transformers 4.x and 5.x and vLLM load. Linear k
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -191,7 +192,8 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
 
     Args:
       path: folder with `config.json` and `model.safetensors` or sharded files + index.
-      run: parameter and compute dtypes, remat, the placeholder check (`RunSettings`).
+      run: parameter and compute dtypes, remat, the placeholder check, adapters (`RunSettings`; with
+        `run.lora`, the adapters are attached to the loaded base: `families.adapt`).
       mesh: place parameters by their logical axes on this mesh; None = the first local device.
 
     Returns:
@@ -203,7 +205,7 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
     """
     cfg = read_config(path)
     family = families.of(cfg)
-    graphdef, state = nnx.split(families.abstract_model(cfg, run))
+    graphdef, state = nnx.split(families.abstract_model(cfg, dataclasses.replace(run, lora=None)))
     reader = safetensors_io.Reader(path)
 
     by_canonical: dict[str, str] = {}
@@ -246,7 +248,8 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
     with concurrent.futures.ThreadPoolExecutor(max_workers=_LOAD_THREADS) as pool:
         for (_, variable), array in zip(params, pool.map(load, params)):
             variable.set_value(array)
-    return nnx.merge(graphdef, state), cfg
+    model = nnx.merge(graphdef, state)
+    return (model if run.lora is None else families.adapt(model, run.lora)), cfg
 
 
 def _make_array(view: np.ndarray, shape, dtype, target: jax.sharding.Sharding) -> jax.Array:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from rdpo_jax import sharding
-from rdpo_jax.models import splash
+from rdpo_jax.models import lora, splash
 from rdpo_jax.sharding import shard_activation
 
 ACTIVATIONS = {
@@ -82,7 +82,10 @@ def _ones(key, shape, dtype):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel float[in, out]. `units` as in `param` (for the kernel)."""
+    """y = x @ kernel (+ bias); kernel float[in, out]. `units` as in `param` (for the kernel). The kernel may
+    carry a low-rank adapter and be stored quantized (`models/lora.py`)."""
+
+    ADAPTABLE = {"kernel": -2}  # for `lora.attach`: the weight leaves and their input dimension
 
     def __init__(self, din: int, dout: int, axes: tuple[str | None, str | None], *, bias: bool,
                  param_dtype, dtype, rngs: InitKeys, units: tuple[int, int] | None = None):
@@ -91,7 +94,11 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, lora.weight(self, "kernel", self.dtype))
+        if (adapter := lora.adapters(self, "kernel", self.dtype)) is not None:
+            a, b, scale = adapter
+            y = y + scale * jnp.dot(jnp.dot(lora.dropout(x, self), a), b)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -101,6 +108,8 @@ class FusedLinear(nnx.Module):
     """k projections in one: y[..., i, :] = x @ kernel[:, i, :] (+ bias[i]); kernel float[in, k, out] (PyTorch
     keeps it as one [k·out, in] Linear, e.g. a fused qkv), so that the output dimension shards by itself."""
 
+    ADAPTABLE = {"kernel": -3}
+
     def __init__(self, din: int, k: int, dout: int, axes: tuple[str | None, str | None], *, bias: bool,
                  param_dtype, dtype, rngs: InitKeys, units: tuple[int, int] | None = None):
         u = units and (units[0], 1, units[1])
@@ -109,7 +118,11 @@ class FusedLinear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...d,dkf->...kf", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...d,dkf->...kf", x, lora.weight(self, "kernel", self.dtype))
+        if (adapter := lora.adapters(self, "kernel", self.dtype)) is not None:
+            a, b, scale = adapter
+            y = y + scale * jnp.einsum("...r,rkf->...kf", jnp.dot(lora.dropout(x, self), a), b)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -509,9 +522,11 @@ def scan(stacked: nnx.Module, fn, carry, xs=None, remat: str = "none", count: in
         state = jax.tree.map(lambda a: a[:count], state)
 
     def body(carry, inputs):
-        layer_state, x = inputs
-        return fn(nnx.merge(graphdef, layer_state), carry, x)
+        layer_state, x, i = inputs
+        with lora.fold_dropout_key(i):  # each layer's adapters draw their own dropout masks
+            return fn(nnx.merge(graphdef, layer_state), carry, x)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)  # scan keeps XLA from merging
-    return jax.lax.scan(body, carry, (state, xs))
+    n = jax.tree.leaves(state)[0].shape[0]
+    return jax.lax.scan(body, carry, (state, xs, jnp.arange(n, dtype=jnp.uint32)))

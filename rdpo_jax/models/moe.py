@@ -23,13 +23,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from rdpo_jax import sharding
-from rdpo_jax.models import layers
+from rdpo_jax.models import layers, lora
 from rdpo_jax.models.config import MoEConfig
 from rdpo_jax.models.layers import Linear
 from rdpo_jax.sharding import shard_activation
 
 
 class Experts(nnx.Module):
+    ADAPTABLE = {"gate_up_proj": -2, "down_proj": -2}  # for `lora.attach`: one adapter per expert
+
     def __init__(self, num: int, dim: int, inter: int, act: str, *, param_dtype, dtype, rngs: layers.InitKeys):
         self.gate_up_proj = layers.param(rngs, layers._normal, (num, dim, 2 * inter), param_dtype,
                                          ("expert", "expert_embed", "expert_mlp"))
@@ -37,13 +39,32 @@ class Experts(nnx.Module):
                                       ("expert", "expert_mlp", "expert_embed"))
         self.act, self.dtype = layers.activation(act), dtype
 
-    def run(self, x: jax.Array, gate_up: jax.Array, down: jax.Array, sizes: jax.Array) -> jax.Array:
+    def arrays(self) -> dict[str, jax.Array]:
+        """The stacked weights [E, …] in the compute dtype (dequantized if stored quantized) and, where an
+        adapter is on, its A and B ("gate_up_proj_a", …): what `run` takes, whole or a device's share."""
+        out = {}
+        for leaf in self.ADAPTABLE:
+            out[leaf] = lora.weight(self, leaf, self.dtype)
+            if (adapter := lora.adapters(self, leaf, self.dtype)) is not None:
+                out[leaf + "_a"], out[leaf + "_b"] = adapter[:2]
+        return out
+
+    def run(self, x: jax.Array, w: dict[str, jax.Array], sizes: jax.Array) -> jax.Array:
         """x float[N, D], rows grouped by expert (`sizes` int32[G] rows each, in expert order), through the
-        experts' weights `gate_up` float[G, D, 2I], `down` float[G, I, D] (this module's, or a device's
-        share of them) -> float[N, D]."""
-        gate_up = grouped_matmul(x.astype(self.dtype), gate_up.astype(self.dtype), sizes)
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        return grouped_matmul(self.act(gate) * up, down.astype(self.dtype), sizes)
+        experts' weights `w` (`arrays`: gate_up float[G, D, 2I], down float[G, I, D], adapters [G, …]) ->
+        float[N, D]."""
+        def matmul(x, leaf):
+            y = grouped_matmul(x, w[leaf], sizes)
+            if leaf + "_a" in w:
+                y = y + self.lora_scale * grouped_matmul(grouped_matmul(x, w[leaf + "_a"], sizes), w[leaf + "_b"], sizes)
+            return y
+
+        gate, up = jnp.split(matmul(x.astype(self.dtype), "gate_up_proj"), 2, axis=-1)
+        return matmul(self.act(gate) * up, "down_proj")
+
+
+# which dimension of each of `Experts.arrays` is split over fsdp (the model width), for the expert-parallel block
+_FSDP_DIM = {"gate_up_proj": 1, "down_proj": 2, "gate_up_proj_a": 1, "down_proj_b": 2}
 
 
 TILE = 128  # megablox's tile side
@@ -86,8 +107,7 @@ class SparseMoE(nnx.Module):
         if sharding.axis_size("expert") > 1:
             y = self._expert_parallel(x, chosen.reshape(B, T, -1), weights.reshape(B, T, -1))
         else:
-            y = _dispatch(tokens, chosen, weights, self.experts.gate_up_proj[...], self.experts.down_proj[...],
-                          self.experts).reshape(B, T, D)
+            y = _dispatch(tokens, chosen, weights, self.experts.arrays(), self.experts).reshape(B, T, D)
         return shard_activation(y.astype(x.dtype), ("batch", "seq", "act_embed")), (probs, chosen)
 
     def _expert_parallel(self, x, chosen, weights):
@@ -99,11 +119,12 @@ class SparseMoE(nnx.Module):
         batch = PartitionSpec(sharding.BATCH_AXES)
         experts = self.experts
 
-        def local(x, chosen, weights, gate_up, down):
+        def local(x, chosen, weights, w):
             ep, n = jax.lax.axis_size("expert"), x.shape[0] * x.shape[1]
-            gate_up = jax.lax.all_gather(gate_up, "fsdp", axis=1, tiled=True)  # [E/ep, D, 2I]
-            down = jax.lax.all_gather(down, "fsdp", axis=2, tiled=True)  # [E/ep, I, D]
-            per_device = gate_up.shape[0]
+            # this device's experts [E/ep, …], their model width all-gathered
+            w = {k: jax.lax.all_gather(v, "fsdp", axis=_FSDP_DIM[k], tiled=True) if k in _FSDP_DIM else v
+                 for k, v in w.items()}
+            per_device = w["gate_up_proj"].shape[0]
             flat = chosen.reshape(-1)  # [n·k]
             dest, local_expert = flat // per_device, flat % per_device
             slot = (jnp.cumsum(jax.nn.one_hot(dest, ep, dtype=jnp.int32), axis=0)[jnp.arange(flat.size), dest] - 1)
@@ -113,29 +134,30 @@ class SparseMoE(nnx.Module):
             ids = jnp.full((ep, capacity), per_device, jnp.int32).at[dest, slot].set(local_expert)
             got = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True).reshape(ep * capacity, -1)
             got_ids = jax.lax.all_to_all(ids, "expert", 0, 0, tiled=True).reshape(-1)  # per_device: an empty slot
-            out = _dispatch(got, got_ids[:, None], jnp.ones((got_ids.size, 1), x.dtype), gate_up, down, experts,
-                            groups=per_device)
+            out = _dispatch(got, got_ids[:, None], jnp.ones((got_ids.size, 1), x.dtype), w, experts, groups=per_device)
             back = jax.lax.all_to_all(out.reshape(ep, capacity, -1), "expert", 0, 0, tiled=True)
             y = back[dest, slot] * weights.reshape(-1, 1)
             return y.reshape(*chosen.shape, -1).sum(axis=-2)
 
-        specs = (batch, batch, batch, PartitionSpec("expert", "fsdp", None), PartitionSpec("expert", None, "fsdp"))
+        w = experts.arrays()
+        w_specs = {k: PartitionSpec("expert", *("fsdp" if d == _FSDP_DIM.get(k) else None for d in (1, 2)))
+                   for k in w}
         # check_vma off: Pallas' megablox kernels (a TPU target) declare outputs without varying-axes types
-        return jax.shard_map(local, in_specs=specs, out_specs=batch, check_vma=False)(
-            x, chosen, weights, experts.gate_up_proj[...], experts.down_proj[...])
+        return jax.shard_map(local, in_specs=(batch, batch, batch, w_specs), out_specs=batch, check_vma=False)(
+            x, chosen, weights, w)
 
 
-def _dispatch(tokens, chosen, weights, gate_up, down, experts: Experts, groups: int | None = None):
+def _dispatch(tokens, chosen, weights, w: dict[str, jax.Array], experts: Experts, groups: int | None = None):
     """Σ_j weights[n, j] · expert chosen[n, j](tokens[n]) for tokens float[N, D], chosen int32[N, k]:
     assignments sorted by expert into contiguous groups for the grouped matmuls. Ids ≥ `groups` (default
     the number of experts) are empty slots: sorted last, outside every group, they give 0."""
-    groups = gate_up.shape[0] if groups is None else groups
+    groups = w["gate_up_proj"].shape[0] if groups is None else groups
     k = chosen.shape[1]
     flat = chosen.reshape(-1)  # [N·k]: token n's assignments at n·k … n·k + k − 1
     order = jnp.argsort(flat, stable=True)
     sizes = jax.nn.one_hot(flat, groups, dtype=jnp.int32).sum(0)  # ids ≥ groups: all-zero rows
     token = order // k
-    rows = experts.run(tokens[token], gate_up, down, sizes)
+    rows = experts.run(tokens[token], w, sizes)
     rows = jnp.where((jnp.arange(flat.size) < sizes.sum())[:, None], rows, 0) * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(rows, shape=tokens.shape).at[token].add(rows)
 
