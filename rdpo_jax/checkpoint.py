@@ -245,8 +245,9 @@ def load_model(source: str | RunDir, run=None, *, mesh=None, step: int | None = 
     `run` (`RunSettings`: dtypes, remat, placeholder check; default float32) on `mesh` (default: the
     first local device). Returns (model, model_config, model_folder, step or None).
 
-    A LoRA run's model is its base (loaded as `run` says: float, never quantized) with its adapters
-    folded in (`lora.merge`), or with `merge=False` the adapters kept apart on the base."""
+    A LoRA run's model is its base (loaded as `run` says, unquantized) with its adapters folded in
+    (`lora.merge`), or with `merge=False` the adapters kept apart on the base. With `run.lora`, the model
+    loaded is a base: fresh adapters are attached to it (and it is quantized as they say)."""
     from flax import nnx
 
     from rdpo_jax import sharding, train_step
@@ -272,12 +273,16 @@ def load_model(source: str | RunDir, run=None, *, mesh=None, step: int | None = 
         model = families.adapt(model, dataclasses.replace(settings, quantize=""))
         adapters, step = restore_params(run_dir.path, train_step.abstract_params(model, mesh, nnx.LoRAParam), step)
         nnx.update(model, adapters)
-        return (lora.merge(model) if merge else model), cfg, folder, step
-    cfg = hf.read_config(folder)
-    # the checkpoint holds the parameters in the run's layer layout (stacked when its layers were scanned)
-    abstract = families.abstract_model(cfg, dataclasses.replace(run, scan_layers=run_dir.scan_layers, lora=None))
-    params, step = restore_params(run_dir.path, train_step.abstract_params(abstract, mesh), step)
-    model = nnx.merge(nnx.graphdef(abstract), params)
+        if not merge:
+            return model, cfg, folder, step
+        model = lora.merge(model)
+    else:
+        cfg = hf.read_config(folder)
+        # the checkpoint holds the parameters in the run's layer layout (stacked when its layers were scanned)
+        abstract = families.abstract_model(cfg, dataclasses.replace(run, scan_layers=run_dir.scan_layers, lora=None))
+        params, step = restore_params(run_dir.path, train_step.abstract_params(abstract, mesh), step)
+        model = nnx.merge(nnx.graphdef(abstract), params)
+    # `run.lora`: fresh adapters on this model as its base (as hf.load_hf gives them)
     return (model if run.lora is None else families.adapt(model, run.lora)), cfg, folder, step
 
 

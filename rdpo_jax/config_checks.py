@@ -111,10 +111,12 @@ def validate(c, *, num_devices: int, num_processes: int) -> dict[str, int]:
                "is set, but dpo.reference is 'none': there is no reference to load")
         _check(c.dpo.reference != "base" or lora is not None, "dpo.reference",
                "'base' is the frozen base under a LoRA run's adapters: set lora.rank > 0, or use 'model'")
-        _check(c.dpo.reference != "base" or not c.dpo.reference_from, "dpo.reference_from",
+        initial = os.path.abspath(c.model.path if c.init_from == "model" else c.init_from)
+        other = bool(c.dpo.reference_from) and os.path.abspath(c.dpo.reference_from) != initial
+        _check(c.dpo.reference != "base" or not other, "dpo.reference_from",
                "is set, but dpo.reference is 'base' (the run's own base): use reference='precomputed' "
                "(data_prep.ref_logps) for another reference model")
-        _check(lora is None or c.dpo.reference != "model" or not c.dpo.reference_from, "dpo.reference_from",
+        _check(lora is None or c.dpo.reference != "model" or not other, "dpo.reference_from",
                "a LoRA run's online reference is its own base or adapters; for another model use "
                "reference='precomputed' (data_prep.ref_logps)")
     patterns(c.optim.freeze, "optim.freeze")

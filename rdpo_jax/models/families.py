@@ -4,6 +4,7 @@ config is, how to read one, how to build a model. Adding a family is its folder 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -69,6 +70,7 @@ def create(cfg, run: RunSettings = RunSettings(), *, mesh: jax.sharding.Mesh | N
 def adapt(model: VisionLanguageModel, settings: lora.LoRASettings, *, seed: int = 0) -> VisionLanguageModel:
     """A loaded base model with adapters attached (and its base quantized) on the mesh its parameters live
     on, in one jit that consumes the base's state (its float weights are freed as codes replace them)."""
+    model.run = dataclasses.replace(model.run, lora=settings)  # what `abstract_model(model.config, model.run)` builds
     graphdef, state = nnx.split(model)
     target = nnx.eval_shape(lambda: lora.attach(nnx.merge(graphdef, state), settings, layers.InitKeys(jax.random.key(0))))
     target_graphdef, target_state = nnx.split(target)

@@ -130,8 +130,9 @@ def _add_adapter(module, leaf, in_axis, settings: LoRASettings, rngs, index: int
     r = settings.rank
     extra = {k: meta[k] for k in ("stacked_depth",) if k in meta}
     bound = 1.0 / math.sqrt(shape[i])
-    a = jax.random.uniform(rngs.params(), (*shape[:i + 1], r), jnp.float32, -bound, bound)
-    b = jnp.zeros((*shape[:i], r, *shape[i + 1:]), jnp.float32)
+    dtype = jnp.promote_types(w.dtype, jnp.float32)  # float32 master weights over a bfloat16 base (float64 in x64)
+    a = jax.random.uniform(rngs.params(), (*shape[:i + 1], r), dtype, -bound, bound)
+    b = jnp.zeros((*shape[:i], r, *shape[i + 1:]), dtype)
     setattr(module, leaf + "_lora_a", nnx.LoRAParam(a, logical_axes=(*axes[:i + 1], None),
                                                     shard_units=(*units[:i + 1], 1), **extra))
     setattr(module, leaf + "_lora_b", nnx.LoRAParam(b, logical_axes=(*axes[:i], None, *axes[i + 1:]),
