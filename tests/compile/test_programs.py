@@ -85,3 +85,16 @@ def test_two_slices_split_data_between_slices(smoke_dir):
     grid = train.mesh.devices  # [data, fsdp, tensor]: each data index inside one slice
     assert [{d.slice_index for d in grid[i].ravel()} for i in range(2)] == [{0}, {1}]
     assert train.what == "8 rows of 48 tokens"
+
+
+def test_qlora_plans_like_a_full_run_and_holds_less(smoke_dir):
+    """The ahead-of-time plan of a QLoRA config (nf4 base, adapters, reference = the base with adapters off):
+    it compiles with the dequantization inside, and its per-chip state is a fraction of full fine-tuning's."""
+    full = _compile(_config(smoke_dir), "v5p-8")[1][0]
+    config = _config(smoke_dir, lora__rank=4, lora__quantize="nf4", lora__block=16, dpo__reference="base",
+                     model__param_dtype="bfloat16")
+    built, (qlora,) = _compile(config, "v5p-8")
+    assert "u8[" in str(built[0].traced.jaxpr)  # the nf4 codes are the program's arguments
+    assert qlora["fits"] and qlora["mosaic_kernels"] > 0
+    # 0.40× here: the tiny smoke model's embeddings and vision tower stay bfloat16 (docs/benchmarks.md: 7B plans)
+    assert qlora["arguments"] < 0.5 * full["arguments"], (qlora["arguments"], full["arguments"])
