@@ -73,15 +73,20 @@ TILE = 128  # megablox's tile side
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
     """Rows of x float[N, K] in consecutive groups of `sizes` int32[G] times their group's w float[G, K, M].
 
-    For a TPU target (the traced mesh's devices, `sharding.target_platform`), with K and M multiples of
-    128: Pallas' megablox kernels (`gmm` forward, `tgmm` for the weights' gradient), whose work is the
-    rows' only; else `jax.lax.ragged_dot`. XLA:TPU compiles ragged_dot's forward and input gradient as
+    For a TPU target (the traced mesh's devices, `sharding.target_platform`): Pallas' megablox kernels
+    (`gmm` forward, `tgmm` for the weights' gradient), whose work is the rows' only, with K and M
+    zero-padded to multiples of 128 (a LoRA adapter's rank 16 costs 8× its few FLOPs, not E×); else
+    `jax.lax.ragged_dot`. XLA:TPU compiles ragged_dot's forward and input gradient as
     grouped matmuls too, but its weight gradient (the contraction over the ragged rows) as a dense
     masked convolution over all G groups: G× the FLOPs (libtpu 0.0.42; docs/models.md)."""
-    if sharding.target_platform() == "tpu" and x.shape[1] % TILE == 0 and w.shape[2] % TILE == 0:
+    if sharding.target_platform() == "tpu":
         from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-        return megablox.gmm(x, w, sizes, x.dtype, (TILE, TILE, TILE))
+        K, M = w.shape[1:]
+        if K % TILE or M % TILE:  # e.g. an adapter's rank: zero-padded to the kernels' tile, which adds nothing
+            x = jnp.pad(x, ((0, 0), (0, -K % TILE)))
+            w = jnp.pad(w, ((0, 0), (0, -K % TILE), (0, -M % TILE)))
+        return megablox.gmm(x, w, sizes, x.dtype, (TILE, TILE, TILE))[:, :M]
     return jax.lax.ragged_dot(x, w, sizes)
 
 

@@ -10,7 +10,7 @@ from jax.experimental import topologies
 
 from rdpo_jax import sharding
 from rdpo_jax.compile import analysis
-from rdpo_jax.models import layers, moe
+from rdpo_jax.models import layers, lora, moe
 from rdpo_jax.models.config import MoEConfig
 
 
@@ -35,10 +35,12 @@ def test_dispatch_equals_every_expert_weighted_densely():
     assert all(len(set(r)) == 3 for r in np.asarray(chosen).tolist())
 
 
-def _tpu_flops(experts: int, top_k: int) -> float:
+def _tpu_flops(experts: int, top_k: int, rank: int = 0) -> float:
     """XLA:TPU's FLOP count of one block's forward and backward (parameters' gradients) over 2048 tokens
-    (compiled, not run)."""
+    (compiled, not run); with `rank`, LoRA adapters of that rank on the experts."""
     block = _block(experts, top_k, dim=256, inter=384, dtype=jnp.bfloat16)
+    if rank:
+        lora.attach(block, lora.LoRASettings(rank=rank, targets=("experts/.*",)), layers.InitKeys(jax.random.key(1)))
     graphdef, params = nnx.split(block)
     device = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices[0]
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
@@ -67,6 +69,16 @@ def test_tpu_flops_follow_top_k_not_the_number_of_experts():
     # the compile report's count, from the kernels' own estimates: an upper bound (megablox's backward
     # computes the block input's gradient, which XLA then drops), far from the 16× of every expert
     assert 4 * expert <= counted <= 1.35 * 4 * expert
+
+
+def test_tpu_flops_of_expert_adapters_follow_top_k_too():
+    """Rank-16 adapters on 64 experts: their grouped matmuls, padded to megablox's 128, cost the rows' work
+    at rank 128 — r'·(5D + 9I) per assignment over forward and backward beside the experts' 7·D·I —
+    not ragged_dot's dense-over-experts weight gradients (3.65× the block at E = 64, growing with E)."""
+    flops, _ = _tpu_flops(64, 4, rank=16)
+    expert = 2 * 256 * 384 * 7 * 2048
+    adapters = 2 * 128 * (5 * 256 + 9 * 384) * 2048
+    assert flops == pytest.approx(4 * (expert + adapters), rel=0.05)
 
 
 def test_flop_count_of_ragged_dot_is_the_rows_work():
