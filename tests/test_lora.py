@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rdpo_jax import checkpoint, logps, optim, sharding, train_step
+from rdpo_jax import checkpoint, inference, logps, optim, sharding, train_step
 from rdpo_jax.models import hf, lora
 from rdpo_jax.models.config import RunSettings
 from tests import runs
@@ -126,8 +126,9 @@ def test_lora_run_checkpoints_adapters_resumes_bitwise_loads_merged_and_exports(
     # loaded for sampling: merged into the float base, the adapted model's logits
     ids = np.asarray([[3, 9, 11, 12, 40, 41, 7, 8]], np.int32)
     adapted = np.asarray(straight(ids))
-    merged, _, _, _ = checkpoint.load_model(workdir)
-    assert not nnx.state(merged, nnx.LoRAParam)
+    policy = inference.load(workdir, mesh="fsdp=2")  # what sample, ref_logps, evaluate, serve and the judge read
+    merged = policy.model
+    assert policy.step == 4 and not nnx.state(merged, nnx.LoRAParam)
     np.testing.assert_allclose(np.asarray(merged(ids)), adapted, atol=1e-5 * np.abs(adapted).max())
     exported = str(tmp_path / "export")
     runs.call("rdpo_jax.export", f"--workdir={workdir}", f"--out={exported}", "--dtype=float32")
@@ -135,3 +136,15 @@ def test_lora_run_checkpoints_adapters_resumes_bitwise_loads_merged_and_exports(
     with torch.no_grad():
         theirs = torch_model(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(theirs, adapted, atol=1e-4 * np.abs(adapted).max())
+
+    # the loop's next round: fresh adapters on this run merged (its step named in base.json), the reference
+    # ("base") that merged policy: the first loss is log 2 again
+    second = str(tmp_path / "second")
+    runs.call("rdpo_jax.train", *runs.train_args(smoke_dir, second, "--config.total_steps=1", "--config.data.eval=",
+                                                 "--config.log.every=1", "--config.model.scan_layers=on",
+                                                 "--config.lora.rank=4", "--config.dpo.reference=base",
+                                                 f"--config.init_from={workdir}"), compile_cache=compile_cache)
+    assert json.load(open(os.path.join(second, "base.json"))) == {"source": workdir, "step": 4}
+    assert [r["loss"] for r in runs.metrics(second) if "loss" in r] == [pytest.approx(np.log(2), abs=1e-6)]
+    on_merged, _, _, _ = checkpoint.load_model(second)  # two LoRA runs deep: merged twice
+    assert np.abs(np.asarray(on_merged(ids)) - adapted).max() < 1e-3 * np.abs(adapted).max()
