@@ -83,9 +83,6 @@ class LoRASettings:
                    quantize=lora.quantize, quantize_targets=split(lora.quantize_targets) or (DECODER,),
                    block=lora.block)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def _path(path) -> str:
     return "/".join(str(p) for p in path)
@@ -102,12 +99,14 @@ def weights(model: nnx.Module):
 def attach(model: nnx.Module, settings: LoRASettings, rngs) -> nnx.Module:
     """Adds adapters (and quantizes the base, with `settings.quantize`) in place; returns `model`. Works
     on concrete models and under `nnx.eval_shape` / `jax.jit` alike. A target regex that matches no
-    weight is an error naming it (a typo would otherwise train nothing)."""
+    weight is an error naming it (a typo would otherwise train or quantize nothing)."""
     found = list(weights(model))
-    for pattern in settings.targets:
-        if not any(re.fullmatch(pattern, name) for _, _, name, _ in found):
-            raise ValueError(f"config.lora.targets: {pattern!r} matches no adaptable weight (they look like "
-                             f"{found[0][2]!r})")
+    for field, patterns in (("targets", settings.targets),
+                            ("quantize_targets", settings.quantize_targets if settings.quantize else ())):
+        for pattern in patterns:
+            if not any(re.fullmatch(pattern, name) for _, _, name, _ in found):
+                raise ValueError(f"config.lora.{field}: {pattern!r} matches no adaptable weight (they look like "
+                                 f"{found[0][2]!r})")
     adapted = [w for w in found if any(re.fullmatch(p, w[2]) for p in settings.targets)]
     if settings.dropout and any(set(type(m).ADAPTABLE) != {"kernel"} for m, *_ in adapted):
         raise ValueError("config.lora.dropout: applies to projections' adapters only, not to stacked experts': set 0 "
@@ -116,7 +115,10 @@ def attach(model: nnx.Module, settings: LoRASettings, rngs) -> nnx.Module:
         if any(re.fullmatch(p, name) for p in settings.targets):
             _add_adapter(module, leaf, in_axis, settings, rngs, index)
         if settings.quantize and any(re.fullmatch(p, name) for p in settings.quantize_targets):
-            _quantize(module, leaf, in_axis, settings)
+            try:
+                _quantize(module, leaf, in_axis, settings)
+            except ValueError as e:
+                raise ValueError(f"config.lora.block: {name} cannot be quantized: {e}") from None
     return model
 
 
