@@ -345,6 +345,18 @@ def axis_size(name: str) -> int:
     return 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1)
 
 
+def gathered(x: jax.Array, logical_axes: Sequence[str | None] | None) -> jax.Array:
+    """A parameter (its value `x`, its `logical_axes`: a stacked one's, whose leading names `x` may have lost
+    to a layer scan) constrained to its sharding without "fsdp": FSDP's all-gather, made on `x` itself —
+    e.g. a quantized weight's codes, which would otherwise travel dequantized, 4× their bytes. Unchanged
+    without a traced mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or logical_axes is None:
+        return x
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes), fsdp=1)
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(tuple(logical_axes)[-x.ndim:], x.shape, sizes))
+
+
 def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical names when tracing under a mesh (`jax.set_mesh`,
     or `traced_on`); without one it returns `x` unchanged."""

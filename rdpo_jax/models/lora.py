@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rdpo_jax import sharding
 from rdpo_jax.models import quant
 
 # The decoder's attention and MLP projections, a MoE's stacked experts and a shared expert; not the router
@@ -174,7 +175,10 @@ def weight(module, leaf: str, dtype) -> jax.Array:
     if codes is None:
         return getattr(module, leaf)[...].astype(dtype)
     kind, tail = getattr(module, leaf + "_quant")[:2]
-    w = quant.dequantize(codes[...], getattr(module, leaf + "_scales")[...], kind, dtype)
+    scales = getattr(module, leaf + "_scales")
+    # gathered as codes (4 or 8 bits a weight), not as the dequantized weight
+    codes, scales = (sharding.gathered(v[...], v.get_metadata().get("logical_axes")) for v in (codes, scales))
+    w = quant.dequantize(codes, scales, kind, dtype)
     return w.reshape(*w.shape[:-2], *tail)
 
 

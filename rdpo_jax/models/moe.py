@@ -124,10 +124,13 @@ class SparseMoE(nnx.Module):
         batch = PartitionSpec(sharding.BATCH_AXES)
         experts = self.experts
 
+        # a quantized base arrives gathered already (`lora.weight` gathers its codes)
+        fsdp_dim = {k: d for k, d in _FSDP_DIM.items() if getattr(experts, k + "_codes", None) is None}
+
         def local(x, chosen, weights, w):
             ep, n = jax.lax.axis_size("expert"), x.shape[0] * x.shape[1]
             # this device's experts [E/ep, …], their model width all-gathered
-            w = {k: jax.lax.all_gather(v, "fsdp", axis=_FSDP_DIM[k], tiled=True) if k in _FSDP_DIM else v
+            w = {k: jax.lax.all_gather(v, "fsdp", axis=fsdp_dim[k], tiled=True) if k in fsdp_dim else v
                  for k, v in w.items()}
             per_device = w["gate_up_proj"].shape[0]
             flat = chosen.reshape(-1)  # [n·k]
@@ -145,7 +148,7 @@ class SparseMoE(nnx.Module):
             return y.reshape(*chosen.shape, -1).sum(axis=-2)
 
         w = experts.arrays()
-        w_specs = {k: PartitionSpec("expert", *("fsdp" if d == _FSDP_DIM.get(k) else None for d in (1, 2)))
+        w_specs = {k: PartitionSpec("expert", *("fsdp" if d == fsdp_dim.get(k) else None for d in (1, 2)))
                    for k in w}
         # check_vma off: Pallas' megablox kernels (a TPU target) declare outputs without varying-axes types
         return jax.shard_map(local, in_specs=(batch, batch, batch, w_specs), out_specs=batch, check_vma=False)(
