@@ -28,8 +28,8 @@ from tests import tiny_qwen as tiny_qwen_lib  # noqa: E402
 # them as proportions): 460, 436, 251, 224 (two files of that name), 161, 116, 80, 77, 48 (five), 45, 31, 30
 # (three).
 SLOW_FIRST = ("test_loop.py", "test_multihost.py", "test_demo.py", "test_train.py", "test_train_step.py",
-              "test_pipeline.py", "test_restart.py", "test_chain.py", "test_parity.py", "test_programs.py",
-              "test_serve.py", "test_commands.py")
+              "test_lora.py", "test_pipeline.py", "test_restart.py", "test_chain.py", "test_parity.py",
+              "test_programs.py", "test_peft_io.py", "test_serve.py", "test_commands.py", "test_moe.py")
 
 
 def pytest_collection_modifyitems(items):

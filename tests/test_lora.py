@@ -140,11 +140,9 @@ def test_lora_run_checkpoints_adapters_resumes_bitwise_loads_merged_and_exports(
     # the loop's next round: fresh adapters on this run merged (its step named in base.json), the reference
     # ("base") that merged policy: the first loss is log 2 again
     second = str(tmp_path / "second")
-    runs.call("rdpo_jax.train", *runs.train_args(smoke_dir, second, "--config.total_steps=1", "--config.data.eval=",
-                                                 "--config.log.every=1", "--config.model.scan_layers=on",
-                                                 "--config.lora.rank=4", "--config.dpo.reference=base",
+    runs.call("rdpo_jax.train", *runs.train_args(smoke_dir, second, *args[2:], "--config.total_steps=1",
                                                  f"--config.init_from={workdir}"), compile_cache=compile_cache)
     assert json.load(open(os.path.join(second, "base.json"))) == {"source": workdir, "step": 4}
     assert [r["loss"] for r in runs.metrics(second) if "loss" in r] == [pytest.approx(np.log(2), abs=1e-6)]
-    on_merged, _, _, _ = checkpoint.load_model(second)  # two LoRA runs deep: merged twice
-    assert np.abs(np.asarray(on_merged(ids)) - adapted).max() < 1e-3 * np.abs(adapted).max()
+    on_merged, _, _, _ = checkpoint.load_model(second)  # two LoRA runs deep: merged twice (its one step's lr is 0)
+    np.testing.assert_allclose(np.asarray(on_merged(ids)), adapted, atol=1e-5 * np.abs(adapted).max())
