@@ -163,6 +163,11 @@ class Loop:
                 raise SystemExit(f"[loop] config.{field} is empty")
         if config.reference not in ("previous", "initial"):
             raise SystemExit(f"[loop] config.reference: {config.reference!r} is not 'previous' or 'initial'")
+        rank = dict(o.split("=", 1) for o in config.train.overrides if "=" in o).get("lora.rank", "0")
+        if rank.strip() not in ("0", "") and config.reference == "initial" and not config.ref_logps:
+            raise SystemExit("[loop] config.reference: 'initial' with LoRA (train.overrides lora.rank) needs "
+                             "config.ref_logps=True: a LoRA run's online reference is its own base, the previous "
+                             "round's policy")
 
     def open(self, r: int) -> Round:
         self.current = Round(self.wd, r, self.env, self.cwd, self.stop)

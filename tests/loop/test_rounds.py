@@ -170,3 +170,16 @@ def test_demo_and_smoke_loop_configs():
     c = loop_smoke.get_config("dir=/s,reference=initial,ref_logps=1")
     assert c.reference == "initial" and c.ref_logps is True and c.pool.train == "/s/prompts.jsonl"
     assert sys.modules["configs.loop_smoke"].__doc__.count("python -m rdpo_jax.loop") == 1
+
+
+def test_lora_rounds_against_the_initial_policy_need_precomputed_references(tmp_path):
+    """A LoRA run's online reference is its base (the round's starting policy): the initial policy as the
+    reference of later rounds has to be precomputed, and the loop says so before round 1."""
+    config = loop_smoke.get_config(f"dir={tmp_path}")
+    with config.unlocked():
+        config.train.overrides = ("lora.rank=8",)
+        config.reference = "initial"
+    with pytest.raises(SystemExit, match="needs config.ref_logps=True"):
+        Loop(config, str(tmp_path / "runs"))
+    config.ref_logps = True
+    Loop(config, str(tmp_path / "runs"))
