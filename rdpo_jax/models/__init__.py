@@ -8,6 +8,8 @@ and a folder per family.
   layers.py           linear, norms, attention, RoPE / M-RoPE, remat policies, layer scan
   text.py             Llama / Qwen2 / Qwen3 decoder (dense or with sparse MoE layers)
   moe.py              sparse mixture-of-experts blocks: router, grouped-matmul dispatch, expert parallelism
+  lora.py             LoRA adapters on any `ADAPTABLE` weight, the adapters-off switch, merge; QLoRA's
+                      quantized base through quant.py (int8 / NF4 codes); peft_io.py: adapters as a PEFT folder
   vision.py           SigLIP / CLIP vision towers
   splash.py           the TPU splash-attention kernel with a layout's mask
   hf.py               `load_hf` / `save_hf`
