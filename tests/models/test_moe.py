@@ -35,10 +35,10 @@ def test_dispatch_equals_every_expert_weighted_densely():
     assert all(len(set(r)) == 3 for r in np.asarray(chosen).tolist())
 
 
-def _tpu_flops(experts: int, top_k: int, rank: int = 0) -> float:
+def _tpu_flops(experts: int, top_k: int, rank: int = 0, dim: int = 256, inter: int = 384) -> float:
     """XLA:TPU's FLOP count of one block's forward and backward (parameters' gradients) over 2048 tokens
     (compiled, not run); with `rank`, LoRA adapters of that rank on the experts."""
-    block = _block(experts, top_k, dim=256, inter=384, dtype=jnp.bfloat16)
+    block = _block(experts, top_k, dim=dim, inter=inter, dtype=jnp.bfloat16)
     if rank:
         lora.attach(block, lora.LoRASettings(rank=rank, targets=("experts/.*",)), layers.InitKeys(jax.random.key(1)))
     graphdef, params = nnx.split(block)
@@ -49,7 +49,7 @@ def _tpu_flops(experts: int, top_k: int, rank: int = 0) -> float:
     def loss(params, x):
         return nnx.merge(graphdef, params)(x)[0].astype(jnp.float32).sum()
 
-    x = jax.ShapeDtypeStruct((2, 1024, 256), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, 1024, dim), jnp.bfloat16)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     with jax.set_mesh(mesh):  # a TPU target: the megablox kernels
         lowered = jax.jit(jax.grad(loss), in_shardings=(one, one), out_shardings=one).lower(abstract, x)
@@ -74,10 +74,11 @@ def test_tpu_flops_follow_top_k_not_the_number_of_experts():
 def test_tpu_flops_of_expert_adapters_follow_top_k_too():
     """Rank-16 adapters on 64 experts: their grouped matmuls, padded to megablox's 128, cost the rows' work
     at rank 128 — r'·(5D + 9I) per assignment over forward and backward beside the experts' 7·D·I —
-    not ragged_dot's dense-over-experts weight gradients (3.65× the block at E = 64, growing with E)."""
-    flops, _ = _tpu_flops(64, 4, rank=16)
-    expert = 2 * 256 * 384 * 7 * 2048
-    adapters = 2 * 128 * (5 * 256 + 9 * 384) * 2048
+    not ragged_dot's dense-over-experts weight gradients (3.65× the block at E = 64 with D = 256, I = 384,
+    growing with E)."""
+    flops, _ = _tpu_flops(64, 4, rank=16, dim=128, inter=128)
+    expert = 2 * 128 * 128 * 7 * 2048
+    adapters = 2 * 128 * (5 * 128 + 9 * 128) * 2048
     assert flops == pytest.approx(4 * (expert + adapters), rel=0.05)
 
 
