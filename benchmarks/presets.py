@@ -7,6 +7,11 @@ from functools import partial
 
 import transformers
 
+# Qwen3-VL's vision tower, the same in the 8B and the 30B-A3B but for the width it projects to
+_QWEN3_TOWER = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
+
 PRESETS = {
     "llava-1.5-7b": partial(
         transformers.LlavaConfig,
@@ -30,10 +35,7 @@ PRESETS = {
         tie_word_embeddings=False, architectures=["Qwen2_5_VLForConditionalGeneration"]),
     "qwen3-vl-8b": partial(
         transformers.Qwen3VLConfig,
-        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
-                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
-                           hidden_act="gelu_pytorch_tanh"),
+        vision_config=_QWEN3_TOWER | dict(out_hidden_size=4096),
         text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
                          max_position_embeddings=262144,
@@ -43,10 +45,7 @@ PRESETS = {
         tie_word_embeddings=False, architectures=["Qwen3VLForConditionalGeneration"]),
     "qwen3-vl-30b-a3b": partial(  # Qwen3-VL-8B's tower into a 48-layer decoder of 128 experts, 8 per token
         transformers.Qwen3VLMoeConfig,
-        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048,
-                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
-                           hidden_act="gelu_pytorch_tanh"),
+        vision_config=_QWEN3_TOWER | dict(out_hidden_size=2048),
         text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                          num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
                          router_aux_loss_coef=0.001, num_hidden_layers=48, num_attention_heads=32,

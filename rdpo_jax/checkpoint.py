@@ -131,8 +131,7 @@ class RunDir:
         """Its adapters' settings (`lora.LoRASettings`), or None for a full fine-tuning run."""
         from rdpo_jax.models.lora import LoRASettings
 
-        section = self.config.get("lora") or {}
-        return LoRASettings.from_config(_Section(section)) if section.get("rank") else None
+        return LoRASettings.from_config(self.config.get("lora") or {})
 
     def base(self) -> dict:
         """A LoRA run's base (`base.json`): {"source": HF folder or run directory, "step": a run's step or None,
@@ -147,13 +146,6 @@ class RunDir:
     def steps(self) -> list[int]:
         """Its complete checkpoint steps, oldest first (read each time: a running trainer adds them)."""
         return saved_steps(self.path)
-
-
-class _Section(dict):
-    """A config.json section read like an ml_collections ConfigDict (attribute access)."""
-
-    def __getattr__(self, name):
-        return self[name]
 
 
 BASE_FILE = "base.json"  # a LoRA run's base model: its adapters mean nothing on another

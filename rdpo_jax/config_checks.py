@@ -53,10 +53,8 @@ def dpo_settings(c) -> train_step.DPOSettings:
 
 def lora_settings(c):
     """`c.lora` as `lora.LoRASettings` (None: no adapters), checked."""
-    from rdpo_jax.models.lora import LoRASettings
-
     try:
-        return LoRASettings.from_config(c.lora)
+        return model_config.LoRASettings.from_config(c.lora)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -73,16 +73,17 @@ class LoRASettings:
 
     @classmethod
     def from_config(cls, lora) -> LoRASettings | None:
-        """A training config's `lora` section (None when `lora.rank` is 0: full fine-tuning)."""
-        if not lora.rank:
+        """A training config's `lora` section — a ConfigDict, or the dict a run's config.json holds — (None
+        when `lora.rank` is 0: full fine-tuning)."""
+        if not lora.get("rank"):
             return None
 
         def split(text):
             return tuple(p.strip() for p in text.split(",") if p.strip())
 
-        return cls(rank=lora.rank, alpha=lora.alpha, targets=split(lora.targets) or (DECODER,), dropout=lora.dropout,
-                   quantize=lora.quantize, quantize_targets=split(lora.quantize_targets) or (DECODER,),
-                   block=lora.block)
+        return cls(rank=lora["rank"], alpha=lora["alpha"], targets=split(lora["targets"]) or (DECODER,),
+                   dropout=lora["dropout"], quantize=lora["quantize"],
+                   quantize_targets=split(lora["quantize_targets"]) or (DECODER,), block=lora["block"])
 
 
 def _path(path) -> str:
