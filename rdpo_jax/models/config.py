@@ -63,6 +63,19 @@ class MoEConfig:
     intermediate_size: int  # moe_intermediate_size, per expert
     layers: tuple[int, ...]  # the decoder layers whose MLP is sparse (the others are dense)
     aux_loss_coef: float  # router_aux_loss_coef: the load-balancing loss's weight in training
+    # shared_expert_intermediate_size: a SwiGLU every token goes through, weighted by sigmoid(shared_expert_gate(x))
+    # (Qwen3.5-MoE); 0 = none
+    shared_intermediate_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaNetConfig:
+    """Gated DeltaNet mixers (`models/deltanet.py`; transformers' `linear_*` text-config fields)."""
+    key_heads: int  # linear_num_key_heads
+    value_heads: int  # linear_num_value_heads, a multiple of key_heads
+    key_dim: int  # linear_key_head_dim
+    value_dim: int  # linear_value_head_dim
+    conv_kernel: int  # linear_conv_kernel_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +171,9 @@ def vision_from_hf(vc) -> VisionConfig:
         hidden_act=vc.hidden_act, use_head=family == "siglip" and bool(getattr(vc, "vision_use_head", True)))
 
 
-def _rope_from_hf(tc) -> tuple[tuple[str, Any], ...]:
+def _rope_from_hf(tc, partial: bool = False) -> tuple[tuple[str, Any], ...]:
+    """The normalized rope parameters; `partial`: a decoder that rotates part of each head (its
+    `partial_rotary_factor` read apart: `rotary_dim`)."""
     params = dict(getattr(tc, "rope_parameters", None) or {})
     if not params:  # transformers < 5: rope_theta + rope_scaling
         params = dict(getattr(tc, "rope_scaling", None) or {})
@@ -166,8 +181,9 @@ def _rope_from_hf(tc) -> tuple[tuple[str, Any], ...]:
     kind = params.get("rope_type", params.get("type", "default"))
     require(kind in ROPE_TYPES, "text_config.rope_parameters.rope_type",
              f"{kind!r} is not supported; supported: {ROPE_TYPES}")
-    require(params.get("partial_rotary_factor", 1.0) == 1.0, "text_config.rope_parameters.partial_rotary_factor",
-             "only 1.0 (full rotary) is supported")
+    require(partial or params.get("partial_rotary_factor", 1.0) == 1.0,
+            "text_config.rope_parameters.partial_rotary_factor", "only 1.0 (full rotary) is supported")
+    params.pop("partial_rotary_factor", None)
     params["rope_type"] = kind
     params.pop("type", None)
     params.pop("mrope_section", None)  # TextConfig.mrope_section and mrope_interleaved
@@ -222,7 +238,8 @@ def _moe_from_hf(tc) -> MoEConfig | None:
     only, step = set(getattr(tc, "mlp_only_layers", None) or ()), getattr(tc, "decoder_sparse_step", 1) or 1
     layers = tuple(i for i in range(tc.num_hidden_layers) if i not in only and (i + 1) % step == 0)
     return MoEConfig(num_experts=num, top_k=k, intermediate_size=inter, layers=layers,
-                     aux_loss_coef=float(getattr(tc, "router_aux_loss_coef", 0.0) or 0.0))
+                     aux_loss_coef=float(getattr(tc, "router_aux_loss_coef", 0.0) or 0.0),
+                     shared_intermediate_size=int(getattr(tc, "shared_expert_intermediate_size", 0) or 0))
 
 
 def _mrope_section(tc, head_dim: int, kind: str) -> tuple[int, ...]:

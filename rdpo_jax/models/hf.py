@@ -78,8 +78,11 @@ def hf_names(path: tuple, variable: nnx.Variable) -> list[str]:
     (`language_model.layers.mlp.up_proj.kernel` -> `language_model.layers.{i}.mlp.up_proj.weight`)."""
     if not _is_stacked(variable):
         return [hf_name(path)]
-    depth = variable.get_metadata()["stacked_depth"]
-    head, tail = path[:len(path) - depth], path[len(path) - depth:]
+    meta = variable.get_metadata()
+    head, tail = path[:len(path) - meta["stacked_depth"]], path[len(path) - meta["stacked_depth"]:]
+    if meta.get("stacked_block"):  # stacked blocks of layers: tail[0] is the layer within its block
+        block = meta["stacked_block"]
+        return [hf_name((*head, i * block + int(tail[0]), *tail[1:])) for i in range(variable.get_value().shape[0])]
     return [hf_name((*head, i, *tail)) for i in range(variable.get_value().shape[0])]
 
 
@@ -210,6 +213,8 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
 
     by_canonical: dict[str, str] = {}
     for key in reader.keys():
+        if family.hf_skip and re.search(family.hf_skip, key):
+            continue
         name = canonical_name(key, family)
         if name in by_canonical:
             raise CheckpointMismatchError(f"{path}: {key!r} and {by_canonical[name]!r} are the same tensor")

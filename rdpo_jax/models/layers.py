@@ -189,16 +189,36 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Llama/Qwen RMSNorm: normalize in float32, cast, then scale (transformers' order of operations)."""
+    """Llama/Qwen RMSNorm: normalize in float32, cast, then scale (transformers' order of operations).
+    `zero_centred` (Qwen3.5's `Qwen3_5RMSNorm`): the weight starts at 0 and scales by (1 + w), in float32
+    before the cast."""
 
-    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, rngs: InitKeys, axes=("norm",)):
-        self.scale = param(rngs, _ones, (dim,), param_dtype, axes)
-        self.eps, self.dtype = eps, dtype
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, rngs: InitKeys, axes=("norm",),
+                 zero_centred: bool = False):
+        self.scale = param(rngs, _zeros if zero_centred else _ones, (dim,), param_dtype, axes)
+        self.eps, self.dtype, self.zero_centred = eps, dtype, zero_centred
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(wide(x.dtype))
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        if self.zero_centred:
+            return (y * (1 + self.scale[...].astype(y.dtype))).astype(self.dtype)
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(act(gate(x)) · up(x))."""
+
+    def __init__(self, dim: int, width: int, act: str, *, bias: bool, param_dtype, dtype, rngs: InitKeys):
+        kw = dict(bias=bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(dim, width, ("embed", "mlp"), **kw)
+        self.up_proj = Linear(dim, width, ("embed", "mlp"), **kw)
+        self.down_proj = Linear(width, dim, ("mlp", "embed"), **kw)
+        self.act = activation(act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(shard_activation(h, ("batch", "seq", "act_mlp")))
 
 
 # ----- LM head -----
@@ -470,7 +490,11 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, scale: float, dtype
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x float[B, T, N, H] by the half-split convention of transformers' `rotate_half`."""
+    """Rotates x float[B, T, N, H] by the half-split convention of transformers' `rotate_half`; with cos/sin
+    narrower than H (a partial rotary factor), only the first channels rotate."""
+    if cos.shape[-1] < x.shape[-1]:
+        r = cos.shape[-1]
+        return jnp.concatenate([apply_rope(x[..., :r], cos, sin), x[..., r:]], axis=-1)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
@@ -496,11 +520,14 @@ def maybe_remat(fn, policy: str):
 STACKED = "layers"  # the logical name of a stacked parameter's leading axis (never sharded)
 
 
-def stack(modules: Sequence[nnx.Module]) -> nnx.Module:
+def stack(modules: Sequence[nnx.Module], block: int | None = None) -> nnx.Module:
     """One module holding the parameters of `modules` (all of one structure) stacked on a new leading
     axis, for `scan`. Each stacked parameter's `logical_axes` gain `STACKED` in front and its metadata
     `stacked_depth` counts the path components below the stacked module (`models/hf.py` puts the layer
-    number there: `layers.self_attn.q_proj.kernel[i]` is `layers.{i}.self_attn.q_proj.weight`)."""
+    number there: `layers.self_attn.q_proj.kernel[i]` is `layers.{i}.self_attn.q_proj.weight`).
+
+    `block`: each module is a list of that many consecutive layers (a hybrid decoder's repeating pattern),
+    so that `layers.{j}.linear_attn.….kernel[i]` is layer i·block + j (metadata `stacked_block`)."""
     graphdef, state = nnx.split(modules[0])
     state = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(m) for m in modules))
     for path, variable in nnx.to_flat_state(state):
@@ -508,6 +535,8 @@ def stack(modules: Sequence[nnx.Module]) -> nnx.Module:
         extra = {"shard_units": (1, *meta["shard_units"])} if "shard_units" in meta else {}
         if meta.get("logical_axes") is not None:
             extra["logical_axes"] = (STACKED, *meta["logical_axes"])
+        if block is not None:
+            extra["stacked_block"] = block
         variable.set_metadata(stacked_depth=len(path), **extra)
     return nnx.merge(graphdef, state)
 

@@ -32,10 +32,12 @@ from flax import nnx
 from rdpo_jax import sharding
 from rdpo_jax.models import quant
 
-# The decoder's attention and MLP projections, a MoE's stacked experts and a shared expert; not the router
-# (`mlp/gate`), the embeddings, the LM head or the vision side.
-DECODER = (r"language_model/layers/(\d+/)?(self_attn/[qkvo]_proj/kernel"
+# The decoder's attention, Gated DeltaNet and MLP projections, a MoE's stacked experts and a shared expert;
+# not the router (`mlp/gate`), a DeltaNet's per-head β and decay inputs (`in_proj_b`, `in_proj_a`), the
+# embeddings, the LM head or the vision side.
+DECODER = (r"language_model/layers/(\d+/)?(self_attn/[qkvo]_proj/kernel|linear_attn/(in_proj_qkv|in_proj_z|out_proj)/kernel"
            r"|mlp/([a-z_]+/)?(gate|up|down|gate_up)_proj(/kernel)?)")
+_STACKED = ("stacked_depth", "stacked_block")  # `layers.stack`'s metadata, which adapters and codes inherit
 QUANTIZE_KINDS = ("", *quant.KINDS)
 ADAPTER = ("_lora_a", "_lora_b")
 
@@ -132,7 +134,7 @@ def _add_adapter(module, leaf, in_axis, settings: LoRASettings, rngs, index: int
     axes = meta.get("logical_axes") or (None,) * n
     units = meta.get("shard_units") or (1,) * n
     r = settings.rank
-    extra = {k: meta[k] for k in ("stacked_depth",) if k in meta}
+    extra = {k: meta[k] for k in _STACKED if k in meta}
     bound = 1.0 / math.sqrt(shape[i])
     dtype = jnp.promote_types(w.dtype, jnp.float32)  # float32 master weights over a bfloat16 base (float64 in x64)
     a = jax.random.uniform(rngs.params(), (*shape[:i + 1], r), dtype, -bound, bound)
@@ -158,7 +160,7 @@ def _quantize(module, leaf, in_axis, settings: LoRASettings) -> None:
     i = w.ndim + in_axis
     axes = meta.get("logical_axes") or (None,) * w.ndim
     flat_axes = (*axes[:i + 1], axes[-1] if w.ndim - i == 2 else None)
-    extra = {k: meta[k] for k in ("stacked_depth",) if k in meta}
+    extra = {k: meta[k] for k in _STACKED if k in meta}
     codes, scales = quant.quantize(w.reshape(_flat(w.shape, in_axis)), settings.quantize, settings.block)
     setattr(module, leaf + "_codes", nnx.Param(codes, logical_axes=flat_axes, **extra))
     setattr(module, leaf + "_scales", nnx.Param(scales, logical_axes=flat_axes, **extra))
@@ -234,7 +236,7 @@ def merge(model: nnx.Module) -> nnx.Module:
         else:
             _, _, dtype, axes, units = getattr(module, leaf + "_quant")
             meta = {"logical_axes": axes, "shard_units": units, **{k: v for k, v in codes.get_metadata().items()
-                                                                   if k == "stacked_depth"}}
+                                                                   if k in _STACKED}}
         w = weight(module, leaf, jnp.float32)
         a = getattr(module, leaf + "_lora_a", None)
         if a is not None:

@@ -91,12 +91,16 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
 
 
 class SparseMoE(nnx.Module):
-    """Call: `moe(x float[B, T, D]) -> (float[B, T, D], (probs float32[B·T, E], chosen int32[B·T, k]))`."""
+    """Call: `moe(x float[B, T, D]) -> (float[B, T, D], (probs float32[B·T, E], chosen int32[B·T, k]))`; with
+    `MoEConfig.shared_intermediate_size`, plus sigmoid(shared_expert_gate(x)) · shared_expert(x)."""
 
     def __init__(self, dim: int, cfg: MoEConfig, act: str, *, param_dtype, dtype, rngs: layers.InitKeys):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.gate = Linear(dim, cfg.num_experts, ("embed", None), bias=False, **kw)
         self.experts = Experts(cfg.num_experts, dim, cfg.intermediate_size, act, **kw)
+        if cfg.shared_intermediate_size:
+            self.shared_expert = layers.MLP(dim, cfg.shared_intermediate_size, act, bias=False, **kw)
+            self.shared_expert_gate = Linear(dim, 1, ("embed", None), bias=False, **kw)
         self.top_k, self.num_experts = cfg.top_k, cfg.num_experts
 
     def __call__(self, x: jax.Array):
@@ -113,6 +117,8 @@ class SparseMoE(nnx.Module):
             y = self._expert_parallel(x, chosen.reshape(B, T, -1), weights.reshape(B, T, -1))
         else:
             y = _dispatch(tokens, chosen, weights, self.experts.arrays(), self.experts).reshape(B, T, D)
+        if getattr(self, "shared_expert", None) is not None:
+            y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return shard_activation(y.astype(x.dtype), ("batch", "seq", "act_embed")), (probs, chosen)
 
     def _expert_parallel(self, x, chosen, weights):

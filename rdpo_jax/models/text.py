@@ -21,19 +21,25 @@ ACT = ("batch", "seq", "act_embed")
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto"):
+    """`gated` (Qwen3.5's gated attention): q_proj also gives each head a gate, its rows [q₀ g₀ q₁ g₁ …],
+    and the heads' outputs are multiplied by sigmoid(gate) before o_proj; `zero_centred`: the q/k norms'
+    kind (`layers.RMSNorm`)."""
+
+    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys, attention: str = "auto",
+                 gated: bool = False, zero_centred: bool = False):
         d, h = cfg.hidden_size, cfg.head_dim
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        q = (1 + gated) * h  # per head: the query (and its gate)
         # Head dimensions shard by whole heads: with fewer (KV) heads than tensor devices they are replicated.
-        self.q_proj = Linear(d, cfg.num_heads * h, ("embed", "heads"), bias=cfg.qkv_bias, units=(1, h), **kw)
+        self.q_proj = Linear(d, cfg.num_heads * q, ("embed", "heads"), bias=cfg.qkv_bias, units=(1, q), **kw)
         self.k_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, units=(1, h), **kw)
         self.v_proj = Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, units=(1, h), **kw)
         self.o_proj = Linear(cfg.num_heads * h, d, ("heads", "embed"), bias=cfg.o_bias, units=(h, 1), **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), **kw)
-            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), **kw)
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), zero_centred=zero_centred, **kw)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), zero_centred=zero_centred, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
-        self.qk_norm, self.attention = cfg.qk_norm, attention
+        self.qk_norm, self.attention, self.gated = cfg.qk_norm, attention, gated
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, cache=None):
         """x float[B, T, D], mask bool[B, T, S], cos/sin float[B, T, H] -> float[B, T, D].
@@ -43,7 +49,9 @@ class Attention(nnx.Module):
         says which are filled); returns (out, (k, v)) then. Without a cache, S = T.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        q = self.q_proj(x).reshape(B, T, self.num_heads, -1)
+        if self.gated:
+            q, gate = jnp.split(q, 2, axis=-1)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
@@ -58,22 +66,10 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
         # Without a cache the keys are the queries' positions and the decoder's mask is causal (below).
         out = layers.attention(q, k, v, mask, self.head_dim ** -0.5, self.attention, causal=cache is None)
+        if self.gated:
+            out = out * jax.nn.sigmoid(gate)
         out = self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
         return out if cache is None else (out, (k, v))
-
-
-class MLP(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: layers.InitKeys):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
-        self.up_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
-        self.down_proj = Linear(f, d, ("mlp", "embed"), bias=cfg.mlp_bias, **kw)
-        self.act = layers.activation(cfg.hidden_act)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.act(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(shard_activation(h, ("batch", "seq", "act_mlp")))
 
 
 class DecoderLayer(nnx.Module):
@@ -83,7 +79,8 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, attention=attention, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = moe.SparseMoE(cfg.hidden_size, cfg.moe, cfg.hidden_act, **kw) if sparse else MLP(cfg, **kw)
+        self.mlp = moe.SparseMoE(cfg.hidden_size, cfg.moe, cfg.hidden_act, **kw) if sparse else layers.MLP(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=cfg.mlp_bias, **kw)
         self.sparse = sparse
 
     def __call__(self, x, mask, cos, sin, cache=None):

@@ -185,6 +185,7 @@ class Family:
       width, depth, image_size, patch_size, tied, **text)`, `save_processor(folder, tokenizer, *,
       image_size, patch_size)`, `smoke_images(rng, png)`, and `smoke_config(c)` / `demo_config(c)`, the
       family's settings in `configs/smoke.py` / `configs/demo.py`.
+    hf_skip: see the field.
     """
     model_type: str
     architecture: str
@@ -195,3 +196,4 @@ class Family:
     hf_read: tuple[tuple[str, str], ...]
     hf_write: tuple[tuple[str, str], ...]
     tiny: ModuleType
+    hf_skip: str | None = None  # a regex of on-disk tensor names the model does not read (Qwen3.5's `mtp.*`)

@@ -49,12 +49,13 @@ class QwenVL(VisionLanguageModel):
     its placeholders in order. See `VisionLanguageModel`."""
 
     tower = QwenVisionTower  # the vision tower's class (Qwen3-VL subclasses with its own)
+    decoder = TextDecoder  # the text decoder's class (Qwen3.5: a hybrid of Gated DeltaNet and attention)
 
     def __init__(self, cfg: QwenVLConfig, run: RunSettings = RunSettings(), *, rngs: layers.InitKeys):
         kw = dict(param_dtype=run.param_dtype, dtype=run.dtype, rngs=rngs)
         self.visual = self.tower(cfg.vision, remat=run.remat, attention=run.attention,
                                  scan=run.scan(cfg.vision.depth), **kw)
-        self.language_model = TextDecoder(cfg.text, remat=run.remat, attention=run.attention,
+        self.language_model = self.decoder(cfg.text, remat=run.remat, attention=run.attention,
                                           scan=run.scan(cfg.text.num_layers), **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False, **kw)

@@ -56,7 +56,7 @@ def vision_from_hf(vc) -> Qwen3VisionConfig:
             "head_dim divisible by 4 (2D rotary embedding)")
     require(math.isqrt(vc.num_position_embeddings) ** 2 == vc.num_position_embeddings,
             "vision_config.num_position_embeddings", f"{vc.num_position_embeddings} is not a square")
-    levels = list(vc.deepstack_visual_indexes)
+    levels = list(getattr(vc, "deepstack_visual_indexes", None) or ())  # Qwen3.5's tower has none
     require(levels == sorted(set(levels)) and all(0 <= i < vc.depth for i in levels),
             "vision_config.deepstack_visual_indexes", f"{levels} must be increasing block indexes below the depth "
             f"{vc.depth}")
@@ -66,7 +66,7 @@ def vision_from_hf(vc) -> Qwen3VisionConfig:
         depth=vc.depth, hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size, num_heads=vc.num_heads,
         patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
         out_hidden_size=vc.out_hidden_size, num_position_embeddings=vc.num_position_embeddings,
-        deepstack_visual_indexes=tuple(int(i) for i in vc.deepstack_visual_indexes), in_channels=vc.in_channels,
+        deepstack_visual_indexes=tuple(int(i) for i in levels), in_channels=vc.in_channels,
         hidden_act=vc.hidden_act, rope_theta=rope.get("rope_theta", 10000.0))
 
 
