@@ -1,4 +1,4 @@
-"""Tiny random transformers Qwen2.5-VL and Qwen3-VL models (no downloads; each family's parity config,
+"""Tiny random transformers Qwen2.5-VL, Qwen3-VL and Qwen3.5 models (no downloads; each family's parity config,
 `models/<family>/tiny.py`) and packed inputs for parity tests (the two share tokens, patches and
 positions)."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from rdpo_jax.models.qwen2_5_vl import tiny as qwen_tiny
+from rdpo_jax.models.qwen3_5 import tiny as qwen3_5_tiny
 from rdpo_jax.models.qwen3_vl import tiny as qwen3_tiny
 from rdpo_jax.models.qwen3_vl_moe import tiny as qwen3_moe_tiny
 
@@ -20,7 +21,8 @@ MERGE = 2
 # per family: (transformers config class, model class, the family's tiny module)
 CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", qwen_tiny),
            "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", qwen3_tiny),
-           "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", qwen3_moe_tiny)}
+           "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", qwen3_moe_tiny),
+           "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", qwen3_5_tiny)}
 
 
 def hf_config(tied: bool, family: str = "qwen2_5_vl", **text):

@@ -61,10 +61,11 @@ class Lineage(NamedTuple):
     save: jax.Array  # int32[B, n]: the chunk's last branch point (index in the chunk), −1 none
 
 
-def lineage(mask: jax.Array, kernel: int, chunk: int = CHUNK) -> Lineage:
+def lineage(mask: jax.Array, kernel: int, chunk: int | None = None) -> Lineage:
     """The `Lineage` of rows from the decoder's mask bool[B, T, S ≥ T] (its first T keys are the rows'
-    tokens; True = may attend), `kernel` the convolution's K."""
+    tokens; True = may attend), `kernel` the convolution's K, chunks of `chunk` tokens (default `CHUNK`)."""
     B, T = mask.shape[:2]
+    chunk = chunk or CHUNK
     idx = jnp.arange(T, dtype=jnp.int32)
     m = mask[:, :, :T] & (idx[None, :, None] >= idx[None, None, :])
     valid = jnp.diagonal(m, axis1=1, axis2=2)
