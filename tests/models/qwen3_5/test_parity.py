@@ -1,0 +1,144 @@
+"""Qwen3.5 equals transformers' `Qwen3_5ForConditionalGeneration` (fp32, eager attention, transformers' torch
+DeltaNet kernels; ≤ 1e-4 on logits): rows with one to three images of different sizes, a text-only row, left
+and right padding, tied and untied heads, layers looped and scanned (blocks of [DeltaNet, attention]); a
+shared-prefix row equals two separate forwards; greedy decoding (the DeltaNet layers' conv tail and state in
+the cache) equals `generate`; `save_hf` → `from_pretrained` with no missing or unexpected keys, the Hub's
+`mtp.*` tensors skipped on load; sharded equals one device."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+
+from rdpo_jax import sharding
+from rdpo_jax.models import config as config_lib
+from rdpo_jax.models import hf, safetensors_io
+from rdpo_jax.models.qwen3_5 import text
+from tests import tiny_qwen as tq
+
+ATOL = 1e-4
+
+
+def _forward(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, ids, images, mask, pos: nnx.merge(graphdef, s)(ids, images, mask, pos)), state
+
+
+# The tied model's hidden states reach 45, and transformers' float32 is the farther one from a float64
+# evaluation of it (after layer 1: 5.0e-4 against our 1.8e-4): 1.9e-4 apart on its logits (6e-5 untied).
+@pytest.mark.parametrize("tied, scan, atol", [(False, "off", ATOL), (True, "on", 2 * ATOL)],
+                         ids=["untied-looped", "tied-scanned"])
+def test_logits_equal_transformers(tiny_qwen35, tied, scan, atol):
+    folder, theirs = tiny_qwen35(tied)
+    model, cfg = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers=scan))
+    assert cfg.text.layer_types == ("linear_attention", "full_attention") * 2 and cfg.text.rotary_dim == 8
+    assert model.language_model.block == (2 if scan == "on" else 1)  # scanned: blocks of [DeltaNet, attention]
+    forward, state = _forward(model)
+    batch = tq.inputs(tq.ROWS)
+    images, positions = tq.ours(batch, cfg.vision)
+    got = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
+    expected = tq.torch_logits(theirs, batch)
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=atol)
+
+
+def test_shared_prefix_row_equals_two_transformers_forwards(tiny_qwen35):
+    """The rejected answer starts from the prompt's DeltaNet state and conv window, not the chosen answer's
+    (transformers' own 4D-mask forward of this row is off by up to 0.17: it is not the oracle)."""
+    folder, theirs = tiny_qwen35(False)
+    model, cfg = hf.load_hf(folder)
+    tq.check_shared_prefix_row(model, cfg, theirs, ATOL)
+
+
+@pytest.mark.parametrize("scan", ["off", "on"])
+def test_greedy_matches_transformers_generate(tiny_qwen35, scan):
+    """Left-padded prompts prefilled (chunked rule) into a cache of attention keys/values and DeltaNet conv
+    tails and states, then decoded one token at a time (the recurrent rule)."""
+    folder, theirs = tiny_qwen35(False)
+    model, cfg = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers=scan))
+    tq.check_greedy(model, cfg, theirs)
+
+
+def test_save_hf_loads_in_transformers_with_same_logits(tiny_qwen35, tmp_path):
+    folder, theirs = tiny_qwen35(False)
+    model, _ = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers="on"))
+    hf.save_hf(model, str(tmp_path), folder)
+    assert set(safetensors_io.Reader(str(tmp_path)).keys()) == set(safetensors_io.Reader(folder).keys())
+    assert json.load(open(tmp_path / "config.json"))["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+    reloaded, info = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
+        str(tmp_path), output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    batch = tq.inputs()
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(tq.torch_logits(reloaded.eval(), batch)[valid], tq.torch_logits(theirs, batch)[valid],
+                               rtol=0, atol=1e-6)
+
+
+def test_hub_files_multi_token_prediction_layer_is_skipped(tiny_qwen35, tmp_path):
+    """A Hub folder also holds `mtp.*` (one multi-token-prediction layer): read past, not an error."""
+    folder, _ = tiny_qwen35(False)
+    reader = safetensors_io.Reader(folder)
+    specs = [safetensors_io.TensorSpec(k, reader.get(k).dtype, reader.shape(k), lambda k=k: reader.get(k))
+             for k in reader.keys()]
+    mtp = np.ones((64, 96), np.float32)
+    specs.append(safetensors_io.TensorSpec("mtp.layers.0.mlp.down_proj.weight", mtp.dtype, mtp.shape, lambda: mtp))
+    safetensors_io.write(str(tmp_path), specs)
+    with open(os.path.join(folder, "config.json")) as src, open(tmp_path / "config.json", "w") as dst:
+        dst.write(src.read())
+    model, _ = hf.load_hf(str(tmp_path))
+    assert "mtp" not in json.dumps([str(p) for p, _ in nnx.to_flat_state(nnx.state(model))])
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c["text_config"].update(linear_num_value_heads=3), "text_config.linear_num_value_heads"),
+    (lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[4, 2, 2]),
+     "text_config.rope_parameters.mrope_section"),
+    (lambda c: c["vision_config"].update(deepstack_visual_indexes=[0]), "vision_config.deepstack_visual_indexes"),
+])
+def test_unsupported_config_is_named(tiny_qwen35, tmp_path, edit, field):
+    folder, _ = tiny_qwen35(False)
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    edit(raw)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(config_lib.UnsupportedConfigError, match=rf"config\.json: .*{field}"):
+        hf.read_config(str(tmp_path))
+
+
+def test_layer_pattern_and_scanned_names():
+    """The scan's body is the pattern's period; stacked blocks name their layers i·p + j on disk."""
+    assert text.period(("linear_attention",) * 3 + ("full_attention",)) == 4
+    assert text.period(("linear_attention", "full_attention") * 3) == 2
+    assert text.period(("linear_attention", "linear_attention", "full_attention", "linear_attention")) == 4
+
+
+def test_sharded_equals_single_device(tiny_qwen35, capfd):
+    """On an (fsdp 2, expert 2, tensor 2) mesh, layers scanned, the logits equal one device's — in float64,
+    where the reductions' order cannot hide a difference (float32: 1e-4 apart on these 40-wide hidden states,
+    float64: 2e-13)."""
+    folder, _ = tiny_qwen35(False)
+    mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+    with jax.enable_x64(True):
+        run = config_lib.RunSettings(scan_layers="on", param_dtype=jnp.float64)
+        single, cfg = hf.load_hf(folder, run=run)
+        sharded, _ = hf.load_hf(folder, run=run, mesh=mesh)
+        batch = tq.inputs()
+        images, positions = tq.ours(batch, cfg.vision)
+        images = images._replace(patches=images.patches.astype(np.float64))
+        forward, state = _forward(single)
+        expected = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
+        forward, state = _forward(sharded)
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+        args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
+        with jax.set_mesh(mesh):
+            got = np.asarray(sharding.traced_on(mesh, forward)(state, *args))
+    valid = batch["attention_mask"].astype(bool)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=1e-10)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
