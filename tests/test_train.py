@@ -94,7 +94,8 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(smoke_dir, tmp_pa
     assert "SIGTERM: saved step" in err + out and saved == _steps_done(resumed) and saved >= 8
     assert "(from the compilation cache)" in err + out  # a resumed run does not compile its step again
 
-    runs.run(runs.train_command(smoke_dir, resumed, *args), env)
+    # the rest of the run in this process: what it computes, not its process, is compared
+    runs.call("rdpo_jax.train", *runs.train_args(smoke_dir, resumed, *args), compile_cache=compile_cache)
     a, step_a = runs.final_params(straight, smoke_dir)
     b, step_b = runs.final_params(resumed, smoke_dir)
     assert step_a == step_b == 12
