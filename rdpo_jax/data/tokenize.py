@@ -76,7 +76,7 @@ class ChatTokenizer:
             if self._tok is None:
                 import transformers
 
-                tok = transformers.AutoTokenizer.from_pretrained(self.folder)
+                tok = load_tokenizer(self.folder)
                 if not tok.chat_template:
                     tok.chat_template = _processor_template(self.folder)
                 self._tok = tok
@@ -196,6 +196,24 @@ class ChatTokenizer:
             digest.update(f"{name}\0{len(data)}\0".encode())
             digest.update(data)
         return "sha256:" + digest.hexdigest()[:16]
+
+
+GENERIC = ("TokenizersBackend", "PreTrainedTokenizerFast")  # "tokenizer.json as it is written"
+
+
+def load_tokenizer(folder: str):
+    """The folder's tokenizer, as `AutoTokenizer` picks it — unless its tokenizer_config.json names a generic
+    class (`GENERIC`): that folder's tokenizer.json is used as written. (transformers 5 replaces such a
+    declaration by the model type's own class for some types, e.g. `Qwen3_5Tokenizer` for qwen3_5, which
+    rebuilds a byte-level BPE from the file's vocabulary: right for the Hub's files, which name another class,
+    and ruinous for any other tokenizer.json, such as the word-level ones of the tiny test models.)"""
+    import transformers
+
+    path = os.path.join(folder, "tokenizer_config.json")
+    declared = json.load(open(path)).get("tokenizer_class") if os.path.exists(path) else None
+    if declared in GENERIC and os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return transformers.TokenizersBackend.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def _processor_template(folder: str) -> str:

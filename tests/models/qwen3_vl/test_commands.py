@@ -25,8 +25,13 @@ RUBRIC = {"criteria": [{"id": "colour", "text": "names the red circle", "kind": 
 def test_round_of_commands(qwen3_smoke_dir, tmp_path):
     """Pairs from a sampled, judged pool train with their precomputed reference (the initial policy: step 1's
     margin 0, loss log 2); the trained run exports a folder transformers loads whole."""
-    out, model = str(tmp_path / "round"), f"{qwen3_smoke_dir}/model"
-    config = f"--config=configs/smoke.py:dir={qwen3_smoke_dir},family=qwen3_vl"
+    round_of_commands(qwen3_smoke_dir, tmp_path, "qwen3_vl", "Qwen3VLForConditionalGeneration")
+
+
+def round_of_commands(smoke_dir: str, tmp_path, family: str, architecture: str) -> str:
+    """The test above for the smoke setup of `family` in `smoke_dir`; returns the trained run's folder."""
+    out, model = str(tmp_path / "round"), f"{smoke_dir}/model"
+    config = f"--config=configs/smoke.py:dir={smoke_dir},family={family}"
     runs.call("data_prep.build_rubrics", f"--input={runs.prompts_jsonl(tmp_path)}", f"--out={out}")
     log = runs.call("data_prep.sample", f"--pool={out}/pool", f"--model={model}", "--n=6", "--max_new_tokens=8",
                     "--batch_size=6", f"--out={out}")
@@ -45,10 +50,11 @@ def test_round_of_commands(qwen3_smoke_dir, tmp_path):
     runs.call("rdpo_jax.export", f"--workdir={run}", f"--out={tmp_path / 'hf'}")
     loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf"),
                                                                           output_loading_info=True)
-    assert type(loaded).__name__ == "Qwen3VLForConditionalGeneration"
+    assert type(loaded).__name__ == architecture
     assert not info["missing_keys"] and not info["unexpected_keys"]
     processor = json.load(open(tmp_path / "hf" / "preprocessor_config.json"))
     assert processor["processor_class"] == "Qwen3VLProcessor"
+    return run
 
 
 def test_flax_judge_with_a_qwen3_model(qwen3_smoke_dir):
