@@ -142,3 +142,21 @@ def test_sharded_equals_single_device(tiny_qwen35, capfd):
     assert got.dtype == np.float64
     np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=1e-10)
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_samples_of_a_prompt_continue_from_copies_of_its_state(tiny_qwen35):
+    """n samples per prompt: one prefill, its DeltaNet conv tails and states copied to the n rows (scanned,
+    stacked per block): at temperature 0 each row decodes what the prompt alone does."""
+    import jax.numpy as jnp
+
+    from rdpo_jax import sampling
+
+    folder, _ = tiny_qwen35(False)
+    model, _ = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers="on"))
+    rng = np.random.default_rng(5)
+    ids, mask = sampling.left_pad([rng.integers(0, tq.IMAGE, n).tolist() for n in (9, 4)], 0)
+    one, _ = sampling.generate(model, jnp.asarray(ids), jnp.asarray(mask), None, jax.random.key(0),
+                               sampling.SamplingConfig(max_new_tokens=6, temperature=0.0))
+    three, _ = sampling.generate(model, jnp.asarray(ids), jnp.asarray(mask), None, jax.random.key(0),
+                                 sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, num_samples=3))
+    np.testing.assert_array_equal(np.asarray(three), np.repeat(np.asarray(one), 3, axis=0))
