@@ -8,6 +8,7 @@ import numpy as np
 
 from rdpo_jax.models.qwen2_5_vl import tiny as qwen_tiny
 from rdpo_jax.models.qwen3_5 import tiny as qwen3_5_tiny
+from rdpo_jax.models.qwen3_5_moe import tiny as qwen3_5_moe_tiny
 from rdpo_jax.models.qwen3_vl import tiny as qwen3_tiny
 from rdpo_jax.models.qwen3_vl_moe import tiny as qwen3_moe_tiny
 
@@ -22,7 +23,8 @@ MERGE = 2
 CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", qwen_tiny),
            "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", qwen3_tiny),
            "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", qwen3_moe_tiny),
-           "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", qwen3_5_tiny)}
+           "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", qwen3_5_tiny),
+           "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", qwen3_5_moe_tiny)}
 
 
 def hf_config(tied: bool, family: str = "qwen2_5_vl", **text):

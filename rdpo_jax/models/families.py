@@ -11,12 +11,13 @@ import jax
 from flax import nnx
 
 from rdpo_jax import sharding
-from rdpo_jax.models import layers, llava, lora, qwen2_5_vl, qwen3_5, qwen3_vl, qwen3_vl_moe
+from rdpo_jax.models import layers, llava, lora, qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe
 from rdpo_jax.models.config import RunSettings, UnsupportedConfigError
 from rdpo_jax.models.vlm import Family, VisionLanguageModel
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (llava.FAMILY, qwen2_5_vl.FAMILY, qwen3_vl.FAMILY,
-                                                                 qwen3_vl_moe.FAMILY, qwen3_5.FAMILY)}
+                                                                 qwen3_vl_moe.FAMILY, qwen3_5.FAMILY,
+                                                                 qwen3_5_moe.FAMILY)}
 
 
 def get(model_type: str) -> Family:

@@ -18,7 +18,15 @@ Hub layout we write):
 
 We write the Hub layouts, which transformers 4.x and 5.x and vLLM load. Linear kernels are stored
 [in, out] here and [out, in] by PyTorch; patch convolutions HWIO vs OIHW (2D), [C, T, P, P, out] vs
-[out, C, T, P, P] (3D).
+[out, C, T, P, P] (3D). A MoE's stacked experts are [E, in, out] here; on disk:
+
+  Qwen3-VL-MoE Hub          [E, in, out]
+  Qwen3.5-MoE Hub           [E, out, in] (also what transformers 5 saves of Qwen3-VL-MoE)
+  transformers 5.23 saves   one [out, in] tensor per expert and projection: `experts.{e}.gate_proj.weight`,
+  of Qwen3.5-MoE            `up_proj` (gate_up_proj's two halves), `down_proj`
+
+All three are read (the stacked two told apart by shape); the family's Hub layout is written
+(`Family.hf_experts`).
 """
 
 from __future__ import annotations
@@ -46,9 +54,11 @@ _LOAD_THREADS = 4  # tensors read concurrently by load_hf; host memory holds at 
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # convolution kernels, PyTorch -> ours (the output channels last): OIHW -> HWIO, [O, C, T, P, P] -> [C, T, P, P, O]
 _TO_OURS = {4: (2, 3, 1, 0), 5: (1, 2, 3, 4, 0)}
-# a MoE's stacked experts (`models/moe.py`): [E, in, out] here and on the Hub, [E, out, in] as transformers 5
-# saves them; read either by shape (the config refuses shapes that would be both)
-_EXPERT_LEAVES = ("gate_up_proj", "down_proj")
+# a MoE's stacked experts (`models/moe.py`), [E, in, out] here: [E, in, out] or [E, out, in] on disk, told apart
+# by shape (the config refuses shapes that would be both), or per expert: the projections each leaf stacks, in
+# the order they are concatenated along out
+_EXPERT_LEAVES = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+_PER_EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class CheckpointMismatchError(ValueError):
@@ -117,19 +127,75 @@ def _is_transposed_experts(path: tuple, disk: tuple[int, ...], ours: tuple[int, 
             and tuple(disk) == (ours[0], ours[2], ours[1]))
 
 
-def _to_torch(path: tuple, array: np.ndarray) -> np.ndarray:
+class _PerExpert:
+    """A lazy view, in our layout [E, in, out], of a stacked expert weight stored one PyTorch [out, in] tensor
+    per expert and projection (`parts[e]`, concatenated along out): indexing with slices reads only the
+    experts and input rows it selects (a multi-host load's slices)."""
+
+    def __init__(self, parts: list[list[np.ndarray]]):
+        self.parts = parts
+        self.shape = (len(parts), parts[0][0].shape[1], sum(t.shape[0] for t in parts[0]))
+        self.ndim, self.dtype = 3, parts[0][0].dtype
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        experts, rows, cols = index
+        return np.stack([np.concatenate([t.T[rows] for t in self.parts[e]], axis=1)[:, cols]
+                         for e in range(self.shape[0])[experts]])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:, :, :].astype(dtype or self.dtype, copy=False)
+
+
+def _per_expert(by_canonical: dict[str, str]) -> dict[str, list[list[str]]]:
+    """Per-expert tensors (`….experts.{e}.gate_proj.weight`, …) gathered under the stacked weight they slice
+    (`….experts.gate_up_proj`): its disk names per expert, in concatenation order. Gathered names leave
+    `by_canonical`; a set that lacks some expert's projection stays there (unexpected tensors)."""
+    found: dict[str, dict[tuple[int, str], str]] = {}
+    for name in by_canonical:
+        if m := _PER_EXPERT.match(name):
+            found.setdefault(m[1], {})[int(m[2]), m[3]] = name
+    stacked = {}
+    for head, parts in found.items():
+        num = 1 + max(e for e, _ in parts)
+        for leaf, projections in _EXPERT_LEAVES.items():
+            names = [[parts.get((e, proj)) for proj in projections] for e in range(num)]
+            if all(all(row) for row in names):
+                stacked[f"{head}.{leaf}"] = [[by_canonical.pop(n) for n in row] for row in names]
+    return stacked
+
+
+def _per_expert_errors(keys: list[list[str]], want: tuple[int, ...], reader) -> list[str]:
+    """What keeps per-expert tensors `keys` (per expert, per projection) from stacking to our shape `want`."""
+    if len(keys) != want[0]:
+        return [f"{keys[0][0]} …: {len(keys)} experts, expected {want[0]}"]
+    part = (want[2] // len(keys[0]), want[1])
+    return [f"{k}: expected shape {part}, found {reader.shape(k)}" for row in keys for k in row
+            if reader.shape(k) != part]
+
+
+def _flips_experts(path: tuple, family: Family) -> bool:
+    """A stacked expert weight the family's Hub holds [E, out, in] (`Family.hf_experts`)."""
+    return path[-1] in _EXPERT_LEAVES and {"in_out": False, "out_in": True}[family.hf_experts]
+
+
+def _to_torch(path: tuple, array: np.ndarray, family: Family | None = None) -> np.ndarray:
     if path[-1] == "kernel":
         if array.ndim == 3:
             return array.reshape(array.shape[0], -1).T
         return array.T if array.ndim == 2 else array.transpose(*np.argsort(_TO_OURS[array.ndim]))
+    if family is not None and _flips_experts(path, family):
+        return array.transpose(0, 2, 1)
     return array.reshape(-1) if path[-1] == "bias" else array
 
 
-def _torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _torch_shape(path: tuple, shape: tuple[int, ...], family: Family | None = None) -> tuple[int, ...]:
+    """The shape `_to_torch` gives (`family`: what we write; None: the layout load_hf compares against)."""
     if path[-1] == "kernel":
         if len(shape) == 3:
             return shape[1] * shape[2], shape[0]
         return tuple(shape[::-1]) if len(shape) == 2 else tuple(shape[i] for i in np.argsort(_TO_OURS[len(shape)]))
+    if family is not None and _flips_experts(path, family):
+        return shape[0], shape[2], shape[1]
     return (int(np.prod(shape)),) if path[-1] == "bias" else tuple(shape)
 
 
@@ -219,17 +285,25 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
         if name in by_canonical:
             raise CheckpointMismatchError(f"{path}: {key!r} and {by_canonical[name]!r} are the same tensor")
         by_canonical[name] = key
+    per_expert = _per_expert(by_canonical)
+    if both := sorted(per_expert.keys() & by_canonical.keys()):
+        raise CheckpointMismatchError(f"{path}: {by_canonical[both[0]]!r} is stored both stacked and per expert")
 
     params = list(_params(state))
     names = {p: hf_names(p, v) for p, v in params}
     wanted = {n for ns in names.values() for n in ns}
-    missing = sorted(disk_name(n, family) for ns in names.values() for n in ns if n not in by_canonical)
+    missing = sorted(disk_name(n, family) for ns in names.values() for n in ns
+                     if n not in by_canonical and n not in per_expert)
     ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # a tied head may be stored too
-    unexpected = sorted(by_canonical[n] for n in by_canonical if n not in wanted and n not in ignored)
+    unexpected = sorted([by_canonical[n] for n in by_canonical if n not in wanted and n not in ignored]
+                        + [k for n, rows in per_expert.items() if n not in wanted for row in rows for k in row])
     bad_shapes = []
     for p, v in params:
         want = _torch_shape(p, _layer_shape(v))
         for name in names[p]:
+            if name in per_expert:
+                bad_shapes += _per_expert_errors(per_expert[name], want, reader)
+                continue
             got = reader.shape(by_canonical[name]) if name in by_canonical else want
             if got != want and not _is_transposed_experts(p, got, want):
                 bad_shapes.append(f"{by_canonical[name]}: expected shape {want}, found {got}")
@@ -239,10 +313,15 @@ def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     x64 = jax.config.x64_enabled  # a thread-local setting: carry it into the worker threads
 
+    def view(p, name, shape):
+        if name in per_expert:
+            return _PerExpert([[reader.get(k) for k in row] for row in per_expert[name]])
+        return _to_ours(p, reader.get(by_canonical[name]), shape)
+
     def load(item):
         p, variable = item
         abstract = variable.get_value()
-        views = [_to_ours(p, reader.get(by_canonical[n]), _layer_shape(variable)) for n in names[p]]
+        views = [view(p, n, _layer_shape(variable)) for n in names[p]]
         target = one_device if mesh is None else sharding.variable_sharding(variable, mesh)
         with jax.enable_x64(x64):
             if _is_stacked(variable):
@@ -331,9 +410,9 @@ def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max
                 host = np.asarray(jax.device_get(part))
             else:
                 host = np.asarray(multihost_utils.process_allgather(part, tiled=True))
-            return _to_torch(p, host.astype(dtype))
+            return _to_torch(p, host.astype(dtype), family)
 
-        shape = _torch_shape(p, _layer_shape(variable))
+        shape = _torch_shape(p, _layer_shape(variable), family)
         for i, name in enumerate(names):
             specs.append(safetensors_io.TensorSpec(disk_name(name, family), dtype, shape,
                                                    functools.partial(value, layer=i if stacked else None)))

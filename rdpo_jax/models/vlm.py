@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +185,7 @@ class Family:
       width, depth, image_size, patch_size, tied, **text)`, `save_processor(folder, tokenizer, *,
       image_size, patch_size)`, `smoke_images(rng, png)`, and `smoke_config(c)` / `demo_config(c)`, the
       family's settings in `configs/smoke.py` / `configs/demo.py`.
-    hf_skip: see the field.
+    hf_skip, hf_experts: see the fields.
     """
     model_type: str
     architecture: str
@@ -197,3 +197,6 @@ class Family:
     hf_write: tuple[tuple[str, str], ...]
     tiny: ModuleType
     hf_skip: str | None = None  # a regex of on-disk tensor names the model does not read (Qwen3.5's `mtp.*`)
+    # the layout its Hub holds a MoE's stacked experts in, which we write: "in_out" [E, in, out] (Qwen3-VL-MoE)
+    # or "out_in" [E, out, in] (Qwen3.5-MoE); every layout is read (`models/hf.py`)
+    hf_experts: Literal["in_out", "out_in"] = "in_out"
