@@ -231,8 +231,9 @@ def _moe_from_hf(tc) -> MoEConfig | None:
         return None
     k, inter, d = tc.num_experts_per_tok, tc.moe_intermediate_size, tc.hidden_size
     require(0 < k <= num, "text_config.num_experts_per_tok", f"{k} must be in 1…num_experts={num}")
-    # Expert weights are stored [E, in, out] on the Hub and [E, out, in] by transformers 5: told apart by
-    # shape, as transformers does, which square ones would not allow.
+    # Expert weights are stored [E, in, out] (Qwen3-VL-MoE's Hub files) or [E, out, in] (transformers 5's
+    # Qwen3-VL-MoE, Qwen3.5-MoE's Hub files): told apart by shape, as transformers does, which square ones
+    # would not allow.
     require(inter != d and 2 * inter != d, "text_config.moe_intermediate_size",
             f"{inter} (or twice it) equals hidden_size {d}: the two expert weight layouts are then indistinguishable")
     only, step = set(getattr(tc, "mlp_only_layers", None) or ()), getattr(tc, "decoder_sparse_step", 1) or 1

@@ -187,7 +187,8 @@ class GatedRMSNorm(nnx.Module):
     back, scaled by the float32 weight, gated in float32."""
 
     def __init__(self, dim: int, eps: float, *, rngs: layers.InitKeys):
-        self.scale = layers.param(rngs, lambda key, s, d: jnp.ones(s, d), (dim,), jnp.float32, ("norm",))
+        self.scale = layers.param(rngs, lambda key, s, d: jnp.ones(s, d), (dim,), jnp.float32, ("norm",),
+                                  keep_dtype=True)
         self.eps = eps
 
     def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
@@ -218,9 +219,10 @@ class GatedDeltaNet(nnx.Module):
         self.in_proj_b = Linear(hidden, cfg.value_heads, ("embed", None), **kw)
         self.in_proj_a = Linear(hidden, cfg.value_heads, ("embed", None), **kw)
         self.conv1d = Conv1d(2 * kd + vd, cfg.conv_kernel, param_dtype=param_dtype, rngs=rngs)
-        self.dt_bias = layers.param(rngs, lambda key, s, d: jnp.ones(s, d), (cfg.value_heads,), jnp.float32, (None,))
+        self.dt_bias = layers.param(rngs, lambda key, s, d: jnp.ones(s, d), (cfg.value_heads,), jnp.float32, (None,),
+                                    keep_dtype=True)
         self.A_log = layers.param(rngs, lambda key, s, d: jnp.log(jax.random.uniform(key, s, d, 0.01, 16)),
-                                  (cfg.value_heads,), jnp.float32, (None,))
+                                  (cfg.value_heads,), jnp.float32, (None,), keep_dtype=True)
         self.norm = GatedRMSNorm(cfg.value_dim, eps, rngs=rngs)
         self.out_proj = Linear(vd, hidden, ("mlp", "embed"), **kw)
         self.cfg, self.dtype = cfg, dtype

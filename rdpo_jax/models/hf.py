@@ -388,7 +388,9 @@ def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max
     transformers' `from_pretrained` of the family's class loads with no missing/unexpected keys.
 
     `hf_config` is the transformers config the model was read from (`read_hf_config`), or the folder
-    holding it; it must describe `model`'s architecture. `dtype`: on disk (default: the parameters').
+    holding it; it must describe `model`'s architecture. `dtype`: on disk (default: the parameters'; a
+    parameter made with `keep_dtype`, such as a DeltaNet's float32 `A_log`, keeps its own, as the Hub's
+    files do).
 
     Tensors are gathered and written one at a time. On multi-host runs every process must call this
     (gathers are collective); only process 0 writes. Returns the file names written.
@@ -403,18 +405,19 @@ def save_hf(model: VisionLanguageModel, path: str, hf_config, *, dtype=None, max
     for p, variable in _params(nnx.state(model)):
         array, names = variable.get_value(), hf_names(p, variable)
         stacked = _is_stacked(variable)
+        on_disk = np.dtype(array.dtype) if variable.get_metadata().get("keep_dtype") else dtype
 
-        def value(p=p, array=array, layer=None):
+        def value(p=p, array=array, layer=None, on_disk=on_disk):
             part = array if layer is None else array[layer]  # a scanned layer's slice (all processes slice)
             if part.is_fully_addressable:
                 host = np.asarray(jax.device_get(part))
             else:
                 host = np.asarray(multihost_utils.process_allgather(part, tiled=True))
-            return _to_torch(p, host.astype(dtype), family)
+            return _to_torch(p, host.astype(on_disk), family)
 
         shape = _torch_shape(p, _layer_shape(variable), family)
         for i, name in enumerate(names):
-            specs.append(safetensors_io.TensorSpec(disk_name(name, family), dtype, shape,
+            specs.append(safetensors_io.TensorSpec(disk_name(name, family), on_disk, shape,
                                                    functools.partial(value, layer=i if stacked else None)))
     specs.sort(key=lambda s: s.name)
     if jax.process_index() != 0:

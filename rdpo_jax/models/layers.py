@@ -61,11 +61,14 @@ def wide(dtype):
 
 
 def param(rngs: nnx.Rngs | InitKeys, init, shape, dtype, axes: Sequence[str | None],
-          units: Sequence[int] | None = None) -> nnx.Param:
+          units: Sequence[int] | None = None, keep_dtype: bool = False) -> nnx.Param:
     """A parameter with logical axis names (see `rdpo_jax.sharding.RULES`); `units` = per dimension the
-    size of the pieces it may be sharded into (head_dim for a flattened heads × head_dim dimension)."""
+    size of the pieces it may be sharded into (head_dim for a flattened heads × head_dim dimension);
+    `keep_dtype`: `dtype` whatever the run's param_dtype, on disk too (`hf.save_hf`)."""
     assert len(axes) == len(shape) and (units is None or len(units) == len(shape)), (axes, units, shape)
     extra = {} if units is None else {"shard_units": tuple(units)}
+    if keep_dtype:
+        extra["keep_dtype"] = True
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes), **extra)
 
 

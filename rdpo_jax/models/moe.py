@@ -1,4 +1,5 @@
-"""Sparse mixture-of-experts feed-forward block (transformers' `Qwen3VLMoeTextSparseMoeBlock`).
+"""Sparse mixture-of-experts feed-forward block (transformers' `Qwen3VLMoeTextSparseMoeBlock`; with a
+sigmoid-gated shared expert, `Qwen3_5MoeSparseMoeBlock`).
 
 A linear router scores the E experts per token; softmax in float32, the top k kept and renormalized to
 sum to 1. Tokens are dispatched dropless by sorting their k (token, expert) assignments by expert and
@@ -8,8 +9,9 @@ not of all E; elsewhere `jax.lax.ragged_dot`, which XLA:CPU lowers densely, E× 
 tests' tiny models). The weighted outputs are summed back per token by a scatter-add.
 
 Experts are stacked weights: `experts.gate_up_proj` float[E, D, 2I] (gate columns first) and
-`experts.down_proj` float[E, I, D] — the Hub's layout ([E, in, out]); transformers 5 keeps [E, out, in]
-in memory and saves it so, and `models/hf.py` reads either by shape.
+`experts.down_proj` float[E, I, D] — Qwen3-VL-MoE's Hub layout ([E, in, out]); transformers 5 keeps
+[E, out, in] in memory (Qwen3.5-MoE's Hub layout), and `models/hf.py` reads either by shape and writes the
+family's (`Family.hf_experts`).
 
 The block also returns what the load-balancing loss needs (`router_stats`, `aux_loss`): per expert the
 number of top-k assignments and the summed router probabilities over the real tokens.

@@ -160,3 +160,17 @@ def test_samples_of_a_prompt_continue_from_copies_of_its_state(tiny_qwen35):
     three, _ = sampling.generate(model, jnp.asarray(ids), jnp.asarray(mask), None, jax.random.key(0),
                                  sampling.SamplingConfig(max_new_tokens=6, temperature=0.0, num_samples=3))
     np.testing.assert_array_equal(np.asarray(three), np.repeat(np.asarray(one), 3, axis=0))
+
+
+def test_bfloat16_export_keeps_the_deltanet_float32_parameters(tiny_qwen35, tmp_path):
+    """A bfloat16 model computes g from float32 `A_log`, `dt_bias` and output-norm weights, and writes them
+    in float32 as the Hub's files hold them; the rest in bfloat16."""
+    folder, _ = tiny_qwen35(False)
+    model, _ = hf.load_hf(folder, run=config_lib.RunSettings(param_dtype=jnp.bfloat16, scan_layers="on"))
+    hf.save_hf(model, str(tmp_path), folder)
+    reader, source = safetensors_io.Reader(str(tmp_path)), safetensors_io.Reader(folder)
+    kept = {k for k in reader.keys() if reader.get(k).dtype == np.float32}
+    assert kept == {f"model.language_model.layers.{i}.linear_attn.{leaf}" for i in (0, 2)
+                    for leaf in ("A_log", "dt_bias", "norm.weight")}
+    for k in kept:
+        np.testing.assert_array_equal(reader.get(k), source.get(k))  # not rounded on the way
