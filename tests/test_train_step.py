@@ -244,7 +244,30 @@ def test_freeze_and_group_learning_rates(tiny_llava, mesh1):
         optim.split_params(model, ("vision/.*",))
 
 
-def test_a_batch_without_valid_pairs_updates_nothing(tiny_llava, mesh1, capsys):
+# One DPO step (sigmoid, precomputed reference; AdamW with weight decay on a decaying schedule: every update
+# moves the parameters, so a step that skips shows) compiled once for the three tests below.
+SCHEDULE = optim.learning_rate_schedule(learning_rate=1e-2, schedule="linear", warmup_steps=0, total_steps=8)
+
+
+@pytest.fixture(scope="module")
+def adamw_step(tiny_llava, mesh1):
+    """(fresh, step, batch): `fresh()` a new train state of the tiny model (the step donates it), `step` the
+    jitted step, `batch` a batch off the reference."""
+    folder, _ = tiny_llava(NAME)
+    adamw = optim.make_optimizer(learning_rate=SCHEDULE, weight_decay=0.1)
+
+    def fresh():
+        model, _ = hf.load_hf(folder, mesh=mesh1)
+        return train_step.init_state(model, adamw)
+
+    graphdef, state = fresh()
+    batch = _off_reference(_batch(hf.read_config(folder)))
+    fn = train_step.make_dpo_step(graphdef, adamw, SCHEDULE,
+                                  train_step.DPOSettings(loss_type="sigmoid", beta=0.1, reference="precomputed")).train
+    return lambda: fresh()[1], train_step.jit_step(fn, state, batch, mesh1), batch
+
+
+def test_a_batch_without_valid_pairs_updates_nothing(adamw_step, capsys):
     """Every record of the global batch skipped as bad (valid all 0): the gradient is zero, but Adam's
     momentum and weight decay would still move the parameters and the schedule would advance. Parameters,
     optimizer state and the optimizer's count stay; only the data position moves; `empty` says so, the
@@ -252,16 +275,10 @@ def test_a_batch_without_valid_pairs_updates_nothing(tiny_llava, mesh1, capsys):
     the empty ones."""
     from rdpo_jax import train
 
-    folder, _ = tiny_llava(NAME)
-    model, cfg = hf.load_hf(folder, mesh=mesh1)
-    full = _off_reference(_batch(cfg))
+    fresh, step, full = adamw_step
     empty = full.replace(valid=np.zeros((B, 1), np.float32))
-    adamw = optim.make_optimizer(learning_rate=1e-2, weight_decay=0.1)
-    graphdef, state = train_step.init_state(model, adamw)
+    state = fresh()
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    fn = train_step.make_dpo_step(graphdef, adamw, optax.constant_schedule(1e-2),
-                                  train_step.DPOSettings(loss_type="sigmoid", beta=0.1, reference="precomputed")).train
-    step = train_step.jit_step(fn, state, full, mesh1)
     window = train._Window(max_nonfinite=2, source=None)
     state, metrics = step(state, empty)
     window.add(1, metrics, {"index": np.full(B, -1), "stats": {"examples": 0, "skipped/schema": B}}, empty)
@@ -277,14 +294,14 @@ def test_a_batch_without_valid_pairs_updates_nothing(tiny_llava, mesh1, capsys):
     assert "steps 1: no valid record in the global batch" in capsys.readouterr().out
 
 
-def test_nonfinite_update_is_skipped(tiny_llava, mesh1):
-    folder, _ = tiny_llava(NAME)
-    _, cfg = hf.load_hf(folder)
-    batch = _off_reference(_batch(cfg))
+def test_nonfinite_update_is_skipped(adamw_step):
+    fresh, step, batch = adamw_step
+    batch = jax.tree.map(np.copy, batch)
     batch.ref_chosen_logp[2] = np.nan  # one poisoned pair makes the loss and every gradient NaN
-    adam = optim.make_optimizer(learning_rate=1e-2)
-    p0, state, metrics = _run(folder, mesh1, batch, optimizer=adam, loss_type="sigmoid", beta=0.1,
-                              reference="precomputed")
+    state = fresh()
+    p0 = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, batch)
+    metrics = _scalars(metrics)
     assert metrics["nonfinite"] == 1.0 and np.isnan(metrics["loss"])
     _close(p0, state.params, rtol=0, atol=0)  # no update …
     moments = [x for kp, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
@@ -293,24 +310,16 @@ def test_nonfinite_update_is_skipped(tiny_llava, mesh1):
     assert int(state.step) == 1
 
 
-def test_logged_lr_is_the_rate_applied_after_a_skipped_step(tiny_llava, mesh1):
-    folder, _ = tiny_llava(NAME)
-    _, cfg = hf.load_hf(folder)
-    clean = _off_reference(_batch(cfg))
+def test_logged_lr_is_the_rate_applied_after_a_skipped_step(adamw_step):
+    fresh, step, clean = adamw_step
     poisoned = jax.tree.map(np.copy, clean)
     poisoned.ref_chosen_logp[2] = np.nan
-    schedule = optim.learning_rate_schedule(learning_rate=1e-2, schedule="linear", warmup_steps=4, total_steps=8)
-    model, _ = hf.load_hf(folder, mesh=mesh1)
-    adam = optim.make_optimizer(learning_rate=schedule)
-    graphdef, state = train_step.init_state(model, adam)
-    fn = train_step.make_dpo_step(graphdef, adam, schedule,
-                                  train_step.DPOSettings(loss_type="sigmoid", beta=0.1, reference="precomputed")).train
-    step = train_step.jit_step(fn, state, clean, mesh1)
-    lrs = []
+    state, lrs = fresh(), []
     for batch in (clean, poisoned, clean):
         state, metrics = step(state, batch)
         lrs.append(float(metrics["lr"]))
     # updates 0 and 1 are applied at schedule(0) and schedule(1); the skipped step applied nothing and did not
     # advance the optimizer's count, though the data position (state.step) moved on
-    assert lrs == pytest.approx([float(schedule(0)), float(schedule(1)), float(schedule(1))])
+    assert lrs == pytest.approx([float(SCHEDULE(0)), float(SCHEDULE(1)), float(SCHEDULE(1))])
+    assert lrs[0] != lrs[1]
     assert int(state.step) == 3 and int(optim.updates_applied(state.opt_state)) == 2
