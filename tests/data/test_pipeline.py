@@ -151,7 +151,7 @@ def test_a_finite_pass_gives_every_process_the_same_number_of_batches(model_fold
     assert sorted(seen) == list(range(10))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 1])  # 1: through a worker process (each costs ~7 s to start)
 def test_resume_from_saved_state(model_folder, tmp_path, workers):
     data = write_pairs(tmp_path, n=16)
     ds = _dataset(model_folder, data, batch=2, epochs=None)
