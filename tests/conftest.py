@@ -26,9 +26,9 @@ from tests import tiny_qwen as tiny_qwen_lib  # noqa: E402
 # (--no-loadscope-reorder), and a three-minute file handed out last would run alone at the end. Ordered by
 # their seconds in `make test PYTEST_ARGS=--durations=0` (2026-12-07, on a machine other jobs loaded: read
 # them as proportions): 460, 436, 251, 224 (two files of that name), 161, 116, 80, 77, 48 (five), 45, 31, 30
-# (three).
+# (three); test_pipeline.py since ~30 s less (its resume through one worker process, not two).
 SLOW_FIRST = ("test_loop.py", "test_multihost.py", "test_demo.py", "test_train.py", "test_train_step.py",
-              "test_lora.py", "test_pipeline.py", "test_restart.py", "test_chain.py", "test_parity.py",
+              "test_lora.py", "test_restart.py", "test_pipeline.py", "test_chain.py", "test_parity.py",
               "test_programs.py", "test_peft_io.py", "test_serve.py", "test_commands.py", "test_moe.py")
 
 
