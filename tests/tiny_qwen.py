@@ -36,8 +36,8 @@ def hf_config(tied: bool, family: str = "qwen2_5_vl", **text):
 
 
 def build(tied: bool, folder: str, family: str = "qwen2_5_vl", **text):
-    """Builds, randomizes (norm scales and biases too; MoE routers 4× larger, so that no token's top-k is
-    a near tie) and saves a tiny model of the family (`text`: decoder fields over its parity config);
+    """Builds, randomizes (norm scales around their initial value and biases too; MoE routers 4× larger, so
+    that no token's top-k is a near tie) and saves a tiny model of the family (`text`: decoder fields over its parity config);
     returns (folder, torch model in eval mode, fp32, eager attention)."""
     import torch
     import transformers
@@ -49,7 +49,9 @@ def build(tied: bool, folder: str, family: str = "qwen2_5_vl", **text):
             if name.endswith("mlp.gate.weight"):
                 p.copy_(0.6 * torch.randn_like(p))
             elif p.ndim == 1 and "norm" in name or name.endswith("ln_q.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                # around 1, or around 0 for a zero-centred norm's weight (Qwen3.5's (1 + w): initialized to 0)
+                centred = name.endswith("weight") and not p.any()
+                p.copy_((0.0 if centred else 1.0) + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     model.save_pretrained(folder)
