@@ -160,12 +160,14 @@ def test_prefill_then_single_steps_equal_the_whole_forward(pair):
     valid[1, :4] = False  # row 1: a 7-token prompt, left-padded
     x[~valid] = 0
     mask = jnp.asarray(layers.causal_mask(jnp.asarray(valid, jnp.int32)) & valid[:, :, None])
-    whole = np.asarray(ours(jnp.asarray(x), deltanet.lineage(mask, CFG.conv_kernel, 8)))
-    out, cache = ours(jnp.asarray(x[:, :P]), deltanet.lineage(mask[:, :P, :P], CFG.conv_kernel, 8),
-                      cache=ours.init_cache(B, jnp.float32))
+    whole = np.asarray(nnx.jit(lambda m, x: m(x, deltanet.lineage(mask, CFG.conv_kernel, 8)))(ours, jnp.asarray(x)))
+    prefill = nnx.jit(lambda m, x: m(x, deltanet.lineage(mask[:, :P, :P], CFG.conv_kernel, 8),
+                                     cache=m.init_cache(B, jnp.float32)))
+    out, cache = prefill(ours, jnp.asarray(x[:, :P]))
     np.testing.assert_allclose(np.asarray(out)[valid[:, :P]], whole[:, :P][valid[:, :P]], rtol=0, atol=1e-5)
+    step = nnx.jit(lambda m, x, cache: m(x, None, cache=cache))
     for t in range(P, P + steps):
-        out, cache = ours(jnp.asarray(x[:, t:t + 1]), None, cache=cache)
+        out, cache = step(ours, jnp.asarray(x[:, t:t + 1]), cache)
         np.testing.assert_allclose(np.asarray(out)[:, 0], whole[:, t], rtol=0, atol=1e-5, err_msg=f"step {t}")
 
 
