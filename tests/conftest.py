@@ -29,7 +29,8 @@ from tests import tiny_qwen as tiny_qwen_lib  # noqa: E402
 # (three); test_pipeline.py since ~30 s less (its resume through one worker process, not two).
 SLOW_FIRST = ("test_loop.py", "test_multihost.py", "test_demo.py", "test_train.py", "test_train_step.py",
               "test_lora.py", "test_restart.py", "test_pipeline.py", "test_chain.py", "test_parity.py",
-              "test_programs.py", "test_peft_io.py", "test_serve.py", "test_commands.py", "test_moe.py")
+              "test_programs.py", "test_peft_io.py", "test_serve.py", "test_commands.py", "test_moe.py",
+              "test_layouts.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -195,3 +195,64 @@ def check_greedy(model, cfg, theirs):
             mm_token_type_ids=(ids == IMAGE).long(), max_new_tokens=10, do_sample=False, eos_token_id=None,
             pad_token_id=0)
     np.testing.assert_array_equal(np.asarray(tokens), ref[:, ids.shape[1]:].numpy())
+
+
+def forward(model):
+    """(jitted forward(state, ids, images, mask, positions) -> logits, the model's state)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, ids, images, mask, pos: nnx.merge(graphdef, s)(ids, images, mask, pos)), state
+
+
+def check_config_error(folder: str, out, edit, field: str):
+    """The folder's config.json changed by `edit(dict)` into folder `out`: reading it raises an
+    UnsupportedConfigError naming `field`."""
+    import json
+    import os
+
+    import pytest
+
+    from rdpo_jax.models import config as config_lib
+    from rdpo_jax.models import hf
+
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    raw.setdefault("text_config", {})
+    edit(raw)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(config_lib.UnsupportedConfigError, match=rf"config\.json: .*{field}"):
+        hf.read_config(str(out))
+
+
+def check_sharded_float64(folder: str, capfd):
+    """On an (fsdp 2, expert 2, tensor 2) mesh, layers scanned, the logits equal one device's in float64
+    (1e-10), where the order of sums cannot hide a difference; XLA gathers nothing whole."""
+    import jax
+    import jax.numpy as jnp
+
+    from rdpo_jax import sharding
+    from rdpo_jax.models import config as config_lib
+    from rdpo_jax.models import hf
+
+    mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+    batch = inputs()
+    with jax.enable_x64(True):
+        run = config_lib.RunSettings(scan_layers="on", param_dtype=jnp.float64)
+        single, cfg = hf.load_hf(folder, run=run)
+        sharded, _ = hf.load_hf(folder, run=run, mesh=mesh)
+        images, positions = ours(batch, cfg.vision)
+        images = images._replace(patches=images.patches.astype(np.float64))
+        fn, state = forward(single)
+        expected = np.asarray(fn(state, batch["input_ids"], images, batch["attention_mask"], positions))
+        fn, state = forward(sharded)
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+        args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
+        with jax.set_mesh(mesh):
+            got = np.asarray(sharding.traced_on(mesh, fn)(state, *args))
+    valid = batch["attention_mask"].astype(bool)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=1e-10)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err

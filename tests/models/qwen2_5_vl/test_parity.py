@@ -3,7 +3,6 @@ logits): rows with one, two and three images of different sizes (partial windows
 and right padding, tied and untied heads; one compiled program for two different mixes of image sizes;
 both on-disk layouts read; `save_hf` → `from_pretrained` with no missing or unexpected keys."""
 
-import json
 import os
 
 import jax
@@ -12,16 +11,10 @@ import pytest
 import transformers
 from flax import nnx
 
-from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, safetensors_io
 from tests import tiny_qwen as tq
 
 ATOL = 1e-4
-
-
-def _forward(model):
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, ids, images, mask, pos: nnx.merge(graphdef, s)(ids, images, mask, pos)), state
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -29,7 +22,7 @@ def test_logits_equal_transformers(tiny_qwen, tied):
     folder, theirs = tiny_qwen(tied)
     model, cfg = hf.load_hf(folder)
     assert cfg.tie_word_embeddings == tied and hasattr(model, "lm_head") != tied
-    forward, state = _forward(model)
+    forward, state = tq.forward(model)
     mixes = [tq.ROWS, [([4, (1, 12, 4), 3], "left"), ([9], "left"), ([1, (1, 4, 4), 1, (1, 8, 8), 2], "right"),
                        ([2, (1, 6, 6), 30], "right")]]
     for seed, rows in enumerate(mixes):
@@ -95,14 +88,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(tiny_qwen, tmp_path, tie
 ])
 def test_unsupported_config_is_named(tiny_qwen, tmp_path, edit, field):
     folder, _ = tiny_qwen(False)
-    with open(os.path.join(folder, "config.json")) as f:
-        raw = json.load(f)
-    raw.setdefault("text_config", {})
-    edit(raw)
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(raw, f)
-    with pytest.raises(config_lib.UnsupportedConfigError, match=rf"config\.json: .*{field}"):
-        hf.read_config(str(tmp_path))
+    tq.check_config_error(folder, tmp_path, edit, field)
 
 
 def test_sharded_equals_single_device_and_heads_split_whole(tiny_qwen):
@@ -119,9 +105,9 @@ def test_sharded_equals_single_device_and_heads_split_whole(tiny_qwen):
     assert qkv.addressable_shards[0].data.shape[2] == 16
     batch = tq.inputs()
     images, positions = tq.ours(batch, cfg.vision)
-    expected = np.asarray(_forward(single)[0](_forward(single)[1], batch["input_ids"], images,
+    expected = np.asarray(tq.forward(single)[0](tq.forward(single)[1], batch["input_ids"], images,
                                               batch["attention_mask"], positions))
-    forward, state = _forward(sharded)
+    forward, state = tq.forward(sharded)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
     with jax.set_mesh(mesh):

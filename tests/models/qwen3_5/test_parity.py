@@ -15,7 +15,6 @@ import pytest
 import transformers
 from flax import nnx
 
-from rdpo_jax import sharding
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, safetensors_io
 from rdpo_jax.models.qwen3_5 import text
@@ -24,18 +23,13 @@ from tests import tiny_qwen as tq
 ATOL = 1e-4
 
 
-def _forward(model):
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, ids, images, mask, pos: nnx.merge(graphdef, s)(ids, images, mask, pos)), state
-
-
 @pytest.mark.parametrize("tied, scan", [(False, "off"), (True, "on")], ids=["untied-looped", "tied-scanned"])
 def test_logits_equal_transformers(tiny_qwen35, tied, scan):
     folder, theirs = tiny_qwen35(tied)
     model, cfg = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers=scan))
     assert cfg.text.layer_types == ("linear_attention", "full_attention") * 2 and cfg.text.rotary_dim == 8
     assert model.language_model.block == (2 if scan == "on" else 1)  # scanned: blocks of [DeltaNet, attention]
-    forward, state = _forward(model)
+    forward, state = tq.forward(model)
     batch = tq.inputs(tq.ROWS)
     images, positions = tq.ours(batch, cfg.vision)
     got = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
@@ -99,13 +93,7 @@ def test_hub_files_multi_token_prediction_layer_is_skipped(tiny_qwen35, tmp_path
 ])
 def test_unsupported_config_is_named(tiny_qwen35, tmp_path, edit, field):
     folder, _ = tiny_qwen35(False)
-    with open(os.path.join(folder, "config.json")) as f:
-        raw = json.load(f)
-    edit(raw)
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(raw, f)
-    with pytest.raises(config_lib.UnsupportedConfigError, match=rf"config\.json: .*{field}"):
-        hf.read_config(str(tmp_path))
+    tq.check_config_error(folder, tmp_path, edit, field)
 
 
 def test_layer_pattern_and_scanned_names():
@@ -116,29 +104,9 @@ def test_layer_pattern_and_scanned_names():
 
 
 def test_sharded_equals_single_device(tiny_qwen35, capfd):
-    """On an (fsdp 2, expert 2, tensor 2) mesh, layers scanned, the logits equal one device's — in float64,
-    where the reductions' order cannot hide a difference (float32: 1e-4 apart on these 40-wide hidden states,
-    float64: 2e-13)."""
-    folder, _ = tiny_qwen35(False)
-    mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
-    with jax.enable_x64(True):
-        run = config_lib.RunSettings(scan_layers="on", param_dtype=jnp.float64)
-        single, cfg = hf.load_hf(folder, run=run)
-        sharded, _ = hf.load_hf(folder, run=run, mesh=mesh)
-        batch = tq.inputs()
-        images, positions = tq.ours(batch, cfg.vision)
-        images = images._replace(patches=images.patches.astype(np.float64))
-        forward, state = _forward(single)
-        expected = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
-        forward, state = _forward(sharded)
-        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
-        args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
-        with jax.set_mesh(mesh):
-            got = np.asarray(sharding.traced_on(mesh, forward)(state, *args))
-    valid = batch["attention_mask"].astype(bool)
-    assert got.dtype == np.float64
-    np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=1e-10)
-    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    """On an (fsdp 2, expert 2, tensor 2) mesh = one device, in float64 (float32: 1e-4 apart by the order of
+    sums alone)."""
+    tq.check_sharded_float64(tiny_qwen35(False)[0], capfd)
 
 
 def test_samples_of_a_prompt_continue_from_copies_of_its_state(tiny_qwen35):

@@ -9,14 +9,12 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 import transformers
 from flax import nnx
 
-from rdpo_jax import sharding
 from rdpo_jax.models import config as config_lib
 from rdpo_jax.models import hf, safetensors_io
 from tests import tiny_qwen as tq
@@ -25,14 +23,9 @@ ATOL = 1e-4
 EXPERTS = "model.language_model.layers.{}.mlp.experts."
 
 
-def _forward(model):
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, ids, images, mask, pos: nnx.merge(graphdef, s)(ids, images, mask, pos)), state
-
-
 def _logits(model, cfg, batch):
     images, positions = tq.ours(batch, cfg.vision)
-    forward, state = _forward(model)
+    forward, state = tq.forward(model)
     return np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
 
 
@@ -143,22 +136,5 @@ def test_bad_per_expert_tensors_are_named(tiny_qwen35_moe, tmp_path, edit, messa
 
 
 def test_sharded_equals_single_device(tiny_qwen35_moe, capfd):
-    """On an (fsdp 2, expert 2, tensor 2) mesh, layers scanned (the experts expert-parallel), the logits equal
-    one device's. In float64: in fp32 the two differ by the noise of another summation order."""
-    mesh = sharding.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
-    run = config_lib.RunSettings(scan_layers="on", param_dtype=jnp.float64)
-    batch = tq.inputs()
-    with jax.enable_x64(True):
-        single, cfg = hf.load_hf(tiny_qwen35_moe[0], run=run)
-        expected = _logits(single, cfg, batch)
-        sharded, _ = hf.load_hf(tiny_qwen35_moe[0], run=run, mesh=mesh)
-        images, positions = tq.ours(batch, cfg.vision)
-        forward, state = _forward(sharded)
-        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
-        args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
-        with jax.set_mesh(mesh):
-            got = np.asarray(sharding.traced_on(mesh, forward)(state, *args))
-    assert got.dtype == np.float64
-    valid = batch["attention_mask"].astype(bool)
-    np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=1e-10)
-    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    """On an (fsdp 2, expert 2, tensor 2) mesh, the experts expert-parallel, = one device in float64."""
+    tq.check_sharded_float64(tiny_qwen35_moe[0], capfd)

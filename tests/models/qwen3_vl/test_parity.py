@@ -6,7 +6,6 @@ equals `generate`; `save_hf` → `from_pretrained` with no missing or unexpected
 device."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 from rdpo_jax import sharding
 from rdpo_jax.models import config as config_lib
@@ -27,18 +25,13 @@ MIXES = [tq.ROWS, [([4, (1, 12, 4), 3], "left"), ([9], "left"), ([1, (1, 4, 4), 
                    ([2, (1, 6, 6), 30], "right")]]
 
 
-def _forward(model):
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, ids, images, mask, pos: nnx.merge(graphdef, s)(ids, images, mask, pos)), state
-
-
 @pytest.mark.parametrize("tied, scan", [(False, "off"), (True, "on")], ids=["untied-looped", "tied-scanned"])
 def test_logits_equal_transformers(tiny_qwen3, tied, scan):
     folder, theirs = tiny_qwen3(tied)
     model, cfg = hf.load_hf(folder, run=config_lib.RunSettings(scan_layers=scan))
     assert cfg.tie_word_embeddings == tied and hasattr(model, "lm_head") != tied
     assert cfg.vision.deepstack_visual_indexes == (0, 2) and cfg.text.mrope_interleaved
-    forward, state = _forward(model)
+    forward, state = tq.forward(model)
     for seed, rows in enumerate(MIXES):
         batch = tq.inputs(rows, seed=seed)
         images, positions = tq.ours(batch, cfg.vision)
@@ -108,13 +101,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(tiny_qwen3, tmp_path, ti
 ])
 def test_unsupported_config_is_named(tiny_qwen3, tmp_path, edit, field):
     folder, _ = tiny_qwen3(False)
-    with open(os.path.join(folder, "config.json")) as f:
-        raw = json.load(f)
-    edit(raw)
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(raw, f)
-    with pytest.raises(config_lib.UnsupportedConfigError, match=rf"config\.json: .*{field}"):
-        hf.read_config(str(tmp_path))
+    tq.check_config_error(folder, tmp_path, edit, field)
 
 
 def test_sharded_equals_single_device(tiny_qwen3, capfd):
@@ -127,9 +114,9 @@ def test_sharded_equals_single_device(tiny_qwen3, capfd):
     sharded, _ = hf.load_hf(folder, run=run, mesh=mesh)
     batch = tq.inputs()
     images, positions = tq.ours(batch, cfg.vision)
-    forward, state = _forward(single)
+    forward, state = tq.forward(single)
     expected = np.asarray(forward(state, batch["input_ids"], images, batch["attention_mask"], positions))
-    forward, state = _forward(sharded)
+    forward, state = tq.forward(sharded)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
     args = jax.device_put((batch["input_ids"], images, batch["attention_mask"], positions), rows)
     with jax.set_mesh(mesh):
