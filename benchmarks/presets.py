@@ -1,7 +1,7 @@
 """The architectures of the models the benchmarks and the shipped TPU configs are sized for, as transformers
 configs: the architecture fields of llava-hf/llava-1.5-7b-hf's, Qwen/Qwen2.5-VL-7B-Instruct's,
-Qwen/Qwen3-VL-8B-Instruct's and Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (no weights are read). A preset
-is one entry of `PRESETS`."""
+Qwen/Qwen3-VL-8B-Instruct's, Qwen/Qwen3-VL-30B-A3B-Instruct's and Qwen/Qwen3.5-27B's config.json (no weights are
+read). A preset is one entry of `PRESETS`."""
 
 from functools import partial
 
@@ -54,6 +54,18 @@ PRESETS = {
                                               mrope_interleaved=True)),
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
         tie_word_embeddings=False, architectures=["Qwen3VLMoeForConditionalGeneration"]),
+    "qwen3.5-27b": partial(  # Qwen3-VL's tower without DeepStack into 16 blocks of 3 Gated DeltaNet + 1 gated attention
+        transformers.Qwen3_5Config,
+        vision_config=_QWEN3_TOWER | dict(out_hidden_size=5120, deepstack_visual_indexes=[]),
+        text_config=dict(vocab_size=248320, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64,
+                         layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 16,
+                         num_attention_heads=24, num_key_value_heads=4, head_dim=256, linear_num_key_heads=16,
+                         linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128,
+                         linear_conv_kernel_dim=4, rms_norm_eps=1e-6, max_position_embeddings=262144,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                                              mrope_section=[11, 11, 10], mrope_interleaved=True)),
+        image_token_id=248056, video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054,
+        tie_word_embeddings=False, architectures=["Qwen3_5ForConditionalGeneration"]),
 }
 NAMES = tuple(PRESETS)
 

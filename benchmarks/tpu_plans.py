@@ -1,8 +1,8 @@
-"""The shipped TPU configs (7B, 8B, 30B-A3B) compiled for their slice, and the variants tried to raise their
-throughput.
+"""The shipped TPU configs (7B, 8B, 30B-A3B, Qwen3.5-27B) compiled for their slice, and the variants tried to
+raise their throughput.
 
     python benchmarks/tpu_plans.py --model=llava-1.5-7b [--topology=v5p-64] [--variants=base,pairs128,…] [--json=FILE]
-    python benchmarks/tpu_plans.py --model=qwen2.5-vl-7b      # or qwen3-vl-8b, qwen3-vl-30b-a3b
+    python benchmarks/tpu_plans.py --model=qwen2.5-vl-7b      # or qwen3-vl-8b, qwen3-vl-30b-a3b, qwen3.5-27b
     python benchmarks/tpu_plans.py --model=llava-1.5-7b --write_config=/tmp/llava-1.5-7b   # for rdpo_jax.compile
 
 Each variant is the model's shipped TPU config (`CONFIGS`) with a few fields changed, its train step
@@ -20,13 +20,13 @@ import tempfile
 
 from absl import app, flags
 
-from configs import llava15_7b_tpu, qwen25vl_7b_tpu, qwen3vl_8b_tpu, qwen3vl_30b_a3b_tpu
+from configs import llava15_7b_tpu, qwen25vl_7b_tpu, qwen35_27b_tpu, qwen3vl_8b_tpu, qwen3vl_30b_a3b_tpu
 from rdpo_jax.compile import chips, programs, report
 import presets  # benchmarks/presets.py
 
 # preset (its architecture) -> the shipped TPU config sized for it
 CONFIGS = {"llava-1.5-7b": llava15_7b_tpu, "qwen2.5-vl-7b": qwen25vl_7b_tpu, "qwen3-vl-8b": qwen3vl_8b_tpu,
-           "qwen3-vl-30b-a3b": qwen3vl_30b_a3b_tpu}
+           "qwen3-vl-30b-a3b": qwen3vl_30b_a3b_tpu, "qwen3.5-27b": qwen35_27b_tpu}
 
 _MODEL = flags.DEFINE_enum("model", "llava-1.5-7b", list(CONFIGS), "Which shipped config.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-64", "TPU slice (rdpo_jax.compile --topology).")
