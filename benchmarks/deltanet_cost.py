@@ -27,9 +27,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.extend import core
 
 from rdpo_jax import sharding
 from rdpo_jax.compile import analysis, chips
@@ -77,7 +77,7 @@ def solve_flops(jaxpr) -> float:
             a, b = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
             total += float(a[-1]) ** 2 * math.prod(b) / b[-2]
         subs = [j for v in eqn.params.values() for j in (v if isinstance(v, (tuple, list)) else (v,))
-                if isinstance(j, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))]
+                if isinstance(j, (core.Jaxpr, core.ClosedJaxpr))]
         total += sum(solve_flops(j) for j in subs) * eqn.params.get("length", 1)
     return total
 

@@ -49,7 +49,8 @@ def examples(cfg, n: int, rng):
     prepared = adapter.prepare([png.getvalue()])
     groups = []
     for _ in range(n):
-        prompt = [1] + [cfg.image_token_id] * _IMAGE.value + list(rng.integers(2, 8000, _PROMPT.value - _IMAGE.value - 1))
+        text = list(rng.integers(2, 8000, _PROMPT.value - _IMAGE.value - 1))
+        prompt = [1] + [cfg.image_token_id] * _IMAGE.value + text
         answers = [list(rng.integers(2, 8000, _ANSWER.value)) for _ in range(4)]
         groups.append(packing.Group(prompt, answers, ALL_PAIRS, adapter.positions(np.asarray(prompt), prepared)))
     return groups, adapter, prepared
@@ -86,7 +87,7 @@ def main(argv):
         per_pair[layout] = forward_flops(model, batch, layout) / n
         print(f"  {layout:13s} rows {tuple(batch.input_ids.shape)}: {per_pair[layout] / 1e12:.3f} TFLOP per pair",
               flush=True)
-    print(f"\n| layout | TFLOP per pair | concat / layout |\n|---|---|---|")
+    print("\n| layout | TFLOP per pair | concat / layout |\n|---|---|---|")
     for layout, f in per_pair.items():
         print(f"| {layout} | {f / 1e12:.3f} | {per_pair['concat'] / f:.2f}× |")
 
