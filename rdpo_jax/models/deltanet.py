@@ -138,31 +138,36 @@ def chunked_rule(q, k, v, beta, g, lin: Lineage) -> tuple[jax.Array, jax.Array]:
                                         unit_diagonal=True)
     qk = _einsum("bnhid,bnhjd->bnhij", q, k) * decay  # decay is 0 off the lineage
     qe = q * jnp.exp(gamma)[..., None]
-    entry = lin.entry[:, :, None, :, None]  # [B, n, 1, C, 1]
+    # A token reads the carried state, the saved one or neither (zero) from before its chunk: W and Q·e^γ
+    # with that choice folded in, against the two states stacked along Dk, make one matmul each per chunk.
+    reads = jnp.stack([lin.entry == CARRY, lin.entry == SAVED], axis=-1).astype(q.dtype)  # [B, n, C, 2]
 
-    def pick(kind, from_carry, from_saved):
-        return jnp.where(kind == CARRY, from_carry, jnp.where(kind == SAVED, from_saved, 0))
+    def fold(x):  # [B, n, H, C, Dk] -> [B, n, H, C, 2·Dk]
+        return (reads[:, :, None, :, :, None] * x[..., None, :]).reshape(*x.shape[:-1], 2 * Dk)
+
+    w, qe = fold(w), fold(qe)
+    # The states the scan keeps are those after two tokens of each chunk, its last and its last branch point
+    # (the saved slot's next value, if the chunk has one): their decay rows, cumulative decays and reads,
+    # picked by one-hot products (a gather's gradient would be scatter-adds in the backward loop).
+    ends = jnp.stack([jax.nn.one_hot(jnp.full_like(lin.save, C - 1), C, dtype=q.dtype),
+                      jax.nn.one_hot(lin.save, C, dtype=q.dtype)], axis=2)  # [B, n, 2, C]; save −1: zeros
+    end_rows = _einsum("bntc,bnhcj->bnhtj", ends, decay)  # [B, n, H, 2, C]
+    end_decay = jnp.exp(_einsum("bntc,bnhc->bnht", ends, gamma))  # [B, n, H, 2]
+    end_reads = _einsum("bntc,bncs->bnts", ends, reads)  # [B, n, 2, 2]
 
     def step(carry, xs):
         s_carry, s_saved = carry  # [B, H, Dk, Dv]
-        u, w, qk, qe, k, gamma, decay, kind, save = xs
-        v_new = u - pick(kind, _einsum("bhcd,bhde->bhce", w, s_carry), _einsum("bhcd,bhde->bhce", w, s_saved))
-        o = pick(kind, _einsum("bhcd,bhde->bhce", qe, s_carry), _einsum("bhcd,bhde->bhce", qe, s_saved)) \
-            + _einsum("bhij,bhje->bhie", qk, v_new)
-
-        def state_after(t):  # int32[B]: the state after token t of this chunk
-            row = jnp.take_along_axis(decay, t[:, None, None, None], axis=2)[:, :, 0]  # [B, H, C]
-            g_t = jnp.take_along_axis(gamma, t[:, None, None], axis=2)[:, :, 0]  # [B, H]
-            k_t = jnp.take_along_axis(kind[:, 0, :, 0], t[:, None], axis=1)[:, :, None, None]  # [B, 1, 1, 1]
-            start = pick(k_t, s_carry, s_saved) * jnp.exp(g_t)[..., None, None]
-            return start + _einsum("bhj,bhjd,bhje->bhde", row, k, v_new)
-
-        s_next = state_after(jnp.full((B,), C - 1, jnp.int32))
-        s_saved = jnp.where((save >= 0)[:, None, None, None], state_after(jnp.maximum(save, 0)), s_saved)
-        return (s_next, s_saved), o
+        u, w, qk, qe, k, rows, decays, end_reads, save = xs
+        both = jnp.concatenate([s_carry, s_saved], axis=-2)  # [B, H, 2·Dk, Dv]
+        v_new = u - _einsum("bhcd,bhde->bhce", w, both)
+        o = _einsum("bhcd,bhde->bhce", qe, both) + _einsum("bhij,bhje->bhie", qk, v_new)
+        start = _einsum("bts,bhsde->bhtde", end_reads, both.reshape(B, H, 2, Dk, Dv)) * decays[..., None, None]
+        states = start + _einsum("bhtjd,bhje->bhtde", rows[..., None] * k[:, :, None], v_new)  # [B, H, 2, Dk, Dv]
+        s_saved = jnp.where((save >= 0)[:, None, None, None], states[:, :, 1], s_saved)
+        return (states[:, :, 0], s_saved), o
 
     zeros = jnp.zeros((B, H, Dk, Dv), q.dtype)
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, w, qk, qe, k, gamma, decay, entry, lin.save))
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, w, qk, qe, k, end_rows, end_decay, end_reads, lin.save))
     (state, _), o = jax.lax.scan(step, (zeros, zeros), xs)  # o [n, B, H, C, Dv]
     o = jnp.moveaxis(o, 0, 1).swapaxes(2, 3).reshape(B, n * C, H, Dv)
     return o[:, pad:], state
