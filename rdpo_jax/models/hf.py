@@ -241,12 +241,79 @@ def read_hf_config(path: str):
 
 
 def read_config(path: str):
-    """Reads `path/config.json` into the architecture config of its family."""
+    """Reads `path/config.json` into the architecture config of its family.
+
+    Architecture configs read before come from a cache (`config_cache`) keyed by the file's bytes, the
+    transformers version and the code that reads them: a process that finds its config there never imports
+    transformers' config classes, which import torch (2–3 s of every command's start)."""
+    file = os.path.join(path, "config.json")
+    key = _cache_key(file) if os.path.exists(file) else None
+    if key is not None and (cached := _cached(key)) is not None:
+        return cached
     hf_config = read_hf_config(path)
     try:
-        return families.from_hf(hf_config)
+        cfg = families.from_hf(hf_config)
     except config_lib.UnsupportedConfigError as e:
-        raise config_lib.UnsupportedConfigError(f"{os.path.join(path, 'config.json')}: {e}") from None
+        raise config_lib.UnsupportedConfigError(f"{file}: {e}") from None
+    _keep(key, cfg)
+    return cfg
+
+
+def config_cache() -> str:
+    """Where `read_config` keeps architecture configs: $RDPO_JAX_CACHE/configs, else
+    $XDG_CACHE_HOME/rdpo_jax/configs (~/.cache by default)."""
+    root = os.environ.get("RDPO_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rdpo_jax")
+    return os.path.join(root, "configs")
+
+
+@functools.cache
+def _reader_fingerprint() -> str:
+    """The code that turns a config.json into an architecture config: every `config.py` of the models
+    package and the registry, and the transformers version (read without importing it)."""
+    import hashlib
+    import importlib.metadata
+
+    digest = hashlib.sha256(importlib.metadata.version("transformers").encode())
+    root = os.path.dirname(config_lib.__file__)
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name in ("config.py", "families.py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _cache_key(file: str) -> str:
+    import hashlib
+
+    with open(file, "rb") as f:
+        return hashlib.sha256(f.read() + _reader_fingerprint().encode()).hexdigest()
+
+
+def _cached(key: str):
+    import pickle
+
+    try:
+        with open(os.path.join(config_cache(), key + ".pkl"), "rb") as f:
+            return pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+        return None  # not there, or written by other code: read the file again
+
+
+def _keep(key: str | None, cfg) -> None:
+    import pickle
+    import tempfile
+
+    if key is None:
+        return
+    try:
+        os.makedirs(config_cache(), exist_ok=True)
+        with tempfile.NamedTemporaryFile("wb", dir=config_cache(), delete=False) as f:
+            pickle.dump(cfg, f)
+        os.replace(f.name, os.path.join(config_cache(), key + ".pkl"))  # whole or not at all, whoever races
+    except OSError:
+        pass  # a read-only home: no cache
 
 
 def load_hf(path: str, run: config_lib.RunSettings = config_lib.RunSettings(), *,

@@ -225,3 +225,31 @@ def test_create_is_born_sharded_and_round_trips(tmp_path):
     _assert_same_params(model, again)
     assert not np.array_equal(_flat(model)["language_model.embed_tokens.embedding"],
                               _flat(families.create(cfg, seed=2))["language_model.embed_tokens.embedding"])
+
+
+def test_read_config_is_cached_without_transformers(tiny_llava, tmp_path, monkeypatch):
+    """A config read once comes back from the cache in another process that never imports transformers (its
+    config classes import torch: seconds of every command's start); a changed config.json, or a cache file
+    that cannot be read, is read from the file again."""
+    import subprocess
+    import sys
+
+    folder, _ = tiny_llava("siglip_qwen3")
+    monkeypatch.setenv("RDPO_JAX_CACHE", str(tmp_path / "cache"))
+    cfg = hf.read_config(folder)
+    [entry] = os.listdir(hf.config_cache())
+    probe = ("import sys; from rdpo_jax.models import hf; "
+             f"print(repr(hf.read_config({folder!r})), 'transformers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout.strip()
+    assert out == f"{cfg!r} False False"
+    with open(os.path.join(hf.config_cache(), entry), "wb") as f:
+        f.write(b"not a pickle")
+    assert hf.read_config(folder) == cfg  # read again, and the entry rewritten
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    raw = json.load(open(edited / "config.json"))
+    raw["text_config"]["rms_norm_eps"] = 1e-3
+    json.dump(raw, open(edited / "config.json", "w"))
+    assert hf.read_config(str(edited)).text.rms_norm_eps == 1e-3
+    assert len(os.listdir(hf.config_cache())) == 2
