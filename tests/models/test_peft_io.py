@@ -131,7 +131,8 @@ def test_command_exports_a_lora_runs_adapters_that_peft_loads_onto_llava(lora_ru
     card = open(os.path.join(out, "README.md")).read()
     assert card.startswith("---\nlibrary_name: peft\n")
     assert f"A PEFT LoRA adapter (rank 4, alpha 16.0) over `{base}`" in card
-    assert r"| lora.targets | `language_model/layers/(\d+/)?(self_attn/[qkvo]_proj/kernel\|mlp/" in card  # one cell
+    assert (r"| lora.targets | `language_model/layers/(\d+/)?(self_attn/[qkvo]_proj/kernel\|linear_attn/"
+            r"(in_proj_qkv\|in_proj_z\|out_proj)/kernel\|mlp/") in card  # one cell
 
     ours, cfg, *_ = checkpoint.load_model(lora_run, merge=False)
     assert np.abs(np.asarray(ours.language_model.layers[0].self_attn.q_proj.kernel_lora_b[...])).max() > 0  # trained
