@@ -8,7 +8,7 @@ import transformers
 from flax import nnx
 
 from configs import (llava15_7b_gpu, llava15_7b_tpu, qwen3vl_8b_gpu, qwen3vl_8b_tpu, qwen3vl_30b_a3b_gpu,
-                     qwen3vl_30b_a3b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu, smoke)
+                     qwen3vl_30b_a3b_tpu, qwen25vl_7b_gpu, qwen25vl_7b_tpu, qwen35_27b_tpu, smoke)
 from rdpo_jax import config_checks, defaults, sharding
 from rdpo_jax.models import families, hf
 
@@ -67,6 +67,16 @@ def qwen3_30b_a3b_folder(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def qwen35_27b_folder(tmp_path_factory):
+    """config.json of Qwen3.5-27B (`benchmarks/presets.py`), no weights."""
+    from benchmarks import presets
+
+    folder = tmp_path_factory.mktemp("qwen35_27b")
+    presets.hf_config("qwen3.5-27b").save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("module,devices,processes,mesh,per_device,folder,size", [
     (llava15_7b_tpu, 32, 8, {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}, 8, "llava7b_folder", (7.0e9, 7.2e9)),
     (llava15_7b_gpu, 8, 1, {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, 2, "llava7b_folder", (7.0e9, 7.2e9)),
@@ -78,6 +88,8 @@ def qwen3_30b_a3b_folder(tmp_path_factory):
      (31.0e9, 31.2e9)),
     (qwen3vl_30b_a3b_gpu, 8, 1, {"data": 1, "fsdp": 4, "expert": 2, "tensor": 1}, 1, "qwen3_30b_a3b_folder",
      (31.0e9, 31.2e9)),
+    (qwen35_27b_tpu, 16, 4, {"data": 1, "fsdp": 16, "expert": 1, "tensor": 1}, 2, "qwen35_27b_folder",
+     (27.3e9, 27.4e9)),
 ])
 def test_real_scale_configs_plan_sensibly(request, module, devices, processes, mesh, per_device, folder, size):
     folder = request.getfixturevalue(folder)
