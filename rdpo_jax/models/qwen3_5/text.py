@@ -94,10 +94,14 @@ class HybridDecoder(text.TextDecoder):
             return jnp.zeros((3, E), layers.wide(self.dtype)) if routing is None else moe.router_stats(
                 *routing, valid, E)
 
+        # Rematerialized per layer, also inside a scanned block: the backward then holds one layer's
+        # residuals at a time, not a whole block's (a DeltaNet layer's are the largest of the model's).
+        call = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat if cache is None else "none")
+
         def run(layers_, x, total, caches, first):  # consecutive layers from layer index `first`
             new = []
             for j, layer in enumerate(layers_):
-                x, c, routing = layer(x, mask, lin, cos, sin, None if caches is None else caches[j], slot)
+                x, c, routing = call(layer, x, mask, lin, cos, sin, None if caches is None else caches[j], slot)
                 x, total = hook(first + j, x), total + stats(routing)
                 new.append(c)
             return x, total, new
@@ -110,16 +114,9 @@ class HybridDecoder(text.TextDecoder):
                 return (x, total), (new if caches is not None else None)
 
             index = jnp.arange(self.num_layers // self.block, dtype=jnp.int32)
-            (x, total), caches = layers.scan(self.layers, body, (x, stats(None)), (caches, index),
-                                             remat=self.remat if cache is None else "none")
+            (x, total), caches = layers.scan(self.layers, body, (x, stats(None)), (caches, index))
         else:
-            total, new = stats(None), []
-            step = layers.maybe_remat(lambda layer, *a: layer(*a), self.remat if cache is None else "none")
-            for i, layer in enumerate(self.layers):
-                x, c, routing = step(layer, x, mask, lin, cos, sin, None if caches is None else caches[i], slot)
-                x, total = hook(i, x), total + stats(routing)
-                new.append(c)
-            caches = new if caches is not None else None
+            x, total, caches = run(self.layers, x, stats(None), caches, 0)
         if cache is not None:
             return self.norm(x), caches
         if self.moe and self.record_router:
