@@ -256,3 +256,17 @@ def check_sharded_float64(folder: str, capfd):
     assert got.dtype == np.float64
     np.testing.assert_allclose(got[valid], expected[valid], rtol=0, atol=1e-10)
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def check_reload(folder: str, theirs, architecture: str):
+    """`folder` (what `save_hf` wrote) loads in transformers' `architecture` class with no missing,
+    unexpected or misshapen keys, to the logits of `theirs` (the model it was read from) within 1e-6."""
+    import transformers
+
+    reloaded, info = getattr(transformers, architecture).from_pretrained(
+        folder, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    batch = inputs()
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(torch_logits(reloaded.eval(), batch)[valid], torch_logits(theirs, batch)[valid],
+                               rtol=0, atol=1e-6)
