@@ -171,7 +171,7 @@ def vision_from_hf(vc) -> VisionConfig:
         hidden_act=vc.hidden_act, use_head=family == "siglip" and bool(getattr(vc, "vision_use_head", True)))
 
 
-def _rope_from_hf(tc, partial: bool = False) -> tuple[tuple[str, Any], ...]:
+def rope_from_hf(tc, partial: bool = False) -> tuple[tuple[str, Any], ...]:
     """The normalized rope parameters; `partial`: a decoder that rotates part of each head (its
     `partial_rotary_factor` read apart: `rotary_dim`)."""
     params = dict(getattr(tc, "rope_parameters", None) or {})
@@ -219,11 +219,11 @@ def text_from_hf(tc, *, family: str | None = None, mrope: str | None = None) -> 
         qkv_bias=True if family == "qwen2" else attention_bias,
         o_bias=False if family == "qwen2" else attention_bias,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)), qk_norm=family == "qwen3",
-        rope=_rope_from_hf(tc), mrope_section=_mrope_section(tc, head_dim, mrope) if mrope else (),
-        mrope_interleaved=mrope == "interleaved", moe=_moe_from_hf(tc))
+        rope=rope_from_hf(tc), mrope_section=mrope_section_from_hf(tc, head_dim, mrope) if mrope else (),
+        mrope_interleaved=mrope == "interleaved", moe=moe_from_hf(tc))
 
 
-def _moe_from_hf(tc) -> MoEConfig | None:
+def moe_from_hf(tc) -> MoEConfig | None:
     """The MoE fields of a Qwen-MoE text config (`num_experts` > 0), else None. A layer is sparse unless
     it is in `mlp_only_layers` or (i + 1) is no multiple of `decoder_sparse_step`, as transformers builds it."""
     num = getattr(tc, "num_experts", 0) or 0
@@ -243,7 +243,7 @@ def _moe_from_hf(tc) -> MoEConfig | None:
                      shared_intermediate_size=int(getattr(tc, "shared_expert_intermediate_size", 0) or 0))
 
 
-def _mrope_section(tc, head_dim: int, kind: str) -> tuple[int, ...]:
+def mrope_section_from_hf(tc, head_dim: int, kind: str) -> tuple[int, ...]:
     require(kind in ("contiguous", "interleaved"), "text_config.rope_parameters", f"M-RoPE kind {kind!r}")
     default = (24, 20, 20) if kind == "interleaved" else (16, 24, 24)  # transformers' defaults per class
     section = tuple(int(n) for n in (getattr(tc, "rope_parameters", None) or {}).get("mrope_section", default))

@@ -8,6 +8,8 @@ causal sequences.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -151,11 +153,7 @@ class TextDecoder(nnx.Module):
         T = x.shape[1]
         mask = mask & jnp.tril(jnp.ones((T, T), bool))  # a decoder: no query sees a later key, whatever the layout
         valid = jnp.diagonal(mask, axis1=1, axis2=2).reshape(-1)  # a real token sees itself; padding nothing
-        E = self.moe.num_experts if self.moe else 0
-
-        def stats(routing):  # float[3, E] of one layer (`moe.router_stats`), in the router's float32 or wider
-            return jnp.zeros((3, E), layers.wide(self.dtype)) if routing is None else moe.router_stats(
-                *routing, valid, E)
+        stats = functools.partial(self.routing_stats, valid=valid)
 
         if self.scan:
             def body(layer, carry, i):
@@ -173,6 +171,13 @@ class TextDecoder(nnx.Module):
         if self.moe and self.record_router:
             self.sow(nnx.Intermediate, "router_stats", total)
         return self.norm(x)
+
+    def routing_stats(self, routing, valid: jax.Array) -> jax.Array:
+        """float[3, E] of one layer (`moe.router_stats` over the real tokens `valid` bool[B·T]; zeros for a
+        dense layer's routing None), in the router's float32 or wider."""
+        E = self.moe.num_experts if self.moe else 0
+        return jnp.zeros((3, E), layers.wide(self.dtype)) if routing is None else moe.router_stats(
+            *routing, valid, E)
 
     def init_cache(self, batch: int, length: int, dtype):
         """Empty key/value caches float[batch, length, K, H]: a per-layer list of (k, v), or with scanned

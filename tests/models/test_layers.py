@@ -32,7 +32,7 @@ ROPES = {
 def test_rope_frequencies_match_transformers(kind):
     hf = transformers.Qwen2Config(hidden_size=1024, num_attention_heads=8, max_position_embeddings=131072,
                                   rope_parameters=dict(ROPES[kind]))
-    rope = dict(config_lib._rope_from_hf(hf))
+    rope = dict(config_lib.rope_from_hf(hf))
     inv_freq, scale = layers.rope_inv_freq(128, rope)
     if kind == "default":  # not in transformers' table: the plain formula
         ref, ref_scale = 1.0 / (1e4 ** (np.arange(0, 128, 2) / 128)), 1.0

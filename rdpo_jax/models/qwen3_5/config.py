@@ -45,9 +45,9 @@ def text_from_hf(tc) -> HybridTextConfig:
         intermediate_size=getattr(tc, "intermediate_size", 0) or 0, num_layers=tc.num_hidden_layers,
         num_heads=tc.num_attention_heads, num_kv_heads=tc.num_key_value_heads, head_dim=tc.head_dim,
         rms_norm_eps=tc.rms_norm_eps, hidden_act=tc.hidden_act, qkv_bias=bias, o_bias=bias, mlp_bias=False,
-        qk_norm=True, rope=config_lib._rope_from_hf(tc, partial=True),
-        mrope_section=config_lib._mrope_section(tc, rotary, "interleaved"), mrope_interleaved=True,
-        moe=config_lib._moe_from_hf(tc), layer_types=types, rotary_dim=rotary,
+        qk_norm=True, rope=config_lib.rope_from_hf(tc, partial=True),
+        mrope_section=config_lib.mrope_section_from_hf(tc, rotary, "interleaved"), mrope_interleaved=True,
+        moe=config_lib.moe_from_hf(tc), layer_types=types, rotary_dim=rotary,
         deltanet=DeltaNetConfig(key_heads=kh, value_heads=vh, key_dim=tc.linear_key_head_dim,
                                 value_dim=tc.linear_value_head_dim, conv_kernel=tc.linear_conv_kernel_dim))
 

@@ -10,6 +10,8 @@ DeltaNet layers' view of the rows (`deltanet.lineage`) is read from the mask onc
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -72,7 +74,7 @@ class HybridDecoder(text.TextDecoder):
         self.inv_freq = tuple(inv_freq.tolist())
         self.mrope = layers.mrope_rows(cfg.mrope_section, interleaved=True)
         self.scan, self.block, self.num_layers, self.moe = scan, block, cfg.num_layers, cfg.moe
-        self.kinds, self.conv_kernel = cfg.layer_types, cfg.deltanet.conv_kernel
+        self.conv_kernel = cfg.deltanet.conv_kernel
         self.record_router = False
         self.remat, self.dtype = remat, dtype
 
@@ -88,11 +90,7 @@ class HybridDecoder(text.TextDecoder):
         lin = None if cache is not None and T == 1 else deltanet.lineage(mask, self.conv_kernel)
         caches, slot = cache if cache is not None else (None, None)
         valid = jnp.diagonal(mask[:, :, :T], axis1=1, axis2=2).reshape(-1)
-        E = self.moe.num_experts if self.moe else 0
-
-        def stats(routing):
-            return jnp.zeros((3, E), layers.wide(self.dtype)) if routing is None else moe.router_stats(
-                *routing, valid, E)
+        stats = functools.partial(self.routing_stats, valid=valid)
 
         # Rematerialized per layer, also inside a scanned block: the backward then holds one layer's
         # residuals at a time, not a whole block's (a DeltaNet layer's are the largest of the model's).

@@ -16,7 +16,7 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.001)
 def hf_config(tokenizer, *, width: int = 64, depth: int = 2, image_size: int | None = None, patch_size: int = 4,
               tied: bool = False, **text):
     """Qwen3.5's tiny model (`qwen3_5.tiny.hf_config`) with every decoder MLP a MoE of 4 experts of width/2 − 8
-    (neither it nor twice it the width: `config._moe_from_hf`), 2 per token, and a shared expert as wide."""
+    (neither it nor twice it the width: `config.moe_from_hf`), 2 per token, and a shared expert as wide."""
     import transformers
 
     dense = qwen3_5.hf_config(tokenizer, width=width, depth=depth, image_size=image_size, patch_size=patch_size,
