@@ -210,7 +210,10 @@ def load_tokenizer(folder: str):
     import transformers
 
     path = os.path.join(folder, "tokenizer_config.json")
-    declared = json.load(open(path)).get("tokenizer_class") if os.path.exists(path) else None
+    declared = None
+    if os.path.exists(path):
+        with open(path) as f:
+            declared = json.load(f).get("tokenizer_class")
     if declared in GENERIC and os.path.exists(os.path.join(folder, "tokenizer.json")):
         return transformers.TokenizersBackend.from_pretrained(folder)
     return transformers.AutoTokenizer.from_pretrained(folder)
